@@ -1,0 +1,37 @@
+# Every set-up step lives here: a fresh clone needs only `make run` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch and torchvision pinned to the releases pip finds on local disk on the dev machines;
+# elsewhere pip downloads the same versions from PyPI.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install run demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/dvc repro
+
+demo: install
+	$(BIN)/python -m teacher.demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src stages tests benchmarks scripts
+
+clean:
+	rm -rf $(VENV)
