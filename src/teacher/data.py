@@ -1,0 +1,322 @@
+"""Torch-facing data: image reading, and the DINO and SAM datasets (one section each)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from teacher.boxes import xywh_to_xyxy
+from teacher.coco import annotation_mask, images_by_id, index_by_image, mask_kind
+
+# --- images ---------------------------------------------------------------------------------
+# load_image(path) -> HxWx3 uint8 RGB, EXIF orientation applied.
+# read_image_size(path) -> (width, height), header only, EXIF-aware.
+# image_path(root, file_name) -> Path, refusing names that leave the root.
+# Implemented in teacher.images so the data stages do not depend on this module.
+from teacher.images import image_path, load_image, read_image_size  # noqa: F401
+from teacher.sam import (
+    boxes_xyxy_to_input,
+    embed_images,
+    encoder_fingerprint,
+    image_to_tensor,
+    input_size,
+    resize_image,
+    resized_shape,
+    unwrap,
+)
+
+# --- SAM ------------------------------------------------------------------------------------
+# Every non-crowd instance with a mask (polygon or RLE) gives a (box prompt, mask) pair.
+# Geometry is segment-anything's (teacher.sam): longest side resized to the encoder size, boxes
+# into that frame, masks resized the same way and padded to the square input. Decoder-only
+# training reads each image's embedding from a disk cache instead of the image.
+
+SAM_MASK_KINDS = ("polygon", "rle_compressed", "rle_uncompressed")
+
+
+def sam_instances(coco: dict[str, Any]) -> dict[Any, list[dict]]:
+    """``{image id: [annotations]}`` of non-crowd annotations with a mask; images without any
+    are left out."""
+    out: dict[Any, list[dict]] = {}
+    for image_id, anns in index_by_image(coco).items():
+        keep = [a for a in anns if a.get("iscrowd") not in (1, True) and mask_kind(a) in SAM_MASK_KINDS]
+        if keep:
+            out[image_id] = keep
+    return out
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one sample in one epoch: same (seed, epoch, index), same draws."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, index]))
+
+
+def choose_prompts(count: int, *, max_prompts: int, rng: np.random.Generator) -> np.ndarray:
+    """Indexes of at most ``max_prompts`` of ``count`` instances (sorted; all when few enough)."""
+    if count <= max_prompts:
+        return np.arange(count)
+    return np.sort(rng.choice(count, size=max_prompts, replace=False))
+
+
+def jitter_boxes_xyxy(
+    boxes: np.ndarray, *, fraction: float, rng: np.random.Generator, width: int, height: int
+) -> np.ndarray:
+    """(N, 4) xyxy boxes, each side moved by up to ``fraction`` of the box's width/height
+    (uniform), clipped to the image and kept at least one pixel wide and high."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if fraction <= 0 or len(boxes) == 0:
+        return boxes
+    wh = boxes[:, 2:] - boxes[:, :2]
+    noisy = boxes + rng.uniform(-fraction, fraction, boxes.shape) * np.concatenate([wh, wh], 1)
+    noisy[:, 0::2] = noisy[:, 0::2].clip(0, width)
+    noisy[:, 1::2] = noisy[:, 1::2].clip(0, height)
+    noisy[:, 2:] = np.maximum(noisy[:, 2:], noisy[:, :2] + 1)
+    return noisy
+
+
+def instance_boxes_xywh(anns: list[dict], masks: list[np.ndarray]) -> np.ndarray:
+    """(N, 4) COCO xywh of each annotation: its ``bbox``, or its mask's extent when it has none."""
+    out = []
+    for ann, mask in zip(anns, masks, strict=True):
+        box = ann.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and box[2] > 0 and box[3] > 0):
+            ys, xs = np.nonzero(mask)
+            box = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] if len(xs) else [0, 0, 1, 1]
+        out.append([float(v) for v in box])
+    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
+
+
+def masks_to_input(masks: np.ndarray, *, size: int) -> Tensor:
+    """(N, H, W) bool -> (N, size, size) bool: resized as the image (longest side ``size``,
+    bilinear, threshold 0.5) and zero-padded right and bottom, as ``Sam.preprocess`` pads."""
+    n, height, width = masks.shape
+    h, w = resized_shape(height, width, size=size)
+    t = torch.from_numpy(np.ascontiguousarray(masks)).float()[None]
+    t = F.interpolate(t, (h, w), mode="bilinear", align_corners=False)[0] > 0.5
+    return F.pad(t, (0, size - w, 0, size - h))
+
+
+def augment_instances(
+    transform: Callable, image: np.ndarray, masks: list[np.ndarray], boxes_xywh: np.ndarray, *, seed: int
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Apply an ``augment.build_transform`` pipeline (seeded) to an image and its instances;
+    instances whose box is cropped away are dropped with their masks."""
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+    out = transform(image=image, masks=masks, bboxes=boxes_xywh, labels=[0] * len(masks),
+                    ann_index=list(range(len(masks))))
+    keep = [int(i) for i in out["ann_index"]]
+    boxes = np.asarray(out["bboxes"], dtype=np.float64).reshape(-1, 4)
+    return out["image"], [np.asarray(out["masks"][i], dtype=bool) for i in keep], boxes
+
+
+class SamDataset(Dataset):
+    """Training samples for SAM: one image and up to ``max_prompts`` of its instances.
+
+    Items: ``image`` (3xhxw float 0..255, resized) or ``embedding`` (C, g, g) when
+    ``embeddings`` maps image ids to cached files; ``boxes`` (N, 4) float32 xyxy in the input
+    frame (jittered by ``box_jitter``); ``masks`` (N, S, S) bool; ``image_id``. Randomness
+    (prompt choice, jitter, augmentation) is seeded by (seed, epoch, index).
+    """
+
+    def __init__(
+        self,
+        coco: dict[str, Any],
+        image_root: str | Path,
+        *,
+        image_size: int,
+        max_prompts: int,
+        box_jitter: float,
+        seed: int,
+        transform: Callable | None = None,
+        embeddings: dict[Any, Path] | None = None,
+    ) -> None:
+        images = images_by_id(coco)
+        self.records = [(images[i], anns) for i, anns in sam_instances(coco).items()]
+        self.image_root = Path(image_root)
+        self.image_size, self.max_prompts, self.box_jitter = image_size, max_prompts, box_jitter
+        self.seed, self.epoch = seed, 0
+        self.transform, self.embeddings = transform, embeddings
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record, anns = self.records[index]
+        rng = sample_rng(self.seed, self.epoch, index)
+        anns = [anns[i] for i in choose_prompts(len(anns), max_prompts=self.max_prompts, rng=rng)]
+        if self.embeddings is not None:
+            height, width = int(record["height"]), int(record["width"])
+            masks = [annotation_mask(a, height, width) for a in anns]
+            item = self._encode(None, masks, instance_boxes_xywh(anns, masks), (height, width), rng)
+            item["embedding"] = load_file(str(self.embeddings[record["id"]]))["embedding"]
+            return item | {"image_id": record["id"]}
+        image = load_image(image_path(self.image_root, record["file_name"]))
+        masks = [annotation_mask(a, *image.shape[:2]) for a in anns]
+        boxes = instance_boxes_xywh(anns, masks)
+        if self.transform is not None:
+            aug = augment_instances(self.transform, image, masks, boxes, seed=int(rng.integers(2**31)))
+            if len(aug[1]):  # everything cropped away: train on the plain image instead
+                image, masks, boxes = aug
+        item = self._encode(image, masks, boxes, image.shape[:2], rng)
+        return item | {"image_id": record["id"]}
+
+    def _encode(self, image, masks, boxes_xywh, hw, rng) -> dict[str, Any]:
+        xyxy = jitter_boxes_xyxy(xywh_to_xyxy(boxes_xywh), fraction=self.box_jitter, rng=rng,
+                                 width=hw[1], height=hw[0])
+        boxes = boxes_xyxy_to_input(xyxy, tuple(hw), size=self.image_size)
+        item = {"boxes": torch.as_tensor(boxes, dtype=torch.float32),
+                "masks": masks_to_input(np.stack(masks), size=self.image_size)}
+        if image is not None:
+            item["image"] = image_to_tensor(resize_image(image, size=self.image_size))
+        return item
+
+
+def collate_sam(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch of SamDataset items: per-image lists (sizes differ); embeddings stacked (B, C, g, g)."""
+    has_embedding = "embedding" in items[0]
+    return {
+        "images": None if has_embedding else [it["image"] for it in items],
+        "embeddings": torch.stack([it["embedding"] for it in items]) if has_embedding else None,
+        "boxes": [it["boxes"] for it in items],
+        "masks": [it["masks"] for it in items],
+        "image_ids": [it["image_id"] for it in items],
+    }
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes: names an image's embedding independently of its file name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def cache_sam_embeddings(
+    sam: nn.Module, coco: dict[str, Any], image_root: str | Path, cache_dir: str | Path
+) -> dict[Any, Path]:
+    """Image embeddings of the images with masks, computed once into ``cache_dir``.
+
+    Files: ``<cache_dir>/<encoder fingerprint>/<image sha256>.safetensors`` (key
+    ``embedding``, (C, g, g) float32); existing ones are reused, so every epoch and every run
+    with the same encoder and image reads them from disk. Returns ``{image id: file}``.
+    """
+    model = unwrap(sam)
+    folder = Path(cache_dir) / encoder_fingerprint(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, out = images_by_id(coco), {}
+    for image_id in sam_instances(coco):
+        path = image_path(image_root, images[image_id]["file_name"])
+        target = folder / f"{file_digest(path)}.safetensors"
+        if not target.exists():
+            image = resize_image(load_image(path), size=input_size(model))
+            embedding = embed_images(model, [image_to_tensor(image)])[0].float().cpu()
+            tmp = target.with_suffix(".tmp")
+            save_file({"embedding": embedding.contiguous()}, str(tmp))
+            os.replace(tmp, target)
+        out[image_id] = target
+    return out
+
+
+# --- Grounding DINO ---------------------------------------------------------------------------
+# One item per (image, prompt chunk): the chunk holding the image's classes (each chunk it
+# touches, when its classes span several), or every chunk for evaluation. Boxes stay COCO xywh
+# through augmentation; collate_dino resizes/pads through the processor and builds the loss
+# targets (teacher.dino.box_targets).
+
+
+def dino_items(coco: dict[str, Any], label_map: Any, *, all_chunks: bool) -> list[tuple[dict, int]]:
+    """``(image record, chunk)`` pairs; images without boxes go to one chunk in turn."""
+    by_image = index_by_image(coco)
+    chunk_of = {cid: label_map.chunk_of(cid) for cid in label_map.category_ids}
+    n = len(label_map.chunks)
+    items = []
+    for k, record in enumerate(coco["images"]):
+        touched = sorted({chunk_of[a["category_id"]] for a in by_image.get(record["id"], [])
+                          if a["category_id"] in chunk_of and not a.get("iscrowd", 0)})
+        chunks = range(n) if all_chunks else (touched or [k % n])
+        items.extend((record, c) for c in chunks)
+    return items
+
+
+class DinoDataset(Dataset):
+    """Grounding DINO samples of a COCO split.
+
+    Items: ``image`` HxWx3 uint8 RGB (augmented), ``boxes`` (n, 4) float32 COCO xywh pixels in
+    that image, ``labels`` (n,) int64 positions in prompt chunk ``chunk``, ``image_id``, ``size``
+    (width, height) of the original image. Crowd boxes are left out. Augmentation is seeded by
+    (seed, epoch, index).
+    """
+
+    def __init__(self, coco: dict[str, Any], image_root: str | Path, *, label_map: Any,
+                 seed: int, transform: Callable | None = None, all_chunks: bool = False) -> None:
+        self.items = dino_items(coco, label_map, all_chunks=all_chunks)
+        self.anns = index_by_image(coco)
+        self.image_root, self.label_map = Path(image_root), label_map
+        self.seed, self.epoch, self.transform = seed, 0, transform
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from teacher.dino import annotation_boxes
+
+        record, chunk = self.items[index]
+        image = load_image(image_path(self.image_root, record["file_name"]))
+        size = (image.shape[1], image.shape[0])
+        boxes, labels = annotation_boxes(self.anns.get(record["id"], []), label_map=self.label_map,
+                                         chunk=chunk)
+        if self.transform is not None:
+            seed = int(sample_rng(self.seed, self.epoch, index).integers(2**31))
+            image, boxes, labels = augment_boxes(self.transform, image, boxes, labels, seed=seed)
+        return {"image": image, "boxes": boxes, "labels": labels, "chunk": chunk,
+                "image_id": record["id"], "size": size}
+
+
+def augment_boxes(transform: Callable, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                  *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Apply an ``augment.build_transform`` pipeline (seeded) to an image and its xywh boxes;
+    boxes cropped away are dropped with their labels."""
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+    out = transform(image=image, bboxes=boxes, labels=labels.tolist(),
+                    ann_index=list(range(len(boxes))))
+    boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+    labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+    return out["image"], boxes, labels
+
+
+def collate_dino(items: list[dict[str, Any]], *, processor: Any, label_map: Any) -> dict[str, Any]:
+    """Batch for ``GroundingDinoForObjectDetection``: processor tensors + ``labels`` + metadata.
+
+    ``pixel_values`` (B, 3, H, W) and ``pixel_mask`` (B, H, W) padded to the largest resized
+    image; ``input_ids`` / ``attention_mask`` / ``token_type_ids`` (B, T) each item's chunk
+    prompt padded to the longest; ``labels`` per item ``class_labels`` (n,) and ``boxes``
+    (n, 4) cxcywh normalised; ``image_ids``, ``chunks``, ``sizes`` (original width, height).
+    """
+    from teacher.dino import box_targets
+
+    pixels = processor.image_processor(images=[it["image"] for it in items], return_tensors="pt")
+    text = processor.tokenizer([label_map.prompts[it["chunk"]] for it in items],
+                               padding="longest", return_tensors="pt")
+    labels = [box_targets(it["boxes"], it["labels"], width=it["image"].shape[1],
+                          height=it["image"].shape[0]) for it in items]
+    return {**pixels, **text, "labels": labels, "image_ids": [it["image_id"] for it in items],
+            "chunks": [it["chunk"] for it in items], "sizes": [it["size"] for it in items]}

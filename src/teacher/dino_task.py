@@ -1,0 +1,142 @@
+"""Fine-tuning Grounding DINO: the engine ``Task`` for DINO and the one call of train_dino.
+
+LoRA on the attention projections of the encoder, decoder and text-image fusion layers
+(``dino.lora_targets``); ``dino.train_heads`` trains the box heads fully (tied across decoder
+layers, saved beside the adapter). Image and text encoders that no LoRA reaches run under
+``no_grad``; ``train.activation_checkpointing`` recomputes encoder and decoder layers in
+backward. Validation: the grounded loss and COCO box mAP (pycocotools) on the val split.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from teacher.augment import build_transform
+from teacher.coco import save_json
+from teacher.data import DinoDataset, collate_dino
+from teacher.dino import (
+    HEAD_MODULES,
+    decode,
+    frozen_towers,
+    load_dino,
+    merge_detections,
+    coco_results,
+)
+from teacher.engine import Task, checkpoint_layers, fit, run_without_grad
+from teacher.labels import LabelMap, build_label_map, save_labels
+from teacher.lora import apply_lora, save_adapter
+from teacher.metrics import coco_eval
+from teacher.params import DinoParams, LoraParams, TrainParams
+
+LOGGED_TERMS = ("loss_ce", "loss_bbox", "loss_giou")  # last decoder layer's terms, logged per step
+INPUT_KEYS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def wrap_for_training(model: nn.Module, *, dino: DinoParams, lora: LoraParams,
+                      activation_checkpointing: bool) -> nn.Module:
+    """LoRA (+ fully trained heads); frozen towers without autograd; optional checkpointing."""
+    model = apply_lora(model, lora=lora, targets=dino.lora_targets,
+                       train_modules=HEAD_MODULES if dino.train_heads else None)
+    base = _base(model)
+    for name in frozen_towers(model):
+        run_without_grad(base.get_submodule(name))
+    if activation_checkpointing:
+        checkpoint_layers([*base.model.encoder.layers, *base.model.decoder.layers])
+    return model
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
+    """The processor tensors of a ``collate_dino`` batch, on ``device``."""
+    return {k: batch[k].to(device) for k in INPUT_KEYS if k in batch}
+
+
+def training_step(model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
+    """Forward with targets; the grounded loss and its main terms."""
+    device = next(model.parameters()).device
+    labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
+    out = model(**model_inputs(batch, device), labels=labels)
+    return {"loss": out.loss, **{k: out.loss_dict[k].detach() for k in LOGGED_TERMS}}
+
+
+@torch.no_grad()
+def evaluate_detection(model: nn.Module, *, loader: DataLoader, coco: dict[str, Any],
+                       label_map: LabelMap, max_detections: int = 100) -> dict[str, float]:
+    """Val loss and COCO box mAP: ``val_loss``, ``val_map``, ``val_map_50`` (-1: no boxes)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses, parts = [], defaultdict(list)
+    for batch in loader:
+        labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
+        out = model(**model_inputs(batch, device), labels=labels)
+        losses.append(float(out.loss))
+        cats = [[label_map.category_ids[i] for i in label_map.chunks[c]] for c in batch["chunks"]]
+        dets = decode(out.logits, out.pred_boxes, batch["input_ids"].to(device),
+                      sizes=batch["sizes"], category_ids=cats, box_threshold=0.0,
+                      text_threshold=0.0, max_detections=max_detections)
+        for image_id, det in zip(batch["image_ids"], dets, strict=True):
+            parts[image_id].append(det)
+    model.train(was_training)
+    ids = list(parts)
+    merged = [merge_detections(parts[i], max_detections=max_detections) for i in ids]
+    stats = coco_eval(coco, coco_results(merged, ids), iou_type="bbox", per_class=False)
+    return {"val_loss": sum(losses) / max(len(losses), 1), "val_map": stats["map"],
+            "val_map_50": stats["map_50"]}
+
+
+def save_dino(model: nn.Module, out_dir: Path, *, label_map: LabelMap) -> None:
+    """The adapter folder: peft adapter, trained heads, labels.json."""
+    save_adapter(model, out_dir)
+    save_labels(label_map, Path(out_dir) / "labels.json")
+
+
+def build_task(model: nn.Module, *, processor: Any, label_map: LabelMap, train_coco: dict,
+               val_coco: dict, image_root: Path, augment_policy: dict[str, Any], seed: int,
+               batch_size: int) -> Task:
+    """The engine Task: augmented train dataset, step, val loss + mAP, save."""
+    collate = partial(collate_dino, processor=processor, label_map=label_map)
+    dataset = DinoDataset(train_coco, image_root, label_map=label_map, seed=seed,
+                          transform=build_transform(augment_policy, train=True))
+    val = DinoDataset(val_coco, image_root, label_map=label_map, seed=seed, all_chunks=True)
+    loader = DataLoader(val, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    return Task(name="dino", model=model, train_dataset=dataset, collate_fn=collate,
+                step=training_step,
+                evaluate=partial(evaluate_detection, loader=loader, coco=val_coco,
+                                 label_map=label_map),
+                monitor="val_map", save=partial(save_dino, label_map=label_map))
+
+
+def train_dino(*, train_coco: dict, val_coco: dict, image_root: Path, dino: DinoParams,
+               lora: LoraParams, train: TrainParams, augment_policy: dict[str, Any], seed: int,
+               out_dir: Path, checkpoint_dir: Path, live_dir: Path, fingerprint: str,
+               record: dict[str, Any] | None = None) -> dict[str, float]:
+    """Fine-tune Grounding DINO (``dino.model``) with LoRA; the best adapter goes to ``out_dir``.
+
+    Writes ``adapter_model.safetensors``, ``adapter_config.json``, ``trained_modules.safetensors``
+    (heads, when trained), ``labels.json`` and ``params.json`` (``record``). Returns the best
+    epoch's metrics from the engine.
+    """
+    bundle = load_dino(dino)
+    label_map = build_label_map(train_coco["categories"], tokenizer=bundle.processor.tokenizer)
+    model = wrap_for_training(bundle.model, dino=dino, lora=lora,
+                              activation_checkpointing=train.activation_checkpointing)
+    task = build_task(model, processor=bundle.processor, label_map=label_map,
+                      train_coco=train_coco, val_coco=val_coco, image_root=image_root,
+                      augment_policy=augment_policy, seed=seed, batch_size=train.batch_size)
+    summary = {"prompt_chunks": len(label_map.chunks), "classes": len(label_map.category_ids),
+               **{f"augment_{k}": v for k, v in augment_policy.items()}}
+    metrics = fit(task, train=train, seed=seed, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
+                  live_dir=live_dir, fingerprint=fingerprint, record=summary)
+    save_json({**(record or {}), "augment_policy": augment_policy}, Path(out_dir) / "params.json")
+    return metrics

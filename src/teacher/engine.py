@@ -1,0 +1,728 @@
+"""One training loop for both teachers: Accelerate, AMP, accumulation, clipping, checkpoints.
+
+``fit(task, ...)`` trains the parameters of ``task.model`` that require grad (LoRA + fully
+trained modules) with AdamW, linear warmup then cosine decay per optimizer step, gradient
+accumulation and clipping, autocast from ``train.precision``, frozen BatchNorm. Each epoch
+ends with ``task.evaluate``; early stopping watches ``task.monitor`` (maximised); the best
+weights are written once, at the end, by ``task.save`` into ``out_dir``.
+
+Data parallel (``train.processes`` > 1 through :func:`launch`, or ``accelerate launch``): every
+process runs ``task.step`` on its own share of each global batch and the gradients of the
+trainable parameters are averaged by one all-reduce per optimizer step. The model is not
+wrapped in DDP, so ``task.step`` may call submodules directly (SAM does); LoRA keeps the
+all-reduce small. Only the main process evaluates, logs and writes files.
+
+Resumable: a checkpoint per epoch (trainable weights, best weights, optimizer, scheduler,
+RNG states, history) in ``checkpoint_dir/epoch-NNNN/`` written atomically; the two latest are
+kept. Re-running resumes from the newest readable one whose fingerprint (params + data)
+matches, replays the logged history into the fresh dvclive directory, and ends with the same
+weights and metrics as an uninterrupted run (same seed, CPU). Removed after success.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from teacher.errors import TeacherError
+from teacher.params import TrainParams
+
+CHECKPOINT_VERSION = 1
+_EPOCH_DIR = re.compile(r"epoch-(\d{4,})")
+
+
+@dataclass
+class Task:
+    """What ``fit`` needs to know about one model; see docs/CONTRACTS.md."""
+
+    name: str  # "dino" | "sam": prefixes progress bars
+    model: nn.Module  # LoRA-wrapped; trains the params with requires_grad
+    train_dataset: Dataset  # has set_epoch(epoch); per-sample RNG seeded by (seed, epoch, index)
+    collate_fn: Callable[[list[Any]], Any]
+    step: Callable[[nn.Module, Any], dict[str, Tensor]]  # forward + loss: {"loss": scalar, ...}
+    evaluate: Callable[[nn.Module], dict[str, float]]  # val metrics, e.g. {"val_loss", "val_map"}
+    monitor: str  # key of evaluate() maximised (early stopping, best weights)
+    save: Callable[[nn.Module, Path], None]  # writes the adapter folder
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def fingerprint(*objects: Any) -> str:
+    """sha256 over canonical JSON of ``objects``; a ``Path`` to a file contributes its content hash.
+
+    Dataclasses (params sections) are converted to dicts; tuples to lists. Used to tell whether
+    a checkpoint belongs to the same params and data.
+    """
+    return hashlib.sha256(json.dumps([_canonical(o) for o in objects], sort_keys=True).encode()).hexdigest()
+
+
+def _canonical(obj: Any) -> Any:
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"__type__": type(obj).__name__, **_canonical(dataclasses.asdict(obj))}
+    if isinstance(obj, Path):
+        return {"__file__": obj.name, "sha256": file_sha256(obj)} if obj.is_file() else str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"fingerprint: cannot hash {type(obj).__name__}")
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_precision(precision: str) -> str:
+    """``train.precision`` -> Accelerate's mixed_precision ("no" | "bf16" | "fp16").
+
+    auto: bf16 on CUDA GPUs that support it, fp16 (with a grad scaler) on other CUDA GPUs,
+    fp32 on CPU.
+    """
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        if not cuda:
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not cuda:
+        raise TeacherError("train.precision: fp16 needs a CUDA GPU; use auto, fp32 or bf16 on CPU")
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def lr_factor(step: int, *, warmup: int, total: int) -> float:
+    """Multiplier of the peak lr at optimizer step ``step``: linear warmup, then cosine to 0."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_batches(n: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1) -> list[list[int]]:
+    """This process's batches of dataset indexes for ``epoch``: a permutation seeded by (seed, epoch).
+
+    The global batch list is the permutation cut into ``batch_size`` chunks (the last may be
+    short), wrapped around to a multiple of ``world``; process ``rank`` takes every
+    ``world``-th batch, so all processes run the same number of steps.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    pad = (-len(batches)) % world
+    batches += batches[:pad]
+    return batches[rank::world]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Put every BatchNorm layer in eval mode with frozen affine parameters; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+            n += 1
+    return n
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """``model.train()`` with BatchNorm kept frozen (running statistics unchanged)."""
+    model.train()
+    freeze_batchnorm(model)
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every parameter that requires grad, tied ones once, in module order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------- memory helpers
+
+
+def checkpoint_layers(layers: Iterable[nn.Module]) -> int:
+    """Recompute each layer's forward during backward (``torch.utils.checkpoint``, non-reentrant).
+
+    Trades compute for activation memory. Only active when grad is enabled and the layer is in
+    training mode; keyword arguments pass through (the reentrant form rejects them and can
+    silently leave LoRA inside the layer without gradients). Returns the number of layers wrapped.
+    """
+    n = 0
+    for layer in layers:
+        if getattr(layer, "_teacher_checkpointed", False):
+            continue
+        layer.forward = functools.partial(_checkpointed_forward, layer, layer.forward)
+        layer._teacher_checkpointed = True
+        n += 1
+    return n
+
+
+def _checkpointed_forward(layer: nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> Any:
+    if layer.training and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def run_without_grad(module: nn.Module) -> nn.Module:
+    """Make a frozen module's forward run under ``torch.no_grad`` (no activations kept for backward).
+
+    For parts no LoRA reaches and whose inputs need no gradient (e.g. an image backbone).
+    Raises TeacherError if the module has trainable parameters.
+    """
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    if trainable:
+        raise TeacherError(f"run_without_grad: {type(module).__name__} has trainable parameters "
+                           f"{trainable[:5]}; only frozen parts may run without autograd")
+    forward = module.forward
+    module.forward = functools.partial(_no_grad_forward, forward)
+    return module
+
+
+def _no_grad_forward(forward: Callable, *args: Any, **kwargs: Any) -> Any:
+    with torch.no_grad():
+        return forward(*args, **kwargs)
+
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class RunState:
+    """Loop bookkeeping saved in every checkpoint (JSON)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    best: float | None = None  # best value of task.monitor so far
+    best_epoch: int = -1  # 0-based epoch of the best value
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    stopped: bool = False  # early stopping fired
+    history: dict[str, list] = field(default_factory=lambda: {"steps": [], "epochs": []})
+    best_state: dict[str, Tensor] | None = field(default=None, repr=False)  # in state.pt, not JSON
+
+
+def _rng_state() -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _set_rng_state(state: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_rng"])
+    if torch.cuda.is_available() and tensors.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(tensors["cuda_rng"])
+
+
+def save_checkpoint(checkpoint_dir: Path, *, tensors: dict[str, Any], meta: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write ``epoch-NNNN/{state.pt, meta.json}`` atomically (tmp dir + os.replace); keep ``keep``.
+
+    ``tensors`` is torch.save'd (loaded back with weights_only=True); ``meta`` (JSON) records
+    the sha256 of state.pt so a damaged file is detected.
+    """
+    final = checkpoint_dir / f"epoch-{meta['run']['epoch']:04d}"
+    tmp = checkpoint_dir / f".{final.name}.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(tensors, tmp / "state.pt")
+        meta = {**meta, "state_sha256": file_sha256(tmp / "state.pt")}
+        _write_synced(tmp / "meta.json", json.dumps(meta).encode())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TeacherError(f"{checkpoint_dir}: cannot write a checkpoint ({e}); free disk space or "
+                           "make the folder writable, then re-run: training resumes from the "
+                           "last good checkpoint") from e
+    for old in _checkpoint_dirs(checkpoint_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _checkpoint_dirs(checkpoint_dir: Path) -> list[Path]:
+    """Checkpoint folders, newest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir()
+             if (m := _EPOCH_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def load_checkpoint(checkpoint_dir: Path, *, fingerprint: str,
+                    verbose: bool = True) -> tuple[dict, dict] | None:
+    """(tensors, meta) of the newest readable checkpoint whose fingerprint matches, else None.
+
+    A damaged checkpoint (unreadable JSON, hash mismatch, torch.load failure) is reported and
+    the previous one is tried; a fingerprint mismatch (params or data changed) means none.
+    """
+    for path in _checkpoint_dirs(checkpoint_dir):
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            if meta.get("fingerprint") != fingerprint or meta.get("version") != CHECKPOINT_VERSION:
+                _say(verbose, f"{path}: checkpoint is from other params or data; training from scratch")
+                return None
+            if file_sha256(path / "state.pt") != meta["state_sha256"]:
+                raise ValueError("state.pt does not match the sha256 recorded in meta.json")
+            tensors = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            return tensors, meta
+        except Exception as e:  # any damage: fall back to the previous checkpoint
+            _say(verbose, f"{path}: checkpoint is damaged ({type(e).__name__}: {e}); "
+                 "falling back to the previous one")
+    if checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
+        _say(verbose, f"{checkpoint_dir}: no usable checkpoint; training from scratch")
+    return None
+
+
+def _say(verbose: bool, message: str) -> None:
+    if verbose:
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def launch(fn: Callable[..., Any], *, processes: int, args: tuple = ()) -> Any:
+    """Run ``fn(*args)`` in ``processes`` data-parallel processes (gloo on CPU, nccl on GPUs).
+
+    With ``processes`` <= 1, or when already inside a distributed launch (``accelerate launch``,
+    torchrun), calls ``fn`` directly. Otherwise spawns the processes on this machine and returns
+    the main process's result; ``fn`` and ``args`` must be picklable (module-level function).
+    A TeacherError in any process is raised again here with its message.
+    """
+    if processes <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return fn(*args)
+    import torch.multiprocessing as mp
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < processes:
+        raise TeacherError(f"train.processes={processes} but only {torch.cuda.device_count()} "
+                           "GPU(s) are visible; lower train.processes")
+    # CPU: fork (children inherit the parent's imports; torch + dynamo take seconds to load).
+    # CUDA cannot be forked once initialised: spawn.
+    method = "spawn" if torch.cuda.is_available() else "fork"
+    ctx = mp.get_context(method)
+    results = ctx.SimpleQueue()
+    port = _free_port()
+    try:
+        mp.start_processes(_worker, args=(fn, args, processes, port, results), nprocs=processes,
+                           start_method=method, join=True)
+    except mp.ProcessRaisedException as e:
+        last = str(e).strip().splitlines()[-1]
+        if last.startswith("teacher.errors.TeacherError: "):
+            raise TeacherError(last.removeprefix("teacher.errors.TeacherError: ")) from None
+        raise
+    return results.get() if not results.empty() else None
+
+
+def _worker(rank: int, fn: Callable, args: tuple, world: int, port: int, results: Any) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank)
+    result = fn(*args)
+    if rank == 0:
+        results.put(result)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Loop:
+    """Objects one fit() call works with (not saved)."""
+
+    task: Task
+    train: TrainParams
+    seed: int
+    accelerator: Any
+    params: list[tuple[str, nn.Parameter]]
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    live: Any  # dvclive.Live on the main process, else None
+    steps_per_epoch: int
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def fit(task: Task, *, train: TrainParams, seed: int, out_dir: Path, checkpoint_dir: Path,
+        live_dir: Path, fingerprint: str, record: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Train ``task.model``; write the best weights with ``task.save`` into ``out_dir``.
+
+    Returns the best epoch's ``evaluate()`` metrics plus ``best_epoch`` (1-based), ``epochs``
+    (run) and ``steps`` (optimizer steps). ``record`` (optional, e.g. the augmentation policy
+    chosen) is written into dvclive's metrics summary as-is (scalars; lists joined as text).
+    The model ends holding the best weights.
+    """
+    out_dir, checkpoint_dir, live_dir = Path(out_dir), Path(checkpoint_dir), Path(live_dir)
+    loop = _start(task, train=train, seed=seed)
+    run = _resume(loop, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint)
+    if loop.main:
+        loop.live = _open_live(live_dir, run.history, record)
+    while run.epoch < train.epochs and not run.stopped:
+        _train_epoch(loop, run)
+        metrics = _evaluate(loop, run)
+        _update_best(loop, run, metrics)
+        if loop.main:
+            tensors, meta = _snapshot(loop, run, fingerprint)
+            save_checkpoint(checkpoint_dir, tensors=tensors, meta=meta)
+        loop.accelerator.wait_for_everyone()
+    return _finish(loop, run, out_dir=out_dir, checkpoint_dir=checkpoint_dir)
+
+
+def _start(task: Task, *, train: TrainParams, seed: int) -> _Loop:
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # Accumulation is done here (gradient_accumulation_steps stays 1): the last group of an
+    # epoch may be short, and gradients are all-reduced by hand (no DDP wrapper).
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(train.precision), cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])  # main evaluates alone
+    seed_everything(seed)
+    model = task.model.to(accelerator.device)
+    set_train_mode(model)
+    params = trainable_parameters(model)
+    if not params:
+        raise TeacherError(f"{task.name}: the model has no trainable parameters (apply LoRA first)")
+    _broadcast(params, accelerator)
+    n = len(task.train_dataset)
+    if n == 0:
+        raise TeacherError(f"{task.name}: the training split is empty; check data/split/train.json")
+    steps = _steps_per_epoch(n, train=train, world=accelerator.num_processes)
+    optimizer = accelerator.prepare_optimizer(_adamw(params, train=train), device_placement=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer,
+        functools.partial(lr_factor, warmup=train.warmup_steps, total=steps * train.epochs))
+    return _Loop(task, train, seed, accelerator, params, optimizer, scheduler, None, steps)
+
+
+def _steps_per_epoch(n: int, *, train: TrainParams, world: int) -> int:
+    batches = len(epoch_batches(n, batch_size=train.batch_size, seed=0, epoch=0, world=world))
+    steps = math.ceil(batches / train.grad_accum)
+    return min(steps, train.max_steps_per_epoch) if train.max_steps_per_epoch else steps
+
+
+def _adamw(params: list[tuple[str, nn.Parameter]], *, train: TrainParams) -> torch.optim.AdamW:
+    """AdamW; biases and norm scales (1-D tensors) get no weight decay."""
+    decay = [p for _, p in params if p.ndim > 1]
+    plain = [p for _, p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": train.weight_decay},
+              {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
+
+
+def _broadcast(params: list[tuple[str, nn.Parameter]], accelerator: Any) -> None:
+    """Start every process from the main process's trainable weights."""
+    if accelerator.num_processes > 1:
+        for _, p in params:
+            torch.distributed.broadcast(p.data, src=0)
+
+
+def _resume(loop: _Loop, *, checkpoint_dir: Path, fingerprint: str) -> RunState:
+    if loop.main:
+        for tmp in checkpoint_dir.glob(".epoch-*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    loop.accelerator.wait_for_everyone()
+    found = load_checkpoint(checkpoint_dir, fingerprint=fingerprint, verbose=loop.main)
+    loop.accelerator.wait_for_everyone()
+    if found is None:
+        if loop.main and checkpoint_dir.exists():
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return RunState()
+    tensors, meta = found
+    _load_weights(loop.params, tensors["model"])
+    loop.optimizer.load_state_dict(tensors["optimizer"])
+    loop.scheduler.load_state_dict(tensors["scheduler"])
+    if loop.accelerator.scaler is not None and tensors.get("scaler"):
+        loop.accelerator.scaler.load_state_dict(tensors["scaler"])
+    _set_rng_state(meta["rng"], tensors)
+    run = RunState(**meta["run"], best_state=tensors.get("best_model") or None)
+    if loop.main:
+        print(f"{loop.task.name}: resuming after epoch {run.epoch} (step {run.step})")
+    return run
+
+
+def _load_weights(params: list[tuple[str, nn.Parameter]], state: Mapping[str, Tensor]) -> None:
+    missing = [n for n, _ in params if n not in state]
+    if missing:
+        raise TeacherError(f"checkpoint lacks trainable parameters {missing[:5]}; delete the "
+                           "checkpoint folder and re-run")
+    with torch.no_grad():
+        for name, p in params:
+            p.copy_(state[name].to(p.device, p.dtype))
+
+
+def _snapshot(loop: _Loop, run: RunState, fp: str) -> tuple[dict, dict]:
+    tensors = {
+        "model": {n: p.detach().cpu().clone() for n, p in loop.params},
+        "best_model": run.best_state or {},
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "scaler": loop.accelerator.scaler.state_dict() if loop.accelerator.scaler else {},
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    run_json = {k: v for k, v in vars(run).items() if k != "best_state"}
+    meta = {"version": CHECKPOINT_VERSION, "fingerprint": fp, "run": run_json, "rng": _rng_state()}
+    return tensors, meta
+
+
+def _train_epoch(loop: _Loop, run: RunState) -> None:
+    """One epoch of optimizer steps; logs loss terms and lr per step."""
+    from tqdm.auto import tqdm
+
+    train, acc = loop.train, loop.accelerator
+    if hasattr(loop.task.train_dataset, "set_epoch"):
+        loop.task.train_dataset.set_epoch(run.epoch)
+    batches = epoch_batches(len(loop.task.train_dataset), batch_size=train.batch_size,
+                            seed=loop.seed, epoch=run.epoch, rank=acc.process_index,
+                            world=acc.num_processes)[:loop.steps_per_epoch * train.grad_accum]
+    loader = DataLoader(loop.task.train_dataset, batch_sampler=batches,
+                        collate_fn=loop.task.collate_fn, num_workers=train.num_workers)
+    set_train_mode(loop.task.model)
+    bar = tqdm(total=loop.steps_per_epoch, disable=not loop.main, leave=False,
+               desc=f"{loop.task.name} epoch {run.epoch + 1}/{train.epochs}")
+    group: list[dict[str, float]] = []
+    for i, batch in enumerate(loader):
+        start = i - i % train.grad_accum
+        size = min(train.grad_accum, len(batches) - start)  # the last group may be short
+        group.append(_micro_step(loop, run, batch, scale=1.0 / size, micro=i))
+        if len(group) == size:
+            logged = _optimizer_step(loop, run, group)
+            group = []
+            bar.update(1)
+            bar.set_postfix(loss=f"{logged['loss']:.4f}")
+    bar.close()
+
+
+def _micro_step(loop: _Loop, run: RunState, batch: Any, *, scale: float, micro: int) -> dict[str, float]:
+    """Forward + backward of one micro-batch; returns its loss terms averaged over processes."""
+    from accelerate.utils import send_to_device
+
+    acc = loop.accelerator
+    batch = send_to_device(batch, acc.device)
+    with acc.autocast():
+        terms = loop.task.step(loop.task.model, batch)
+    if "loss" not in terms:
+        raise TeacherError(f"{loop.task.name}: step() must return a dict with a 'loss' entry")
+    values = _reduced_terms(terms, acc)
+    if not all(math.isfinite(v) for v in values.values()):
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        raise TeacherError(
+            f"{loop.task.name}: non-finite loss at epoch {run.epoch + 1}, optimizer step "
+            f"{run.step + 1} (micro-batch {micro + 1}): {shown}. Lower train.lr, raise "
+            "train.warmup_steps, or set train.precision: fp32; check the data for degenerate boxes.")
+    acc.backward(terms["loss"] * scale)
+    return values
+
+
+def _reduced_terms(terms: Mapping[str, Any], acc: Any) -> dict[str, float]:
+    """Loss terms as floats, averaged over processes (every process sees the same values)."""
+    keys = sorted(terms)
+    stacked = torch.stack([torch.as_tensor(terms[k]).detach().float().reshape(()) for k in keys])
+    if acc.num_processes > 1:
+        stacked = stacked.to(acc.device)
+        torch.distributed.all_reduce(stacked)
+        stacked = stacked / acc.num_processes
+    return dict(zip(keys, stacked.tolist(), strict=True))
+
+
+def _optimizer_step(loop: _Loop, run: RunState, group: list[dict[str, float]]) -> dict[str, float]:
+    """Average gradients over processes, clip, step optimizer and schedule; log the step."""
+    acc = loop.accelerator
+    _all_reduce_grads(loop.params, acc)
+    if loop.train.clip_norm > 0:
+        acc.clip_grad_norm_([p for _, p in loop.params], loop.train.clip_norm)
+    lr = loop.scheduler.get_last_lr()[0]
+    loop.optimizer.step()
+    if not loop.optimizer.step_was_skipped:
+        loop.scheduler.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    logged = {k: sum(g[k] for g in group) / len(group) for k in group[0]}
+    logged["lr"] = lr
+    entry = {"step": run.step, **logged}
+    run.history["steps"].append(entry)
+    if loop.live is not None:
+        _log_step(loop.live, entry)
+    return logged
+
+
+def _all_reduce_grads(params: list[tuple[str, nn.Parameter]], acc: Any) -> None:
+    """Average the trainable gradients over processes in one flat all-reduce."""
+    if acc.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= acc.num_processes
+    offset = 0
+    for (_, p), g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
+def _evaluate(loop: _Loop, run: RunState) -> dict[str, float]:
+    """Main process evaluates (eval mode, no grad); every process gets the metrics."""
+    metrics: dict[str, float] = {}
+    if loop.main:
+        loop.task.model.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in loop.task.evaluate(loop.task.model).items()}
+        set_train_mode(loop.task.model)
+    if loop.accelerator.num_processes > 1:
+        box = [metrics]
+        torch.distributed.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    if loop.task.monitor not in metrics:
+        raise TeacherError(f"{loop.task.name}: evaluate() returned {sorted(metrics)}, "
+                           f"without the monitored key {loop.task.monitor!r}")
+    return metrics
+
+
+def _update_best(loop: _Loop, run: RunState, metrics: dict[str, float]) -> None:
+    """Record the epoch; keep the best weights; decide early stopping."""
+    value = metrics[loop.task.monitor]
+    value = value if math.isfinite(value) else -math.inf
+    if run.best is None or value > run.best:
+        run.best, run.best_epoch, run.best_metrics, run.bad_epochs = value, run.epoch, metrics, 0
+        run.best_state = {n: p.detach().cpu().clone() for n, p in loop.params}
+    else:
+        run.bad_epochs += 1
+    run.epoch += 1
+    run.stopped = bool(loop.train.patience) and run.bad_epochs >= loop.train.patience
+    entry = {"epoch": run.epoch, "step": run.step, **metrics}
+    run.history["epochs"].append(entry)
+    if loop.live is not None:
+        _log_epoch(loop.live, entry)
+    if loop.main:
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        stop = " (early stop)" if run.stopped else ""
+        print(f"{loop.task.name} epoch {run.epoch}/{loop.train.epochs}: {shown}{stop}")
+
+
+# ---------------------------------------------------------------- logging and the end
+
+
+def _open_live(live_dir: Path, history: dict[str, list], record: Mapping[str, Any] | None) -> Any:
+    """A fresh dvclive.Live in ``live_dir`` with the resumed history replayed into it."""
+    from dvclive import Live
+
+    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live.summary.update(_plain(record or {}))
+    for entry in history["steps"]:
+        _log_step(live, entry)
+    for entry in history["epochs"]:
+        _log_epoch(live, entry)
+    return live
+
+
+def _plain(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with lists joined into text (dvc metrics shows scalars), dicts kept nested."""
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if isinstance(v, Mapping):
+            out[str(k)] = _plain(v)
+        elif isinstance(v, (list, tuple)):
+            out[str(k)] = "; ".join(map(str, v))
+        else:
+            out[str(k)] = v
+    return out
+
+
+def _log_step(live: Any, entry: Mapping[str, float]) -> None:
+    live.step = entry["step"]
+    for k, v in entry.items():
+        if k != "step":
+            live.log_metric(f"train/{k}", v)
+
+
+def _log_epoch(live: Any, entry: Mapping[str, float]) -> None:
+    live.step = entry["step"]
+    live.log_metric("epoch", entry["epoch"])
+    for k, v in entry.items():
+        if k not in ("step", "epoch"):
+            live.log_metric(k, v)
+    live.make_summary()
+
+
+def _finish(loop: _Loop, run: RunState, *, out_dir: Path, checkpoint_dir: Path) -> dict[str, float]:
+    """Load the best weights, save them with task.save, close the log, drop the checkpoints."""
+    if run.best_state:
+        _load_weights(loop.params, run.best_state)
+    result = {**run.best_metrics, "best_epoch": run.best_epoch + 1, "epochs": run.epoch,
+              "steps": run.step}
+    if loop.main:
+        try:
+            loop.task.save(loop.task.model, out_dir)
+        except OSError as e:
+            raise TeacherError(f"{out_dir}: cannot write the trained model ({e}); free disk space "
+                               "or make it writable and re-run (training resumes from the "
+                               f"checkpoint in {checkpoint_dir})") from e
+        live = loop.live
+        live.log_metric(f"best/{loop.task.monitor}", run.best if run.best is not None else 0.0,
+                        plot=False)
+        live.log_metric("best/epoch", run.best_epoch + 1, plot=False)
+        live.end()
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    loop.accelerator.wait_for_everyone()
+    return result

@@ -1,0 +1,311 @@
+"""The evaluate stage's work: teachers on the test split -> flat metrics, PR curves, gallery.
+
+Metric keys (flat, stable; class names from the test split's categories):
+- ``box/<k>``: Grounding DINO (with its adapter) COCO bbox metrics, ``<k>`` as in
+  :func:`teacher.metrics.summarize` (``map``, ``map_50``, ..., ``map/<class>``);
+- ``mask/miou``, ``mask/miou/<class>``: SAM (with its adapter) prompted by the ground-truth
+  boxes, mean mask IoU against the ground-truth masks;
+- ``segm/<k>``: Grounded-SAM end to end (DINO's boxes -> SAM's masks), COCO segm metrics;
+- ``base/<key>``: the same for the pretrained models without adapters;
+- ``gain/<key>``: ``<key> - base/<key>`` where both are measured (not -1).
+A teacher whose folder holds only ``SKIPPED`` contributes no keys (and no ``segm``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from teacher.coco import annotation_mask, mask_kind
+from teacher.errors import TeacherError
+from teacher.images import load_image
+from teacher.labels import LabelMap
+from teacher.metrics import (
+    category_names,
+    coco_evaluate,
+    mask_iou,
+    mean_mask_iou,
+    precision_recall,
+    summarize,
+)
+from teacher.predict import Filter, Teachers, merged, predict_images, to_annotations
+
+SKIPPED_FILE = "SKIPPED"
+
+
+def skipped_reason(model_dir: str | Path) -> str | None:
+    """The reason written in ``<model_dir>/SKIPPED`` when the stage skipped that teacher."""
+    note = Path(model_dir) / SKIPPED_FILE
+    if note.exists():
+        return note.read_text().strip() or "no reason given"
+    return None
+
+
+@dataclass
+class VariantOutput:
+    """What one pass (adapted or base models) over the test split produced."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    curves: list[dict[str, Any]] = field(default_factory=list)  # PR rows at IoU 0.5 (boxes)
+    shown: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict)  # gallery image -> det
+
+
+def evaluable_masks(anns: Sequence[dict]) -> list[dict]:
+    """Annotations SAM can be scored on: not crowd, with a mask and a box of positive size."""
+    return [a for a in anns if not a.get("iscrowd") and mask_kind(a) not in ("none", "invalid")
+            and len(a.get("bbox") or []) == 4 and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+
+
+def gt_box_masks(sam: Any, image: np.ndarray, anns: Sequence[dict], *, multimask: bool
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """SAM prompted by the ground-truth boxes of one image.
+
+    Returns the IoU (N,) of each predicted mask with its ground-truth mask, and the prompts as
+    detections (``boxes`` xywh, ``scores`` = SAM's predicted IoU, ``category_ids``, ``masks``).
+    """
+    from teacher.sam import segment
+
+    h, w = image.shape[:2]
+    boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+    pred, scores = segment(sam, image, boxes, multimask=multimask)
+    gt = np.stack([annotation_mask(a, h, w) for a in anns]) if anns else np.zeros((0, h, w), bool)
+    det = {"boxes": boxes, "scores": scores, "masks": pred,
+           "category_ids": np.array([int(a["category_id"]) for a in anns], dtype=np.int64)}
+    return mask_iou(pred, gt), det
+
+
+def _by_image(gt: dict) -> dict[Any, list[dict]]:
+    out: dict[Any, list[dict]] = {img["id"]: [] for img in gt["images"]}
+    for ann in gt["annotations"]:
+        out.setdefault(ann["image_id"], []).append(ann)
+    return out
+
+
+def _with_masks_only(gt: dict) -> dict:
+    """The ground truth restricted to annotations with a mask (what segm AP can score)."""
+    keep = [a for a in gt["annotations"] if mask_kind(a) not in ("none", "invalid")]
+    return {**gt, "annotations": keep}
+
+
+def run_variant(
+    gt: dict,
+    images_root: Path,
+    teachers: Teachers,
+    *,
+    keep: Filter,
+    text_threshold: float,
+    multimask: bool,
+    batch_size: int,
+    gallery_ids: Sequence[Any],
+    progress: Callable[[int], None] | None = None,
+) -> VariantOutput:
+    """Run the loaded teachers over every test image and score them (keys without prefix)."""
+    names = category_names(gt)
+    anns_of = _by_image(gt)
+    results: list[dict] = []
+    ious, cats = [], []
+    out = VariantOutput()
+    images = gt["images"]
+    for start in range(0, len(images), batch_size):
+        records = images[start:start + batch_size]
+        arrays = [load_image(images_root / r["file_name"]) for r in records]
+        if teachers.dino is not None:
+            dets = predict_images(teachers, arrays, keep=keep, text_threshold=text_threshold,
+                                  multimask=multimask)
+            for rec, det in zip(records, dets, strict=True):
+                results += to_annotations(det, image_id=rec["id"], first_id=len(results) + 1)
+                if rec["id"] in gallery_ids:
+                    out.shown[rec["id"]] = det
+        if teachers.sam is not None:
+            for rec, image in zip(records, arrays, strict=True):
+                iou, det = gt_box_masks(teachers.sam, image, evaluable_masks(anns_of[rec["id"]]),
+                                        multimask=multimask)
+                ious.append(iou)
+                cats += det["category_ids"].tolist()
+                if teachers.dino is None and rec["id"] in gallery_ids:
+                    out.shown[rec["id"]] = det
+        if progress:
+            progress(len(records))
+    if teachers.dino is not None:
+        evaluator = coco_evaluate(gt, results, iou_type="bbox", max_dets=(1, 10, keep.max_detections))
+        out.metrics.update({f"box/{k}": v for k, v in summarize(evaluator, names=names).items()})
+        out.curves = precision_recall(evaluator, names=names, iou=0.5)
+        if teachers.sam is not None:
+            evaluator = coco_evaluate(_with_masks_only(gt), results, iou_type="segm",
+                                      max_dets=(1, 10, keep.max_detections))
+            out.metrics.update({f"segm/{k}": v for k, v in summarize(evaluator, names=names).items()})
+    if teachers.sam is not None:
+        all_ious = np.concatenate(ious) if ious else np.zeros((0,))
+        mm = mean_mask_iou(all_ious, cats, names=names)
+        out.metrics.update({f"mask/{k.removeprefix('mask_')}": v for k, v in mm.items()})
+    return out
+
+
+def gains(adapted: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """``gain/<key>`` = adapted - base for every key measured in both (neither -1)."""
+    return {f"gain/{k}": adapted[k] - base[k] for k in adapted
+            if k in base and adapted[k] >= 0 and base[k] >= 0}
+
+
+def label_map_of(dino_dir: Path | None, gt: dict) -> LabelMap:
+    """The DINO adapter's label map (``labels.json``), or one from the test split's categories."""
+    from teacher.labels import load_labels
+
+    if dino_dir is not None and (dino_dir / "labels.json").exists():
+        return load_labels(dino_dir / "labels.json")
+    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    if not cats:
+        raise TeacherError("the test split has no categories; check data/split/test.json")
+    from teacher.labels import clean_name
+
+    names = tuple(clean_name(str(c["name"])) for c in cats)
+    return LabelMap(category_ids=tuple(int(c["id"]) for c in cats), names=names,
+                    chunks=(tuple(range(len(cats))),))
+
+
+# --- the stage's whole run -----------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """Everything the evaluate stage writes."""
+
+    metrics: dict[str, float]  # flat keys, see the module docstring
+    curves: dict[str, list[dict[str, float]]]  # class name -> PR points (adapted DINO, IoU 0.5)
+    panels: dict[str, np.ndarray]  # file stem -> HxWx3 gallery image
+
+
+def load_teachers(gt: dict, *, dino_dir: Path | None, sam_dir: Path | None, dino_params: Any,
+                  sam_params: Any, adapters: bool) -> Teachers:
+    """DINO and SAM for one pass: with their adapters merged, or the base models.
+
+    A None directory means that teacher is absent (skipped) and is not loaded.
+    """
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dino = sam = None
+    if dino_dir is not None:
+        from teacher.dino import load_dino
+
+        dino = merged(load_dino(dino_params, adapter_dir=dino_dir if adapters else None))
+        dino.model.to(device)
+    if sam_dir is not None:
+        from teacher.sam import load_sam
+
+        sam = load_sam(sam_params, adapter_dir=sam_dir if adapters else None).to(device).eval()
+    return Teachers(dino=dino, sam=sam, label_map=label_map_of(dino_dir, gt))
+
+
+GALLERY_MIN_SIDE = 320  # px; smaller test images are enlarged (nearest) so labels stay legible
+
+
+def _enlarge(det: dict[str, np.ndarray], f: int) -> dict[str, np.ndarray]:
+    out = {**det, "boxes": np.asarray(det["boxes"], float).reshape(-1, 4) * f}
+    if det.get("masks") is not None:
+        out["masks"] = det["masks"].repeat(f, axis=1).repeat(f, axis=2)
+    return out
+
+
+def gallery_panel(image: np.ndarray, gt_anns: Sequence[dict], det: dict[str, np.ndarray] | None,
+                  *, names: dict[int, str], order: dict[int, int], title: str) -> np.ndarray:
+    """Ground truth (boxes + masks) on the left, the teachers' prediction on the right."""
+    from teacher.gallery import colour, draw_instances, side_by_side
+
+    h, w = image.shape[:2]
+    f = max(1, -(-GALLERY_MIN_SIDE // min(h, w)))
+    has_masks = bool(gt_anns) and all(mask_kind(a) not in ("none", "invalid") for a in gt_anns)
+    truth = _enlarge({
+        "boxes": np.array([a["bbox"] for a in gt_anns], float),
+        "scores": np.ones(len(gt_anns)),
+        "category_ids": np.array([int(a["category_id"]) for a in gt_anns], int),
+        "masks": np.stack([annotation_mask(a, h, w) for a in gt_anns]) if has_masks else None,
+    }, f)
+    det = _enlarge(det or {"boxes": np.zeros((0, 4)), "scores": np.zeros(0),
+                           "category_ids": np.zeros(0, int)}, f)
+    big = image.repeat(f, axis=0).repeat(f, axis=1)
+    panels = []
+    for d, show_score in ((truth, False), (det, True)):
+        cats = [int(c) for c in d["category_ids"]]
+        labels = [names.get(c, str(c)) + (f" {s:.2f}" if show_score else "")
+                  for c, s in zip(cats, d["scores"], strict=True)]
+        panels.append(draw_instances(big, d["boxes"], labels, [colour(order.get(c, 0)) for c in cats],
+                                     masks=d.get("masks")))
+    return side_by_side(panels[0], panels[1], titles=("ground truth", title))
+
+
+def evaluate_test_split(
+    gt: dict,
+    images_root: str | Path,
+    *,
+    dino_dir: str | Path,
+    sam_dir: str | Path,
+    dino_params: Any,
+    sam_params: Any,
+    params: Any,
+    log: Callable[[str], None] = print,
+) -> Report:
+    """Score the adapted teachers (and, with ``params.base``, the base models) on ``gt``.
+
+    ``params`` is the ``evaluate`` section (EvaluateParams); ``dino_params``/``sam_params``
+    the model sections. A teacher folder holding ``SKIPPED`` gives no metrics; ``log`` says why.
+    """
+    images_root = Path(images_root)
+    dirs: dict[str, Path | None] = {"dino": Path(dino_dir), "sam": Path(sam_dir)}
+    for name, folder in list(dirs.items()):
+        reason = skipped_reason(folder)
+        if reason is not None:
+            log(f"evaluate: no {name} metrics: {folder}/{SKIPPED_FILE} says: {reason}")
+            dirs[name] = None
+    keep = Filter(score_threshold=params.score_threshold, nms_iou=params.nms_iou,
+                  max_detections=params.max_detections)
+    gallery_ids = [img["id"] for img in gt["images"][: params.gallery_images]]
+    runs: dict[str, VariantOutput] = {}
+    for variant in ("adapted", "base") if params.base else ("adapted",):
+        if dirs["dino"] is None and dirs["sam"] is None:
+            break
+        log(f"evaluate: {variant} models on {len(gt['images'])} test images")
+        teachers = load_teachers(gt, dino_dir=dirs["dino"], sam_dir=dirs["sam"],
+                                 dino_params=dino_params, sam_params=sam_params,
+                                 adapters=variant == "adapted")
+        runs[variant] = run_variant(
+            gt, images_root, teachers, keep=keep, text_threshold=params.score_threshold,
+            multimask=sam_params.multimask, batch_size=2, gallery_ids=gallery_ids)
+        del teachers
+    title = ("Grounded-SAM" if dirs["sam"] else "DINO") if dirs["dino"] else "SAM from true boxes"
+    return _report(gt, images_root, runs, gallery_ids, title=title,
+                   min_score=dino_params.box_threshold if dirs["dino"] else 0.0)
+
+
+def _report(gt: dict, images_root: Path, runs: dict[str, VariantOutput], gallery_ids: Sequence[Any],
+            *, title: str, min_score: float) -> Report:
+    """Merge the passes' metrics (base/, gain/), group PR rows by class, draw the gallery.
+
+    The gallery shows detections scoring at least ``min_score`` (what ``teacher predict`` keeps).
+    """
+    adapted = runs.get("adapted", VariantOutput())
+    metrics = dict(adapted.metrics)
+    if "base" in runs:
+        metrics.update({f"base/{k}": v for k, v in runs["base"].metrics.items()})
+        metrics.update(gains(adapted.metrics, runs["base"].metrics))
+    curves: dict[str, list[dict[str, float]]] = {}
+    for row in adapted.curves:
+        curves.setdefault(row["class"], []).append({"recall": row["recall"], "precision": row["precision"]})
+    names = category_names(gt)
+    order = {c["id"]: i for i, c in enumerate(sorted(gt["categories"], key=lambda c: c["id"]))}
+    anns_of = _by_image(gt)
+    records = {img["id"]: img for img in gt["images"]}
+    panels = {}
+    for image_id in gallery_ids if runs else []:
+        rec = records[image_id]
+        image = load_image(images_root / rec["file_name"])
+        det = adapted.shown.get(image_id)
+        if det is not None:
+            det = {k: v[det["scores"] >= min_score] for k, v in det.items()}
+        panels[f"{image_id}_{Path(rec['file_name']).stem}"] = gallery_panel(
+            image, anns_of[image_id], det, names=names, order=order, title=title)
+    return Report(metrics=metrics, curves=curves, panels=panels)

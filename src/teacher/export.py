@@ -1,0 +1,75 @@
+"""Merge the LoRA adapters into full models, written in their native formats.
+
+- Grounding DINO: ``<out>/dino/``, a transformers ``save_pretrained`` folder (model and
+  processor, safetensors) plus the adapter's ``labels.json``; it loads with
+  ``GroundingDinoForObjectDetection.from_pretrained`` or as ``dino.model: <out>/dino``.
+- SAM: ``<out>/sam.pth``, a segment-anything state dict (``torch.save(sam.state_dict())``, as
+  Meta's checkpoints); it loads with ``sam_model_registry[...](checkpoint=...)`` or as
+  ``sam.model: <out>/sam.pth``.
+Neither needs peft to load or predict.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from teacher.errors import TeacherError
+from teacher.params import DinoParams, SamParams
+
+SKIPPED_FILE = "SKIPPED"
+
+
+def export_dino(params: DinoParams, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Base DINO of ``params`` + the adapter of ``adapter_dir``, merged, saved to ``out_dir``."""
+    from teacher.dino import load_dino
+    from teacher.lora import merge
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    bundle = load_dino(params, adapter_dir=adapter_dir)
+    model = merge(bundle.model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    bundle.processor.save_pretrained(str(out_dir))
+    shutil.copyfile(adapter_dir / "labels.json", out_dir / "labels.json")
+    return out_dir
+
+
+def export_sam(params: SamParams, adapter_dir: str | Path, out_path: str | Path) -> Path:
+    """Base SAM of ``params`` + the adapter of ``adapter_dir``, merged, as a state dict file."""
+    from teacher.sam import load_sam
+
+    out_path = Path(out_path)
+    sam = load_sam(params, adapter_dir=Path(adapter_dir))  # merged by load_sam
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in sam.state_dict().items()}
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out_path)
+    return out_path
+
+
+def export_all(adapters: str | Path, out: str | Path, *, dino: DinoParams, sam: SamParams,
+               log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Export every trained teacher under ``adapters`` (``dino/``, ``sam/``) into ``out``.
+
+    Skipped teachers (a ``SKIPPED`` note) are reported through ``log`` and left out.
+    """
+    adapters, out = Path(adapters), Path(out)
+    jobs = {"dino": (adapters / "dino", lambda d: export_dino(dino, d, out / "dino")),
+            "sam": (adapters / "sam", lambda d: export_sam(sam, d, out / "sam.pth"))}
+    written = {}
+    for name, (folder, job) in jobs.items():
+        if (folder / SKIPPED_FILE).exists():
+            log(f"export: {name} not exported: {folder / SKIPPED_FILE} says: "
+                f"{(folder / SKIPPED_FILE).read_text().strip()}")
+        elif (folder / "adapter_config.json").exists():
+            written[name] = job(folder)
+            log(f"export: {name} -> {written[name]}")
+    if not written:
+        raise TeacherError(f"{adapters}: no dino/ or sam/ adapter to export; run `dvc repro` "
+                           "first, or pass --adapters pointing at the folder holding them")
+    return written

@@ -1,0 +1,215 @@
+"""LoRA adapters through peft: apply from params, verify what is frozen, save and load.
+
+Model-agnostic: both teachers (Grounding DINO, SAM) call these functions. Modules are chosen
+by their full names in the base model (``named_modules()``): a regex (full match) or a list of
+names (exact, or a suffix after a dot, as peft matches).
+
+Fully trained modules (``train_modules``, e.g. detection heads or SAM's mask decoder) are not
+put in peft's ``modules_to_save`` (peft silently drops LoRA targets inside those). Their
+parameters are marked trainable and saved beside the adapter in ``trained_modules.safetensors``,
+one tensor per distinct parameter (tied parameters are stored once, with every alias name
+recorded in the file's metadata and restored by name on load).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from teacher.errors import TeacherError
+from teacher.params import LoraParams
+
+TRAINED_MODULES_FILE = "trained_modules.safetensors"
+LORA_TAG = "lora_"  # peft's LoRA parameter names contain lora_A / lora_B / lora_embedding_*
+_LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+Targets = str | Sequence[str]
+
+
+def matches(name: str, targets: Targets) -> bool:
+    """Whether module ``name`` is selected by ``targets`` (regex: full match; list: exact or suffix)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def candidate_names(model: nn.Module, *, limit: int = 60) -> list[str]:
+    """Names of modules LoRA can wrap (Linear/Conv/Embedding), layer indexes collapsed to ``N``."""
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _LORA_TYPES):
+            seen.setdefault(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1N", name), None)
+    names = list(seen)
+    return names[:limit] + ([f"... ({len(names) - limit} more)"] if len(names) > limit else [])
+
+
+def _matched_modules(model: nn.Module, targets: Targets) -> list[str]:
+    return [n for n, m in model.named_modules() if n and isinstance(m, _LORA_TYPES) and matches(n, targets)]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) numbers of parameter elements; tied parameters counted once."""
+    params = list(model.parameters())  # parameters() yields each shared Parameter once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _no_match_error(model: nn.Module, targets: Targets, what: str) -> TeacherError:
+    return TeacherError(
+        f"{what} {targets!r} matches no module of {type(model).__name__}. Candidate module "
+        f"names (N = any layer index): {', '.join(candidate_names(model))}. Fix the targets in "
+        "params.yaml (a regex matched against the full module name, or a list of names)."
+    )
+
+
+def apply_lora(
+    model: nn.Module,
+    *,
+    lora: LoraParams,
+    targets: Targets,
+    train_modules: Targets | None = None,
+) -> PeftModel:
+    """Wrap ``model`` with LoRA on the modules matching ``targets``; train ``train_modules`` fully.
+
+    Every other base parameter is frozen. Raises TeacherError when no module matches, or when a
+    base parameter outside ``train_modules`` is left trainable. Logs trainable / total counts.
+    """
+    targets = targets if isinstance(targets, str) else list(targets)
+    names = _matched_modules(model, targets)
+    if not names:
+        raise _no_match_error(model, targets, "LoRA targets")
+    # peft gets the exact names: containers the pattern also matches are skipped, and a list
+    # entry cannot suffix-match more than we counted.
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules="|".join(re.escape(n) for n in names), bias="none",
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:  # e.g. a target that is a container, not a Linear/Conv
+        raise TeacherError(f"LoRA targets {targets!r}: peft refused them: {e}") from e
+    trained = _mark_trained(peft_model, train_modules)
+    _verify_frozen(peft_model, trained)
+    trainable, total = count_parameters(peft_model)
+    print(f"LoRA: {trainable:,} trainable / {total:,} total parameters "
+          f"({100.0 * trainable / max(total, 1):.3f}%), {len(names)} modules wrapped")
+    return peft_model
+
+
+def _mark_trained(peft_model: PeftModel, train_modules: Targets | None) -> set[int]:
+    """Set requires_grad on every parameter under a module matching ``train_modules``.
+
+    Returns the ids of those parameters (a tied parameter is one object under several names).
+    """
+    if not train_modules:
+        return set()
+    base = peft_model.get_base_model()
+    train_modules = train_modules if isinstance(train_modules, str) else list(train_modules)
+    names = {n for n, _ in base.named_modules() if n and matches(n, train_modules)}
+    if not names:
+        raise _no_match_error(base, train_modules, "Fully trained modules")
+    trained = set()
+    for name, param in base.named_parameters(remove_duplicate=False):
+        if any(name.startswith(f"{m}.") for m in names):
+            param.requires_grad_(True)
+            trained.add(id(param))
+    return trained
+
+
+def _verify_frozen(peft_model: PeftModel, trained: set[int]) -> None:
+    base = peft_model.get_base_model()
+    loose = [n for n, p in base.named_parameters(remove_duplicate=False)
+             if p.requires_grad and LORA_TAG not in n and id(p) not in trained]
+    if loose:
+        raise TeacherError(f"LoRA: base parameters left trainable: {loose[:10]} (internal error)")
+    if not any(LORA_TAG in n for n, _ in base.named_parameters()):
+        raise TeacherError("LoRA: no LoRA parameters were created (internal error)")
+
+
+def trained_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Fully trained (non-LoRA, requires_grad) parameters: canonical name -> all alias names.
+
+    Tied parameters (one tensor reachable under several names) are grouped by storage.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    groups: dict[tuple, list[str]] = {}
+    for name, param in base.named_parameters(remove_duplicate=False):
+        if param.requires_grad and LORA_TAG not in name:
+            ptr = param.data_ptr()  # same storage and shape = the same tensor under two names
+            key = (ptr, tuple(param.shape), param.stride()) if ptr else ("id", id(param))
+            groups.setdefault(key, []).append(name)
+    return {names[0]: names for names in groups.values()}
+
+
+def save_adapter(model: PeftModel, out_dir: Path | str) -> None:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (+ trained modules) to out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    groups = trained_parameters(model)
+    path = out_dir / TRAINED_MODULES_FILE
+    if not groups:
+        path.unlink(missing_ok=True)
+        return
+    base = model.get_base_model()
+    tensors = {n: base.get_parameter(n).detach().cpu().contiguous().clone() for n in groups}
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(groups)})
+
+
+def load_trained_modules(model: nn.Module, adapter_dir: Path | str, *, trainable: bool = False) -> int:
+    """Copy ``trained_modules.safetensors`` (if present) into ``model`` by name; returns tensors read."""
+    path = Path(adapter_dir) / TRAINED_MODULES_FILE
+    if not path.exists():
+        return 0
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    tensors = load_file(str(path))
+    for name, tensor in tensors.items():
+        for alias in aliases.get(name, [name]):
+            param = _get_parameter(base, alias, path)
+            with torch.no_grad():
+                param.copy_(tensor.to(param.device, param.dtype))
+            param.requires_grad_(trainable)
+    return len(tensors)
+
+
+def _get_parameter(base: nn.Module, name: str, path: Path) -> nn.Parameter:
+    try:
+        return base.get_parameter(name)
+    except AttributeError as e:
+        raise TeacherError(
+            f"{path}: parameter {name!r} does not exist in {type(base).__name__}; the adapter was "
+            "trained on a different model architecture. Re-train, or load it on the same model."
+        ) from e
+
+
+def load_adapter(base_model: nn.Module, adapter_dir: Path | str, *, trainable: bool = False) -> PeftModel:
+    """Load a saved adapter (and its fully trained modules) onto ``base_model``."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise TeacherError(
+            f"{adapter_dir}: no adapter_config.json; point to a folder written by save_adapter "
+            "(run the training stage first)."
+        )
+    model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
+    load_trained_modules(model, adapter_dir, trainable=trainable)
+    return model
+
+
+def merge(model: PeftModel) -> nn.Module:
+    """The base model with LoRA merged into its weights (trained modules are already in it)."""
+    return model.merge_and_unload()
+
+
+def lora_parameter_names(model: nn.Module) -> Iterable[str]:
+    """Names of the LoRA parameters of a wrapped model."""
+    return (n for n, _ in model.named_parameters() if LORA_TAG in n)

@@ -1,0 +1,284 @@
+"""Grounded-SAM inference: class names -> Grounding DINO boxes -> SAM masks -> COCO results.
+
+The teacher's labels for training students. Per image: DINO detects boxes for every class of
+the label map (images batched), detections are filtered (score threshold, per-class NMS, a cap
+per image), and SAM segments all boxes of the image from one image embedding. The output is a
+COCO dataset: images with sizes, categories, and per detection ``bbox`` (xywh, absolute
+pixels), ``segmentation`` (compressed RLE, ``counts`` a str), ``area`` and ``score``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms
+from tqdm import tqdm
+
+from teacher.boxes import xywh_to_xyxy
+from teacher.coco import mask_to_rle
+from teacher.errors import TeacherError
+from teacher.images import load_image
+from teacher.labels import LabelMap
+
+RAW_PER_KEPT = 4  # DINO candidates per kept detection, before per-class NMS
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class Teachers:
+    """The loaded models of Grounded-SAM; either may be None where that teacher is absent."""
+
+    dino: Any | None  # teacher.dino.DinoBundle
+    sam: torch.nn.Module | None  # segment_anything Sam (adapter merged or wrapped)
+    label_map: LabelMap
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which detections to keep."""
+
+    score_threshold: float = 0.25  # keep scores >= this
+    nms_iou: float = 0.7  # per-class NMS IoU; >= 1 disables
+    max_detections: int = 100  # per image, highest scores first
+
+
+@dataclass
+class Unreadable:
+    """Images that could not be read: ``(file, reason)`` pairs, listed and skipped."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+
+def empty_detections() -> dict[str, np.ndarray]:
+    return {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros((0,), np.float32),
+            "category_ids": np.zeros((0,), np.int64)}
+
+
+def nms_per_class(
+    boxes_xywh: np.ndarray, scores: np.ndarray, category_ids: np.ndarray, *, iou_threshold: float
+) -> np.ndarray:
+    """Indexes kept by NMS run separately per class, highest score first.
+
+    boxes_xywh (N, 4) COCO xywh; scores (N,); category_ids (N,). ``iou_threshold >= 1`` keeps
+    every box (sorted by score).
+    """
+    scores_t = torch.as_tensor(np.asarray(scores, dtype=np.float32))
+    if iou_threshold >= 1 or len(scores_t) == 0:
+        return torch.argsort(scores_t, descending=True, stable=True).numpy()
+    boxes = torch.as_tensor(xywh_to_xyxy(np.asarray(boxes_xywh, dtype=np.float32)))
+    idxs = torch.as_tensor(np.asarray(category_ids, dtype=np.int64))
+    return batched_nms(boxes, scores_t, idxs, float(iou_threshold)).numpy()
+
+
+def select(det: dict[str, np.ndarray], keep: Filter) -> dict[str, np.ndarray]:
+    """Detections above the score threshold, after per-class NMS, at most ``max_detections``.
+
+    ``det`` holds ``boxes`` (N, 4) xywh, ``scores`` (N,), ``category_ids`` (N,) and optionally
+    ``masks`` (N, H, W); the same keys come back, sorted by score.
+    """
+    scores = np.asarray(det["scores"], dtype=np.float32)
+    above = np.flatnonzero(scores >= keep.score_threshold)
+    order = nms_per_class(np.asarray(det["boxes"])[above], scores[above],
+                          np.asarray(det["category_ids"])[above], iou_threshold=keep.nms_iou)
+    chosen = above[order[: keep.max_detections]]
+    return {k: np.asarray(v)[chosen] for k, v in det.items()}
+
+
+def to_annotations(det: dict[str, np.ndarray], *, image_id: Any, first_id: int) -> list[dict]:
+    """COCO annotations (results with ``id``) of one image's detections.
+
+    ``masks`` (N, H, W) bool when present become compressed RLE with their pixel ``area``;
+    without masks the area is the box's.
+    """
+    anns = []
+    masks = det.get("masks")
+    for i, (box, score, cat) in enumerate(
+        zip(det["boxes"], det["scores"], det["category_ids"], strict=True)
+    ):
+        bbox = [round(float(v), 2) for v in box]
+        ann = {"id": first_id + i, "image_id": image_id, "category_id": int(cat), "bbox": bbox,
+               "score": round(float(score), 5), "iscrowd": 0, "area": bbox[2] * bbox[3]}
+        if masks is not None:
+            ann["segmentation"] = mask_to_rle(masks[i])
+            ann["area"] = int(masks[i].sum())
+        anns.append(ann)
+    return anns
+
+
+def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: dict[str, np.ndarray], *,
+                       multimask: bool = True) -> dict[str, np.ndarray]:
+    """``det`` plus ``masks`` (N, H, W) from SAM, one image embedding for all N boxes."""
+    from teacher.sam import segment
+
+    masks, _ = segment(sam, image, det["boxes"], multimask=multimask)
+    return {**det, "masks": masks}
+
+
+def detect_batch(teachers: Teachers, images: Sequence[np.ndarray], *, box_threshold: float,
+                 text_threshold: float, max_detections: int) -> list[dict[str, np.ndarray]]:
+    """DINO's raw detections for a batch of HxWx3 uint8 images (one dict per image)."""
+    from teacher.dino import detect
+
+    return detect(teachers.dino, list(images), teachers.label_map, box_threshold=box_threshold,
+                  text_threshold=text_threshold, max_detections=max_detections)
+
+
+def predict_images(
+    teachers: Teachers,
+    images: Sequence[np.ndarray],
+    *,
+    keep: Filter,
+    text_threshold: float,
+    multimask: bool = True,
+) -> list[dict[str, np.ndarray]]:
+    """Grounded-SAM on a batch of images: per image the kept detections, with ``masks`` when
+    SAM is loaded. DINO sees the whole batch at once; SAM embeds each image once."""
+    raw = detect_batch(teachers, images, box_threshold=keep.score_threshold,
+                       text_threshold=text_threshold,
+                       max_detections=RAW_PER_KEPT * keep.max_detections)  # NMS needs spares
+    out = []
+    for image, det in zip(images, raw, strict=True):
+        det = select({k: det[k] for k in ("boxes", "scores", "category_ids")}, keep)
+        if teachers.sam is not None:
+            det = segment_detections(teachers.sam, image, det, multimask=multimask)
+        out.append(det)
+    return out
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, by suffix), sorted by relative path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TeacherError(f"{folder}: not a folder of images; pass the folder to label")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_batches(paths: Sequence[Path], *, batch_size: int, unreadable: Unreadable
+                 ) -> Iterator[list[tuple[Path, np.ndarray]]]:
+    """Decoded images in batches; unreadable ones go to ``unreadable`` and are skipped."""
+    batch: list[tuple[Path, np.ndarray]] = []
+    for path in paths:
+        try:
+            batch.append((path, load_image(path)))
+        except TeacherError as e:
+            unreadable.items.append((str(path), str(e)))
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def label_folder(
+    teachers: Teachers,
+    folder: str | Path,
+    *,
+    keep: Filter,
+    text_threshold: float,
+    batch_size: int = 4,
+    multimask: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Auto-label every image under ``folder``: a COCO dataset with the teachers' detections.
+
+    ``info.unreadable`` lists ``{"file", "reason"}`` of images that were skipped.
+    """
+    folder = Path(folder)
+    paths = list_images(folder)
+    unreadable = Unreadable()
+    lm = teachers.label_map
+    doc: dict[str, Any] = {
+        "images": [], "annotations": [],
+        "categories": [{"id": c, "name": n} for c, n in zip(lm.category_ids, lm.names, strict=True)],
+    }
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
+    for batch in read_batches(paths, batch_size=batch_size, unreadable=unreadable):
+        dets = predict_images(teachers, [img for _, img in batch], keep=keep,
+                              text_threshold=text_threshold, multimask=multimask)
+        for (path, image), det in zip(batch, dets, strict=True):
+            image_id = len(doc["images"]) + 1
+            doc["images"].append({"id": image_id, "file_name": path.relative_to(folder).as_posix(),
+                                  "height": int(image.shape[0]), "width": int(image.shape[1])})
+            doc["annotations"] += to_annotations(det, image_id=image_id,
+                                                 first_id=len(doc["annotations"]) + 1)
+        bar.update(len(batch))
+    bar.update(len(paths) - bar.n)
+    bar.close()
+    doc["info"] = {"description": "teacher predictions (Grounded-SAM)",
+                   "unreadable": [{"file": f, "reason": r} for f, r in unreadable.items]}
+    return doc
+
+
+# --- loading for `teacher predict` -------------------------------------------------------------
+
+
+def parse_classes(text: str) -> list[str]:
+    """``"cat, dog,,bird"`` -> ``["cat", "dog", "bird"]``; duplicates are an error."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise TeacherError(f"--classes {text!r} names no class; give e.g. --classes \"cat,dog\"")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise TeacherError(f"--classes repeats {', '.join(dupes)}; name each class once")
+    return names
+
+
+def adapter_folder(adapters: Path | None, name: str, log) -> Path | None:
+    """``adapters/<name>`` when it holds a trained adapter; None (with a note) when skipped/absent."""
+    if adapters is None:
+        return None
+    folder = adapters / name
+    if (folder / "SKIPPED").exists():
+        log(f"predict: {name}: no adapter ({folder}/SKIPPED: "
+            f"{(folder / 'SKIPPED').read_text().strip()}); using the base model")
+        return None
+    if not (folder / "adapter_config.json").exists():
+        raise TeacherError(f"{folder}: no adapter_config.json; pass --adapters pointing at the "
+                           "folder holding dino/ and sam/ (models/ after `dvc repro`)")
+    return folder
+
+
+def merged(bundle: Any) -> Any:
+    """A DINO bundle whose adapter (if any) is merged into the weights: faster inference."""
+    if hasattr(bundle.model, "merge_and_unload"):
+        from teacher.lora import merge
+
+        bundle.model = merge(bundle.model)
+    return bundle
+
+
+def load_predict_teachers(*, classes: Sequence[str] | None, adapters: str | Path | None,
+                          dino_params: Any, sam_params: Any, segment_masks: bool = True,
+                          log=print) -> Teachers:
+    """DINO (+ adapter) and SAM (+ adapter) on the best device, with the class list to detect.
+
+    Classes come from ``classes`` (ids 1..N in order) or, without it, the DINO adapter's
+    ``labels.json``.
+    """
+    from teacher.dino import load_dino
+    from teacher.labels import build_label_map
+
+    adapters = Path(adapters) if adapters is not None else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dino = merged(load_dino(dino_params, adapter_dir=adapter_folder(adapters, "dino", log)))
+    dino.model.to(device)
+    if classes:
+        cats = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
+        label_map = build_label_map(cats, tokenizer=dino.processor.tokenizer)
+    elif dino.label_map is not None:
+        label_map = dino.label_map
+    else:
+        raise TeacherError("no classes to detect: pass --classes \"cat,dog\" or --adapters with "
+                           "a trained dino/ adapter (its labels.json holds the classes)")
+    sam = None
+    if segment_masks:
+        from teacher.sam import load_sam
+
+        sam = load_sam(sam_params, adapter_dir=adapter_folder(adapters, "sam", log)).to(device).eval()
+    return Teachers(dino=dino, sam=sam, label_map=label_map)

@@ -1,0 +1,197 @@
+"""Fine-tuning SAM from box prompts: the engine ``Task`` for SAM and the one call of train_sam.
+
+LoRA on the image encoder attention (``sam.lora_targets``, optionally decoder attention too);
+``sam.train_decoder`` trains the mask decoder fully (saved beside the adapter, never through
+peft's ``modules_to_save``). When no encoder parameter trains (decoder-only mode), image
+embeddings are computed once into a disk cache and every epoch reads them from there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from teacher.augment import build_transform
+from teacher.coco import annotation_mask, images_by_id
+from teacher.data import (
+    SamDataset,
+    cache_sam_embeddings,
+    collate_sam,
+    image_path,
+    instance_boxes_xywh,
+    load_image,
+    sam_instances,
+)
+from teacher.engine import Task, checkpoint_layers, fit
+from teacher.errors import TeacherError
+from teacher.lora import apply_lora, save_adapter
+from teacher.losses import mask_iou, sam_loss
+from teacher.params import LoraParams, SamParams, TrainParams
+from teacher.sam import input_size, load_base_sam, segment, unwrap
+
+log = logging.getLogger(__name__)
+
+DECODER = "mask_decoder"  # module trained fully when sam.train_decoder
+
+
+def skip_reason(facts: dict[str, Any]) -> str | None:
+    """Why SAM cannot train on this data (from data/inspect.json's ``teachers``), or None."""
+    teachers = facts.get("teachers") if isinstance(facts, dict) else None
+    if not isinstance(teachers, dict) or "sam" not in teachers:
+        raise TeacherError("data/inspect.json: no teachers.sam fact; re-run the inspect stage "
+                           "(dvc repro inspect)")
+    if teachers["sam"]:
+        return None
+    return (teachers.get("reasons") or {}).get("sam") or "the data has no instance masks"
+
+
+def wrap_for_training(
+    sam: nn.Module, *, sam_params: SamParams, lora: LoraParams, activation_checkpointing: bool
+) -> nn.Module:
+    """LoRA from params (+ the fully trained decoder); checkpointing of encoder blocks if asked
+    and the encoder trains."""
+    model = apply_lora(
+        sam, lora=lora, targets=sam_params.lora_targets,
+        train_modules=DECODER if sam_params.train_decoder else None,
+    )
+    if activation_checkpointing and encoder_trains(model):
+        checkpoint_layers(unwrap(model).image_encoder.blocks)
+    return model
+
+
+def encoder_trains(model: nn.Module) -> bool:
+    """Whether any image-encoder parameter requires grad (False: decoder-only mode)."""
+    return any(p.requires_grad for p in unwrap(model).image_encoder.parameters())
+
+
+def masks_to_low_res(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, S, S) bool masks in the input frame -> (N, h, w) float 0/1 at the decoder's resolution
+    (area average, then >= 0.5)."""
+    area = F.interpolate(masks[:, None].float(), size, mode="area")[:, 0]
+    return (area >= 0.5).float()
+
+
+def training_step(model: nn.Module, batch: dict[str, Any], *, sam_params: SamParams) -> dict[str, Tensor]:
+    """Forward all prompts of the batch's images (one decoder call per image) and SAM's loss.
+
+    The loss is computed at the decoder's low-res mask resolution, on all prompts together.
+    """
+    device = unwrap(model).device
+    embeddings = batch["embeddings"]
+    outputs = model(
+        boxes=batch["boxes"], multimask=sam_params.multimask, images=batch["images"],
+        embeddings=None if embeddings is None else embeddings.to(device),
+    )
+    logits = torch.cat([low_res for low_res, _ in outputs])  # (P, K, h, w)
+    iou_pred = torch.cat([iou for _, iou in outputs])  # (P, K)
+    target = torch.cat([masks_to_low_res(m.to(device), logits.shape[-2:]) for m in batch["masks"]])
+    return sam_loss(
+        logits.float(), iou_pred.float(), target,
+        focal_weight=sam_params.focal_weight, dice_weight=sam_params.dice_weight,
+        iou_weight=sam_params.iou_weight, focal_alpha=sam_params.focal_alpha,
+        focal_gamma=sam_params.focal_gamma,
+    )
+
+
+def evaluate_miou(
+    model: nn.Module,
+    coco: dict[str, Any],
+    image_root: Path,
+    *,
+    multimask: bool,
+    embeddings: dict[Any, Path] | None = None,
+) -> dict[str, float]:
+    """Mean mask IoU over every instance with a mask, prompted with its ground-truth box, at
+    the original image size: ``{"val_miou": float, "val_instances": int}``."""
+    from safetensors.torch import load_file
+
+    was_training = model.training
+    model.eval()
+    images, ious = images_by_id(coco), []
+    for image_id, anns in sam_instances(coco).items():
+        image = load_image(image_path(image_root, images[image_id]["file_name"]))
+        gt = np.stack([annotation_mask(a, *image.shape[:2]) for a in anns])
+        cached = load_file(str(embeddings[image_id]))["embedding"] if embeddings else None
+        pred, _ = segment(model, image, instance_boxes_xywh(anns, list(gt)),
+                          multimask=multimask, embedding=cached)
+        ious.extend(mask_iou(torch.from_numpy(pred), torch.from_numpy(gt)).tolist())
+    model.train(was_training)
+    return {"val_miou": float(np.mean(ious)) if ious else 0.0, "val_instances": float(len(ious))}
+
+
+def build_task(
+    model: nn.Module,
+    *,
+    train_coco: dict[str, Any],
+    val_coco: dict[str, Any],
+    image_root: Path,
+    sam_params: SamParams,
+    augment_policy: dict[str, Any],
+    seed: int,
+    cache_dir: Path | None,
+) -> Task:
+    """The engine Task: dataset (cached embeddings in decoder-only mode), step, val mIoU, save."""
+    train_cache = val_cache = None
+    transform: Callable | None = build_transform(augment_policy, train=True)
+    if not encoder_trains(model):
+        if cache_dir is None:
+            raise ValueError("decoder-only SAM training needs a cache_dir for image embeddings")
+        sam = unwrap(model).to("cuda" if torch.cuda.is_available() else "cpu")
+        train_cache = cache_sam_embeddings(sam, train_coco, image_root, cache_dir)
+        val_cache = cache_sam_embeddings(sam, val_coco, image_root, cache_dir)
+        transform = None  # an embedding is of the plain image: no image augmentation
+        log.info("SAM decoder-only: %d + %d image embeddings cached in %s; image augmentation "
+                 "off (box jitter kept)", len(train_cache), len(val_cache), cache_dir)
+    dataset = SamDataset(
+        train_coco, image_root, image_size=input_size(unwrap(model)),
+        max_prompts=sam_params.max_prompts, box_jitter=sam_params.box_jitter, seed=seed,
+        transform=transform, embeddings=train_cache,
+    )
+    return Task(
+        name="sam", model=model, train_dataset=dataset, collate_fn=collate_sam,
+        step=partial(training_step, sam_params=sam_params),
+        evaluate=partial(evaluate_miou, coco=val_coco, image_root=image_root,
+                         multimask=sam_params.multimask, embeddings=val_cache),
+        monitor="val_miou", save=save_adapter,
+    )
+
+
+def train_sam(
+    *,
+    train_coco: dict[str, Any],
+    val_coco: dict[str, Any],
+    image_root: Path,
+    sam_params: SamParams,
+    lora: LoraParams,
+    train: TrainParams,
+    augment_policy: dict[str, Any],
+    seed: int,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    live_dir: Path,
+    cache_dir: Path,
+    fingerprint: str,
+) -> dict[str, float]:
+    """Fine-tune SAM (``sam.model``) with LoRA; the best adapter goes to ``out_dir``.
+
+    Returns the best epoch's metrics (``val_miou``, ...) from the engine.
+    """
+    model = wrap_for_training(
+        load_base_sam(sam_params.model), sam_params=sam_params, lora=lora,
+        activation_checkpointing=train.activation_checkpointing,
+    )
+    task = build_task(
+        model, train_coco=train_coco, val_coco=val_coco, image_root=image_root,
+        sam_params=sam_params, augment_policy=augment_policy, seed=seed, cache_dir=cache_dir,
+    )
+    record = {"decoder_only": not encoder_trains(model), **{f"augment_{k}": v for k, v in augment_policy.items()}}
+    return fit(task, train=train, seed=seed, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
+               live_dir=live_dir, fingerprint=fingerprint, record=record)

@@ -1,0 +1,258 @@
+"""Grounding DINO: loading, targets, the batch-3 loss targets, post-processing, LoRA parity."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers.loss.loss_grounding_dino import GroundingDinoImageLoss
+from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps
+
+from teacher.dino import (
+    GroundedImageLoss,
+    annotation_boxes,
+    box_targets,
+    build_tiny_random,
+    decode,
+    detect,
+    load_dino,
+)
+from teacher.errors import TeacherError
+from teacher.labels import LabelMap, build_label_map
+from teacher.lora import apply_lora, load_adapter, merge
+from teacher.params import DinoParams, LoraParams
+
+PARAMS = DinoParams(model="tiny-random", shortest_edge=64, longest_edge=96)
+CATS = [{"id": 3, "name": "circle"}, {"id": 5, "name": "square"}, {"id": 9, "name": "star"}]
+from teacher.dino import HEAD_MODULES as HEADS  # noqa: E402
+
+
+def images(n: int, *, seed: int = 0) -> list[np.ndarray]:
+    """Small RGB test images, each with a bright rectangle."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        im = rng.integers(0, 60, (60, 80, 3), dtype=np.uint8)
+        x, y = rng.integers(5, 40), rng.integers(5, 30)
+        im[y:y + 20, x:x + 30] = 230
+        out.append(im)
+    return out
+
+
+def encode(bundle, ims, prompts):
+    pixels = bundle.processor.image_processor(images=ims, return_tensors="pt")
+    text = bundle.processor.tokenizer(prompts, padding="longest", return_tensors="pt")
+    return {**pixels, **text}
+
+
+def outputs(model, inputs):
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits, out.pred_boxes
+
+
+@pytest.fixture()
+def bundle():
+    return load_dino(PARAMS)
+
+
+@pytest.fixture(scope="module")
+def label_map():
+    return build_label_map(CATS, tokenizer=load_dino(PARAMS).processor.tokenizer)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def test_tiny_random_is_deterministic_and_leaves_global_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    a, _ = build_tiny_random(PARAMS)
+    assert torch.equal(torch.rand(1), expected)  # fork_rng: the caller's stream is untouched
+    b, _ = build_tiny_random(PARAMS)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_save_pretrained_folder_loads_the_same_model(tmp_path, bundle):
+    bundle.model.save_pretrained(tmp_path)
+    bundle.processor.save_pretrained(tmp_path)
+    local = load_dino(DinoParams(model=str(tmp_path), shortest_edge=64, longest_edge=96))
+    inputs = encode(bundle, images(1), ["circle . square ."])
+    for x, y in zip(outputs(bundle.model, inputs), outputs(local.model, inputs), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert local.processor.image_processor.size["shortest_edge"] == 64
+
+
+def test_offline_hub_id_fails_at_once_saying_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(TeacherError) as err:
+        load_dino(DinoParams(model="IDEA-Research/grounding-dino-tiny"))
+    assert time.monotonic() - start < 10
+    for fix in ("download", "local folder", "tiny-random"):
+        assert fix in str(err.value)
+
+
+# --- targets and the loss ----------------------------------------------------------------------
+
+
+def test_targets_exclude_crowd_and_other_chunks():
+    lm = LabelMap(category_ids=(3, 5, 9), names=("circle", "square", "star"), chunks=((0, 1), (2,)))
+    anns = [{"category_id": 5, "bbox": [10, 20, 30, 40], "iscrowd": 0},
+            {"category_id": 3, "bbox": [0, 0, 5, 5], "iscrowd": 1},
+            {"category_id": 9, "bbox": [1, 1, 5, 5]},
+            {"category_id": 3, "bbox": [1, 1, 0, 5]}]
+    boxes, labels = annotation_boxes(anns, label_map=lm, chunk=0)
+    assert labels.tolist() == [1] and boxes.tolist() == [[10, 20, 30, 40]]
+    assert annotation_boxes(anns, label_map=lm, chunk=1)[1].tolist() == [0]
+    t = box_targets(boxes, labels, width=100, height=200)
+    assert t["class_labels"].dtype == torch.long
+    torch.testing.assert_close(t["boxes"], torch.tensor([[0.25, 0.2, 0.3, 0.2]]))
+
+
+def _one_hot_inputs(tokenizer, prompts, class_labels):
+    ids = tokenizer(prompts, padding="longest", return_tensors="pt")["input_ids"]
+    logits = torch.zeros(len(prompts), 4, 256)
+    label_maps = build_label_maps(logits, ids)
+    targets = [{"class_labels": torch.tensor(c)} for c in class_labels]
+    indices = [(torch.arange(len(c)), torch.arange(len(c))) for c in class_labels]
+    return {"logits": logits, "label_maps": label_maps}, targets, indices
+
+
+def test_batch_of_3_one_hot_targets_use_each_images_own_label_map(label_map):
+    """transformers offsets image i's labels by len(label_maps[i]), not the running total."""
+    tok = load_dino(PARAMS).processor.tokenizer
+    prompts = ["circle . square . star .", "star .", "square . circle ."]
+    class_labels = [[2, 0], [0], [1, 0]]
+    outs, targets, indices = _one_hot_inputs(tok, prompts, class_labels)
+    ours = GroundedImageLoss(matcher=None, focal_alpha=0.25, losses=[])._get_target_classes_one_hot(
+        outs, targets, indices)
+    for b, labels in enumerate(class_labels):
+        for q, c in enumerate(labels):  # query q matched target q of image b
+            assert torch.equal(ours[b, q], outs["label_maps"][b][c].long()), (b, q)
+        assert ours[b, len(labels):].sum() == 0
+    stock = GroundingDinoImageLoss(matcher=None, focal_alpha=0.25, losses=[])
+    same_prompt = _one_hot_inputs(tok, [prompts[0]] * 3, [[2, 0], [0], [1, 0]])
+    # where all images share the prompt (label maps equal) both agree
+    torch.testing.assert_close(stock._get_target_classes_one_hot(*same_prompt),
+                               GroundedImageLoss(matcher=None, focal_alpha=0.25, losses=[])
+                               ._get_target_classes_one_hot(*same_prompt))
+
+
+def test_batch_of_3_loss_equals_the_per_image_losses(bundle):
+    """Eval mode, equal image sizes, different prompts: the batch loss is the box-weighted mean
+    of each image's loss alone (every term is summed over boxes / total boxes)."""
+    model = bundle.model.eval()
+    ims = images(3, seed=1)
+    prompts = ["circle . square . star .", "star .", "square . circle ."]
+    labels = [box_targets(np.array([[5, 5, 30, 20], [40, 30, 20, 20]]), np.array([2, 0]), width=80, height=60),
+              box_targets(np.array([[10, 10, 30, 30]]), np.array([0]), width=80, height=60),
+              box_targets(np.array([[20, 5, 30, 40], [0, 0, 10, 10]]), np.array([1, 0]), width=80, height=60)]
+    with torch.no_grad():
+        batch = model(**encode(bundle, ims, prompts), labels=labels)
+        alone = [model(**encode(bundle, [im], [p]), labels=[t])
+                 for im, p, t in zip(ims, prompts, labels, strict=True)]
+    n = torch.tensor([len(t["class_labels"]) for t in labels], dtype=torch.float32)
+    for term in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_enc"):
+        expected = sum(float(a.loss_dict[term]) * k for a, k in zip(alone, n.tolist(), strict=True)) / n.sum()
+        assert float(batch.loss_dict[term]) == pytest.approx(float(expected), rel=1e-4), term
+
+
+def test_loss_accepts_an_image_without_boxes(bundle):
+    empty = box_targets(np.zeros((0, 4)), np.zeros((0,), np.int64), width=80, height=60)
+    out = bundle.model(**encode(bundle, images(2), ["circle ."] * 2),
+                       labels=[empty, box_targets(np.array([[1, 1, 20, 20]]), np.array([0]), width=80, height=60)])
+    assert torch.isfinite(out.loss)
+
+
+# --- post-processing -----------------------------------------------------------------------------
+
+
+def test_decode_picks_the_class_of_the_best_tokens_and_scales_boxes(label_map):
+    tok = load_dino(PARAMS).processor.tokenizer
+    ids = tok([label_map.prompts[0]], return_tensors="pt")["input_ids"]
+    maps = build_label_maps(torch.zeros(1, 1, 256), ids)[0]
+    logits = torch.full((1, 2, 256), -10.0)
+    logits[0, 0, maps[2].bool()] = 3.0  # query 0: star tokens
+    logits[0, 1, maps[0].bool()] = -1.0  # query 1: weak circle
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1]]])
+    (det,) = decode(logits, boxes, ids, sizes=[(200, 100)], category_ids=[[3, 5, 9]],
+                    box_threshold=0.3, text_threshold=0.3)
+    assert det["category_ids"].tolist() == [9]
+    np.testing.assert_allclose(det["boxes"], [[80, 30, 40, 40]], atol=1e-4)
+    assert det["scores"][0] == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item())
+
+
+def test_detect_runs_every_chunk_and_returns_coco_ids(bundle):
+    lm = LabelMap(category_ids=(3, 5, 9), names=("circle", "square", "star"), chunks=((0, 1), (2,)))
+    dets = detect(bundle, images(2), lm, box_threshold=0.0, text_threshold=0.0, max_detections=200)
+    assert len(dets) == 2
+    for det in dets:
+        assert det["boxes"].shape == (len(det["scores"]), 4)
+        assert set(det["category_ids"].tolist()) == {3, 5, 9}  # both chunks present
+        assert np.all(np.diff(det["scores"]) <= 0)
+
+
+# --- LoRA parity and trained heads ---------------------------------------------------------------
+
+
+def _wrap(bundle):
+    return apply_lora(bundle.model, lora=LoraParams(rank=4, alpha=8, dropout=0.0),
+                      targets=PARAMS.lora_targets, train_modules=HEADS)
+
+
+def _perturb(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_fresh_adapter_changes_no_output(bundle):
+    inputs = encode(bundle, images(2), ["circle . star ."] * 2)
+    before = outputs(bundle.model, inputs)
+    after = outputs(_wrap(bundle), inputs)
+    for x, y in zip(before, after, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_saved_adapter_and_heads_reload_identically_and_stay_tied(tmp_path, bundle):
+    from teacher.lora import save_adapter
+
+    model = _wrap(bundle)
+    _perturb(model)
+    inputs = encode(bundle, images(2), ["circle . star ."] * 2)
+    trained = outputs(model, inputs)
+    save_adapter(model, tmp_path)
+    assert (tmp_path / "trained_modules.safetensors").exists()
+    fresh = load_dino(PARAMS)
+    head = fresh.model.bbox_embed[0].layers[0].weight.clone()
+    reloaded = load_adapter(fresh.model, tmp_path)
+    for x, y in zip(trained, outputs(reloaded, inputs), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    base, src = reloaded.get_base_model(), model.get_base_model()
+    assert not torch.equal(base.bbox_embed[0].layers[0].weight, head)  # heads were loaded
+    for i in range(len(base.bbox_embed)):
+        for name, p in base.bbox_embed[i].named_parameters():
+            assert torch.equal(p, src.bbox_embed[i].get_parameter(name))
+            assert p is base.bbox_embed[0].get_parameter(name)  # tied across decoder layers
+            assert p is base.model.decoder.bbox_embed[i].get_parameter(name)
+
+
+def test_merged_model_matches_unmerged(bundle):
+    model = _wrap(bundle)
+    _perturb(model, seed=1)
+    inputs = encode(bundle, images(2), ["circle . square . star ."] * 2)
+    unmerged = outputs(model, inputs)
+    merged = outputs(merge(copy.deepcopy(model)), inputs)
+    # tolerance: float32 reassociation of W x + B A x vs (W + B A) x
+    torch.testing.assert_close(merged[0], unmerged[0], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(merged[1], unmerged[1], rtol=1e-4, atol=1e-5)

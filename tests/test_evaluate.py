@@ -1,0 +1,122 @@
+"""The evaluate stage: metrics, PR curves and gallery from tiny-random teachers; SKIPPED handling;
+through `dvc repro` its outputs are DVC metrics and plots."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_in_repo, set_params
+from fake_adapters import (
+    TINY_DINO,
+    TINY_SAM,
+    write_dino_adapter,
+    write_sam_adapter,
+    write_skipped,
+    write_tiny_coco,
+)
+
+from stages.evaluate import main as evaluate_main
+from teacher.evaluation import gains
+
+STATS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+         "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
+TINY_PARAMS = {
+    "dino.model": "tiny-random", "dino.shortest_edge": TINY_DINO.shortest_edge,
+    "dino.longest_edge": TINY_DINO.longest_edge, "sam.model": TINY_SAM.model,
+    "evaluate.score_threshold": 0.0, "evaluate.gallery_images": 2,
+    # every key the stage declares must exist in params.yaml for DVC
+    "dino.revision": "main", "dino.box_threshold": 0.25, "sam.multimask": True,
+}
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Tiny data and both adapters, written once for the module."""
+    root = tmp_path_factory.mktemp("eval")
+    gt = write_tiny_coco(root / "images", n_images=3)
+    (root / "test.json").write_text(json.dumps(gt))
+    write_dino_adapter(root / "models" / "dino", gt["categories"])
+    write_sam_adapter(root / "models" / "sam")
+    return root
+
+
+def _run(root: Path, tmp_path: Path, *, dino: Path, sam: Path, **extra) -> tuple[int, dict, Path]:
+    params = tmp_path / "params.yaml"
+    params.write_text("")
+    set_params(tmp_path, {**TINY_PARAMS, **extra})
+    out = tmp_path / "metrics" / "evaluate"
+    rc = evaluate_main(["--test", str(root / "test.json"), "--images", str(root / "images"),
+                        "--dino", str(dino), "--sam", str(sam), "--out", str(out),
+                        "--params", str(params)])
+    metrics = json.loads((out / "metrics.json").read_text()) if rc == 0 else {}
+    return rc, metrics, out
+
+
+def test_stage_writes_every_metric_family_and_plots(adapters, tmp_path):
+    rc, m, out = _run(adapters, tmp_path, dino=adapters / "models/dino", sam=adapters / "models/sam")
+    assert rc == 0
+    for family in ("box", "segm", "base/box", "base/segm"):
+        assert all(f"{family}/{k}" in m for k in STATS), family
+        assert {f"{family}/map/box", f"{family}/map/round thing"} <= set(m)
+    for prefix in ("", "base/"):
+        assert {f"{prefix}mask/miou", f"{prefix}mask/miou/box", f"{prefix}mask/miou/round thing"} <= set(m)
+    assert 0.0 <= m["mask/miou"] <= 1.0 and all(isinstance(v, float) for v in m.values())
+    # the perturbed adapters change SAM's masks, so a gain is measured and is the difference
+    assert m["gain/mask/miou"] == pytest.approx(m["mask/miou"] - m["base/mask/miou"])
+    assert m["gain/mask/miou"] != 0.0
+    assert "gain/box/map_large" not in m  # -1 (no large objects) is not a number to subtract
+    curves = sorted(p.name for p in (out / "plots" / "pr").iterdir())
+    assert curves == ["box.csv", "round_thing.csv"]
+    lines = (out / "plots/pr/box.csv").read_text().splitlines()
+    assert lines[0] == "recall,precision" and len(lines) == 102
+    gallery = sorted(p.name for p in (out / "plots" / "gallery").iterdir())
+    assert gallery == ["1_img_0.png", "2_img_1.png"]
+
+
+def test_skipped_sam_gives_no_mask_metrics_and_says_why(adapters, tmp_path, capsys):
+    skipped = write_skipped(tmp_path / "sam_skipped", "no masks in the training data")
+    rc, m, out = _run(adapters, tmp_path, dino=adapters / "models/dino", sam=skipped, **{"evaluate.base": False})
+    assert rc == 0
+    assert "box/map" in m and not any(k.startswith(("mask/", "segm/", "base/", "gain/")) for k in m)
+    assert "no masks in the training data" in capsys.readouterr().out
+    assert len(list((out / "plots" / "gallery").iterdir())) == 2
+
+
+def test_skipped_dino_gives_no_box_metrics(adapters, tmp_path, capsys):
+    skipped = write_skipped(tmp_path / "dino_skipped", "no boxes")
+    rc, m, out = _run(adapters, tmp_path, dino=skipped, sam=adapters / "models/sam",
+                      **{"evaluate.base": False})
+    assert rc == 0 and set(m) == {"mask/miou", "mask/miou/box", "mask/miou/round thing"}
+    assert "no dino metrics" in capsys.readouterr().out
+    assert list((out / "plots" / "pr").iterdir()) == []
+
+
+def test_gains_skip_unmeasured_values():
+    assert gains({"a": 0.5, "b": -1.0, "c": 0.2}, {"a": 0.25, "b": 0.1}) == {"gain/a": 0.25}
+
+
+def test_missing_adapter_is_a_clear_error(adapters, tmp_path, capsys):
+    rc, _, _ = _run(adapters, tmp_path, dino=tmp_path / "nowhere", sam=adapters / "models/sam")
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_dvc_declares_metrics_and_plots(repo_copy, adapters):
+    """`dvc repro --single-item evaluate` on prepared inputs: DVC reads its metrics and plots."""
+    shutil.copytree(adapters / "images", repo_copy / "data/tiny/images")
+    (repo_copy / "data/split").mkdir(parents=True, exist_ok=True)
+    shutil.copy(adapters / "test.json", repo_copy / "data/split/test.json")
+    shutil.copytree(adapters / "models", repo_copy / "models", dirs_exist_ok=True)
+    set_params(repo_copy, {**TINY_PARAMS, "data.images": "data/tiny/images", "evaluate.base": False})
+    run_in_repo(repo_copy, "dvc", "repro", "--single-item", "evaluate")
+    shown = json.loads(run_in_repo(repo_copy, "dvc", "metrics", "show", "--json").stdout)
+    values = json.dumps(shown)
+    assert '"box/map"' in values and '"mask/miou"' in values
+    plots = json.loads(run_in_repo(repo_copy, "dvc", "plots", "show", "--json").stdout)
+    names = " ".join(plots["data"])
+    assert "plots/pr/box.csv" in names and "plots/gallery/1_img_0.png" in names
+    status = run_in_repo(repo_copy, "dvc", "status", "--json").stdout
+    assert "evaluate" not in json.loads(status)  # up to date: every output is declared

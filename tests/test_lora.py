@@ -1,0 +1,139 @@
+"""LoRA on a small real torch module: frozen base, parity, save/reload, merge, tied heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from teacher import lora as lora_mod
+from teacher.errors import TeacherError
+from teacher.params import LoraParams
+
+LORA = LoraParams(rank=4, alpha=8.0, dropout=0.0)
+TARGETS = r"blocks\.\d+\.(fc1|fc2)|conv"
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    """Conv stem, two blocks, and a class head shared by 'decoder layers' (as Grounding DINO ties
+    its ModuleList heads, also reachable as ``decoder.class_embed``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        head = nn.Linear(8, 3)
+        self.class_embed = nn.ModuleList([head, head])
+        self.decoder = nn.Module()
+        self.decoder.class_embed = self.class_embed
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        outs = []
+        for block, head in zip(self.blocks, self.class_embed, strict=True):
+            h = block(h)
+            outs.append(head(h))
+        return torch.stack(outs)
+
+
+def base(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net().eval()
+
+
+X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def trained(train_modules=("class_embed.0",)) -> nn.Module:
+    """A wrapped model whose LoRA and head weights moved, as after training."""
+    model = lora_mod.apply_lora(base(), lora=LORA, targets=TARGETS, train_modules=list(train_modules))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def test_base_frozen_only_lora_and_heads_train(capsys):
+    model = lora_mod.apply_lora(base(), lora=LORA, targets=TARGETS, train_modules=["class_embed.0"])
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all("lora_" in n or ".class_embed.0." in n for n in names)
+    assert any(".conv.lora_A" in n for n in names) and any("fc2.lora_B" in n for n in names)
+    trainable, total = lora_mod.count_parameters(model)
+    assert 0 < trainable < total
+    assert f"{trainable:,} trainable / {total:,} total" in capsys.readouterr().out
+
+
+def test_no_match_lists_candidates():
+    with pytest.raises(TeacherError, match=r"matches no module of Net.*blocks\.N\.fc1.*class_embed\.N"):
+        lora_mod.apply_lora(base(), lora=LORA, targets=r"encoder\..*")
+    with pytest.raises(TeacherError, match="Fully trained modules"):
+        lora_mod.apply_lora(base(), lora=LORA, targets=TARGETS, train_modules=["nope"])
+
+
+def test_list_targets_match_by_name_suffix():
+    model = lora_mod.apply_lora(base(), lora=LORA, targets=["fc1"])
+    wrapped = {n for n in lora_mod.lora_parameter_names(model)}
+    assert len(wrapped) == 4 and all(".fc1.lora_" in n for n in wrapped)
+
+
+def test_fresh_adapter_changes_no_output():
+    ref = base()(X)
+    model = lora_mod.apply_lora(base(), lora=LORA, targets=TARGETS, train_modules=["class_embed.0"])
+    assert torch.equal(model.eval()(X), ref)
+
+
+def test_save_reload_identical_and_heads_stay_tied(tmp_path):
+    model = trained()
+    out = model(X)
+    assert not torch.allclose(out, base()(X))
+    lora_mod.save_adapter(model, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "adapter_model.safetensors", "adapter_config.json", "trained_modules.safetensors"}
+    reloaded = lora_mod.load_adapter(base(), tmp_path)
+    assert torch.equal(reloaded(X), out)
+    inner = reloaded.get_base_model()
+    assert inner.class_embed[0] is inner.class_embed[1] is inner.decoder.class_embed[0]
+    assert torch.equal(inner.class_embed[1].weight, model.get_base_model().class_embed[0].weight)
+    assert not any(p.requires_grad for p in reloaded.parameters())
+
+
+def test_aliases_restored_by_name_when_the_base_is_untied(tmp_path):
+    model = trained()
+    lora_mod.save_adapter(model, tmp_path)
+    untied = base()
+    untied.class_embed[1] = nn.Linear(8, 3)  # a base built without the tie
+    reloaded = lora_mod.load_adapter(untied, tmp_path).get_base_model()
+    assert torch.equal(reloaded.class_embed[1].weight, reloaded.class_embed[0].weight)
+
+
+def test_lora_inside_a_fully_trained_module_is_kept(tmp_path):
+    # peft's modules_to_save would silently drop LoRA on blocks.1.fc1/fc2 here
+    model = trained(train_modules=["blocks.1"])
+    assert any("blocks.1.fc1.lora_A" in n for n in lora_mod.lora_parameter_names(model))
+    lora_mod.save_adapter(model, tmp_path)
+    assert torch.equal(lora_mod.load_adapter(base(), tmp_path)(X), model(X))
+
+
+def test_merged_equals_unmerged():
+    model = trained()
+    out = model(X)
+    merged = lora_mod.merge(model)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(merged(X), out, rtol=1e-5, atol=1e-6)
+
+
+def test_loading_onto_another_architecture_is_a_clear_error(tmp_path):
+    lora_mod.save_adapter(trained(train_modules=["class_embed.0"]), tmp_path)
+    with pytest.raises(TeacherError, match="no adapter_config.json"):
+        lora_mod.load_adapter(base(), tmp_path / "missing")

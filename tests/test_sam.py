@@ -1,0 +1,336 @@
+"""SAM: loading, geometry and forward against segment-anything's own predictor, LoRA parity,
+the training data (prompts, jitter, masks in the input frame), embedding cache, encoder LoRA
+actually training under activation checkpointing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from segment_anything import SamPredictor
+
+from teacher import sam as S
+from teacher.coco import mask_to_rle
+from teacher.data import (
+    SamDataset,
+    cache_sam_embeddings,
+    choose_prompts,
+    collate_sam,
+    jitter_boxes_xyxy,
+    masks_to_input,
+    sam_instances,
+    sample_rng,
+)
+from teacher.errors import TeacherError
+from teacher.lora import apply_lora, save_adapter
+from teacher.params import LoraParams, SamParams
+from teacher.sam_task import encoder_trains, training_step, wrap_for_training
+
+ENCODER_QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
+DECODER_ATTN = r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)"
+
+
+def disk(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+
+
+def circle_polygon(cy: float, cx: float, r: float, n: int = 24) -> list[float]:
+    pts = []
+    for k in range(n):
+        a = 2 * math.pi * k / n
+        pts += [cx + r * math.cos(a), cy + r * math.sin(a)]
+    return pts
+
+
+@pytest.fixture
+def shapes(tmp_path: Path) -> tuple[dict, Path]:
+    """Two 96x128 images: a polygon circle and an RLE square each, a crowd and a box-only one."""
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    for i in range(2):
+        h, w = 96, 128
+        img = (rng.random((h, w, 3)) * 60).astype(np.uint8)
+        cy, cx, r = 40 + 8 * i, 36 + 10 * i, 16
+        img[disk(h, w, cy, cx, r)] = (230, 40, 40)
+        square = np.zeros((h, w), bool)
+        square[20 + 5 * i:60 + 5 * i, 76:116] = True
+        img[square] = (40, 230, 40)
+        Image.fromarray(img).save(tmp_path / f"im{i}.png")
+        images.append({"id": i + 1, "file_name": f"im{i}.png", "height": h, "width": w})
+        base = 10 * i
+        anns += [
+            {"id": base + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+             "bbox": [cx - r, cy - r, 2 * r, 2 * r], "segmentation": [circle_polygon(cy, cx, r)]},
+            {"id": base + 2, "image_id": i + 1, "category_id": 2, "iscrowd": 0,
+             "bbox": [76, 20 + 5 * i, 40, 40], "segmentation": mask_to_rle(square)},
+            {"id": base + 3, "image_id": i + 1, "category_id": 2, "iscrowd": 1,
+             "bbox": [0, 0, 10, 10], "segmentation": mask_to_rle(np.ones((h, w), bool))},
+            {"id": base + 4, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+             "bbox": [0, 0, 10, 10], "segmentation": []},
+        ]
+    cats = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
+    return {"images": images, "annotations": anns, "categories": cats}, tmp_path
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def test_tiny_random_is_deterministic_and_independent_of_global_seed():
+    torch.manual_seed(123)
+    a = S.build_tiny_random()
+    torch.manual_seed(456)
+    b = S.build_tiny_random()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not a.training  # eval mode, as segment-anything's registry returns models
+    assert S.input_size(a) == 128
+
+
+def test_local_pth_loads_weights_only(tmp_path: Path):
+    sam = S.build_tiny_random()
+    with torch.no_grad():
+        sam.mask_decoder.iou_token.weight.add_(1.0)  # differs from the preset
+    torch.save(sam.state_dict(), tmp_path / "sam.pth")
+    loaded = S.load_base_sam(str(tmp_path / "sam.pth"))
+    assert torch.equal(loaded.mask_decoder.iou_token.weight, sam.mask_decoder.iou_token.weight)
+    torch.save({"not": "a state dict"}, tmp_path / "bad.pth")
+    with pytest.raises(TeacherError, match="not a segment-anything SAM state dict"):
+        S.load_base_sam(str(tmp_path / "bad.pth"))
+    with pytest.raises(TeacherError, match="no such file"):
+        S.load_base_sam(str(tmp_path / "missing.pth"))
+
+
+def test_official_checkpoint_offline_names_url_and_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, dst, **kwargs):
+        raise URLError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(TeacherError) as err:
+        S.load_base_sam("vit_b")
+    message = str(err.value)
+    assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints" / "sam_vit_b_01ec64.pth") in message
+    assert S.TINY_RANDOM in message
+
+
+def test_official_checkpoint_with_wrong_hash_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = tmp_path / "hub" / "checkpoints" / "sam_vit_l_0b3195.pth"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"truncated download")
+    with pytest.raises(TeacherError, match="sha256 .* does not match"):
+        S.load_base_sam("vit_l")
+
+
+def test_architecture_inferred_from_state_dict_shapes():
+    sd = {"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
+          "image_encoder.pos_embed": torch.zeros(1, 64, 64, 768),
+          **{f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(12)}}
+    assert S.infer_architecture(sd, "x.pth") == S.ARCHITECTURES["vit_b"]
+
+
+# --- forward: parity with segment-anything's SamPredictor -----------------------------------
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_segment_matches_sam_predictor(shapes, multimask):
+    coco, root = shapes
+    image = np.asarray(Image.open(root / "im0.png").convert("RGB"))
+    boxes_xywh = np.array([[20.0, 24, 32, 32], [76, 20, 40, 40], [5, 5, 100, 80]])
+    sam = S.build_tiny_random()
+    masks, scores = S.segment(sam, image, boxes_xywh, multimask=multimask)
+
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    xyxy = torch.as_tensor(boxes_xywh[:, :2].tolist(), dtype=torch.float32)
+    xyxy = torch.cat([xyxy, xyxy + torch.as_tensor(boxes_xywh[:, 2:], dtype=torch.float32)], 1)
+    ref_masks, ref_scores, _ = predictor.predict_torch(
+        None, None, boxes=predictor.transform.apply_boxes_torch(xyxy, image.shape[:2]),
+        multimask_output=multimask)
+    best = ref_scores.argmax(1)
+    rows = torch.arange(len(best))
+    assert masks.shape == (3, 96, 128) and masks.dtype == bool
+    np.testing.assert_array_equal(masks, ref_masks[rows, best].numpy())
+    np.testing.assert_allclose(scores, ref_scores[rows, best].numpy(), rtol=1e-6)
+
+
+def test_segment_of_no_boxes_is_empty():
+    masks, scores = S.segment(S.build_tiny_random(), np.zeros((20, 30, 3), np.uint8), np.zeros((0, 4)))
+    assert masks.shape == (0, 20, 30) and scores.shape == (0,)
+
+
+# --- LoRA parity ----------------------------------------------------------------------------
+
+
+def _logits(model: torch.nn.Module, image: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+    sam = S.unwrap(model)
+    with torch.no_grad():
+        size = S.input_size(sam)
+        resized = S.resize_image(image, size=size)
+        xyxy = torch.as_tensor(S.boxes_xyxy_to_input(boxes, image.shape[:2], size=size), dtype=torch.float32)
+        (low_res, iou), = model(boxes=[xyxy], multimask=True, images=[S.image_to_tensor(resized)])
+    return torch.cat([low_res.flatten(), iou.flatten()])
+
+
+def _perturb_lora(model: torch.nn.Module) -> None:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "mask_decoder.output_upscaling" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def test_lora_parity_fresh_saved_merged(shapes, tmp_path):
+    coco, root = shapes
+    image = np.asarray(Image.open(root / "im1.png").convert("RGB"))
+    boxes = np.array([[20.0, 30, 60, 70], [70, 20, 120, 70]])
+    base = _logits(S.build_tiny_random(), image, boxes)
+    params = SamParams(model=S.TINY_RANDOM, lora_targets=f"{ENCODER_QKV}|{DECODER_ATTN}", train_decoder=True)
+    model = wrap_for_training(S.build_tiny_random(), sam_params=params, lora=LoraParams(dropout=0.0),
+                              activation_checkpointing=False)
+    model.eval()
+    assert torch.equal(_logits(model, image, boxes), base)  # fresh adapter: B = 0, no change
+
+    _perturb_lora(model)  # as if trained: LoRA and the fully trained decoder differ from base
+    trained = _logits(model, image, boxes)
+    assert not torch.allclose(trained, base)
+    save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "trained_modules.safetensors").exists()
+
+    from teacher.lora import load_adapter
+
+    reloaded = load_adapter(S.build_tiny_random(), tmp_path / "adapter").eval()
+    assert torch.equal(_logits(reloaded, image, boxes), trained)
+    merged = S.load_sam(params, adapter_dir=tmp_path / "adapter")
+    assert isinstance(merged, S.BoxPromptSam)
+    torch.testing.assert_close(_logits(merged, image, boxes), trained, rtol=1e-4, atol=1e-4)
+
+
+# --- training data --------------------------------------------------------------------------
+
+
+def test_instances_keep_non_crowd_masks_only(shapes):
+    coco, _ = shapes
+    kept = sam_instances(coco)
+    assert {i: [a["id"] for a in anns] for i, anns in kept.items()} == {1: [1, 2], 2: [11, 12]}
+
+
+def test_choose_prompts_caps_and_is_seeded():
+    a = choose_prompts(10, max_prompts=4, rng=sample_rng(0, 1, 2))
+    b = choose_prompts(10, max_prompts=4, rng=sample_rng(0, 1, 2))
+    assert len(a) == 4 and len(set(a)) == 4 and np.array_equal(a, b)
+    draws = {tuple(choose_prompts(10, max_prompts=4, rng=sample_rng(0, e, 2))) for e in range(5)}
+    assert len(draws) > 1  # other epochs draw other prompts
+    assert np.array_equal(choose_prompts(3, max_prompts=4, rng=sample_rng(0, 0, 0)), [0, 1, 2])
+
+
+def test_box_jitter_bounded_and_clipped():
+    boxes = np.array([[10.0, 20, 50, 40], [0, 0, 5, 5]])
+    out = jitter_boxes_xyxy(boxes, fraction=0.1, rng=sample_rng(0, 0, 0), width=60, height=45)
+    wh = np.array([[40, 20, 40, 20], [5, 5, 5, 5]])
+    assert np.all(np.abs(out - boxes) <= 0.1 * wh + 1e-9) and not np.array_equal(out, boxes)
+    assert out[:, 0::2].min() >= 0 and out[:, 0::2].max() <= 60 and out[:, 1::2].max() <= 45
+    assert np.array_equal(jitter_boxes_xyxy(boxes, fraction=0.0, rng=sample_rng(0, 0, 0), width=60, height=45), boxes)
+
+
+def test_masks_follow_image_geometry():
+    mask = np.zeros((1, 50, 100), bool)
+    mask[0, 10:30, 20:60] = True  # longest side 100 -> 128: scale 1.28, resized 64 x 128
+    out = masks_to_input(mask, size=128)
+    assert out.shape == (1, 128, 128) and out.dtype == torch.bool
+    rows, cols = torch.nonzero(out[0], as_tuple=True)
+    assert abs(rows.min().item() - 12.8) <= 1 and abs(rows.max().item() + 1 - 38.4) <= 1
+    assert abs(cols.min().item() - 25.6) <= 1 and abs(cols.max().item() + 1 - 76.8) <= 1
+    assert not out[0, 64:].any()  # padding below the resized image stays background
+
+
+def test_dataset_items_in_input_frame(shapes):
+    coco, root = shapes
+    ds = SamDataset(coco, root, image_size=128, max_prompts=1, box_jitter=0.0, seed=0)
+    item = ds[0]
+    assert item["image"].shape == (3, 96, 128)  # longest side already 128
+    assert item["boxes"].shape == (1, 4) and item["masks"].shape == (1, 128, 128)
+    x0, y0, x1, y1 = item["boxes"][0].round().int().tolist()
+    rows, cols = torch.nonzero(item["masks"][0], as_tuple=True)
+    assert abs(cols.min().item() - x0) <= 1 and abs(rows.min().item() - y0) <= 1
+    assert abs(cols.max().item() + 1 - x1) <= 1 and abs(rows.max().item() + 1 - y1) <= 1
+    ds.set_epoch(0)
+    assert torch.equal(ds[0]["boxes"], item["boxes"])  # same (seed, epoch, index): same sample
+    batch = collate_sam([ds[0], ds[1]])
+    assert len(batch["images"]) == 2 and batch["embeddings"] is None
+
+
+def test_embedding_cache_is_reused_and_matches_encoder(shapes, tmp_path):
+    coco, root = shapes
+    sam = S.build_tiny_random()
+    cache = tmp_path / "cache"
+    files = cache_sam_embeddings(sam, coco, root, cache)
+    assert sorted(files) == [1, 2] and all(p.exists() for p in files.values())
+    stamps = {p: p.stat().st_mtime_ns for p in files.values()}
+    again = cache_sam_embeddings(sam, coco, root, cache)
+    assert again == files and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    ds = SamDataset(coco, root, image_size=128, max_prompts=4, box_jitter=0.0, seed=0, embeddings=files)
+    cached = ds[0]["embedding"]
+    image = np.asarray(Image.open(root / "im0.png").convert("RGB"))
+    with torch.no_grad():
+        live = S.embed_images(sam, [S.image_to_tensor(S.resize_image(image, size=128))])[0]
+    torch.testing.assert_close(cached, live)
+    other = S.build_tiny_random()
+    with torch.no_grad():
+        other.image_encoder.neck[0].weight.mul_(2)  # another encoder: other cache entries
+    assert set(cache_sam_embeddings(other, coco, root, cache).values()).isdisjoint(files.values())
+
+
+# --- training actually reaches the encoder's LoRA ---------------------------------------------
+
+
+def test_encoder_lora_trains_with_activation_checkpointing(shapes):
+    coco, root = shapes
+    params = SamParams(model=S.TINY_RANDOM, lora_targets=ENCODER_QKV, max_prompts=2, multimask=True)
+    model = wrap_for_training(S.build_tiny_random(), sam_params=params, lora=LoraParams(dropout=0.0),
+                              activation_checkpointing=True)
+    assert encoder_trains(model)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert before and all("image_encoder" in n and "lora_" in n for n in before)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ds = SamDataset(coco, root, image_size=128, max_prompts=2, box_jitter=0.1, seed=0)
+    batch = collate_sam([ds[0], ds[1]])
+    for _ in range(2):
+        loss = training_step(model, batch, sam_params=params)["loss"]
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    lora_b = [n for n in before if "lora_B" in n]
+    assert set(lora_b) <= set(changed)  # every encoder block's LoRA B moved (A alone is not enough)
+
+
+def test_decoder_only_mode_runs_encoder_without_grad(shapes):
+    coco, root = shapes
+    params = SamParams(model=S.TINY_RANDOM, lora_targets=DECODER_ATTN, train_decoder=True)
+    model = wrap_for_training(S.build_tiny_random(), sam_params=params, lora=LoraParams(),
+                              activation_checkpointing=True)
+    assert not encoder_trains(model)
+    ds = SamDataset(coco, root, image_size=128, max_prompts=2, box_jitter=0.0, seed=0)
+    model.train()
+    seen = []
+    S.unwrap(model).image_encoder.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    loss = training_step(model, collate_sam([ds[0]]), sam_params=params)["loss"]
+    assert seen == [False]  # frozen encoder ran under no_grad: no activations kept
+    loss.backward()
+    grads = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert grads and all("mask_decoder" in n for n in grads)
+
+
+def test_apply_lora_rejects_targets_matching_nothing():
+    with pytest.raises(TeacherError, match="matches no module"):
+        apply_lora(S.build_tiny_random(), lora=LoraParams(), targets=r"nothing\.here")
