@@ -18,11 +18,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# stage commands call `python`: the venv's bin goes first on PATH
 run: install
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 demo: install
-	$(BIN)/python -m teacher.demo
+	$(BIN)/python scripts/demo.py
 
 test: install
 	$(BIN)/python -m pytest -q

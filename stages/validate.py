@@ -34,8 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, TeacherError, OSError, ValueError) as e:
         print(f"validate: {e}", file=sys.stderr)
         return 1
-    result = validate_file(data.annotations, images=data.images, on_error=checks.on_error,
-                           min_box_size=checks.min_box_size, min_instances=checks.min_instances)
+    try:
+        result = validate_file(data.annotations, images=data.images, on_error=checks.on_error,
+                               min_box_size=checks.min_box_size,
+                               min_instances=checks.min_instances)
+    except TeacherError as e:
+        print(f"validate: {e}", file=sys.stderr)
+        return 1
     teachers = facts.get("teachers") or {}
     source = {"annotations": data.annotations, "images": data.images,
               "teachers": {k: teachers.get(k) for k in ("dino", "sam")}}  # as inspect saw them

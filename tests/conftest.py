@@ -27,6 +27,8 @@ import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `stages` importable however pytest is started
+    sys.path.insert(0, str(REPO_ROOT))
 VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests (.venv/bin)
 REALWORLD = REPO_ROOT.parent / "shared" / "realworld"
 # generated outputs of other runs are never copied (dvc repro must make them itself)

@@ -306,3 +306,10 @@ def test_validate_file_not_json_or_not_coco(tmp_path):
     assert r.counts["not_json"] == 1 and not r.ok
     (tmp_path / "b.json").write_text('{"images": []}')
     assert validate_file(tmp_path / "b.json", images=None).counts["not_coco"] == 1
+
+
+def test_missing_image_folder_is_one_clear_error(tmp_path):
+    from teacher.errors import TeacherError
+    (tmp_path / "a.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    with pytest.raises(TeacherError, match="image folder not found"):
+        validate_file(tmp_path / "a.json", images=tmp_path / "nope")

@@ -523,7 +523,11 @@ def file_probe(image_root: str | Path) -> ImageProbe:
 def validate_file(annotations: str | Path, *, images: str | Path | None, on_error: str = "fail",
                   min_box_size: float = 2.0, min_instances: int = 3) -> Validation:
     """Load ``annotations`` and validate it (file checks under ``images``; None skips them).
-    A file that is not JSON or not COCO gives a result with that one error."""
+    A file that is not JSON or not COCO gives a result with that one error; a missing image
+    folder raises ``TeacherError``."""
+    if images is not None and not Path(images).is_dir():
+        raise TeacherError(f"{images}: image folder not found; set data.images in params.yaml "
+                           "(or --images) to the folder that file_name is relative to")
     try:
         data = load_coco(annotations)
     except CocoFormatError as e:

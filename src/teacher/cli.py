@@ -141,7 +141,8 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="teacher", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="teacher", description="Fine-tuned teachers from the shell, outside the DVC pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))
