@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,19 @@ def test_clipping_and_max_steps_per_epoch(tmp_path):
     # eps, the update nearly vanishes -- so clipping is applied before the optimizer step.
     assert first_step_change(tmp_path / "a", 0.0) == pytest.approx(1.0, rel=1e-3)
     assert first_step_change(tmp_path / "b", 1e-12) < 0.01
+
+
+def test_bf16_autocast_on_cpu_after_an_fp32_fit(tmp_path):
+    run_fit(tmp_path / "a", train=dataclasses.replace(TRAIN, epochs=1))
+    seen = []
+
+    def step(model, batch):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return mse_step(model, batch)
+
+    result = run_fit(tmp_path / "b", make_task(step_fn=step),
+                     dataclasses.replace(TRAIN, epochs=1, precision="bf16"))
+    assert seen and all(seen) and math.isfinite(result["val_loss"])
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):

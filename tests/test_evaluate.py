@@ -120,3 +120,24 @@ def test_dvc_declares_metrics_and_plots(repo_copy, adapters):
     assert "plots/pr/box.csv" in names and "plots/gallery/1_img_0.png" in names
     status = run_in_repo(repo_copy, "dvc", "status", "--json").stdout
     assert "evaluate" not in json.loads(status)  # up to date: every output is declared
+
+
+@pytest.mark.slow
+def test_pipeline_reaches_evaluate_through_dvc_repro(repo_copy):
+    """`dvc repro evaluate` from the sample data: both teachers trained (1 step), then scored."""
+    import yaml
+
+    stages = yaml.safe_load((repo_copy / "dvc.yaml").read_text())["stages"]
+    missing = {"train_dino", "train_sam"} - set(stages)
+    if missing:
+        pytest.skip(f"dvc.yaml has no {', '.join(sorted(missing))} stage yet")
+    set_params(repo_copy, {
+        **TINY_PARAMS, "sam.model": "tiny-random", "train.epochs": 1, "train.max_steps_per_epoch": 1,
+        "train.batch_size": 1, "train.warmup_steps": 0, "evaluate.gallery_images": 1})
+    run_in_repo(repo_copy, "dvc", "repro", "evaluate", timeout=900)
+    m = json.loads((repo_copy / "metrics/evaluate/metrics.json").read_text())
+    for key in ("box/map", "segm/map", "mask/miou", "base/box/map", "base/mask/miou", "gain/mask/miou"):
+        assert key in m, key
+    assert len(list((repo_copy / "metrics/evaluate/plots/gallery").iterdir())) == 1
+    status = json.loads(run_in_repo(repo_copy, "dvc", "status", "--json").stdout)
+    assert "evaluate" not in status

@@ -225,7 +225,7 @@ def cache_sam_embeddings(
         if not target.exists():
             image = resize_image(load_image(path), size=input_size(model))
             embedding = embed_images(model, [image_to_tensor(image)])[0].float().cpu()
-            tmp = target.with_suffix(".tmp")
+            tmp = target.with_suffix(f".{os.getpid()}.tmp")  # unique: runs may share a cache
             save_file({"embedding": embedding.contiguous()}, str(tmp))
             os.replace(tmp, target)
         out[image_id] = target

@@ -100,7 +100,7 @@ def tiny_config(*, vocab_size: int) -> GroundingDinoConfig:
         backbone_config=backbone, text_config=text, d_model=32,  # d_model: a multiple of 32
         encoder_layers=1, decoder_layers=2,  # decoder_layers=1 fails to construct
         encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2, num_queries=30,
+        decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2, num_queries=100,
         auxiliary_loss=True,
     )
 

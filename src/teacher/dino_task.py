@@ -23,13 +23,13 @@ from teacher.coco import save_json
 from teacher.data import DinoDataset, collate_dino
 from teacher.dino import (
     HEAD_MODULES,
+    coco_results,
     decode,
     frozen_towers,
     load_dino,
     merge_detections,
-    coco_results,
 )
-from teacher.engine import Task, checkpoint_layers, fit, run_without_grad
+from teacher.engine import Task, checkpoint_layers, fit, run_without_grad, seed_everything
 from teacher.labels import LabelMap, build_label_map, save_labels
 from teacher.lora import apply_lora, save_adapter
 from teacher.metrics import coco_eval
@@ -129,6 +129,7 @@ def train_dino(*, train_coco: dict, val_coco: dict, image_root: Path, dino: Dino
     """
     bundle = load_dino(dino)
     label_map = build_label_map(train_coco["categories"], tokenizer=bundle.processor.tokenizer)
+    seed_everything(seed)  # LoRA's A matrices are drawn from the global RNG
     model = wrap_for_training(bundle.model, dino=dino, lora=lora,
                               activation_checkpointing=train.activation_checkpointing)
     task = build_task(model, processor=bundle.processor, label_map=label_map,

@@ -345,9 +345,9 @@ def launch(fn: Callable[..., Any], *, processes: int, args: tuple = ()) -> Any:
     if torch.cuda.is_available() and torch.cuda.device_count() < processes:
         raise TeacherError(f"train.processes={processes} but only {torch.cuda.device_count()} "
                            "GPU(s) are visible; lower train.processes")
-    # CPU: fork (children inherit the parent's imports; torch + dynamo take seconds to load).
-    # CUDA cannot be forked once initialised: spawn.
-    method = "spawn" if torch.cuda.is_available() else "fork"
+    # spawn, not fork: a forked child of a process that has run torch ops can deadlock on a
+    # lock some thread held at the fork (seen here), and CUDA cannot be forked.
+    method = "spawn"
     ctx = mp.get_context(method)
     results = ctx.SimpleQueue()
     port = _free_port()
@@ -360,6 +360,15 @@ def launch(fn: Callable[..., Any], *, processes: int, args: tuple = ()) -> Any:
             raise TeacherError(last.removeprefix("teacher.errors.TeacherError: ")) from None
         raise
     return results.get() if not results.empty() else None
+
+
+def is_main_process() -> bool:
+    """True outside distributed runs and on rank 0 of one (``launch``, ``accelerate launch``).
+
+    Stages guard their own writes with it when ``accelerate launch`` runs the whole stage in
+    every process.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _worker(rank: int, fn: Callable, args: tuple, world: int, port: int, results: Any) -> None:
@@ -429,13 +438,21 @@ def _start(task: Task, *, train: TrainParams, seed: int) -> _Loop:
     from datetime import timedelta
 
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import InitProcessGroupKwargs
 
+    # Accelerate keeps one global state and refuses a second fit() in the same process with
+    # another precision (tests, notebooks): start it afresh; the process group is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     # Accumulation is done here (gradient_accumulation_steps stays 1): the last group of an
     # epoch may be short, and gradients are all-reduced by hand (no DDP wrapper).
     accelerator = Accelerator(
         mixed_precision=resolve_precision(train.precision), cpu=not torch.cuda.is_available(),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])  # main evaluates alone
+    if train.processes > 1 and accelerator.num_processes == 1:
+        print(f"{task.name}: train.processes={train.processes} but this is a single process; "
+              "the stage must start training through teacher.engine.launch (or accelerate launch)")
     seed_everything(seed)
     model = task.model.to(accelerator.device)
     set_train_mode(model)
@@ -577,9 +594,9 @@ def _micro_step(loop: _Loop, run: RunState, batch: Any, *, scale: float, micro: 
 def _reduced_terms(terms: Mapping[str, Any], acc: Any) -> dict[str, float]:
     """Loss terms as floats, averaged over processes (every process sees the same values)."""
     keys = sorted(terms)
-    stacked = torch.stack([torch.as_tensor(terms[k]).detach().float().reshape(()) for k in keys])
+    stacked = torch.stack([torch.as_tensor(terms[k], device=acc.device).detach().float().reshape(())
+                           for k in keys])
     if acc.num_processes > 1:
-        stacked = stacked.to(acc.device)
         torch.distributed.all_reduce(stacked)
         stacked = stacked / acc.num_processes
     return dict(zip(keys, stacked.tolist(), strict=True))

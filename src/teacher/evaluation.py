@@ -101,15 +101,18 @@ def run_variant(
     multimask: bool,
     batch_size: int,
     gallery_ids: Sequence[Any],
-    progress: Callable[[int], None] | None = None,
+    desc: str = "evaluate",
 ) -> VariantOutput:
     """Run the loaded teachers over every test image and score them (keys without prefix)."""
+    from tqdm import tqdm
+
     names = category_names(gt)
     anns_of = _by_image(gt)
     results: list[dict] = []
     ious, cats = [], []
     out = VariantOutput()
     images = gt["images"]
+    bar = tqdm(total=len(images), desc=desc, unit="img")
     for start in range(0, len(images), batch_size):
         records = images[start:start + batch_size]
         arrays = [load_image(images_root / r["file_name"]) for r in records]
@@ -128,8 +131,8 @@ def run_variant(
                 cats += det["category_ids"].tolist()
                 if teachers.dino is None and rec["id"] in gallery_ids:
                     out.shown[rec["id"]] = det
-        if progress:
-            progress(len(records))
+        bar.update(len(records))
+    bar.close()
     if teachers.dino is not None:
         evaluator = coco_evaluate(gt, results, iou_type="bbox", max_dets=(1, 10, keep.max_detections))
         out.metrics.update({f"box/{k}": v for k, v in summarize(evaluator, names=names).items()})
@@ -274,7 +277,8 @@ def evaluate_test_split(
                                  adapters=variant == "adapted")
         runs[variant] = run_variant(
             gt, images_root, teachers, keep=keep, text_threshold=params.score_threshold,
-            multimask=sam_params.multimask, batch_size=2, gallery_ids=gallery_ids)
+            multimask=sam_params.multimask, batch_size=2, gallery_ids=gallery_ids,
+            desc=f"evaluate ({variant})")
         del teachers
     title = ("Grounded-SAM" if dirs["sam"] else "DINO") if dirs["dino"] else "SAM from true boxes"
     return _report(gt, images_root, runs, gallery_ids, title=title,

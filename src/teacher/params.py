@@ -97,7 +97,7 @@ class DinoParams:
     model: str = "IDEA-Research/grounding-dino-tiny"  # hub id, local save_pretrained dir, or tiny-random
     revision: str = "main"  # hub revision (branch, tag or commit) to pin
     lora_targets: str | list[str] = (  # regex (full match on module names) or list of names
-        r".*(encoder|decoder)\.layers\.\d+\..*(self_attn|cross_attn|encoder_attn|attn|"
+        r".*(encoder|decoder)\.layers\.\d+\..*(self_attn|cross_attn|encoder_attn|encoder_attn_text|attn|"
         r"text_enhancer_layer\.self_attn|fusion_layer\.attn)\.(query|key|value|out_proj|"
         r"value_proj|output_proj|sampling_offsets|attention_weights|vision_proj|text_proj|"
         r"values_vision_proj|values_text_proj|out_vision_proj|out_text_proj)"

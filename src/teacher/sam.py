@@ -66,7 +66,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "vit_h": Architecture(1280, 32, 16, (7, 15, 23, 31)),
     # small, same modules: 128 px input, 8 px patches -> 16x16 embedding, 64x64 low-res masks
     TINY_RANDOM: Architecture(
-        64, 2, 2, (1,), img_size=128, patch_size=8, window_size=8,
+        64, 2, 2, (1,), img_size=int(__import__("os").environ.get("TINY",128)), patch_size=8, window_size=8,
         prompt_dim=64, decoder_mlp_dim=128, decoder_heads=4, mask_in_chans=8,
     ),
 }

@@ -1,0 +1,160 @@
+"""train_dino end to end: overfitting 4 sample images, resume after a kill, the stage via dvc."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, run_in_repo, set_params
+from safetensors.torch import load_file
+
+import teacher.dino_task as dino_task
+from teacher.augment import resolve_policy
+from teacher.coco import load_coco, subset_coco
+from teacher.data import DinoDataset, collate_dino
+from teacher.dino import load_dino
+from teacher.labels import build_label_map
+from teacher.params import AugmentParams, DinoParams, LoraParams, TrainParams
+
+SAMPLE = REPO_ROOT / "data" / "sample"
+# 96 px: the encoder must see at least num_queries (100) feature positions
+DINO = DinoParams(model="tiny-random", shortest_edge=96, longest_edge=120)
+NO_AUGMENT = resolve_policy(AugmentParams(policy="none"), {})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny ops on a shared machine run faster without thread contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sample_images(n: int) -> dict:
+    coco = load_coco(SAMPLE / "annotations.json")
+    with_boxes = sorted({a["image_id"] for a in coco["annotations"] if not a.get("iscrowd")})
+    return subset_coco(coco, with_boxes[:n])
+
+
+def repeated(coco: dict, times: int) -> dict:
+    """The same images listed ``times`` times (new ids): more steps per epoch, same pictures."""
+    images, anns = [], []
+    for r in range(times):
+        images += [{**im, "id": im["id"] + 10_000 * r} for im in coco["images"]]
+        anns += [{**a, "id": a["id"] + 10_000 * r, "image_id": a["image_id"] + 10_000 * r}
+                 for a in coco["annotations"]]
+    return {**coco, "images": images, "annotations": anns}
+
+
+def run_training(out: Path, *, train_coco: dict, val_coco: dict, train: TrainParams) -> dict:
+    return dino_task.train_dino(
+        train_coco=train_coco, val_coco=val_coco, image_root=SAMPLE / "images", dino=DINO,
+        lora=LoraParams(rank=8, alpha=16, dropout=0.0), train=train, augment_policy=NO_AUGMENT,
+        seed=0, out_dir=out / "model", checkpoint_dir=out / "checkpoints", live_dir=out / "live",
+        fingerprint="test", record={"test": True})
+
+
+def untrained_map_50(coco: dict) -> float:
+    bundle = load_dino(DINO)
+    label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(DinoDataset(coco, SAMPLE / "images", label_map=label_map, seed=0,
+                                    all_chunks=True), batch_size=4,
+                        collate_fn=partial(collate_dino, processor=bundle.processor, label_map=label_map))
+    return dino_task.evaluate_detection(bundle.model, loader=loader, coco=coco,
+                                        label_map=label_map)["val_map_50"]
+
+
+def tsv(path: Path, key: str) -> list[float]:
+    with open(path) as f:
+        return [float(row[key]) for row in csv.DictReader(f, delimiter="\t")]
+
+
+@pytest.mark.slow
+def test_tiny_random_overfits_four_sample_images(tmp_path):
+    four = sample_images(4)
+    before = untrained_map_50(four)
+    train = TrainParams(epochs=16, batch_size=4, lr=3e-3, warmup_steps=0, weight_decay=0.0,
+                        patience=0, clip_norm=1.0)
+    metrics = run_training(tmp_path, train_coco=repeated(four, 8), val_coco=four, train=train)
+    losses = tsv(tmp_path / "live/plots/metrics/train/loss.tsv", "loss")
+    assert len(losses) == 16 * 8
+    assert sum(losses[-8:]) / 8 <= 0.5 * sum(losses[:4]) / 4  # last epoch vs the first steps
+    # val == the 4 training images: train box mAP@50 of the best (kept) adapter
+    assert metrics["val_map_50"] >= before + 0.05, (before, metrics)
+    out = tmp_path / "model"
+    for name in ("adapter_model.safetensors", "adapter_config.json",
+                 "trained_modules.safetensors", "labels.json", "params.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "params.json").read_text())["augment_policy"]["policy"] == "none"
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
+    two = sample_images(2)
+    train = TrainParams(epochs=3, batch_size=2, lr=1e-3, warmup_steps=1, patience=0)
+    whole = run_training(tmp_path / "whole", train_coco=repeated(two, 2), val_coco=two, train=train)
+
+    evaluate, calls = dino_task.evaluate_detection, []
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill during epoch 2")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(dino_task, "evaluate_detection", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tmp_path / "resumed", train_coco=repeated(two, 2), val_coco=two, train=train)
+    assert (tmp_path / "resumed/checkpoints").is_dir()
+    monkeypatch.setattr(dino_task, "evaluate_detection", evaluate)
+    resumed = run_training(tmp_path / "resumed", train_coco=repeated(two, 2), val_coco=two, train=train)
+
+    assert resumed == whole
+    for name in ("adapter_model.safetensors", "trained_modules.safetensors"):
+        a, b = (load_file(tmp_path / run / "model" / name) for run in ("whole", "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for key in ("train/loss", "val_map"):
+        path = f"live/plots/metrics/{key}.tsv"
+        assert tsv(tmp_path / "whole" / path, key.split("/")[-1]) == tsv(
+            tmp_path / "resumed" / path, key.split("/")[-1])
+    assert not (tmp_path / "resumed/checkpoints").exists()  # removed after success
+
+
+@pytest.mark.slow
+def test_stage_runs_through_dvc_repro(repo_copy, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    set_params(repo_copy, {
+        "dino.model": "tiny-random", "dino.shortest_edge": 96, "dino.longest_edge": 120,
+        "train.epochs": 2, "train.batch_size": 2, "train.max_steps_per_epoch": 2,
+        "train.warmup_steps": 1, "lora.rank": 4,
+    })
+    run_in_repo(repo_copy, "dvc", "repro", "train_dino")
+    out = repo_copy / "models/dino"
+    for name in ("adapter_model.safetensors", "adapter_config.json",
+                 "trained_modules.safetensors", "labels.json", "params.json"):
+        assert (out / name).is_file(), name
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["prompts"] == ["circle . square . triangle . star ."]
+    assert json.loads((out / "params.json").read_text())["dino"]["model"] == "tiny-random"
+    metrics = json.loads((repo_copy / "metrics/train_dino/metrics.json").read_text())
+    assert "val_map" in metrics and metrics["augment_policy"] == "auto"
+    shown = json.loads(run_in_repo(repo_copy, "dvc", "metrics", "show", "--json").stdout)
+    assert "metrics/train_dino/metrics.json" in json.dumps(shown)
+    plots = run_in_repo(repo_copy, "dvc", "plots", "show", "--json").stdout
+    for curve in ("train/loss.tsv", "val_map.tsv"):
+        assert curve in plots, curve
+    # params of other stages do not touch train_dino
+    set_params(repo_copy, {"sam.box_jitter": 0.2, "dino.box_threshold": 0.3})
+    status = run_in_repo(repo_copy, "dvc", "status", "train_dino", "--json").stdout
+    assert json.loads(status or "{}") == {}
+    set_params(repo_copy, {"lora.rank": 2})
+    status = json.loads(run_in_repo(repo_copy, "dvc", "status", "train_dino", "--json").stdout)
+    assert "train_dino" in status
