@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from teacher.augment import resolve_policy
-from teacher.coco import load_coco, read_json
+from teacher.coco import load_coco, read_json, save_json
 from teacher.dino_task import train_dino
-from teacher.engine import fingerprint
+from teacher.engine import fingerprint, is_main_process, launch
 from teacher.errors import TeacherError
 from teacher.params import ParamsError, load_params, to_dict
 
@@ -31,15 +31,17 @@ def run(args: argparse.Namespace) -> str:
     params = load_params(args.params)
     used = {"seed": params["seed"], **{k: to_dict(params[k]) for k in SECTIONS}}
     policy = resolve_policy(params["augment"], read_json(args.inspect))
-    shutil.rmtree(args.out, ignore_errors=True)
-    shutil.rmtree(args.metrics, ignore_errors=True)  # dvclive starts fresh (resume replays history)
-    metrics = train_dino(
+    if is_main_process():
+        shutil.rmtree(args.out, ignore_errors=True)
+        shutil.rmtree(args.metrics, ignore_errors=True)  # dvclive starts fresh; resume replays
+    metrics = launch(train_dino, processes=params["train"].processes, kwargs=dict(
         train_coco=load_coco(args.train), val_coco=load_coco(args.val), image_root=args.images,
         dino=params["dino"], lora=params["lora"], train=params["train"], augment_policy=policy,
         seed=params["seed"], out_dir=args.out, checkpoint_dir=args.checkpoints,
-        live_dir=args.metrics, record=used,
-        fingerprint=fingerprint(used, args.train, args.val, str(args.images)),
-    )
+        live_dir=args.metrics, fingerprint=fingerprint(used, args.train, args.val, str(args.images)),
+    ))
+    if is_main_process():
+        save_json({**used, "augment_policy": policy}, args.out / "params.json")
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
     return f"{shown} -> {args.out}"
 

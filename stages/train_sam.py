@@ -7,6 +7,8 @@
 
 When data/inspect.json says the data has no instance masks, writes only ``models/sam/SKIPPED``
 (the reason) and ``metrics/train_sam/metrics.json`` (``{"skipped": true}``), and exits 0.
+Otherwise models/sam gets the adapter (adapter_model.safetensors, adapter_config.json, and
+trained_modules.safetensors when the decoder trains fully) and params.json (the params used).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from teacher.augment import resolve_policy
 from teacher.coco import load_coco, read_json, save_json
-from teacher.engine import fingerprint
+from teacher.engine import fingerprint, is_main_process, launch
 from teacher.errors import TeacherError
 from teacher.params import ParamsError, load_params, to_dict
 from teacher.sam_task import skip_reason, train_sam
@@ -27,11 +29,13 @@ SECTIONS = ("lora", "train", "augment", "sam")  # + seed: exactly the params in 
 
 
 def write_skipped(reason: str, *, out: Path, metrics: Path) -> None:
-    """models/sam holds only SKIPPED (the reason); metrics/train_sam says skipped."""
+    """models/sam holds only SKIPPED (the reason); metrics/train_sam says skipped (and has the
+    declared, empty, plots folder)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     (out / "SKIPPED").write_text(reason + "\n")
-    metrics.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(metrics, ignore_errors=True)
+    (metrics / "plots" / "metrics").mkdir(parents=True)
     save_json({"skipped": True}, metrics / "metrics.json")
 
 
@@ -40,19 +44,23 @@ def run(args: argparse.Namespace) -> str:
     facts = read_json(args.inspect)
     reason = skip_reason(facts)
     if reason:
-        write_skipped(reason, out=args.out, metrics=args.metrics)
+        if is_main_process():
+            write_skipped(reason, out=args.out, metrics=args.metrics)
         return f"SKIPPED: {reason} -> {args.out / 'SKIPPED'}"
     used = {"seed": params["seed"], **{k: to_dict(params[k]) for k in SECTIONS}}
     policy = resolve_policy(params["augment"], facts)
-    shutil.rmtree(args.out, ignore_errors=True)
-    metrics = train_sam(
+    if is_main_process():
+        shutil.rmtree(args.out, ignore_errors=True)
+        shutil.rmtree(args.metrics, ignore_errors=True)  # dvclive starts fresh; resume replays
+    metrics = launch(train_sam, processes=params["train"].processes, kwargs=dict(
         train_coco=load_coco(args.train), val_coco=load_coco(args.val), image_root=args.images,
         sam_params=params["sam"], lora=params["lora"], train=params["train"],
         augment_policy=policy, seed=params["seed"], out_dir=args.out,
         checkpoint_dir=args.checkpoints, live_dir=args.metrics, cache_dir=args.cache,
         fingerprint=fingerprint(used, args.train, args.val, str(args.images)),
-    )
-    save_json({**used, "augment_policy": policy}, args.out / "params.json")
+    ))
+    if is_main_process():
+        save_json({**used, "augment_policy": policy}, args.out / "params.json")
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
     return f"{shown} -> {args.out}"
 

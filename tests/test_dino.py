@@ -55,6 +55,15 @@ def outputs(model, inputs):
     return out.logits, out.pred_boxes
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny ops on a shared machine run faster without thread contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def bundle():
     return load_dino(PARAMS)
@@ -192,8 +201,9 @@ def test_decode_picks_the_class_of_the_best_tokens_and_scales_boxes(label_map):
 
 def test_detect_runs_every_chunk_and_returns_coco_ids(bundle):
     lm = LabelMap(category_ids=(3, 5, 9), names=("circle", "square", "star"), chunks=((0, 1), (2,)))
-    dets = detect(bundle, images(2), lm, box_threshold=0.0, text_threshold=0.0, max_detections=200)
-    assert len(dets) == 2
+    dets = detect(bundle, images(3), lm, box_threshold=0.0, text_threshold=0.0, max_detections=200,
+                  batch_size=2)
+    assert len(dets) == 3
     for det in dets:
         assert det["boxes"].shape == (len(det["scores"]), 4)
         assert set(det["category_ids"].tolist()) == {3, 5, 9}  # both chunks present
@@ -256,3 +266,45 @@ def test_merged_model_matches_unmerged(bundle):
     # tolerance: float32 reassociation of W x + B A x vs (W + B A) x
     torch.testing.assert_close(merged[0], unmerged[0], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(merged[1], unmerged[1], rtol=1e-4, atol=1e-5)
+
+
+# --- memory: frozen towers without autograd, activation checkpointing ------------------------
+
+
+def _grads(ckpt: bool) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    from teacher.dino_task import wrap_for_training
+
+    bundle = load_dino(PARAMS)
+    torch.manual_seed(0)
+    model = wrap_for_training(bundle.model, dino=PARAMS, lora=LoraParams(rank=4, alpha=8, dropout=0.1),
+                              activation_checkpointing=ckpt)
+    base = model.get_base_model()
+    layers = [*base.model.encoder.layers, *base.model.decoder.layers]
+    assert all(getattr(layer, "_teacher_checkpointed", False) == ckpt for layer in layers)
+    tower_grad = []
+    for name in ("model.backbone", "model.text_backbone"):
+        base.get_submodule(name).register_forward_hook(
+            lambda m, i, o: tower_grad.append(any(t.requires_grad for t in torch.utils._pytree.tree_leaves(o)
+                                                  if isinstance(t, torch.Tensor))))
+    model.train()
+    labels = [box_targets(np.array([[5, 5, 30, 20]]), np.array([1]), width=80, height=60)] * 2
+    torch.manual_seed(1)  # same dropout / drop-path draws in both runs
+    out = model(**encode(bundle, images(2), ["circle . square ."] * 2), labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return grads, tower_grad
+
+
+def test_frozen_towers_run_without_autograd_and_checkpointing_keeps_gradients():
+    plain, towers = _grads(ckpt=False)
+    assert towers == [False, False]  # image and text encoders: nothing recorded for backward
+    assert any("lora_B" in n and g.abs().sum() > 0 for n, g in plain.items())
+    checkpointed, _ = _grads(ckpt=True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:  # recomputation in backward gives the same gradients
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_too_small_images_for_the_queries_fail_early():
+    with pytest.raises(TeacherError, match="shortest_edge 40 is too small"):
+        load_dino(DinoParams(model="tiny-random", shortest_edge=40, longest_edge=60))

@@ -311,7 +311,7 @@ def test_two_cpu_processes_agree_with_one(tmp_path):
     # 2 processes x batch 2 average the same 4 samples per step as 1 process x batch 4
     # (epoch_batches deals consecutive batches of one permutation to the processes).
     one = engine.launch(train_toy, processes=1, args=(str(tmp_path / "one"), 4))
-    two = engine.launch(train_toy, processes=2, args=(str(tmp_path / "two"), 2))
+    two = engine.launch(train_toy, processes=2, kwargs={"tmp": str(tmp_path / "two"), "batch_size": 2})
     assert two["steps"] == one["steps"] == 12
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)  # float reduction order only
     assert sorted(p.name for p in (tmp_path / "two" / "out").iterdir()) == ["saved_by_rank_0", "weights.pt"]

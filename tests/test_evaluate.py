@@ -1,8 +1,7 @@
 """The evaluate stage: metrics, PR curves and gallery from tiny-random teachers; SKIPPED handling;
-through `dvc repro` its outputs are DVC metrics and plots."""
+through `dvc repro` (after the real train stages) its outputs are DVC metrics and plots."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -104,27 +103,10 @@ def test_missing_adapter_is_a_clear_error(adapters, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_dvc_declares_metrics_and_plots(repo_copy, adapters):
-    """`dvc repro --single-item evaluate` on prepared inputs: DVC reads its metrics and plots."""
-    shutil.copytree(adapters / "images", repo_copy / "data/tiny/images")
-    (repo_copy / "data/split").mkdir(parents=True, exist_ok=True)
-    shutil.copy(adapters / "test.json", repo_copy / "data/split/test.json")
-    shutil.copytree(adapters / "models", repo_copy / "models", dirs_exist_ok=True)
-    set_params(repo_copy, {**TINY_PARAMS, "data.images": "data/tiny/images", "evaluate.base": False})
-    run_in_repo(repo_copy, "dvc", "repro", "--single-item", "evaluate")
-    shown = json.loads(run_in_repo(repo_copy, "dvc", "metrics", "show", "--json").stdout)
-    values = json.dumps(shown)
-    assert '"box/map"' in values and '"mask/miou"' in values
-    plots = json.loads(run_in_repo(repo_copy, "dvc", "plots", "show", "--json").stdout)
-    names = " ".join(plots["data"])
-    assert "plots/pr/box.csv" in names and "plots/gallery/1_img_0.png" in names
-    status = run_in_repo(repo_copy, "dvc", "status", "--json").stdout
-    assert "evaluate" not in json.loads(status)  # up to date: every output is declared
-
-
-@pytest.mark.slow
-def test_pipeline_reaches_evaluate_through_dvc_repro(repo_copy):
-    """`dvc repro evaluate` from the sample data: both teachers trained (1 step), then scored."""
+def test_pipeline_reaches_evaluate_and_experiments_compare(repo_copy):
+    """`dvc repro evaluate` from the sample data: both teachers trained (1 step), then scored;
+    then `dvc exp run -S lora.rank=4` against the committed rank-8 run: `dvc metrics diff`
+    shows the evaluate metrics that changed, and the data stages were not re-run."""
     import yaml
 
     stages = yaml.safe_load((repo_copy / "dvc.yaml").read_text())["stages"]
@@ -132,12 +114,29 @@ def test_pipeline_reaches_evaluate_through_dvc_repro(repo_copy):
     if missing:
         pytest.skip(f"dvc.yaml has no {', '.join(sorted(missing))} stage yet")
     set_params(repo_copy, {
-        **TINY_PARAMS, "sam.model": "tiny-random", "train.epochs": 1, "train.max_steps_per_epoch": 1,
-        "train.batch_size": 1, "train.warmup_steps": 0, "evaluate.gallery_images": 1})
+        **TINY_PARAMS, "dino.shortest_edge": 128, "dino.longest_edge": 160,  # training needs >1 px maps
+        "train.epochs": 1, "train.max_steps_per_epoch": 1,
+        "train.batch_size": 2, "train.warmup_steps": 0, "train.lr": 0.01, "lora.rank": 8,
+        "evaluate.gallery_images": 1})
+    run_in_repo(repo_copy, "git", "add", "-A")
+    run_in_repo(repo_copy, "git", "commit", "-qm", "copy")  # dvclive needs a commit to exist
     run_in_repo(repo_copy, "dvc", "repro", "evaluate", timeout=900)
     m = json.loads((repo_copy / "metrics/evaluate/metrics.json").read_text())
     for key in ("box/map", "segm/map", "mask/miou", "base/box/map", "base/mask/miou", "gain/mask/miou"):
         assert key in m, key
     assert len(list((repo_copy / "metrics/evaluate/plots/gallery").iterdir())) == 1
+    shown = json.dumps(json.loads(run_in_repo(repo_copy, "dvc", "metrics", "show", "--json").stdout))
+    assert '"box/map"' in shown and '"gain/mask/miou"' in shown  # declared as DVC metrics
+    plots = " ".join(json.loads(run_in_repo(repo_copy, "dvc", "plots", "show", "--json").stdout)["data"])
+    assert "metrics/evaluate/plots/pr/" in plots and "metrics/evaluate/plots/gallery/" in plots
     status = json.loads(run_in_repo(repo_copy, "dvc", "status", "--json").stdout)
-    assert "evaluate" not in status
+    assert "evaluate" not in status  # every output declared, nothing left to re-run
+
+    run_in_repo(repo_copy, "git", "add", "-A")
+    run_in_repo(repo_copy, "git", "commit", "-qm", "rank 8")
+    exp = run_in_repo(repo_copy, "dvc", "exp", "run", "-S", "lora.rank=4", timeout=900).stdout
+    assert "Stage 'split' didn't change" in exp and "Running stage 'evaluate'" in exp
+    diff = json.loads(run_in_repo(repo_copy, "dvc", "metrics", "diff", "--json").stdout)
+    changed = diff["metrics/evaluate/metrics.json"]
+    assert "mask/miou" in changed and changed["mask/miou"]["diff"] != 0
+    assert "base/mask/miou" not in changed  # the pretrained model does not depend on the rank

@@ -35,6 +35,15 @@ ENCODER_QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
 DECODER_ATTN = r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models on a shared CPU: one thread is faster than oversubscribed ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def disk(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
     yy, xx = np.mgrid[:h, :w]
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
@@ -106,7 +115,7 @@ def test_local_pth_loads_weights_only(tmp_path: Path):
 
 
 def test_official_checkpoint_offline_names_url_and_place(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
 
     def offline(url, dst, **kwargs):
         raise URLError("network unreachable")
@@ -116,13 +125,13 @@ def test_official_checkpoint_offline_names_url_and_place(tmp_path, monkeypatch):
         S.load_base_sam("vit_b")
     message = str(err.value)
     assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in message
-    assert str(tmp_path / "hub" / "checkpoints" / "sam_vit_b_01ec64.pth") in message
+    assert str(tmp_path / "teacher" / "sam" / "sam_vit_b_01ec64.pth") in message
     assert S.TINY_RANDOM in message
 
 
 def test_official_checkpoint_with_wrong_hash_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    path = tmp_path / "hub" / "checkpoints" / "sam_vit_l_0b3195.pth"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = tmp_path / "teacher" / "sam" / "sam_vit_l_0b3195.pth"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"truncated download")
     with pytest.raises(TeacherError, match="sha256 .* does not match"):
@@ -211,6 +220,10 @@ def test_lora_parity_fresh_saved_merged(shapes, tmp_path):
     merged = S.load_sam(params, adapter_dir=tmp_path / "adapter")
     assert isinstance(merged, S.BoxPromptSam)
     torch.testing.assert_close(_logits(merged, image, boxes), trained, rtol=1e-4, atol=1e-4)
+
+    (tmp_path / "adapter" / "params.json").write_text('{"sam": {"model": "vit_l"}}')
+    with pytest.raises(TeacherError, match="trained on sam.model=vit_l"):
+        S.load_sam(params, adapter_dir=tmp_path / "adapter")
 
 
 # --- training data --------------------------------------------------------------------------

@@ -112,6 +112,7 @@ def augment_instances(
     instances whose box is cropped away are dropped with their masks."""
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
+    masks = [m.astype(np.uint8) for m in masks]  # OpenCV warps uint8, not bool
     out = transform(image=image, masks=masks, bboxes=boxes_xywh, labels=[0] * len(masks),
                     ann_index=list(range(len(masks))))
     keep = [int(i) for i in out["ann_index"]]

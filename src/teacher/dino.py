@@ -14,6 +14,7 @@ installs it as the model's ``loss_function``.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import string
@@ -100,7 +101,7 @@ def tiny_config(*, vocab_size: int) -> GroundingDinoConfig:
         backbone_config=backbone, text_config=text, d_model=32,  # d_model: a multiple of 32
         encoder_layers=1, decoder_layers=2,  # decoder_layers=1 fails to construct
         encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2, num_queries=100,
+        decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2, num_queries=64,
         auxiliary_loss=True,
     )
 
@@ -136,7 +137,8 @@ def _hub_reachable(*, timeout: float = 3.0) -> bool:
 def _offline_error(params: DinoParams, err: Exception) -> TeacherError:
     return TeacherError(
         f"dino.model {params.model!r} (revision {params.revision!r}) is not a local folder, not in "
-        f"the Hugging Face cache, and the hub cannot be reached ({err}). Fix: download it once "
+        f"the Hugging Face cache, and the hub cannot be reached ({str(err).splitlines()[0]}). "
+        f"Fix: download it once "
         f"where there is network (python -c \"from transformers import AutoProcessor, "
         f"GroundingDinoForObjectDetection as M; M.from_pretrained('{params.model}'); "
         f"AutoProcessor.from_pretrained('{params.model}')\"), or set dino.model in params.yaml "
@@ -170,6 +172,24 @@ def _from_pretrained(params: DinoParams, **kwargs):
     return model, processor
 
 
+def _positions(side: int) -> int:
+    """Encoder feature positions of a square ``side`` px image (strides 8, 16, 32, 64)."""
+    return sum(math.ceil(side / s) ** 2 for s in (8, 16, 32, 64))
+
+
+def check_image_size(model: GroundingDinoForObjectDetection, params: DinoParams) -> None:
+    """Fail early when images resized to ``dino.shortest_edge`` give the encoder fewer feature
+    positions than the model has queries (its top-k proposal selection would crash)."""
+    queries, need = model.config.num_queries, params.shortest_edge
+    if _positions(need) >= queries:
+        return
+    while _positions(need) < queries:
+        need += 8
+    raise TeacherError(f"dino.shortest_edge {params.shortest_edge} is too small for "
+                       f"{params.model!r}: its {queries} queries need images of at least {need} px; "
+                       "raise dino.shortest_edge in params.yaml")
+
+
 def _text_input_embeddings(self) -> nn.Module:
     return self.model.text_backbone.get_input_embeddings()
 
@@ -197,6 +217,7 @@ def load_dino(params: DinoParams, *, adapter_dir: Path | None = None,
         model, processor = build_tiny_random(params)
     else:
         model, processor = load_pretrained(params)
+    check_image_size(model, params)
     model = prepare_model(model)
     if adapter_dir is None:
         return DinoBundle(model=model, processor=processor)
@@ -336,18 +357,31 @@ def merge_detections(parts: list[dict], *, max_detections: int = 100) -> dict:
 
 @torch.no_grad()
 def detect(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
-           box_threshold: float, text_threshold: float, max_detections: int = 100) -> list[dict]:
+           box_threshold: float, text_threshold: float, max_detections: int = 100,
+           batch_size: int = 4) -> list[dict]:
     """Detect ``label_map``'s classes in RGB ``images`` (HxWx3 uint8), every prompt chunk run.
 
     Returns per image ``boxes`` (N, 4) float COCO xywh absolute pixels, ``scores`` (N,),
-    ``category_ids`` (N,) original COCO ids, best first.
+    ``category_ids`` (N,) original COCO ids, best first. Runs ``batch_size`` images at a time.
     """
-    model, processor = bundle.model, bundle.processor
+    model = bundle.model
     was_training = model.training
     model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        out += _detect_batch(bundle, list(images[start:start + batch_size]), label_map,
+                             box_threshold=box_threshold, text_threshold=text_threshold,
+                             max_detections=max_detections)
+    model.train(was_training)
+    return out
+
+
+def _detect_batch(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
+                  box_threshold: float, text_threshold: float, max_detections: int) -> list[dict]:
+    model, processor = bundle.model, bundle.processor
     device = next(model.parameters()).device
     sizes = [(im.shape[1], im.shape[0]) for im in images]
-    pixels = processor.image_processor(images=list(images), return_tensors="pt").to(device)
+    pixels = processor.image_processor(images=images, return_tensors="pt").to(device)
     per_chunk = []
     for prompt, chunk in zip(label_map.prompts, label_map.chunks, strict=True):
         text = processor.tokenizer([prompt] * len(images), return_tensors="pt").to(device)
@@ -356,8 +390,8 @@ def detect(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
         per_chunk.append(decode(out.logits, out.pred_boxes, text["input_ids"], sizes=sizes,
                                 category_ids=cats, box_threshold=box_threshold,
                                 text_threshold=text_threshold, max_detections=max_detections))
-    model.train(was_training)
-    return [merge_detections(list(parts), max_detections=max_detections) for parts in zip(*per_chunk, strict=True)]
+    return [merge_detections(list(parts), max_detections=max_detections)
+            for parts in zip(*per_chunk, strict=True)]
 
 
 def coco_results(detections: list[dict], image_ids: list) -> list[dict]:

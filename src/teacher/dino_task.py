@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from teacher.augment import build_transform
-from teacher.coco import save_json
 from teacher.data import DinoDataset, collate_dino
 from teacher.dino import (
     HEAD_MODULES,
@@ -119,13 +118,14 @@ def build_task(model: nn.Module, *, processor: Any, label_map: LabelMap, train_c
 
 def train_dino(*, train_coco: dict, val_coco: dict, image_root: Path, dino: DinoParams,
                lora: LoraParams, train: TrainParams, augment_policy: dict[str, Any], seed: int,
-               out_dir: Path, checkpoint_dir: Path, live_dir: Path, fingerprint: str,
-               record: dict[str, Any] | None = None) -> dict[str, float]:
+               out_dir: Path, checkpoint_dir: Path, live_dir: Path,
+               fingerprint: str) -> dict[str, float]:
     """Fine-tune Grounding DINO (``dino.model``) with LoRA; the best adapter goes to ``out_dir``.
 
     Writes ``adapter_model.safetensors``, ``adapter_config.json``, ``trained_modules.safetensors``
-    (heads, when trained), ``labels.json`` and ``params.json`` (``record``). Returns the best
-    epoch's metrics from the engine.
+    (heads, when trained) and ``labels.json``; dvclive logs in ``live_dir`` with the
+    augmentation policy in its summary. Returns the best epoch's metrics from the engine.
+    Module-level and picklable arguments: runs under ``engine.launch`` for several processes.
     """
     bundle = load_dino(dino)
     label_map = build_label_map(train_coco["categories"], tokenizer=bundle.processor.tokenizer)
@@ -137,7 +137,5 @@ def train_dino(*, train_coco: dict, val_coco: dict, image_root: Path, dino: Dino
                       augment_policy=augment_policy, seed=seed, batch_size=train.batch_size)
     summary = {"prompt_chunks": len(label_map.chunks), "classes": len(label_map.category_ids),
                **{f"augment_{k}": v for k, v in augment_policy.items()}}
-    metrics = fit(task, train=train, seed=seed, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
-                  live_dir=live_dir, fingerprint=fingerprint, record=summary)
-    save_json({**(record or {}), "augment_policy": augment_policy}, Path(out_dir) / "params.json")
-    return metrics
+    return fit(task, train=train, seed=seed, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
+               live_dir=live_dir, fingerprint=fingerprint, record=summary)

@@ -271,7 +271,7 @@ def save_checkpoint(checkpoint_dir: Path, *, tensors: dict[str, Any], meta: dict
         _write_synced(tmp / "meta.json", json.dumps(meta).encode())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         raise TeacherError(f"{checkpoint_dir}: cannot write a checkpoint ({e}); free disk space or "
                            "make the folder writable, then re-run: training resumes from the "
@@ -330,16 +330,18 @@ def _say(verbose: bool, message: str) -> None:
 # ---------------------------------------------------------------- processes
 
 
-def launch(fn: Callable[..., Any], *, processes: int, args: tuple = ()) -> Any:
-    """Run ``fn(*args)`` in ``processes`` data-parallel processes (gloo on CPU, nccl on GPUs).
+def launch(fn: Callable[..., Any], *, processes: int, args: tuple = (),
+           kwargs: Mapping[str, Any] | None = None) -> Any:
+    """Run ``fn(*args, **kwargs)`` in ``processes`` data-parallel processes (gloo on CPU, nccl on GPUs).
 
     With ``processes`` <= 1, or when already inside a distributed launch (``accelerate launch``,
     torchrun), calls ``fn`` directly. Otherwise spawns the processes on this machine and returns
     the main process's result; ``fn`` and ``args`` must be picklable (module-level function).
     A TeacherError in any process is raised again here with its message.
     """
+    kwargs = dict(kwargs or {})
     if processes <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return fn(*args)
+        return fn(*args, **kwargs)
     import torch.multiprocessing as mp
 
     if torch.cuda.is_available() and torch.cuda.device_count() < processes:
@@ -352,7 +354,7 @@ def launch(fn: Callable[..., Any], *, processes: int, args: tuple = ()) -> Any:
     results = ctx.SimpleQueue()
     port = _free_port()
     try:
-        mp.start_processes(_worker, args=(fn, args, processes, port, results), nprocs=processes,
+        mp.start_processes(_worker, args=(fn, args, kwargs, processes, port, results), nprocs=processes,
                            start_method=method, join=True)
     except mp.ProcessRaisedException as e:
         last = str(e).strip().splitlines()[-1]
@@ -371,12 +373,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _worker(rank: int, fn: Callable, args: tuple, world: int, port: int, results: Any) -> None:
+def _worker(rank: int, fn: Callable, args: tuple, kwargs: dict, world: int, port: int,
+            results: Any) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if torch.cuda.is_available():
         torch.cuda.set_device(rank)
-    result = fn(*args)
+    result = fn(*args, **kwargs)
     if rank == 0:
         results.put(result)
 
@@ -729,9 +732,11 @@ def _finish(loop: _Loop, run: RunState, *, out_dir: Path, checkpoint_dir: Path) 
     result = {**run.best_metrics, "best_epoch": run.best_epoch + 1, "epochs": run.epoch,
               "steps": run.step}
     if loop.main:
+        from safetensors import SafetensorError
+
         try:
             loop.task.save(loop.task.model, out_dir)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
             raise TeacherError(f"{out_dir}: cannot write the trained model ({e}); free disk space "
                                "or make it writable and re-run (training resumes from the "
                                f"checkpoint in {checkpoint_dir})") from e

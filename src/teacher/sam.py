@@ -6,12 +6,14 @@ with ``ResizeLongestSide`` (longest side = encoder size), normalised and padded 
 ``Sam.preprocess``; boxes go through ``ResizeLongestSide.apply_boxes`` into that input frame.
 
 Model names: ``vit_b`` / ``vit_l`` / ``vit_h`` (Meta's checkpoints, downloaded once into the
-torch hub cache and verified by sha256), a local ``.pth`` state dict, or ``tiny-random``.
+user's cache (``~/.cache/teacher/sam``) and verified by sha256), a local ``.pth`` state dict, or ``tiny-random``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -66,16 +68,16 @@ ARCHITECTURES: dict[str, Architecture] = {
     "vit_h": Architecture(1280, 32, 16, (7, 15, 23, 31)),
     # small, same modules: 128 px input, 8 px patches -> 16x16 embedding, 64x64 low-res masks
     TINY_RANDOM: Architecture(
-        64, 2, 2, (1,), img_size=int(__import__("os").environ.get("TINY",128)), patch_size=8, window_size=8,
+        64, 2, 2, (1,), img_size=128, patch_size=8, window_size=8,
         prompt_dim=64, decoder_mlp_dim=128, decoder_heads=4, mask_in_chans=8,
     ),
 }
 
 _BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything"
-# sha256 of Meta's published files. Not published by Meta itself (the README gives only URLs);
-# these are the digests recorded independently by several projects that verify the downloads
-# (e.g. micro-sam's _CHECKSUMS in micro_sam/util.py, Meta's file names carry the md5 prefix:
-# 01ec64.., 0b3195.., 4b8939..). Checked against the files only where a download was possible.
+# sha256 of Meta's files. Meta publishes only the URLs (the names carry the md5 prefix: 01ec64..,
+# 0b3195.., 4b8939..); these digests are the ones computational-cell-analytics/micro-sam
+# (micro_sam/util.py, _CHECKSUMS) checks every download against, and several other projects pin
+# the same values. Not re-verified here: the build machines have no access to dl.fbaipublicfiles.com.
 CHECKPOINTS: dict[str, Checkpoint] = {
     "vit_b": Checkpoint(
         f"{_BASE_URL}/sam_vit_b_01ec64.pth",
@@ -179,8 +181,9 @@ def build_tiny_random() -> BoxPromptSam:
 
 
 def cache_dir() -> Path:
-    """Where official checkpoints are kept: ``$TORCH_HOME/hub/checkpoints`` (torch hub's cache)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """Where official checkpoints are kept: ``$XDG_CACHE_HOME/teacher/sam`` (``~/.cache/...``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "teacher" / "sam"
 
 
 def file_sha256(path: Path) -> str:
@@ -261,12 +264,27 @@ def load_base_sam(model: str) -> BoxPromptSam:
 
 def load_sam(params: SamParams, *, adapter_dir: Path | None = None) -> Sam:
     """SAM for inference: the base model, with the adapter of ``adapter_dir`` merged when given."""
+    if adapter_dir is not None:
+        check_adapter_base(Path(adapter_dir), params.model)
     sam = load_base_sam(params.model)
     if adapter_dir is None:
         return sam
     from teacher.lora import load_adapter  # lora imports peft: only when an adapter is used
 
     return load_adapter(sam, Path(adapter_dir)).merge_and_unload().eval()
+
+
+def check_adapter_base(adapter_dir: Path, model: str) -> None:
+    """Refuse an adapter trained on another base model (its ``params.json`` names it)."""
+    used = adapter_dir / "params.json"
+    if not used.is_file():
+        return
+    trained_on = (json.loads(used.read_text()).get("sam") or {}).get("model")
+    if trained_on is not None and trained_on != model:
+        raise TeacherError(
+            f"{adapter_dir}: the adapter was trained on sam.model={trained_on}, but sam.model is "
+            f"{model}; set sam.model to {trained_on} or re-run train_sam (dvc repro)"
+        )
 
 
 def unwrap(model: nn.Module) -> Sam:

@@ -184,10 +184,12 @@ def train_sam(
 
     Returns the best epoch's metrics (``val_miou``, ...) from the engine.
     """
-    model = wrap_for_training(
-        load_base_sam(sam_params.model), sam_params=sam_params, lora=lora,
-        activation_checkpointing=train.activation_checkpointing,
-    )
+    with torch.random.fork_rng(devices=[]):  # LoRA's random init follows `seed`, nothing else
+        torch.manual_seed(seed)
+        model = wrap_for_training(
+            load_base_sam(sam_params.model), sam_params=sam_params, lora=lora,
+            activation_checkpointing=train.activation_checkpointing,
+        )
     task = build_task(
         model, train_coco=train_coco, val_coco=val_coco, image_root=image_root,
         sam_params=sam_params, augment_policy=augment_policy, seed=seed, cache_dir=cache_dir,

@@ -1,0 +1,164 @@
+"""One Grounding DINO training step: LoRA vs full fine-tuning, seconds and peak memory.
+
+The real grounding-dino-tiny architecture (Swin-T + BERT-base, 6+6 layers, 900 queries) built
+from its config with random weights (no download), one 800x1333 image, batch 1, the grounded
+loss. Each mode runs in its own process so its peak memory is its own:
+
+    python benchmarks/bench_dino_step.py            # both modes, the table
+    python benchmarks/bench_dino_step.py --steps 3  # more steps per mode (first one is warm-up)
+
+LoRA mode is what train_dino does: LoRA (dino.lora_targets) + the box heads, frozen image and
+text encoders run without autograd, activation checkpointing of encoder and decoder layers,
+bf16 autocast on CUDA. Full mode: every parameter trains, no checkpointing, same precision.
+Peak memory: CUDA max allocated on a GPU; peak RSS of the process on CPU (glibc fragmentation
+makes it vary run to run; MALLOC_MMAP_THRESHOLD_=131072 gives lower, steadier peaks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "circle . square . triangle . star ."
+
+
+def build(mode: str, *, preset: str):
+    import numpy as np
+    import torch
+    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
+
+    from teacher.dino import (
+        box_targets,
+        build_processor,
+        prepare_model,
+        tiny_config,
+        tiny_tokenizer,
+    )
+    from teacher.params import DinoParams, LoraParams
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()  # bert-base-uncased ids; the prompt's ids fit BERT's vocabulary
+    config = (tiny_config(vocab_size=len(tokenizer)) if preset == "tiny-random"
+              else GroundingDinoConfig())  # the defaults are grounding-dino-tiny's architecture
+    model = prepare_model(GroundingDinoForObjectDetection(config))
+    processor = build_processor(tokenizer, params=DinoParams())  # 800 / 1333
+    if mode == "lora":
+        from teacher.dino_task import wrap_for_training
+
+        model = wrap_for_training(model, dino=DinoParams(), lora=LoraParams(),
+                                  activation_checkpointing=True)
+    image = np.random.default_rng(0).integers(0, 255, (800, 1333, 3), dtype=np.uint8)
+    inputs = {**processor.image_processor(images=[image], return_tensors="pt"),
+              **processor.tokenizer([PROMPT], return_tensors="pt")}
+    labels = [box_targets(np.array([[100, 100, 300, 200], [600, 300, 200, 400]]), np.array([0, 2]),
+                          width=1333, height=800)]
+    return model, inputs, labels
+
+
+def adapter_bytes(model) -> int:
+    from teacher.lora import save_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, Path(tmp))
+        return sum(p.stat().st_size for p in Path(tmp).iterdir()
+                   if p.suffix == ".safetensors")
+
+
+def run_mode(mode: str, steps: int, *, preset: str) -> dict:
+    """Build, then time ``steps`` optimizer steps; returns the measurements as a dict."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model, inputs, labels = build(mode, preset=preset)
+    model.to(device).train()
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    labels = [{k: v.to(device) for k, v in t.items()} for t in labels]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(**inputs, labels=labels).loss  # keep no reference to the outputs
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del loss
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"mode": mode, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "threads": torch.get_num_threads(), "step_s": times, "peak_bytes": peak,
+            "rss_before_steps": rss_model, "trainable": sum(p.numel() for p in params),
+            "total": sum(p.numel() for p in model.parameters()),
+            "adapter_bytes": adapter_bytes(model) if mode == "lora" else None}
+
+
+def table(lora: dict, full: dict) -> str:
+    def secs(r: dict) -> float:
+        t = r["step_s"][1:] or r["step_s"]  # the first step warms up
+        return sum(t) / len(t)
+
+    gb = 1024**3
+    peak_name = "peak CUDA allocated" if lora["device"] != "cpu" else "peak RSS"
+    rows = [
+        ("", "LoRA", "full", "LoRA / full"),
+        ("seconds per step", f"{secs(lora):.1f}", f"{secs(full):.1f}", f"{secs(lora) / secs(full):.2f}"),
+        (f"{peak_name} (GB)", f"{lora['peak_bytes'] / gb:.2f}", f"{full['peak_bytes'] / gb:.2f}",
+         f"{lora['peak_bytes'] / full['peak_bytes']:.2f}"),
+        ("trainable parameters", f"{lora['trainable']:,}", f"{full['trainable']:,}",
+         f"{lora['trainable'] / full['trainable']:.4f}"),
+        ("saved weights (MB)", f"{lora['adapter_bytes'] / 1e6:.1f}", f"{full['total'] * 4 / 1e6:.1f}",
+         f"{lora['adapter_bytes'] / (full['total'] * 4):.4f}"),
+    ]
+    width = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, width, strict=True)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2, help="steps per mode; the first warms up")
+    parser.add_argument("--preset", choices=("grounding-dino-tiny", "tiny-random"),
+                        default="grounding-dino-tiny", help="tiny-random: a seconds-long smoke run")
+    parser.add_argument("--mode", choices=("lora", "full"), help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, args.steps, preset=args.preset)))
+        return 0
+    results = {}
+    for mode in ("lora", "full"):
+        proc = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps),
+                               "--preset", args.preset],
+                              capture_output=True, text=True, env=os.environ)
+        if proc.returncode != 0:
+            print(proc.stdout, proc.stderr, file=sys.stderr)
+            return proc.returncode
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{mode}: {results[mode]}", file=sys.stderr)
+    lora, full = results["lora"], results["full"]
+    print(f"Grounding DINO ({args.preset} architecture, random weights), 800x1333, batch 1, "
+          f"device {lora['device']}, {lora['threads']} threads")
+    print(table(lora, full))
+    ratio = lora["peak_bytes"] / full["peak_bytes"]
+    print(f"target LoRA peak <= 50% of full: {'met' if ratio <= 0.5 else 'NOT met'} ({ratio:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

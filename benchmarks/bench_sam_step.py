@@ -1,0 +1,215 @@
+"""SAM training cost: one step LoRA vs full fine-tuning; decoder-only with cached embeddings vs
+the encoder in the loop; the LoRA adapter's size.
+
+The real ``vit_b`` architecture (segment-anything's builder arguments) with random weights (no
+download), a 1024x1024 input, 8 box prompts, batch 1, SAM's loss (multimask, best of 3). Every
+measurement runs in its own process, so its peak memory is its own:
+
+    python benchmarks/bench_sam_step.py                    # everything, the tables
+    python benchmarks/bench_sam_step.py --steps 3          # steps per mode (the first is warm-up)
+    python benchmarks/bench_sam_step.py --epoch-images 72  # images per epoch (0: whole sample)
+
+Modes: ``full`` (every parameter trains), ``lora`` (r=8 on the encoder's qkv: what train_sam
+does by default), ``lora_ckpt`` (the same + activation checkpointing of the encoder blocks,
+``train.activation_checkpointing``). bf16 autocast on CUDA, fp32 on CPU. Peak memory: CUDA max
+allocated on a GPU; peak RSS of the process on CPU (model weights included).
+
+Epochs: decoder-only training (LoRA on decoder attention + the decoder trained fully, encoder
+frozen) over the sample images, batch 2, either reading cached embeddings (computed once
+beforehand, time reported apart) or running the frozen encoder every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+DECODER_ATTN = r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)"
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+ARCH = os.environ.get("BENCH_SAM_ARCH", "vit_b")  # tiny-random: a quick smoke run of the script
+
+
+def build_vit_b(mode: str):
+    """vit_b (``BENCH_SAM_ARCH``) with random weights, for ``mode``: full | lora | lora_ckpt | decoder."""
+    import torch
+
+    from teacher.params import LoraParams, SamParams
+    from teacher.sam import ARCHITECTURES, build_sam
+    from teacher.sam_task import wrap_for_training
+
+    torch.manual_seed(0)
+    sam = build_sam(ARCHITECTURES[ARCH])
+    if mode == "full":
+        return sam.requires_grad_(True)
+    params = (SamParams(lora_targets=DECODER_ATTN, train_decoder=True) if mode == "decoder"
+              else SamParams())
+    return wrap_for_training(sam, sam_params=params, lora=LoraParams(dropout=0.0),
+                             activation_checkpointing=mode == "lora_ckpt")
+
+
+def synthetic_batch(*, prompts: int, size: int) -> dict:
+    """One 1024x1024 image (already at the encoder size) with ``prompts`` boxes and masks."""
+    import numpy as np
+    import torch
+
+    from teacher.sam import image_to_tensor
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    xy = rng.uniform(0, size * 0.6, (prompts, 2))
+    wh = rng.uniform(size * 0.1, size * 0.4, (prompts, 2))
+    boxes = torch.as_tensor(np.concatenate([xy, xy + wh], 1), dtype=torch.float32)
+    masks = torch.zeros(prompts, size, size, dtype=torch.bool)
+    for m, (x0, y0, x1, y1) in zip(masks, boxes.round().int().tolist(), strict=True):
+        m[y0:y1, x0:x1] = True
+    return {"images": [image_to_tensor(image)], "embeddings": None, "boxes": [boxes], "masks": [masks]}
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def train_steps(model, batches, *, lr: float = 1e-4) -> list[float]:
+    """Seconds of each optimizer step (forward, backward, AdamW) over ``batches``."""
+    import torch
+
+    from teacher.params import SamParams
+    from teacher.sam_task import training_step
+
+    dev = device()
+    model.to(dev).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        with torch.autocast(dev, dtype=dtype, enabled=dev == "cuda"):
+            loss = training_step(model, batch, sam_params=SamParams())["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def worker_step(mode: str, *, steps: int, prompts: int) -> dict:
+    from teacher.lora import count_parameters
+    from teacher.sam import input_size, unwrap
+
+    model = build_vit_b(mode)
+    trainable, total = count_parameters(model)
+    batch = synthetic_batch(prompts=prompts, size=input_size(unwrap(model)))
+    times = train_steps(model, [batch] * steps)
+    timed = times[1:] or times
+    return {"mode": mode, "seconds": sum(timed) / len(timed), "peak_mb": peak_memory_mb(),
+            "trainable": trainable, "total": total}
+
+
+def worker_epoch(mode: str, *, images: int, cache_dir: str) -> dict:
+    """One decoder-only epoch over the sample images: cached embeddings or encoder in the loop."""
+    from torch.utils.data import DataLoader
+
+    from teacher.coco import load_coco, subset_coco
+    from teacher.data import SamDataset, cache_sam_embeddings, collate_sam
+    from teacher.sam import input_size, unwrap
+
+    coco = load_coco(SAMPLE / "annotations.json")
+    if images:
+        coco = subset_coco(coco, [im["id"] for im in coco["images"][:images]])
+    model = build_vit_b("decoder").to(device())
+    cache_seconds, embeddings = 0.0, None
+    if mode == "cached":
+        start = time.perf_counter()
+        embeddings = cache_sam_embeddings(model, coco, SAMPLE / "images", Path(cache_dir))
+        cache_seconds = time.perf_counter() - start
+    dataset = SamDataset(coco, SAMPLE / "images", image_size=input_size(unwrap(model)), max_prompts=16,
+                         box_jitter=0.1, seed=0, embeddings=embeddings)
+    loader = DataLoader(dataset, batch_size=2, collate_fn=collate_sam)
+    start = time.perf_counter()
+    steps = train_steps(model, loader)
+    return {"mode": mode, "epoch_seconds": time.perf_counter() - start, "steps": len(steps),
+            "images": len(dataset), "cache_seconds": cache_seconds, "peak_mb": peak_memory_mb()}
+
+
+def adapter_size_kb() -> float:
+    from teacher.lora import save_adapter
+
+    model = build_vit_b("lora")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, Path(tmp))
+        return (Path(tmp) / "adapter_model.safetensors").stat().st_size / 1024
+
+
+def spawn(*args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(args: argparse.Namespace) -> None:
+    import torch
+
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"SAM {ARCH} (random weights), {args.prompts} box prompts, batch 1 - {where}")
+    steps = {m: spawn("--worker", "step", "--mode", m, "--steps", str(args.steps),
+                      "--prompts", str(args.prompts)) for m in ("full", "lora", "lora_ckpt")}
+    full = steps["full"]
+    print(f"{'mode':<11}{'trainable':>12}{'s/step':>9}{'peak MB':>10}{'time x':>8}{'mem x':>7}")
+    for m, r in steps.items():
+        print(f"{m:<11}{r['trainable']:>12,}{r['seconds']:>9.2f}{r['peak_mb']:>10.0f}"
+              f"{r['seconds'] / full['seconds']:>8.2f}{r['peak_mb'] / full['peak_mb']:>7.2f}")
+    print(f"LoRA adapter (r=8, encoder qkv): {adapter_size_kb() / 1024:.2f} MB")
+    with tempfile.TemporaryDirectory() as cache:
+        epochs = {m: spawn("--worker", "epoch", "--mode", m, "--images", str(args.epoch_images),
+                           "--cache", cache) for m in ("loop", "cached")}
+    loop, cached = epochs["loop"], epochs["cached"]
+    print(f"decoder-only epoch, {loop['images']} sample images, batch 2 ({loop['steps']} steps):")
+    print(f"  encoder in the loop {loop['epoch_seconds']:.1f} s; cached embeddings "
+          f"{cached['epoch_seconds']:.1f} s (cache built once in {cached['cache_seconds']:.1f} s); "
+          f"ratio {loop['epoch_seconds'] / cached['epoch_seconds']:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2, help="steps per mode; the first is warm-up")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--epoch-images", type=int, default=0, help="images per epoch; 0: all")
+    parser.add_argument("--worker", choices=("step", "epoch"), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--images", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "step":
+        print(json.dumps(worker_step(args.mode, steps=args.steps, prompts=args.prompts)))
+    elif args.worker == "epoch":
+        print(json.dumps(worker_epoch(args.mode, images=args.images, cache_dir=args.cache)))
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
