@@ -51,7 +51,10 @@ def make_copy(dest: Path, *, root: Path = ROOT) -> Path:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, dest / name)
     overlay_params(dest / "params.yaml", yaml.safe_load(TINY.read_text()))
+    git = ["git", "-c", "user.name=teacher demo", "-c", "user.email=demo@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "demo: sample data, tiny-random models"], cwd=dest, check=True)
     return dest
 
 

@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, TeacherError) as e:
         print(f"split: {e}", file=sys.stderr)
         return 1
-    splits = split_coco(coco, fractions=to_dict(params["split"]), seed=params["seed"])
+    try:
+        splits = split_coco(coco, fractions=to_dict(params["split"]), seed=params["seed"])
+    except TeacherError as e:  # too few annotated images for the splits
+        print(f"split: {args.validated}: {e}", file=sys.stderr)
+        return 1
     for name, subset in splits.items():
         save_coco(subset, Path(args.out) / f"{name}.json")
     print("split: " + ", ".join(f"{n} {len(s['images'])} images / {len(s['annotations'])} "

@@ -174,6 +174,24 @@ def test_batch_of_3_loss_equals_the_per_image_losses(bundle):
         assert float(batch.loss_dict[term]) == pytest.approx(float(expected), rel=1e-4), term
 
 
+def test_loss_matches_transformers_where_its_targets_are_right(bundle):
+    """One prompt for the whole batch: the stock loss builds the right targets; every term agrees."""
+    from transformers.loss.loss_grounding_dino import GroundingDinoForObjectDetectionLoss
+
+    model = bundle.model.eval()
+    inputs = encode(bundle, images(3, seed=2), ["circle . square . star ."] * 3)
+    labels = [box_targets(np.array([[5, 5, 30, 20]]), np.array([2]), width=80, height=60),
+              box_targets(np.array([[10, 10, 30, 30], [1, 2, 10, 10]]), np.array([0, 1]), width=80, height=60),
+              box_targets(np.array([[20, 5, 30, 40]]), np.array([1]), width=80, height=60)]
+    with torch.no_grad():
+        ours = model(**inputs, labels=labels).loss_dict
+        model.loss_function = GroundingDinoForObjectDetectionLoss
+        stock = model(**inputs, labels=labels).loss_dict
+    assert ours.keys() == stock.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], stock[k], msg=k)
+
+
 def test_loss_accepts_an_image_without_boxes(bundle):
     empty = box_targets(np.zeros((0, 4)), np.zeros((0,), np.int64), width=80, height=60)
     out = bundle.model(**encode(bundle, images(2), ["circle ."] * 2),

@@ -280,6 +280,35 @@ def test_dataset_items_in_input_frame(shapes):
     assert len(batch["images"]) == 2 and batch["embeddings"] is None
 
 
+def test_augmented_items_keep_boxes_and_masks_aligned(shapes):
+    from teacher.augment import build_transform
+
+    coco, root = shapes
+    policy = {"hflip": 0.5, "scale_min": 0.7, "scale_max": 1.3, "crop": 1.0, "color_jitter": 0.2}
+    ds = SamDataset(coco, root, image_size=128, max_prompts=4, box_jitter=0.0, seed=0,
+                    transform=build_transform(policy, train=True))
+    sizes = set()
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for index in range(len(ds)):
+            item = ds[index]
+            sizes.add(tuple(item["image"].shape))
+            for box, mask in zip(item["boxes"], item["masks"], strict=True):
+                rows, cols = torch.nonzero(mask, as_tuple=True)
+                extent = torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]).float()
+                assert torch.allclose(box, extent, atol=2.5), (epoch, index, box, extent)
+    assert len(sizes) > 1  # crops changed the image geometry, and boxes followed
+
+
+def test_box_from_mask_when_annotation_has_none():
+    from teacher.data import instance_boxes_xywh
+
+    mask = np.zeros((10, 12), bool)
+    mask[2:5, 3:9] = True
+    boxes = instance_boxes_xywh([{"bbox": [1, 1, 4, 4]}, {}], [mask, mask])
+    np.testing.assert_array_equal(boxes, [[1, 1, 4, 4], [3, 2, 6, 3]])
+
+
 def test_embedding_cache_is_reused_and_matches_encoder(shapes, tmp_path):
     coco, root = shapes
     sam = S.build_tiny_random()

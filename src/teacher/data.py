@@ -219,8 +219,10 @@ def cache_sam_embeddings(
     model = unwrap(sam)
     folder = Path(cache_dir) / encoder_fingerprint(model)
     folder.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
     images, out = images_by_id(coco), {}
-    for image_id in sam_instances(coco):
+    for image_id in tqdm(sam_instances(coco), desc="SAM image embeddings", leave=False):
         path = image_path(image_root, images[image_id]["file_name"])
         target = folder / f"{file_digest(path)}.safetensors"
         if not target.exists():

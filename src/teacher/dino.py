@@ -268,7 +268,17 @@ def box_targets(boxes: np.ndarray, labels: np.ndarray, *, width: int, height: in
 
 
 class GroundedImageLoss(GroundingDinoImageLoss):
-    """transformers' criterion with the per-image label-map offset fixed (running total)."""
+    """transformers' criterion with the per-image label-map offset fixed (running total).
+
+    The box count that normalises the loss is averaged over processes (as transformers does)
+    only when ``across_processes``: evaluation runs on the main process alone and must not wait
+    in a collective the other processes never join.
+    """
+
+    def __init__(self, *, matcher, focal_alpha: float, losses: list[str],
+                 across_processes: bool = True):
+        super().__init__(matcher, focal_alpha, losses)
+        self.across_processes = across_processes
 
     def _get_target_classes_one_hot(self, outputs, targets, indices):
         logits, label_maps = outputs["logits"], outputs["label_maps"]
@@ -280,10 +290,31 @@ class GroundedImageLoss(GroundingDinoImageLoss):
         onehot[idx] = torch.cat(label_maps, dim=0)[class_labels].to(torch.long)
         return onehot
 
+    def _num_boxes(self, targets, device) -> float:
+        n = torch.tensor([float(sum(len(t["class_labels"]) for t in targets))], device=device)
+        dist = torch.distributed
+        if self.across_processes and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+            n = n / dist.get_world_size()
+        return torch.clamp(n, min=1).item()
+
+    def forward(self, outputs, targets):
+        """Loss terms of the last layer, then of each auxiliary layer (suffix ``_i``)."""
+        num_boxes = self._num_boxes(targets, outputs["logits"].device)
+        layers = [("", outputs), *((f"_{i}", aux) for i, aux in
+                                   enumerate(outputs.get("auxiliary_outputs") or []))]
+        losses = {}
+        for suffix, out in layers:
+            indices = self.matcher({k: v for k, v in out.items() if k != "auxiliary_outputs"}, targets)
+            for loss in self.losses:
+                terms = self.get_loss(loss, out, targets, indices, num_boxes)
+                losses.update({f"{k}{suffix}": v for k, v in terms.items()})
+        return losses
+
 
 def grounded_loss(logits, labels, device, pred_boxes, config, label_maps, text_mask,
                   outputs_class=None, outputs_coord=None, encoder_logits=None,
-                  encoder_pred_boxes=None):
+                  encoder_pred_boxes=None, *, across_processes: bool = True):
     """``GroundingDinoForObjectDetectionLoss`` (transformers 5.x) using :class:`GroundedImageLoss`.
 
     Same signature, terms and weights; returns ``(loss, loss_dict, auxiliary_outputs)``.
@@ -291,7 +322,8 @@ def grounded_loss(logits, labels, device, pred_boxes, config, label_maps, text_m
     matcher = GroundingDinoHungarianMatcher(class_cost=config.class_cost,
                                             bbox_cost=config.bbox_cost, giou_cost=config.giou_cost)
     criterion = GroundedImageLoss(matcher=matcher, focal_alpha=config.focal_alpha,
-                                  losses=["labels", "boxes", "cardinality"]).to(device)
+                                  losses=["labels", "boxes", "cardinality"],
+                                  across_processes=across_processes).to(device)
     outputs = {"logits": logits, "pred_boxes": pred_boxes, "label_maps": label_maps,
                "text_mask": text_mask}
     auxiliary = None

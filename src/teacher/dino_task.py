@@ -10,6 +10,7 @@ backward. Validation: the grounded loss and COCO box mAP (pycocotools) on the va
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from teacher.dino import (
     coco_results,
     decode,
     frozen_towers,
+    grounded_loss,
     load_dino,
     merge_detections,
 )
@@ -68,6 +70,18 @@ def training_step(model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
     return {"loss": out.loss, **{k: out.loss_dict[k].detach() for k in LOGGED_TERMS}}
 
 
+@contextmanager
+def loss_on_this_process(model: nn.Module):
+    """Within: the model's loss normalises by this process's boxes only (no collective)."""
+    base = _base(model)
+    previous = base.loss_function
+    base.loss_function = partial(grounded_loss, across_processes=False)
+    try:
+        yield
+    finally:
+        base.loss_function = previous
+
+
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, *, loader: DataLoader, coco: dict[str, Any],
                        label_map: LabelMap, max_detections: int = 100) -> dict[str, float]:
@@ -78,7 +92,8 @@ def evaluate_detection(model: nn.Module, *, loader: DataLoader, coco: dict[str, 
     losses, parts = [], defaultdict(list)
     for batch in loader:
         labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
-        out = model(**model_inputs(batch, device), labels=labels)
+        with loss_on_this_process(model):  # evaluation runs on the main process only
+            out = model(**model_inputs(batch, device), labels=labels)
         losses.append(float(out.loss))
         cats = [[label_map.category_ids[i] for i in label_map.chunks[c]] for c in batch["chunks"]]
         dets = decode(out.logits, out.pred_boxes, batch["input_ids"].to(device),

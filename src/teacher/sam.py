@@ -353,7 +353,7 @@ def upscale_logits(sam: Sam, low_res: Tensor) -> Tensor:
 
 
 def select_best(masks: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-    """Per prompt the candidate with the highest predicted IoU: (N, K, H, W), (N, K) -> (N, H, W), (N,)."""
+    """Per prompt the candidate with the highest predicted IoU: (N, K, h, w), (N, K) -> (N, h, w), (N,)."""
     best = scores.argmax(dim=1)
     rows = torch.arange(len(best), device=best.device)
     return masks[rows, best], scores[rows, best]
@@ -388,9 +388,9 @@ def segment(
         embedding = embed_images(sam, [image_to_tensor(resized)])[0]
     embedding = embedding.to(sam.device)
     low_res, scores = decode_boxes(sam, embedding, boxes.to(sam.device), multimask=multimask)
-    logits = sam.postprocess_masks(low_res, resized.shape[:2], (height, width))
-    masks, best_scores = select_best(logits > sam.mask_threshold, scores)
-    return masks.cpu().numpy(), best_scores.float().cpu().numpy()
+    best, best_scores = select_best(low_res, scores)  # before upscaling: 1 mask per box, not K
+    logits = sam.postprocess_masks(best[:, None], resized.shape[:2], (height, width))[:, 0]
+    return (logits > sam.mask_threshold).cpu().numpy(), best_scores.float().cpu().numpy()
 
 
 def encoder_fingerprint(sam: Sam) -> str:

@@ -4,7 +4,8 @@ Multi-label stratification (iterative, rarest category first, after Sechidis et 
 every category with at least :data:`MIN_IMAGES_PER_SPLIT` images is first given one image
 in every split with a non-zero fraction; then each remaining image goes to the split that
 still lacks the most of its rarest category. Images without annotations (negatives) are
-spread by the same fractions. Same data, fractions and seed -> same split.
+spread by the same fractions. Same data, fractions and seed -> same split. Every split with a
+non-zero fraction gets at least one annotated image; too few for that is a ``TeacherError``.
 """
 
 from __future__ import annotations
@@ -14,19 +15,40 @@ from collections.abc import Mapping
 from typing import Any
 
 from teacher.coco import subset_coco
+from teacher.errors import TeacherError
 
 SPLITS = ("train", "val", "test")
 MIN_IMAGES_PER_SPLIT = 3  # a category with this many images appears in every split
 
 
 def split_sizes(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
-    """``n`` items shared by ``fractions`` (largest remainder; ties to the earlier split)."""
+    """``n`` items shared by ``fractions`` (largest remainder; ties to the earlier split); then
+    each split with a non-zero fraction left empty takes one from the largest, while n allows."""
     exact = {s: n * f for s, f in fractions.items()}
     sizes = {s: int(v) for s, v in exact.items()}
     order = sorted(fractions, key=lambda s: -(exact[s] - sizes[s]))  # stable on ties
     for s in order[: n - sum(sizes.values())]:
         sizes[s] += 1
+    for s in [s for s, f in fractions.items() if f > 0 and sizes[s] == 0]:
+        largest = max(sizes, key=lambda k: sizes[k])  # the earlier split on ties
+        if sizes[largest] > 1:
+            sizes[largest] -= 1
+            sizes[s] = 1
     return sizes
+
+
+def check_enough_images(n: int, *, total: int, fractions: Mapping[str, float]) -> None:
+    """TeacherError unless ``n`` annotated images (of ``total``) give every split with a
+    non-zero fraction at least one."""
+    active = [s for s, f in fractions.items() if f > 0]
+    if n >= len(active):
+        return
+    shown = "/".join(f"{s} {fractions[s]:g}" for s in fractions)
+    raise TeacherError(
+        f"{n} image(s) with annotations ({total} images in all) cannot fill {len(active)} "
+        f"splits ({shown}): each needs at least one annotated image. Add annotated images "
+        f"to the dataset (at least {len(active)})."
+    )
 
 
 class _Assigner:
@@ -68,6 +90,7 @@ def assign_images(coco: dict[str, Any], *, fractions: Mapping[str, float], seed:
             labels[ann["image_id"]].add(ann["category_id"])
     positives = [i for i in order if labels[i]]
     negatives = [i for i in order if not labels[i]]
+    check_enough_images(len(positives), total=len(order), fractions=fractions)
     state = _Assigner(labels, fractions, split_sizes(len(positives), fractions))
     rarest = sorted(state.images_of, key=lambda c: (state.images_of[c], str(c)))
     rank = {c: k for k, c in enumerate(rarest)}
