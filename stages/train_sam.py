@@ -42,7 +42,7 @@ def write_skipped(reason: str, *, out: Path, metrics: Path) -> None:
 def run(args: argparse.Namespace) -> str:
     params = load_params(args.params)
     facts = read_json(args.inspect)
-    reason = skip_reason(facts)
+    reason = skip_reason(facts) or skip_reason(facts, train_coco=load_coco(args.train))
     if reason:
         if is_main_process():
             write_skipped(reason, out=args.out, metrics=args.metrics)

@@ -313,3 +313,9 @@ def test_missing_image_folder_is_one_clear_error(tmp_path):
     (tmp_path / "a.json").write_text('{"images": [], "annotations": [], "categories": []}')
     with pytest.raises(TeacherError, match="image folder not found"):
         validate_file(tmp_path / "a.json", images=tmp_path / "nope")
+
+
+def test_summary_of_a_non_coco_file_does_not_suggest_dropping_records(tmp_path):
+    (tmp_path / "labelme.json").write_text('{"version": "4.4.0", "shapes": []}')
+    text = summary_text(validate_file(tmp_path / "labelme.json", images=None), source="labelme.json")
+    assert "not_coco" in text and "on_error: drop" not in text and "COCO instances JSON" in text

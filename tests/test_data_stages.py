@@ -163,3 +163,20 @@ def test_sample_exif_rotated_images_read_upright():
     rotated = next(im for im in data["images"] if im["id"] == 17)
     assert rotated["width"] != rotated["height"]
     assert load_image(SAMPLE / "images" / rotated["file_name"]).shape == (rotated["height"], rotated["width"], 3)
+
+
+def test_split_stage_refuses_too_few_annotated_images(tmp_path, capsys):
+    from stages import split as split_stage
+
+    data = load_coco(SAMPLE / "annotations.json")
+    keep = {a["image_id"] for a in data["annotations"][:1]}
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    save_coco(data, tmp_path / "validated.json")
+    args = ["--params", str(stage_params(tmp_path, SAMPLE / "annotations.json", "fail")),
+            "--validated", str(tmp_path / "validated.json"), "--out", str(tmp_path / "split")]
+    assert split_stage.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("split: ") and "Traceback" not in err
+    assert "1 image(s) with annotations (1 images in all)" in err and "at least 3" in err
+    assert not (tmp_path / "split").exists()

@@ -167,3 +167,19 @@ def test_predict_on_sample_images_round_trips(tmp_path):
     gt.dataset = {"images": doc["images"], "categories": sample["categories"], "annotations": []}
     gt.createIndex()
     assert len(gt.loadRes(doc["annotations"]).anns) == 2 * len(doc["images"])
+
+
+def test_chunked_segmentation_equals_one_call(tmp_path):
+    from teacher.predict import segment_detections
+    from teacher.sam import load_sam, segment
+
+    gt = write_tiny_coco(tmp_path, n_images=1)
+    image = load_image(tmp_path / gt["images"][0]["file_name"])
+    sam = load_sam(TINY_SAM)
+    rng = np.random.default_rng(0)
+    boxes = np.concatenate([rng.uniform(0, 30, (7, 2)), rng.uniform(4, 30, (7, 2))], axis=1)
+    whole, _ = segment(sam, image, boxes)
+    det = {"boxes": boxes, "scores": np.ones(7), "category_ids": np.ones(7, int)}
+    chunked = segment_detections(sam, image, det, chunk=3)["masks"]
+    assert chunked.shape == (7, 48, 64) and (chunked == whole).all()
+    assert segment_detections(sam, image, {k: v[:0] for k, v in det.items()})["masks"].shape == (0, 48, 64)

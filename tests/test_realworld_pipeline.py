@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
-
 from conftest import REALWORLD, REPO_ROOT
+
 from stages import evaluate, split, train_dino, train_sam, validate
 from stages import inspect as inspect_stage
 from teacher.coco import CocoFormatError, read_json
@@ -28,8 +29,8 @@ from teacher.coco import CocoFormatError, read_json
 pytestmark = pytest.mark.slow
 
 TINY = yaml.safe_load((REPO_ROOT / "scripts" / "tiny-params.yaml").read_text())
-MINIMAL = {  # one optimizer step, batch of 1, no base-model evaluation (images: tiny-params')
-    "train": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 1, "warmup_steps": 0},
+MINIMAL = {  # one optimizer step of 2 images, no base-model evaluation (image sizes: tiny-params')
+    "train": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 2, "warmup_steps": 0},
     "sam": {"max_prompts": 2},
     "evaluate": {"base": False, "gallery_images": 1},
 }
@@ -40,6 +41,10 @@ TOY = "review_object_detection_metrics/toyexample"
 SAHI = "sahi/tests/data/coco_utils"
 DM = "datumaro/tests/assets"
 DMC = f"{DM}/coco_dataset"
+
+DATUMARO_OUTCOME = {"instances": "split", "person_keypoints": "split", "stuff": "split",
+                    "image_info": "split", "labels": "validate:missing_geometry",
+                    "panoptic": "validate:unknown_category", "captions": "validate:unknown_category"}
 
 # (annotation file, image root, expected outcome) -- outcome:
 #   "complete"        evaluate wrote metrics.json, both teachers trained
@@ -61,17 +66,17 @@ DATASETS: list[tuple[str, str, str]] = [
     (f"{SAHI}/combined_coco.json", SAHI, "split"),
     (f"{SAHI}/terrain_all_coco.json", SAHI, "validate:image_missing"),
     (f"{SAHI}/visdrone2019-det-train-first50image.json", SAHI, "validate:image_missing"),
+    (f"{SAHI}/terrain1.json", SAHI, "validate:not_coco"),  # labelme's format beside its image
     ("pycococreator/example_data/annotations/coco_example.json", "pycococreator/example_data/images",
      "split"),
     ("faster_coco_eval/tests/dataset/gt_dataset.json", "faster_coco_eval/tests/dataset", "complete"),
-    *[(f"{DMC}/{layout}/annotations/{kind}_{part}.json", f"{DMC}/{layout}/images/{part}", "split")
-      for layout, kinds in [("coco", ("instances", "person_keypoints", "labels", "stuff",
-                                      "panoptic", "captions", "image_info")),
-                            ("coco_instances", ("instances",)),
-                            ("coco_person_keypoints", ("person_keypoints",)),
-                            ("coco_labels", ("labels",)), ("coco_stuff", ("stuff",)),
-                            ("coco_panoptic", ("panoptic",)), ("coco_captions", ("captions",)),
-                            ("coco_image_info", ("image_info",))]
+    # datumaro's 1-image variants of each COCO task: instances-like ones reach split (too few
+    # images); labels (no geometry), panoptic (segments_info, no category_id) and captions are
+    # not instance annotations and stop at validate
+    *[(f"{DMC}/{layout}/annotations/{kind}_{part}.json", f"{DMC}/{layout}/images/{part}",
+       DATUMARO_OUTCOME[kind])
+      for layout, kinds in [("coco", tuple(DATUMARO_OUTCOME)),
+                            *((f"coco_{kind}", (kind,)) for kind in DATUMARO_OUTCOME)]
       for kind in kinds for part in ("train", "val")],
     *[(f"{DMC}/mmdet_coco/annotations/instances_{part}.json", f"{DMC}/mmdet_coco/{part}", "split")
       for part in ("train", "val")],
@@ -83,10 +88,21 @@ DATASETS: list[tuple[str, str, str]] = [
 ]
 
 
-def params_for(annotations: Path, images: Path) -> dict[str, Any]:
-    """The repo's params.yaml + scripts/tiny-params.yaml + MINIMAL, data pointing at the dataset."""
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one thread is much faster than oversubscribed ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def params_for(annotations: Path, images: Path, **overrides: dict) -> dict[str, Any]:
+    """The repo's params.yaml + scripts/tiny-params.yaml + MINIMAL (+ ``overrides``: section ->
+    {key: value}), data pointing at the dataset."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    for overlay in (TINY, MINIMAL, {"data": {"annotations": str(annotations), "images": str(images)}}):
+    data = {"data": {"annotations": str(annotations), "images": str(images)}}
+    for overlay in (TINY, MINIMAL, overrides, data):
         for section, values in overlay.items():
             params.setdefault(section, {}).update(values)
     return params
@@ -128,9 +144,10 @@ def run_stage(module: Any, argv: list[str]) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def run_pipeline(work: Path, annotations: Path, images: Path) -> dict[str, tuple[int, str, str]]:
+def run_pipeline(work: Path, annotations: Path, images: Path, **overrides: dict
+                 ) -> dict[str, tuple[int, str, str]]:
     """Run the stages in order until one exits non-zero; their (rc, stdout, stderr) by name."""
-    (work / "params.yaml").write_text(yaml.safe_dump(params_for(annotations, images)))
+    (work / "params.yaml").write_text(yaml.safe_dump(params_for(annotations, images, **overrides)))
     results = {}
     for name, (module, argv) in stage_argv(images).items():
         results[name] = run_stage(module, argv)
@@ -139,31 +156,60 @@ def run_pipeline(work: Path, annotations: Path, images: Path) -> dict[str, tuple
     return results
 
 
+def listing(annotations: Path, images: Path) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of every file beside the annotation file and under the image root."""
+    files = {*annotations.parent.iterdir(), *images.rglob("*")}
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
+
+
 @pytest.mark.parametrize("annotations, images, expected", DATASETS,
                          ids=[d[0].replace("/", ":") for d in DATASETS])
 def test_pipeline_on_realworld_dataset(tmp_path, monkeypatch, annotations, images, expected):
     if not REALWORLD.is_dir():
         pytest.skip(f"real-world conformance data not found at {REALWORLD} (optional)")
     monkeypatch.chdir(tmp_path)
+    before = listing(REALWORLD / annotations, REALWORLD / images)
     results = run_pipeline(tmp_path, REALWORLD / annotations, REALWORLD / images)
+    assert listing(REALWORLD / annotations, REALWORLD / images) == before  # only read
     log = "\n".join(f"--- {n} rc={rc}\n{o}\n{e}" for n, (rc, o, e) in results.items())
     assert "Traceback" not in log, log
-    last, (rc, _, stderr) = list(results.items())[-1], list(results.values())[-1]
+    last = list(results)[-1]
+    rc, _, stderr = results[last]
     outcome, _, rule = expected.partition(":")
     if outcome == "complete":
-        assert last[0] == "evaluate" and rc == 0, log
+        assert last == "evaluate" and rc == 0, log
         metrics = json.loads((tmp_path / "metrics/evaluate/metrics.json").read_text())
         assert "box/map" in metrics, metrics
         skipped = (tmp_path / "models/sam/SKIPPED").is_file()
         assert skipped == (rule == "nosam"), log
         assert ("mask/miou" in metrics) != skipped, metrics
     elif outcome == "validate":
-        assert last[0] == "validate" and rc == 1, log
+        assert last == "validate" and rc == 1, log
         report = json.loads((tmp_path / "metrics/validate.json").read_text())
         assert report[rule] > 0 and rule in stderr + results["validate"][1], log
     else:
-        assert last[0] == "split" and rc == 1 and stderr.startswith("split: "), log
-        assert "images" in stderr and "split." in stderr, log
+        assert last == "split" and rc == 1 and stderr.startswith("split: "), log
+        assert "image(s) with annotations" in stderr and "Add annotated images" in stderr, log
+
+
+STOPPED_AT_VALIDATE = [d for d in DATASETS if d[2].startswith("validate:") and "not_coco" not in d[2]]
+
+
+@pytest.mark.parametrize("annotations, images, expected", STOPPED_AT_VALIDATE,
+                         ids=[d[0].replace("/", ":") for d in STOPPED_AT_VALIDATE])
+def test_on_error_drop_goes_on_until_split(tmp_path, monkeypatch, annotations, images, expected):
+    """With validate.on_error: drop the offending records go, validate passes, and what is left
+    (here always too few annotated images) stops at split with its message."""
+    if not REALWORLD.is_dir():
+        pytest.skip(f"real-world conformance data not found at {REALWORLD} (optional)")
+    monkeypatch.chdir(tmp_path)
+    results = run_pipeline(tmp_path, REALWORLD / annotations, REALWORLD / images,
+                           validate={"on_error": "drop"})
+    log = "\n".join(f"--- {n} rc={rc}\n{o}\n{e}" for n, (rc, o, e) in results.items())
+    assert "Traceback" not in log and results["validate"][0] == 0, log
+    assert json.loads((tmp_path / "metrics/validate.json").read_text())[expected.split(":")[1]] > 0
+    assert list(results) == ["inspect", "validate", "split"] and results["split"][0] == 1, log
+    assert "image(s) with annotations" in results["split"][2], log
 
 
 def coco_files_with_images(root: Path) -> set[str]:

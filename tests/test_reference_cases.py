@@ -169,3 +169,52 @@ def test_r10_empty_masks_give_minus_one():
     # pycocotools keeps a GT of area 0 (COCO's ranges start at 0) and it is missed: AP 0 where
     # torchmetrics reports -1. We follow pycocotools, the reference every peer reports against.
     assert m["map"] == 0.0 and m["map_small"] == 0.0 and m["map_medium"] == -1.0
+
+
+HOTCOCO = "hotcoco"
+# Where teacher.metrics deliberately differs from raw pycocotools (see the module docstring),
+# with the values worked out by hand:
+DELIBERATE = {
+    # two GT annotations share an id: pycocotools' index scores one of them twice and the
+    # detection matches neither; renumbered, it matches its GT (IoU 0.91: 9 of 10 thresholds).
+    "duplicate_ann_ids.json": {"map_50": 0.5049504950495051, "mar_100": 0.45},
+    # GT annotation id 0: pycocotools counts a match to id 0 as a miss; the detections are the
+    # ground truth boxes themselves, so AP is 1 (AR@1 is 2/3: one image holds two objects).
+    "zero_gt.json": {"map": 1.0, "map_50": 1.0, "mar_1": 2 / 3, "mar_100": 1.0},
+}
+
+
+def _hotcoco_cases() -> list[str]:
+    path = ROOT / HOTCOCO / "pycocotools_stats_computed_here.json"
+    return sorted(json.loads(path.read_text())["fixtures"]) if path.exists() else []
+
+
+def _hotcoco_inputs(rel: str) -> tuple[dict, list[dict]]:
+    if " + " in rel:  # "dir/gt.json + dt.json": a GT file and a results file beside it
+        gt_rel, dt_name = rel.split(" + ")
+        return _load(f"{HOTCOCO}/{gt_rel}"), _load(f"{HOTCOCO}/{Path(gt_rel).parent / dt_name}")
+    doc = _load(f"{HOTCOCO}/{rel}")
+    return {k: v for k, v in doc.items() if k != "detections"}, doc["detections"]
+
+
+@pytest.mark.parametrize("rel", _hotcoco_cases() or ["absent"])
+def test_hotcoco_adversarial_fixtures_match_pycocotools(rel):
+    """77 adversarial fixtures (crowd, IoU at thresholds, ties, zero-area and outside boxes,
+    unknown ids...): the same stats as pycocotools 2.0.11, or the same refusal."""
+    if rel == "absent":
+        pytest.skip(f"{HOTCOCO}/pycocotools_stats_computed_here.json not under {ROOT.resolve()}")
+    expected = _load(f"{HOTCOCO}/pycocotools_stats_computed_here.json")["fixtures"][rel]
+    gt, dt = _hotcoco_inputs(rel)
+    for iou_type, stats in expected.items():
+        if isinstance(stats, str):  # pycocotools refused the input: so do we, with a TeacherError
+            from teacher.errors import TeacherError
+
+            with pytest.raises(TeacherError):
+                coco_eval(gt, dt, iou_type=iou_type)
+            continue
+        m = coco_eval(gt, dt, iou_type=iou_type, per_class=False)
+        fixed = DELIBERATE.get(Path(rel.split(" + ")[0]).name)
+        if fixed:
+            assert {k: m[k] for k in fixed} == pytest.approx(fixed)
+            continue
+        np.testing.assert_allclose(_stats(m), stats, atol=1e-9)

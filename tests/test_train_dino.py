@@ -168,3 +168,24 @@ def test_stage_runs_through_dvc_repro(repo_copy, monkeypatch):
     set_params(repo_copy, {"lora.rank": 2})
     status = json.loads(run_in_repo(repo_copy, "dvc", "status", "train_dino", "--json").stdout)
     assert "train_dino" in status
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_evaluate_without_deadlock(tmp_path, monkeypatch):
+    """transformers' loss all-reduces its box count; evaluation (main process only) must not."""
+    import faulthandler
+
+    from teacher.engine import launch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    faulthandler.dump_traceback_later(300, exit=True)  # a deadlock ends the run, with tracebacks
+    two = sample_images(2)
+    train = TrainParams(epochs=1, batch_size=1, max_steps_per_epoch=1, warmup_steps=0, processes=2)
+    metrics = launch(dino_task.train_dino, processes=2, kwargs=dict(
+        train_coco=repeated(two, 2), val_coco=two, image_root=SAMPLE / "images", dino=DINO,
+        lora=LoraParams(rank=4), train=train, augment_policy=NO_AUGMENT, seed=0,
+        out_dir=tmp_path / "model", checkpoint_dir=tmp_path / "ck", live_dir=tmp_path / "live",
+        fingerprint="test"))
+    faulthandler.cancel_dump_traceback_later()
+    assert metrics["steps"] == 1 and "val_map" in metrics
+    assert (tmp_path / "model/adapter_model.safetensors").is_file()

@@ -156,3 +156,27 @@ def test_stage_through_dvc_repro(repo_copy, monkeypatch):
     assert "val_miou" in json.loads((repo_copy / "metrics" / "train_sam" / "metrics.json").read_text())
     status = run_in_repo(repo_copy, "dvc", "status", "train_sam")
     assert "up to date" in status.stdout
+
+
+def test_train_split_without_masks_gives_skipped(tmp_path, capsys):
+    """The dataset has a mask (inspect says SAM can train) but none landed in the train split."""
+    train = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+             "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4],
+                              "segmentation": [], "area": 16, "iscrowd": 0},
+                             {"id": 2, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4],
+                              "segmentation": [[1, 1, 5, 1, 5, 5]], "area": 8, "iscrowd": 1}],
+             "categories": [{"id": 1, "name": "cat"}]}
+    facts = {"teachers": {"sam": True, "dino": True}}
+    reason = sam_task.skip_reason(facts, train_coco=train)
+    assert reason and "train split" in reason and "mask" in reason
+    train["annotations"][1]["iscrowd"] = 0
+    assert sam_task.skip_reason(facts, train_coco=train) is None
+    train["annotations"][1]["iscrowd"] = 1
+    (tmp_path / "inspect.json").write_text(json.dumps(facts))
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    out, metrics = tmp_path / "models" / "sam", tmp_path / "metrics" / "train_sam"
+    code = stage.main(["--params", str(REPO_ROOT / "params.yaml"), "--inspect", str(tmp_path / "inspect.json"),
+                       "--train", str(tmp_path / "train.json"), "--val", "absent.json",
+                       "--images", str(tmp_path), "--out", str(out), "--metrics", str(metrics)])
+    assert code == 0 and (out / "SKIPPED").read_text().strip() == reason
+    assert "SKIPPED" in capsys.readouterr().out

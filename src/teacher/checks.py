@@ -561,7 +561,10 @@ def summary_text(result: Validation, *, source: str, report_path: str | None = N
         lines.append(f"  {f['severity']:<7} {f['rule']:<28} {f['count']:>6}  {f['record']} {ids}")
         if f["severity"] == "error" and f["details"]:
             lines.append(f"  {'':<36}  e.g. {f['details'][0]}")
-    if result.errors:
+    if result.counts.get("not_json") or result.counts.get("not_coco"):  # nothing to drop
+        lines.append("Export the annotations as a COCO instances JSON file (images, annotations, "
+                     "categories lists) and point data.annotations at it.")
+    elif result.errors:
         lines.append("Fix these records in the export, or set validate.on_error: drop to drop "
                      "them (every drop is listed in the report).")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from teacher.errors import TeacherError
 from teacher.images import load_image
 from teacher.labels import LabelMap
 
+SAM_CHUNK = 16  # boxes SAM decodes and upscales at a time
 RAW_PER_KEPT = 4  # DINO candidates per kept detection, before per-class NMS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -111,11 +112,22 @@ def to_annotations(det: dict[str, np.ndarray], *, image_id: Any, first_id: int) 
 
 
 def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: dict[str, np.ndarray], *,
-                       multimask: bool = True) -> dict[str, np.ndarray]:
-    """``det`` plus ``masks`` (N, H, W) from SAM, one image embedding for all N boxes."""
-    from teacher.sam import segment
+                       multimask: bool = True, chunk: int = SAM_CHUNK) -> dict[str, np.ndarray]:
+    """``det`` plus ``masks`` (N, H, W) bool from SAM.
 
-    masks, _ = segment(sam, image, det["boxes"], multimask=multimask)
+    The image embedding is computed once; the boxes are decoded ``chunk`` at a time, which bounds
+    the full-size float logits in memory (N x H x W) on large photos with many detections.
+    """
+    from teacher.sam import embed_images, image_to_tensor, input_size, resize_image, segment, unwrap
+
+    boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
+    base = unwrap(sam)
+    with torch.no_grad():
+        resized = resize_image(image, size=input_size(base))
+        embedding = embed_images(base, [image_to_tensor(resized)])[0]
+    parts = [segment(sam, image, boxes[i:i + chunk], multimask=multimask, embedding=embedding)[0]
+             for i in range(0, len(boxes), chunk)]
+    masks = np.concatenate(parts) if parts else np.zeros((0, *image.shape[:2]), bool)
     return {**det, "masks": masks}
 
 

@@ -42,15 +42,19 @@ log = logging.getLogger(__name__)
 DECODER = "mask_decoder"  # module trained fully when sam.train_decoder
 
 
-def skip_reason(facts: dict[str, Any]) -> str | None:
-    """Why SAM cannot train on this data (from data/inspect.json's ``teachers``), or None."""
+def skip_reason(facts: dict[str, Any], *, train_coco: dict[str, Any] | None = None) -> str | None:
+    """Why SAM cannot train on this data (from data/inspect.json's ``teachers``; then, when
+    given, the train split: its few masks may all have fallen in val/test), or None."""
     teachers = facts.get("teachers") if isinstance(facts, dict) else None
     if not isinstance(teachers, dict) or "sam" not in teachers:
         raise TeacherError("data/inspect.json: no teachers.sam fact; re-run the inspect stage "
                            "(dvc repro inspect)")
-    if teachers["sam"]:
-        return None
-    return (teachers.get("reasons") or {}).get("sam") or "the data has no instance masks"
+    if not teachers["sam"]:
+        return (teachers.get("reasons") or {}).get("sam") or "the data has no instance masks"
+    if train_coco is not None and not sam_instances(train_coco):
+        return ("the train split has no non-crowd annotation with a mask (the dataset's masks "
+                "all fell in val/test): SAM needs instance masks to train on; add masks")
+    return None
 
 
 def wrap_for_training(

@@ -1,6 +1,8 @@
 """Seeded, stratified train/val/test split of a COCO dataset, by image.
 
-Multi-label stratification (iterative, rarest category first, after Sechidis et al. 2011):
+Multi-label stratification (iterative, rarest category first, after Sechidis et al. 2011;
+instance masks count as one more label, so the few masks of a mostly-box dataset reach val and
+test too, where SAM is validated and scored):
 every category with at least :data:`MIN_IMAGES_PER_SPLIT` images is first given one image
 in every split with a non-zero fraction; then each remaining image goes to the split that
 still lacks the most of its rarest category. Images without annotations (negatives) are
@@ -14,22 +16,25 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from teacher.coco import subset_coco
+from teacher.coco import mask_kind, subset_coco
 from teacher.errors import TeacherError
 
 SPLITS = ("train", "val", "test")
 MIN_IMAGES_PER_SPLIT = 3  # a category with this many images appears in every split
+MASKED = ("mask",)  # the label of images with a non-crowd instance mask (never a category id)
 
 
-def split_sizes(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
-    """``n`` items shared by ``fractions`` (largest remainder; ties to the earlier split); then
-    each split with a non-zero fraction left empty takes one from the largest, while n allows."""
+def split_sizes(n: int, fractions: Mapping[str, float], *, at_least_one: bool = False
+                ) -> dict[str, int]:
+    """``n`` items shared by ``fractions`` (largest remainder; ties to the earlier split). With
+    ``at_least_one``, each split with a non-zero fraction left empty then takes one from the
+    largest, while n allows."""
     exact = {s: n * f for s, f in fractions.items()}
     sizes = {s: int(v) for s, v in exact.items()}
     order = sorted(fractions, key=lambda s: -(exact[s] - sizes[s]))  # stable on ties
     for s in order[: n - sum(sizes.values())]:
         sizes[s] += 1
-    for s in [s for s, f in fractions.items() if f > 0 and sizes[s] == 0]:
+    for s in [s for s, f in fractions.items() if at_least_one and f > 0 and sizes[s] == 0]:
         largest = max(sizes, key=lambda k: sizes[k])  # the earlier split on ties
         if sizes[largest] > 1:
             sizes[largest] -= 1
@@ -88,10 +93,12 @@ def assign_images(coco: dict[str, Any], *, fractions: Mapping[str, float], seed:
     for ann in coco["annotations"]:
         if ann["image_id"] in labels:
             labels[ann["image_id"]].add(ann["category_id"])
+            if not ann.get("iscrowd") and mask_kind(ann) not in ("none", "invalid"):
+                labels[ann["image_id"]].add(MASKED)
     positives = [i for i in order if labels[i]]
     negatives = [i for i in order if not labels[i]]
     check_enough_images(len(positives), total=len(order), fractions=fractions)
-    state = _Assigner(labels, fractions, split_sizes(len(positives), fractions))
+    state = _Assigner(labels, fractions, split_sizes(len(positives), fractions, at_least_one=True))
     rarest = sorted(state.images_of, key=lambda c: (state.images_of[c], str(c)))
     rank = {c: k for k, c in enumerate(rarest)}
     by_rarity = sorted(positives, key=lambda i: (min(rank[c] for c in labels[i]), len(labels[i])))
