@@ -29,7 +29,7 @@ from pathlib import Path
 PROMPT = "circle . square . triangle . star ."
 
 
-def build(mode: str, *, preset: str):
+def build(mode: str, *, preset: str, checkpointing: bool = True):
     import numpy as np
     import torch
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
@@ -53,7 +53,7 @@ def build(mode: str, *, preset: str):
         from teacher.dino_task import wrap_for_training
 
         model = wrap_for_training(model, dino=DinoParams(), lora=LoraParams(),
-                                  activation_checkpointing=True)
+                                  activation_checkpointing=checkpointing)
     image = np.random.default_rng(0).integers(0, 255, (800, 1333, 3), dtype=np.uint8)
     inputs = {**processor.image_processor(images=[image], return_tensors="pt"),
               **processor.tokenizer([PROMPT], return_tensors="pt")}
@@ -71,13 +71,13 @@ def adapter_bytes(model) -> int:
                    if p.suffix == ".safetensors")
 
 
-def run_mode(mode: str, steps: int, *, preset: str) -> dict:
+def run_mode(mode: str, steps: int, *, preset: str, checkpointing: bool = True) -> dict:
     """Build, then time ``steps`` optimizer steps; returns the measurements as a dict."""
     import torch
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    model, inputs, labels = build(mode, preset=preset)
+    model, inputs, labels = build(mode, preset=preset, checkpointing=checkpointing)
     model.to(device).train()
     inputs = {k: v.to(device) for k, v in inputs.items()}
     labels = [{k: v.to(device) for k, v in t.items()} for t in labels]
@@ -118,7 +118,7 @@ def table(lora: dict, full: dict) -> str:
     rows = [
         ("", "LoRA", "full", "LoRA / full"),
         ("seconds per step", f"{secs(lora):.1f}", f"{secs(full):.1f}", f"{secs(lora) / secs(full):.2f}"),
-        (f"{peak_name} (GB)", f"{lora['peak_bytes'] / gb:.2f}", f"{full['peak_bytes'] / gb:.2f}",
+        (f"{peak_name} (GiB)", f"{lora['peak_bytes'] / gb:.2f}", f"{full['peak_bytes'] / gb:.2f}",
          f"{lora['peak_bytes'] / full['peak_bytes']:.2f}"),
         ("trainable parameters", f"{lora['trainable']:,}", f"{full['trainable']:,}",
          f"{lora['trainable'] / full['trainable']:.4f}"),
@@ -136,15 +136,19 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2, help="steps per mode; the first warms up")
     parser.add_argument("--preset", choices=("grounding-dino-tiny", "tiny-random"),
                         default="grounding-dino-tiny", help="tiny-random: a seconds-long smoke run")
+    parser.add_argument("--no-checkpointing", action="store_true",
+                        help="LoRA mode without activation checkpointing (to see what it costs)")
     parser.add_argument("--mode", choices=("lora", "full"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(run_mode(args.mode, args.steps, preset=args.preset)))
+        print(json.dumps(run_mode(args.mode, args.steps, preset=args.preset,
+                                  checkpointing=not args.no_checkpointing)))
         return 0
     results = {}
     for mode in ("lora", "full"):
         proc = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps),
-                               "--preset", args.preset],
+                               "--preset", args.preset]
+                              + (["--no-checkpointing"] if args.no_checkpointing else []),
                               capture_output=True, text=True, env=os.environ)
         if proc.returncode != 0:
             print(proc.stdout, proc.stderr, file=sys.stderr)

@@ -405,3 +405,15 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
         assert torch.equal(weights(part)[k], v), k
     assert (json.loads((part / "live" / "metrics.json").read_text())
             == json.loads((tmp_path / "full" / "live" / "metrics.json").read_text()))
+
+
+def test_live_in_a_git_repo_without_commits_says_how_to_fix(tmp_path, monkeypatch):
+    import subprocess
+
+    from teacher.engine import _open_live
+    from teacher.errors import TeacherError
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TeacherError, match="without commits.*git commit"):
+        _open_live(tmp_path / "live", {"steps": [], "epochs": []}, None)

@@ -687,7 +687,15 @@ def _open_live(live_dir: Path, history: dict[str, list], record: Mapping[str, An
     """A fresh dvclive.Live in ``live_dir`` with the resumed history replayed into it."""
     from dvclive import Live
 
-    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    try:
+        live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    except Exception as e:  # dvclive 3.x: scmrepo's SCMError("Empty git repo") escapes it
+        if "Empty git repo" not in str(e):
+            raise
+        raise TeacherError(
+            f"{live_dir}: dvclive cannot log in a git repository without commits; commit once "
+            "(`git add -A && git commit -m 'initial'`), then re-run the stage"
+        ) from e
     live.summary.update(_plain(record or {}))
     for entry in history["steps"]:
         _log_step(live, entry)
