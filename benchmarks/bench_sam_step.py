@@ -132,8 +132,8 @@ def worker_epoch(mode: str, *, images: int, cache_dir: str) -> dict:
     from torch.utils.data import DataLoader
 
     from teacher.coco import load_coco, subset_coco
-    from teacher.data import SamDataset, cache_sam_embeddings, collate_sam
     from teacher.sam import input_size, unwrap
+    from teacher.sam_data import SamDataset, cache_sam_embeddings, collate_sam
 
     coco = load_coco(SAMPLE / "annotations.json")
     if images:
@@ -175,6 +175,13 @@ def report(args: argparse.Namespace) -> None:
 
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"SAM {ARCH} (random weights), {args.prompts} box prompts, batch 1 - {where}")
+    if args.only != "epochs":
+        report_steps(args)
+    if args.only != "steps":
+        report_epochs(args)
+
+
+def report_steps(args: argparse.Namespace) -> None:
     steps = {m: spawn("--worker", "step", "--mode", m, "--steps", str(args.steps),
                       "--prompts", str(args.prompts)) for m in ("full", "lora", "lora_ckpt")}
     full = steps["full"]
@@ -183,6 +190,9 @@ def report(args: argparse.Namespace) -> None:
         print(f"{m:<11}{r['trainable']:>12,}{r['seconds']:>9.2f}{r['peak_mb']:>10.0f}"
               f"{r['seconds'] / full['seconds']:>8.2f}{r['peak_mb'] / full['peak_mb']:>7.2f}")
     print(f"LoRA adapter (r=8, encoder qkv): {adapter_size_kb() / 1024:.2f} MB")
+
+
+def report_epochs(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as cache:
         epochs = {m: spawn("--worker", "epoch", "--mode", m, "--images", str(args.epoch_images),
                            "--cache", cache) for m in ("loop", "cached")}
@@ -198,6 +208,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per mode; the first is warm-up")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--epoch-images", type=int, default=0, help="images per epoch; 0: all")
+    parser.add_argument("--only", choices=("steps", "epochs"), help="run one of the two parts")
     parser.add_argument("--worker", choices=("step", "epoch"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, default=0, help=argparse.SUPPRESS)

@@ -154,7 +154,7 @@ def test_sample_is_deterministic_and_complete(tmp_path):
 
 
 def test_sample_exif_rotated_images_read_upright():
-    from teacher.images import load_image, read_image_size  # re-exported by teacher.data
+    from teacher.images import load_image, read_image_size
 
     data = load_coco(SAMPLE / "annotations.json")
     for im in data["images"]:

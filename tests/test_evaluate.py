@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_in_repo, set_params
+from conftest import set_params
 from fake_adapters import (
     TINY_DINO,
     TINY_SAM,
@@ -101,41 +101,3 @@ def test_missing_adapter_is_a_clear_error(adapters, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
 
-
-@pytest.mark.slow
-def test_pipeline_reaches_evaluate_and_experiments_compare(repo_copy):
-    """`dvc repro evaluate` from the sample data: both teachers trained (1 step), then scored;
-    then `dvc exp run -S lora.rank=4` against the committed rank-8 run: `dvc metrics diff`
-    shows the evaluate metrics that changed, and the data stages were not re-run."""
-    sample = json.loads((repo_copy / "data/sample/annotations.json").read_text())
-    keep = {im["id"] for im in sample["images"][:16]}  # a subset: the tests' time budget is small
-    subset = {**sample, "images": [im for im in sample["images"] if im["id"] in keep],
-              "annotations": [a for a in sample["annotations"] if a["image_id"] in keep]}
-    (repo_copy / "data/subset.json").write_text(json.dumps(subset))
-    set_params(repo_copy, {
-        "data.annotations": "data/subset.json",
-        **TINY_PARAMS, "dino.shortest_edge": 128, "dino.longest_edge": 160,  # training needs >1 px maps
-        "train.epochs": 1, "train.max_steps_per_epoch": 1,
-        "train.batch_size": 2, "train.warmup_steps": 0, "train.lr": 0.01, "lora.rank": 8,
-        "evaluate.gallery_images": 1, "evaluate.base": False})  # base/gain: the stage test above
-    run_in_repo(repo_copy, "git", "add", "-A")
-    run_in_repo(repo_copy, "git", "commit", "-qm", "copy")  # dvclive needs a commit to exist
-    run_in_repo(repo_copy, "dvc", "repro", "evaluate", timeout=900)
-    m = json.loads((repo_copy / "metrics/evaluate/metrics.json").read_text())
-    for key in ("box/map", "box/map_50", "segm/map", "mask/miou"):
-        assert key in m, key
-    assert len(list((repo_copy / "metrics/evaluate/plots/gallery").iterdir())) == 1
-    shown = json.dumps(json.loads(run_in_repo(repo_copy, "dvc", "metrics", "show", "--json").stdout))
-    assert '"box/map"' in shown and '"mask/miou"' in shown  # declared as DVC metrics
-    plots = " ".join(json.loads(run_in_repo(repo_copy, "dvc", "plots", "show", "--json").stdout)["data"])
-    assert "metrics/evaluate/plots/pr/" in plots and "metrics/evaluate/plots/gallery/" in plots
-    status = json.loads(run_in_repo(repo_copy, "dvc", "status", "--json").stdout)
-    assert "evaluate" not in status  # every output declared, nothing left to re-run
-
-    run_in_repo(repo_copy, "git", "add", "-A")
-    run_in_repo(repo_copy, "git", "commit", "-qm", "rank 8")
-    exp = run_in_repo(repo_copy, "dvc", "exp", "run", "-S", "lora.rank=4", timeout=900).stdout
-    assert "Stage 'split' didn't change" in exp and "Running stage 'evaluate'" in exp
-    diff = json.loads(run_in_repo(repo_copy, "dvc", "metrics", "diff", "--json").stdout)
-    changed = diff["metrics/evaluate/metrics.json"]
-    assert "mask/miou" in changed and changed["mask/miou"]["diff"] != 0

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT, make_repo_copy, repo_env, run_in_repo, set_params
 
 pytestmark = pytest.mark.slow
@@ -210,3 +209,17 @@ def test_another_seed_gives_another_split(pipeline, tmp_path):
     run_in_repo(repo, "dvc", "repro", "split")
     a = (pipeline["repo"] / "data/split/train.json").read_bytes()
     assert (repo / "data/split/train.json").read_bytes() != a
+
+
+def test_evaluate_writes_dvc_metrics_and_plots(pipeline):
+    repo = pipeline["repo"]
+    m = json.loads((repo / "metrics/evaluate/metrics.json").read_text())
+    for key in ("box/map", "box/map_50", "segm/map", "mask/miou", "base/box/map", "base/mask/miou",
+                "gain/mask/miou"):
+        assert key in m, key
+    shown = json.dumps(json.loads(run_in_repo(repo, "dvc", "metrics", "show", "--json").stdout))
+    assert '"box/map"' in shown and '"mask/miou"' in shown and '"val_map"' in shown
+    plots = " ".join(json.loads(run_in_repo(repo, "dvc", "plots", "show", "--json").stdout)["data"])
+    for declared in ("metrics/evaluate/plots/pr/", "metrics/evaluate/plots/gallery/",
+                     "metrics/train_dino/plots/", "metrics/train_sam/plots/"):
+        assert declared in plots, declared

@@ -15,8 +15,12 @@ from PIL import Image
 from segment_anything import SamPredictor
 
 from teacher import sam as S
+from teacher.augment import sample_rng
 from teacher.coco import mask_to_rle
-from teacher.data import (
+from teacher.errors import TeacherError
+from teacher.lora import apply_lora, save_adapter
+from teacher.params import LoraParams, SamParams
+from teacher.sam_data import (
     SamDataset,
     cache_sam_embeddings,
     choose_prompts,
@@ -24,11 +28,7 @@ from teacher.data import (
     jitter_boxes_xyxy,
     masks_to_input,
     sam_instances,
-    sample_rng,
 )
-from teacher.errors import TeacherError
-from teacher.lora import apply_lora, save_adapter
-from teacher.params import LoraParams, SamParams
 from teacher.sam_task import encoder_trains, training_step, wrap_for_training
 
 ENCODER_QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
@@ -301,7 +301,7 @@ def test_augmented_items_keep_boxes_and_masks_aligned(shapes):
 
 
 def test_box_from_mask_when_annotation_has_none():
-    from teacher.data import instance_boxes_xywh
+    from teacher.sam_data import instance_boxes_xywh
 
     mask = np.zeros((10, 12), bool)
     mask[2:5, 3:9] = True

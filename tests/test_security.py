@@ -6,7 +6,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
 
 SOURCES = sorted([*(REPO_ROOT / "src").rglob("*.py"), *(REPO_ROOT / "stages").rglob("*.py")])

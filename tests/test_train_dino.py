@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import teacher.dino_task as dino_task
 from teacher.augment import resolve_policy
 from teacher.coco import load_coco, subset_coco
-from teacher.data import DinoDataset, collate_dino
 from teacher.dino import load_dino
+from teacher.dino_data import DinoDataset, collate_dino
 from teacher.labels import build_label_map
 from teacher.params import AugmentParams, DinoParams, LoraParams, TrainParams
 

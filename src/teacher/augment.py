@@ -15,6 +15,7 @@ from typing import Any
 
 import albumentations as A
 import cv2
+import numpy as np
 
 from teacher.errors import TeacherError
 from teacher.params import AugmentParams
@@ -100,6 +101,15 @@ def build_transform(policy: dict[str, Any], *, train: bool) -> A.Compose:
     bbox_params = A.BboxParams(format="coco", label_fields=LABEL_FIELDS, min_visibility=MIN_VISIBILITY,
                                min_width=1.0, min_height=1.0, clip=True, filter_invalid_bboxes=True)
     return A.Compose(steps or [A.NoOp()], bbox_params=bbox_params, seed=0)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one sample in one epoch: same (seed, epoch, index), same draws.
+
+    The datasets draw each sample's augmentation seed (and SAM's prompt choice and box jitter)
+    from it, so a sample's randomness does not depend on worker count or iteration order.
+    """
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, index]))
 
 
 def _steps(policy: dict[str, Any]) -> list[A.BasicTransform]:

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from teacher.augment import build_transform
-from teacher.data import DinoDataset, collate_dino
 from teacher.dino import (
     HEAD_MODULES,
     coco_results,
@@ -30,6 +29,7 @@ from teacher.dino import (
     load_dino,
     merge_detections,
 )
+from teacher.dino_data import DinoDataset, collate_dino
 from teacher.engine import Task, checkpoint_layers, fit, run_without_grad, seed_everything
 from teacher.labels import LabelMap, build_label_map, save_labels
 from teacher.lora import apply_lora, save_adapter

@@ -21,21 +21,20 @@ from torch import Tensor, nn
 
 from teacher.augment import build_transform
 from teacher.coco import annotation_mask, images_by_id
-from teacher.data import (
-    SamDataset,
-    cache_sam_embeddings,
-    collate_sam,
-    image_path,
-    instance_boxes_xywh,
-    load_image,
-    sam_instances,
-)
 from teacher.engine import Task, checkpoint_layers, fit
 from teacher.errors import TeacherError
+from teacher.images import image_path, load_image
 from teacher.lora import apply_lora, save_adapter
 from teacher.losses import mask_iou, sam_loss
 from teacher.params import LoraParams, SamParams, TrainParams
 from teacher.sam import input_size, load_base_sam, segment, unwrap
+from teacher.sam_data import (
+    SamDataset,
+    cache_sam_embeddings,
+    collate_sam,
+    instance_boxes_xywh,
+    sam_instances,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,11 @@
-"""Torch-facing data: image reading, and the DINO and SAM datasets (one section each)."""
+"""SAM training data: (box prompt, mask) samples of a COCO split, their batching, and the
+disk cache of image embeddings for decoder-only training.
+
+Every non-crowd instance with a mask (polygon or RLE) gives a (box prompt, mask) pair.
+Geometry is segment-anything's (teacher.sam): longest side resized to the encoder size, boxes
+into that frame, masks resized the same way and padded to the square input. Decoder-only
+training reads each image's embedding from a disk cache instead of the image.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +22,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from teacher.augment import sample_rng
 from teacher.boxes import xywh_to_xyxy
 from teacher.coco import annotation_mask, images_by_id, index_by_image, mask_kind
-
-# --- images ---------------------------------------------------------------------------------
-# load_image(path) -> HxWx3 uint8 RGB, EXIF orientation applied.
-# read_image_size(path) -> (width, height), header only, EXIF-aware.
-# image_path(root, file_name) -> Path, refusing names that leave the root.
-# Implemented in teacher.images so the data stages do not depend on this module.
-from teacher.images import image_path, load_image, read_image_size  # noqa: F401
+from teacher.images import image_path, load_image
 from teacher.sam import (
     boxes_xyxy_to_input,
     embed_images,
@@ -34,12 +36,6 @@ from teacher.sam import (
     resized_shape,
     unwrap,
 )
-
-# --- SAM ------------------------------------------------------------------------------------
-# Every non-crowd instance with a mask (polygon or RLE) gives a (box prompt, mask) pair.
-# Geometry is segment-anything's (teacher.sam): longest side resized to the encoder size, boxes
-# into that frame, masks resized the same way and padded to the square input. Decoder-only
-# training reads each image's embedding from a disk cache instead of the image.
 
 SAM_MASK_KINDS = ("polygon", "rle_compressed", "rle_uncompressed")
 
@@ -53,11 +49,6 @@ def sam_instances(coco: dict[str, Any]) -> dict[Any, list[dict]]:
         if keep:
             out[image_id] = keep
     return out
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The random stream of one sample in one epoch: same (seed, epoch, index), same draws."""
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch, index]))
 
 
 def choose_prompts(count: int, *, max_prompts: int, rng: np.random.Generator) -> np.ndarray:
@@ -233,93 +224,3 @@ def cache_sam_embeddings(
             os.replace(tmp, target)
         out[image_id] = target
     return out
-
-
-# --- Grounding DINO ---------------------------------------------------------------------------
-# One item per (image, prompt chunk): the chunk holding the image's classes (each chunk it
-# touches, when its classes span several), or every chunk for evaluation. Boxes stay COCO xywh
-# through augmentation; collate_dino resizes/pads through the processor and builds the loss
-# targets (teacher.dino.box_targets).
-
-
-def dino_items(coco: dict[str, Any], label_map: Any, *, all_chunks: bool) -> list[tuple[dict, int]]:
-    """``(image record, chunk)`` pairs; images without boxes go to one chunk in turn."""
-    by_image = index_by_image(coco)
-    chunk_of = {cid: label_map.chunk_of(cid) for cid in label_map.category_ids}
-    n = len(label_map.chunks)
-    items = []
-    for k, record in enumerate(coco["images"]):
-        touched = sorted({chunk_of[a["category_id"]] for a in by_image.get(record["id"], [])
-                          if a["category_id"] in chunk_of and not a.get("iscrowd", 0)})
-        chunks = range(n) if all_chunks else (touched or [k % n])
-        items.extend((record, c) for c in chunks)
-    return items
-
-
-class DinoDataset(Dataset):
-    """Grounding DINO samples of a COCO split.
-
-    Items: ``image`` HxWx3 uint8 RGB (augmented), ``boxes`` (n, 4) float32 COCO xywh pixels in
-    that image, ``labels`` (n,) int64 positions in prompt chunk ``chunk``, ``image_id``, ``size``
-    (width, height) of the original image. Crowd boxes are left out. Augmentation is seeded by
-    (seed, epoch, index).
-    """
-
-    def __init__(self, coco: dict[str, Any], image_root: str | Path, *, label_map: Any,
-                 seed: int, transform: Callable | None = None, all_chunks: bool = False) -> None:
-        self.items = dino_items(coco, label_map, all_chunks=all_chunks)
-        self.anns = index_by_image(coco)
-        self.image_root, self.label_map = Path(image_root), label_map
-        self.seed, self.epoch, self.transform = seed, 0, transform
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from teacher.dino import annotation_boxes
-
-        record, chunk = self.items[index]
-        image = load_image(image_path(self.image_root, record["file_name"]))
-        size = (image.shape[1], image.shape[0])
-        boxes, labels = annotation_boxes(self.anns.get(record["id"], []), label_map=self.label_map,
-                                         chunk=chunk)
-        if self.transform is not None:
-            seed = int(sample_rng(self.seed, self.epoch, index).integers(2**31))
-            image, boxes, labels = augment_boxes(self.transform, image, boxes, labels, seed=seed)
-        return {"image": image, "boxes": boxes, "labels": labels, "chunk": chunk,
-                "image_id": record["id"], "size": size}
-
-
-def augment_boxes(transform: Callable, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
-                  *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Apply an ``augment.build_transform`` pipeline (seeded) to an image and its xywh boxes;
-    boxes cropped away are dropped with their labels."""
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
-    out = transform(image=image, bboxes=boxes, labels=labels.tolist(),
-                    ann_index=list(range(len(boxes))))
-    boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-    labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
-    return out["image"], boxes, labels
-
-
-def collate_dino(items: list[dict[str, Any]], *, processor: Any, label_map: Any) -> dict[str, Any]:
-    """Batch for ``GroundingDinoForObjectDetection``: processor tensors + ``labels`` + metadata.
-
-    ``pixel_values`` (B, 3, H, W) and ``pixel_mask`` (B, H, W) padded to the largest resized
-    image; ``input_ids`` / ``attention_mask`` / ``token_type_ids`` (B, T) each item's chunk
-    prompt padded to the longest; ``labels`` per item ``class_labels`` (n,) and ``boxes``
-    (n, 4) cxcywh normalised; ``image_ids``, ``chunks``, ``sizes`` (original width, height).
-    """
-    from teacher.dino import box_targets
-
-    pixels = processor.image_processor(images=[it["image"] for it in items], return_tensors="pt")
-    text = processor.tokenizer([label_map.prompts[it["chunk"]] for it in items],
-                               padding="longest", return_tensors="pt")
-    labels = [box_targets(it["boxes"], it["labels"], width=it["image"].shape[1],
-                          height=it["image"].shape[0]) for it in items]
-    return {**pixels, **text, "labels": labels, "image_ids": [it["image_id"] for it in items],
-            "chunks": [it["chunk"] for it in items], "sizes": [it["size"] for it in items]}
