@@ -91,7 +91,7 @@ def test_committed_lock_matches_the_sample_data(pipeline):
 
 @pytest.mark.parametrize(("change", "direct"), [
     ({"sam.box_jitter": 0.2}, {"train_sam"}),
-    ({"sam.multimask": False}, {"train_sam", "evaluate"}),
+    ({"sam.multimask": True}, {"train_sam", "evaluate"}),  # tiny-params sets false
     ({"dino.shortest_edge": 96}, {"train_dino", "evaluate"}),
     ({"dino.train_heads": False}, {"train_dino"}),
     ({"split.train": 0.6, "split.val": 0.2, "split.test": 0.2}, {"split"}),
