@@ -20,7 +20,8 @@ from pathlib import Path
 
 from teacher.augment import resolve_policy
 from teacher.coco import load_coco, read_json, save_json
-from teacher.engine import fingerprint, is_main_process, launch
+from teacher.digest import fingerprint
+from teacher.engine import is_main_process, launch
 from teacher.errors import TeacherError
 from teacher.params import ParamsError, load_params, to_dict
 from teacher.sam_task import skip_reason, train_sam

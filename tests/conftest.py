@@ -89,6 +89,18 @@ def set_params(repo: Path, values: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op torch thread per test: the tiny models run several times faster on a small
+    shared CPU without thread contention (stage subprocesses are not affected)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     """A fresh git + DVC copy of this checkout in ``tmp_path / "repo"``."""

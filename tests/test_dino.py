@@ -55,15 +55,6 @@ def outputs(model, inputs):
     return out.logits, out.pred_boxes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops on a shared machine run faster without thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture()
 def bundle():
     return load_dino(PARAMS)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from teacher import engine
+from teacher.digest import fingerprint
 from teacher.engine import Task, epoch_batches, fit, lr_factor
 from teacher.errors import TeacherError
 from teacher.params import TrainParams
@@ -140,11 +141,11 @@ def test_epoch_batches_are_seeded_and_shard_across_processes():
 def test_fingerprint_tracks_params_and_file_content(tmp_path):
     f = tmp_path / "train.json"
     f.write_text("a")
-    base = engine.fingerprint(TRAIN, {"seed": 1}, f)
-    assert base == engine.fingerprint(TRAIN, {"seed": 1}, f)
-    assert base != engine.fingerprint(dataclasses.replace(TRAIN, lr=0.1), {"seed": 1}, f)
+    base = fingerprint(TRAIN, {"seed": 1}, f)
+    assert base == fingerprint(TRAIN, {"seed": 1}, f)
+    assert base != fingerprint(dataclasses.replace(TRAIN, lr=0.1), {"seed": 1}, f)
     f.write_text("b")
-    assert base != engine.fingerprint(TRAIN, {"seed": 1}, f)
+    assert base != fingerprint(TRAIN, {"seed": 1}, f)
 
 
 def test_precision_auto_is_fp32_on_cpu():

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 from conftest import REALWORLD, REPO_ROOT
 
@@ -86,15 +85,6 @@ DATASETS: list[tuple[str, str, str]] = [
        f"{DM}/roboflow_dataset/coco/{part}", "split") for part in ("train", "val")],
     (f"{DM}/kaggle_dataset/relaxed_coco/annotations.json", f"{DM}/kaggle_dataset/relaxed_coco", "split"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one thread is much faster than oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def params_for(annotations: Path, images: Path, **overrides: dict) -> dict[str, Any]:

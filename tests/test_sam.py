@@ -32,16 +32,7 @@ from teacher.sam_data import (
 from teacher.sam_task import encoder_trains, training_step, wrap_for_training
 
 ENCODER_QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
-DECODER_ATTN = r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared CPU: one thread is faster than oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+DECODER_ATTN = S.DECODER_ATTENTION
 
 
 def disk(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:

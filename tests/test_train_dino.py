@@ -25,15 +25,6 @@ DINO = DinoParams(model="tiny-random", shortest_edge=96, longest_edge=120)
 NO_AUGMENT = resolve_policy(AugmentParams(policy="none"), {})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops on a shared machine run faster without thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sample_images(n: int) -> dict:
     coco = load_coco(SAMPLE / "annotations.json")
     with_boxes = sorted({a["image_id"] for a in coco["annotations"] if not a.get("iscrowd")})

@@ -18,21 +18,12 @@ from teacher.coco import load_coco, read_json
 from teacher.errors import TeacherError
 from teacher.inspection import dataset_facts
 from teacher.params import AugmentParams, LoraParams, SamParams, TrainParams
-from teacher.sam import TINY_RANDOM, build_tiny_random, load_sam
+from teacher.sam import DECODER_ATTENTION, TINY_RANDOM, build_tiny_random, load_sam
 from teacher.splitting import split_coco
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 BOXES_ONLY = Path("review_object_detection_metrics/data/database/gts/coco_format_v1/instances_default.json")
-DECODER_ATTN = r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared CPU: one thread is faster than oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+DECODER_ATTN = DECODER_ATTENTION
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ weights and metrics as an uninterrupted run (same seed, CPU). Removed after succ
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from teacher.digest import file_sha256
 from teacher.errors import TeacherError
 from teacher.params import TrainParams
 
@@ -62,42 +62,6 @@ class Task:
 
 
 # ---------------------------------------------------------------- pure helpers
-
-
-def fingerprint(*objects: Any) -> str:
-    """sha256 over canonical JSON of ``objects``; a ``Path`` to a file contributes its content hash.
-
-    Dataclasses (params sections) are converted to dicts; tuples to lists. Used to tell whether
-    a checkpoint belongs to the same params and data.
-    """
-    return hashlib.sha256(json.dumps([_canonical(o) for o in objects], sort_keys=True).encode()).hexdigest()
-
-
-def _canonical(obj: Any) -> Any:
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {"__type__": type(obj).__name__, **_canonical(dataclasses.asdict(obj))}
-    if isinstance(obj, Path):
-        return {"__file__": obj.name, "sha256": file_sha256(obj)} if obj.is_file() else str(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): _canonical(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return repr(obj)
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    raise TypeError(f"fingerprint: cannot hash {type(obj).__name__}")
-
-
-def file_sha256(path: Path | str) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_precision(precision: str) -> str:

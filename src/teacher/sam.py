@@ -32,11 +32,14 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor, nn
 
 from teacher.boxes import xywh_to_xyxy
+from teacher.digest import file_sha256
 from teacher.errors import TeacherError
 from teacher.params import SamParams
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 0  # fixed: train_sam and evaluate must build identical base weights
+# sam.lora_targets for LoRA on the mask decoder's attention only: decoder-only mode
+DECODER_ATTENTION = r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)"
 
 
 @dataclass(frozen=True)
@@ -184,14 +187,6 @@ def cache_dir() -> Path:
     """Where official checkpoints are kept: ``$XDG_CACHE_HOME/teacher/sam`` (``~/.cache/...``)."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "teacher" / "sam"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_checkpoint(name: str) -> Path:

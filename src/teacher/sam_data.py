@@ -9,7 +9,6 @@ training reads each image's embedding from a disk cache instead of the image.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch.utils.data import Dataset
 from teacher.augment import sample_rng
 from teacher.boxes import xywh_to_xyxy
 from teacher.coco import annotation_mask, images_by_id, index_by_image, mask_kind
+from teacher.digest import file_sha256
 from teacher.images import image_path, load_image
 from teacher.sam import (
     boxes_xyxy_to_input,
@@ -188,15 +188,6 @@ def collate_sam(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes: names an image's embedding independently of its file name."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @torch.no_grad()
 def cache_sam_embeddings(
     sam: nn.Module, coco: dict[str, Any], image_root: str | Path, cache_dir: str | Path
@@ -215,7 +206,7 @@ def cache_sam_embeddings(
     images, out = images_by_id(coco), {}
     for image_id in tqdm(sam_instances(coco), desc="SAM image embeddings", leave=False):
         path = image_path(image_root, images[image_id]["file_name"])
-        target = folder / f"{file_digest(path)}.safetensors"
+        target = folder / f"{file_sha256(path)}.safetensors"
         if not target.exists():
             image = resize_image(load_image(path), size=input_size(model))
             embedding = embed_images(model, [image_to_tensor(image)])[0].float().cpu()
