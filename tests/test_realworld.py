@@ -131,3 +131,13 @@ def test_tinycoco_split_keeps_categories_in_every_split(realworld):
     for s in splits.values():
         assert common <= {a["category_id"] for a in s["annotations"]}
         assert len(s["categories"]) == len(r.coco["categories"])
+
+
+def test_healthcheck_bad_with_image_checks_still_names_every_reference(realworld, tmp_path):
+    # image 1's file is missing, so image 1 and its annotations go; annotation 4's undeclared
+    # category must still be named in the same run, not only after the user fixes the image
+    r = validate_file(realworld / "hotcoco/crates/hotcoco/tests/fixtures/healthcheck_bad.json",
+                      images=tmp_path, on_error="drop")
+    f = findings(r)
+    assert f["unknown_category"] == [4] and f["unknown_image"] == [3]
+    assert 1 in f["image_missing"]

@@ -479,9 +479,9 @@ def validate_coco(data: dict[str, Any], *, probe: ImageProbe | None, on_error: s
     check_ids(coco, found)
     check_duplicates(coco, found)
     check_categories(coco, found)
+    check_references(coco, found)  # before image files: every bad reference is named at once
     check_file_names(coco, found)
     check_image_files(coco, found, probe)
-    check_references(coco, found)
     check_annotations(coco, found, min_box_size=min_box_size)
     check_coverage(coco, found, min_instances=min_instances)
     return _result(coco, found, on_error=on_error)
