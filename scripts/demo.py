@@ -32,27 +32,39 @@ def tracked_files(root: Path) -> list[str]:
     return [n for n in out.split("\0") if n and (root / n).is_file() and not n.startswith(GENERATED)]
 
 
+def merge_params(params: dict, *overlays: dict) -> dict:
+    """``params`` with each overlay (section -> {key: value}, or a top-level value) applied in turn."""
+    for overlay in overlays:
+        for section, values in overlay.items():
+            if isinstance(values, dict):
+                params.setdefault(section, {}).update(values)
+            else:
+                params[section] = values
+    return params
+
+
 def overlay_params(params_path: Path, overlay: dict) -> None:
-    """Merge ``overlay`` (section -> {key: value}) into the params.yaml at ``params_path``."""
-    params = yaml.safe_load(params_path.read_text()) or {}
-    for section, values in overlay.items():
-        if isinstance(values, dict):
-            params.setdefault(section, {}).update(values)
-        else:
-            params[section] = values
+    """Merge ``overlay`` into the params.yaml at ``params_path``."""
+    params = merge_params(yaml.safe_load(params_path.read_text()) or {}, overlay)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def make_copy(dest: Path, *, root: Path = ROOT) -> Path:
-    """A fresh git + DVC repository at ``dest`` with this checkout's files and tiny params."""
+def copy_checkout(dest: Path, *, root: Path = ROOT) -> Path:
+    """A fresh git repository at ``dest`` holding this checkout's files (no generated outputs)."""
     if dest.exists():
         shutil.rmtree(dest)
     for name in tracked_files(root):
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, dest / name)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    return dest
+
+
+def make_copy(dest: Path, *, root: Path = ROOT) -> Path:
+    """``copy_checkout`` with the tiny params applied, committed (dvclive needs a commit)."""
+    copy_checkout(dest, root=root)
     overlay_params(dest / "params.yaml", yaml.safe_load(TINY.read_text()))
     git = ["git", "-c", "user.name=teacher demo", "-c", "user.email=demo@localhost"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-qm", "demo: sample data, tiny-random models"], cwd=dest, check=True)
     return dest

@@ -17,7 +17,6 @@ data (may be absent).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,25 +30,13 @@ if str(REPO_ROOT) not in sys.path:  # `stages` importable however pytest is star
     sys.path.insert(0, str(REPO_ROOT))
 VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests (.venv/bin)
 REALWORLD = REPO_ROOT.parent / "shared" / "realworld"
-# generated outputs of other runs are never copied (dvc repro must make them itself)
-_NOT_COPIED = ("data/inspect.json", "data/validated.json", "data/split/", "models/", "checkpoints/")
-
-
-def repo_files(root: Path = REPO_ROOT) -> list[str]:
-    """Files git tracks, plus untracked ones it does not ignore (work in progress)."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root,
-                         check=True, capture_output=True).stdout.decode()
-    names = [n for n in out.split("\0") if n]
-    return [n for n in names if (root / n).is_file() and not n.startswith(_NOT_COPIED)]
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from demo import copy_checkout  # noqa: E402  (the demo's copy: tracked files, no outputs)
 
 
 def make_repo_copy(dest: Path, root: Path = REPO_ROOT) -> Path:
     """Copy this checkout's files to ``dest`` and make it a git + DVC repository."""
-    for name in repo_files(root):
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / name, target)
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    copy_checkout(dest, root=root)
     if not (dest / ".dvc" / "config").is_file():
         run_in_repo(dest, "dvc", "init", "-q")
     return dest

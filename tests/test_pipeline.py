@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO_ROOT, make_repo_copy, repo_env, run_in_repo, set_params
+from demo import overlay_params
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +30,8 @@ SHORT = {"train.epochs": 2, "train.max_steps_per_epoch": 3, "evaluate.gallery_im
 
 
 def tiny_params(repo: Path) -> None:
-    flat = {f"{s}.{k}": v for s, values in TINY.items() for k, v in values.items()}
-    set_params(repo, {**flat, **SHORT})
+    overlay_params(repo / "params.yaml", TINY)
+    set_params(repo, SHORT)
 
 
 def commit(repo: Path, message: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import REALWORLD, REPO_ROOT
+from demo import merge_params
 
 from stages import evaluate, split, train_dino, train_sam, validate
 from stages import inspect as inspect_stage
@@ -92,10 +93,7 @@ def params_for(annotations: Path, images: Path, **overrides: dict) -> dict[str, 
     {key: value}), data pointing at the dataset."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     data = {"data": {"annotations": str(annotations), "images": str(images)}}
-    for overlay in (TINY, MINIMAL, overrides, data):
-        for section, values in overlay.items():
-            params.setdefault(section, {}).update(values)
-    return params
+    return merge_params(params, TINY, MINIMAL, overrides, data)
 
 
 def stage_argv(images: Path) -> dict[str, tuple[Any, list[str]]]:
