@@ -34,8 +34,8 @@ def build(mode: str, *, preset: str, checkpointing: bool = True):
     import torch
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
 
-    from teacher.dino import (
-        box_targets,
+    from teacher.dino.data import box_targets
+    from teacher.dino.model import (
         build_processor,
         prepare_model,
         tiny_config,
@@ -50,7 +50,7 @@ def build(mode: str, *, preset: str, checkpointing: bool = True):
     model = prepare_model(GroundingDinoForObjectDetection(config))
     processor = build_processor(tokenizer, params=DinoParams())  # 800 / 1333
     if mode == "lora":
-        from teacher.dino_task import wrap_for_training
+        from teacher.dino.task import wrap_for_training
 
         model = wrap_for_training(model, dino=DinoParams(), lora=LoraParams(),
                                   activation_checkpointing=checkpointing)

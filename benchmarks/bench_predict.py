@@ -15,11 +15,11 @@ import time
 import numpy as np
 import torch
 
-from teacher.dino import load_dino
-from teacher.labels import build_label_map
+from teacher.dino.labels import build_label_map
+from teacher.dino.model import load_dino
 from teacher.params import DinoParams
 from teacher.predict import Filter, Teachers, predict_images
-from teacher.sam import ARCHITECTURES, build_sam, build_tiny_random
+from teacher.sam.model import ARCHITECTURES, build_sam, build_tiny_random
 
 CLASSES = [{"id": i + 1, "name": n} for i, n in enumerate(["cat", "dog", "car", "person"])]
 

@@ -50,8 +50,8 @@ def build_vit_b(mode: str):
     import torch
 
     from teacher.params import LoraParams, SamParams
-    from teacher.sam import ARCHITECTURES, build_sam
-    from teacher.sam_task import wrap_for_training
+    from teacher.sam.model import ARCHITECTURES, build_sam
+    from teacher.sam.task import wrap_for_training
 
     torch.manual_seed(0)
     sam = build_sam(ARCHITECTURES[ARCH])
@@ -68,7 +68,7 @@ def synthetic_batch(*, prompts: int, size: int) -> dict:
     import numpy as np
     import torch
 
-    from teacher.sam import image_to_tensor
+    from teacher.sam.model import image_to_tensor
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
@@ -94,7 +94,7 @@ def train_steps(model, batches, *, lr: float = 1e-4) -> list[float]:
     import torch
 
     from teacher.params import SamParams
-    from teacher.sam_task import training_step
+    from teacher.sam.task import training_step
 
     dev = device()
     model.to(dev).train()
@@ -116,7 +116,7 @@ def train_steps(model, batches, *, lr: float = 1e-4) -> list[float]:
 
 def worker_step(mode: str, *, steps: int, prompts: int) -> dict:
     from teacher.lora import count_parameters
-    from teacher.sam import input_size, unwrap
+    from teacher.sam.model import input_size, unwrap
 
     model = build_vit_b(mode)
     trainable, total = count_parameters(model)
@@ -132,8 +132,8 @@ def worker_epoch(mode: str, *, images: int, cache_dir: str) -> dict:
     from torch.utils.data import DataLoader
 
     from teacher.coco import load_coco, subset_coco
-    from teacher.sam import input_size, unwrap
-    from teacher.sam_data import SamDataset, cache_sam_embeddings, collate_sam
+    from teacher.sam.data import SamDataset, cache_sam_embeddings, collate_sam
+    from teacher.sam.model import input_size, unwrap
 
     coco = load_coco(SAMPLE / "annotations.json")
     if images:

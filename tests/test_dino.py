@@ -11,23 +11,18 @@ import torch
 from transformers.loss.loss_grounding_dino import GroundingDinoImageLoss
 from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps
 
-from teacher.dino import (
-    GroundedImageLoss,
-    annotation_boxes,
-    box_targets,
-    build_tiny_random,
-    decode,
-    detect,
-    load_dino,
-)
+from teacher.dino.data import annotation_boxes, box_targets
+from teacher.dino.detect import decode, detect
+from teacher.dino.labels import LabelMap, build_label_map
+from teacher.dino.loss import GroundedImageLoss
+from teacher.dino.model import build_tiny_random, load_dino
 from teacher.errors import TeacherError
-from teacher.labels import LabelMap, build_label_map
 from teacher.lora import apply_lora, load_adapter, merge
 from teacher.params import DinoParams, LoraParams
 
 PARAMS = DinoParams(model="tiny-random", shortest_edge=64, longest_edge=96)
 CATS = [{"id": 3, "name": "circle"}, {"id": 5, "name": "square"}, {"id": 9, "name": "star"}]
-from teacher.dino import HEAD_MODULES as HEADS  # noqa: E402
+from teacher.dino.model import HEAD_MODULES as HEADS  # noqa: E402
 
 
 def images(n: int, *, seed: int = 0) -> list[np.ndarray]:
@@ -281,7 +276,7 @@ def test_merged_model_matches_unmerged(bundle):
 
 
 def _grads(ckpt: bool) -> tuple[dict[str, torch.Tensor], list[bool]]:
-    from teacher.dino_task import wrap_for_training
+    from teacher.dino.task import wrap_for_training
 
     bundle = load_dino(PARAMS)
     torch.manual_seed(0)

@@ -18,14 +18,15 @@ from fake_adapters import (
 )
 
 from teacher.cli import main as teacher_main
-from teacher.dino import detect, load_dino
+from teacher.dino.detect import detect
+from teacher.dino.labels import load_labels
+from teacher.dino.model import load_dino
 from teacher.errors import TeacherError
 from teacher.export import export_all
 from teacher.images import load_image
-from teacher.labels import load_labels
 from teacher.lora import load_adapter
 from teacher.params import SamParams
-from teacher.sam import load_base_sam, load_sam, segment
+from teacher.sam.model import load_base_sam, load_sam, segment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,11 +79,12 @@ def test_exported_models_load_and_predict_without_peft(exported):
         import sys
         sys.modules["peft"] = None  # any import of peft now fails
         import numpy as np
-        from teacher.dino import detect, load_dino
+        from teacher.dino.detect import detect
+        from teacher.dino.model import load_dino
         from teacher.images import load_image
-        from teacher.labels import load_labels
+        from teacher.dino.labels import load_labels
         from teacher.params import DinoParams, SamParams
-        from teacher.sam import load_sam, segment
+        from teacher.sam.model import load_sam, segment
         image = load_image({str(root / "images" / "img_0.png")!r})
         bundle = load_dino(DinoParams(model={str(written["dino"])!r}, shortest_edge=64, longest_edge=96))
         det = detect(bundle, [image], load_labels({str(written["dino"] / "labels.json")!r}),

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from teacher.dino import tiny_tokenizer
-from teacher.errors import TeacherError
-from teacher.labels import (
+from teacher.dino.labels import (
     MAX_TEXT_TOKENS,
     build_label_map,
     chunk_names,
@@ -15,6 +13,8 @@ from teacher.labels import (
     prompt_text,
     save_labels,
 )
+from teacher.dino.model import tiny_tokenizer
+from teacher.errors import TeacherError
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from teacher.losses import dice_loss, focal_loss, iou_prediction_loss, mask_iou, sam_loss
+from teacher.sam.losses import dice_loss, focal_loss, iou_prediction_loss, mask_iou, sam_loss
 
 LN2 = math.log(2)
 WEIGHTS = dict(focal_weight=20.0, dice_weight=1.0, iou_weight=1.0, focal_alpha=0.25, focal_gamma=2.0)

@@ -113,10 +113,10 @@ def test_a_param_change_touches_exactly_its_stages(pipeline, change, direct):
 
 
 @pytest.mark.parametrize(("module", "direct"), [
-    ("src/teacher/sam.py", {"train_sam", "evaluate"}),
-    ("src/teacher/dino.py", {"train_dino", "evaluate"}),
+    ("src/teacher/sam/model.py", {"train_sam", "evaluate"}),
+    ("src/teacher/dino/model.py", {"train_dino", "evaluate"}),
     ("src/teacher/splitting.py", {"split"}),
-    ("src/teacher/engine.py", {"train_dino", "train_sam"}),
+    ("src/teacher/train/loop.py", {"train_dino", "train_sam"}),
 ])
 def test_editing_a_library_module_touches_the_stages_that_use_it(pipeline, module, direct):
     repo = pipeline["repo"]

@@ -69,10 +69,10 @@ def test_parse_classes():
 
 
 def test_sam_embeds_each_image_once_for_all_its_boxes(tmp_path):
-    from teacher.dino import load_dino
-    from teacher.labels import build_label_map
+    from teacher.dino.labels import build_label_map
+    from teacher.dino.model import load_dino
     from teacher.predict import Teachers
-    from teacher.sam import load_sam
+    from teacher.sam.model import load_sam
 
     gt = write_tiny_coco(tmp_path, n_images=2)
     dino = load_dino(TINY_DINO)
@@ -171,7 +171,7 @@ def test_predict_on_sample_images_round_trips(tmp_path):
 
 def test_chunked_segmentation_equals_one_call(tmp_path):
     from teacher.predict import segment_detections
-    from teacher.sam import load_sam, segment
+    from teacher.sam.model import load_sam, segment
 
     gt = write_tiny_coco(tmp_path, n_images=1)
     image = load_image(tmp_path / gt["images"][0]["file_name"])

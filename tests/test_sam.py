@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 from segment_anything import SamPredictor
 
-from teacher import sam as S
 from teacher.augment import sample_rng
 from teacher.coco import mask_to_rle
 from teacher.errors import TeacherError
 from teacher.lora import apply_lora, save_adapter
 from teacher.params import LoraParams, SamParams
-from teacher.sam_data import (
+from teacher.sam import model as S
+from teacher.sam.data import (
     SamDataset,
     cache_sam_embeddings,
     choose_prompts,
@@ -29,7 +29,7 @@ from teacher.sam_data import (
     masks_to_input,
     sam_instances,
 )
-from teacher.sam_task import encoder_trains, training_step, wrap_for_training
+from teacher.sam.task import encoder_trains, training_step, wrap_for_training
 
 ENCODER_QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
 DECODER_ATTN = S.DECODER_ATTENTION
@@ -196,7 +196,7 @@ def test_lora_parity_fresh_saved_merged(shapes, tmp_path):
     model = wrap_for_training(S.build_tiny_random(), sam_params=params, lora=LoraParams(dropout=0.0),
                               activation_checkpointing=False)
     model.eval()
-    assert torch.equal(_logits(model, image, boxes), base)  # fresh adapter: B = 0, no change
+    torch.testing.assert_close(_logits(model, image, boxes), base, rtol=1e-5, atol=1e-6)  # fresh adapter: B = 0; tolerance: another code path (x86 kernels differ in the last bits)
 
     _perturb_lora(model)  # as if trained: LoRA and the fully trained decoder differ from base
     trained = _logits(model, image, boxes)
@@ -207,7 +207,7 @@ def test_lora_parity_fresh_saved_merged(shapes, tmp_path):
     from teacher.lora import load_adapter
 
     reloaded = load_adapter(S.build_tiny_random(), tmp_path / "adapter").eval()
-    assert torch.equal(_logits(reloaded, image, boxes), trained)
+    torch.testing.assert_close(_logits(reloaded, image, boxes), trained, rtol=1e-5, atol=1e-6)  # reload: another module tree
     merged = S.load_sam(params, adapter_dir=tmp_path / "adapter")
     assert isinstance(merged, S.BoxPromptSam)
     torch.testing.assert_close(_logits(merged, image, boxes), trained, rtol=1e-4, atol=1e-4)
@@ -292,7 +292,7 @@ def test_augmented_items_keep_boxes_and_masks_aligned(shapes):
 
 
 def test_box_from_mask_when_annotation_has_none():
-    from teacher.sam_data import instance_boxes_xywh
+    from teacher.sam.data import instance_boxes_xywh
 
     mask = np.zeros((10, 12), bool)
     mask[2:5, 3:9] = True

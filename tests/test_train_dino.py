@@ -11,12 +11,12 @@ import torch
 from conftest import REPO_ROOT, run_in_repo, set_params
 from safetensors.torch import load_file
 
-import teacher.dino_task as dino_task
+import teacher.dino.task as dino_task
 from teacher.augment import resolve_policy
 from teacher.coco import load_coco, subset_coco
-from teacher.dino import load_dino
-from teacher.dino_data import DinoDataset, collate_dino
-from teacher.labels import build_label_map
+from teacher.dino.data import DinoDataset, collate_dino
+from teacher.dino.labels import build_label_map
+from teacher.dino.model import load_dino
 from teacher.params import AugmentParams, DinoParams, LoraParams, TrainParams
 
 SAMPLE = REPO_ROOT / "data" / "sample"
@@ -166,7 +166,7 @@ def test_two_processes_train_and_evaluate_without_deadlock(tmp_path, monkeypatch
     """transformers' loss all-reduces its box count; evaluation (main process only) must not."""
     import faulthandler
 
-    from teacher.engine import launch
+    from teacher.train.distributed import launch
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     faulthandler.dump_traceback_later(300, exit=True)  # a deadlock ends the run, with tracebacks

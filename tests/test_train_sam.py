@@ -12,13 +12,13 @@ from conftest import REPO_ROOT, run_in_repo, set_params
 from safetensors.torch import load_file
 
 import stages.train_sam as stage
-from teacher import sam_task
 from teacher.augment import resolve_policy
 from teacher.coco import load_coco, read_json
 from teacher.errors import TeacherError
 from teacher.inspection import dataset_facts
 from teacher.params import AugmentParams, LoraParams, SamParams, TrainParams
-from teacher.sam import DECODER_ATTENTION, TINY_RANDOM, build_tiny_random, load_sam
+from teacher.sam import task as sam_task
+from teacher.sam.model import DECODER_ATTENTION, TINY_RANDOM, build_tiny_random, load_sam
 from teacher.splitting import split_coco
 
 SAMPLE = REPO_ROOT / "data" / "sample"

@@ -43,3 +43,18 @@ def _canonical(obj: Any) -> Any:
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     raise TypeError(f"fingerprint: cannot hash {type(obj).__name__}")
+
+
+def images_digest(root: Path | str, *cocos: Mapping[str, Any]) -> str:
+    """sha256 over (file name, content sha256) of every image the COCO dicts list under ``root``.
+
+    A run's fingerprint includes it, so an edited image invalidates a checkpoint while moving
+    the image folder does not. A missing file contributes ``"missing"``.
+    """
+    root = Path(root)
+    names = sorted({str(im.get("file_name")) for coco in cocos for im in coco.get("images", [])})
+    entries = []
+    for name in names:
+        path = root / name
+        entries.append([name, file_sha256(path) if path.is_file() else "missing"])
+    return fingerprint(entries)

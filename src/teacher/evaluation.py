@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from teacher.artifacts import LABELS_FILE, SKIPPED_FILE, skipped_reason
 from teacher.coco import annotation_mask, mask_kind
+from teacher.dino.labels import LabelMap
 from teacher.errors import TeacherError
 from teacher.images import load_image
-from teacher.labels import LabelMap
 from teacher.metrics import (
     category_names,
     coco_evaluate,
@@ -33,16 +34,6 @@ from teacher.metrics import (
     summarize,
 )
 from teacher.predict import Filter, Teachers, merged, predict_images, to_annotations
-
-SKIPPED_FILE = "SKIPPED"
-
-
-def skipped_reason(model_dir: str | Path) -> str | None:
-    """The reason written in ``<model_dir>/SKIPPED`` when the stage skipped that teacher."""
-    note = Path(model_dir) / SKIPPED_FILE
-    if note.exists():
-        return note.read_text().strip() or "no reason given"
-    return None
 
 
 @dataclass
@@ -67,7 +58,7 @@ def gt_box_masks(sam: Any, image: np.ndarray, anns: Sequence[dict], *, multimask
     Returns the IoU (N,) of each predicted mask with its ground-truth mask, and the prompts as
     detections (``boxes`` xywh, ``scores`` = SAM's predicted IoU, ``category_ids``, ``masks``).
     """
-    from teacher.sam import segment
+    from teacher.sam.model import segment
 
     h, w = image.shape[:2]
     boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
@@ -156,14 +147,14 @@ def gains(adapted: dict[str, float], base: dict[str, float]) -> dict[str, float]
 
 def label_map_of(dino_dir: Path | None, gt: dict) -> LabelMap:
     """The DINO adapter's label map (``labels.json``), or one from the test split's categories."""
-    from teacher.labels import load_labels
+    from teacher.dino.labels import load_labels
 
-    if dino_dir is not None and (dino_dir / "labels.json").exists():
-        return load_labels(dino_dir / "labels.json")
+    if dino_dir is not None and (dino_dir / LABELS_FILE).exists():
+        return load_labels(dino_dir / LABELS_FILE)
     cats = sorted(gt["categories"], key=lambda c: c["id"])
     if not cats:
         raise TeacherError("the test split has no categories; check data/split/test.json")
-    from teacher.labels import clean_name
+    from teacher.dino.labels import clean_name
 
     names = tuple(clean_name(str(c["name"])) for c in cats)
     return LabelMap(category_ids=tuple(int(c["id"]) for c in cats), names=names,
@@ -193,12 +184,12 @@ def load_teachers(gt: dict, *, dino_dir: Path | None, sam_dir: Path | None, dino
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dino = sam = None
     if dino_dir is not None:
-        from teacher.dino import load_dino
+        from teacher.dino.model import load_dino
 
         dino = merged(load_dino(dino_params, adapter_dir=dino_dir if adapters else None))
         dino.model.to(device)
     if sam_dir is not None:
-        from teacher.sam import load_sam
+        from teacher.sam.model import load_sam
 
         sam = load_sam(sam_params, adapter_dir=sam_dir if adapters else None).to(device).eval()
     return Teachers(dino=dino, sam=sam, label_map=label_map_of(dino_dir, gt))

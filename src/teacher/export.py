@@ -17,15 +17,14 @@ from pathlib import Path
 
 import torch
 
+from teacher.artifacts import LABELS_FILE, SKIPPED_FILE, skipped_reason
 from teacher.errors import TeacherError
 from teacher.params import DinoParams, SamParams
-
-SKIPPED_FILE = "SKIPPED"
 
 
 def export_dino(params: DinoParams, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Base DINO of ``params`` + the adapter of ``adapter_dir``, merged, saved to ``out_dir``."""
-    from teacher.dino import load_dino
+    from teacher.dino.model import load_dino
     from teacher.lora import merge
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -34,13 +33,13 @@ def export_dino(params: DinoParams, adapter_dir: str | Path, out_dir: str | Path
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     bundle.processor.save_pretrained(str(out_dir))
-    shutil.copyfile(adapter_dir / "labels.json", out_dir / "labels.json")
+    shutil.copyfile(adapter_dir / LABELS_FILE, out_dir / LABELS_FILE)
     return out_dir
 
 
 def export_sam(params: SamParams, adapter_dir: str | Path, out_path: str | Path) -> Path:
     """Base SAM of ``params`` + the adapter of ``adapter_dir``, merged, as a state dict file."""
-    from teacher.sam import load_sam
+    from teacher.sam.model import load_sam
 
     out_path = Path(out_path)
     sam = load_sam(params, adapter_dir=Path(adapter_dir))  # merged by load_sam
@@ -63,9 +62,9 @@ def export_all(adapters: str | Path, out: str | Path, *, dino: DinoParams, sam: 
             "sam": (adapters / "sam", lambda d: export_sam(sam, d, out / "sam.pth"))}
     written = {}
     for name, (folder, job) in jobs.items():
-        if (folder / SKIPPED_FILE).exists():
-            log(f"export: {name} not exported: {folder / SKIPPED_FILE} says: "
-                f"{(folder / SKIPPED_FILE).read_text().strip()}")
+        reason = skipped_reason(folder)
+        if reason is not None:
+            log(f"export: {name} not exported: {folder / SKIPPED_FILE} says: {reason}")
         elif (folder / "adapter_config.json").exists():
             written[name] = job(folder)
             log(f"export: {name} -> {written[name]}")

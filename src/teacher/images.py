@@ -1,7 +1,7 @@
 """Image files: decode with EXIF orientation applied, or read only the header for the size.
 
 Kept in its own module so the data stages (inspect, validate) depend on this file only, not on
-the torch datasets (``teacher.sam_data``, ``teacher.dino_data``).
+the torch datasets (``teacher.sam.data``, ``teacher.dino.data``).
 """
 
 from __future__ import annotations

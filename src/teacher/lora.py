@@ -23,10 +23,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from teacher.artifacts import TRAINED_MODULES_FILE
 from teacher.errors import TeacherError
 from teacher.params import LoraParams
 
-TRAINED_MODULES_FILE = "trained_modules.safetensors"
 LORA_TAG = "lora_"  # peft's LoRA parameter names contain lora_A / lora_B / lora_embedding_*
 _LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 

@@ -19,11 +19,12 @@ import torch
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
+from teacher.artifacts import SKIPPED_FILE, skipped_reason
 from teacher.boxes import xywh_to_xyxy
 from teacher.coco import mask_to_rle
+from teacher.dino.labels import LabelMap
 from teacher.errors import TeacherError
 from teacher.images import load_image
-from teacher.labels import LabelMap
 
 SAM_CHUNK = 16  # boxes SAM decodes and upscales at a time
 RAW_PER_KEPT = 4  # DINO candidates per kept detection, before per-class NMS
@@ -118,7 +119,14 @@ def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: dict[str, n
     The image embedding is computed once; the boxes are decoded ``chunk`` at a time, which bounds
     the full-size float logits in memory (N x H x W) on large photos with many detections.
     """
-    from teacher.sam import embed_images, image_to_tensor, input_size, resize_image, segment, unwrap
+    from teacher.sam.model import (
+        embed_images,
+        image_to_tensor,
+        input_size,
+        resize_image,
+        segment,
+        unwrap,
+    )
 
     boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
     base = unwrap(sam)
@@ -134,7 +142,7 @@ def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: dict[str, n
 def detect_batch(teachers: Teachers, images: Sequence[np.ndarray], *, box_threshold: float,
                  text_threshold: float, max_detections: int) -> list[dict[str, np.ndarray]]:
     """DINO's raw detections for a batch of HxWx3 uint8 images (one dict per image)."""
-    from teacher.dino import detect
+    from teacher.dino.detect import detect
 
     return detect(teachers.dino, list(images), teachers.label_map, box_threshold=box_threshold,
                   text_threshold=text_threshold, max_detections=max_detections)
@@ -246,9 +254,9 @@ def adapter_folder(adapters: Path | None, name: str, log) -> Path | None:
     if adapters is None:
         return None
     folder = adapters / name
-    if (folder / "SKIPPED").exists():
-        log(f"predict: {name}: no adapter ({folder}/SKIPPED: "
-            f"{(folder / 'SKIPPED').read_text().strip()}); using the base model")
+    reason = skipped_reason(folder)
+    if reason is not None:
+        log(f"predict: {name}: no adapter ({folder}/{SKIPPED_FILE}: {reason}); using the base model")
         return None
     if not (folder / "adapter_config.json").exists():
         raise TeacherError(f"{folder}: no adapter_config.json; pass --adapters pointing at the "
@@ -273,8 +281,8 @@ def load_predict_teachers(*, classes: Sequence[str] | None, adapters: str | Path
     Classes come from ``classes`` (ids 1..N in order) or, without it, the DINO adapter's
     ``labels.json``.
     """
-    from teacher.dino import load_dino
-    from teacher.labels import build_label_map
+    from teacher.dino.labels import build_label_map
+    from teacher.dino.model import load_dino
 
     adapters = Path(adapters) if adapters is not None else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -290,7 +298,7 @@ def load_predict_teachers(*, classes: Sequence[str] | None, adapters: str | Path
                            "a trained dino/ adapter (its labels.json holds the classes)")
     sam = None
     if segment_masks:
-        from teacher.sam import load_sam
+        from teacher.sam.model import load_sam
 
         sam = load_sam(sam_params, adapter_dir=adapter_folder(adapters, "sam", log)).to(device).eval()
     return Teachers(dino=dino, sam=sam, label_map=label_map)

@@ -2,7 +2,7 @@
 disk cache of image embeddings for decoder-only training.
 
 Every non-crowd instance with a mask (polygon or RLE) gives a (box prompt, mask) pair.
-Geometry is segment-anything's (teacher.sam): longest side resized to the encoder size, boxes
+Geometry is segment-anything's (teacher.sam.model): longest side resized to the encoder size, boxes
 into that frame, masks resized the same way and padded to the square input. Decoder-only
 training reads each image's embedding from a disk cache instead of the image.
 """
@@ -26,7 +26,7 @@ from teacher.boxes import xywh_to_xyxy
 from teacher.coco import annotation_mask, images_by_id, index_by_image, mask_kind
 from teacher.digest import file_sha256
 from teacher.images import image_path, load_image
-from teacher.sam import (
+from teacher.sam.model import (
     boxes_xyxy_to_input,
     embed_images,
     encoder_fingerprint,

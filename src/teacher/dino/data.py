@@ -13,12 +13,39 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from teacher.augment import sample_rng
+from teacher.boxes import xywh_to_cxcywh_norm
 from teacher.coco import index_by_image
-from teacher.dino import annotation_boxes, box_targets
+from teacher.dino.labels import LabelMap
 from teacher.images import image_path, load_image
+
+
+def annotation_boxes(anns: list[dict], *, label_map: LabelMap, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes and chunk-local labels of the annotations the loss sees.
+
+    Crowd annotations, boxes without area and classes outside prompt chunk ``chunk`` are left
+    out. Returns ``boxes`` (n, 4) float32 COCO xywh pixels and ``labels`` (n,) int64.
+    """
+    in_chunk = {label_map.category_ids[i]: j for j, i in enumerate(label_map.chunks[chunk])}
+    kept = [a for a in anns if not a.get("iscrowd", 0) and a.get("bbox") is not None
+            and a["category_id"] in in_chunk and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+    boxes = np.array([a["bbox"] for a in kept], dtype=np.float32).reshape(-1, 4)
+    labels = np.array([in_chunk[a["category_id"]] for a in kept], dtype=np.int64)
+    return boxes, labels
+
+
+def box_targets(boxes: np.ndarray, labels: np.ndarray, *, width: int, height: int) -> dict[str, torch.Tensor]:
+    """One image's loss target: ``class_labels`` (n,) long, ``boxes`` (n, 4) float cxcywh in [0, 1].
+
+    ``boxes`` are COCO xywh pixels of an image ``width x height`` (after augmentation);
+    normalised boxes do not change when the processor resizes the image.
+    """
+    norm = xywh_to_cxcywh_norm(np.asarray(boxes, np.float32).reshape(-1, 4), width=width, height=height)
+    return {"class_labels": torch.as_tensor(np.asarray(labels), dtype=torch.long),
+            "boxes": torch.as_tensor(np.clip(norm, 0.0, 1.0), dtype=torch.float32)}
 
 
 def dino_items(coco: dict[str, Any], label_map: Any, *, all_chunks: bool) -> list[tuple[dict, int]]:

@@ -22,14 +22,10 @@ weights and metrics as an uninterrupted run (same seed, CPU). Removed after succ
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 import random
-import re
 import shutil
-import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +35,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from teacher.digest import file_sha256
 from teacher.errors import TeacherError
 from teacher.params import TrainParams
-
-CHECKPOINT_VERSION = 1
-_EPOCH_DIR = re.compile(r"epoch-(\d{4,})")
+from teacher.train.checkpoints import (
+    CHECKPOINT_VERSION,
+    load_checkpoint,
+    remove_partial,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from teacher.train.distributed import all_reduce_grads, broadcast_parameters, reduced_terms
+from teacher.train.live import log_epoch, log_step, open_live
 
 
 @dataclass
@@ -59,9 +61,6 @@ class Task:
     evaluate: Callable[[nn.Module], dict[str, float]]  # val metrics, e.g. {"val_loss", "val_map"}
     monitor: str  # key of evaluate() maximised (early stopping, best weights)
     save: Callable[[nn.Module, Path], None]  # writes the adapter folder
-
-
-# ---------------------------------------------------------------- pure helpers
 
 
 def resolve_precision(precision: str) -> str:
@@ -134,58 +133,6 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-# ---------------------------------------------------------------- memory helpers
-
-
-def checkpoint_layers(layers: Iterable[nn.Module]) -> int:
-    """Recompute each layer's forward during backward (``torch.utils.checkpoint``, non-reentrant).
-
-    Trades compute for activation memory. Only active when grad is enabled and the layer is in
-    training mode; keyword arguments pass through (the reentrant form rejects them and can
-    silently leave LoRA inside the layer without gradients). Returns the number of layers wrapped.
-    """
-    n = 0
-    for layer in layers:
-        if getattr(layer, "_teacher_checkpointed", False):
-            continue
-        layer.forward = functools.partial(_checkpointed_forward, layer, layer.forward)
-        layer._teacher_checkpointed = True
-        n += 1
-    return n
-
-
-def _checkpointed_forward(layer: nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> Any:
-    if layer.training and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
-
-
-def run_without_grad(module: nn.Module) -> nn.Module:
-    """Make a frozen module's forward run under ``torch.no_grad`` (no activations kept for backward).
-
-    For parts no LoRA reaches and whose inputs need no gradient (e.g. an image backbone).
-    Raises TeacherError if the module has trainable parameters.
-    """
-    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
-    if trainable:
-        raise TeacherError(f"run_without_grad: {type(module).__name__} has trainable parameters "
-                           f"{trainable[:5]}; only frozen parts may run without autograd")
-    forward = module.forward
-    module.forward = functools.partial(_no_grad_forward, forward)
-    return module
-
-
-def _no_grad_forward(forward: Callable, *args: Any, **kwargs: Any) -> Any:
-    with torch.no_grad():
-        return forward(*args, **kwargs)
-
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
 @dataclass
 class RunState:
     """Loop bookkeeping saved in every checkpoint (JSON)."""
@@ -199,162 +146,6 @@ class RunState:
     stopped: bool = False  # early stopping fired
     history: dict[str, list] = field(default_factory=lambda: {"steps": [], "epochs": []})
     best_state: dict[str, Tensor] | None = field(default=None, repr=False)  # in state.pt, not JSON
-
-
-def _rng_state() -> dict[str, Any]:
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(mt), gauss],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-
-
-def _set_rng_state(state: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch_rng"])
-    if torch.cuda.is_available() and tensors.get("cuda_rng"):
-        torch.cuda.set_rng_state_all(tensors["cuda_rng"])
-
-
-def save_checkpoint(checkpoint_dir: Path, *, tensors: dict[str, Any], meta: dict[str, Any],
-                    keep: int = 2) -> Path:
-    """Write ``epoch-NNNN/{state.pt, meta.json}`` atomically (tmp dir + os.replace); keep ``keep``.
-
-    ``tensors`` is torch.save'd (loaded back with weights_only=True); ``meta`` (JSON) records
-    the sha256 of state.pt so a damaged file is detected.
-    """
-    final = checkpoint_dir / f"epoch-{meta['run']['epoch']:04d}"
-    tmp = checkpoint_dir / f".{final.name}.tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(tensors, tmp / "state.pt")
-        meta = {**meta, "state_sha256": file_sha256(tmp / "state.pt")}
-        _write_synced(tmp / "meta.json", json.dumps(meta).encode())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TeacherError(f"{checkpoint_dir}: cannot write a checkpoint ({e}); free disk space or "
-                           "make the folder writable, then re-run: training resumes from the "
-                           "last good checkpoint") from e
-    for old in _checkpoint_dirs(checkpoint_dir)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _checkpoint_dirs(checkpoint_dir: Path) -> list[Path]:
-    """Checkpoint folders, newest first."""
-    if not checkpoint_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir()
-             if (m := _EPOCH_DIR.fullmatch(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def load_checkpoint(checkpoint_dir: Path, *, fingerprint: str,
-                    verbose: bool = True) -> tuple[dict, dict] | None:
-    """(tensors, meta) of the newest readable checkpoint whose fingerprint matches, else None.
-
-    A damaged checkpoint (unreadable JSON, hash mismatch, torch.load failure) is reported and
-    the previous one is tried; a fingerprint mismatch (params or data changed) means none.
-    """
-    for path in _checkpoint_dirs(checkpoint_dir):
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-            if meta.get("fingerprint") != fingerprint or meta.get("version") != CHECKPOINT_VERSION:
-                _say(verbose, f"{path}: checkpoint is from other params or data; training from scratch")
-                return None
-            if file_sha256(path / "state.pt") != meta["state_sha256"]:
-                raise ValueError("state.pt does not match the sha256 recorded in meta.json")
-            tensors = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-            return tensors, meta
-        except Exception as e:  # any damage: fall back to the previous checkpoint
-            _say(verbose, f"{path}: checkpoint is damaged ({type(e).__name__}: {e}); "
-                 "falling back to the previous one")
-    if checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
-        _say(verbose, f"{checkpoint_dir}: no usable checkpoint; training from scratch")
-    return None
-
-
-def _say(verbose: bool, message: str) -> None:
-    if verbose:
-        print(message, flush=True)
-
-
-# ---------------------------------------------------------------- processes
-
-
-def launch(fn: Callable[..., Any], *, processes: int, args: tuple = (),
-           kwargs: Mapping[str, Any] | None = None) -> Any:
-    """Run ``fn(*args, **kwargs)`` in ``processes`` data-parallel processes (gloo on CPU, nccl on GPUs).
-
-    With ``processes`` <= 1, or when already inside a distributed launch (``accelerate launch``,
-    torchrun), calls ``fn`` directly. Otherwise spawns the processes on this machine and returns
-    the main process's result; ``fn`` and ``args`` must be picklable (module-level function).
-    A TeacherError in any process is raised again here with its message.
-    """
-    kwargs = dict(kwargs or {})
-    if processes <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return fn(*args, **kwargs)
-    import torch.multiprocessing as mp
-
-    if torch.cuda.is_available() and torch.cuda.device_count() < processes:
-        raise TeacherError(f"train.processes={processes} but only {torch.cuda.device_count()} "
-                           "GPU(s) are visible; lower train.processes")
-    # spawn, not fork: a forked child of a process that has run torch ops can deadlock on a
-    # lock some thread held at the fork (seen here), and CUDA cannot be forked.
-    method = "spawn"
-    ctx = mp.get_context(method)
-    results = ctx.SimpleQueue()
-    port = _free_port()
-    try:
-        mp.start_processes(_worker, args=(fn, args, kwargs, processes, port, results), nprocs=processes,
-                           start_method=method, join=True)
-    except mp.ProcessRaisedException as e:
-        last = str(e).strip().splitlines()[-1]
-        if last.startswith("teacher.errors.TeacherError: "):
-            raise TeacherError(last.removeprefix("teacher.errors.TeacherError: ")) from None
-        raise
-    return results.get() if not results.empty() else None
-
-
-def is_main_process() -> bool:
-    """True outside distributed runs and on rank 0 of one (``launch``, ``accelerate launch``).
-
-    Stages guard their own writes with it when ``accelerate launch`` runs the whole stage in
-    every process.
-    """
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _worker(rank: int, fn: Callable, args: tuple, kwargs: dict, world: int, port: int,
-            results: Any) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(rank)
-    result = fn(*args, **kwargs)
-    if rank == 0:
-        results.put(result)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ---------------------------------------------------------------- the loop
 
 
 @dataclass
@@ -389,7 +180,7 @@ def fit(task: Task, *, train: TrainParams, seed: int, out_dir: Path, checkpoint_
     loop = _start(task, train=train, seed=seed)
     run = _resume(loop, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint)
     if loop.main:
-        loop.live = _open_live(live_dir, run.history, record)
+        loop.live = open_live(live_dir, run.history, record)
     while run.epoch < train.epochs and not run.stopped:
         _train_epoch(loop, run)
         metrics = _evaluate(loop, run)
@@ -426,7 +217,7 @@ def _start(task: Task, *, train: TrainParams, seed: int) -> _Loop:
     params = trainable_parameters(model)
     if not params:
         raise TeacherError(f"{task.name}: the model has no trainable parameters (apply LoRA first)")
-    _broadcast(params, accelerator)
+    broadcast_parameters(params, accelerator)
     n = len(task.train_dataset)
     if n == 0:
         raise TeacherError(f"{task.name}: the training split is empty; check data/split/train.json")
@@ -453,17 +244,9 @@ def _adamw(params: list[tuple[str, nn.Parameter]], *, train: TrainParams) -> tor
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
 
 
-def _broadcast(params: list[tuple[str, nn.Parameter]], accelerator: Any) -> None:
-    """Start every process from the main process's trainable weights."""
-    if accelerator.num_processes > 1:
-        for _, p in params:
-            torch.distributed.broadcast(p.data, src=0)
-
-
 def _resume(loop: _Loop, *, checkpoint_dir: Path, fingerprint: str) -> RunState:
     if loop.main:
-        for tmp in checkpoint_dir.glob(".epoch-*.tmp"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_partial(checkpoint_dir)
     loop.accelerator.wait_for_everyone()
     found = load_checkpoint(checkpoint_dir, fingerprint=fingerprint, verbose=loop.main)
     loop.accelerator.wait_for_everyone()
@@ -477,7 +260,7 @@ def _resume(loop: _Loop, *, checkpoint_dir: Path, fingerprint: str) -> RunState:
     loop.scheduler.load_state_dict(tensors["scheduler"])
     if loop.accelerator.scaler is not None and tensors.get("scaler"):
         loop.accelerator.scaler.load_state_dict(tensors["scaler"])
-    _set_rng_state(meta["rng"], tensors)
+    set_rng_state(meta["rng"], tensors)
     run = RunState(**meta["run"], best_state=tensors.get("best_model") or None)
     if loop.main:
         print(f"{loop.task.name}: resuming after epoch {run.epoch} (step {run.step})")
@@ -505,7 +288,7 @@ def _snapshot(loop: _Loop, run: RunState, fp: str) -> tuple[dict, dict]:
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     run_json = {k: v for k, v in vars(run).items() if k != "best_state"}
-    meta = {"version": CHECKPOINT_VERSION, "fingerprint": fp, "run": run_json, "rng": _rng_state()}
+    meta = {"version": CHECKPOINT_VERSION, "fingerprint": fp, "run": run_json, "rng": rng_state()}
     return tensors, meta
 
 
@@ -547,7 +330,7 @@ def _micro_step(loop: _Loop, run: RunState, batch: Any, *, scale: float, micro: 
         terms = loop.task.step(loop.task.model, batch)
     if "loss" not in terms:
         raise TeacherError(f"{loop.task.name}: step() must return a dict with a 'loss' entry")
-    values = _reduced_terms(terms, acc)
+    values = reduced_terms(terms, acc)
     if not all(math.isfinite(v) for v in values.values()):
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
         raise TeacherError(
@@ -558,21 +341,10 @@ def _micro_step(loop: _Loop, run: RunState, batch: Any, *, scale: float, micro: 
     return values
 
 
-def _reduced_terms(terms: Mapping[str, Any], acc: Any) -> dict[str, float]:
-    """Loss terms as floats, averaged over processes (every process sees the same values)."""
-    keys = sorted(terms)
-    stacked = torch.stack([torch.as_tensor(terms[k], device=acc.device).detach().float().reshape(())
-                           for k in keys])
-    if acc.num_processes > 1:
-        torch.distributed.all_reduce(stacked)
-        stacked = stacked / acc.num_processes
-    return dict(zip(keys, stacked.tolist(), strict=True))
-
-
 def _optimizer_step(loop: _Loop, run: RunState, group: list[dict[str, float]]) -> dict[str, float]:
     """Average gradients over processes, clip, step optimizer and schedule; log the step."""
     acc = loop.accelerator
-    _all_reduce_grads(loop.params, acc)
+    all_reduce_grads(loop.params, acc)
     if loop.train.clip_norm > 0:
         acc.clip_grad_norm_([p for _, p in loop.params], loop.train.clip_norm)
     lr = loop.scheduler.get_last_lr()[0]
@@ -586,23 +358,8 @@ def _optimizer_step(loop: _Loop, run: RunState, group: list[dict[str, float]]) -
     entry = {"step": run.step, **logged}
     run.history["steps"].append(entry)
     if loop.live is not None:
-        _log_step(loop.live, entry)
+        log_step(loop.live, entry)
     return logged
-
-
-def _all_reduce_grads(params: list[tuple[str, nn.Parameter]], acc: Any) -> None:
-    """Average the trainable gradients over processes in one flat all-reduce."""
-    if acc.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= acc.num_processes
-    offset = 0
-    for (_, p), g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-        offset += n
 
 
 def _evaluate(loop: _Loop, run: RunState) -> dict[str, float]:
@@ -637,64 +394,11 @@ def _update_best(loop: _Loop, run: RunState, metrics: dict[str, float]) -> None:
     entry = {"epoch": run.epoch, "step": run.step, **metrics}
     run.history["epochs"].append(entry)
     if loop.live is not None:
-        _log_epoch(loop.live, entry)
+        log_epoch(loop.live, entry)
     if loop.main:
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         stop = " (early stop)" if run.stopped else ""
         print(f"{loop.task.name} epoch {run.epoch}/{loop.train.epochs}: {shown}{stop}")
-
-
-# ---------------------------------------------------------------- logging and the end
-
-
-def _open_live(live_dir: Path, history: dict[str, list], record: Mapping[str, Any] | None) -> Any:
-    """A fresh dvclive.Live in ``live_dir`` with the resumed history replayed into it."""
-    from dvclive import Live
-
-    try:
-        live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-    except Exception as e:  # dvclive 3.x: scmrepo's SCMError("Empty git repo") escapes it
-        if "Empty git repo" not in str(e):
-            raise
-        raise TeacherError(
-            f"{live_dir}: dvclive cannot log in a git repository without commits; commit once "
-            "(`git add -A && git commit -m 'initial'`), then re-run the stage"
-        ) from e
-    live.summary.update(_plain(record or {}))
-    for entry in history["steps"]:
-        _log_step(live, entry)
-    for entry in history["epochs"]:
-        _log_epoch(live, entry)
-    return live
-
-
-def _plain(record: Mapping[str, Any]) -> dict[str, Any]:
-    """``record`` with lists joined into text (dvc metrics shows scalars), dicts kept nested."""
-    out: dict[str, Any] = {}
-    for k, v in record.items():
-        if isinstance(v, Mapping):
-            out[str(k)] = _plain(v)
-        elif isinstance(v, (list, tuple)):
-            out[str(k)] = "; ".join(map(str, v))
-        else:
-            out[str(k)] = v
-    return out
-
-
-def _log_step(live: Any, entry: Mapping[str, float]) -> None:
-    live.step = entry["step"]
-    for k, v in entry.items():
-        if k != "step":
-            live.log_metric(f"train/{k}", v)
-
-
-def _log_epoch(live: Any, entry: Mapping[str, float]) -> None:
-    live.step = entry["step"]
-    live.log_metric("epoch", entry["epoch"])
-    for k, v in entry.items():
-        if k not in ("step", "epoch"):
-            live.log_metric(k, v)
-    live.make_summary()
 
 
 def _finish(loop: _Loop, run: RunState, *, out_dir: Path, checkpoint_dir: Path) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Fine-tuning Grounding DINO: the engine ``Task`` for DINO and the one call of train_dino.
+"""Fine-tuning Grounding DINO: the training ``Task`` for DINO and the one call of train_dino.
 
 LoRA on the attention projections of the encoder, decoder and text-image fusion layers
 (``dino.lora_targets``); ``dino.train_heads`` trains the box heads fully (tied across decoder
@@ -19,22 +19,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from teacher.artifacts import LABELS_FILE
 from teacher.augment import build_transform
-from teacher.dino import (
-    HEAD_MODULES,
-    coco_results,
-    decode,
-    frozen_towers,
-    grounded_loss,
-    load_dino,
-    merge_detections,
-)
-from teacher.dino_data import DinoDataset, collate_dino
-from teacher.engine import Task, checkpoint_layers, fit, run_without_grad, seed_everything
-from teacher.labels import LabelMap, build_label_map, save_labels
+from teacher.dino.data import DinoDataset, collate_dino
+from teacher.dino.detect import coco_results, decode, merge_detections
+from teacher.dino.labels import LabelMap, build_label_map, save_labels
+from teacher.dino.loss import grounded_loss
+from teacher.dino.model import HEAD_MODULES, frozen_towers, load_dino
 from teacher.lora import apply_lora, save_adapter
 from teacher.metrics import coco_eval
 from teacher.params import DinoParams, LoraParams, TrainParams
+from teacher.train.loop import Task, fit, seed_everything
+from teacher.train.memory import checkpoint_layers, run_without_grad
 
 LOGGED_TERMS = ("loss_ce", "loss_bbox", "loss_giou")  # last decoder layer's terms, logged per step
 INPUT_KEYS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids")
@@ -112,13 +108,13 @@ def evaluate_detection(model: nn.Module, *, loader: DataLoader, coco: dict[str, 
 def save_dino(model: nn.Module, out_dir: Path, *, label_map: LabelMap) -> None:
     """The adapter folder: peft adapter, trained heads, labels.json."""
     save_adapter(model, out_dir)
-    save_labels(label_map, Path(out_dir) / "labels.json")
+    save_labels(label_map, Path(out_dir) / LABELS_FILE)
 
 
 def build_task(model: nn.Module, *, processor: Any, label_map: LabelMap, train_coco: dict,
                val_coco: dict, image_root: Path, augment_policy: dict[str, Any], seed: int,
                batch_size: int) -> Task:
-    """The engine Task: augmented train dataset, step, val loss + mAP, save."""
+    """The training Task: augmented train dataset, step, val loss + mAP, save."""
     collate = partial(collate_dino, processor=processor, label_map=label_map)
     dataset = DinoDataset(train_coco, image_root, label_map=label_map, seed=seed,
                           transform=build_transform(augment_policy, train=True))
@@ -139,8 +135,8 @@ def train_dino(*, train_coco: dict, val_coco: dict, image_root: Path, dino: Dino
 
     Writes ``adapter_model.safetensors``, ``adapter_config.json``, ``trained_modules.safetensors``
     (heads, when trained) and ``labels.json``; dvclive logs in ``live_dir`` with the
-    augmentation policy in its summary. Returns the best epoch's metrics from the engine.
-    Module-level and picklable arguments: runs under ``engine.launch`` for several processes.
+    augmentation policy in its summary. Returns the best epoch's metrics from the training loop.
+    Module-level and picklable arguments: runs under ``teacher.train.distributed.launch`` for several processes.
     """
     bundle = load_dino(dino)
     label_map = build_label_map(train_coco["categories"], tokenizer=bundle.processor.tokenizer)

@@ -1,4 +1,4 @@
-"""Fine-tuning SAM from box prompts: the engine ``Task`` for SAM and the one call of train_sam.
+"""Fine-tuning SAM from box prompts: the training ``Task`` for SAM and the one call of train_sam.
 
 LoRA on the image encoder attention (``sam.lora_targets``, optionally decoder attention too);
 ``sam.train_decoder`` trains the mask decoder fully (saved beside the adapter, never through
@@ -21,20 +21,21 @@ from torch import Tensor, nn
 
 from teacher.augment import build_transform
 from teacher.coco import annotation_mask, images_by_id
-from teacher.engine import Task, checkpoint_layers, fit
 from teacher.errors import TeacherError
 from teacher.images import image_path, load_image
 from teacher.lora import apply_lora, save_adapter
-from teacher.losses import mask_iou, sam_loss
 from teacher.params import LoraParams, SamParams, TrainParams
-from teacher.sam import input_size, load_base_sam, segment, unwrap
-from teacher.sam_data import (
+from teacher.sam.data import (
     SamDataset,
     cache_sam_embeddings,
     collate_sam,
     instance_boxes_xywh,
     sam_instances,
 )
+from teacher.sam.losses import mask_iou, sam_loss
+from teacher.sam.model import input_size, load_base_sam, segment, unwrap
+from teacher.train.loop import Task, fit
+from teacher.train.memory import checkpoint_layers
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def build_task(
     seed: int,
     cache_dir: Path | None,
 ) -> Task:
-    """The engine Task: dataset (cached embeddings in decoder-only mode), step, val mIoU, save."""
+    """The training Task: dataset (cached embeddings in decoder-only mode), step, val mIoU, save."""
     train_cache = val_cache = None
     transform: Callable | None = build_transform(augment_policy, train=True)
     if not encoder_trains(model):
@@ -185,7 +186,7 @@ def train_sam(
 ) -> dict[str, float]:
     """Fine-tune SAM (``sam.model``) with LoRA; the best adapter goes to ``out_dir``.
 
-    Returns the best epoch's metrics (``val_miou``, ...) from the engine.
+    Returns the best epoch's metrics (``val_miou``, ...) from the training loop.
     """
     with torch.random.fork_rng(devices=[]):  # LoRA's random init follows `seed`, nothing else
         torch.manual_seed(seed)

@@ -31,6 +31,7 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor, nn
 
+from teacher.artifacts import PARAMS_FILE
 from teacher.boxes import xywh_to_xyxy
 from teacher.digest import file_sha256
 from teacher.errors import TeacherError
@@ -271,7 +272,7 @@ def load_sam(params: SamParams, *, adapter_dir: Path | None = None) -> Sam:
 
 def check_adapter_base(adapter_dir: Path, model: str) -> None:
     """Refuse an adapter trained on another base model (its ``params.json`` names it)."""
-    used = adapter_dir / "params.json"
+    used = adapter_dir / PARAMS_FILE
     if not used.is_file():
         return
     trained_on = (json.loads(used.read_text()).get("sam") or {}).get("model")

@@ -1,4 +1,4 @@
-"""The shared training engine on a small real torch module (no mocks of the loop)."""
+"""The shared training package (teacher.train) on a small real torch module (no mocks of the loop)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from teacher import engine
 from teacher.digest import fingerprint
-from teacher.engine import Task, epoch_batches, fit, lr_factor
 from teacher.errors import TeacherError
 from teacher.params import TrainParams
+from teacher.train import distributed, loop, memory
+from teacher.train.loop import Task, epoch_batches, fit, lr_factor
 
 # ------------------------------------------------------------------ a tiny regression task
 
@@ -151,9 +151,9 @@ def test_fingerprint_tracks_params_and_file_content(tmp_path):
 def test_precision_auto_is_fp32_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
-    assert engine.resolve_precision("auto") == "no"
+    assert loop.resolve_precision("auto") == "no"
     with pytest.raises(TeacherError, match="fp16 needs a CUDA GPU"):
-        engine.resolve_precision("fp16")
+        loop.resolve_precision("fp16")
 
 
 # ------------------------------------------------------------------ the loop
@@ -311,8 +311,8 @@ def train_toy(tmp: str, batch_size: int) -> dict:
 def test_two_cpu_processes_agree_with_one(tmp_path):
     # 2 processes x batch 2 average the same 4 samples per step as 1 process x batch 4
     # (epoch_batches deals consecutive batches of one permutation to the processes).
-    one = engine.launch(train_toy, processes=1, args=(str(tmp_path / "one"), 4))
-    two = engine.launch(train_toy, processes=2, kwargs={"tmp": str(tmp_path / "two"), "batch_size": 2})
+    one = distributed.launch(train_toy, processes=1, args=(str(tmp_path / "one"), 4))
+    two = distributed.launch(train_toy, processes=2, kwargs={"tmp": str(tmp_path / "two"), "batch_size": 2})
     assert two["steps"] == one["steps"] == 12
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)  # float reduction order only
     assert sorted(p.name for p in (tmp_path / "two" / "out").iterdir()) == ["saved_by_rank_0", "weights.pt"]
@@ -351,7 +351,7 @@ def test_checkpoint_layers_keeps_gradients_and_kwargs():
         layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
         layers[0].weight.requires_grad_(False)
         if wrap:
-            assert engine.checkpoint_layers(layers) == 2
+            assert memory.checkpoint_layers(layers) == 2
         x = torch.randn(3, 4)
         y = layers[1](layers[0](input=x))  # keyword argument passes through
         y.square().sum().backward()
@@ -363,17 +363,17 @@ def test_checkpoint_layers_keeps_gradients_and_kwargs():
 
 def test_run_without_grad_keeps_no_graph_and_refuses_trainable_parts():
     frozen = nn.Linear(4, 4).requires_grad_(False)
-    engine.run_without_grad(frozen)
+    memory.run_without_grad(frozen)
     assert not frozen(torch.randn(2, 4, requires_grad=True)).requires_grad
     with pytest.raises(TeacherError, match="has trainable parameters"):
-        engine.run_without_grad(nn.Linear(2, 2))
+        memory.run_without_grad(nn.Linear(2, 2))
 
 
 KILL_SCRIPT = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-import test_engine as t
+import test_train as t
 def slow(model, calls=[0]):
     calls[0] += 1
     if calls[0] == 3:
@@ -411,10 +411,10 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
 def test_live_in_a_git_repo_without_commits_says_how_to_fix(tmp_path, monkeypatch):
     import subprocess
 
-    from teacher.engine import _open_live
     from teacher.errors import TeacherError
+    from teacher.train.live import open_live
 
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TeacherError, match="without commits.*git commit"):
-        _open_live(tmp_path / "live", {"steps": [], "epochs": []}, None)
+        open_live(tmp_path / "live", {"steps": [], "epochs": []}, None)

@@ -1,0 +1,1 @@
+"""Grounding DINO: model, adapted loss, data, training task, label maps, detection."""

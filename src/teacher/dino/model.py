@@ -1,0 +1,228 @@
+"""Grounding DINO (transformers): build or load the model and processor.
+
+``dino.model`` names a hub id (pinned by ``dino.revision``), a local ``save_pretrained``
+folder, or ``tiny-random``: the same architecture at toy size with a locally written
+bert-base-uncased-compatible vocabulary, built in code with a fixed seed (no network, and the
+same weights in every stage). :func:`load_dino` installs :func:`teacher.dino.loss.grounded_loss`
+as the model's ``loss_function``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import string
+import tempfile
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertTokenizerFast,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    GroundingDinoImageProcessor,
+    GroundingDinoProcessor,
+    SwinConfig,
+)
+
+from teacher.artifacts import LABELS_FILE
+from teacher.dino.labels import LabelMap, load_labels
+from teacher.dino.loss import grounded_loss
+from teacher.errors import TeacherError
+from teacher.params import DinoParams
+
+TINY_RANDOM = "tiny-random"
+TINY_SEED = 20240607  # fixed: train and evaluate build identical tiny-random base weights
+# bert-base-uncased ids that Grounding DINO's code hard-codes ([PAD] is 0)
+BERT_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103,
+                    ".": 1012, "?": 1029}
+# fully trained heads (dino.train_heads): the box MLPs of the decoder layers (tied: one set of
+# weights). The class heads are parameter-free dot products with the text features. The
+# two-stage proposal heads (enc_output, encoder_output_bbox_embed) are left alone: transformers
+# detaches the proposals before the "_enc" loss terms, so no loss reaches them.
+HEAD_MODULES = r"(model\.decoder\.)?bbox_embed\.\d+"
+TOWERS = ("model.backbone", "model.text_backbone")  # image and text encoders
+
+
+@dataclass
+class DinoBundle:
+    """A loaded detector: model (adapter applied when one was given), processor, labels."""
+
+    model: nn.Module  # GroundingDinoForObjectDetection, or a PeftModel around it
+    processor: GroundingDinoProcessor
+    label_map: LabelMap | None = None  # from the adapter folder's labels.json
+
+
+# --- building and loading ----------------------------------------------------------------------
+
+
+def tiny_vocab() -> list[str]:
+    """A WordPiece vocabulary with the bert-base-uncased special ids, letters and digits."""
+    slots: dict[int, str] = {i: tok for tok, i in BERT_SPECIAL_IDS.items()}
+    chars = string.ascii_lowercase + string.digits
+    pieces = [*chars, *(f"##{c}" for c in chars), "-", "_", "/", ",", "'", "(", ")"]
+    size = max(slots) + 1 + len(pieces)
+    free = (i for i in range(max(slots) + 1, size))
+    slots.update({next(free): p for p in pieces})
+    return [slots.get(i, f"[unused{i}]") for i in range(size)]
+
+
+def tiny_tokenizer() -> BertTokenizerFast:
+    """The tiny-random tokenizer: the vocabulary above, lower-casing like bert-base-uncased."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vocab.txt"
+        path.write_text("\n".join(tiny_vocab()) + "\n")
+        return BertTokenizerFast(vocab=str(path), do_lower_case=True)  # vocab_file= is ignored in 5.x
+
+
+def tiny_config(*, vocab_size: int) -> GroundingDinoConfig:
+    """Grounding DINO at toy size: 4-stage Swin, 1-layer BERT, d_model 32, 2 decoder layers."""
+    backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                          out_features=["stage2", "stage3", "stage4"], image_size=64)
+    text = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
+    return GroundingDinoConfig(
+        backbone_config=backbone, text_config=text, d_model=32,  # d_model: a multiple of 32
+        encoder_layers=1, decoder_layers=2,  # decoder_layers=1 fails to construct
+        encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2, num_queries=64,
+        auxiliary_loss=True,
+    )
+
+
+def build_processor(tokenizer, *, params: DinoParams) -> GroundingDinoProcessor:
+    """Processor resizing to ``params.shortest_edge`` / ``params.longest_edge``."""
+    size = {"shortest_edge": params.shortest_edge, "longest_edge": params.longest_edge}
+    return GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size=size),
+                                  tokenizer=tokenizer)
+
+
+def build_tiny_random(params: DinoParams) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
+    """The tiny-random model and processor; identical weights on every call (fixed seed)."""
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(vocab_size=len(tokenizer))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = GroundingDinoForObjectDetection(config)
+    return model, build_processor(tokenizer, params=params)
+
+
+def _hub_reachable(*, timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_error(params: DinoParams, err: Exception) -> TeacherError:
+    return TeacherError(
+        f"dino.model {params.model!r} (revision {params.revision!r}) is not a local folder, not in "
+        f"the Hugging Face cache, and the hub cannot be reached ({str(err).splitlines()[0]}). "
+        f"Fix: download it once "
+        f"where there is network (python -c \"from transformers import AutoProcessor, "
+        f"GroundingDinoForObjectDetection as M; M.from_pretrained('{params.model}'); "
+        f"AutoProcessor.from_pretrained('{params.model}')\"), or set dino.model in params.yaml "
+        f"to a local folder written by save_pretrained, or use dino.model: {TINY_RANDOM}."
+    )
+
+
+def load_pretrained(params: DinoParams) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
+    """Model and processor from a local folder or the hub (cache first; fails fast offline)."""
+    local = Path(params.model).is_dir()
+    kwargs = {} if local else {"revision": params.revision}
+    try:
+        return _from_pretrained(params, local_files_only=True, **kwargs)
+    except OSError as err:
+        if local:
+            raise TeacherError(f"dino.model {params.model!r}: not a Grounding DINO folder "
+                               f"written by save_pretrained ({err})") from err
+        if not _hub_reachable():
+            raise _offline_error(params, err) from err
+    try:
+        return _from_pretrained(params, local_files_only=False, **kwargs)
+    except OSError as err:
+        raise _offline_error(params, err) from err
+
+
+def _from_pretrained(params: DinoParams, **kwargs):
+    model = GroundingDinoForObjectDetection.from_pretrained(params.model, **kwargs)
+    processor = GroundingDinoProcessor.from_pretrained(params.model, **kwargs)
+    size = {"shortest_edge": params.shortest_edge, "longest_edge": params.longest_edge}
+    processor.image_processor.size = size  # resize from params, not the hub default
+    return model, processor
+
+
+def _positions(side: int) -> int:
+    """Encoder feature positions of a square ``side`` px image (strides 8, 16, 32, 64)."""
+    return sum(math.ceil(side / s) ** 2 for s in (8, 16, 32, 64))
+
+
+def check_image_size(model: GroundingDinoForObjectDetection, params: DinoParams) -> None:
+    """Fail early when images resized to ``dino.shortest_edge`` give the encoder fewer feature
+    positions than the model has queries (its top-k proposal selection would crash)."""
+    queries, need = model.config.num_queries, params.shortest_edge
+    if _positions(need) >= queries:
+        return
+    while _positions(need) < queries:
+        need += 8
+    raise TeacherError(f"dino.shortest_edge {params.shortest_edge} is too small for "
+                       f"{params.model!r}: its {queries} queries need images of at least {need} px; "
+                       "raise dino.shortest_edge in params.yaml")
+
+
+def _text_input_embeddings(self) -> nn.Module:
+    return self.model.text_backbone.get_input_embeddings()
+
+
+def prepare_model(model: GroundingDinoForObjectDetection) -> GroundingDinoForObjectDetection:
+    """Make a loaded model ready for peft and for our training.
+
+    peft calls ``get_input_embeddings``, which transformers leaves unimplemented for this model:
+    return the text encoder's. (Setting ``tie_word_embeddings=False`` instead would make
+    reloaded models re-initialise the tied box heads.) Installs :func:`grounded_loss`.
+    """
+    model.get_input_embeddings = types.MethodType(_text_input_embeddings, model)
+    model.loss_function = grounded_loss
+    return model
+
+
+def load_dino(params: DinoParams, *, adapter_dir: Path | None = None,
+              trainable: bool = False) -> DinoBundle:
+    """Load ``params.model`` (hub id / folder / tiny-random) and, if given, an adapter folder.
+
+    With ``adapter_dir`` the LoRA adapter and fully trained heads are applied and
+    ``labels.json`` is read into ``bundle.label_map``.
+    """
+    if params.model == TINY_RANDOM:
+        model, processor = build_tiny_random(params)
+    else:
+        model, processor = load_pretrained(params)
+    check_image_size(model, params)
+    model = prepare_model(model)
+    if adapter_dir is None:
+        return DinoBundle(model=model, processor=processor)
+    from teacher.lora import load_adapter  # peft import only when an adapter is used
+
+    label_map = load_labels(Path(adapter_dir) / LABELS_FILE)
+    return DinoBundle(model=load_adapter(model, adapter_dir, trainable=trainable),
+                      processor=processor, label_map=label_map)
+
+
+def frozen_towers(model: nn.Module) -> list[str]:
+    """The image/text encoders none of whose parameters train (no LoRA, not unfrozen).
+
+    Their inputs (pixels, token ids) need no gradient and their weights are frozen, so autograd
+    records nothing inside them: they run without saving activations for backward.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [name for name in TOWERS
+            if not any(p.requires_grad for p in base.get_submodule(name).parameters())]

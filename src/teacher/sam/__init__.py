@@ -1,0 +1,1 @@
+"""SAM: model and prepared images, data, training task, losses."""
