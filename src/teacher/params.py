@@ -115,13 +115,15 @@ class SamParams:
     lora_targets: str | list[str] = r"image_encoder\.blocks\.\d+\.attn\.qkv"  # regex or list
     train_decoder: bool = False  # train the mask decoder fully (saved beside the adapter)
     box_jitter: float = field(default=0.1, metadata=_range(0, 1))  # training box noise, fraction of box size
+    box_jitter_max: float = field(default=20.0, metadata=_range(0))  # cap per box side, input-frame px (SAM paper: 20)
     max_prompts: int = field(default=16, metadata=_range(1))  # prompts per image per step (sampled)
-    multimask: bool = True  # 3 candidate masks, loss on the best, as SAM trains
+    multimask: bool = False  # False: SAM's single-mask output, right for box prompts; True: best of 3
     focal_weight: float = field(default=20.0, metadata=_range(0))  # SAM paper 20 : 1 : 1
     dice_weight: float = field(default=1.0, metadata=_range(0))
     iou_weight: float = field(default=1.0, metadata=_range(0))
     focal_alpha: float = field(default=0.25, metadata=_range(0, 1))
     focal_gamma: float = field(default=2.0, metadata=_range(0))
+    embedding_cache_gib: float = field(default=32.0, metadata=_range(0))  # decoder-only cache bound (LRU), GiB
 
 
 @dataclass(frozen=True)
