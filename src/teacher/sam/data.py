@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from teacher.augment import sample_rng
 from teacher.boxes import xywh_to_xyxy
-from teacher.coco import annotation_mask, has_mask, images_by_id, index_by_image, is_crowd
+from teacher.coco import annotation_mask, images_by_id, index_by_image
 from teacher.digest import file_sha256
 from teacher.errors import TeacherError
 from teacher.images import image_path, load_image
@@ -40,13 +40,9 @@ from teacher.sam.model import (
     resized_shape,
     unwrap,
 )
+from teacher.sam.scoring import instance_boxes_xywh, is_sam_instance
 
 log = logging.getLogger(__name__)
-
-def is_sam_instance(ann: dict[str, Any]) -> bool:
-    """What SAM trains on and is scored on: a non-crowd annotation with a mask."""
-    return not is_crowd(ann) and has_mask(ann)
-
 
 def sam_instances(coco: dict[str, Any]) -> dict[Any, list[dict]]:
     """``{image id: [annotations]}`` of SAM instances (:func:`is_sam_instance`); images without
@@ -90,18 +86,6 @@ def jitter_boxes_xyxy(
     noisy[:, 2] = np.clip(noisy[:, 2], noisy[:, 0] + 1, width)
     noisy[:, 3] = np.clip(noisy[:, 3], noisy[:, 1] + 1, height)
     return noisy
-
-
-def instance_boxes_xywh(anns: list[dict], masks: list[np.ndarray]) -> np.ndarray:
-    """(N, 4) COCO xywh of each annotation: its ``bbox``, or its mask's extent when it has none."""
-    out = []
-    for ann, mask in zip(anns, masks, strict=True):
-        box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and box[2] > 0 and box[3] > 0):
-            ys, xs = np.nonzero(mask)
-            box = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] if len(xs) else [0, 0, 1, 1]
-        out.append([float(v) for v in box])
-    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
 
 
 def masks_to_input(masks: np.ndarray, *, size: int) -> Tensor:

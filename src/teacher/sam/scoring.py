@@ -1,8 +1,9 @@
-"""SAM scored from ground-truth box prompts: one mask IoU per instance, bounded memory.
+"""SAM instances and their score from ground-truth box prompts: one mask IoU per instance.
 
-The one scoring path of training's validation (``val_miou``) and the test split's
-``mask/miou``: the instances are :func:`teacher.sam.data.is_sam_instance` annotations, each
-prompted with its box (or its mask's extent when it has none), the IoU is
+Which annotations SAM learns and is scored on (:func:`is_sam_instance`), their box prompts
+(:func:`instance_boxes_xywh`), and the one scoring path of training's validation
+(``val_miou``) and the test split's ``mask/miou``: each instance is prompted with its box (or
+its mask's extent when it has none), the IoU is
 :func:`teacher.metrics.mask_iou` at the original image size, and a mean over no instance is
 :data:`teacher.metrics.NOTHING_TO_MEASURE`. Ground-truth masks are decoded and predicted
 ``chunk`` instances at a time, so an image with 200 objects needs the memory of ``chunk``.
@@ -15,10 +16,26 @@ from typing import Any
 
 import numpy as np
 
-from teacher.coco import annotation_mask
+from teacher.coco import annotation_mask, has_mask, has_usable_box, is_crowd
 from teacher.metrics import mask_iou
-from teacher.sam.data import instance_boxes_xywh
 from teacher.sam.model import SAM_CHUNK, PreparedImage
+
+
+def is_sam_instance(ann: dict[str, Any]) -> bool:
+    """What SAM trains on and is scored on: a non-crowd annotation with a mask."""
+    return not is_crowd(ann) and has_mask(ann)
+
+
+def instance_boxes_xywh(anns: list[dict], masks: list[np.ndarray]) -> np.ndarray:
+    """(N, 4) COCO xywh of each annotation: its ``bbox``, or its mask's extent when it has none."""
+    out = []
+    for ann, mask in zip(anns, masks, strict=True):
+        box = ann.get("bbox")
+        if not has_usable_box(ann):
+            ys, xs = np.nonzero(mask)
+            box = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] if len(xs) else [0, 0, 1, 1]
+        out.append([float(v) for v in box])
+    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
 
 
 def score_gt_boxes(
