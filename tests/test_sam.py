@@ -480,3 +480,28 @@ def test_decoder_only_mode_runs_encoder_without_grad(shapes):
 def test_apply_lora_rejects_targets_matching_nothing():
     with pytest.raises(TeacherError, match="matches no module"):
         apply_lora(S.build_tiny_random(), lora=LoraParams(), targets=r"nothing\.here")
+
+
+def test_cli_prune_cache_removes_stale_entries_then_bounds_size(shapes, tmp_path, capsys):
+    import copy
+    import json
+
+    import yaml
+
+    from teacher.cli import main as teacher_main
+
+    coco, root = shapes
+    cache = tmp_path / "cache"
+    old = cache_sam_embeddings(_other_encoder(3), coco, root, cache)  # an old encoder
+    current = cache_sam_embeddings(S.build_tiny_random(), coco, root, cache)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"sam": {"model": S.TINY_RANDOM}}))
+    one = copy.deepcopy(coco)
+    one["annotations"] = [a for a in one["annotations"] if a["image_id"] == 1]  # image 2 removed
+    (tmp_path / "now.json").write_text(json.dumps(one))
+    rc = teacher_main(["prune-cache", str(cache), "--annotations", str(tmp_path / "now.json"),
+                       "--images", str(root), "--params", str(params)])
+    assert rc == 0 and "removed 3 files" in capsys.readouterr().out
+    assert current[1].exists() and not current[2].exists() and not any(p.exists() for p in old.values())
+    assert teacher_main(["prune-cache", str(cache), "--max-gib", "0", "--params", str(params)]) == 0
+    assert not current[1].exists() and not any(cache.iterdir())  # empty encoder folders go too

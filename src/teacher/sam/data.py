@@ -241,6 +241,18 @@ def _wait_for(paths: list[Path], *, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+def embedding_folder(sam: nn.Module, cache_dir: str | Path) -> Path:
+    """The cache folder of this model's image encoder: ``<cache_dir>/<encoder fingerprint>``."""
+    return Path(cache_dir) / encoder_fingerprint(unwrap(sam))
+
+
+def embedding_paths(folder: Path, coco: dict[str, Any], image_root: str | Path) -> dict[Any, Path]:
+    """``{image id: file in folder}`` of the images with SAM instances (existing or not)."""
+    images = images_by_id(coco)
+    return {i: folder / f"{file_sha256(image_path(image_root, images[i]['file_name']))}{CACHE_SUFFIX}"
+            for i in sam_instances(coco)}
+
+
 @torch.no_grad()
 def cache_sam_embeddings(
     sam: nn.Module,
@@ -262,13 +274,12 @@ def cache_sam_embeddings(
     entries beyond ``max_bytes`` (never this call's own). Returns ``{image id: file}``.
     """
     model = unwrap(sam)
-    folder = Path(cache_dir) / encoder_fingerprint(model)
+    folder = embedding_folder(model, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    out = embedding_paths(folder, coco, image_root)
     from tqdm.auto import tqdm
 
     images = images_by_id(coco)
-    out = {i: folder / f"{file_sha256(image_path(image_root, images[i]['file_name']))}{CACHE_SUFFIX}"
-           for i in sam_instances(coco)}
     mine = [i for k, i in enumerate(out) if k % world == rank]
     for image_id in tqdm(mine, desc="SAM image embeddings", leave=False):
         if out[image_id].exists():
