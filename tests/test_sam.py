@@ -377,7 +377,7 @@ def _other_encoder(factor: float) -> S.BoxPromptSam:
 def test_embedding_cache_is_bounded_least_recently_used_first(shapes, tmp_path):
     import os
 
-    from teacher.sam.data import prune_embedding_cache
+    from teacher.sam.data import cache_split_embeddings, prune_embedding_cache
 
     coco, root = shapes
     cache = tmp_path / "cache"
@@ -386,7 +386,10 @@ def test_embedding_cache_is_bounded_least_recently_used_first(shapes, tmp_path):
     assert 64 * 1024 <= entry < 70 * 1024
     for i, p in enumerate(old.values()):
         os.utime(p, (1000 + i, 1000 + i))  # used long ago
-    new = cache_sam_embeddings(S.build_tiny_random(), coco, root, cache, max_bytes=3 * entry)
+    train = {**coco, "annotations": [a for a in coco["annotations"] if a["image_id"] == 1]}
+    val = {**coco, "annotations": [a for a in coco["annotations"] if a["image_id"] == 2]}
+    maps = cache_split_embeddings(S.build_tiny_random(), [train, val], root, cache, max_bytes=3 * entry)
+    new = {**maps[0], **maps[1]}
     assert all(p.exists() for p in new.values())  # in use: never evicted
     assert [p.exists() for p in old.values()] == [False, True]  # least recently used went first
     left = prune_embedding_cache(cache, max_bytes=0, keep=new.values())  # bound below the run's need

@@ -260,7 +260,6 @@ def cache_sam_embeddings(
     image_root: str | Path,
     cache_dir: str | Path,
     *,
-    max_bytes: int | None = None,
     rank: int = 0,
     world: int = 1,
     timeout_s: float = 24 * 3600,
@@ -268,10 +267,10 @@ def cache_sam_embeddings(
     """Image embeddings of the images with SAM instances, computed once into ``cache_dir``.
 
     Existing entries are reused (every epoch and every run with the same encoder and image
-    reads them from disk). With ``world`` > 1 processes each computes its share (every
-    ``world``-th image from ``rank``) and waits for the others' files. Every entry's image size
-    is checked against its COCO record. The main process then evicts least recently used
-    entries beyond ``max_bytes`` (never this call's own). Returns ``{image id: file}``.
+    reads them from disk) and touched (least recently used is evicted first). With ``world`` > 1
+    processes each computes its share (every ``world``-th image from ``rank``) and waits for the
+    others' files. Every entry's image size is checked against its COCO record.
+    Returns ``{image id: file}``.
     """
     model = unwrap(sam)
     folder = embedding_folder(model, cache_dir)
@@ -293,9 +292,28 @@ def cache_sam_embeddings(
     for image_id, path in out.items():
         _check_size(image_id, images[image_id], *cached_size(path), f"cached in {path}")
         os.utime(path)  # used now: least recently used is evicted first
-    if rank == 0 and max_bytes is not None:
-        prune_embedding_cache(cache_dir, max_bytes=max_bytes, keep=set(out.values()))
     return out
+
+
+def cache_split_embeddings(
+    sam: nn.Module,
+    cocos: list[dict[str, Any]],
+    image_root: str | Path,
+    cache_dir: str | Path,
+    *,
+    max_bytes: int,
+    rank: int = 0,
+    world: int = 1,
+) -> list[dict[Any, Path]]:
+    """:func:`cache_sam_embeddings` of each split (train, val), then, on the main process only
+    and once every split is built, least recently used eviction beyond ``max_bytes``, never of
+    the entries these splits use (no process still needs an evicted file)."""
+    maps = [cache_sam_embeddings(sam, coco, image_root, cache_dir, rank=rank, world=world)
+            for coco in cocos]
+    if rank == 0:
+        prune_embedding_cache(cache_dir, max_bytes=max_bytes,
+                              keep={p for m in maps for p in m.values()})
+    return maps
 
 
 @dataclass(frozen=True)

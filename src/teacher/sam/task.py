@@ -26,7 +26,7 @@ from teacher.images import image_path, load_image
 from teacher.lora import apply_lora, save_adapter
 from teacher.metrics import mean_mask_iou
 from teacher.params import LoraParams, SamParams, TrainParams
-from teacher.sam.data import SamDataset, cache_sam_embeddings, collate_sam, sam_instances
+from teacher.sam.data import SamDataset, cache_split_embeddings, collate_sam, sam_instances
 from teacher.sam.losses import sam_loss
 from teacher.sam.model import input_size, load_base_sam, prepare_image, unwrap
 from teacher.sam.scoring import score_gt_boxes
@@ -156,10 +156,9 @@ def build_task(
             raise ValueError("decoder-only SAM training needs a cache_dir for image embeddings")
         sam = unwrap(model).to("cuda" if torch.cuda.is_available() else "cpu")
         rank, world = process_rank_and_count()  # each process embeds its share; all read all
-        share = dict(cache_dir=cache_dir, max_bytes=int(sam_params.embedding_cache_gib * 2**30),
-                     rank=rank, world=world)
-        train_cache = cache_sam_embeddings(sam, train_coco, image_root, **share)
-        val_cache = cache_sam_embeddings(sam, val_coco, image_root, **share)
+        train_cache, val_cache = cache_split_embeddings(
+            sam, [train_coco, val_coco], image_root, cache_dir,
+            max_bytes=int(sam_params.embedding_cache_gib * 2**30), rank=rank, world=world)
         transform = None  # an embedding is of the plain image: no image augmentation
         log.info("SAM decoder-only: %d + %d image embeddings cached in %s; image augmentation "
                  "off (box jitter kept)", len(train_cache), len(val_cache), cache_dir)
