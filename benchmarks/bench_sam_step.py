@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
-DECODER_ATTN = r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)"
+DECODER_ATTN = "sam-decoder-attention"  # teacher.params.LORA_PRESETS
 
 
 def device() -> str:

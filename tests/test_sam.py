@@ -31,8 +31,8 @@ from teacher.sam.data import (
 )
 from teacher.sam.task import encoder_trains, training_step, wrap_for_training
 
-ENCODER_QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
-DECODER_ATTN = S.DECODER_ATTENTION
+ENCODER_QKV = "sam-encoder-qkv"  # teacher.params.LORA_PRESETS
+DECODER_ATTN = "sam-decoder-attention"
 
 
 def disk(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
@@ -227,7 +227,7 @@ def test_lora_parity_fresh_saved_merged(shapes, tmp_path):
     image = np.asarray(Image.open(root / "im1.png").convert("RGB"))
     boxes = np.array([[20.0, 30, 60, 70], [70, 20, 120, 70]])
     base = _logits(S.build_tiny_random(), image, boxes)
-    params = SamParams(model=S.TINY_RANDOM, lora_targets=f"{ENCODER_QKV}|{DECODER_ATTN}", train_decoder=True)
+    params = SamParams(model=S.TINY_RANDOM, lora_targets=f"{ENCODER_QKV}+{DECODER_ATTN}", train_decoder=True)
     model = wrap_for_training(S.build_tiny_random(), sam_params=params, lora=LoraParams(dropout=0.0),
                               activation_checkpointing=False)
     model.eval()

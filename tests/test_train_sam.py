@@ -18,12 +18,12 @@ from teacher.errors import TeacherError
 from teacher.inspection import dataset_facts
 from teacher.params import AugmentParams, LoraParams, SamParams, TrainParams
 from teacher.sam import task as sam_task
-from teacher.sam.model import DECODER_ATTENTION, TINY_RANDOM, build_tiny_random, load_sam
+from teacher.sam.model import TINY_RANDOM, build_tiny_random, load_sam
 from teacher.splitting import split_coco
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 BOXES_ONLY = Path("review_object_detection_metrics/data/database/gts/coco_format_v1/instances_default.json")
-DECODER_ATTN = DECODER_ATTENTION
+DECODER_ATTN = "sam-decoder-attention"  # teacher.params.LORA_PRESETS
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from torch import nn
 
 from teacher.artifacts import TRAINED_MODULES_FILE
 from teacher.errors import TeacherError
-from teacher.params import LoraParams
+from teacher.params import LoraParams, lora_pattern
 
 LORA_TAG = "lora_"  # peft's LoRA parameter names contain lora_A / lora_B / lora_embedding_*
 _LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
@@ -34,7 +34,9 @@ Targets = str | Sequence[str]
 
 
 def matches(name: str, targets: Targets) -> bool:
-    """Whether module ``name`` is selected by ``targets`` (regex: full match; list: exact or suffix)."""
+    """Whether module ``name`` is selected by ``targets`` (preset names, or regex: full match;
+    list: exact or suffix)."""
+    targets = lora_pattern(targets)
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith(f".{t}") for t in targets)
@@ -80,7 +82,7 @@ def apply_lora(
     Every other base parameter is frozen. Raises TeacherError when no module matches, or when a
     base parameter outside ``train_modules`` is left trainable. Logs trainable / total counts.
     """
-    targets = targets if isinstance(targets, str) else list(targets)
+    targets = lora_pattern(targets)
     names = _matched_modules(model, targets)
     if not names:
         raise _no_match_error(model, targets, "LoRA targets")

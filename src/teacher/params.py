@@ -1,14 +1,23 @@
-"""params.yaml sections -> typed, frozen dataclasses.
+"""params.yaml sections -> typed, frozen dataclasses; the one owner of every default.
 
-Every section of ``params.yaml`` has one dataclass here, with a comment per field. Loading
-rejects unknown keys, wrong types and out-of-range values with a message naming the key and
-what is allowed. Stages load only the sections they declare in ``dvc.yaml``.
+Every section of ``params.yaml`` has one dataclass here, with a comment per field: the default
+value and that comment are written once, here. ``params.yaml`` is generated from them
+(``python -m teacher.params > params.yaml``, see :func:`render_yaml`) and a test checks the
+committed file is exactly that. Loading rejects unknown keys, wrong types and out-of-range
+values with a message naming the key and what is allowed. Stages load only the sections they
+declare in ``dvc.yaml``.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import math
+import sys
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,22 +41,22 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 @dataclass(frozen=True)
 class DataParams:
-    annotations: str = "data/sample/annotations.json"  # COCO json of the raw export
-    images: str = "data/sample/images"  # image root; file_name is resolved under it
+    annotations: str = "data/sample/annotations.json"  # your COCO export
+    images: str = "data/sample/images"  # folder that file_name is relative to
 
 
 @dataclass(frozen=True)
 class ValidateParams:
-    on_error: str = field(default="fail", metadata=_choices("fail", "drop"))  # stop, or drop offending records
+    on_error: str = field(default="fail", metadata=_choices("fail", "drop"))  # fail: stop with a report; drop: remove offending records and go on
     min_box_size: float = field(default=2.0, metadata=_range(0))  # px; smaller boxes get a warning
-    min_instances: int = field(default=3, metadata=_range(0))  # categories with fewer get a warning
+    min_instances: int = field(default=3, metadata=_range(0))  # categories with fewer instances get a warning
 
 
 @dataclass(frozen=True)
 class SplitParams:
-    train: float = field(default=0.7, metadata=_range(0, 1))  # fraction of images
-    val: float = field(default=0.15, metadata=_range(0, 1))
-    test: float = field(default=0.15, metadata=_range(0, 1))
+    train: float = field(default=0.7, metadata=_range(0, 1))  # fraction of images, by image
+    val: float = field(default=0.15, metadata=_range(0, 1))  # fraction of images
+    test: float = field(default=0.15, metadata=_range(0, 1))  # fraction of images
 
     def __post_init__(self) -> None:
         total = self.train + self.val + self.test
@@ -71,12 +80,12 @@ class TrainParams:
     batch_size: int = field(default=2, metadata=_range(1))  # images per step per process
     grad_accum: int = field(default=1, metadata=_range(1))  # micro-batches per optimizer step
     lr: float = field(default=1e-4, metadata=_range(0, lo_open=True))  # peak AdamW learning rate
-    weight_decay: float = field(default=1e-4, metadata=_range(0))
+    weight_decay: float = field(default=1e-4, metadata=_range(0))  # AdamW; biases and norms get none
     warmup_steps: int = field(default=50, metadata=_range(0))  # linear warmup, then cosine decay
     clip_norm: float = field(default=1.0, metadata=_range(0))  # max grad norm; 0 disables clipping
-    patience: int = field(default=5, metadata=_range(0))  # epochs without val improvement; 0 disables
+    patience: int = field(default=5, metadata=_range(0))  # epochs without val improvement before stopping; 0 disables
     precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16", "fp16"))  # auto: bf16/fp16 on CUDA, fp32 on CPU
-    activation_checkpointing: bool = False  # recompute encoder/decoder layers in backward
+    activation_checkpointing: bool = False  # recompute encoder/decoder layers in backward (less memory)
     max_steps_per_epoch: int = field(default=0, metadata=_range(0))  # 0 = whole train split
     num_workers: int = field(default=0, metadata=_range(0))  # DataLoader workers
     processes: int = field(default=1, metadata=_range(1))  # data-parallel processes (accelerate/DDP)
@@ -84,17 +93,17 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class AugmentParams:
-    policy: str = field(default="auto", metadata=_choices("auto", "none", "manual"))  # auto: from data/inspect.json
-    hflip: float | None = field(default=None, metadata=_range(0, 1))  # horizontal flip probability
-    scale_min: float | None = field(default=None, metadata=_range(0, lo_open=True))  # random rescale range
-    scale_max: float | None = field(default=None, metadata=_range(0, lo_open=True))
+    policy: str = field(default="auto", metadata=_choices("auto", "none", "manual"))  # auto: derived from data/inspect.json; none; manual (only the values below)
+    hflip: float | None = field(default=None, metadata=_range(0, 1))  # horizontal flip probability; null = policy decides
+    scale_min: float | None = field(default=None, metadata=_range(0, lo_open=True))  # random rescale range, lower end
+    scale_max: float | None = field(default=None, metadata=_range(0, lo_open=True))  # random rescale range, upper end
     crop: float | None = field(default=None, metadata=_range(0, 1))  # probability of a random crop
     color_jitter: float | None = field(default=None, metadata=_range(0, 1))  # brightness/contrast/saturation strength
 
 
 @dataclass(frozen=True)
 class DinoParams:
-    model: str = "IDEA-Research/grounding-dino-tiny"  # hub id, local save_pretrained dir, or tiny-random
+    model: str = "IDEA-Research/grounding-dino-tiny"  # hub id, local save_pretrained folder, or tiny-random
     revision: str = "main"  # hub revision (branch, tag or commit) to pin
     lora_targets: str | list[str] = (  # regex (full match on module names) or list of names
         r".*(encoder|decoder)\.layers\.\d+\..*(self_attn|cross_attn|encoder_attn|encoder_attn_text|attn|"
@@ -102,38 +111,74 @@ class DinoParams:
         r"value_proj|output_proj|sampling_offsets|attention_weights|vision_proj|text_proj|"
         r"values_vision_proj|values_text_proj|out_vision_proj|out_text_proj)"
     )
-    train_heads: bool = True  # train class and box heads fully (saved beside the adapter)
-    shortest_edge: int = field(default=800, metadata=_range(32))  # image processor resize
-    longest_edge: int = field(default=1333, metadata=_range(32))
-    box_threshold: float = field(default=0.25, metadata=_range(0, 1))  # inference: min box score
-    text_threshold: float = field(default=0.25, metadata=_range(0, 1))  # inference: min token score
+    train_heads: bool = True  # train the decoder's box heads fully (class heads have no weights); saved beside the adapter
+    shortest_edge: int = field(default=800, metadata=_range(32))  # image processor resize: shorter side
+    longest_edge: int = field(default=1333, metadata=_range(32))  # image processor resize: cap on the longer side
+    box_threshold: float = field(default=0.25, metadata=_range(0, 1))  # labeling (predict): min box score
+    text_threshold: float = field(default=0.25, metadata=_range(0, 1))  # labeling (predict): min class-token score
+
+
+# Named LoRA targets, usable as (or joined with "+" into) dino.lora_targets / sam.lora_targets:
+# the one place each module-name pattern is written.
+LORA_PRESETS: dict[str, str] = {
+    "sam-encoder-qkv": r"image_encoder\.blocks\.\d+\.attn\.qkv",  # SAM image encoder attention
+    # SAM mask decoder attention only: decoder-only mode (image embeddings cached once)
+    "sam-decoder-attention": r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)",
+}
+
+
+def lora_pattern(targets: str | tuple[str, ...] | list[str]) -> str | list[str]:
+    """``targets`` with preset names expanded: ``"sam-encoder-qkv+sam-decoder-attention"`` ->
+    one regex matching either; any other string is a regex (full match), a list is names."""
+    if not isinstance(targets, str):
+        return list(targets)
+    parts = targets.split("+")
+    if all(p in LORA_PRESETS for p in parts):
+        return "|".join(f"(?:{LORA_PRESETS[p]})" for p in parts)
+    return targets
 
 
 @dataclass(frozen=True)
 class SamParams:
-    model: str = "vit_b"  # vit_b, vit_l, vit_h (Meta checkpoints), a local .pth, or tiny-random
-    lora_targets: str | list[str] = r"image_encoder\.blocks\.\d+\.attn\.qkv"  # regex or list
+    model: str = "vit_b"  # vit_b, vit_l, vit_h (Meta's checkpoints, cached + sha256-checked), a local .pth, or tiny-random
+    lora_targets: str | list[str] = "sam-encoder-qkv"  # preset names joined by "+" (sam-encoder-qkv, sam-decoder-attention: decoder-only mode, embeddings cached), a regex (full match) or a list of names
     train_decoder: bool = False  # train the mask decoder fully (saved beside the adapter)
-    box_jitter: float = field(default=0.1, metadata=_range(0, 1))  # training box noise, fraction of box size
-    box_jitter_max: float = field(default=20.0, metadata=_range(0))  # cap per box side, input-frame px (SAM paper: 20)
-    max_prompts: int = field(default=16, metadata=_range(1))  # prompts per image per step (sampled)
-    multimask: bool = False  # False: SAM's single-mask output, right for box prompts; True: best of 3
-    focal_weight: float = field(default=20.0, metadata=_range(0))  # SAM paper 20 : 1 : 1
-    dice_weight: float = field(default=1.0, metadata=_range(0))
-    iou_weight: float = field(default=1.0, metadata=_range(0))
-    focal_alpha: float = field(default=0.25, metadata=_range(0, 1))
-    focal_gamma: float = field(default=2.0, metadata=_range(0))
-    embedding_cache_gib: float = field(default=32.0, metadata=_range(0))  # decoder-only cache bound (LRU), GiB
+    box_jitter: float = field(default=0.1, metadata=_range(0, 1))  # training box noise, fraction of the box's width/height per side
+    box_jitter_max: float = field(default=20.0, metadata=_range(0))  # ... and at most this many pixels of the model's input frame (SAM paper: 10 %, max 20 px)
+    max_prompts: int = field(default=16, metadata=_range(1))  # box prompts per image per step (sampled, seeded)
+    multimask: bool = False  # false: SAM's single-mask output, right for a box (more than one point); true: best of 3 candidates
+    focal_weight: float = field(default=20.0, metadata=_range(0))  # loss = 20 focal + 1 dice + 1 IoU-prediction MSE (SAM paper)
+    dice_weight: float = field(default=1.0, metadata=_range(0))  # weight of the dice loss
+    iou_weight: float = field(default=1.0, metadata=_range(0))  # weight of the IoU-prediction MSE
+    focal_alpha: float = field(default=0.25, metadata=_range(0, 1))  # focal loss alpha
+    focal_gamma: float = field(default=2.0, metadata=_range(0))  # focal loss gamma
+    embedding_cache_gib: float = field(default=32.0, metadata=_range(0))  # bound of the decoder-only embedding cache (4 MiB per image for vit_*), least recently used evicted; `teacher prune-cache`
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    score_threshold: float = field(default=0.05, metadata=_range(0, 1))  # keep detections above
+    score_threshold: float = field(default=0.05, metadata=_range(0, 1))  # keep detections scoring at least this for AP (low: AP sweeps all scores)
     nms_iou: float = field(default=0.7, metadata=_range(0, 1))  # per-class NMS IoU; 1 disables
-    max_detections: int = field(default=100, metadata=_range(1))  # per image, as COCO AP@100
-    gallery_images: int = field(default=6, metadata=_range(0))  # test images drawn in the gallery
-    base: bool = True  # also evaluate the pretrained models without adapters (base / gain keys)
+    max_detections: int = field(default=100, metadata=_range(1))  # per image, as COCO's AR@100
+    gallery_images: int = field(default=6, metadata=_range(0))  # test images drawn with predictions beside ground truth
+    base: bool = True  # also score the pretrained models without adapters (base/..., gain/...)
 
+
+# params.yaml, as written by render_yaml: sections in this order, "seed" where it stands.
+YAML_HEADER = """\
+# Every knob of the pipeline. `dvc exp run -S section.key=value` changes one for an experiment.
+# Unknown keys, wrong types and out-of-range values are errors. Generated from the defaults and
+# comments in src/teacher/params.py (`python -m teacher.params > params.yaml`); a test keeps the
+# two equal, so change a default or a comment there.
+"""
+YAML_ORDER = ("data", "seed", "validate", "split", "evaluate", "lora", "train", "augment", "dino", "sam")
+YAML_BANNERS = {  # a comment line above a section
+    "lora": "training (shared by train_dino and train_sam)",
+    "dino": "Grounding DINO",
+    "sam": "SAM",
+}
+SEED_DEFAULT = 0
+SEED_COMMENT = "every random choice (split, LoRA init, sampling, augmentation) follows it"
 
 SECTIONS: dict[str, type] = {
     "data": DataParams,
@@ -210,6 +255,46 @@ def parse_section(name: str, raw: Any) -> Any:
     return cls(**values)
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in ``cls``'s source (its first line), by name."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = {node.target.id: node.lineno for node in ast.parse(source).body[0].body
+             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    comments = {tok.start[0]: tok.string.lstrip("# ").rstrip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    return {name: comments.get(line, "") for name, line in lines.items()}
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").removesuffix("...").strip()
+
+
+def _yaml_line(key: str, value: Any, comment: str, *, indent: str) -> str:
+    text = f"{indent}{key}: {_yaml_value(value)}"
+    return f"{text.ljust(24)}  # {comment}" if comment else text
+
+
+def render_yaml() -> str:
+    """params.yaml with every default and comment of the section dataclasses (the committed file)."""
+    out = [YAML_HEADER]
+    for name in YAML_ORDER:
+        if name in YAML_BANNERS:
+            out.append(f"# --- {YAML_BANNERS[name]} ".ljust(99, "-"))
+        if name == "seed":
+            out += [_yaml_line("seed", SEED_DEFAULT, SEED_COMMENT, indent=""), ""]
+            continue
+        cls = SECTIONS[name]
+        comments = field_comments(cls)
+        out.append(f"{name}:")
+        out += [_yaml_line(f.name, f.default, comments[f.name], indent="  ")
+                for f in dataclasses.fields(cls)]
+        out.append("")
+    return "\n".join(out)
+
+
 def parse_seed(raw: Any) -> int:
     if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
         raise ParamsError(f"seed: expected a non-negative integer, got {raw!r}")
@@ -238,7 +323,7 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         )
     try:
         params: dict[str, Any] = {name: parse_section(name, raw.get(name)) for name in SECTIONS}
-        params["seed"] = parse_seed(raw.get("seed", 0))
+        params["seed"] = parse_seed(raw.get("seed", SEED_DEFAULT))
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}") from e
     return params
@@ -247,3 +332,7 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 def to_dict(section: Any) -> dict[str, Any]:
     """A section dataclass as a plain dict (tuples as lists), for saving beside outputs."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+
+
+if __name__ == "__main__":  # python -m teacher.params > params.yaml
+    sys.stdout.write(render_yaml())

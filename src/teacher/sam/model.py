@@ -40,8 +40,6 @@ from teacher.params import SamParams
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 0  # fixed: train_sam and evaluate must build identical base weights
-# sam.lora_targets for LoRA on the mask decoder's attention only: decoder-only mode
-DECODER_ATTENTION = r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)"
 
 
 @dataclass(frozen=True)
