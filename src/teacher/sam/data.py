@@ -285,12 +285,14 @@ def cache_sam_embeddings(
             continue
         record = images[image_id]
         image = load_image(image_path(image_root, record["file_name"]))
-        _check_size(image_id, record, *image.shape[:2], "read from the file")
-        _write_embedding(out[image_id], prepare_image(model, image).embedding, *image.shape[:2])
+        height, width = image.shape[:2]
+        _check_size(image_id, record, height, width, "read from the file")
+        _write_embedding(out[image_id], prepare_image(model, image).embedding, height, width)
     if world > 1:
         _wait_for(list(out.values()), timeout_s=timeout_s)
     for image_id, path in out.items():
-        _check_size(image_id, images[image_id], *cached_size(path), f"cached in {path}")
+        height, width = cached_size(path)
+        _check_size(image_id, images[image_id], height, width, f"cached in {path}")
         os.utime(path)  # used now: least recently used is evicted first
     return out
 

@@ -30,8 +30,9 @@ def instance_boxes_xywh(anns: list[dict], masks: list[np.ndarray]) -> np.ndarray
     """(N, 4) COCO xywh of each annotation: its ``bbox``, or its mask's extent when it has none."""
     out = []
     for ann, mask in zip(anns, masks, strict=True):
-        box = ann.get("bbox")
-        if not has_usable_box(ann):
+        if has_usable_box(ann):
+            box = ann["bbox"]
+        else:
             ys, xs = np.nonzero(mask)
             box = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] if len(xs) else [0, 0, 1, 1]
         out.append([float(v) for v in box])
