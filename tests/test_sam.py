@@ -508,3 +508,29 @@ def test_cli_prune_cache_removes_stale_entries_then_bounds_size(shapes, tmp_path
     assert current[1].exists() and not current[2].exists() and not any(p.exists() for p in old.values())
     assert teacher_main(["prune-cache", str(cache), "--max-gib", "0", "--params", str(params)]) == 0
     assert not current[1].exists() and not any(cache.iterdir())  # empty encoder folders go too
+
+
+def _cache_share(coco: dict, root: Path, cache: Path, out: Path) -> None:
+    """One launched training process: embed this rank's share, record its encoder calls."""
+    import json
+
+    from teacher.train.distributed import process_rank_and_count
+
+    rank, world = process_rank_and_count()
+    sam, calls = S.build_tiny_random(), []
+    sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(1))
+    files = cache_sam_embeddings(sam, coco, root, cache, rank=rank, world=world, timeout_s=120)
+    (out / f"rank{rank}.json").write_text(json.dumps({"calls": len(calls), "files": sorted(map(str, files.values()))}))
+
+
+@pytest.mark.slow
+def test_launched_processes_build_the_cache_once_and_share_it(shapes, tmp_path):
+    import json
+
+    from teacher.train.distributed import launch
+
+    coco, root = shapes
+    launch(_cache_share, processes=2, kwargs=dict(coco=coco, root=root, cache=tmp_path / "c", out=tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["calls"] for r in ranks] == [1, 1]  # two images, one each: built once
+    assert ranks[0]["files"] == ranks[1]["files"] and len(ranks[0]["files"]) == 2
