@@ -406,9 +406,17 @@ def test_decoder_only_cache_checks_the_image_size_against_the_record(shapes, tmp
     wrong["images"][1]["height"] = 100  # the file is 96 px high
     with pytest.raises(TeacherError, match=r"image 2 \(im1.png\): the image is 128x96 px but its COCO record says 128x100"):
         cache_sam_embeddings(S.build_tiny_random(), wrong, root, tmp_path / "c1")
-    cache_sam_embeddings(S.build_tiny_random(), coco, root, tmp_path / "c2")
+    files = cache_sam_embeddings(S.build_tiny_random(), coco, root, tmp_path / "c2")
     with pytest.raises(TeacherError, match="record says 128x100 .cached in"):  # reused entries too
         cache_sam_embeddings(S.build_tiny_random(), wrong, root, tmp_path / "c2")
+    from safetensors.torch import load_file, save_file
+
+    from teacher.sam.data import cached_size
+
+    save_file(load_file(files[2]), files[2])  # an entry of an older version: no size recorded
+    assert cached_size(files[2]) == (-1, -1)
+    cache_sam_embeddings(S.build_tiny_random(), coco, root, tmp_path / "c2")
+    assert cached_size(files[2]) == (96, 128)  # embedded again, not trusted
 
 
 def test_processes_share_the_embedding_cache_each_building_its_share(shapes, tmp_path):

@@ -231,10 +231,15 @@ def cached_size(path: Path) -> tuple[int, int]:
     return int(meta.get("height", -1)), int(meta.get("width", -1))
 
 
+def _ready(path: Path) -> bool:
+    """An entry exists and records its image's size (entries of older versions do not: redone)."""
+    return path.exists() and cached_size(path)[0] >= 0
+
+
 def _wait_for(paths: list[Path], *, timeout_s: float) -> None:
-    """Block until every file exists (the other processes' shares of the cache)."""
+    """Block until every entry is ready (the other processes' shares of the cache)."""
     deadline = time.monotonic() + timeout_s
-    while missing := [p for p in paths if not p.exists()]:
+    while missing := [p for p in paths if not _ready(p)]:
         if time.monotonic() > deadline:
             raise TeacherError(f"{len(missing)} image embeddings (e.g. {missing[0]}) were not "
                                f"written by the other training processes within {timeout_s:.0f} s")
@@ -281,7 +286,7 @@ def cache_sam_embeddings(
     images = images_by_id(coco)
     mine = [i for k, i in enumerate(out) if k % world == rank]
     for image_id in tqdm(mine, desc="SAM image embeddings", leave=False):
-        if out[image_id].exists():
+        if _ready(out[image_id]):
             continue
         record = images[image_id]
         image = load_image(image_path(image_root, record["file_name"]))
