@@ -21,7 +21,13 @@ from teacher.serve.protocol import (
     percent_rectangle,
     task_prediction,
 )
-from teacher.serve.sources import ImageSourceError, ImageSources, decode_image, load_task_image, locate
+from teacher.serve.sources import (
+    ImageSourceError,
+    ImageSources,
+    decode_image,
+    load_task_image,
+    locate,
+)
 from teacher.serve.tasks import default_label_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,7 +29,6 @@ from teacher.serve.protocol import (
     ContextError,
     context_prompts,
     interactive_prediction,
-    prediction,
     task_prediction,
 )
 from teacher.serve.sources import ImageSourceError, ImageSources, load_task_image
@@ -52,7 +51,8 @@ class Backend:
 
     def health(self) -> dict[str, Any]:
         return {"status": "UP", "model_class": "teacher", "model_version": self.version,
-                "classes": self.teachers.class_names, "sam": self.teachers.has_sam}
+                "classes": self.teachers.class_names, "sam": self.teachers.has_sam,
+                "images_embedded": self.teachers.embeddings_computed}
 
     @property
     def version(self) -> str:
@@ -101,8 +101,8 @@ class Backend:
         return self.prelabel(tasks, config)
 
     def prelabel(self, tasks: list[Mapping[str, Any]], config: LabelConfig) -> dict[str, Any]:
-        """Predictions for every task (in order); a task whose image fails gets an empty
-        prediction and an entry in ``errors``."""
+        """Predictions for every task (in order); a task whose image fails gets none (``[]``,
+        so that Label Studio asks again later) and an entry in ``errors``."""
         keys = sorted({c.value for c in config.of_type(*PREDICTED)})
         if not keys:
             raise RequestError("the labeling config has no RectangleLabels, BrushLabels or "
@@ -120,8 +120,8 @@ class Backend:
                 founds[t][k] = found
         results, unknown = [], set()
         for t in range(len(tasks)):
-            if t in errors:
-                results.append(prediction([], model_version=self.version))
+            if t in errors:  # no prediction: Label Studio asks again next time
+                results.append([])
                 continue
             pred, missing = task_prediction(founds[t], config, model_version=self.version)
             results.append(pred)
@@ -173,11 +173,9 @@ class Backend:
             raise RequestError(f"the labeling config has no BrushLabels or PolygonLabels on "
                                f"image {to_name!r} to put SAM's mask in")
         data_key = controls[0].value
-        image, error = None, None
         url = (tasks[0].get("data") or {}).get(data_key)
 
         def load() -> np.ndarray:
-            nonlocal image, error
             image, error = self._task_image(tasks[0], data_key)
             if error:
                 raise ImageSourceError(error)
@@ -186,9 +184,7 @@ class Backend:
         try:
             mask, score = self.teachers.segment(str(url), load, prompts)
         except ImageSourceError as e:
-            return {"results": [prediction([], model_version=self.version)],
-                    "model_version": self.version,
-                    "errors": [{"index": 0, "task": tasks[0].get("id"), "error": str(e)}]}
+            raise RequestError(f"task {tasks[0].get('id')}: {e}") from e
         pred = interactive_prediction(mask, score, controls=controls, label=prompts.label,
                                       model_version=self.version)
         return {"results": [pred], "model_version": self.version, "errors": []}
