@@ -81,7 +81,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def label_studio(world, tmp_path_factory):  # noqa: F811
-    if not LS_BIN.exists():
+    if not any(LS_VENV.glob(".installed-label-studio*")):
         pytest.skip(f"Label Studio is not installed in {LS_VENV} (`make label-studio` installs it;"
                     " it needs PyPI): the end-to-end test cannot run here")
     files = world["root"] / "files"
