@@ -4,6 +4,8 @@ import io
 import json
 import shutil
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from teacher.serve.sources import (
     ImageSourceError,
     ImageSources,
     decode_image,
+    label_studio_headers,
     load_task_image,
     locate,
 )
@@ -222,16 +225,57 @@ def test_local_files_stay_under_the_root(tmp_path):
 def test_urls_are_resolved_with_the_key_only_for_label_studio(tmp_path):
     s = ImageSources(ls_url="http://localhost:8080", api_key="k")
     up = locate("/data/upload/1/x.jpg", s)
-    assert up.url == "http://localhost:8080/data/upload/1/x.jpg"
-    assert dict(up.headers) == {"Authorization": "Token k"}
-    assert locate("http://localhost:8080/data/upload/x.jpg", s).headers
-    assert locate("http://example.com/x.jpg", s).headers == ()
+    assert up.url == "http://localhost:8080/data/upload/1/x.jpg" and up.with_key
+    assert label_studio_headers(s) == {"Authorization": "Token k"}
+    assert locate("http://localhost:8080/data/upload/x.jpg", s).with_key
+    assert not locate("http://example.com/x.jpg", s).with_key
+    assert not locate("http://localhost:9999/x.jpg", s).with_key  # another port: another origin
     for bad, match in (("s3://b/x.jpg", "unsupported"), ("/etc/passwd", "Label Studio path"),
                        ("", "empty"), ("file:///etc/passwd", "unsupported")):
         with pytest.raises(ImageSourceError, match=match):
             locate(bad, ImageSources())
     with pytest.raises(ImageSourceError, match="disabled"):
         locate("http://example.com/x.jpg", ImageSources(allow_http=False))
+
+
+class FakeLabelStudio(BaseHTTPRequestHandler):
+    """Uploads behind auth; personal access tokens exchanged at /api/token/refresh/."""
+
+    PAT, ACCESS, IMAGE = "aaa.bbb.ccc", "access-1", b""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ok = self.path == "/api/token/refresh/" and body.get("refresh") == self.PAT
+        self.send_response(200 if ok else 401)
+        self.end_headers()
+        self.wfile.write(json.dumps({"access": self.ACCESS} if ok else {}).encode())
+
+    def do_GET(self):
+        ok = self.headers.get("Authorization") == f"Bearer {self.ACCESS}"
+        self.send_response(200 if ok else 401)
+        self.end_headers()
+        self.wfile.write(self.IMAGE if ok else b"no")
+
+
+def test_uploads_with_a_personal_access_token():
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 4)).save(buf, format="PNG")
+    FakeLabelStudio.IMAGE = buf.getvalue()
+    server = HTTPServer(("127.0.0.1", 0), FakeLabelStudio)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        image = load_task_image("/data/upload/1/x.png", ImageSources(ls_url=url, api_key=FakeLabelStudio.PAT))
+        assert image.shape == (4, 5, 3)
+        with pytest.raises(ImageSourceError, match="refused the personal access token"):
+            load_task_image("/data/upload/1/x.png", ImageSources(ls_url=url, api_key="x.y.z"))
+        with pytest.raises(ImageSourceError, match="HTTP 401"):  # a legacy token it refuses
+            load_task_image("/data/upload/1/x.png", ImageSources(ls_url=url, api_key="legacy"))
+    finally:
+        server.shutdown()
 
 
 def test_limits_on_bytes_and_pixels(tmp_path):

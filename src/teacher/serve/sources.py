@@ -4,7 +4,9 @@ A task's image is one of:
 - ``/data/local-files/?d=<path>``: Label Studio's local-files storage; read from ``local_root``
   (Label Studio's ``LOCAL_FILES_DOCUMENT_ROOT``) when set, the resolved path must stay under it;
 - another Label Studio path (``/data/upload/1/x.jpg``, ``/tasks/3/presign/?fileuri=...``):
-  fetched from ``ls_url`` (``LABEL_STUDIO_URL``) with ``Authorization: Token <api_key>``;
+  fetched from ``ls_url`` (``LABEL_STUDIO_URL``) with the API key: a legacy token is sent as
+  ``Authorization: Token <key>``; a personal access token (a JWT) is exchanged at
+  ``/api/token/refresh/`` for an access token sent as ``Bearer`` (cached for a minute);
 - ``http(s)://...``: fetched; the API key is sent only when the URL is on ``ls_url``'s origin.
 Anything else (``s3://``, plain paths, ``file://``) is refused with a message.
 """
@@ -12,6 +14,7 @@ Anything else (``s3://``, plain paths, ``file://``) is refused with a message.
 from __future__ import annotations
 
 import io
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 LOCAL_FILES = "/data/local-files/"
+ACCESS_CACHE_S = 60.0  # reuse an access token got from a personal access token this long
+_access: dict[tuple[str, str], tuple[str, float]] = {}  # (ls_url, key) -> (token, expiry)
+_access_lock = threading.Lock()
 
 
 class ImageSourceError(ValueError):
@@ -42,11 +48,11 @@ class ImageSources:
 
 @dataclass(frozen=True)
 class Located:
-    """A resolved image URL: a local file, or an http URL with the headers to send."""
+    """A resolved image URL: a local file, or an http URL (with Label Studio's key or not)."""
 
     path: Path | None = None
     url: str | None = None
-    headers: tuple[tuple[str, str], ...] = ()
+    with_key: bool = False  # send the Label Studio API key (the URL is on Label Studio)
 
 
 def _same_origin(a: str, b: str) -> bool:
@@ -54,8 +60,34 @@ def _same_origin(a: str, b: str) -> bool:
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
 
 
-def _ls_headers(sources: ImageSources) -> tuple[tuple[str, str], ...]:
-    return (("Authorization", f"Token {sources.api_key}"),) if sources.api_key else ()
+def is_personal_access_token(key: str) -> bool:
+    """Label Studio's personal access tokens are JWTs (three dot-separated parts)."""
+    return key.count(".") == 2
+
+
+def label_studio_headers(sources: ImageSources) -> dict[str, str]:
+    """The ``Authorization`` header for Label Studio (none without a key)."""
+    key = sources.api_key
+    if not key:
+        return {}
+    if not is_personal_access_token(key):
+        return {"Authorization": f"Token {key}"}
+    import httpx
+
+    with _access_lock:
+        token, expiry = _access.get((sources.ls_url, key), ("", 0.0))
+        if time.monotonic() >= expiry:
+            url = urljoin(sources.ls_url.rstrip("/") + "/", "api/token/refresh/")
+            try:
+                r = httpx.post(url, json={"refresh": key}, timeout=sources.timeout_s)
+                token = r.json()["access"] if r.status_code == 200 else ""
+            except (httpx.HTTPError, ValueError, KeyError):
+                token = ""
+            if not token:
+                raise ImageSourceError(f"{url}: Label Studio refused the personal access token "
+                                       "in LABEL_STUDIO_API_KEY; create a new one")
+            _access[(sources.ls_url, key)] = (token, time.monotonic() + ACCESS_CACHE_S)
+    return {"Authorization": f"Bearer {token}"}
 
 
 def local_file(root: Path, relative: str) -> Path:
@@ -84,10 +116,10 @@ def locate(url: str, sources: ImageSources) -> Located:
             raise ImageSourceError(f"{url} is a Label Studio path: start the server with "
                                    f"LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set {hint}".strip())
         return Located(url=urljoin(sources.ls_url.rstrip("/") + "/", url.lstrip("/")),
-                       headers=_ls_headers(sources))
+                       with_key=True)
     if parts.scheme in ("http", "https"):
         if sources.ls_url and _same_origin(url, sources.ls_url):
-            return Located(url=url, headers=_ls_headers(sources))
+            return Located(url=url, with_key=True)
         if not sources.allow_http:
             raise ImageSourceError(f"{url}: http images outside Label Studio are disabled "
                                    "(--no-http)")
@@ -153,5 +185,6 @@ def load_task_image(url: str, sources: ImageSources) -> np.ndarray:
     if where.path is not None:
         data = read_local(where.path, sources)
     else:
-        data = download(where.url, dict(where.headers), sources)
+        headers = label_studio_headers(sources) if where.with_key else {}
+        data = download(where.url, headers, sources)
     return decode_image(data, name=url, max_pixels=sources.max_pixels)
