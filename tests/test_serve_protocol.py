@@ -2,7 +2,6 @@
 
 import io
 import json
-import shutil
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -289,6 +288,3 @@ def test_limits_on_bytes_and_pixels(tmp_path):
     with pytest.raises(ImageSourceError, match="not a readable image"):
         decode_image(b"nope", name="x", max_pixels=5000)
 
-
-def test_ls_python_is_not_the_project_python():
-    assert shutil.which("python") is None or Path(shutil.which("python")) != LS_PYTHON
