@@ -5,7 +5,7 @@ Architectures, random weights (no download): ``tiny`` (DINO and SAM ``tiny-rando
 ``real`` (Grounding DINO tiny's architecture: Swin-T + BERT-base, and SAM ``vit_b``). Also the
 latency of a smart-tool click on an image whose SAM embedding is already prepared.
 
-    .venv/bin/python benchmarks/bench_serve.py [--archs tiny real] [--requests 20 4]
+    .venv/bin/python benchmarks/bench_serve.py [--archs tiny real] [--requests 20 3] [--per-client 10 1]
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def bench(arch: str, *, requests: int, clients: int, size: tuple[int, int], detections: int) -> dict:
+def bench(arch: str, *, requests: int, per_client: int, clients: int, size: tuple[int, int],
+          detections: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(Path(tmp) / "a.jpg")
@@ -119,21 +120,23 @@ def bench(arch: str, *, requests: int, clients: int, size: tuple[int, int], dete
                 clicks = [one_request(client, url, image, click) for _ in range(requests)]
             start = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool, httpx.Client() as client:
-                list(pool.map(lambda _: one_request(client, url, image), range(requests * clients)))
+                list(pool.map(lambda _: one_request(client, url, image), range(per_client * clients)))
             wall = time.perf_counter() - start
         finally:
             server.should_exit = True
             thread.join(timeout=30)
     return {"p50": percentile(latency, 50), "p95": percentile(latency, 95),
-            "click_p50": percentile(clicks, 50), "throughput": requests * clients / wall,
+            "click_p50": percentile(clicks, 50), "throughput": per_client * clients / wall,
             "mean": statistics.mean(latency)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["tiny", "real"])
-    parser.add_argument("--requests", type=int, nargs="+", default=[20, 4],
-                        help="timed requests per arch (latency; x clients for throughput)")
+    parser.add_argument("--requests", type=int, nargs="+", default=[20, 3],
+                        help="timed sequential requests per arch (latency, clicks)")
+    parser.add_argument("--per-client", type=int, nargs="+", default=[10, 1],
+                        help="requests per concurrent client per arch (throughput)")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     parser.add_argument("--detections", type=int, default=5, help="kept boxes (and masks) per image")
@@ -143,10 +146,13 @@ def main() -> None:
           f"{args.detections} detections with masks, {args.clients} concurrent clients")
     print("| arch | /predict p50 s | p95 s | throughput, 4 clients (img/s) | click p50 s (embedding reused) |")
     print("|---|---|---|---|---|")
-    counts = dict(zip(args.archs, args.requests + [args.requests[-1]] * len(args.archs), strict=False))
+    def per_arch(values: list[int]) -> dict[str, int]:
+        return dict(zip(args.archs, values + values[-1:] * len(args.archs), strict=False))
+
+    requests, per_client = per_arch(args.requests), per_arch(args.per_client)
     for arch in args.archs:
-        r = bench(arch, requests=counts[arch], clients=args.clients, size=tuple(args.size),
-                  detections=args.detections)
+        r = bench(arch, requests=requests[arch], per_client=per_client[arch], clients=args.clients,
+                  size=tuple(args.size), detections=args.detections)
         print(f"| {arch} | {r['p50']:.3f} | {r['p95']:.3f} | {r['throughput']:.2f} | "
               f"{r['click_p50']:.3f} |", flush=True)
 

@@ -250,7 +250,7 @@ def test_not_json_and_oversized_bodies(server):
 
 
 def test_webhook_is_acknowledged(server):
-    r = post(server, "/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 1}})
+    r = post(server, "/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 1}}, headers={})
     assert r.status_code == 200 and r.json()["status"] == "ignored"
 
 
