@@ -41,11 +41,13 @@ def adapters_version(adapters: str | Path | None, *, dino_model: str, sam_model:
 
 @dataclass
 class Prepared:
-    """One image ready for prompts: SAM's embedding and the geometry to map clicks."""
+    """One image ready for prompts: SAM's embedding and the geometry to map clicks (the fields
+    of ``teacher.sam.model.PreparedImage`` being added beside this work: swap at merge, keeping
+    ``sam_mask`` for point prompts, which that object does not take)."""
 
     embedding: torch.Tensor  # (C, g, g)
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
 
 
 class ServeTeachers:
@@ -131,8 +133,8 @@ def prepare_image(model: torch.nn.Module, image: np.ndarray) -> Prepared:
     sam = unwrap(model)
     resized = resize_image(image, size=input_size(sam))
     embedding = embed_images(sam, [image_to_tensor(resized)])[0]
-    return Prepared(embedding=embedding, original_hw=tuple(image.shape[:2]),
-                    resized_hw=tuple(resized.shape[:2]))
+    return Prepared(embedding=embedding, original_size=tuple(image.shape[:2]),
+                    input_size=tuple(resized.shape[:2]))
 
 
 @torch.no_grad()
@@ -146,14 +148,14 @@ def sam_mask(model: torch.nn.Module, prepared: Prepared, prompts: Prompts
 
     sam = unwrap(model)
     transform = ResizeLongestSide(input_size(sam))
-    scale = np.array([prepared.original_hw[1] / prompts.width, prepared.original_hw[0] / prompts.height])
+    scale = np.array([prepared.original_size[1] / prompts.width, prepared.original_size[0] / prompts.height])
     points = boxes = None  # clicks in the context's frame -> this image's pixels (same if equal)
     if len(prompts.points):
-        coords = transform.apply_coords(prompts.points * scale, prepared.original_hw)
+        coords = transform.apply_coords(prompts.points * scale, prepared.original_size)
         points = (torch.as_tensor(coords, dtype=torch.float32, device=sam.device)[None],
                   torch.as_tensor(prompts.point_labels, dtype=torch.int64, device=sam.device)[None])
     if prompts.box_xyxy is not None:
-        box = transform.apply_boxes(prompts.box_xyxy[None] * np.tile(scale, 2), prepared.original_hw)
+        box = transform.apply_boxes(prompts.box_xyxy[None] * np.tile(scale, 2), prepared.original_size)
         boxes = torch.as_tensor(box, dtype=torch.float32, device=sam.device)
     sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
     low_res, iou = sam.mask_decoder(
@@ -161,7 +163,7 @@ def sam_mask(model: torch.nn.Module, prepared: Prepared, prompts: Prompts
         image_pe=sam.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense, multimask_output=True)
     best, best_iou = select_best(low_res, iou)
-    logits = sam.postprocess_masks(best[:, None], prepared.resized_hw, prepared.original_hw)[0, 0]
+    logits = sam.postprocess_masks(best[:, None], prepared.input_size, prepared.original_size)[0, 0]
     return (logits > sam.mask_threshold).cpu().numpy(), float(best_iou[0])
 
 
