@@ -302,3 +302,24 @@ def test_predict_format_label_studio_writes_importable_tasks(world, server, tmp_
         assert {r["type"] for r in pred["result"]} <= {"rectanglelabels", "brushlabels"}
         assert len([r for r in pred["result"] if r["type"] == "rectanglelabels"]) == 2
     assert pred["model_version"] == httpx.get(server + "/health").json()["model_version"]
+
+
+def test_predict_format_label_studio_with_a_given_config(world, tmp_path, capsys):
+    config = tmp_path / "config.xml"
+    config.write_text('<View><Image name="photo" value="$img"/><PolygonLabels name="poly" '
+                      'toName="photo"><Label value="Box"/></PolygonLabels></View>')
+    out = tmp_path / "tasks.json"
+    args = ["predict", str(world["root"] / "files" / "images"), "--adapters",
+            str(world["root"] / "models"), "--params", str(world["params"]), "--out", str(out),
+            "--format", "label-studio", "--max-detections", "3", "--image-url-prefix",
+            "https://files.example/"]
+    assert teacher_main([*args, "--label-config", str(tmp_path / "absent.xml")]) == 1
+    assert "absent.xml: no such file" in capsys.readouterr().err
+    assert teacher_main([*args, "--label-config", str(config)]) == 0
+    assert "round thing" in capsys.readouterr().err  # no label for it: said, not dropped silently
+    tasks = json.loads(out.read_text())
+    assert tasks[0]["data"] == {"img": "https://files.example/img_0.png"}
+    regions = [r for t in tasks for r in t["predictions"][0]["result"]]
+    assert regions
+    assert {(r["type"], r["from_name"], r["to_name"]) for r in regions} <= {("polygonlabels", "poly", "photo")}
+    assert all(r["value"]["polygonlabels"] == ["Box"] and len(r["value"]["points"]) >= 3 for r in regions)

@@ -114,7 +114,11 @@ def _predict_run(args: argparse.Namespace) -> int:
     if args.format == "label-studio":
         from teacher.serve.command import save_label_studio_tasks
 
-        save_label_studio_tasks(doc, args, dino_params=dino, sam_params=params["sam"])
+        save_label_studio_tasks(
+            doc, out=args.out, images=args.images, label_config=args.label_config,
+            image_url_prefix=args.image_url_prefix, masks=not args.boxes_only,
+            adapters=args.adapters, classes=args.classes, dino_model=dino.model,
+            sam_model=params["sam"].model)
     else:
         save_coco(doc, args.out)
     for item in doc["info"]["unreadable"]:

@@ -87,10 +87,13 @@ def local_files_prefix(folder: str | Path) -> str:
     return "/data/local-files/?d=" + ("" if rel == "." else rel.rstrip("/") + "/")
 
 
-def save_label_studio_tasks(coco: dict, args: argparse.Namespace, *, dino_params, sam_params
-                            ) -> None:
-    """``teacher predict --format label-studio``: tasks with predictions at ``args.out``; the
-    labeling config (given, or a default one written beside it) decides the regions."""
+def save_label_studio_tasks(coco: dict, *, out: str | Path, images: str | Path,
+                            label_config: str | None, image_url_prefix: str | None,
+                            masks: bool, adapters: str | None, classes: str | None,
+                            dino_model: str, sam_model: str) -> None:
+    """``teacher predict --format label-studio``: tasks with predictions at ``out``; the
+    labeling config (``label_config``, or a default one written beside ``out``) decides the
+    regions; image URLs are ``image_url_prefix`` (default: local files of ``images``) + path."""
     import sys
 
     from teacher.coco import save_json
@@ -100,24 +103,25 @@ def save_label_studio_tasks(coco: dict, args: argparse.Namespace, *, dino_params
     from teacher.serve.tasks import default_label_config, label_studio_tasks
     from teacher.serve.teachers import adapters_version
 
-    out = Path(args.out)
-    if args.label_config:
-        xml = Path(args.label_config).read_text()
+    out = Path(out)
+    if label_config:
+        if not Path(label_config).is_file():
+            raise TeacherError(f"--label-config {label_config}: no such file; export the "
+                               "project's labeling config (Settings > Labeling Interface > Code)")
+        xml = Path(label_config).read_text()
     else:
-        names = [c["name"] for c in coco["categories"]]
-        xml = default_label_config(names, masks=not args.boxes_only)
+        xml = default_label_config([c["name"] for c in coco["categories"]], masks=masks)
         config_path = out.with_name(out.stem + ".label_config.xml")
         config_path.write_text(xml)
         print(f"wrote {config_path}: the labeling config to paste into the Label Studio project")
     try:
         config = parse_label_config(xml)
     except LabelConfigError as e:
-        raise TeacherError(f"{args.label_config}: {e}") from e
-    version = adapters_version(args.adapters, dino_model=dino_params.model,
-                               sam_model=sam_params.model,
-                               extra=parse_classes(args.classes) if args.classes else [])
+        raise TeacherError(f"--label-config {label_config}: {e}") from e
+    version = adapters_version(adapters, dino_model=dino_model, sam_model=sam_model,
+                               extra=parse_classes(classes) if classes else [])
     tasks, unknown = label_studio_tasks(
-        coco, config, url_prefix=args.image_url_prefix or local_files_prefix(args.images),
+        coco, config, url_prefix=image_url_prefix or local_files_prefix(images),
         model_version=version)
     if unknown:
         print(f"classes with no label in the labeling config (their detections are left out): "
