@@ -288,3 +288,44 @@ def test_limits_on_bytes_and_pixels(tmp_path):
     with pytest.raises(ImageSourceError, match="not a readable image"):
         decode_image(b"nope", name="x", max_pixels=5000)
 
+
+
+# --- backend (models stubbed) ------------------------------------------------------------
+
+
+class StubTeachers:
+    """ServeTeachers' interface: one 'cat' box per image; an all-white image breaks the model."""
+
+    model_version, class_names, has_sam, embeddings_computed = "v", ["cat"], False, 0
+
+    def __init__(self):
+        self.calls = []
+
+    def detect(self, images):
+        self.calls.append(len(images))
+        if any(img.min() == 255 for img in images):
+            raise RuntimeError("model broke")
+        return [Found(width=img.shape[1], height=img.shape[0], boxes_xywh=np.array([[1, 1, 2, 2.0]]),
+                      scores=np.array([0.5]), names=["cat"]) for img in images]
+
+
+def test_backend_chunks_big_calls_and_isolates_failing_tasks(tmp_path, monkeypatch):
+    from teacher.serve import backend as backend_module
+    from teacher.serve.backend import Backend
+
+    _png(tmp_path / "ok.png")
+    Image.fromarray(np.full((6, 8, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    monkeypatch.setattr(backend_module, "CHUNK_TASKS", 16)
+    stub = StubTeachers()
+    backend = Backend(teachers=stub, sources=ImageSources(local_root=tmp_path))
+    names = ["ok.png"] * 40
+    names[5], names[30] = "white.png", "missing.png"
+    tasks = [{"id": 100 + i, "data": {"image": f"/data/local-files/?d={n}"}} for i, n in enumerate(names)]
+    out = backend.predict(tasks=tasks, label_config=CONFIG, project=None, context=None)
+    assert len(out["results"]) == 40
+    assert [e["task"] for e in out["errors"]] == [105, 130]
+    assert "model broke" in out["errors"][0]["error"] and "cannot read" in out["errors"][1]["error"]
+    assert out["results"][5] == [] and out["results"][30] == []
+    assert all(r["result"][0]["value"]["rectanglelabels"] == ["Cat"]
+               for i, r in enumerate(out["results"]) if i not in (5, 30))
+    assert max(stub.calls) <= 16  # one chunk's images at a time

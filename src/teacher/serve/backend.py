@@ -27,6 +27,7 @@ from teacher.serve.label_config import (
 )
 from teacher.serve.protocol import (
     ContextError,
+    Found,
     context_prompts,
     interactive_prediction,
     task_prediction,
@@ -36,6 +37,7 @@ from teacher.serve.teachers import ServeTeachers
 
 log = logging.getLogger("teacher.serve")
 FETCH_WORKERS = 4  # images downloaded in parallel within one call
+CHUNK_TASKS = 16  # tasks whose images are in memory at once (DINO batches within a chunk)
 
 
 class RequestError(ValueError):
@@ -46,7 +48,7 @@ class RequestError(ValueError):
 class Backend:
     teachers: ServeTeachers
     sources: ImageSources
-    max_tasks: int = 64  # tasks per /predict call
+    max_tasks: int = 1000  # tasks per /predict call (Label Studio sends a whole selection)
     configs: dict[str, str] = field(default_factory=dict)  # project id -> label config (setup)
 
     def health(self) -> dict[str, Any]:
@@ -102,30 +104,25 @@ class Backend:
 
     def prelabel(self, tasks: list[Mapping[str, Any]], config: LabelConfig) -> dict[str, Any]:
         """Predictions for every task (in order); a task whose image fails gets none (``[]``,
-        so that Label Studio asks again later) and an entry in ``errors``."""
+        so that Label Studio asks again later) and an entry in ``errors``. Tasks go through
+        ``CHUNK_TASKS`` at a time, so memory holds one chunk's images, whatever the call's size."""
         keys = sorted({c.value for c in config.of_type(*PREDICTED)})
         if not keys:
             raise RequestError("the labeling config has no RectangleLabels, BrushLabels or "
                                "PolygonLabels on an <Image>: nothing to predict")
-        wanted = [(t, k) for t in range(len(tasks)) for k in keys]
-        with ThreadPoolExecutor(FETCH_WORKERS) as pool:
-            loaded = list(pool.map(lambda tk: self._task_image(tasks[tk[0]], tk[1]), wanted))
-        errors = {t: err for (t, _), (_, err) in zip(wanted, loaded, strict=True) if err}
-        good = [(t, k, img) for (t, k), (img, _) in zip(wanted, loaded, strict=True)
-                if t not in errors]
-        founds: dict[int, dict[str, Any]] = {t: {} for t in range(len(tasks)) if t not in errors}
-        for (t, k, _), found in zip(good, self._detect([img for _, _, img in good], errors, good),
-                                    strict=True):
-            if found is not None:
-                founds[t][k] = found
-        results, unknown = [], set()
-        for t in range(len(tasks)):
-            if t in errors:  # no prediction: Label Studio asks again next time
-                results.append([])
-                continue
-            pred, missing = task_prediction(founds[t], config, model_version=self.version)
-            results.append(pred)
-            unknown |= set(missing)
+        results: list = []
+        errors: dict[int, str] = {}
+        unknown: set[str] = set()
+        for start in range(0, len(tasks), CHUNK_TASKS):
+            founds = self._detect_chunk(tasks, range(start, min(start + CHUNK_TASKS, len(tasks))),
+                                        keys, errors)
+            for t in sorted(founds):
+                if t in errors:  # no prediction: Label Studio asks again next time
+                    results.append([])
+                    continue
+                pred, missing = task_prediction(founds[t], config, model_version=self.version)
+                results.append(pred)
+                unknown |= set(missing)
         if unknown:
             log.warning("classes without a label in the labeling config: %s", sorted(unknown))
         return {"results": results, "model_version": self.version,
@@ -133,11 +130,28 @@ class Backend:
                 "errors": [{"index": t, "task": tasks[t].get("id"), "error": errors[t]}
                            for t in sorted(errors)]}
 
-    def _detect(self, images: list[np.ndarray], errors: dict[int, str], good: list) -> list:
-        """Detections of all images in batches; if a batch fails, image by image, so that only
-        the task whose image breaks the model gets an error."""
+    def _detect_chunk(self, tasks: list[Mapping[str, Any]], indexes: range, keys: list[str],
+                      errors: dict[int, str]) -> dict[int, dict[str, Found]]:
+        """``{task index: {data key: Found}}`` for the tasks at ``indexes`` (every index, empty
+        where it failed); failures go to ``errors``. Images are fetched in parallel."""
+        wanted = [(t, k) for t in indexes for k in keys]
+        with ThreadPoolExecutor(FETCH_WORKERS) as pool:
+            loaded = list(pool.map(lambda tk: self._task_image(tasks[tk[0]], tk[1]), wanted))
+        errors.update({t: err for (t, _), (_, err) in zip(wanted, loaded, strict=True) if err})
+        good = [(t, k, img) for (t, k), (img, _) in zip(wanted, loaded, strict=True)
+                if t not in errors]
+        founds: dict[int, dict[str, Found]] = {t: {} for t in indexes}
+        for (t, k, _), found in zip(good, self._detect(good, errors), strict=True):
+            if found is not None:
+                founds[t][k] = found
+        return founds
+
+    def _detect(self, good: list[tuple[int, str, np.ndarray]], errors: dict[int, str]) -> list:
+        """Detections of the images in ``good`` (task index, key, image), batched; if a batch
+        fails, image by image, so that only the task whose image breaks the model gets an
+        error (None in its place)."""
         try:
-            return self.teachers.detect(images)
+            return self.teachers.detect([image for _, _, image in good])
         except Exception:  # noqa: BLE001 - isolated below, per image
             out = []
             for t, _, image in good:

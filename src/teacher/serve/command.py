@@ -34,7 +34,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="refuse http(s) image URLs outside Label Studio")
     p.add_argument("--max-image-mb", type=float, default=50, help="per image file (50)")
     p.add_argument("--fetch-timeout", type=float, default=20, help="seconds per image (20)")
-    p.add_argument("--max-tasks", type=int, default=64, help="tasks per /predict call (64)")
+    p.add_argument("--max-tasks", type=int, default=1000,
+                   help="tasks per /predict call (1000; Label Studio sends a whole selection)")
     p.add_argument("--score-threshold", type=float, help="default dino.box_threshold")
     p.add_argument("--text-threshold", type=float, help="default dino.text_threshold")
     p.add_argument("--nms-iou", type=float, default=0.7, help="per-class NMS IoU (0.7)")
