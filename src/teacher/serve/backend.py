@@ -37,6 +37,7 @@ from teacher.serve.teachers import ServeTeachers
 
 log = logging.getLogger("teacher.serve")
 FETCH_WORKERS = 4  # images downloaded in parallel within one call
+MAX_PROJECTS = 256  # labeling configs remembered from /setup
 CHUNK_TASKS = 16  # tasks whose images are in memory at once (DINO batches within a chunk)
 
 
@@ -63,7 +64,10 @@ class Backend:
     def setup(self, *, project: str | None, schema: str | None) -> dict[str, Any]:
         config = self._config(schema, project=None)
         if project:
+            self.configs.pop(project_id(project), None)
             self.configs[project_id(project)] = schema
+            while len(self.configs) > MAX_PROJECTS:  # the oldest set-up project goes first
+                self.configs.pop(next(iter(self.configs)))
         return {"model_version": self.version, **self.label_report(config)}
 
     def label_report(self, config: LabelConfig) -> dict[str, Any]:
