@@ -6,8 +6,14 @@ STAMP := $(VENV)/.installed
 # torch and torchvision pinned to the releases pip finds on local disk on the dev machines;
 # elsewhere pip downloads the same versions from PyPI.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Label Studio for the end-to-end test of `teacher serve`, in its own venv: its pins (Django,
+# numpy < 2.3, opencv 4.12, ...) clash with ours. Without PyPI it is not installed and
+# tests/test_serve_label_studio.py skips, saying so.
+LS_VENV := .venv-ls
+LABEL_STUDIO := label-studio==1.23.2
+LS_STAMP := $(LS_VENV)/.installed-$(LABEL_STUDIO)
 
-.PHONY: install run demo test test-fast lint format bench params clean
+.PHONY: install label-studio run demo test test-fast lint format bench params clean
 
 install: $(STAMP)
 
@@ -18,6 +24,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+label-studio: $(LS_STAMP)
+
+$(LS_STAMP):
+	( test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV) ) && \
+	$(LS_VENV)/bin/python -m pip install --quiet $(LABEL_STUDIO) && touch $(LS_STAMP) || \
+	echo "$(LABEL_STUDIO) could not be installed into $(LS_VENV): the Label Studio end-to-end test will skip"
+
 # stage commands call `python`: the venv's bin goes first on PATH
 run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
@@ -25,7 +38,7 @@ run: install
 demo: install
 	$(BIN)/python scripts/demo.py
 
-test: install
+test: install label-studio
 	$(BIN)/python -m pytest -q
 
 test-fast: install
@@ -52,4 +65,4 @@ params: install
 	$(BIN)/python -m teacher.params > params.yaml
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LS_VENV)

@@ -26,6 +26,7 @@ LAYERS = [
     {"teacher.train"},
     {"teacher.dino", "teacher.sam"},
     {"teacher.predict", "teacher.export"},
+    {"teacher.serve"},
     {"teacher.evaluation"},
     {"teacher.cli"},
 ]

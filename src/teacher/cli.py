@@ -16,6 +16,8 @@ from pathlib import Path
 
 from teacher.errors import TeacherError
 from teacher.params import ParamsError, ValidateParams, load_params
+from teacher.serve.command import configure as _serve_configure
+from teacher.serve.command import run as _serve_run
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,12 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-detections", type=int, default=100, help="per image (100)")
     p.add_argument("--batch-size", type=int, default=4, help="images per DINO forward (4)")
     p.add_argument("--boxes-only", action="store_true", help="skip SAM: boxes without masks")
+    p.add_argument("--format", choices=("coco", "label-studio"), default="coco",
+                   help="coco: one COCO json; label-studio: tasks with predictions to import")
+    p.add_argument("--label-config", help="label-studio: the project's labeling config XML "
+                   "(default: written beside --out, RectangleLabels + BrushLabels of the classes)")
+    p.add_argument("--image-url-prefix", help="label-studio: prepended to each file's path under "
+                   "the folder (default /data/local-files/?d=<folder>/)")
 
 
 def _predict_run(args: argparse.Namespace) -> int:
@@ -103,7 +111,16 @@ def _predict_run(args: argparse.Namespace) -> int:
     text = dino.text_threshold if args.text_threshold is None else args.text_threshold
     doc = label_folder(teachers, args.images, keep=keep, text_threshold=text,
                        batch_size=args.batch_size, multimask=params["sam"].multimask)
-    save_coco(doc, args.out)
+    if args.format == "label-studio":
+        from teacher.serve.command import save_label_studio_tasks
+
+        save_label_studio_tasks(
+            doc, out=args.out, images=args.images, label_config=args.label_config,
+            image_url_prefix=args.image_url_prefix, masks=not args.boxes_only,
+            adapters=args.adapters, classes=args.classes, dino_model=dino.model,
+            sam_model=params["sam"].model)
+    else:
+        save_coco(doc, args.out)
     for item in doc["info"]["unreadable"]:
         print(f"skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
     print(f"wrote {args.out}: {len(doc['images'])} images, {len(doc['annotations'])} detections"
@@ -171,6 +188,8 @@ COMMANDS: dict[str, Command] = {
                         _validate_run),
     "predict": Command("auto-label a folder of images with Grounded-SAM (COCO boxes + masks)",
                        _predict_configure, _predict_run),
+    "serve": Command("serve the teachers to Label Studio (ML backend: pre-labels, smart tools)",
+                     _serve_configure, _serve_run),
     "export": Command("merge the adapters into full DINO (save_pretrained) and SAM (.pth) models",
                       _export_configure, _export_run),
     "prune-cache": Command("bound the SAM embedding cache: drop stale entries, then least recently used",
