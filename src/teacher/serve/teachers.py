@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 
 from teacher.digest import fingerprint
 from teacher.predict import Filter, Teachers, load_predict_teachers, predict_images
+from teacher.sam.model import PreparedImage, prepare_image
 from teacher.serve.protocol import Found, Prompts
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "trained_modules.safetensors",
@@ -39,17 +39,6 @@ def adapters_version(adapters: str | Path | None, *, dino_model: str, sam_model:
     return f"teacher-{'adapters' if files else 'base'}-{digest[:12]}"
 
 
-@dataclass
-class Prepared:
-    """One image ready for prompts: SAM's embedding and the geometry to map clicks (the fields
-    of ``teacher.sam.model.PreparedImage`` being added beside this work: swap at merge, keeping
-    ``sam_mask`` for point prompts, which that object does not take)."""
-
-    embedding: torch.Tensor  # (C, g, g)
-    original_size: tuple[int, int]
-    input_size: tuple[int, int]
-
-
 class ServeTeachers:
     """Grounded-SAM for pre-labeling and SAM for clicks, behind one lock (one model call at a
     time; requests queue)."""
@@ -64,7 +53,7 @@ class ServeTeachers:
         self.model_version = model_version
         self.batch_size = batch_size
         self.cache_size = cache_size
-        self.prepared: OrderedDict[str, Prepared] = OrderedDict()
+        self.prepared: OrderedDict[str, PreparedImage] = OrderedDict()
         self.embeddings_computed = 0  # how many images SAM embedded for clicks (tests, /health)
         self.lock = threading.Lock()
 
@@ -102,7 +91,7 @@ class ServeTeachers:
             prepared = self._prepared(key, load)
             return sam_mask(self.teachers.sam, prepared, prompts)
 
-    def _prepared(self, key: str, load: Callable[[], np.ndarray]) -> Prepared:
+    def _prepared(self, key: str, load: Callable[[], np.ndarray]) -> PreparedImage:
         if key in self.prepared:
             self.prepared.move_to_end(key)
             return self.prepared[key]
@@ -126,19 +115,7 @@ def found_of(det: Any, image: np.ndarray, names: dict[int, str]) -> Found:
 
 
 @torch.no_grad()
-def prepare_image(model: torch.nn.Module, image: np.ndarray) -> Prepared:
-    """SAM's embedding of one HxWx3 uint8 image (as ``SamPredictor.set_image``)."""
-    from teacher.sam.model import embed_images, image_to_tensor, input_size, resize_image, unwrap
-
-    sam = unwrap(model)
-    resized = resize_image(image, size=input_size(sam))
-    embedding = embed_images(sam, [image_to_tensor(resized)])[0]
-    return Prepared(embedding=embedding, original_size=tuple(image.shape[:2]),
-                    input_size=tuple(resized.shape[:2]))
-
-
-@torch.no_grad()
-def sam_mask(model: torch.nn.Module, prepared: Prepared, prompts: Prompts
+def sam_mask(model: torch.nn.Module, prepared: PreparedImage, prompts: Prompts
              ) -> tuple[np.ndarray, float]:
     """The best of SAM's three candidate masks for points and/or a box (as
     ``SamPredictor.predict(multimask_output=True)``), at the original size."""
