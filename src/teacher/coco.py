@@ -16,6 +16,7 @@ plus ``"none"`` (no or empty ``segmentation``) and ``"invalid"`` (anything else)
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -29,6 +30,7 @@ from pycocotools import mask as mask_utils
 from teacher.errors import TeacherError
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+FAR = 10  # image sizes outside the image beyond which a coordinate is absurd, not a sloppy vertex
 MASK_KINDS = ("polygon", "rle_compressed", "rle_uncompressed", "none", "invalid")
 
 
@@ -226,6 +228,39 @@ def valid_polygons(ann: dict[str, Any]) -> list[list[float]]:
     return [p for p in polygons(ann) if len(p) >= 6 and len(p) % 2 == 0]
 
 
+def _coordinates(ann: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """x and y numbers of the bbox corners and polygon vertices (numbers only)."""
+    xs: list[float] = []
+    ys: list[float] = []
+    box = ann.get("bbox")
+    if isinstance(box, list) and len(box) == 4 and _all_numbers(box):
+        xs += [box[0], box[0] + box[2]] if math.isfinite(box[0]) else [box[0]]
+        ys += [box[1], box[1] + box[3]] if math.isfinite(box[1]) else [box[1]]
+        xs.append(box[2])
+        ys.append(box[3])
+    if mask_kind(ann) == "polygon":
+        for ring in polygons(ann):
+            xs += ring[0::2]
+            ys += ring[1::2]
+    return xs, ys
+
+
+def geometry_problem(ann: dict[str, Any], *, width: float, height: float
+                     ) -> tuple[str, str] | None:
+    """``(rule, detail)`` when the bbox or polygon holds numbers that cannot be geometry: NaN
+    or Infinity (``"non_finite_coordinates"``), or a point more than :data:`FAR` image sizes outside
+    the image (``"coordinates_far_outside"``: rasterising it would take unbounded memory);
+    None when the numbers are sane. Checked before any mask is rasterised."""
+    xs, ys = _coordinates(ann)
+    if not all(math.isfinite(v) for v in xs + ys):
+        return "non_finite_coordinates", "NaN or Infinity in bbox/segmentation"
+    if (any(v < -FAR * width or v > (FAR + 1) * width for v in xs)
+            or any(v < -FAR * height or v > (FAR + 1) * height for v in ys)):
+        far = max([abs(v) for v in xs + ys], default=0.0)
+        return "coordinates_far_outside", f"a coordinate of {far:g} in a {width:g}x{height:g} image"
+    return None
+
+
 def _compressed_counts_short(raw: bytes) -> list[int] | None:
     """:func:`_compressed_counts` in plain Python (faster for short strings)."""
     out: list[int] = []
@@ -288,6 +323,8 @@ def rle_problem(seg: dict[str, Any]) -> str | None:
     if isinstance(counts, list):
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             return "uncompressed RLE counts must be non-negative integers"
+    elif isinstance(counts, str) and not counts.isascii():
+        return "compressed RLE counts holds non-ASCII characters (not a COCO RLE string)"
     else:
         counts = _compressed_counts(counts)
         if counts is None:
@@ -313,6 +350,10 @@ def annotation_rle(ann: dict[str, Any], height: int, width: int, *, check: bool 
         rings = valid_polygons(ann)
         if not rings:
             raise TeacherError(f"{where}: no polygon with at least 3 points")
+        problem = geometry_problem({"segmentation": rings}, width=width, height=height)
+        if problem:
+            raise TeacherError(f"{where}: {problem[1]} ({problem[0]}); fix the polygon or run "
+                               "validate with on_error: drop")
         return mask_utils.merge(mask_utils.frPyObjects(rings, height, width))
     if kind in ("rle_compressed", "rle_uncompressed"):
         seg = ann["segmentation"]

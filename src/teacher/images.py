@@ -209,7 +209,11 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     Raises ``TeacherError`` naming the file (and each decoder's reason) when it is missing,
     truncated, too large (:data:`MAX_DECODE_PIXELS`) or not an image.
     """
-    path = Path(path)
+    return _decode(Path(path), max_pixels=max_pixels)[0]
+
+
+def _decode(path: Path, *, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_image`'s array and the file's full (width, height)."""
     if not path.is_file():
         raise TeacherError(f"{path}: image file not found")
     reasons = []
@@ -236,11 +240,24 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                                f"more than {MAX_DECODE_PIXELS:,}); split it into tiles or "
                                "downscale it")
         try:
-            return _fit(to_rgb8(arr), decoded_size(*full, max_pixels=max_pixels))
+            return _fit(to_rgb8(arr), decoded_size(*full, max_pixels=max_pixels)), full
         except ValueError as e:
             reasons.append(f"{name}: {e}")
     raise TeacherError(f"{path}: cannot decode image ({'; '.join(reasons) or 'no decoder'}); "
                        "re-export it as PNG or JPEG, or remove it")
+
+
+def probe_image(path: str | Path, *, decode: bool = True) -> tuple[int, int]:
+    """The file's full ``(width, height)`` as displayed. ``decode``: the pixels are decoded as
+    :func:`load_image` decodes them (a truncated or undecodable file raises); otherwise only
+    the header is read (falling back to a decode when PIL cannot read it)."""
+    path = Path(path)
+    if not decode:
+        try:
+            return read_image_size(path)
+        except TeacherError:
+            pass
+    return _decode(path, max_pixels=MAX_PIXELS)[1]
 
 
 def is_grayscale(path: str | Path, *, thumb: int = 64) -> bool:
