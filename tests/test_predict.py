@@ -188,3 +188,64 @@ def test_chunked_segmentation_equals_one_call(tmp_path):
     assert chunked.shape == (7, 48, 64)
     assert (chunked != whole).mean() <= 1e-3  # decoder batches of 3 vs 7: a tolerance, not bitwise
     assert segment_detections(sam, image, {k: v[:0] for k, v in det.items()})["masks"].shape == (0, 48, 64)
+
+
+# --- issue 16 ---------------------------------------------------------------------------------
+
+
+def test_predict_over_only_unreadable_images_exits_non_zero(tmp_path, capsys):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"not a jpeg")
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "labels.json"
+    rc = teacher_main(["predict", str(folder), "--classes", "box", "--out", str(out),
+                       "--params", str(_params(tmp_path)), "--boxes-only"])
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists()
+    assert "a.jpg" in err and "b.png" in err and "no image could be read" in err
+    (folder / "a.jpg").unlink()
+    (folder / "b.png").unlink()
+    assert teacher_main(["predict", str(folder), "--classes", "box", "--out", str(out),
+                         "--params", str(_params(tmp_path)), "--boxes-only"]) == 1
+    assert "no image files found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--score-threshold", "1.5"), ("--score-threshold", "-0.1"), ("--text-threshold", "nan"),
+    ("--nms-iou", "2"), ("--max-detections", "0"), ("--batch-size", "-3"), ("--batch-size", "x"),
+])
+def test_predict_flags_are_range_checked(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        teacher_main(["predict", str(tmp_path), "--out", str(tmp_path / "x.json"), flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_predicted_boxes_are_clipped_to_the_image():
+    from teacher.predict import clip_detections
+    det = {"boxes": np.array([[-5, -5, 20, 20], [50, 30, 40, 40]], float),
+           "scores": np.ones(2), "category_ids": np.ones(2, int)}
+    clipped = clip_detections(det, width=64, height=48)["boxes"]
+    assert clipped.tolist() == [[0, 0, 15, 15], [50, 30, 14, 18]]
+
+
+def test_detections_on_a_downscaled_image_are_scaled_back_to_the_file():
+    masks = np.zeros((1, 10, 20), bool)
+    masks[0, 2:4, 5:10] = True
+    det = {"boxes": np.array([[5, 2, 5, 2]], float), "scores": np.ones(1),
+           "category_ids": np.ones(1, int), "masks": masks}
+    ann = to_annotations(det, image_id=1, first_id=1, size=(40, 20), detected_size=(20, 10))[0]
+    assert ann["bbox"] == [10, 4, 10, 4] and ann["segmentation"]["size"] == [20, 40]
+    assert ann["area"] == 40
+
+
+def test_predict_output_respects_the_umask(tmp_path):
+    import os
+
+    from teacher.coco import save_coco
+    old = os.umask(0o022)
+    try:
+        save_coco({"images": [], "annotations": [], "categories": []}, tmp_path / "o.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o.json").stat().st_mode & 0o777 == 0o644

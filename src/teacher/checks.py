@@ -794,6 +794,13 @@ def validate_file(annotations: str | Path, *, images: str | Path | None, on_erro
                          box_from_mask=box_from_mask)
 
 
+def validate_options(params: Any) -> dict[str, Any]:
+    """:func:`validate_file`'s keyword arguments from params.yaml's ``validate`` section."""
+    return {"on_error": params.on_error, "min_box_size": params.min_box_size,
+            "min_instances": params.min_instances, "decode_images": params.decode_images,
+            "max_drop_fraction": params.max_drop_fraction, "box_from_mask": params.box_from_mask}
+
+
 def validation_report(result: Validation, *, on_error: str, source: dict[str, Any]) -> dict:
     """``metrics/validate.json``: totals and one count per rule as flat keys (for ``dvc
     metrics``), then ``findings`` (every rule that fired, with all its ids)."""

@@ -212,6 +212,13 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return _decode(Path(path), max_pixels=max_pixels)[0]
 
 
+def load_image_and_size(path: str | Path, *, max_pixels: int = MAX_PIXELS
+                        ) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_image` and the file's full ``(width, height)`` (larger than the array's
+    when the image was downscaled)."""
+    return _decode(Path(path), max_pixels=max_pixels)
+
+
 def _decode(path: Path, *, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`load_image`'s array and the file's full (width, height)."""
     if not path.is_file():
@@ -240,7 +247,8 @@ def _decode(path: Path, *, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]
                                f"more than {MAX_DECODE_PIXELS:,}); split it into tiles or "
                                "downscale it")
         try:
-            return _fit(to_rgb8(arr), decoded_size(*full, max_pixels=max_pixels)), full
+            rgb = _fit(to_rgb8(arr), decoded_size(*full, max_pixels=max_pixels))
+            return (rgb if rgb.flags.writeable else rgb.copy()), full
         except ValueError as e:
             reasons.append(f"{name}: {e}")
     raise TeacherError(f"{path}: cannot decode image ({'; '.join(reasons) or 'no decoder'}); "
