@@ -513,3 +513,35 @@ def test_fifty_thousand_categories_in_linear_time():
     r = run(data)
     assert time.perf_counter() - start < 5
     assert len(r.coco["categories"]) == 50_003 and r.counts["unused_category"] == 50_000
+
+
+def test_deeply_nested_json_is_not_json_not_a_traceback(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    r = validate_file(tmp_path / "deep.json", images=None)
+    assert r.counts["not_json"] == 1 and "nested too deeply" in r.findings[0]["details"][0]
+    r = validate_file(tmp_path, images=None)  # a folder given as the annotation file
+    assert r.counts["not_json"] == 1
+
+
+def test_cli_refuses_out_or_report_equal_to_the_input(tmp_path, capsys):
+    import json
+
+    from teacher.cli import main
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(clean()))
+    before = path.read_bytes()
+    for flag in ("--out", "--report"):
+        assert main(["validate", str(path), flag, str(tmp_path / "." / "in.json"),
+                     "--params", str(tmp_path / "none.yaml")]) == 1
+        assert "same file" in capsys.readouterr().err and path.read_bytes() == before
+
+
+def test_cli_warns_when_the_dataset_is_too_small_for_the_split(tmp_path, capsys):
+    import json
+
+    from teacher.cli import main
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(clean()))  # 2 annotated images, 3 splits
+    assert main(["validate", str(path), "--params", str(tmp_path / "none.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 2 annotated image(s) cannot fill the 3 splits" in out

@@ -59,6 +59,13 @@ def read_json(path: str | Path) -> Any:
         raise CocoFormatError(
             f"{path}: not valid JSON ({e}); export the dataset as COCO JSON", rule="not_json"
         ) from e
+    except RecursionError as e:
+        raise CocoFormatError(
+            f"{path}: JSON nested too deeply to read (not a COCO export); export the dataset "
+            "as COCO JSON", rule="not_json") from e
+    except (IsADirectoryError, PermissionError, OSError) as e:
+        raise CocoFormatError(f"{path}: cannot read the file ({e.strerror or e}); check "
+                              "data.annotations and its permissions", rule="not_json") from e
 
 
 def coco_format_problem(data: Any) -> str | None:
