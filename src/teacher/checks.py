@@ -832,8 +832,8 @@ def summary_text(result: Validation, *, source: str, report_path: str | None = N
     elif result.fatal:  # dropping would not help
         for f in result.findings:
             if f["severity"] == "error" and f["record"] == "dataset":
-                lines.append(f"{f['rule']}: {f['details'][0] if f['details'] else f['message']}")
-                lines.append(f"  fix: {RULES[f['rule']].fix}")
+                lines.append(f"{f['rule']} stops validate whatever on_error; "
+                             f"{RULES[f['rule']].fix.removeprefix('none: ')}")
     elif result.errors:
         lines.append("Fix these records in the export, or set validate.on_error: drop to drop "
                      "them (every drop is listed in the report).")
