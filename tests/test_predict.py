@@ -249,3 +249,49 @@ def test_predict_output_respects_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "o.json").stat().st_mode & 0o777 == 0o644
+
+
+def _tiny_teachers(sam: bool = False):
+    from teacher.dino.labels import build_label_map
+    from teacher.dino.model import load_dino
+    from teacher.predict import Teachers
+    from teacher.sam.model import load_sam
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    dino = load_dino(TINY_DINO)
+    cats = [{"id": 1, "name": "box"}, {"id": 2, "name": "round thing"}]
+    return Teachers(dino=dino, sam=load_sam(TINY_SAM) if sam else None,
+                    label_map=build_label_map(cats, tokenizer=dino.processor.tokenizer))
+
+
+def test_scores_do_not_depend_on_the_batch():
+    """Mixed sizes in one batch were padded and the padding leaked into the backbone: up to 0.4
+    of score for the same image on the tiny model. Batches now hold one image size."""
+    from teacher.dino.detect import detect, same_size_batches
+    assert same_size_batches([(2, 3), (4, 5), (2, 3), (2, 3)], batch_size=2) == [[0, 2], [3], [1]]
+    teachers = _tiny_teachers()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, s, dtype=np.uint8)
+              for s in [(48, 64, 3), (64, 48, 3), (30, 90, 3), (48, 64, 3)]]
+    kw = {"box_threshold": 0.0, "text_threshold": 0.0, "max_detections": 900}
+    alone = [detect(teachers.dino, [im], teachers.label_map, **kw)[0] for im in images]
+    together = detect(teachers.dino, images, teachers.label_map, batch_size=4, **kw)
+    for a, t in zip(alone, together, strict=True):
+        assert np.abs(np.sort(a["scores"]) - np.sort(t["scores"])).max() < 1e-4
+        assert np.abs(np.sort(a["boxes"], axis=0) - np.sort(t["boxes"], axis=0)).max() < 1e-2
+
+
+@pytest.mark.parametrize("height", [1, 3])
+def test_images_one_or_three_pixels_high(height):
+    """A 3-pixel-high image was read as channels-first by the image processor (scrambled)."""
+    teachers = _tiny_teachers(sam=True)
+    image = np.zeros((height, 64, 3), np.uint8)
+    image[:, :32] = 255
+    dets = predict_images(teachers, [image], keep=Filter(score_threshold=0.0, nms_iou=1.0,
+                                                         max_detections=3), text_threshold=0.0)
+    assert dets[0]["masks"].shape == (3, height, 64)
+    assert (dets[0]["boxes"][:, 1] + dets[0]["boxes"][:, 3] <= height + 1e-6).all()
+    pixels = teachers.dino.processor.image_processor(images=[image], return_tensors="pt",
+                                                     input_data_format="channels_last")
+    assert pixels["pixel_values"].shape[1] == 3
