@@ -127,15 +127,25 @@ def current_umask() -> int:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file)."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file).
+    A read-only folder or a full disk is a ``TeacherError`` naming the path; an existing
+    file at ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise TeacherError(f"{path}: cannot write here ({e.strerror or e}); choose a writable "
+                           "folder or free disk space") from e
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 is not the user's choice
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise TeacherError(f"{path}: cannot write ({e.strerror or e}); free disk space or "
+                           "choose a writable folder") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
