@@ -45,6 +45,56 @@ def _png_header(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def _planar_tiff(path: Path, bands: np.ndarray) -> Path:
+    """An uncompressed 16-bit TIFF with PlanarConfiguration 2 (bands stored one after another),
+    as satellite tooling writes them. ``bands``: (B, H, W) uint16."""
+    b, h, w = bands.shape
+    strips = [np.ascontiguousarray(x, dtype="<u2").tobytes() for x in bands]
+    n_tags = 10
+    extra_at = 8 + 2 + 12 * n_tags + 4
+    extra = b""
+
+    def value(kind: int, values: list[int]) -> bytes:  # inline when it fits, else an offset
+        nonlocal extra
+        fmt = "<" + {3: "H", 4: "I"}[kind] * len(values)
+        packed = struct.pack(fmt, *values)
+        if len(packed) <= 4:
+            return packed.ljust(4, b"\0")
+        extra += packed
+        return struct.pack("<I", extra_at + len(extra) - len(packed))
+
+    bits, counts = value(3, [16] * b), value(4, [len(x) for x in strips])
+    start = extra_at + len(extra) + (4 * b if b > 1 else 0)
+    offsets = value(4, [start + sum(len(x) for x in strips[:i]) for i in range(b)])
+    tags = [(256, 4, 1, struct.pack("<I", w)), (257, 4, 1, struct.pack("<I", h)),
+            (258, 3, b, bits), (259, 3, 1, struct.pack("<HH", 1, 0)),
+            (262, 3, 1, struct.pack("<HH", 2 if b == 3 else 1, 0)), (273, 4, b, offsets),
+            (277, 3, 1, struct.pack("<HH", b, 0)), (278, 4, 1, struct.pack("<I", h)),
+            (279, 4, b, counts), (284, 3, 1, struct.pack("<HH", 2, 0))]
+    ifd = struct.pack("<H", n_tags) + b"".join(struct.pack("<HHI", *t[:3]) + t[3] for t in tags)
+    path.write_bytes(b"II*\0" + struct.pack("<I", 8) + ifd + b"\0" * 4 + extra + b"".join(strips))
+    return path
+
+
+def test_sixteen_bit_planar_geotiffs_decode_with_the_defined_conversion(tmp_path):
+    """Issue 16: PIL cannot read a 16-bit single-band planar TIFF (it passed validate's header
+    check, then training stopped on it); with several bands PIL keeps each sample's high byte."""
+    band = (np.arange(20 * 30).reshape(1, 20, 30) * 5).astype(np.uint16)  # max 2995
+    one = _planar_tiff(tmp_path / "one.tif", band)
+    with pytest.raises(Exception):
+        Image.open(one).load()
+    rgb = load_image(one)
+    assert rgb.shape == (20, 30, 3) and rgb.max() == 255 and (rgb[..., 0] == to_rgb8(band[0])[..., 0]).all()
+    assert file_probe(tmp_path)("one.tif") == (30, 20)
+    bands = (np.random.default_rng(0).random((3, 20, 30)) * 4000).astype(np.uint16)
+    three = _planar_tiff(tmp_path / "three.tif", bands)
+    assert (load_image(three) == to_rgb8(np.moveaxis(bands, 0, -1))).all()
+    chunky = tmp_path / "chunky.tif"  # 16-bit RGB, LZW, as OpenCV writes it
+    assert cv2.imwrite(str(chunky), np.moveaxis(bands, 0, -1)[..., ::-1])
+    assert np.asarray(Image.open(chunky)).max() < 20  # PIL: high bytes only, a black image
+    assert (load_image(chunky) == to_rgb8(np.moveaxis(bands, 0, -1))).all()
+
+
 def test_to_rgb8_conversion_rule():
     g16 = np.array([[0, 1000, 4000]], np.uint16)  # max 4000 -> 255, linear
     assert to_rgb8(g16)[0, :, 0].tolist() == [0, 64, 255] and to_rgb8(g16).shape == (1, 3, 3)

@@ -3,9 +3,10 @@
 Kept in its own module so the data stages (inspect, validate) depend on this file only, not on
 the torch datasets (``teacher.sam.data``, ``teacher.dino.data``).
 
-Decoding goes through a fallback chain: PIL, then OpenCV, then tifffile (when installed), so
-formats PIL cannot decode (16-bit multi-band or planar TIFFs as satellite tooling writes them)
-still read. Every decoder's pixels go through one conversion, :func:`to_rgb8`: integer data
+Decoding goes through a fallback chain: PIL, then tifffile, then OpenCV, so formats PIL
+cannot decode (16-bit single-band planar GeoTIFFs as satellite tooling writes them, float
+TIFFs) still read; TIFFs of more than 8 bits per sample in several bands skip PIL, which would
+keep only each sample's high byte. Every decoder's pixels go through one conversion, :func:`to_rgb8`: integer data
 wider than 8 bits and float data are scaled linearly so the image's maximum maps to 255
 (data already within 0..255 is kept as is); one band is repeated to RGB, two bands (gray +
 alpha) keep the gray one, four or more keep the first three. Truncated files are not passed
@@ -152,6 +153,10 @@ def decoded_size(width: int, height: int, *, max_pixels: int = MAX_PIXELS) -> tu
 def _pil_pixels(path: Path, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
     """PIL's pixels (JPEGs drafted at reduced scale when too large) and the full size."""
     with _open(path) as img:
+        if img.format == "TIFF" and img.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+            bits = img.tag_v2.get(258, (8,))
+            if max(bits if isinstance(bits, tuple) else (bits,)) > 8:
+                raise ValueError(f"{bits}-bit samples: PIL would keep only the high byte")
         full = img.size
         if exif_orientation(img) in _TRANSPOSED:
             full = full[::-1]
@@ -186,11 +191,16 @@ def _cv2_pixels(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
 
 
 def _tifffile_pixels(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-    import tifffile  # optional: installed with scikit-image and many GIS stacks
+    import tifffile
 
-    arr = tifffile.imread(str(path))
-    if arr.ndim == 3 and arr.shape[0] < min(arr.shape[1:]) and arr.shape[0] <= 16:
-        arr = np.moveaxis(arr, 0, -1)  # planar (bands first) -> channels last
+    try:
+        with tifffile.TiffFile(str(path)) as tif:
+            series = tif.series[0]
+            arr, axes = series.asarray(), series.axes
+    except Exception as e:  # tifffile's own errors (not a TIFF, damaged, ...)
+        raise ValueError(f"tifffile: {e}") from e
+    if arr.ndim == 3 and axes[0] in "SC":  # planar: bands first -> channels last
+        arr = np.moveaxis(arr, 0, -1)
     return arr, (arr.shape[1], arr.shape[0])
 
 
@@ -225,8 +235,8 @@ def _decode(path: Path, *, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]
         raise TeacherError(f"{path}: image file not found")
     reasons = []
     for name, decode in (("PIL", lambda: _pil_pixels(path, max_pixels)),
-                         ("OpenCV", lambda: _cv2_pixels(path)),
-                         ("tifffile", lambda: _tifffile_pixels(path))):
+                         ("tifffile", lambda: _tifffile_pixels(path)),
+                         ("OpenCV", lambda: _cv2_pixels(path))):
         try:
             arr, full = decode()
         except ImportError:
