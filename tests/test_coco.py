@@ -140,7 +140,7 @@ def test_unwritable_destination_is_one_clear_error(tmp_path):
     """Issue 16: a read-only folder or a full disk named the file, not a traceback."""
     import os
 
-    from teacher.coco import save_coco, save_json
+    from teacher.coco import save_coco
     from teacher.errors import TeacherError
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from contextlib import nullcontext
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
