@@ -370,7 +370,8 @@ def _file_size_finding(im: dict, size: tuple[int, int], anns: list[dict],
     if was == size:
         return False
     recorded = _positive_int(was[0]) and _positive_int(was[1])
-    if recorded and size[0] * size[1] < was[0] * was[1] and size != (was[1], was[0]):
+    w0, h0 = (float(was[0] or 0), float(was[1] or 0)) if recorded else (0.0, 0.0)
+    if recorded and size[0] * size[1] < w0 * h0 and size != (was[1], was[0]):
         reach = [annotation_reach(a) for a in anns]
         far_x = max((r[0] for r in reach), default=0.0)
         far_y = max((r[1] for r in reach), default=0.0)
@@ -378,7 +379,7 @@ def _file_size_finding(im: dict, size: tuple[int, int], anns: list[dict],
             found.add("image_smaller_than_recorded", im["id"],
                       f"{im['file_name']}: recorded {was[0]}x{was[1]}, file {size[0]}x{size[1]}; "
                       f"annotations reach {far_x:g}x{far_y:g}: boxes out of scale "
-                      f"(x{size[0] / was[0]:.3g})")
+                      f"(x{size[0] / w0:.3g})")
             return True
     im["width"], im["height"] = size
     found.add("image_size_from_file", im["id"], f"{was} -> {size}")
@@ -414,7 +415,7 @@ def check_image_files(coco: dict, found: Findings, probe: ImageProbe | None) -> 
             found.add(size, im["id"], im["file_name"])
             bad.add(im["id"])
             continue
-        if size is not None and _file_size_finding(im, tuple(size), anns, found):
+        if size is not None and _file_size_finding(im, (size[0], size[1]), anns, found):
             bad.add(im["id"])
             continue
         if not (_positive_int(im.get("width")) and _positive_int(im.get("height"))):

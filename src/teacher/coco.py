@@ -375,9 +375,9 @@ def annotation_rle(ann: dict[str, Any], height: int, width: int, *, check: bool 
         rings = valid_polygons(ann)
         if not rings:
             raise TeacherError(f"{where}: no polygon with at least 3 points")
-        problem = geometry_problem({"segmentation": rings}, width=width, height=height)
-        if problem:
-            raise TeacherError(f"{where}: {problem[1]} ({problem[0]}); fix the polygon or run "
+        absurd = geometry_problem({"segmentation": rings}, width=width, height=height)
+        if absurd:
+            raise TeacherError(f"{where}: {absurd[1]} ({absurd[0]}); fix the polygon or run "
                                "validate with on_error: drop")
         return mask_utils.merge(mask_utils.frPyObjects(rings, height, width))
     if kind in ("rle_compressed", "rle_uncompressed"):

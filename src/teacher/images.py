@@ -154,7 +154,7 @@ def _pil_pixels(path: Path, max_pixels: int) -> tuple[np.ndarray, tuple[int, int
     """PIL's pixels (JPEGs drafted at reduced scale when too large) and the full size."""
     with _open(path) as img:
         if img.format == "TIFF" and img.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
-            bits = img.tag_v2.get(258, (8,))
+            bits = getattr(img, "tag_v2", {}).get(258, (8,))
             if max(bits if isinstance(bits, tuple) else (bits,)) > 8:
                 raise ValueError(f"{bits}-bit samples: PIL would keep only the high byte")
         full = img.size

@@ -114,7 +114,7 @@ def module_sides(module: nn.Module) -> tuple[int, int]:
         return module.num_embeddings, module.embedding_dim
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    return module.in_channels, module.out_channels
+    return int(getattr(module, "in_channels")), int(getattr(module, "out_channels"))  # noqa: B009
 
 
 def check_rank(model: nn.Module, names: Sequence[str], *, rank: int) -> None:

@@ -61,15 +61,14 @@ def detect(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
     model = bundle.model
     was_training = model.training
     model.eval()
-    out: list[dict | None] = [None] * len(images)
+    out: dict[int, dict] = {}
     for batch in same_size_batches([im.shape for im in images], batch_size=batch_size):
         dets = _detect_batch(bundle, [images[i] for i in batch], label_map,
                              box_threshold=box_threshold, text_threshold=text_threshold,
                              max_detections=max_detections)
-        for i, det in zip(batch, dets, strict=True):
-            out[i] = det
+        out.update(zip(batch, dets, strict=True))
     model.train(was_training)
-    return out
+    return [out[i] for i in range(len(images))]
 
 
 def same_size_batches(shapes: list[tuple[int, ...]], *, batch_size: int) -> list[list[int]]:

@@ -112,7 +112,7 @@ def tokenize_names(names: Sequence[str], *, tokenizer) -> list[list[int]]:
     """Token ids of each name (no special tokens): linear in the number of names, with a
     progress bar from :data:`PROGRESS_FROM` names on. (One call per name: batching measured no
     faster with the fast tokenizer.)"""
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     return [list(tokenizer(name, add_special_tokens=False)["input_ids"])
             for name in tqdm(names, desc="class names", unit="name",

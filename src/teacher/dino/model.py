@@ -17,6 +17,7 @@ import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,7 +94,8 @@ def pad_for_queries(image, *, num_queries: int, shortest_edge: int, longest_edge
 def padded_for(bundle: DinoBundle, image):
     """:func:`pad_for_queries` with the bundle's query count and resize."""
     size = bundle.processor.image_processor.size
-    return pad_for_queries(image, num_queries=bundle.model.config.num_queries,
+    config: Any = getattr(bundle.model, "config")  # noqa: B009 (a PeftModel forwards it)
+    return pad_for_queries(image, num_queries=int(config.num_queries),
                            shortest_edge=size["shortest_edge"], longest_edge=size["longest_edge"])
 
 

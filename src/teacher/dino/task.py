@@ -116,7 +116,7 @@ def build_task(model: nn.Module, *, processor: Any, label_map: LabelMap, train_c
                batch_size: int) -> Task:
     """The training Task: augmented train dataset, step, val loss + mAP, save."""
     collate = partial(collate_dino, processor=processor, label_map=label_map,
-                      num_queries=model.config.num_queries)  # thin images padded
+                      num_queries=int(getattr(model, "config").num_queries))  # noqa: B009
     dataset = DinoDataset(train_coco, image_root, label_map=label_map, seed=seed,
                           transform=build_transform(augment_policy, train=True))
     val = DinoDataset(val_coco, image_root, label_map=label_map, seed=seed, all_chunks=True)
