@@ -295,3 +295,15 @@ def test_images_one_or_three_pixels_high(height):
     pixels = teachers.dino.processor.image_processor(images=[image], return_tensors="pt",
                                                      input_data_format="channels_last")
     assert pixels["pixel_values"].shape[1] == 3
+
+
+def test_only_images_too_small_for_the_encoder_are_padded():
+    from teacher.dino.model import pad_for_queries
+    real = {"num_queries": 900, "shortest_edge": 800, "longest_edge": 1333}
+    photo = np.zeros((480, 640, 3), np.uint8)
+    assert pad_for_queries(photo, **real) is photo  # the real model: ordinary images untouched
+    line = pad_for_queries(np.ones((1, 1000, 3), np.uint8), **real)
+    assert line.shape[1] == 1000 and line.shape[0] > 1 and line[0].all() and not line[1:].any()
+    tiny = {"num_queries": 64, "shortest_edge": 64, "longest_edge": 96}
+    square = pad_for_queries(np.zeros((192, 192, 3), np.uint8), **tiny)  # coarsest level 1x1
+    assert square.shape[1] == 192 and square.shape[0] > 192
