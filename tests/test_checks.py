@@ -545,3 +545,14 @@ def test_cli_warns_when_the_dataset_is_too_small_for_the_split(tmp_path, capsys)
     assert main(["validate", str(path), "--params", str(tmp_path / "none.yaml")]) == 0
     out = capsys.readouterr().out
     assert "warning: 2 annotated image(s) cannot fill the 3 splits" in out
+
+
+def test_the_dominant_rule_counts_the_annotations_its_drops_took_along():
+    data = clean()  # category 1 (4 annotations) dropped by its name, 2 boxes outside image 2
+    data["categories"][0]["name"] = "circle [SEP]"
+    data["annotations"][9]["bbox"] = data["annotations"][11]["bbox"] = [60, 60, 5, 5]
+    for i in (9, 11):
+        data["annotations"][i]["segmentation"] = []
+    r = run(data, on_error="drop", max_drop_fraction=0.25)
+    detail = next(f for f in r.findings if f["rule"] == "too_much_dropped")["details"][0]
+    assert "6 of 12 annotations" in detail and "most by category_name_special_token" in detail

@@ -126,12 +126,16 @@ class Findings:
     def __init__(self) -> None:
         self.ids: dict[str, list[Any]] = {}
         self.details: dict[str, list[str]] = {}
-        self.dropped: dict[str, set] = {"images": set(), "categories": set()}  # by _key(id)
+        # dropped images / categories: _key(id) -> the error rule that dropped it
+        self.dropped: dict[str, dict[Any, str]] = {"images": {}, "categories": {}}
+        self.removed: Counter = Counter()  # error rule -> annotations it removed, knock-on included
         self.box_and_mask = 0  # annotations with both a usable box and a mask
 
     def add(self, rule: str, record_id: Any, detail: str | None = None) -> None:
         assert rule in RULES, rule
         self.ids.setdefault(rule, []).append(record_id)
+        if RULES[rule].severity == "error" and RULES[rule].record == "annotation":
+            self.removed[rule] += 1
         if detail is not None and len(self.details.setdefault(rule, [])) < MAX_DETAILS:
             self.details[rule].append(detail)
 
@@ -194,7 +198,7 @@ def check_ids(coco: dict, found: Findings) -> None:
             as_int = _int_id(rec.get("id"))
             if as_int is None:
                 found.add("invalid_id", _key(rec.get("id")), f"{key[:-1]} id {rec.get('id')!r}")
-                found.dropped[key].add(_key(rec.get("id")))
+                found.dropped[key][_key(rec.get("id"))] = "invalid_id"
                 continue
             _fix_ref(rec, "id", key[:-1], found)
             kept.append(rec)
@@ -262,7 +266,7 @@ def check_categories(coco: dict, found: Findings) -> None:
                    else "category_name_missing")
         if problem:
             found.add(problem, cat["id"], f"name {name!r}")
-            found.dropped["categories"].add(cat["id"])
+            found.dropped["categories"][cat["id"]] = problem
             continue
         if not any(ch.isalnum() for ch in name):
             found.add("category_name_no_letters", cat["id"], f"name {name!r}")
@@ -279,15 +283,18 @@ def check_categories(coco: dict, found: Findings) -> None:
 ImageProbe = Callable[[str], "tuple[int, int] | str"]  # file_name -> (w, h) or an error rule
 
 
-def _drop_images(coco: dict, ids: set, found: Findings) -> None:
+def _drop_images(coco: dict, ids: dict[Any, str], found: Findings) -> None:
+    """Drop the images ``ids`` (id -> the rule that dropped it) and their annotations, each
+    annotation credited to its image's rule."""
     if not ids:
         return
-    found.dropped["images"] |= ids
+    found.dropped["images"].update(ids)
     coco["images"] = [im for im in coco["images"] if im["id"] not in ids]
     kept = []
     for ann in coco["annotations"]:
         if ann.get("image_id") in ids:
             found.add("annotations_of_dropped_image", ann["id"], f"image {ann['image_id']}")
+            found.removed[ids[ann["image_id"]]] += 1
         else:
             kept.append(ann)
     coco["annotations"] = kept
@@ -295,7 +302,7 @@ def _drop_images(coco: dict, ids: set, found: Findings) -> None:
 
 def check_file_names(coco: dict, found: Findings) -> None:
     """Backslashes to '/' (fix); names leaving the image root dropped (error)."""
-    bad = set()
+    bad: dict[Any, str] = {}
     for im in coco["images"]:
         name = im.get("file_name")
         if isinstance(name, str) and "\\" in name:
@@ -303,12 +310,12 @@ def check_file_names(coco: dict, found: Findings) -> None:
             found.add("file_name_backslash", im["id"], f"{name!r} -> {im['file_name']!r}")
         if not isinstance(im.get("file_name"), str) or not im["file_name"].strip():
             found.add("file_name_missing", im["id"], f"file_name {im.get('file_name')!r}")
-            bad.add(im["id"])
+            bad[im["id"]] = "file_name_missing"
             continue
         problem = file_name_problem(im.get("file_name"))
         if problem:
             found.add("unsafe_file_name", im["id"], f"{im.get('file_name')!r}: {problem}")
-            bad.add(im["id"])
+            bad[im["id"]] = "unsafe_file_name"
     _drop_images(coco, bad, found)
     users = Counter(im["file_name"] for im in coco["images"])
     for im in coco["images"]:
@@ -404,7 +411,7 @@ def check_image_files(coco: dict, found: Findings, probe: ImageProbe | None) -> 
     file is smaller and the annotations reach past it (error: out of scale); without a file to
     read, width/height must be positive and finite (error). Images over :data:`MAX_PIXELS` are
     read downscaled: their annotations are scaled alike (fix). ``probe=None`` skips files."""
-    bad = set()
+    bad: dict[Any, str] = {}
     by_image: dict[Any, list[dict]] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(_key(ann.get("image_id")), []).append(ann)
@@ -413,14 +420,14 @@ def check_image_files(coco: dict, found: Findings, probe: ImageProbe | None) -> 
         size = probe(im["file_name"]) if probe is not None else None
         if isinstance(size, str):
             found.add(size, im["id"], im["file_name"])
-            bad.add(im["id"])
+            bad[im["id"]] = size
             continue
         if size is not None and _file_size_finding(im, (size[0], size[1]), anns, found):
-            bad.add(im["id"])
+            bad[im["id"]] = "image_smaller_than_recorded"
             continue
         if not (_positive_int(im.get("width")) and _positive_int(im.get("height"))):
             found.add("invalid_image_size", im["id"], f"width {im.get('width')!r}, height {im.get('height')!r}")
-            bad.add(im["id"])
+            bad[im["id"]] = "invalid_image_size"
             continue
         if size is not None:
             _downscale(im, anns, found)
@@ -437,11 +444,13 @@ def check_references(coco: dict, found: Findings) -> None:
         image, cat = _key(ann.get("image_id")), _key(ann.get("category_id"))
         if image in found.dropped["images"]:
             found.add("annotations_of_dropped_image", ann["id"], f"image {ann.get('image_id')!r}")
+            found.removed[found.dropped["images"][image]] += 1
         elif image not in images:
             found.add("unknown_image", ann["id"], f"image_id {ann.get('image_id')!r}")
         elif cat in found.dropped["categories"]:
             found.add("annotations_of_dropped_category", ann["id"],
                       f"category {ann.get('category_id')!r}")
+            found.removed[found.dropped["categories"][cat]] += 1
         elif cat not in cats:
             found.add("unknown_category", ann["id"], f"category_id {ann.get('category_id')!r}")
         else:
@@ -646,7 +655,10 @@ def check_coverage(coco: dict, found: Findings, *, min_instances: int,
 
 
 def _dominant_error(found: Findings) -> str | None:
-    """The error rule with the most ids (the cause to fix first)."""
+    """The cause to fix first: the error rule that removed the most annotations (those of the
+    images and categories it dropped included), else the one with the most ids."""
+    if found.removed:
+        return found.removed.most_common(1)[0][0]
     counts = {k: len(v) for k, v in found.ids.items()
               if RULES[k].severity == "error" and RULES[k].record != "dataset"}
     return max(counts, key=lambda k: counts[k]) if counts else None
@@ -666,8 +678,8 @@ def check_drop_share(coco: dict, found: Findings, given: InputCounts, *,
         return
     hint = DROP_HINTS.get(rule, f"fix the records named by {rule}")
     found.add("too_much_dropped", None,
-              f"errors drop {' and '.join(shares)}; most by {rule} "
-              f"({len(found.ids[rule])} records: {RULES[rule].message}): {hint}")
+              f"errors drop {' and '.join(shares)}; most by {rule} ({len(found.ids[rule])} "
+              f"{RULES[rule].record} record(s): {RULES[rule].message}): {hint}")
 
 
 DROP_HINTS = {  # what to do when one rule drops most of the dataset
