@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--annotations", type=int, default=200_000)
     parser.add_argument("--keep", type=Path, help="generate here and keep it")
+    parser.add_argument("--header-only", action="store_true",
+                        help="validate.decode_images: false (read image headers only)")
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(tmp.name) if tmp else args.keep
@@ -119,7 +121,7 @@ def main() -> None:
     del coco
     (root / "params.yaml").write_text(
         f"data:\n  annotations: {ann_path}\n  images: {root / 'data/images'}\n"
-        "validate:\n  on_error: fail\n")
+        f"validate:\n  on_error: fail\n  decode_images: {str(not args.header_only).lower()}\n")
     stages = [
         ("inspect", ["--out", "inspect.json"]),
         ("validate", ["--inspect", "inspect.json", "--out", "validated.json", "--report", "validate.json"]),

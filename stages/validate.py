@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from teacher.checks import summary_text, validate_file, validation_report
+from teacher.checks import summary_text, validate_file, validate_options, validation_report
 from teacher.coco import save_coco, save_json
 from teacher.errors import TeacherError
 from teacher.params import ParamsError, load_params
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"validate: {e}", file=sys.stderr)
         return 1
     try:
-        result = validate_file(data.annotations, images=data.images, on_error=checks.on_error,
-                               min_box_size=checks.min_box_size,
-                               min_instances=checks.min_instances)
+        result = validate_file(data.annotations, images=data.images, **validate_options(checks))
     except TeacherError as e:
         print(f"validate: {e}", file=sys.stderr)
         return 1
@@ -46,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
               "teachers": {k: teachers.get(k) for k in ("dino", "sam")}}  # as inspect saw them
     save_json(validation_report(result, on_error=checks.on_error, source=source), args.report)
     print(summary_text(result, source=data.annotations, report_path=args.report))
-    fatal = result.counts["not_json"] or result.counts["not_coco"]
-    if fatal or (result.errors and checks.on_error == "fail"):
+    if result.fatal or (result.errors and checks.on_error == "fail"):
         Path(args.out).unlink(missing_ok=True)  # no stale validated file for later stages
         return 1
     save_coco(result.coco, args.out)

@@ -285,7 +285,9 @@ def test_category_without_name_is_an_error():
     data["categories"][2]["name"] = " "
     r = run(data, on_error="drop")
     assert fired(r)["category_name_missing"] == [3]
-    assert fired(r)["unknown_category"] == [2, 5, 8, 11]
+    # the cause is the category: its annotations are reported under it, not as unknown
+    assert fired(r)["annotations_of_dropped_category"] == [2, 5, 8, 11]
+    assert "unknown_category" not in fired(r)
 
 
 def test_report_and_summary(tmp_path):
@@ -319,3 +321,238 @@ def test_summary_of_a_non_coco_file_does_not_suggest_dropping_records(tmp_path):
     (tmp_path / "labelme.json").write_text('{"version": "4.4.0", "shapes": []}')
     text = summary_text(validate_file(tmp_path / "labelme.json", images=None), source="labelme.json")
     assert "not_coco" in text and "on_error: drop" not in text and "COCO instances JSON" in text
+
+
+# --- issue 16: causes, not consequences -------------------------------------------------------
+
+
+def test_numeric_category_names_are_names():
+    data = clean()
+    data["categories"][0]["name"] = 1.0  # a float column
+    data["categories"][1]["name"] = 7
+    r = run(data)
+    assert r.ok and fired(r) == {"category_name_number": [1, 2]}
+    assert [c["name"] for c in r.coco["categories"]] == ["1", "7", "star"]
+
+
+def test_knock_on_effects_are_reported_under_their_cause():
+    data = clean()
+    data["categories"].append({"id": 4, "name": None})
+    data["annotations"] += [  # image 3's only annotations are of the nameless category
+        {"id": 20 + i, "image_id": 3, "category_id": 4, "bbox": [1, 1, 5, 5], "iscrowd": 0,
+         "area": 25.0} for i in range(3)]
+    data["images"].append({"id": 3, "file_name": "c.jpg", "width": 50, "height": 50})
+    data["images"].append({"id": 4, "file_name": "d.jpg", "width": 50, "height": 50})
+    r = run(data, probe=sizes(**{"c.jpg": (50, 50), "d.jpg": (50, 50)}), on_error="drop")
+    f = fired(r)
+    assert f["category_name_missing"] == [4]
+    assert f["annotations_of_dropped_category"] == [20, 21, 22]
+    assert "unknown_category" not in f and "unused_category" not in f
+    assert f["image_without_annotations"] == [4]  # 3 had annotations in the file
+
+
+def test_annotations_of_an_image_with_an_invalid_id_name_the_image():
+    data = clean()
+    data["images"][1]["id"] = "img-b"
+    for a in data["annotations"][8:]:
+        a["image_id"] = "img-b"
+    r = run(data, on_error="drop")
+    assert fired(r)["invalid_id"] == ["img-b"]
+    assert fired(r)["annotations_of_dropped_image"] == [9, 10, 11, 12]
+    assert "unknown_image" not in fired(r)
+
+
+@pytest.mark.parametrize("bad", ["--5", "²", [1], {"a": 1}, 1.5, True, "1e3"])
+def test_ids_that_are_not_integers_are_named_not_crashed_on(bad):
+    data = clean()
+    data["images"][1]["id"] = bad
+    data["categories"][2]["id"] = bad
+    data["annotations"][0]["id"] = bad
+    data["annotations"][1]["image_id"] = bad
+    data["annotations"][2]["category_id"] = bad
+    r = run(data, on_error="drop")
+    assert len(fired(r)["invalid_id"]) == 3 and not r.ok
+    validation_report(r, on_error="drop", source={})  # JSON-ready
+    import json
+    json.dumps(validation_report(r, on_error="drop", source={}))
+
+
+# --- issue 16: numbers that cannot be geometry ------------------------------------------------
+
+
+def test_non_finite_and_absurd_coordinates_are_named_before_rasterising():
+    import time
+    data = clean()
+    data["annotations"][0]["segmentation"] = [[10, 10, float("nan"), 10, 30, 30]]
+    data["annotations"][1]["segmentation"] = [[10, 10, float("inf"), 10, 30, 30]]
+    data["annotations"][2]["segmentation"] = [[10, 10, 1e300, 10, 30, 30]]
+    data["annotations"][3]["bbox"] = [10, float("nan"), 20, 20]
+    data["annotations"][4]["bbox"] = [10, 10, 1e12, 20]
+    start = time.perf_counter()
+    r = run(data, on_error="drop")
+    assert time.perf_counter() - start < 2
+    assert fired(r)["non_finite_coordinates"] == [1, 2, 4]
+    assert fired(r)["coordinates_far_outside"] == [3, 5]
+    assert {a["id"] for a in r.coco["annotations"]} == set(range(6, 13))
+
+
+def test_rasterising_an_absurd_polygon_is_refused():
+    from teacher.coco import annotation_mask
+    from teacher.errors import TeacherError
+    with pytest.raises(TeacherError, match="annotation 7.*coordinates_far_outside"):
+        annotation_mask({"id": 7, "segmentation": [[0, 0, 1e300, 0, 5, 5]]}, 10, 10)
+
+
+def test_infinite_width_without_images_is_invalid_size():
+    data = clean()
+    data["images"][0]["width"] = float("inf")
+    r = run(data, probe=None, on_error="drop")
+    assert fired(r)["invalid_image_size"] == [1]
+
+
+def test_non_ascii_rle_counts_are_invalid_segmentation():
+    data = clean()
+    data["annotations"][0]["segmentation"] = {"size": [80, 100], "counts": "é" * 200}
+    data["annotations"][1]["segmentation"] = {"size": [80, 100], "counts": "ab\u00e9"}
+    assert fired(run(data))["invalid_segmentation"] == [1, 2]
+
+
+def test_a_5000_character_file_name_is_named(tmp_path):
+    from teacher.checks import file_probe
+    data = clean()
+    data["images"][0]["file_name"] = "x" * 5000 + ".jpg"
+    r = run(data, probe=file_probe(tmp_path))
+    assert fired(r)["unsafe_file_name"] == [1]
+    assert file_probe(tmp_path)("y" * 5000) == "image_missing"
+
+
+# --- issue 16: a drop that leaves nothing -----------------------------------------------------
+
+
+def test_dropping_everything_is_an_error_naming_the_dominant_rule():
+    data = clean()
+    r = run(data, probe=lambda name: "image_missing", on_error="drop")
+    assert fired(r)["too_much_dropped"] == [None] and r.fatal and not r.ok
+    detail = next(f for f in r.findings if f["rule"] == "too_much_dropped")["details"][0]
+    assert "image_missing" in detail and "data.images" in detail
+    text = summary_text(r, source="x.json")
+    assert "on_error: drop" not in text and "data.images" in text
+
+
+def test_drop_share_threshold():
+    data = clean()
+    probe = sizes(**{"b.jpg": "image_missing"})
+    assert "too_much_dropped" not in fired(run(data, probe=probe, on_error="drop"))
+    r = run(data, probe=probe, on_error="drop", max_drop_fraction=0.25)
+    assert fired(r)["too_much_dropped"] == [None] and r.fatal
+
+
+# --- issue 16: boxes that contradict their masks ----------------------------------------------
+
+
+def test_boxes_mostly_contradicting_masks_are_an_error_unless_recomputed():
+    data = clean()
+    for a in data["annotations"][:8]:
+        a["bbox"] = [50, 50, 20, 20]  # masks are at [10, 10, 20, 20]
+    r = run(data, on_error="drop")
+    assert len(fired(r)["bbox_mask_mismatch"]) == 8
+    assert fired(r)["boxes_contradict_masks"] == [None] and r.fatal
+    r = run(data, box_from_mask=True)
+    assert r.ok and fired(r) == {"bbox_replaced_by_mask": list(range(1, 9))}
+    assert ann(r, 1)["bbox"] == [10.0, 10.0, 20.0, 20.0]
+
+
+def test_image_smaller_than_recorded_says_boxes_are_out_of_scale():
+    data = clean()  # image 1 is recorded 100x80; its boxes reach 30x30
+    r = run(data, probe=sizes(**{"a.jpg": (25, 20)}), on_error="drop")
+    assert fired(r)["image_smaller_than_recorded"] == [1]
+    detail = next(f for f in r.findings if f["rule"] == "image_smaller_than_recorded")["details"][0]
+    assert "out of scale" in detail and "100x80" in detail and "25x20" in detail
+    r = run(data, probe=sizes(**{"a.jpg": (40, 40)}))  # smaller, but every box fits: a size fix
+    assert fired(r) == {"image_size_from_file": [1]}
+
+
+def test_images_over_the_pixel_limit_are_read_downscaled_with_their_annotations():
+    from teacher.images import MAX_PIXELS
+    data = clean()
+    data["images"][0].update(width=20_000, height=10_000)  # 200 MP > MAX_PIXELS
+    assert 20_000 * 10_000 > MAX_PIXELS
+    r = run(data, probe=sizes(**{"a.jpg": (20_000, 10_000)}))
+    assert fired(r) == {"image_downscaled": [1]} and r.ok
+    assert (r.coco["images"][0]["width"], r.coco["images"][0]["height"]) == (10_000, 5_000)
+    assert ann(r, 1)["bbox"] == [5, 5, 10, 10] and ann(r, 1)["segmentation"] == [[5, 5, 15, 5, 15, 15, 5, 15]]
+    assert ann(r, 1)["area"] == 100
+
+
+# --- issue 16: class names the prompt cannot carry --------------------------------------------
+
+
+@pytest.mark.parametrize("name, rule", [
+    ("cat [SEP] dog", "category_name_special_token"), ("[CLS]", "category_name_special_token"),
+    ("[pad]", "category_name_special_token"), (" . ", "category_name_not_prompt"),
+    ("?", "category_name_not_prompt"),
+])
+def test_names_the_prompt_cannot_carry_are_errors(name, rule):
+    data = clean()
+    data["categories"][1]["name"] = name
+    r = run(data, on_error="drop")
+    assert fired(r)[rule] == [2] and fired(r)["annotations_of_dropped_category"] == [1, 4, 7, 10]
+
+
+def test_names_without_letters_are_a_warning():
+    data = clean()
+    data["categories"][1]["name"] = "★"
+    assert fired(run(data)) == {"category_name_no_letters": [2]}
+
+
+def test_fifty_thousand_categories_in_linear_time():
+    import time
+    data = clean()
+    data["categories"] += [{"id": 100 + i, "name": f"class {i}"} for i in range(50_000)]
+    start = time.perf_counter()
+    r = run(data)
+    assert time.perf_counter() - start < 5
+    assert len(r.coco["categories"]) == 50_003 and r.counts["unused_category"] == 50_000
+
+
+def test_deeply_nested_json_is_not_json_not_a_traceback(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    r = validate_file(tmp_path / "deep.json", images=None)
+    assert r.counts["not_json"] == 1 and "nested too deeply" in r.findings[0]["details"][0]
+    r = validate_file(tmp_path, images=None)  # a folder given as the annotation file
+    assert r.counts["not_json"] == 1
+
+
+def test_cli_refuses_out_or_report_equal_to_the_input(tmp_path, capsys):
+    import json
+
+    from teacher.cli import main
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(clean()))
+    before = path.read_bytes()
+    for flag in ("--out", "--report"):
+        assert main(["validate", str(path), flag, str(tmp_path / "." / "in.json"),
+                     "--params", str(tmp_path / "none.yaml")]) == 1
+        assert "same file" in capsys.readouterr().err and path.read_bytes() == before
+
+
+def test_cli_warns_when_the_dataset_is_too_small_for_the_split(tmp_path, capsys):
+    import json
+
+    from teacher.cli import main
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(clean()))  # 2 annotated images, 3 splits
+    assert main(["validate", str(path), "--params", str(tmp_path / "none.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 2 annotated image(s) cannot fill the 3 splits" in out
+
+
+def test_the_dominant_rule_counts_the_annotations_its_drops_took_along():
+    data = clean()  # category 1 (4 annotations) dropped by its name, 2 boxes outside image 2
+    data["categories"][0]["name"] = "circle [SEP]"
+    data["annotations"][9]["bbox"] = data["annotations"][11]["bbox"] = [60, 60, 5, 5]
+    for i in (9, 11):
+        data["annotations"][i]["segmentation"] = []
+    r = run(data, on_error="drop", max_drop_fraction=0.25)
+    detail = next(f for f in r.findings if f["rule"] == "too_much_dropped")["details"][0]
+    assert "5 of 12 annotations" in detail and "most by category_name_special_token" in detail

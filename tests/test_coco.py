@@ -134,3 +134,37 @@ def test_annotation_predicates_crowd_mask_box():
     assert not has_mask({"segmentation": "x"}) and not has_mask({})
     assert not has_usable_box({"bbox": [0, 0, 0, 4]}) and not has_usable_box({"bbox": [0, 0, 4]})
     assert not has_usable_box({"bbox": None}) and not has_usable_box({"bbox": [0, 0, "4", 4]})
+
+
+def test_unwritable_destination_is_one_clear_error(tmp_path):
+    """Issue 16: a read-only folder or a full disk named the file, not a traceback."""
+    import os
+
+    from teacher.coco import save_coco
+    from teacher.errors import TeacherError
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        with pytest.raises(TeacherError, match="ro/out.json: cannot write here"):
+            save_coco({"images": [], "annotations": [], "categories": []}, ro / "out.json")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import os
+
+    from teacher.coco import save_json
+    from teacher.errors import TeacherError
+    (tmp_path / "r.json").write_text("old")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(TeacherError, match="r.json: cannot write .No space left on device"):
+        save_json({"a": 1}, tmp_path / "r.json")
+    assert (tmp_path / "r.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".r.json")] == []

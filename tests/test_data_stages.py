@@ -180,3 +180,26 @@ def test_split_stage_refuses_too_few_annotated_images(tmp_path, capsys):
     assert err.startswith("split: ") and "Traceback" not in err
     assert "1 image(s) with annotations (1 images in all)" in err and "at least 3" in err
     assert not (tmp_path / "split").exists()
+
+
+def test_validate_stage_with_a_wrong_image_folder_names_it_whatever_on_error(tmp_path, capsys):
+    """Issue 16: on_error: drop that drops everything exited 0 with "0 images"; the split stage
+    then asked for more annotated images when the image folder was the problem."""
+    from stages import inspect as inspect_stage
+    from stages import validate as validate_stage
+
+    empty = tmp_path / "no_images_here"
+    empty.mkdir()
+    for on_error in ("fail", "drop"):
+        params = tmp_path / "params.yaml"
+        params.write_text(f"data:\n  annotations: {SAMPLE / 'annotations.json'}\n  images: {empty}\n"
+                          f"validate:\n  on_error: {on_error}\n")
+        facts = tmp_path / "inspect.json"
+        assert inspect_stage.main(["--params", str(params), "--out", str(facts)]) == 0
+        out = tmp_path / "validated.json"
+        rc = validate_stage.main(["--params", str(params), "--inspect", str(facts),
+                                  "--out", str(out), "--report", str(tmp_path / "r.json")])
+        text = capsys.readouterr().out
+        assert rc == 1 and not out.exists()
+        assert "too_much_dropped" in text and "most by image_missing" in text
+        assert "data.images" in text and "on_error: drop" not in text

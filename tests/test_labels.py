@@ -73,3 +73,54 @@ def test_labels_json_round_trip(tmp_path, tokenizer):
     assert load_labels(tmp_path / "labels.json") == lm
     with pytest.raises(TeacherError, match="not found"):
         load_labels(tmp_path / "missing.json")
+
+
+# --- issue 16: names the prompt cannot carry; 50,000 classes -------------------------------------
+
+
+def test_special_tokens_are_removed_from_names():
+    assert clean_name("cat [SEP] dog") == "cat dog" and clean_name("[cls]") == ""
+    assert clean_name(" . ") == ""
+
+
+def test_names_of_special_tokens_or_delimiters_only_are_refused(tokenizer):
+    for name in ("[SEP]", " . "):
+        with pytest.raises(TeacherError, match="empty names"):
+            build_label_map([{"id": 1, "name": "cat"}, {"id": 2, "name": name}], tokenizer=tokenizer)
+
+
+def test_a_special_token_inside_a_name_does_not_shift_the_labels(tokenizer):
+    lm = build_label_map([{"id": 1, "name": "cat [SEP] x"}, {"id": 2, "name": "dog"}],
+                         tokenizer=tokenizer)
+    assert lm.prompts == ["cat x . dog ."]
+    ids = tokenizer(lm.prompts[0])["input_ids"]
+    assert ids.count(tokenizer.sep_token_id) == 1  # only the closing [SEP]
+
+
+def test_names_that_all_become_unk_are_refused(tokenizer):
+    cats = [{"id": 1, "name": "★"}, {"id": 2, "name": "☆"}, {"id": 3, "name": "cat"}]
+    with pytest.raises(TeacherError, match=r"\[UNK\].*1 '★', 2 '☆'"):
+        build_label_map(cats, tokenizer=tokenizer)
+
+
+def test_fifty_thousand_classes_build_in_linear_time(tokenizer):
+    import time
+    cats = [{"id": i, "name": f"class {i}"} for i in range(50_000)]
+    start = time.perf_counter()
+    lm = build_label_map(cats, tokenizer=tokenizer)
+    lookups = {c: (lm.chunk_of(c), lm.local_label(c, lm.chunk_of(c))) for c in lm.category_ids}
+    elapsed = time.perf_counter() - start
+    assert len(lookups) == 50_000 and len(lm.chunks) > 100
+    assert elapsed < 30, elapsed
+
+
+@pytest.mark.parametrize("doc", [
+    '{"prompts": [], "chunks": [[0, 5]], "categories": [{"index": 0, "id": 1, "name": "a"}]}',
+    '{"prompts": [], "chunks": [[-1]], "categories": [{"index": 0, "id": 1, "name": "a"}]}',
+    '{"prompts": [], "chunks": [[0]], "categories": [{"index": 0, "id": [1], "name": "a"}]}',
+    '{"prompts": [], "chunks": [[0]], "categories": "abc"}', "[1, 2]", "not json",
+])
+def test_damaged_labels_json_is_one_clear_error(tmp_path, doc):
+    (tmp_path / "labels.json").write_text(doc)
+    with pytest.raises(TeacherError, match="labels.json: not a valid labels.json"):
+        load_labels(tmp_path / "labels.json")

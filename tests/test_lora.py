@@ -137,3 +137,61 @@ def test_loading_onto_another_architecture_is_a_clear_error(tmp_path):
     lora_mod.save_adapter(trained(train_modules=["class_embed.0"]), tmp_path)
     with pytest.raises(TeacherError, match="no adapter_config.json"):
         lora_mod.load_adapter(base(), tmp_path / "missing")
+
+
+# --- issue 16: damaged or foreign adapter folders, NaN weights, absurd ranks -------------------
+
+
+def _saved(tmp_path):
+    lora_mod.save_adapter(trained(), tmp_path)
+    return tmp_path
+
+
+def _rewrite(path, change, metadata=None):
+    from safetensors.torch import load_file, save_file
+    tensors = change(load_file(str(path)))
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "adapter_config.json").write_text("{nope"), "adapter_config.json: not JSON"),
+    (lambda d: (d / "adapter_config.json").write_text("[1, 2]"), "not a peft LoRA adapter_config"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:100]), "not a readable safetensors"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\xff" * 8 + b"{}"),
+     "not a readable safetensors"),
+    (lambda d: _rewrite(d / "adapter_model.safetensors",
+                        lambda t: {k: torch.zeros(3, 3) if "fc1.lora_A" in k else v
+                                   for k, v in t.items()}), "peft cannot load it"),
+    (lambda d: _rewrite(d / "adapter_model.safetensors", lambda t: {"foreign.weight": torch.ones(2)}),
+     "an adapter of another model"),
+    (lambda d: _rewrite(d / "adapter_model.safetensors",
+                        lambda t: {k: v * float("nan") for k, v in t.items()}), "NaN or Inf"),
+    (lambda d: _rewrite(d / "trained_modules.safetensors", lambda t: t,
+                        metadata={"aliases": "[1, 2]"}), "'aliases' metadata is not a mapping"),
+    (lambda d: _rewrite(d / "trained_modules.safetensors", lambda t: t,
+                        metadata={"aliases": "{"}), "'aliases' metadata is not JSON"),
+])
+def test_damaged_adapter_folders_are_one_clear_error(tmp_path, damage, message):
+    folder = _saved(tmp_path)
+    damage(folder)
+    with pytest.raises(TeacherError, match=message) as e:
+        lora_mod.load_adapter(base(), folder)
+    assert str(folder) in str(e.value) and "re-run the training stage" in str(e.value)
+
+
+def test_a_rank_no_layer_can_hold_is_refused_before_allocating():
+    with pytest.raises(TeacherError, match=r"lora.rank=100000 is larger .* at most 8"):
+        lora_mod.apply_lora(base(), lora=LoraParams(rank=100_000), targets=TARGETS)
+
+
+def test_sam_params_json_list_valued_or_not_json_is_a_clear_error(tmp_path):
+    from teacher.sam.model import check_adapter_base
+    (tmp_path / "params.json").write_text('{"sam": [1]}')
+    with pytest.raises(TeacherError, match="params.json: 'sam' is not a mapping"):
+        check_adapter_base(tmp_path, "tiny-random")
+    (tmp_path / "params.json").write_text("nope")
+    with pytest.raises(TeacherError, match="params.json: not JSON"):
+        check_adapter_base(tmp_path, "tiny-random")
+    (tmp_path / "params.json").write_text("[1]")
+    check_adapter_base(tmp_path, "tiny-random")  # no 'sam' section: nothing to compare

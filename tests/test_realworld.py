@@ -84,8 +84,10 @@ def test_healthcheck_bad_reports_each_problem(realworld):
     f = findings(r)
     assert f["duplicate_image_id"] == [1] and f["duplicate_annotation_id"] == [1]
     assert f["invalid_image_size"] == [2] and f["unknown_image"] == [3]
-    assert f["unknown_category"] == [4] and r.errors == 5
+    assert f["unknown_category"] == [4] and r.errors == 6
     assert [a["id"] for a in r.coco["annotations"]] == [1]
+    # dropping 3 of 4 annotations (and 2 of 3 images) is more than validate.max_drop_fraction
+    assert f["too_much_dropped"] == [None] and r.fatal
 
 
 def test_mmdetection_wrong_format(realworld):

@@ -186,16 +186,25 @@ STOPPED_AT_VALIDATE = [d for d in DATASETS if d[2].startswith("validate:") and "
 @pytest.mark.parametrize("annotations, images, expected", STOPPED_AT_VALIDATE,
                          ids=[d[0].replace("/", ":") for d in STOPPED_AT_VALIDATE])
 def test_on_error_drop_goes_on_until_split(tmp_path, monkeypatch, annotations, images, expected):
-    """With validate.on_error: drop the offending records go, validate passes, and what is left
-    (here always too few annotated images) stops at split with its message."""
+    """With validate.on_error: drop the offending records go. When that leaves a usable share
+    of the data, validate passes and what is left (here always too few annotated images) stops
+    at split with its message; when it would drop more than validate.max_drop_fraction, validate
+    itself stops and names the rule that dropped most (issue 16: not split's "add images")."""
     if not REALWORLD.is_dir():
         pytest.skip(f"real-world conformance data not found at {REALWORLD} (optional)")
     monkeypatch.chdir(tmp_path)
     results = run_pipeline(tmp_path, REALWORLD / annotations, REALWORLD / images,
                            validate={"on_error": "drop"})
     log = "\n".join(f"--- {n} rc={rc}\n{o}\n{e}" for n, (rc, o, e) in results.items())
-    assert "Traceback" not in log and results["validate"][0] == 0, log
-    assert json.loads((tmp_path / "metrics/validate.json").read_text())[expected.split(":")[1]] > 0
+    rule = expected.split(":")[1]
+    report = json.loads((tmp_path / "metrics/validate.json").read_text())
+    assert "Traceback" not in log and report[rule] > 0, log
+    if report["too_much_dropped"]:
+        assert list(results) == ["inspect", "validate"] and results["validate"][0] == 1, log
+        detail = next(f for f in report["findings"] if f["rule"] == "too_much_dropped")["details"][0]
+        assert f"most by {rule}" in detail and "too_much_dropped" in results["validate"][1], log
+        return
+    assert results["validate"][0] == 0, log
     assert list(results) == ["inspect", "validate", "split"] and results["split"][0] == 1, log
     assert "image(s) with annotations" in results["split"][2], log
 

@@ -542,3 +542,27 @@ def test_launched_processes_build_the_cache_once_and_share_it(shapes, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["calls"] for r in ranks] == [1, 1]  # two images, one each: built once
     assert ranks[0]["files"] == ranks[1]["files"] and len(ranks[0]["files"]) == 2
+
+
+def test_damaged_embedding_cache_repairs_itself(shapes, tmp_path, caplog):
+    """Issue 16: a truncated, foreign or NaN cache file is recomputed, not a traceback."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    caplog.set_level(logging.WARNING, logger="teacher.sam.data")
+    coco, root = shapes
+    sam = S.build_tiny_random()
+    files = cache_sam_embeddings(sam, coco, root, tmp_path / "cache")
+    good = {k: load_file(str(p))["embedding"].clone() for k, p in files.items()}
+    first, second = files[1], files[2]
+    first.write_bytes(first.read_bytes()[:100])  # truncated
+    save_file({"embedding": torch.full((2, 3, 3), float("nan"))}, str(second))  # NaN
+    again = cache_sam_embeddings(sam, coco, root, tmp_path / "cache")
+    assert again == files
+    for k in files:
+        torch.testing.assert_close(load_file(str(again[k]))["embedding"], good[k])
+    assert caplog.text.count("is damaged; recomputing it") == 2
+    first.write_bytes(b"\xff" * 16)  # an oversized header length
+    cache_sam_embeddings(sam, coco, root, tmp_path / "cache")
+    torch.testing.assert_close(load_file(str(first))["embedding"], good[1])

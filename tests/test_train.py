@@ -436,3 +436,25 @@ def test_run_fingerprint_covers_image_content_not_the_folder_path(tmp_path):
     assert images_digest(tmp_path / "one", coco) != before
     (tmp_path / "two" / "a.png").unlink()
     assert images_digest(tmp_path / "two", coco) != images_digest(tmp_path / "one", coco)
+
+
+def test_a_second_training_of_the_same_stage_is_refused(tmp_path):
+    """Issue 16: kill -9 of dvc left the stage running and a second dvc repro trained a second
+    copy into the same folders. The lock beside the checkpoint folder refuses the second."""
+    import os
+    import subprocess
+    import sys
+
+    from teacher.train.checkpoints import training_lock
+
+    ckpt = tmp_path / "checkpoints" / "train_dino"
+    with training_lock(ckpt):
+        with pytest.raises(TeacherError, match=rf"another training of this stage is running \(process {os.getpid()}"):
+            with training_lock(ckpt):
+                pass
+        code = ("import sys; from teacher.train.checkpoints import training_lock\n"
+                f"with training_lock({str(ckpt)!r}): pass\n")
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert other.returncode != 0 and "another training" in other.stderr
+    with training_lock(ckpt):  # released when the holder ends
+        pass

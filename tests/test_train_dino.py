@@ -180,3 +180,21 @@ def test_two_processes_train_and_evaluate_without_deadlock(tmp_path, monkeypatch
     faulthandler.cancel_dump_traceback_later()
     assert metrics["steps"] == 1 and "val_map" in metrics
     assert (tmp_path / "model/adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("height", [1, 3])
+def test_training_step_on_an_image_one_or_three_pixels_high(height):
+    """Issue 16: a 1-pixel-high image crashed train_dino (too few encoder tokens for the
+    queries); 3 pixels high was read channels-first. Thin images are padded, HxWx3 is explicit."""
+    import numpy as np
+
+    bundle = load_dino(DINO)
+    label_map = build_label_map([{"id": 1, "name": "line"}], tokenizer=bundle.processor.tokenizer)
+    item = {"image": np.full((height, 200, 3), 128, np.uint8), "chunk": 0, "image_id": 1,
+            "boxes": np.array([[10, 0, 50, height]], np.float32), "labels": np.array([0]),
+            "size": (200, height)}
+    batch = collate_dino([item], processor=bundle.processor, label_map=label_map,
+                         num_queries=bundle.model.config.num_queries)
+    assert batch["pixel_values"].shape[1] == 3 and batch["sizes"][0][1] > height
+    out = dino_task.training_step(bundle.model, batch)
+    assert torch.isfinite(out["loss"])

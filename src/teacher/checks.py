@@ -15,6 +15,8 @@ A finding is one rule with every id it concerns: ``{"rule", "severity", "record"
 
 from __future__ import annotations
 
+import math
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,21 +26,33 @@ from typing import Any
 from teacher.boxes import clip_xywh_box, is_xywh
 from teacher.coco import (
     CocoFormatError,
+    annotation_mask,
     annotation_rle,
+    geometry_problem,
     is_crowd,
     load_coco,
     mask_kind,
+    mask_to_rle,
+    mask_to_uncompressed_rle,
     polygons,
     rle_area_bbox,
     rle_problem,
     valid_polygons,
 )
 from teacher.errors import TeacherError
-from teacher.images import file_name_problem, read_image_size
+from teacher.images import (
+    MAX_PIXELS,
+    decoded_size,
+    downscale_factor,
+    file_name_problem,
+    probe_image,
+)
 
 MAX_DETAILS = 20  # per finding: the first details (what changed); ids are always complete
 AREA_TOLERANCE = 0.1  # relative; an area further from the mask/box area is recomputed
 AREA_SLACK = 4.0  # px², absolute slack for tiny objects (rasterisation differences)
+MISMATCH_MAJORITY = 0.5  # more than this share of box+mask annotations disagreeing: an error
+SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]")  # BERT's; break a prompt
 
 
 @dataclass(frozen=True)
@@ -57,23 +71,33 @@ def _rules(*rules: Rule) -> dict[str, Rule]:
 RULES: dict[str, Rule] = _rules(
     Rule("not_json", "error", "file", "annotation file missing or not JSON", "none: export COCO JSON"),
     Rule("not_coco", "error", "file", "not a COCO dataset (images/annotations/categories lists)", "none: export the COCO instances format"),
+    Rule("too_much_dropped", "error", "dataset", "errors would drop more than validate.max_drop_fraction of the images or annotations", "none: fix the rule named in the details first (dropping would leave too little)"),
+    Rule("boxes_contradict_masks", "error", "dataset", "most boxes disagree with their own masks (IoU < 0.5)", "none: set validate.box_from_mask: true to recompute the boxes from the masks, or fix the export"),
     Rule("invalid_id", "error", "image/annotation/category", "id missing or not an integer", "record dropped"),
     Rule("duplicate_image_id", "error", "image", "several images share an id", "later duplicates dropped (first kept)"),
     Rule("duplicate_annotation_id", "error", "annotation", "several annotations share an id", "later duplicates dropped (first kept)"),
     Rule("duplicate_category_id", "error", "category", "several categories share an id", "later duplicates dropped (first kept)"),
     Rule("category_name_missing", "error", "category", "category without a name (the text prompt needs one)", "category and its annotations dropped"),
+    Rule("category_name_special_token", "error", "category", "name holds a tokenizer token ([CLS], [SEP], [PAD], [MASK], [UNK]) that would break the text prompt", "category and its annotations dropped; rename it"),
+    Rule("category_name_not_prompt", "error", "category", "name has no words once prompt delimiters ('.', '?') are removed", "category and its annotations dropped; rename it"),
     Rule("file_name_missing", "error", "image", "image without a file_name", "image dropped"),
-    Rule("unsafe_file_name", "error", "image", "file_name absolute or with '..': it leaves the image root", "image dropped"),
+    Rule("unsafe_file_name", "error", "image", "file_name unusable: absolute, with '..' (leaves the image root), or a part longer than 255 bytes", "image dropped"),
     Rule("image_missing", "error", "image", "image file not found under the image root", "image dropped"),
-    Rule("image_unreadable", "error", "image", "image file cannot be read as an image", "image dropped"),
+    Rule("image_unreadable", "error", "image", "image file cannot be decoded (truncated, damaged, too large or not an image)", "image dropped"),
+    Rule("image_smaller_than_recorded", "error", "image", "image file smaller than its recorded width/height while annotations reach past the file's size: its boxes are out of scale", "image dropped; rescale its annotations or re-export the full-size image"),
     Rule("invalid_image_size", "error", "image", "width/height missing or <= 0 and no file to read them from", "image dropped"),
     Rule("unknown_image", "error", "annotation", "annotation's image_id names no image", "annotation dropped"),
     Rule("unknown_category", "error", "annotation", "annotation's category_id names no category", "annotation dropped"),
+    Rule("non_finite_coordinates", "error", "annotation", "NaN or Infinity in bbox or polygon", "annotation dropped"),
+    Rule("coordinates_far_outside", "error", "annotation", "bbox or polygon reaches more than 10 image sizes outside its image (absurd numbers)", "annotation dropped"),
     Rule("invalid_segmentation", "error", "annotation", "segmentation unreadable (bad RLE, size not the image's, wrong type)", "annotation dropped"),
     Rule("missing_geometry", "error", "annotation", "no usable bbox (missing, empty, zero or negative size) and no mask", "annotation dropped"),
     Rule("empty_mask", "error", "annotation", "mask with no pixels and no usable bbox", "annotation dropped"),
     Rule("bbox_outside_image", "error", "annotation", "bbox entirely outside its image", "annotation dropped"),
     Rule("annotations_of_dropped_image", "fix", "annotation", "annotations of an image that was dropped", "annotations dropped"),
+    Rule("annotations_of_dropped_category", "fix", "annotation", "annotations of a category that was dropped", "annotations dropped"),
+    Rule("category_name_number", "fix", "category", "category name stored as a number", "converted to text"),
+    Rule("image_downscaled", "fix", "image", f"image larger than {MAX_PIXELS:,} pixels: training reads it downscaled", "width/height and its annotations scaled by the same factor"),
     Rule("string_id", "fix", "image/annotation/category", "numeric id stored as a string (or float)", "converted to int"),
     Rule("annotation_id_missing", "fix", "annotation", "annotation without an id", "new id assigned (max id + 1, ...)"),
     Rule("file_name_backslash", "fix", "image", "backslashes in file_name", "replaced by '/'"),
@@ -83,11 +107,13 @@ RULES: dict[str, Rule] = _rules(
     Rule("polygon_dropped", "fix", "annotation", "polygon ring with fewer than 3 points", "ring removed"),
     Rule("bbox_from_mask", "fix", "annotation", "bbox missing, empty or zero-area while a mask exists", "bbox computed from the mask"),
     Rule("bbox_clipped", "fix", "annotation", "bbox partly outside its image", "clipped to the image"),
+    Rule("bbox_replaced_by_mask", "fix", "annotation", "bbox far from its mask's extent (IoU < 0.5) with validate.box_from_mask: true", "bbox recomputed from the mask"),
     Rule("area_recomputed", "fix", "annotation", f"area missing or more than {AREA_TOLERANCE:.0%} off the mask/box area", "recomputed from the mask (or the box)"),
     Rule("unused_category", "warning", "category", "category declared but no annotation uses it", "kept (the prompt includes it)"),
     Rule("image_without_annotations", "warning", "image", "image without annotations", "kept as a negative example"),
     Rule("small_box", "warning", "annotation", "box smaller than validate.min_box_size on a side", "kept"),
     Rule("rare_category", "warning", "category", "category with fewer than validate.min_instances instances", "kept"),
+    Rule("category_name_no_letters", "warning", "category", "name has no letter or digit: the text encoder may read it as [UNK] only", "kept; rename it if classes cannot be told apart"),
     Rule("duplicate_category_name", "warning", "category", "several categories share a name (ambiguous prompt)", "kept"),
     Rule("bbox_mask_mismatch", "warning", "annotation", "bbox far from the mask's extent (IoU < 0.5)", "kept (models train on the bbox; SAM on the mask)"),
     Rule("shared_file_name", "warning", "image", "one file used by several image ids", "kept"),
@@ -100,10 +126,16 @@ class Findings:
     def __init__(self) -> None:
         self.ids: dict[str, list[Any]] = {}
         self.details: dict[str, list[str]] = {}
+        # dropped images / categories: _key(id) -> the error rule that dropped it
+        self.dropped: dict[str, dict[Any, str]] = {"images": {}, "categories": {}}
+        self.removed: Counter = Counter()  # error rule -> annotations it removed, knock-on included
+        self.box_and_mask = 0  # annotations with both a usable box and a mask
 
     def add(self, rule: str, record_id: Any, detail: str | None = None) -> None:
         assert rule in RULES, rule
         self.ids.setdefault(rule, []).append(record_id)
+        if RULES[rule].severity == "error" and RULES[rule].record == "annotation":
+            self.removed[rule] += 1
         if detail is not None and len(self.details.setdefault(rule, [])) < MAX_DETAILS:
             self.details[rule].append(detail)
 
@@ -137,9 +169,17 @@ def _int_id(value: Any) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
         return int(value.strip())
     return None
+
+
+_INT_TEXT = re.compile(r"-?[0-9]{1,30}")  # ASCII digits only: "²" and "--5" are not ids
+
+
+def _key(value: Any) -> Any:
+    """``value`` usable in a set or dict (lists and dicts as their repr)."""
+    return value if isinstance(value, (int, float, str, type(None))) else repr(value)
 
 
 def _fix_ref(rec: dict, key: str, kind: str, found: Findings) -> None:
@@ -147,7 +187,7 @@ def _fix_ref(rec: dict, key: str, kind: str, found: Findings) -> None:
     as_int = _int_id(value)
     if as_int is not None and (not isinstance(value, int) or isinstance(value, bool)):
         rec[key] = as_int
-        found.add("string_id", rec.get("id"), f"{kind} {key} {value!r} -> {as_int}")
+        found.add("string_id", _key(rec.get("id")), f"{kind} {key} {value!r} -> {as_int}")
 
 
 def check_ids(coco: dict, found: Findings) -> None:
@@ -157,7 +197,8 @@ def check_ids(coco: dict, found: Findings) -> None:
         for rec in coco[key]:
             as_int = _int_id(rec.get("id"))
             if as_int is None:
-                found.add("invalid_id", rec.get("id"), f"{key[:-1]} id {rec.get('id')!r}")
+                found.add("invalid_id", _key(rec.get("id")), f"{key[:-1]} id {rec.get('id')!r}")
+                found.dropped[key][_key(rec.get("id"))] = "invalid_id"
                 continue
             _fix_ref(rec, "id", key[:-1], found)
             kept.append(rec)
@@ -174,7 +215,7 @@ def check_ids(coco: dict, found: Findings) -> None:
             _fix_ref(ann, key, "annotation", found)
     bad = [a for a in anns if not isinstance(a["id"], int) or isinstance(a["id"], bool)]
     for ann in bad:
-        found.add("invalid_id", ann["id"], f"annotation id {ann['id']!r}")
+        found.add("invalid_id", _key(ann["id"]), f"annotation id {ann['id']!r}")
     drop = {id(a) for a in bad}
     coco["annotations"] = [a for a in anns if id(a) not in drop]
 
@@ -194,14 +235,41 @@ def check_duplicates(coco: dict, found: Findings) -> None:
         coco[key] = kept
 
 
+def _number_name(name: Any) -> str | None:
+    """A numeric name as text (``1.0`` -> ``"1"``, ``2.5`` -> ``"2.5"``); None otherwise."""
+    if isinstance(name, bool) or not isinstance(name, (int, float)) or not math.isfinite(name):
+        return None
+    return str(int(name)) if float(name).is_integer() else repr(float(name))
+
+
+def category_name_problem(name: str) -> str | None:
+    """The rule a category name breaks in a text prompt, or None (pure: no tokenizer)."""
+    if any(tok in name.upper() for tok in SPECIAL_TOKENS):
+        return "category_name_special_token"
+    if not " ".join(re.sub(r"[.?]", " ", name).split()):
+        return "category_name_not_prompt"
+    return None
+
+
 def check_categories(coco: dict, found: Findings) -> None:
-    """Categories need a name (error); shared names are ambiguous prompts (warning)."""
+    """Categories need a name the prompt can carry (error); numbers become text (fix);
+    shared names are ambiguous prompts, names without letters may read as [UNK] (warning).
+    Linear in the number of categories."""
     kept = []
     for cat in coco["categories"]:
         name = cat.get("name")
-        if not isinstance(name, str) or not name.strip():
-            found.add("category_name_missing", cat["id"])
+        as_text = _number_name(name)
+        if as_text is not None:
+            found.add("category_name_number", cat["id"], f"{name!r} -> {as_text!r}")
+            cat["name"] = name = as_text
+        problem = (category_name_problem(name) if isinstance(name, str) and name.strip()
+                   else "category_name_missing")
+        if problem:
+            found.add(problem, cat["id"], f"name {name!r}")
+            found.dropped["categories"][cat["id"]] = problem
             continue
+        if not any(ch.isalnum() for ch in name):
+            found.add("category_name_no_letters", cat["id"], f"name {name!r}")
         kept.append(cat)
     coco["categories"] = kept
     names = Counter(c["name"].strip().lower() for c in kept)
@@ -215,14 +283,18 @@ def check_categories(coco: dict, found: Findings) -> None:
 ImageProbe = Callable[[str], "tuple[int, int] | str"]  # file_name -> (w, h) or an error rule
 
 
-def _drop_images(coco: dict, ids: set, found: Findings) -> None:
+def _drop_images(coco: dict, ids: dict[Any, str], found: Findings) -> None:
+    """Drop the images ``ids`` (id -> the rule that dropped it) and their annotations, each
+    annotation credited to its image's rule."""
     if not ids:
         return
+    found.dropped["images"].update(ids)
     coco["images"] = [im for im in coco["images"] if im["id"] not in ids]
     kept = []
     for ann in coco["annotations"]:
         if ann.get("image_id") in ids:
             found.add("annotations_of_dropped_image", ann["id"], f"image {ann['image_id']}")
+            found.removed[ids[ann["image_id"]]] += 1
         else:
             kept.append(ann)
     coco["annotations"] = kept
@@ -230,7 +302,7 @@ def _drop_images(coco: dict, ids: set, found: Findings) -> None:
 
 def check_file_names(coco: dict, found: Findings) -> None:
     """Backslashes to '/' (fix); names leaving the image root dropped (error)."""
-    bad = set()
+    bad: dict[Any, str] = {}
     for im in coco["images"]:
         name = im.get("file_name")
         if isinstance(name, str) and "\\" in name:
@@ -238,12 +310,12 @@ def check_file_names(coco: dict, found: Findings) -> None:
             found.add("file_name_backslash", im["id"], f"{name!r} -> {im['file_name']!r}")
         if not isinstance(im.get("file_name"), str) or not im["file_name"].strip():
             found.add("file_name_missing", im["id"], f"file_name {im.get('file_name')!r}")
-            bad.add(im["id"])
+            bad[im["id"]] = "file_name_missing"
             continue
         problem = file_name_problem(im.get("file_name"))
         if problem:
             found.add("unsafe_file_name", im["id"], f"{im.get('file_name')!r}: {problem}")
-            bad.add(im["id"])
+            bad[im["id"]] = "unsafe_file_name"
     _drop_images(coco, bad, found)
     users = Counter(im["file_name"] for im in coco["images"])
     for im in coco["images"]:
@@ -252,37 +324,134 @@ def check_file_names(coco: dict, found: Findings) -> None:
 
 
 def _positive_int(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and v > 0)
+
+
+def _finite_numbers(values: Any) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)] if isinstance(values, list) else []
+
+
+def annotation_reach(ann: dict) -> tuple[float, float]:
+    """How far right and down the annotation's bbox and polygon vertices reach (finite
+    numbers only; 0 without geometry)."""
+    xs, ys = [0.0], [0.0]
+    box = _finite_numbers(ann.get("bbox"))
+    if len(box) == 4:
+        xs.append(box[0] + box[2])
+        ys.append(box[1] + box[3])
+    if mask_kind(ann) == "polygon":
+        for ring in polygons(ann):
+            nums = _finite_numbers(ring)
+            xs += nums[0::2]
+            ys += nums[1::2]
+    return max(xs), max(ys)
+
+
+def scale_annotation(ann: dict, k: int, *, height: int, width: int) -> None:
+    """Divide the annotation's geometry by ``k`` in place (bbox, polygons, area; an RLE of the
+    full ``height x width`` image is subsampled to the downscaled image's grid)."""
+    box = ann.get("bbox")
+    if isinstance(box, list) and len(_finite_numbers(box)) == len(box):
+        ann["bbox"] = [v / k for v in box]
+    kind = mask_kind(ann)
+    if kind == "polygon":
+        ann["segmentation"] = [[v / k for v in ring] for ring in polygons(ann)
+                               if len(_finite_numbers(ring)) == len(ring)]
+    elif kind in ("rle_compressed", "rle_uncompressed") and rle_problem(ann["segmentation"]) is None \
+            and list(ann["segmentation"]["size"]) == [height, width]:
+        small = annotation_mask(ann, height, width)[::k, ::k]
+        ann["segmentation"] = (mask_to_rle(small) if kind == "rle_compressed"
+                               else mask_to_uncompressed_rle(small))
+    if _positive_int(ann.get("area")):
+        ann["area"] = ann["area"] / (k * k)
+
+
+def _file_size_finding(im: dict, size: tuple[int, int], anns: list[dict],
+                       found: Findings) -> bool:
+    """Compare the recorded size with the file's: True when the image must be dropped (the
+    file is smaller and annotations reach past it: out of scale); a plain disagreement is
+    fixed from the file."""
+    was = (im.get("width"), im.get("height"))
+    if was == size:
+        return False
+    recorded = _positive_int(was[0]) and _positive_int(was[1])
+    w0, h0 = (float(was[0] or 0), float(was[1] or 0)) if recorded else (0.0, 0.0)
+    if recorded and size[0] * size[1] < w0 * h0 and size != (was[1], was[0]):
+        reach = [annotation_reach(a) for a in anns]
+        far_x = max((r[0] for r in reach), default=0.0)
+        far_y = max((r[1] for r in reach), default=0.0)
+        if far_x > size[0] + 1 or far_y > size[1] + 1:
+            found.add("image_smaller_than_recorded", im["id"],
+                      f"{im['file_name']}: recorded {was[0]}x{was[1]}, file {size[0]}x{size[1]}; "
+                      f"annotations reach {far_x:g}x{far_y:g}: boxes out of scale "
+                      f"(x{size[0] / w0:.3g})")
+            return True
+    im["width"], im["height"] = size
+    found.add("image_size_from_file", im["id"], f"{was} -> {size}")
+    return False
+
+
+def _downscale(im: dict, anns: list[dict], found: Findings) -> None:
+    """An image over :data:`MAX_PIXELS` is read downscaled: scale its record and annotations."""
+    width, height = int(im["width"]), int(im["height"])
+    k = downscale_factor(width, height)
+    if k == 1:
+        return
+    im["width"], im["height"] = decoded_size(width, height)
+    for ann in anns:
+        scale_annotation(ann, k, height=height, width=width)
+    found.add("image_downscaled", im["id"],
+              f"{im['file_name']}: {width}x{height} -> {im['width']}x{im['height']} (1/{k})")
 
 
 def check_image_files(coco: dict, found: Findings, probe: ImageProbe | None) -> None:
-    """Each file exists and reads (error); its header size wins over width/height (fix);
-    without a file to read, width/height must be positive (error). ``probe=None`` skips files."""
-    bad = set()
+    """Each file exists and decodes (error); its size wins over width/height (fix) unless the
+    file is smaller and the annotations reach past it (error: out of scale); without a file to
+    read, width/height must be positive and finite (error). Images over :data:`MAX_PIXELS` are
+    read downscaled: their annotations are scaled alike (fix). ``probe=None`` skips files."""
+    bad: dict[Any, str] = {}
+    by_image: dict[Any, list[dict]] = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(_key(ann.get("image_id")), []).append(ann)
     for im in coco["images"]:
+        anns = by_image.get(im["id"], [])
         size = probe(im["file_name"]) if probe is not None else None
         if isinstance(size, str):
             found.add(size, im["id"], im["file_name"])
-            bad.add(im["id"])
-        elif size is not None and (im.get("width"), im.get("height")) != size:
-            was = (im.get("width"), im.get("height"))
-            im["width"], im["height"] = size
-            found.add("image_size_from_file", im["id"], f"{was} -> {size}")
+            bad[im["id"]] = size
+            continue
+        if size is not None and _file_size_finding(im, (size[0], size[1]), anns, found):
+            bad[im["id"]] = "image_smaller_than_recorded"
+            continue
         if not (_positive_int(im.get("width")) and _positive_int(im.get("height"))):
             found.add("invalid_image_size", im["id"], f"width {im.get('width')!r}, height {im.get('height')!r}")
-            bad.add(im["id"])
+            bad[im["id"]] = "invalid_image_size"
+            continue
+        if size is not None:
+            _downscale(im, anns, found)
     _drop_images(coco, bad, found)
 
 
 def check_references(coco: dict, found: Findings) -> None:
-    """Annotations must name a known image and category (error: dropped)."""
+    """Annotations must name a known image and category (error: dropped). References to a
+    record validate dropped are reported under that record's rule (the cause), not here."""
     images = {im["id"] for im in coco["images"]}
     cats = {c["id"] for c in coco["categories"]}
     kept = []
     for ann in coco["annotations"]:
-        if ann.get("image_id") not in images:
+        image, cat = _key(ann.get("image_id")), _key(ann.get("category_id"))
+        if image in found.dropped["images"]:
+            found.add("annotations_of_dropped_image", ann["id"], f"image {ann.get('image_id')!r}")
+            found.removed[found.dropped["images"][image]] += 1
+        elif image not in images:
             found.add("unknown_image", ann["id"], f"image_id {ann.get('image_id')!r}")
-        elif ann.get("category_id") not in cats:
+        elif cat in found.dropped["categories"]:
+            found.add("annotations_of_dropped_category", ann["id"],
+                      f"category {ann.get('category_id')!r}")
+            found.removed[found.dropped["categories"][cat]] += 1
+        elif cat not in cats:
             found.add("unknown_category", ann["id"], f"category_id {ann.get('category_id')!r}")
         else:
             kept.append(ann)
@@ -399,46 +568,130 @@ def _iou_xywh(a: list[float], b: list[float], *, slack: float = 1.0) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def check_annotation(ann: dict, image: dict, found: Findings, *, min_box_size: float) -> bool:
-    """Fix one annotation in place against its image; False when it must be dropped."""
+def check_annotation(ann: dict, image: dict, found: Findings, *, min_box_size: float,
+                     box_from_mask: bool = False) -> bool:
+    """Fix one annotation in place against its image; False when it must be dropped.
+    Numbers that cannot be geometry are caught before anything is computed from them."""
+    height, width = int(image["height"]), int(image["width"])
+    problem = geometry_problem(ann, width=width, height=height)
+    if problem:
+        found.add(problem[0], ann["id"], problem[1])
+        return False
     if ann.get("iscrowd") not in (0, 1) or isinstance(ann.get("iscrowd"), bool):
         was = ann.get("iscrowd")
         ann["iscrowd"] = 1 if was in (1, True) else 0
         found.add("iscrowd_missing", ann["id"], f"{was!r} -> {ann['iscrowd']}")
-    height, width = int(image["height"]), int(image["width"])
+    had_box = is_xywh(ann.get("bbox"))
     mask = _fix_segmentation(ann, height, width, found)
     if isinstance(mask, str) or not _fix_bbox(ann, mask, height, width, found):
         return False
+    if mask is not None and had_box:
+        found.box_and_mask += 1
+        if _iou_xywh(ann["bbox"], mask.bbox) < 0.5:
+            rule = "bbox_replaced_by_mask" if box_from_mask else "bbox_mask_mismatch"
+            found.add(rule, ann["id"], f"bbox {ann['bbox']}, mask {mask.bbox}")
+            if box_from_mask:
+                ann["bbox"] = mask.bbox
     _fix_area(ann, mask, found)
-    if mask is not None and _iou_xywh(ann["bbox"], mask.bbox) < 0.5:
-        found.add("bbox_mask_mismatch", ann["id"], f"bbox {ann['bbox']}, mask {mask.bbox}")
     if not is_crowd(ann) and min(ann["bbox"][2], ann["bbox"][3]) < min_box_size:
         found.add("small_box", ann["id"], f"{ann['bbox'][2]:g}x{ann['bbox'][3]:g}")
     return True
 
 
-def check_annotations(coco: dict, found: Findings, *, min_box_size: float) -> None:
-    """Per annotation: segmentation, bbox and area fixes; unusable ones dropped."""
+def check_annotations(coco: dict, found: Findings, *, min_box_size: float,
+                      box_from_mask: bool = False) -> None:
+    """Per annotation: segmentation, bbox and area fixes; unusable ones dropped. When most
+    boxes disagree with their masks that is an error (the export's boxes are wrong), unless
+    ``box_from_mask`` recomputes them."""
     images = {im["id"]: im for im in coco["images"]}
     coco["annotations"] = [
         a for a in coco["annotations"]
-        if check_annotation(a, images[a["image_id"]], found, min_box_size=min_box_size)
+        if check_annotation(a, images[a["image_id"]], found, min_box_size=min_box_size,
+                            box_from_mask=box_from_mask)
     ]
+    mismatched = len(found.ids.get("bbox_mask_mismatch", ()))
+    if mismatched and mismatched > MISMATCH_MAJORITY * found.box_and_mask:
+        found.add("boxes_contradict_masks", None,
+                  f"{mismatched} of {found.box_and_mask} boxes have IoU < 0.5 with their own "
+                  "mask (see bbox_mask_mismatch)")
 
 
-def check_coverage(coco: dict, found: Findings, *, min_instances: int) -> None:
-    """Warnings on what is left: unused / rare categories, images without annotations."""
+@dataclass(frozen=True)
+class InputCounts:
+    """What the user's file holds (after id normalisation), so that findings name causes:
+    a category or image is "unused" / "without annotations" only when it was so in the file."""
+
+    images: int
+    annotations: int
+    instances: Counter  # category id -> annotations referencing it
+    annotated: set  # image ids referenced by an annotation
+
+    @classmethod
+    def of(cls, coco: dict) -> InputCounts:
+        anns = coco["annotations"]
+        return cls(images=len(coco["images"]), annotations=len(anns),
+                   instances=Counter(_key(a.get("category_id")) for a in anns),
+                   annotated={_key(a.get("image_id")) for a in anns})
+
+
+def check_coverage(coco: dict, found: Findings, *, min_instances: int,
+                   given: InputCounts | None = None) -> None:
+    """Warnings on what is left: unused / rare categories, images without annotations. With
+    ``given`` (the file's own counts), records emptied by drops are not reported again: their
+    annotations' findings already name the cause."""
     instances = Counter(a["category_id"] for a in coco["annotations"])
     for cat in coco["categories"]:
         n = instances.get(cat["id"], 0)
-        if n == 0:
+        in_file = given.instances.get(cat["id"], 0) if given else n
+        if in_file == 0:
             found.add("unused_category", cat["id"], cat["name"])
-        elif n < min_instances:
-            found.add("rare_category", cat["id"], f"{cat['name']}: {n}")
-    annotated = {a["image_id"] for a in coco["annotations"]}
+        elif 0 < n < min_instances:
+            found.add("rare_category", cat["id"], f"{cat['name']}: {n}"
+                      + (f" ({in_file} in the file before drops)" if in_file != n else ""))
+    annotated = given.annotated if given else {a["image_id"] for a in coco["annotations"]}
     for im in coco["images"]:
         if im["id"] not in annotated:
             found.add("image_without_annotations", im["id"])
+
+
+def _dominant_error(found: Findings) -> str | None:
+    """The cause to fix first: the error rule that removed the most annotations (those of the
+    images and categories it dropped included), else the one with the most ids."""
+    if found.removed:
+        return found.removed.most_common(1)[0][0]
+    counts = {k: len(v) for k, v in found.ids.items()
+              if RULES[k].severity == "error" and RULES[k].record != "dataset"}
+    return max(counts, key=lambda k: counts[k]) if counts else None
+
+
+def check_drop_share(coco: dict, found: Findings, given: InputCounts, *,
+                     max_drop_fraction: float) -> None:
+    """Errors that would drop more than ``max_drop_fraction`` of the images or annotations
+    (or everything): one dataset error naming the dominant rule, whatever ``on_error``."""
+    shares = []
+    for what, before, after in (("images", given.images, len(coco["images"])),
+                                ("annotations", given.annotations, len(coco["annotations"]))):
+        if before and (before - after) / before > max_drop_fraction or (before and not after):
+            shares.append(f"{before - after} of {before} {what}")
+    rule = _dominant_error(found)
+    if not shares or rule is None:
+        return
+    hint = DROP_HINTS.get(rule, f"fix the records named by {rule}")
+    found.add("too_much_dropped", None,
+              f"errors drop {' and '.join(shares)}; most by {rule} ({len(found.ids[rule])} "
+              f"{RULES[rule].record} record(s): {RULES[rule].message}): {hint}")
+
+
+DROP_HINTS = {  # what to do when one rule drops most of the dataset
+    "image_missing": "check that data.images (--images) is the folder the file_names are "
+                     "relative to",
+    "image_unreadable": "re-export the images (PNG/JPEG) or check that data.images is the right folder",
+    "unsafe_file_name": "re-export with file_names relative to the image folder",
+    "invalid_id": "re-export with integer ids",
+    "unknown_image": "the annotations name image ids the file does not declare: re-export both together",
+    "unknown_category": "declare the categories the annotations use",
+    "category_name_missing": "give every category a name",
+}
 
 
 # --- all together --------------------------------------------------------------------------
@@ -466,25 +719,34 @@ class Validation:
     def ok(self) -> bool:
         return self.errors == 0
 
+    @property
+    def fatal(self) -> bool:
+        """Errors that stop the stage whatever ``on_error`` (the file, the dataset as a whole)."""
+        return any(f["severity"] == "error" and f["record"] in ("file", "dataset")
+                   for f in self.findings)
+
 
 def validate_coco(data: dict[str, Any], *, probe: ImageProbe | None, on_error: str = "fail",
-                  min_box_size: float = 2.0, min_instances: int = 3) -> Validation:
+                  min_box_size: float = 2.0, min_instances: int = 3,
+                  max_drop_fraction: float = 0.5, box_from_mask: bool = False) -> Validation:
     """Run every rule on a copy of ``data`` (a dict with the three COCO lists).
 
-    ``probe(file_name)`` returns the image's ``(width, height)`` or the rule name
+    ``probe(file_name)`` returns the image file's full ``(width, height)`` or the rule name
     ``"image_missing"`` / ``"image_unreadable"``; ``None`` skips the file checks.
     Errors are always reported; offending records are removed from the returned copy.
     """
     coco = working_copy(data)
     found = Findings()
     check_ids(coco, found)
+    given = InputCounts.of(coco)
     check_duplicates(coco, found)
     check_categories(coco, found)
     check_references(coco, found)  # before image files: every bad reference is named at once
     check_file_names(coco, found)
     check_image_files(coco, found, probe)
-    check_annotations(coco, found, min_box_size=min_box_size)
-    check_coverage(coco, found, min_instances=min_instances)
+    check_annotations(coco, found, min_box_size=min_box_size, box_from_mask=box_from_mask)
+    check_coverage(coco, found, min_instances=min_instances, given=given)
+    check_drop_share(coco, found, given, max_drop_fraction=max_drop_fraction)
     return _result(coco, found, on_error=on_error)
 
 
@@ -505,16 +767,20 @@ def format_failure(data_error: str, rule: str, *, on_error: str) -> Validation:
 # --- edges: files in, report out -----------------------------------------------------------
 
 
-def file_probe(image_root: str | Path) -> ImageProbe:
-    """A probe reading image headers under ``image_root`` (no full decode)."""
+def file_probe(image_root: str | Path, *, decode: bool = True) -> ImageProbe:
+    """A probe of the files under ``image_root``: each image decoded as training will decode
+    it (``decode=False``: its header only, for very large datasets)."""
     root = Path(image_root)
 
     def probe(file_name: str) -> tuple[int, int] | str:
         path = root / file_name
-        if not path.is_file():
+        try:
+            if not path.is_file():
+                return "image_missing"
+        except OSError:  # a name the file system refuses (too long...)
             return "image_missing"
         try:
-            return read_image_size(path)
+            return probe_image(path, decode=decode)
         except TeacherError:
             return "image_unreadable"
 
@@ -522,7 +788,9 @@ def file_probe(image_root: str | Path) -> ImageProbe:
 
 
 def validate_file(annotations: str | Path, *, images: str | Path | None, on_error: str = "fail",
-                  min_box_size: float = 2.0, min_instances: int = 3) -> Validation:
+                  min_box_size: float = 2.0, min_instances: int = 3,
+                  max_drop_fraction: float = 0.5, box_from_mask: bool = False,
+                  decode_images: bool = True) -> Validation:
     """Load ``annotations`` and validate it (file checks under ``images``; None skips them).
     A file that is not JSON or not COCO gives a result with that one error; a missing image
     folder raises ``TeacherError``."""
@@ -533,8 +801,17 @@ def validate_file(annotations: str | Path, *, images: str | Path | None, on_erro
         data = load_coco(annotations)
     except CocoFormatError as e:
         return format_failure(str(e), e.rule, on_error=on_error)
-    return validate_coco(data, probe=file_probe(images) if images is not None else None,
-                         on_error=on_error, min_box_size=min_box_size, min_instances=min_instances)
+    probe = file_probe(images, decode=decode_images) if images is not None else None
+    return validate_coco(data, probe=probe, on_error=on_error, min_box_size=min_box_size,
+                         min_instances=min_instances, max_drop_fraction=max_drop_fraction,
+                         box_from_mask=box_from_mask)
+
+
+def validate_options(params: Any) -> dict[str, Any]:
+    """:func:`validate_file`'s keyword arguments from params.yaml's ``validate`` section."""
+    return {"on_error": params.on_error, "min_box_size": params.min_box_size,
+            "min_instances": params.min_instances, "decode_images": params.decode_images,
+            "max_drop_fraction": params.max_drop_fraction, "box_from_mask": params.box_from_mask}
 
 
 def validation_report(result: Validation, *, on_error: str, source: dict[str, Any]) -> dict:
@@ -565,6 +842,11 @@ def summary_text(result: Validation, *, source: str, report_path: str | None = N
     if result.counts.get("not_json") or result.counts.get("not_coco"):  # nothing to drop
         lines.append("Export the annotations as a COCO instances JSON file (images, annotations, "
                      "categories lists) and point data.annotations at it.")
+    elif result.fatal:  # dropping would not help
+        for f in result.findings:
+            if f["severity"] == "error" and f["record"] == "dataset":
+                lines.append(f"{f['rule']} stops validate whatever on_error; "
+                             f"{RULES[f['rule']].fix.removeprefix('none: ')}")
     elif result.errors:
         lines.append("Fix these records in the export, or set validate.on_error: drop to drop "
                      "them (every drop is listed in the report).")

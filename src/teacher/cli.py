@@ -41,19 +41,45 @@ def _validate_configure(p: argparse.ArgumentParser) -> None:
                    "(defaults when the file is absent)")
 
 
-def _validate_run(args: argparse.Namespace) -> int:
-    from teacher.checks import summary_text, validate_file, validation_report
-    from teacher.coco import save_coco, save_json
+def refuse_overwrite(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
+    """``TeacherError`` when an output path is one of the inputs (the user's file would be
+    overwritten) or two outputs are the same file."""
+    seen: dict[Path, str] = {}
+    for flag, path in inputs.items():
+        if path:
+            seen[Path(path).resolve()] = flag
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise TeacherError(f"{flag} {path} is the same file as {seen[resolved]}: it would be "
+                               "overwritten; write to another path")
+        seen[resolved] = flag
 
-    checks = load_params(args.params)["validate"] if Path(args.params).is_file() else ValidateParams()
-    result = validate_file(args.annotations, images=args.images, on_error=checks.on_error,
-                           min_box_size=checks.min_box_size, min_instances=checks.min_instances)
+
+def _validate_run(args: argparse.Namespace) -> int:
+    from teacher.checks import summary_text, validate_file, validate_options, validation_report
+    from teacher.coco import save_coco, save_json
+    from teacher.params import SplitParams
+    from teacher.splitting import split_size_warning
+
+    refuse_overwrite({"the annotations": args.annotations},
+                     {"--out": args.out, "--report": args.report})
+    params = load_params(args.params) if Path(args.params).is_file() else None
+    checks = params["validate"] if params else ValidateParams()
+    split = params["split"] if params else SplitParams()
+    result = validate_file(args.annotations, images=args.images, **validate_options(checks))
     if args.report:
         source = {"annotations": args.annotations, "images": args.images}
         save_json(validation_report(result, on_error=checks.on_error, source=source), args.report)
     print(summary_text(result, source=args.annotations, report_path=args.report))
-    fatal = result.counts["not_json"] or result.counts["not_coco"]
-    failed = bool(fatal or (result.errors and checks.on_error == "fail"))
+    failed = bool(result.fatal or (result.errors and checks.on_error == "fail"))
+    annotated = len({a["image_id"] for a in result.coco["annotations"]})
+    warning = None if result.fatal else split_size_warning(
+        annotated, fractions={"train": split.train, "val": split.val, "test": split.test})
+    if warning:
+        print(f"warning: {warning}")
     if args.out and not failed:
         save_coco(result.coco, args.out)
         print(f"wrote {args.out}: {len(result.coco['images'])} images, "
@@ -73,6 +99,28 @@ def _model_params(path: str) -> dict:
     return {name: cls() for name, cls in SECTIONS.items()}
 
 
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return value
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
 def _predict_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", help="folder of unlabeled images (searched recursively)")
     p.add_argument("--classes", help='comma-separated class names, e.g. "cat,dog"; default: '
@@ -82,11 +130,11 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="COCO json to write (boxes, RLE masks, scores)")
     p.add_argument("--params", default="params.yaml",
                    help="its dino and sam sections name the models and default thresholds")
-    p.add_argument("--score-threshold", type=float, help="min detection score (default dino.box_threshold)")
-    p.add_argument("--text-threshold", type=float, help="min class score (default dino.text_threshold)")
-    p.add_argument("--nms-iou", type=float, default=0.7, help="per-class NMS IoU; 1 disables (0.7)")
-    p.add_argument("--max-detections", type=int, default=100, help="per image (100)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per DINO forward (4)")
+    p.add_argument("--score-threshold", type=_fraction, help="min detection score, 0..1 (default dino.box_threshold)")
+    p.add_argument("--text-threshold", type=_fraction, help="min class score, 0..1 (default dino.text_threshold)")
+    p.add_argument("--nms-iou", type=_fraction, default=0.7, help="per-class NMS IoU, 0..1; 1 disables (0.7)")
+    p.add_argument("--max-detections", type=_positive, default=100, help="per image, >= 1 (100)")
+    p.add_argument("--batch-size", type=_positive, default=4, help="images per DINO forward, >= 1 (4)")
     p.add_argument("--boxes-only", action="store_true", help="skip SAM: boxes without masks")
     p.add_argument("--format", choices=("coco", "label-studio"), default="coco",
                    help="coco: one COCO json; label-studio: tasks with predictions to import")
@@ -98,7 +146,13 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
 
 def _predict_run(args: argparse.Namespace) -> int:
     from teacher.coco import save_coco
-    from teacher.predict import Filter, label_folder, load_predict_teachers, parse_classes
+    from teacher.predict import (
+        IMAGE_SUFFIXES,
+        Filter,
+        label_folder,
+        load_predict_teachers,
+        parse_classes,
+    )
 
     params = _model_params(args.params)
     dino = params["dino"]
@@ -111,6 +165,14 @@ def _predict_run(args: argparse.Namespace) -> int:
     text = dino.text_threshold if args.text_threshold is None else args.text_threshold
     doc = label_folder(teachers, args.images, keep=keep, text_threshold=text,
                        batch_size=args.batch_size, multimask=params["sam"].multimask)
+    for item in doc["info"]["unreadable"]:
+        print(f"skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
+    if not doc["images"]:
+        unread = len(doc["info"]["unreadable"])
+        raise TeacherError(f"{args.images}: no image could be read ({unread} unreadable, listed "
+                           f"above), nothing written to {args.out}; pass a folder of PNG/JPEG/"
+                           "TIFF images" if unread else f"{args.images}: no image files found "
+                           f"(suffixes {', '.join(IMAGE_SUFFIXES)}); nothing written")
     if args.format == "label-studio":
         from teacher.serve.command import save_label_studio_tasks
 
@@ -121,8 +183,6 @@ def _predict_run(args: argparse.Namespace) -> int:
             sam_model=params["sam"].model)
     else:
         save_coco(doc, args.out)
-    for item in doc["info"]["unreadable"]:
-        print(f"skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
     print(f"wrote {args.out}: {len(doc['images'])} images, {len(doc['annotations'])} detections"
           f" ({len(doc['info']['unreadable'])} unreadable images skipped)")
     return 0

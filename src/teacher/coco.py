@@ -16,6 +16,7 @@ plus ``"none"`` (no or empty ``segmentation``) and ``"invalid"`` (anything else)
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -29,6 +30,7 @@ from pycocotools import mask as mask_utils
 from teacher.errors import TeacherError
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+FAR = 10  # image sizes outside the image beyond which a coordinate is absurd, not a sloppy vertex
 MASK_KINDS = ("polygon", "rle_compressed", "rle_uncompressed", "none", "invalid")
 
 
@@ -57,6 +59,13 @@ def read_json(path: str | Path) -> Any:
         raise CocoFormatError(
             f"{path}: not valid JSON ({e}); export the dataset as COCO JSON", rule="not_json"
         ) from e
+    except RecursionError as e:
+        raise CocoFormatError(
+            f"{path}: JSON nested too deeply to read (not a COCO export); export the dataset "
+            "as COCO JSON", rule="not_json") from e
+    except (IsADirectoryError, PermissionError, OSError) as e:
+        raise CocoFormatError(f"{path}: cannot read the file ({e.strerror or e}); check "
+                              "data.annotations and its permissions", rule="not_json") from e
 
 
 def coco_format_problem(data: Any) -> str | None:
@@ -110,15 +119,33 @@ def dumps_coco(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file)."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file).
+    A read-only folder or a full disk is a ``TeacherError`` naming the path; an existing
+    file at ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise TeacherError(f"{path}: cannot write here ({e.strerror or e}); choose a writable "
+                           "folder or free disk space") from e
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 is not the user's choice
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise TeacherError(f"{path}: cannot write ({e.strerror or e}); free disk space or "
+                           "choose a writable folder") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -226,6 +253,39 @@ def valid_polygons(ann: dict[str, Any]) -> list[list[float]]:
     return [p for p in polygons(ann) if len(p) >= 6 and len(p) % 2 == 0]
 
 
+def _coordinates(ann: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """x and y numbers of the bbox corners and polygon vertices (numbers only)."""
+    xs: list[float] = []
+    ys: list[float] = []
+    box = ann.get("bbox")
+    if isinstance(box, list) and len(box) == 4 and _all_numbers(box):
+        xs += [box[0], box[0] + box[2]] if math.isfinite(box[0]) else [box[0]]
+        ys += [box[1], box[1] + box[3]] if math.isfinite(box[1]) else [box[1]]
+        xs.append(box[2])
+        ys.append(box[3])
+    if mask_kind(ann) == "polygon":
+        for ring in polygons(ann):
+            xs += ring[0::2]
+            ys += ring[1::2]
+    return xs, ys
+
+
+def geometry_problem(ann: dict[str, Any], *, width: float, height: float
+                     ) -> tuple[str, str] | None:
+    """``(rule, detail)`` when the bbox or polygon holds numbers that cannot be geometry: NaN
+    or Infinity (``"non_finite_coordinates"``), or a point more than :data:`FAR` image sizes outside
+    the image (``"coordinates_far_outside"``: rasterising it would take unbounded memory);
+    None when the numbers are sane. Checked before any mask is rasterised."""
+    xs, ys = _coordinates(ann)
+    if not all(math.isfinite(v) for v in xs + ys):
+        return "non_finite_coordinates", "NaN or Infinity in bbox/segmentation"
+    if (any(v < -FAR * width or v > (FAR + 1) * width for v in xs)
+            or any(v < -FAR * height or v > (FAR + 1) * height for v in ys)):
+        far = max([abs(v) for v in xs + ys], default=0.0)
+        return "coordinates_far_outside", f"a coordinate of {far:g} in a {width:g}x{height:g} image"
+    return None
+
+
 def _compressed_counts_short(raw: bytes) -> list[int] | None:
     """:func:`_compressed_counts` in plain Python (faster for short strings)."""
     out: list[int] = []
@@ -288,6 +348,8 @@ def rle_problem(seg: dict[str, Any]) -> str | None:
     if isinstance(counts, list):
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             return "uncompressed RLE counts must be non-negative integers"
+    elif isinstance(counts, str) and not counts.isascii():
+        return "compressed RLE counts holds non-ASCII characters (not a COCO RLE string)"
     else:
         counts = _compressed_counts(counts)
         if counts is None:
@@ -313,6 +375,10 @@ def annotation_rle(ann: dict[str, Any], height: int, width: int, *, check: bool 
         rings = valid_polygons(ann)
         if not rings:
             raise TeacherError(f"{where}: no polygon with at least 3 points")
+        absurd = geometry_problem({"segmentation": rings}, width=width, height=height)
+        if absurd:
+            raise TeacherError(f"{where}: {absurd[1]} ({absurd[0]}); fix the polygon or run "
+                               "validate with on_error: drop")
         return mask_utils.merge(mask_utils.frPyObjects(rings, height, width))
     if kind in ("rle_compressed", "rle_uncompressed"):
         seg = ann["segmentation"]

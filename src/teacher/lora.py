@@ -86,6 +86,7 @@ def apply_lora(
     names = _matched_modules(model, targets)
     if not names:
         raise _no_match_error(model, targets, "LoRA targets")
+    check_rank(model, names, rank=lora.rank)
     # peft gets the exact names: containers the pattern also matches are skipped, and a list
     # entry cannot suffix-match more than we counted.
     config = LoraConfig(
@@ -96,12 +97,36 @@ def apply_lora(
         peft_model = get_peft_model(model, config)
     except ValueError as e:  # e.g. a target that is a container, not a Linear/Conv
         raise TeacherError(f"LoRA targets {targets!r}: peft refused them: {e}") from e
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        raise TeacherError(f"lora.rank={lora.rank}: the LoRA weights do not fit in memory; "
+                           "choose a smaller lora.rank (4 to 64 is usual)") from e
     trained = _mark_trained(peft_model, train_modules)
     _verify_frozen(peft_model, trained)
     trainable, total = count_parameters(peft_model)
     print(f"LoRA: {trainable:,} trainable / {total:,} total parameters "
           f"({100.0 * trainable / max(total, 1):.3f}%), {len(names)} modules wrapped")
     return peft_model
+
+
+def module_sides(module: nn.Module) -> tuple[int, int]:
+    """(input, output) width of a Linear / Conv / Embedding layer."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return int(getattr(module, "in_channels")), int(getattr(module, "out_channels"))  # noqa: B009
+
+
+def check_rank(model: nn.Module, names: Sequence[str], *, rank: int) -> None:
+    """``TeacherError`` when ``rank`` exceeds every targeted layer's smaller side: such a rank
+    adds nothing (a layer's update has at most that rank) and can be too large to allocate."""
+    modules = dict(model.named_modules())
+    widest = max((min(module_sides(modules[n])) for n in names
+                  if isinstance(modules[n], _LORA_TYPES)), default=None)
+    if widest is not None and rank > widest:
+        raise TeacherError(f"lora.rank={rank} is larger than every targeted layer allows (the "
+                           f"largest holds rank {widest}); set lora.rank to at most {widest} "
+                           "(4 to 64 is usual)")
 
 
 def _mark_trained(peft_model: PeftModel, train_modules: Targets | None) -> set[int]:
@@ -172,9 +197,9 @@ def load_trained_modules(model: nn.Module, adapter_dir: Path | str, *, trainable
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     from safetensors import safe_open
 
+    tensors = read_weights(path)
     with safe_open(str(path), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    tensors = load_file(str(path))
+        aliases = _aliases(path, (f.metadata() or {}).get("aliases", "{}"))
     for name, tensor in tensors.items():
         for alias in aliases.get(name, [name]):
             param = _get_parameter(base, alias, path)
@@ -182,6 +207,38 @@ def load_trained_modules(model: nn.Module, adapter_dir: Path | str, *, trainable
                 param.copy_(tensor.to(param.device, param.dtype))
             param.requires_grad_(trainable)
     return len(tensors)
+
+
+def _damaged(path: Path, why: str) -> TeacherError:
+    return TeacherError(f"{path}: {why}; re-run the training stage (dvc repro) or point "
+                        "--adapters at a folder it wrote")
+
+
+def _aliases(path: Path, raw: str) -> dict[str, list[str]]:
+    """The alias metadata of a trained-modules file: {name: [names]}; damage is an error."""
+    try:
+        aliases = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _damaged(path, "its 'aliases' metadata is not JSON") from None
+    if not (isinstance(aliases, dict) and all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in aliases.values())):
+        raise _damaged(path, "its 'aliases' metadata is not a mapping of names to name lists")
+    return aliases
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, every one finite. A truncated or oversized header, a
+    file that is not safetensors, or NaN / Inf weights (a diverged training) is a
+    ``TeacherError`` naming the file: such an adapter would silently predict nothing."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors' own error types (SafetensorError, ...)
+        raise _damaged(path, f"not a readable safetensors file ({e})") from None
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise _damaged(path, f"{len(bad)} tensor(s) hold NaN or Inf (e.g. {bad[0]}): the "
+                       "training diverged; lower train.lr, then retrain")
+    return tensors
 
 
 def _get_parameter(base: nn.Module, name: str, path: Path) -> nn.Parameter:
@@ -202,7 +259,27 @@ def load_adapter(base_model: nn.Module, adapter_dir: Path | str, *, trainable: b
             f"{adapter_dir}: no adapter_config.json; point to a folder written by save_adapter "
             "(run the training stage first)."
         )
-    model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
+    config = adapter_dir / "adapter_config.json"
+    try:
+        doc = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _damaged(config, "not JSON") from None
+    if not isinstance(doc, dict) or "r" not in doc:
+        raise _damaged(config, "not a peft LoRA adapter_config (no rank 'r')")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise _damaged(adapter_dir, "no adapter_model.safetensors")
+    saved = read_weights(weights)
+    try:
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _damaged(adapter_dir, f"peft cannot load it onto {type(base_model).__name__} "
+                       f"({str(e).splitlines()[0][:300]}): a foreign or damaged adapter, or "
+                       "another base model") from None
+    loaded = sum(1 for _ in lora_parameter_names(model))
+    if loaded != len(saved):
+        raise _damaged(adapter_dir, f"it holds {len(saved)} tensors but the model has {loaded} "
+                       "LoRA weights for them: an adapter of another model")
     load_trained_modules(model, adapter_dir, trainable=trainable)
     return model
 

@@ -50,6 +50,9 @@ class ValidateParams:
     on_error: str = field(default="fail", metadata=_choices("fail", "drop"))  # fail: stop with a report; drop: remove offending records and go on
     min_box_size: float = field(default=2.0, metadata=_range(0))  # px; smaller boxes get a warning
     min_instances: int = field(default=3, metadata=_range(0))  # categories with fewer instances get a warning
+    decode_images: bool = True  # decode every image as training will; false: read headers only (huge sets)
+    max_drop_fraction: float = field(default=0.5, metadata=_range(0, 1))  # errors that would drop a larger share of images or annotations stop validate
+    box_from_mask: bool = False  # true: boxes disagreeing with their masks (IoU < 0.5) are recomputed from them
 
 
 @dataclass(frozen=True)

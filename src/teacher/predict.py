@@ -20,11 +20,11 @@ from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from teacher.artifacts import SKIPPED_FILE, skipped_reason
-from teacher.boxes import xywh_to_xyxy
+from teacher.boxes import clip_xywh, xywh_to_xyxy
 from teacher.coco import mask_to_rle
 from teacher.dino.labels import LabelMap
 from teacher.errors import TeacherError
-from teacher.images import load_image
+from teacher.images import load_image_and_size
 from teacher.sam.model import SAM_CHUNK  # boxes SAM decodes and upscales at a time
 
 RAW_PER_KEPT = 4  # DINO candidates per kept detection, before per-class NMS
@@ -91,23 +91,50 @@ def select(det: dict[str, np.ndarray], keep: Filter) -> dict[str, np.ndarray]:
     return {k: np.asarray(v)[chosen] for k, v in det.items()}
 
 
-def to_annotations(det: dict[str, np.ndarray], *, image_id: Any, first_id: int) -> list[dict]:
+def clip_detections(det: dict[str, np.ndarray], *, width: int, height: int
+                    ) -> dict[str, np.ndarray]:
+    """``det`` with its ``boxes`` (N, 4) xywh clipped to a ``width x height`` image."""
+    boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
+    return {**det, "boxes": clip_xywh(boxes, width=width, height=height)}
+
+
+def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``mask`` (H, W) bool at ``size`` = (width, height), nearest neighbour."""
+    if (mask.shape[1], mask.shape[0]) == size:
+        return mask
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
+        size, Image.Resampling.NEAREST)) > 127
+
+
+def to_annotations(det: dict[str, np.ndarray], *, image_id: Any, first_id: int,
+                   size: tuple[int, int] | None = None,
+                   detected_size: tuple[int, int] | None = None) -> list[dict]:
     """COCO annotations (results with ``id``) of one image's detections.
 
     ``masks`` (N, H, W) bool when present become compressed RLE with their pixel ``area``;
-    without masks the area is the box's.
+    without masks the area is the box's. When the detections were made on a downscaled copy
+    (images over ``teacher.images.MAX_PIXELS``) of ``detected_size`` = (width, height), they
+    are scaled back to the file's ``size``: boxes scaled, masks resized one at a time.
     """
     anns = []
     masks = det.get("masks")
+    boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
+    if size is not None and detected_size is not None and size != detected_size:
+        boxes = boxes * np.array([size[0] / detected_size[0], size[1] / detected_size[1]] * 2)
+    else:
+        size = None
     for i, (box, score, cat) in enumerate(
-        zip(det["boxes"], det["scores"], det["category_ids"], strict=True)
+        zip(boxes, det["scores"], det["category_ids"], strict=True)
     ):
         bbox = [round(float(v), 2) for v in box]
         ann = {"id": first_id + i, "image_id": image_id, "category_id": int(cat), "bbox": bbox,
                "score": round(float(score), 5), "iscrowd": 0, "area": bbox[2] * bbox[3]}
         if masks is not None:
-            ann["segmentation"] = mask_to_rle(masks[i])
-            ann["area"] = int(masks[i].sum())
+            mask = masks[i] if size is None else _resized_mask(masks[i], size)
+            ann["segmentation"] = mask_to_rle(mask)
+            ann["area"] = int(mask.sum())
         anns.append(ann)
     return anns
 
@@ -156,7 +183,9 @@ def predict_images(
                        max_detections=RAW_PER_KEPT * keep.max_detections)  # NMS needs spares
     out = []
     for image, det in zip(images, raw, strict=True):
-        det = select({k: det[k] for k in ("boxes", "scores", "category_ids")}, keep)
+        det = clip_detections({k: det[k] for k in ("boxes", "scores", "category_ids")},
+                              width=image.shape[1], height=image.shape[0])
+        det = select(det, keep)
         if teachers.sam is not None:
             det = segment_detections(teachers.sam, image, det, multimask=multimask)
         out.append(det)
@@ -172,12 +201,13 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def read_batches(paths: Sequence[Path], *, batch_size: int, unreadable: Unreadable
-                 ) -> Iterator[list[tuple[Path, np.ndarray]]]:
-    """Decoded images in batches; unreadable ones go to ``unreadable`` and are skipped."""
-    batch: list[tuple[Path, np.ndarray]] = []
+                 ) -> Iterator[list[tuple[Path, np.ndarray, tuple[int, int]]]]:
+    """Decoded images (path, pixels, the file's full (width, height)) in batches; unreadable
+    ones go to ``unreadable`` and are skipped."""
+    batch: list[tuple[Path, np.ndarray, tuple[int, int]]] = []
     for path in paths:
         try:
-            batch.append((path, load_image(path)))
+            batch.append((path, *load_image_and_size(path)))
         except TeacherError as e:
             unreadable.items.append((str(path), str(e)))
             continue
@@ -212,14 +242,15 @@ def label_folder(
     }
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
     for batch in read_batches(paths, batch_size=batch_size, unreadable=unreadable):
-        dets = predict_images(teachers, [img for _, img in batch], keep=keep,
+        dets = predict_images(teachers, [img for _, img, _ in batch], keep=keep,
                               text_threshold=text_threshold, multimask=multimask)
-        for (path, image), det in zip(batch, dets, strict=True):
+        for (path, image, full), det in zip(batch, dets, strict=True):
             image_id = len(doc["images"]) + 1
             doc["images"].append({"id": image_id, "file_name": path.relative_to(folder).as_posix(),
-                                  "height": int(image.shape[0]), "width": int(image.shape[1])})
-            doc["annotations"] += to_annotations(det, image_id=image_id,
-                                                 first_id=len(doc["annotations"]) + 1)
+                                  "height": int(full[1]), "width": int(full[0])})
+            doc["annotations"] += to_annotations(
+                det, image_id=image_id, first_id=len(doc["annotations"]) + 1, size=full,
+                detected_size=(image.shape[1], image.shape[0]))
         bar.update(len(batch))
     bar.update(len(paths) - bar.n)
     bar.close()

@@ -56,6 +56,23 @@ def check_enough_images(n: int, *, total: int, fractions: Mapping[str, float]) -
     )
 
 
+def split_size_warning(n: int, *, fractions: Mapping[str, float]) -> str | None:
+    """A warning when ``n`` annotated images are too few for ``fractions``: the split stage
+    would fail, or a split would get less than one image by its fraction (forced to one: its
+    metrics are one image's). None when the data fills every split."""
+    active = {s: f for s, f in fractions.items() if f > 0}
+    shown = "/".join(f"{s} {f:g}" for s, f in fractions.items())
+    if n < len(active):
+        return (f"{n} annotated image(s) cannot fill the {len(active)} splits ({shown}): the "
+                f"split stage will stop; add annotated images (at least {len(active)})")
+    thin = [f"{s} ({n} x {f:g} = {n * f:.2g})" for s, f in active.items() if n * f < 1]
+    if thin:
+        return (f"{n} annotated image(s) are too few for the split ({shown}): {', '.join(thin)} "
+                "would get less than one image and is given one; its metrics will be noise. "
+                "Add images or change the split fractions")
+    return None
+
+
 class _Assigner:
     """Book-keeping of the split in progress: remaining room and per-category demand."""
 

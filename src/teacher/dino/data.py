@@ -109,15 +109,36 @@ def augment_boxes(transform: Callable, image: np.ndarray, boxes: np.ndarray, lab
     return out["image"], boxes, labels
 
 
-def collate_dino(items: list[dict[str, Any]], *, processor: Any, label_map: Any) -> dict[str, Any]:
+def pad_thin_items(items: list[dict[str, Any]], *, processor: Any, num_queries: int
+                   ) -> list[dict[str, Any]]:
+    """Items whose image is too thin for ``num_queries`` encoder tokens, padded at the bottom /
+    right (``teacher.dino.model.pad_for_queries``); boxes and ``size`` in the padded frame."""
+    from teacher.dino.model import pad_for_queries
+
+    size = processor.image_processor.size
+    out = []
+    for it in items:
+        image = pad_for_queries(it["image"], num_queries=num_queries,
+                                shortest_edge=size["shortest_edge"], longest_edge=size["longest_edge"])
+        out.append(it if image is it["image"] else
+                   {**it, "image": image, "size": (image.shape[1], image.shape[0])})
+    return out
+
+
+def collate_dino(items: list[dict[str, Any]], *, processor: Any, label_map: Any,
+                 num_queries: int | None = None) -> dict[str, Any]:
     """Batch for ``GroundingDinoForObjectDetection``: processor tensors + ``labels`` + metadata.
 
     ``pixel_values`` (B, 3, H, W) and ``pixel_mask`` (B, H, W) padded to the largest resized
     image; ``input_ids`` / ``attention_mask`` / ``token_type_ids`` (B, T) each item's chunk
     prompt padded to the longest; ``labels`` per item ``class_labels`` (n,) and ``boxes``
     (n, 4) cxcywh normalised; ``image_ids``, ``chunks``, ``sizes`` (original width, height).
+    With ``num_queries``, images too thin for that many encoder tokens are padded first.
     """
-    pixels = processor.image_processor(images=[it["image"] for it in items], return_tensors="pt")
+    if num_queries is not None:
+        items = pad_thin_items(items, processor=processor, num_queries=num_queries)
+    pixels = processor.image_processor(images=[it["image"] for it in items], return_tensors="pt",
+                                       input_data_format="channels_last")  # HxWx3: never guessed
     text = processor.tokenizer([label_map.prompts[it["chunk"]] for it in items],
                                padding="longest", return_tensors="pt")
     labels = [box_targets(it["boxes"], it["labels"], width=it["image"].shape[1],

@@ -17,6 +17,7 @@ import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,6 +57,58 @@ class DinoBundle:
     model: nn.Module  # GroundingDinoForObjectDetection, or a PeftModel around it
     processor: GroundingDinoProcessor
     label_map: LabelMap | None = None  # from the adapter folder's labels.json
+
+
+# --- thin images ---------------------------------------------------------------------------------
+
+FEATURE_STRIDES = (8, 16, 32, 64)  # the encoder's feature levels (Swin stages 2-4 + one extra)
+
+
+def encoder_levels(height: int, width: int, *, shortest_edge: int, longest_edge: int
+                   ) -> list[int]:
+    """Positions per feature level (finest first) the encoder sees for an image of ``height x
+    width`` after the processor's resize (shortest edge to ``shortest_edge``, longest at most
+    ``longest_edge``)."""
+    scale = min(shortest_edge / min(height, width), longest_edge / max(height, width))
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    return [math.ceil(h / s) * math.ceil(w / s) for s in FEATURE_STRIDES]
+
+
+def encoder_tokens(height: int, width: int, *, shortest_edge: int, longest_edge: int) -> int:
+    """Image tokens the encoder sees (all levels) for an image of ``height x width``."""
+    return sum(encoder_levels(height, width, shortest_edge=shortest_edge, longest_edge=longest_edge))
+
+
+def pad_for_queries(image, *, num_queries: int, shortest_edge: int, longest_edge: int):
+    """``image`` (HxWx3) padded with black at the bottom / right until the encoder has at least
+    ``num_queries`` tokens to pick its queries from and its coarsest level more than one
+    position (its GroupNorm needs two); images that already do come back as they are. A
+    1-pixel-high image otherwise crashes the query selection (``topk``), a small one alone in
+    its batch the GroupNorm. Boxes in absolute pixels are unchanged by the padding."""
+    import numpy as np
+
+    def too_small(h: int, w: int) -> bool:
+        levels = encoder_levels(h, w, shortest_edge=shortest_edge, longest_edge=longest_edge)
+        return sum(levels) < num_queries or levels[-1] < 2
+
+    h, w = image.shape[:2]
+    ph, pw = h, w
+    while too_small(ph, pw):
+        if ph <= pw:
+            ph += max(1, ph // 4)
+        else:
+            pw += max(1, pw // 4)
+    if (ph, pw) == (h, w):
+        return image
+    return np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)))
+
+
+def padded_for(bundle: DinoBundle, image):
+    """:func:`pad_for_queries` with the bundle's query count and resize."""
+    size = bundle.processor.image_processor.size
+    config: Any = getattr(bundle.model, "config")  # noqa: B009 (a PeftModel forwards it)
+    return pad_for_queries(image, num_queries=int(config.num_queries),
+                           shortest_edge=size["shortest_edge"], longest_edge=size["longest_edge"])
 
 
 # --- building and loading ----------------------------------------------------------------------

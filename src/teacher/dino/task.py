@@ -115,7 +115,8 @@ def build_task(model: nn.Module, *, processor: Any, label_map: LabelMap, train_c
                val_coco: dict, image_root: Path, augment_policy: dict[str, Any], seed: int,
                batch_size: int) -> Task:
     """The training Task: augmented train dataset, step, val loss + mAP, save."""
-    collate = partial(collate_dino, processor=processor, label_map=label_map)
+    collate = partial(collate_dino, processor=processor, label_map=label_map,
+                      num_queries=int(getattr(model, "config").num_queries))  # noqa: B009
     dataset = DinoDataset(train_coco, image_root, label_map=label_map, seed=seed,
                           transform=build_transform(augment_policy, train=True))
     val = DinoDataset(val_coco, image_root, label_map=label_map, seed=seed, all_chunks=True)

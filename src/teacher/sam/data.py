@@ -225,10 +225,37 @@ def _write_embedding(target: Path, embedding: Tensor, height: int, width: int) -
 
 
 def cached_size(path: Path) -> tuple[int, int]:
-    """(height, width) of the image a cached embedding was computed from."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return int(meta.get("height", -1)), int(meta.get("width", -1))
+    """(height, width) of the image a cached embedding was computed from; (-1, -1) when the
+    entry has no size or its header is damaged."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return int(meta.get("height", -1)), int(meta.get("width", -1))
+    except Exception:  # safetensors' own error types (truncated, oversized header, ...)
+        return -1, -1
+
+
+def entry_state(path: Path) -> str:
+    """``"missing"``; ``"ok"``; ``"old"`` (written by a version that recorded no image size:
+    embedded again); ``"damaged"`` (unreadable, foreign or non-finite: embedded again, with a
+    warning, never trained on)."""
+    if not path.exists():
+        return "missing"
+    if not cached_embedding_ok(path):
+        return "damaged"
+    return "ok" if cached_size(path)[0] >= 0 else "old"
+
+
+def cached_embedding_ok(path: Path) -> bool:
+    """True when a cache entry loads and holds one finite (C, g, g) ``embedding``: a truncated,
+    foreign or NaN file is recomputed, not trained on."""
+    try:
+        tensors = load_file(str(path))
+    except Exception:  # safetensors raises its own error types for damaged files
+        return False
+    emb = tensors.get("embedding")
+    return (set(tensors) == {"embedding"} and emb is not None and emb.ndim == 3
+            and emb.shape[1] == emb.shape[2] and bool(torch.isfinite(emb).all()))
 
 
 def _ready(path: Path) -> bool:
@@ -286,8 +313,11 @@ def cache_sam_embeddings(
     images = images_by_id(coco)
     mine = [i for k, i in enumerate(out) if k % world == rank]
     for image_id in tqdm(mine, desc="SAM image embeddings", leave=False):
-        if _ready(out[image_id]):
+        state = entry_state(out[image_id])
+        if state == "ok":
             continue
+        if state == "damaged":
+            log.warning("SAM embedding cache: %s is damaged; recomputing it", out[image_id])
         record = images[image_id]
         image = load_image(image_path(image_root, record["file_name"]))
         height, width = image.shape[:2]

@@ -274,7 +274,14 @@ def check_adapter_base(adapter_dir: Path, model: str) -> None:
     used = adapter_dir / PARAMS_FILE
     if not used.is_file():
         return
-    trained_on = (json.loads(used.read_text()).get("sam") or {}).get("model")
+    try:
+        doc = json.loads(used.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise TeacherError(f"{used}: not JSON; re-run train_sam (dvc repro)") from None
+    section = doc.get("sam") if isinstance(doc, dict) else None
+    if not isinstance(section, dict) and section is not None:
+        raise TeacherError(f"{used}: 'sam' is not a mapping of params; re-run train_sam")
+    trained_on = (section or {}).get("model")
     if trained_on is not None and trained_on != model:
         raise TeacherError(
             f"{adapter_dir}: the adapter was trained on sam.model={trained_on}, but sam.model is "

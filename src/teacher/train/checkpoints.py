@@ -12,7 +12,8 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,41 @@ from teacher.digest import file_sha256
 from teacher.errors import TeacherError
 
 CHECKPOINT_VERSION = 1
+
+
+@contextmanager
+def training_lock(checkpoint_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<checkpoint_dir>.lock`` (beside the folder, which training
+    deletes and recreates) while training; a second training of the same stage (e.g. a new
+    ``dvc repro`` after ``kill -9`` of dvc left the first one running) is refused with a
+    ``TeacherError`` naming the process holding it. The lock goes with the process that holds
+    it, however it ends. Without ``fcntl`` (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(f"{Path(checkpoint_dir)}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise TeacherError(f"{path}: cannot create the training lock ({e.strerror}); make "
+                           f"{path.parent} writable") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise TeacherError(
+                f"{checkpoint_dir}: another training of this stage is running (process "
+                f"{holder}, lock {path}); wait for it to finish or stop it (kill {holder}), "
+                "then re-run: training resumes from its last checkpoint") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 _EPOCH_DIR = re.compile(r"epoch-(\d{4,})")

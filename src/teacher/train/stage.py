@@ -11,6 +11,7 @@ import argparse
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from teacher.coco import load_coco, read_json, save_json
 from teacher.digest import fingerprint, images_digest
 from teacher.errors import TeacherError
 from teacher.params import ParamsError, load_params, to_dict
+from teacher.train.checkpoints import training_lock
 from teacher.train.distributed import is_main_process, launch
 
 SHARED_SECTIONS = ("lora", "train", "augment")  # + seed + the teacher's own section (dvc.yaml)
@@ -79,18 +81,21 @@ def run_training_stage(
     used = {"seed": params["seed"], **{k: to_dict(params[k]) for k in (*SHARED_SECTIONS, teacher)}}
     policy = resolve_policy(params["augment"], facts)
     train_coco, val_coco = load_coco(args.train), load_coco(args.val)
-    if is_main_process():
-        shutil.rmtree(args.out, ignore_errors=True)
-        shutil.rmtree(args.metrics, ignore_errors=True)  # dvclive starts fresh; resume replays
-    run_id = fingerprint(used, args.train, args.val, images_digest(args.images, train_coco, val_coco))
-    metrics = launch(train_fn, processes=params["train"].processes, kwargs=dict(
-        train_coco=train_coco, val_coco=val_coco, image_root=args.images,
-        lora=params["lora"], train=params["train"], augment_policy=policy, seed=params["seed"],
-        out_dir=args.out, checkpoint_dir=args.checkpoints, live_dir=args.metrics,
-        fingerprint=run_id, **{teacher_kwarg: params[teacher]}, **(extra or {}),
-    ))
-    if is_main_process():
-        save_json({**used, "augment_policy": policy}, args.out / PARAMS_FILE)
+    with training_lock(args.checkpoints) if is_main_process() else nullcontext():
+        if is_main_process():  # a second training of this stage was refused before this
+            shutil.rmtree(args.out, ignore_errors=True)
+            shutil.rmtree(args.metrics, ignore_errors=True)  # dvclive starts fresh; resume replays
+        run_id = fingerprint(used, args.train, args.val,
+                             images_digest(args.images, train_coco, val_coco))
+        metrics = launch(train_fn, processes=params["train"].processes, kwargs=dict(
+            train_coco=train_coco, val_coco=val_coco, image_root=args.images,
+            lora=params["lora"], train=params["train"], augment_policy=policy,
+            seed=params["seed"], out_dir=args.out, checkpoint_dir=args.checkpoints,
+            live_dir=args.metrics, fingerprint=run_id, **{teacher_kwarg: params[teacher]},
+            **(extra or {}),
+        ))
+        if is_main_process():
+            save_json({**used, "augment_policy": policy}, args.out / PARAMS_FILE)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
     return f"{shown} -> {args.out}"
 
