@@ -24,8 +24,8 @@ LAYERS = [
     {"teacher.inspection", "teacher.checks", "teacher.splitting", "teacher.augment",
      "teacher.lora", "teacher.metrics", "teacher.gallery", "teacher.detections"},
     {"teacher.train"},
-    {"teacher.dino", "teacher.sam"},
-    {"teacher.predict", "teacher.export"},
+    {"teacher.dino", "teacher.sam", "teacher.student"},
+    {"teacher.predict", "teacher.export", "teacher.labeling", "teacher.student_predict"},
     {"teacher.evaluation"},
     {"teacher.cli"},
 ]

@@ -306,6 +306,10 @@ def _device_of(forward: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def _constant(table: Tensor) -> Callable[..., Tensor]:
+    return lambda embeddings, height, width: table
+
+
 @contextmanager
 def fixed_position_embeddings(model: nn.Module, resolution: int) -> Iterator[None]:
     """Within: the ViT position embeddings are a constant for ``resolution`` px inputs.
@@ -321,7 +325,7 @@ def fixed_position_embeddings(model: nn.Module, resolution: int) -> Iterator[Non
         with torch.no_grad():
             table = emb.interpolate_pos_encoding(torch.zeros(1, n + 1, 1), resolution, resolution)
         saved.append(emb.__dict__.get("interpolate_pos_encoding"))
-        emb.interpolate_pos_encoding = lambda e, h, w, table=table.detach(): table
+        emb.interpolate_pos_encoding = _constant(table.detach())
     try:
         yield
     finally:
