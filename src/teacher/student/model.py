@@ -78,6 +78,26 @@ def tiny_config(*, names: Sequence[str]) -> RfDetrConfig:
                         intermediate_size=64, **label_config(names))
 
 
+# The released RF-DETR architectures the pipeline defaults to, as transformers' conversion script
+# (convert_rf_detr_weights_to_hf.py) builds them: for benchmarks at real size without a download.
+_VIT_SMALL = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4,
+              "out_features": ["stage3", "stage6", "stage9", "stage12"], "patch_size": 16,
+              "num_windows": 2, "image_size": 384}
+ARCHITECTURES: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {  # backbone, model, input side
+    "rf-detr-nano": (_VIT_SMALL, {"decoder_layers": 2}, 384),
+    "rf-detr-seg-nano": ({**_VIT_SMALL, "image_size": 312, "patch_size": 12, "num_windows": 1},
+                         {"decoder_layers": 4, "num_queries": 100, "class_loss_coefficient": 5.0}, 312),
+}
+
+
+def architecture_config(name: str, *, names: Sequence[str]) -> RfDetrConfig:
+    """The config of a released RF-DETR size (:data:`ARCHITECTURES`), class heads for ``names``."""
+    backbone, model, _ = ARCHITECTURES[name]
+    return RfDetrConfig(backbone_config=RfDetrDinov2Config(**backbone), d_model=256, num_queries=300,
+                        decoder_self_attention_heads=8, decoder_cross_attention_heads=16,
+                        decoder_n_points=2, **{**model, **label_config(names)})
+
+
 def label_config(names: Sequence[str]) -> dict[str, Any]:
     return {"num_labels": len(names), "id2label": dict(enumerate(names)),
             "label2id": {n: i for i, n in enumerate(names)}}
