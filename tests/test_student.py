@@ -372,3 +372,19 @@ def test_student_outputs_module_returns_masks_only_when_segmenting():
     det, _, _ = build_student(TINY, names=["a"], masks=False)
     with torch.no_grad():
         assert len(StudentOutputs(det).eval()(torch.zeros(1, 3, 64, 64))) == 2
+
+
+def test_the_train_student_stage_without_teacher_labels_says_run_label(tmp_path, capsys):
+    from stages.train_student import main
+
+    coco = write_tiny_coco(tmp_path / "images", n_images=1)
+    for name in ("train", "val"):
+        save_coco(coco, tmp_path / f"{name}.json")
+    (tmp_path / "inspect.json").write_text("{}")
+    (tmp_path / "params.yaml").write_text("student:\n  model: tiny-random\n")
+    code = main(["--params", str(tmp_path / "params.yaml"), "--inspect", str(tmp_path / "inspect.json"),
+                 "--train", str(tmp_path / "train.json"), "--val", str(tmp_path / "val.json"),
+                 "--images", str(tmp_path / "images"), "--pool", str(tmp_path / "pool"),
+                 "--teacher-labels", str(tmp_path / "absent.json"), "--out", str(tmp_path / "out")])
+    assert code == 1
+    assert "absent.json: not found" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from teacher.artifacts import PARAMS_FILE
 from teacher.augment import resolve_policy
 from teacher.coco import categories_by_id, load_coco, read_json, save_json
 from teacher.digest import fingerprint, images_digest
+from teacher.errors import TeacherError
 from teacher.params import load_params, to_dict
 from teacher.student.data import has_masks, teacher_source
 from teacher.student.task import train_student
@@ -49,6 +50,9 @@ def run_student_stage(args: argparse.Namespace) -> str:
     used = {"seed": params["seed"], **{k: to_dict(params[k]) for k in ("train", "augment", "student")}}
     policy = resolve_policy(params["augment"], read_json(args.inspect))
     train_coco, val_coco = load_coco(args.train), load_coco(args.val)
+    if not Path(args.teacher_labels).is_file():
+        raise TeacherError(f"{args.teacher_labels}: not found; the label stage writes it "
+                           "(`dvc repro label`)")
     teacher = teacher_source(load_coco(args.teacher_labels), path=args.teacher_labels, pool=args.pool,
                              categories=categories_by_id(train_coco), min_score=student.min_score,
                              weight=student.teacher_weight)
