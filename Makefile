@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # elsewhere pip downloads the same versions from PyPI.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run demo test test-fast lint bench clean
+.PHONY: install run demo test test-fast lint format bench params clean
 
 install: $(STAMP)
 
@@ -31,8 +31,25 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# the same three checks CI runs: lint rules, formatting, types (src/)
+LINTED := src stages tests benchmarks scripts
 lint: install
-	$(BIN)/ruff check src stages tests benchmarks scripts
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy src
+
+# rewrite the code in the house format (what `make lint` checks)
+format: install
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
+
+# every benchmark at its default (CPU-sized) settings; each prints its own table
+bench: install
+	for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+# params.yaml from the defaults and comments in src/teacher/params.py
+params: install
+	$(BIN)/python -m teacher.params > params.yaml
 
 clean:
 	rm -rf $(VENV)

@@ -121,3 +121,16 @@ def test_compressed_counts_decoder_matches_pycocotools():
         assert list(C._compressed_counts_short(rle["counts"].encode())) == list(counts)
         np.testing.assert_array_equal(C.annotation_mask({"segmentation": rle}, *shape), m)
     assert C._compressed_counts("0\x7f") is None and C._compressed_counts("o") is None
+
+
+def test_annotation_predicates_crowd_mask_box():
+    from teacher.coco import has_mask, has_usable_box, is_crowd
+
+    poly = {"segmentation": [[0, 0, 4, 0, 4, 4]], "bbox": [0, 0, 4, 4], "iscrowd": 0}
+    assert not is_crowd(poly) and has_mask(poly) and has_usable_box(poly)
+    assert is_crowd({"iscrowd": 1}) and is_crowd({"iscrowd": True}) and not is_crowd({})
+    assert has_mask({"segmentation": {"size": [2, 2], "counts": [0, 4]}})
+    assert not has_mask({"segmentation": []}) and not has_mask({"segmentation": [[]]})
+    assert not has_mask({"segmentation": "x"}) and not has_mask({})
+    assert not has_usable_box({"bbox": [0, 0, 0, 4]}) and not has_usable_box({"bbox": [0, 0, 4]})
+    assert not has_usable_box({"bbox": None}) and not has_usable_box({"bbox": [0, 0, "4", 4]})

@@ -4,6 +4,7 @@ through `dvc repro` (after the real train stages) its outputs are DVC metrics an
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import set_params
 from fake_adapters import (
@@ -101,3 +102,48 @@ def test_missing_adapter_is_a_clear_error(adapters, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
 
+
+
+def test_box_only_objects_are_ignore_regions_in_mask_ap():
+    """Half of a class has no mask: a perfect model scores 1.0 (deleting them gave ~0.6)."""
+    from teacher.coco import mask_to_rle
+    from teacher.evaluation import segm_ground_truth
+    from teacher.metrics import coco_eval
+
+    h, w = 60, 80
+    images, anns, results = [], [], []
+    for i in range(4):
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w})
+        for j, (x, y) in enumerate(((5, 5), (40, 25))):
+            yy, xx = np.mgrid[:h, :w]
+            disc = (yy - (y + 10)) ** 2 + (xx - (x + 10)) ** 2 <= 100  # in its 20 x 20 box
+            ann = {"id": 10 * i + j + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                   "bbox": [x, y, 20, 20], "area": float(disc.sum()),
+                   "segmentation": mask_to_rle(disc) if j == 0 else []}  # second object: box only
+            anns.append(ann)
+            results.append({"image_id": i + 1, "category_id": 1, "score": 0.5 + 0.1 * i + 0.05 * j,
+                            "segmentation": mask_to_rle(disc)})  # the true shape of each object
+    gt = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "disc"}]}
+    fair = coco_eval(segm_ground_truth(gt), results, iou_type="segm")
+    assert fair["map"] == pytest.approx(1.0) and fair["mar_100"] == pytest.approx(1.0)
+    deleted = coco_eval({**gt, "annotations": [a for a in anns if a["segmentation"]]}, results,
+                        iou_type="segm")
+    assert deleted["map"] < 0.9  # what deleting the box-only objects did
+    assert gt["annotations"][1]["segmentation"] == []  # the input is not modified
+
+
+def test_one_sam_encoder_pass_per_image_and_model(adapters):
+    """Grounded-SAM and the true-box mIoU share one embedding per image (3 images, 2 passes)."""
+    from teacher.evaluation import load_teachers, run_variant
+    from teacher.predict import Filter
+
+    gt = json.loads((adapters / "test.json").read_text())
+    calls = []
+    for adapted in (True, False):
+        teachers = load_teachers(gt, dino_dir=adapters / "models/dino", sam_dir=adapters / "models/sam",
+                                 dino_params=TINY_DINO, sam_params=TINY_SAM, adapters=adapted)
+        teachers.sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        out = run_variant(gt, adapters / "images", teachers, keep=Filter(score_threshold=0.0),
+                          text_threshold=0.0, multimask=False, batch_size=2, gallery_ids=[1])
+        assert out.metrics["segm/map"] >= 0 and out.metrics["mask/miou"] >= 0
+    assert calls == [1] * 6

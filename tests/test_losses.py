@@ -77,3 +77,19 @@ def test_sam_loss_takes_best_of_three_and_backprops_only_through_it():
 def test_sam_loss_weights_are_keyword_only():
     with pytest.raises(TypeError):
         sam_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1), torch.zeros(1, 2, 2), 20.0, 1.0)
+
+
+def test_loss_mask_iou_follows_the_metrics_rule():
+    """The loss's tensor IoU and the metrics' IoU (validation, test) agree, empty pairs included."""
+    import numpy as np
+
+    from teacher.metrics import mask_iou as metric_iou
+
+    rng = np.random.default_rng(0)
+    pred = rng.random((6, 9, 7)) > 0.5
+    gt = rng.random((6, 9, 7)) > 0.6
+    pred[0], gt[0] = False, False  # nothing on either side: 1
+    pred[1] = False  # nothing predicted where something is: 0
+    ours = mask_iou(torch.from_numpy(pred), torch.from_numpy(gt)).double().numpy()
+    np.testing.assert_allclose(ours, metric_iou(pred, gt), rtol=1e-6)
+    assert ours[0] == 1.0 and ours[1] == 0.0

@@ -86,6 +86,10 @@ def test_sam_embeds_each_image_once_for_all_its_boxes(tmp_path):
     assert [len(d["scores"]) for d in dets] == [20, 20]
     assert calls == [1, 1]  # one embedding per image, not per box
     assert all(d["masks"].shape == (20, 48, 64) for d in dets)
+    calls.clear()
+    none = predict_images(teachers, images, keep=Filter(score_threshold=1.01), text_threshold=0.0)
+    assert [d["masks"].shape for d in none] == [(0, 48, 64)] * 2
+    assert calls == []  # no detection: no encoder pass
 
 
 def _params(tmp_path):
@@ -181,5 +185,6 @@ def test_chunked_segmentation_equals_one_call(tmp_path):
     whole, _ = segment(sam, image, boxes)
     det = {"boxes": boxes, "scores": np.ones(7), "category_ids": np.ones(7, int)}
     chunked = segment_detections(sam, image, det, chunk=3)["masks"]
-    assert chunked.shape == (7, 48, 64) and (chunked == whole).all()
+    assert chunked.shape == (7, 48, 64)
+    assert (chunked != whole).mean() <= 1e-3  # decoder batches of 3 vs 7: a tolerance, not bitwise
     assert segment_detections(sam, image, {k: v[:0] for k, v in det.items()})["masks"].shape == (0, 48, 64)

@@ -418,3 +418,21 @@ def test_live_in_a_git_repo_without_commits_says_how_to_fix(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TeacherError, match="without commits.*git commit"):
         open_live(tmp_path / "live", {"steps": [], "epochs": []}, None)
+
+
+def test_run_fingerprint_covers_image_content_not_the_folder_path(tmp_path):
+    """A checkpoint belongs to the images' bytes: editing one invalidates it, moving the folder
+    (same files) does not."""
+    from teacher.digest import images_digest
+
+    coco = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "sub/b.png"}]}
+    for root in (tmp_path / "one", tmp_path / "two"):
+        (root / "sub").mkdir(parents=True)
+        (root / "a.png").write_bytes(b"first image")
+        (root / "sub" / "b.png").write_bytes(b"second image")
+    assert images_digest(tmp_path / "one", coco) == images_digest(tmp_path / "two", coco)
+    before = images_digest(tmp_path / "one", coco)
+    (tmp_path / "one" / "sub" / "b.png").write_bytes(b"second image, edited")
+    assert images_digest(tmp_path / "one", coco) != before
+    (tmp_path / "two" / "a.png").unlink()
+    assert images_digest(tmp_path / "two", coco) != images_digest(tmp_path / "one", coco)

@@ -25,6 +25,7 @@ from teacher.boxes import clip_xywh_box, is_xywh
 from teacher.coco import (
     CocoFormatError,
     annotation_rle,
+    is_crowd,
     load_coco,
     mask_kind,
     polygons,
@@ -411,7 +412,7 @@ def check_annotation(ann: dict, image: dict, found: Findings, *, min_box_size: f
     _fix_area(ann, mask, found)
     if mask is not None and _iou_xywh(ann["bbox"], mask.bbox) < 0.5:
         found.add("bbox_mask_mismatch", ann["id"], f"bbox {ann['bbox']}, mask {mask.bbox}")
-    if not ann["iscrowd"] and min(ann["bbox"][2], ann["bbox"][3]) < min_box_size:
+    if not is_crowd(ann) and min(ann["bbox"][2], ann["bbox"][3]) < min_box_size:
         found.add("small_box", ann["id"], f"{ann['bbox'][2]:g}x{ann['bbox'][3]:g}")
     return True
 

@@ -161,6 +161,42 @@ def _export_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- prune-cache ---------------------------------------------------------------------------
+
+
+def _prune_cache_configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cache", nargs="?", default="checkpoints/sam_embeddings",
+                   help="the SAM embedding cache of decoder-only training (checkpoints/sam_embeddings)")
+    p.add_argument("--max-gib", type=float, help="keep at most this many GiB, least recently used "
+                   "removed first (default: sam.embedding_cache_gib)")
+    p.add_argument("--annotations", help="COCO json of the current data (e.g. data/validated.json): "
+                   "with --images, entries of other images (edited, removed) and of other encoders "
+                   "than sam.model's are stale and removed")
+    p.add_argument("--images", help="image root of --annotations")
+    p.add_argument("--params", default="params.yaml", help="its sam section (model, embedding_cache_gib)")
+
+
+def _prune_cache_run(args: argparse.Namespace) -> int:
+    from teacher.sam.data import prune_embedding_cache
+
+    sam_params = _model_params(args.params)["sam"]
+    if bool(args.annotations) != bool(args.images):
+        raise TeacherError("pass --annotations and --images together (the current data), or neither")
+    current = None
+    if args.annotations:
+        from teacher.coco import load_coco
+        from teacher.sam.data import embedding_folder, embedding_paths
+        from teacher.sam.model import load_base_sam
+
+        folder = embedding_folder(load_base_sam(sam_params.model), args.cache)
+        current = embedding_paths(folder, load_coco(args.annotations), args.images).values()
+    max_gib = sam_params.embedding_cache_gib if args.max_gib is None else args.max_gib
+    done = prune_embedding_cache(args.cache, max_bytes=int(max_gib * 2**30), current=current)
+    print(f"{args.cache}: removed {done.removed} files ({done.freed / 2**20:.1f} MiB); "
+          f"{done.kept} left ({done.size / 2**20:.1f} MiB, bound {max_gib:g} GiB)")
+    return 0
+
+
 # --- registry ------------------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
@@ -170,6 +206,8 @@ COMMANDS: dict[str, Command] = {
                        _predict_configure, _predict_run),
     "export": Command("merge the adapters into full DINO (save_pretrained) and SAM (.pth) models",
                       _export_configure, _export_run),
+    "prune-cache": Command("bound the SAM embedding cache: drop stale entries, then least recently used",
+                           _prune_cache_configure, _prune_cache_run),
 }
 
 

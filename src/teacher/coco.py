@@ -365,3 +365,25 @@ def mask_to_uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
     if flat.size and flat[0]:
         runs = [0, *runs]
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(r) for r in runs]}
+
+
+# --- what an annotation holds: the one definition of crowd / has a mask / has a box ---------
+
+MASKED_KINDS = ("polygon", "rle_compressed", "rle_uncompressed")  # mask kinds that decode
+
+
+def is_crowd(ann: dict[str, Any]) -> bool:
+    """``iscrowd`` is 1 (or true): a region of many objects, never an instance to learn or match."""
+    return ann.get("iscrowd") in (1, True)
+
+
+def has_mask(ann: dict[str, Any]) -> bool:
+    """The annotation carries a decodable instance mask (polygon or RLE, not empty, not invalid)."""
+    return mask_kind(ann) in MASKED_KINDS
+
+
+def has_usable_box(ann: dict[str, Any]) -> bool:
+    """``bbox`` is four numbers (COCO xywh) with positive width and height."""
+    box = ann.get("bbox")
+    return (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)
+            and box[2] > 0 and box[3] > 0)

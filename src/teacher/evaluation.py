@@ -22,19 +22,27 @@ from typing import Any
 import numpy as np
 
 from teacher.artifacts import LABELS_FILE, SKIPPED_FILE, skipped_reason
-from teacher.coco import annotation_mask, mask_kind
+from teacher.coco import annotation_mask, has_mask, has_usable_box
 from teacher.dino.labels import LabelMap
 from teacher.errors import TeacherError
 from teacher.images import load_image
 from teacher.metrics import (
     category_names,
     coco_evaluate,
-    mask_iou,
     mean_mask_iou,
     precision_recall,
     summarize,
 )
-from teacher.predict import Filter, Teachers, merged, predict_images, to_annotations
+from teacher.predict import (
+    Filter,
+    Teachers,
+    merged,
+    predict_images,
+    segment_detections,
+    to_annotations,
+)
+from teacher.sam.model import prepare_image
+from teacher.sam.scoring import is_sam_instance, score_gt_boxes
 
 
 @dataclass
@@ -47,30 +55,6 @@ class VariantOutput:
     seconds: float = 0.0  # wall time of Grounded-SAM (predict_images) over the split, decoding excluded
 
 
-def evaluable_masks(anns: Sequence[dict]) -> list[dict]:
-    """Annotations SAM can be scored on: not crowd, with a mask and a box of positive size."""
-    return [a for a in anns if not a.get("iscrowd") and mask_kind(a) not in ("none", "invalid")
-            and len(a.get("bbox") or []) == 4 and a["bbox"][2] > 0 and a["bbox"][3] > 0]
-
-
-def gt_box_masks(sam: Any, image: np.ndarray, anns: Sequence[dict], *, multimask: bool
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """SAM prompted by the ground-truth boxes of one image.
-
-    Returns the IoU (N,) of each predicted mask with its ground-truth mask, and the prompts as
-    detections (``boxes`` xywh, ``scores`` = SAM's predicted IoU, ``category_ids``, ``masks``).
-    """
-    from teacher.sam.model import segment
-
-    h, w = image.shape[:2]
-    boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-    pred, scores = segment(sam, image, boxes, multimask=multimask)
-    gt = np.stack([annotation_mask(a, h, w) for a in anns]) if anns else np.zeros((0, h, w), bool)
-    det = {"boxes": boxes, "scores": scores, "masks": pred,
-           "category_ids": np.array([int(a["category_id"]) for a in anns], dtype=np.int64)}
-    return mask_iou(pred, gt), det
-
-
 def _by_image(gt: dict) -> dict[Any, list[dict]]:
     out: dict[Any, list[dict]] = {img["id"]: [] for img in gt["images"]}
     for ann in gt["annotations"]:
@@ -78,10 +62,26 @@ def _by_image(gt: dict) -> dict[Any, list[dict]]:
     return out
 
 
-def _with_masks_only(gt: dict) -> dict:
-    """The ground truth restricted to annotations with a mask (what segm AP can score)."""
-    keep = [a for a in gt["annotations"] if mask_kind(a) not in ("none", "invalid")]
-    return {**gt, "annotations": keep}
+def segm_ground_truth(gt: dict) -> dict:
+    """The ground truth for mask AP: an object without a mask becomes an ignore region.
+
+    A box-only object (no mask, not crowd) is kept as a crowd region covering its box: in
+    pycocotools a detection matched to it is ignored, neither a true nor a false positive, and
+    its IoU is the share of the detected mask inside the box (crowd semantics), so a correct
+    mask of the object matches it. Deleting such objects instead would count every detection
+    of them as a false positive. Objects with neither mask nor usable box are left out.
+    """
+    sizes = {img["id"]: (int(img["height"]), int(img["width"])) for img in gt["images"]}
+    anns = []
+    for a in gt["annotations"]:
+        if has_mask(a):
+            anns.append(a)
+        elif has_usable_box(a):
+            h, w = sizes[a["image_id"]]
+            x, y, bw, bh = (float(v) for v in a["bbox"])
+            region = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]  # the box as a polygon
+            anns.append({**a, "iscrowd": 1, "segmentation": region, "area": bw * bh})
+    return {**gt, "annotations": anns}
 
 
 def run_variant(
@@ -105,27 +105,40 @@ def run_variant(
     ious, cats = [], []
     out = VariantOutput()
     images = gt["images"]
+    boxes_only = Teachers(dino=teachers.dino, sam=None, label_map=teachers.label_map)
     bar = tqdm(total=len(images), desc=desc, unit="img")
     for start in range(0, len(images), batch_size):
         records = images[start:start + batch_size]
         arrays = [load_image(images_root / r["file_name"]) for r in records]
-        if teachers.dino is not None:
+        dets: list[dict | None] = [None] * len(records)
+        if teachers.dino is not None:  # DINO on the batch; SAM below, per image
             started = time.perf_counter()
-            dets = predict_images(teachers, arrays, keep=keep, text_threshold=text_threshold,
-                                  multimask=multimask)
+            dets = list(predict_images(boxes_only, arrays, keep=keep, text_threshold=text_threshold))
             out.seconds += time.perf_counter() - started
-            for rec, det in zip(records, dets, strict=True):
+        for rec, image, det in zip(records, arrays, dets, strict=True):
+            shown = rec["id"] in gallery_ids
+            instances = [a for a in anns_of[rec["id"]] if is_sam_instance(a)]
+            started = time.perf_counter()
+            prepared = None  # one encoder pass, shared by Grounded-SAM and the true-box mIoU
+            if teachers.sam is not None and (instances or (det is not None and len(det["boxes"]))):
+                prepared = prepare_image(teachers.sam, image)
+            encoder = time.perf_counter() - started
+            if det is not None:
+                started = time.perf_counter()
+                if teachers.sam is not None:
+                    det = segment_detections(teachers.sam, image, det, multimask=multimask,
+                                             prepared=prepared)
+                out.seconds += time.perf_counter() - started + (encoder if len(det["boxes"]) else 0.0)
                 results += to_annotations(det, image_id=rec["id"], first_id=len(results) + 1)
-                if rec["id"] in gallery_ids:
+                if shown:
                     out.shown[rec["id"]] = det
-        if teachers.sam is not None:
-            for rec, image in zip(records, arrays, strict=True):
-                iou, det = gt_box_masks(teachers.sam, image, evaluable_masks(anns_of[rec["id"]]),
-                                        multimask=multimask)
+            if prepared is not None and instances:
+                iou, truth = score_gt_boxes(prepared, instances, multimask=multimask,
+                                            keep_masks=shown and teachers.dino is None)
                 ious.append(iou)
-                cats += det["category_ids"].tolist()
-                if teachers.dino is None and rec["id"] in gallery_ids:
-                    out.shown[rec["id"]] = det
+                cats += truth["category_ids"].tolist()
+                if shown and teachers.dino is None:
+                    out.shown[rec["id"]] = truth
         bar.update(len(records))
     bar.close()
     if teachers.dino is not None:
@@ -133,7 +146,7 @@ def run_variant(
         out.metrics.update({f"box/{k}": v for k, v in summarize(evaluator, names=names).items()})
         out.curves = precision_recall(evaluator, names=names, iou=0.5)
         if teachers.sam is not None:
-            evaluator = coco_evaluate(_with_masks_only(gt), results, iou_type="segm",
+            evaluator = coco_evaluate(segm_ground_truth(gt), results, iou_type="segm",
                                       max_dets=(1, 10, keep.max_detections))
             out.metrics.update({f"segm/{k}": v for k, v in summarize(evaluator, names=names).items()})
     if teachers.sam is not None:
@@ -216,7 +229,7 @@ def gallery_panel(image: np.ndarray, gt_anns: Sequence[dict], det: dict[str, np.
 
     h, w = image.shape[:2]
     f = max(1, -(-GALLERY_MIN_SIDE // min(h, w)))
-    has_masks = bool(gt_anns) and all(mask_kind(a) not in ("none", "invalid") for a in gt_anns)
+    has_masks = bool(gt_anns) and all(has_mask(a) for a in gt_anns)
     truth = _enlarge({
         "boxes": np.array([a["bbox"] for a in gt_anns], float),
         "scores": np.ones(len(gt_anns)),

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from teacher.boxes import is_xywh
-from teacher.coco import MASK_KINDS, coco_format_problem, mask_kind
+from teacher.coco import MASK_KINDS, coco_format_problem, is_crowd, mask_kind
 from teacher.errors import TeacherError
 from teacher.images import file_name_problem, is_grayscale
 
@@ -75,7 +75,7 @@ def annotation_kinds(anns: list[dict], kinds: list[str]) -> dict[str, int]:
     kinds = Counter(kinds)
     out = {"bbox": sum(1 for a in anns if _has_box(a))}
     out.update({k: kinds.get(k, 0) for k in MASK_KINDS})
-    out["crowd"] = sum(1 for a in anns if a.get("iscrowd") in (1, True))
+    out["crowd"] = sum(1 for a in anns if is_crowd(a))
     return out
 
 
@@ -90,7 +90,7 @@ def size_facts(images: list[dict], anns: list[dict]) -> tuple[dict, dict]:
     bins = {"small": 0, "medium": 0, "large": 0}
     relative = []
     for a in anns:
-        if a.get("iscrowd") in (1, True) or not _has_box(a):
+        if is_crowd(a) or not _has_box(a):
             continue
         box_area = a["bbox"][2] * a["bbox"][3]
         area = a["area"] if _positive(a.get("area")) else box_area
@@ -105,7 +105,7 @@ def size_facts(images: list[dict], anns: list[dict]) -> tuple[dict, dict]:
 def teacher_facts(cats: list[dict], anns: list[dict], kinds: list[str]) -> dict[str, Any]:
     """Which teachers the data can train: boxes (or masks, boxes derive) -> dino; masks -> sam."""
     plain = [(a, k in MASKED) for a, k in zip(anns, kinds, strict=True)
-             if a.get("iscrowd") not in (1, True)]
+             if not is_crowd(a)]
     boxes = sum(1 for a, masked in plain if masked or _has_box(a))
     masks = sum(1 for _, masked in plain if masked)
     if not cats:

@@ -33,6 +33,9 @@ from pycocotools.cocoeval import COCOeval
 
 from teacher.errors import TeacherError
 
+# The one "nothing to measure" value of every metric here (training validation included):
+# pycocotools' -1, e.g. map_small without small objects, or a mean IoU over no instance.
+NOTHING_TO_MEASURE = -1.0
 AREA_NAMES = ("all", "small", "medium", "large")  # the order of COCOeval.params.areaRng
 DEFAULT_MAX_DETS = (1, 10, 100)
 
@@ -161,7 +164,7 @@ def coco_evaluate(
 
 def _mean_valid(values: np.ndarray) -> float:
     valid = values[values > -1]
-    return float(valid.mean()) if valid.size else -1.0
+    return float(valid.mean()) if valid.size else NOTHING_TO_MEASURE
 
 
 def _iou_index(evaluator: COCOeval, iou: float) -> int | None:
@@ -263,11 +266,13 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 def mean_mask_iou(
     ious: np.ndarray, category_ids: Sequence[int], *, names: dict[int, str] | None = None
 ) -> dict[str, float]:
-    """Mean of per-instance IoUs overall (``mask_miou``) and per class (``mask_miou/<name>``)."""
+    """Mean of per-instance IoUs overall (``mask_miou``) and per class (``mask_miou/<name>``);
+    no instance: ``NOTHING_TO_MEASURE``. The test split's ``mask/miou`` and training's
+    ``val_miou`` both come from here."""
     ious = np.asarray(ious, dtype=float)
     cats = np.asarray(category_ids)
     names = names or {}
-    out = {"mask_miou": float(ious.mean()) if ious.size else -1.0}
+    out = {"mask_miou": float(ious.mean()) if ious.size else NOTHING_TO_MEASURE}
     for cat_id in sorted(set(cats.tolist())):
         out[f"mask_miou/{names.get(cat_id, str(cat_id))}"] = float(ious[cats == cat_id].mean())
     return out

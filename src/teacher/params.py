@@ -145,13 +145,15 @@ class SamParams:
     lora_targets: str | list[str] = "sam-encoder-qkv"  # preset names joined by "+" (sam-encoder-qkv, sam-decoder-attention: decoder-only mode, embeddings cached), a regex (full match) or a list of names
     train_decoder: bool = False  # train the mask decoder fully (saved beside the adapter)
     box_jitter: float = field(default=0.1, metadata=_range(0, 1))  # training box noise, fraction of the box's width/height per side
+    box_jitter_max: float = field(default=20.0, metadata=_range(0))  # ... and at most this many pixels of the model's input frame (SAM paper: 10 %, max 20 px)
     max_prompts: int = field(default=16, metadata=_range(1))  # box prompts per image per step (sampled, seeded)
-    multimask: bool = True  # 3 candidate masks, loss on the best (as SAM trains); inference keeps the top-scored
+    multimask: bool = False  # false: SAM's single-mask output, right for a box (more than one point); true: best of 3 candidates
     focal_weight: float = field(default=20.0, metadata=_range(0))  # loss = 20 focal + 1 dice + 1 IoU-prediction MSE (SAM paper)
     dice_weight: float = field(default=1.0, metadata=_range(0))  # weight of the dice loss
     iou_weight: float = field(default=1.0, metadata=_range(0))  # weight of the IoU-prediction MSE
     focal_alpha: float = field(default=0.25, metadata=_range(0, 1))  # focal loss alpha
     focal_gamma: float = field(default=2.0, metadata=_range(0))  # focal loss gamma
+    embedding_cache_gib: float = field(default=32.0, metadata=_range(0))  # bound of the decoder-only embedding cache (4 MiB per image for vit_*), least recently used evicted; `teacher prune-cache`
 
 
 @dataclass(frozen=True)

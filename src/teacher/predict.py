@@ -25,8 +25,8 @@ from teacher.coco import mask_to_rle
 from teacher.dino.labels import LabelMap
 from teacher.errors import TeacherError
 from teacher.images import load_image
+from teacher.sam.model import SAM_CHUNK  # boxes SAM decodes and upscales at a time
 
-SAM_CHUNK = 16  # boxes SAM decodes and upscales at a time
 RAW_PER_KEPT = 4  # DINO candidates per kept detection, before per-class NMS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -113,29 +113,21 @@ def to_annotations(det: dict[str, np.ndarray], *, image_id: Any, first_id: int) 
 
 
 def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: dict[str, np.ndarray], *,
-                       multimask: bool = True, chunk: int = SAM_CHUNK) -> dict[str, np.ndarray]:
+                       multimask: bool = False, chunk: int = SAM_CHUNK,
+                       prepared: Any | None = None) -> dict[str, np.ndarray]:
     """``det`` plus ``masks`` (N, H, W) bool from SAM.
 
-    The image embedding is computed once; the boxes are decoded ``chunk`` at a time, which bounds
-    the full-size float logits in memory (N x H x W) on large photos with many detections.
+    The image is embedded once (or ``prepared``, a :class:`teacher.sam.model.PreparedImage`
+    of it, is reused), and not at all when there is no box; the boxes are decoded ``chunk`` at
+    a time, which bounds the full-size float logits in memory (chunk x H x W).
     """
-    from teacher.sam.model import (
-        embed_images,
-        image_to_tensor,
-        input_size,
-        resize_image,
-        segment,
-        unwrap,
-    )
+    from teacher.sam.model import prepare_image
 
     boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
-    base = unwrap(sam)
-    with torch.no_grad():
-        resized = resize_image(image, size=input_size(base))
-        embedding = embed_images(base, [image_to_tensor(resized)])[0]
-    parts = [segment(sam, image, boxes[i:i + chunk], multimask=multimask, embedding=embedding)[0]
-             for i in range(0, len(boxes), chunk)]
-    masks = np.concatenate(parts) if parts else np.zeros((0, *image.shape[:2]), bool)
+    if len(boxes) == 0:
+        return {**det, "masks": np.zeros((0, *image.shape[:2]), bool)}
+    prepared = prepared if prepared is not None else prepare_image(sam, image)
+    masks, _ = prepared.predict(boxes, multimask=multimask, chunk=chunk)
     return {**det, "masks": masks}
 
 
@@ -154,10 +146,11 @@ def predict_images(
     *,
     keep: Filter,
     text_threshold: float,
-    multimask: bool = True,
+    multimask: bool = False,
 ) -> list[dict[str, np.ndarray]]:
     """Grounded-SAM on a batch of images: per image the kept detections, with ``masks`` when
-    SAM is loaded. DINO sees the whole batch at once; SAM embeds each image once."""
+    SAM is loaded. DINO sees the whole batch at once; SAM embeds each image with detections
+    once, and an image without any not at all."""
     raw = detect_batch(teachers, images, box_threshold=keep.score_threshold,
                        text_threshold=text_threshold,
                        max_detections=RAW_PER_KEPT * keep.max_detections)  # NMS needs spares
@@ -202,7 +195,7 @@ def label_folder(
     keep: Filter,
     text_threshold: float,
     batch_size: int = 4,
-    multimask: bool = True,
+    multimask: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Auto-label every image under ``folder``: a COCO dataset with the teachers' detections.

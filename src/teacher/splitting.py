@@ -16,7 +16,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from teacher.coco import mask_kind, subset_coco
+from teacher.coco import has_mask, is_crowd, subset_coco
 from teacher.errors import TeacherError
 
 SPLITS = ("train", "val", "test")
@@ -93,7 +93,7 @@ def assign_images(coco: dict[str, Any], *, fractions: Mapping[str, float], seed:
     for ann in coco["annotations"]:
         if ann["image_id"] in labels:
             labels[ann["image_id"]].add(ann["category_id"])
-            if not ann.get("iscrowd") and mask_kind(ann) not in ("none", "invalid"):
+            if not is_crowd(ann) and has_mask(ann):
                 labels[ann["image_id"]].add(MASKED)
     positives = [i for i in order if labels[i]]
     negatives = [i for i in order if not labels[i]]

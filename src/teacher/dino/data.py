@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from teacher.augment import sample_rng
 from teacher.boxes import xywh_to_cxcywh_norm
-from teacher.coco import index_by_image
+from teacher.coco import has_usable_box, index_by_image, is_crowd
 from teacher.dino.labels import LabelMap
 from teacher.images import image_path, load_image
 
@@ -30,8 +30,7 @@ def annotation_boxes(anns: list[dict], *, label_map: LabelMap, chunk: int) -> tu
     out. Returns ``boxes`` (n, 4) float32 COCO xywh pixels and ``labels`` (n,) int64.
     """
     in_chunk = {label_map.category_ids[i]: j for j, i in enumerate(label_map.chunks[chunk])}
-    kept = [a for a in anns if not a.get("iscrowd", 0) and a.get("bbox") is not None
-            and a["category_id"] in in_chunk and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+    kept = [a for a in anns if not is_crowd(a) and has_usable_box(a) and a["category_id"] in in_chunk]
     boxes = np.array([a["bbox"] for a in kept], dtype=np.float32).reshape(-1, 4)
     labels = np.array([in_chunk[a["category_id"]] for a in kept], dtype=np.int64)
     return boxes, labels
@@ -56,7 +55,7 @@ def dino_items(coco: dict[str, Any], label_map: Any, *, all_chunks: bool) -> lis
     items = []
     for k, record in enumerate(coco["images"]):
         touched = sorted({chunk_of[a["category_id"]] for a in by_image.get(record["id"], [])
-                          if a["category_id"] in chunk_of and not a.get("iscrowd", 0)})
+                          if a["category_id"] in chunk_of and not is_crowd(a)})
         chunks = range(n) if all_chunks else (touched or [k % n])
         items.extend((record, c) for c in chunks)
     return items

@@ -9,43 +9,47 @@ training reads each image's embedding from a disk cache instead of the image.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from teacher.augment import sample_rng
 from teacher.boxes import xywh_to_xyxy
-from teacher.coco import annotation_mask, images_by_id, index_by_image, mask_kind
+from teacher.coco import annotation_mask, images_by_id, index_by_image
 from teacher.digest import file_sha256
+from teacher.errors import TeacherError
 from teacher.images import image_path, load_image
 from teacher.sam.model import (
     boxes_xyxy_to_input,
-    embed_images,
     encoder_fingerprint,
     image_to_tensor,
-    input_size,
+    prepare_image,
     resize_image,
     resized_shape,
     unwrap,
 )
+from teacher.sam.scoring import instance_boxes_xywh, is_sam_instance
 
-SAM_MASK_KINDS = ("polygon", "rle_compressed", "rle_uncompressed")
-
+log = logging.getLogger(__name__)
 
 def sam_instances(coco: dict[str, Any]) -> dict[Any, list[dict]]:
-    """``{image id: [annotations]}`` of non-crowd annotations with a mask; images without any
-    are left out."""
+    """``{image id: [annotations]}`` of SAM instances (:func:`is_sam_instance`); images without
+    any are left out."""
     out: dict[Any, list[dict]] = {}
     for image_id, anns in index_by_image(coco).items():
-        keep = [a for a in anns if a.get("iscrowd") not in (1, True) and mask_kind(a) in SAM_MASK_KINDS]
+        keep = [a for a in anns if is_sam_instance(a)]
         if keep:
             out[image_id] = keep
     return out
@@ -59,31 +63,29 @@ def choose_prompts(count: int, *, max_prompts: int, rng: np.random.Generator) ->
 
 
 def jitter_boxes_xyxy(
-    boxes: np.ndarray, *, fraction: float, rng: np.random.Generator, width: int, height: int
+    boxes: np.ndarray,
+    *,
+    fraction: float,
+    max_shift: float,
+    rng: np.random.Generator,
+    width: float,
+    height: float,
 ) -> np.ndarray:
     """(N, 4) xyxy boxes, each side moved by up to ``fraction`` of the box's width/height
-    (uniform), clipped to the image and kept at least one pixel wide and high."""
+    (uniform) and never more than ``max_shift`` pixels (SAM's paper: 10 % of the side, at most
+    20 px). The result stays inside the ``width`` x ``height`` image, at least 1 px wide and high
+    (images of at least 1 x 1 px)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if fraction <= 0 or len(boxes) == 0:
+    if fraction <= 0 or max_shift <= 0 or len(boxes) == 0:
         return boxes
     wh = boxes[:, 2:] - boxes[:, :2]
-    noisy = boxes + rng.uniform(-fraction, fraction, boxes.shape) * np.concatenate([wh, wh], 1)
-    noisy[:, 0::2] = noisy[:, 0::2].clip(0, width)
-    noisy[:, 1::2] = noisy[:, 1::2].clip(0, height)
-    noisy[:, 2:] = np.maximum(noisy[:, 2:], noisy[:, :2] + 1)
+    reach = np.minimum(fraction * np.concatenate([wh, wh], 1), max_shift)
+    noisy = boxes + rng.uniform(-1.0, 1.0, boxes.shape) * reach
+    noisy[:, 0] = noisy[:, 0].clip(0, width - 1)
+    noisy[:, 1] = noisy[:, 1].clip(0, height - 1)
+    noisy[:, 2] = np.clip(noisy[:, 2], noisy[:, 0] + 1, width)
+    noisy[:, 3] = np.clip(noisy[:, 3], noisy[:, 1] + 1, height)
     return noisy
-
-
-def instance_boxes_xywh(anns: list[dict], masks: list[np.ndarray]) -> np.ndarray:
-    """(N, 4) COCO xywh of each annotation: its ``bbox``, or its mask's extent when it has none."""
-    out = []
-    for ann, mask in zip(anns, masks, strict=True):
-        box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and box[2] > 0 and box[3] > 0):
-            ys, xs = np.nonzero(mask)
-            box = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] if len(xs) else [0, 0, 1, 1]
-        out.append([float(v) for v in box])
-    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
 
 
 def masks_to_input(masks: np.ndarray, *, size: int) -> Tensor:
@@ -116,7 +118,9 @@ class SamDataset(Dataset):
 
     Items: ``image`` (3xhxw float 0..255, resized) or ``embedding`` (C, g, g) when
     ``embeddings`` maps image ids to cached files; ``boxes`` (N, 4) float32 xyxy in the input
-    frame (jittered by ``box_jitter``); ``masks`` (N, S, S) bool; ``image_id``. Randomness
+    frame (jittered by ``box_jitter``, at most ``box_jitter_max`` input pixels, inside the
+    image); ``masks`` (N, S, S) bool; ``image_id``. With embeddings the image is not read: its
+    size is the record's, which :func:`cache_sam_embeddings` checked against the file. Randomness
     (prompt choice, jitter, augmentation) is seeded by (seed, epoch, index).
     """
 
@@ -129,6 +133,7 @@ class SamDataset(Dataset):
         max_prompts: int,
         box_jitter: float,
         seed: int,
+        box_jitter_max: float = 20.0,
         transform: Callable | None = None,
         embeddings: dict[Any, Path] | None = None,
     ) -> None:
@@ -136,6 +141,7 @@ class SamDataset(Dataset):
         self.records = [(images[i], anns) for i, anns in sam_instances(coco).items()]
         self.image_root = Path(image_root)
         self.image_size, self.max_prompts, self.box_jitter = image_size, max_prompts, box_jitter
+        self.box_jitter_max = box_jitter_max
         self.seed, self.epoch = seed, 0
         self.transform, self.embeddings = transform, embeddings
 
@@ -166,9 +172,10 @@ class SamDataset(Dataset):
         return item | {"image_id": record["id"]}
 
     def _encode(self, image, masks, boxes_xywh, hw, rng) -> dict[str, Any]:
-        xyxy = jitter_boxes_xyxy(xywh_to_xyxy(boxes_xywh), fraction=self.box_jitter, rng=rng,
-                                 width=hw[1], height=hw[0])
-        boxes = boxes_xyxy_to_input(xyxy, tuple(hw), size=self.image_size)
+        boxes = boxes_xyxy_to_input(xywh_to_xyxy(boxes_xywh), tuple(hw), size=self.image_size)
+        h, w = resized_shape(*hw, size=self.image_size)  # the image's extent in the input frame
+        boxes = jitter_boxes_xyxy(boxes, fraction=self.box_jitter, max_shift=self.box_jitter_max,
+                                  rng=rng, width=w, height=h)
         item = {"boxes": torch.as_tensor(boxes, dtype=torch.float32),
                 "masks": masks_to_input(np.stack(masks), size=self.image_size)}
         if image is not None:
@@ -188,30 +195,186 @@ def collate_sam(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# --- the embedding cache of decoder-only training -----------------------------------------------
+#
+# One file per (encoder, image): ``<cache_dir>/<encoder fingerprint>/<image sha256>.safetensors``
+# holding ``embedding`` (C, g, g) float32 and the image's size in its metadata. That is
+# C x g x g x 4 bytes: 4 MiB per image for Meta's encoders (256 x 64 x 64), 64 KiB for
+# tiny-random. Entries are touched when used; beyond ``max_bytes`` the least recently used go
+# first, so entries of edited images (a new sha256) and of old encoders (a new fingerprint),
+# never used again, are the first evicted. ``teacher prune-cache`` removes them on demand.
+
+CACHE_SUFFIX = ".safetensors"
+TMP_MAX_AGE_S = 3600  # a .tmp file older than this is a crashed write, not one in progress
+
+
+def _check_size(image_id: Any, record: dict, height: int, width: int, source: str) -> None:
+    """The COCO record's size must be the image's: embeddings and masks are placed by it."""
+    if (int(record["height"]), int(record["width"])) != (height, width):
+        raise TeacherError(
+            f"image {image_id!r} ({record['file_name']}): the image is {width}x{height} px but "
+            f"its COCO record says {record['width']}x{record['height']} ({source}); re-run the "
+            "validate stage (dvc repro validate), which takes sizes from the image files")
+
+
+def _write_embedding(target: Path, embedding: Tensor, height: int, width: int) -> None:
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")  # unique: processes and runs share a cache
+    save_file({"embedding": embedding.float().cpu().contiguous()}, str(tmp),
+              metadata={"height": str(height), "width": str(width)})
+    os.replace(tmp, target)
+
+
+def cached_size(path: Path) -> tuple[int, int]:
+    """(height, width) of the image a cached embedding was computed from."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return int(meta.get("height", -1)), int(meta.get("width", -1))
+
+
+def _ready(path: Path) -> bool:
+    """An entry exists and records its image's size (entries of older versions do not: redone)."""
+    return path.exists() and cached_size(path)[0] >= 0
+
+
+def _wait_for(paths: list[Path], *, timeout_s: float) -> None:
+    """Block until every entry is ready (the other processes' shares of the cache)."""
+    deadline = time.monotonic() + timeout_s
+    while missing := [p for p in paths if not _ready(p)]:
+        if time.monotonic() > deadline:
+            raise TeacherError(f"{len(missing)} image embeddings (e.g. {missing[0]}) were not "
+                               f"written by the other training processes within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def embedding_folder(sam: nn.Module, cache_dir: str | Path) -> Path:
+    """The cache folder of this model's image encoder: ``<cache_dir>/<encoder fingerprint>``."""
+    return Path(cache_dir) / encoder_fingerprint(unwrap(sam))
+
+
+def embedding_paths(folder: Path, coco: dict[str, Any], image_root: str | Path) -> dict[Any, Path]:
+    """``{image id: file in folder}`` of the images with SAM instances (existing or not)."""
+    images = images_by_id(coco)
+    return {i: folder / f"{file_sha256(image_path(image_root, images[i]['file_name']))}{CACHE_SUFFIX}"
+            for i in sam_instances(coco)}
+
+
 @torch.no_grad()
 def cache_sam_embeddings(
-    sam: nn.Module, coco: dict[str, Any], image_root: str | Path, cache_dir: str | Path
+    sam: nn.Module,
+    coco: dict[str, Any],
+    image_root: str | Path,
+    cache_dir: str | Path,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    timeout_s: float = 24 * 3600,
 ) -> dict[Any, Path]:
-    """Image embeddings of the images with masks, computed once into ``cache_dir``.
+    """Image embeddings of the images with SAM instances, computed once into ``cache_dir``.
 
-    Files: ``<cache_dir>/<encoder fingerprint>/<image sha256>.safetensors`` (key
-    ``embedding``, (C, g, g) float32); existing ones are reused, so every epoch and every run
-    with the same encoder and image reads them from disk. Returns ``{image id: file}``.
+    Existing entries are reused (every epoch and every run with the same encoder and image
+    reads them from disk) and touched (least recently used is evicted first). With ``world`` > 1
+    processes each computes its share (every ``world``-th image from ``rank``) and waits for the
+    others' files. Every entry's image size is checked against its COCO record.
+    Returns ``{image id: file}``.
     """
     model = unwrap(sam)
-    folder = Path(cache_dir) / encoder_fingerprint(model)
+    folder = embedding_folder(model, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    out = embedding_paths(folder, coco, image_root)
     from tqdm.auto import tqdm
 
-    images, out = images_by_id(coco), {}
-    for image_id in tqdm(sam_instances(coco), desc="SAM image embeddings", leave=False):
-        path = image_path(image_root, images[image_id]["file_name"])
-        target = folder / f"{file_sha256(path)}.safetensors"
-        if not target.exists():
-            image = resize_image(load_image(path), size=input_size(model))
-            embedding = embed_images(model, [image_to_tensor(image)])[0].float().cpu()
-            tmp = target.with_suffix(f".{os.getpid()}.tmp")  # unique: runs may share a cache
-            save_file({"embedding": embedding.contiguous()}, str(tmp))
-            os.replace(tmp, target)
-        out[image_id] = target
+    images = images_by_id(coco)
+    mine = [i for k, i in enumerate(out) if k % world == rank]
+    for image_id in tqdm(mine, desc="SAM image embeddings", leave=False):
+        if _ready(out[image_id]):
+            continue
+        record = images[image_id]
+        image = load_image(image_path(image_root, record["file_name"]))
+        height, width = image.shape[:2]
+        _check_size(image_id, record, height, width, "read from the file")
+        _write_embedding(out[image_id], prepare_image(model, image).embedding, height, width)
+    if world > 1:
+        _wait_for(list(out.values()), timeout_s=timeout_s)
+    for image_id, path in out.items():
+        height, width = cached_size(path)
+        _check_size(image_id, images[image_id], height, width, f"cached in {path}")
+        os.utime(path)  # used now: least recently used is evicted first
     return out
+
+
+def cache_split_embeddings(
+    sam: nn.Module,
+    cocos: list[dict[str, Any]],
+    image_root: str | Path,
+    cache_dir: str | Path,
+    *,
+    max_bytes: int,
+    rank: int = 0,
+    world: int = 1,
+) -> list[dict[Any, Path]]:
+    """:func:`cache_sam_embeddings` of each split (train, val), then, on the main process only
+    and once every split is built, least recently used eviction beyond ``max_bytes``, never of
+    the entries these splits use (no process still needs an evicted file)."""
+    maps = [cache_sam_embeddings(sam, coco, image_root, cache_dir, rank=rank, world=world)
+            for coco in cocos]
+    if rank == 0:
+        prune_embedding_cache(cache_dir, max_bytes=max_bytes,
+                              keep={p for m in maps for p in m.values()})
+    return maps
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What :func:`prune_embedding_cache` did."""
+
+    removed: int  # files deleted (stale, evicted, crashed writes)
+    freed: int  # bytes deleted
+    kept: int  # files left
+    size: int  # bytes left (above max_bytes only when ``keep`` alone is larger)
+
+
+def prune_embedding_cache(
+    cache_dir: str | Path,
+    *,
+    max_bytes: int | None,
+    keep: Collection[Path] = (),
+    current: Collection[Path] | None = None,
+) -> Pruned:
+    """Bound the embedding cache: delete entries not in ``current`` (when given: stale ones of
+    old encoders or edited images), then the least recently used until at most ``max_bytes``
+    remain; entries in ``keep`` stay (the run using them). Crashed writes (old ``.tmp``) and
+    empty encoder folders go too."""
+    root = Path(cache_dir)
+    keep = {Path(p).resolve() for p in keep}
+    current = None if current is None else {Path(p).resolve() for p in current}
+    removed = freed = 0
+    entries = []
+    for path in root.glob("*/*"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed meanwhile by another run
+            continue
+        if path.suffix == ".tmp" and time.time() - stat.st_mtime > TMP_MAX_AGE_S:
+            removed, freed = removed + 1, freed + stat.st_size
+            path.unlink(missing_ok=True)
+        elif path.suffix == CACHE_SUFFIX:
+            entries.append((stat.st_mtime, stat.st_size, path))
+    entries.sort()  # oldest use first
+    total = sum(size for _, size, _ in entries)
+    kept = []
+    for _, size, path in entries:
+        stale = current is not None and path.resolve() not in current
+        over = max_bytes is not None and total > max_bytes
+        if (stale or over) and path.resolve() not in keep:
+            path.unlink(missing_ok=True)
+            removed, freed, total = removed + 1, freed + size, total - size
+        else:
+            kept.append(path)
+    for folder in root.glob("*"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    if max_bytes is not None and total > max_bytes:
+        log.warning("SAM embedding cache %s: %.2f GiB in use by this run, above its bound of "
+                    "%.2f GiB (sam.embedding_cache_gib); nothing in use was evicted",
+                    root, total / 2**30, max_bytes / 2**30)
+    return Pruned(removed=removed, freed=freed, kept=len(kept), size=total)

@@ -67,8 +67,9 @@ def sam_loss(
     logits: (N, K, H, W); iou_pred: (N, K); target: (N, H, W) 0/1.
     The mask loss (focal_weight * focal + dice_weight * dice) is taken, per prompt, from the
     candidate with the lowest mask loss (K = 1: the only one); the IoU head learns all K
-    candidates' IoU (its job at inference is to rank them). Returns scalar means:
-    ``loss``, ``focal``, ``dice``, ``iou_mse`` (terms of the selected candidates).
+    candidates' IoU (its job at inference is to rank them). Returns scalar means: ``loss``;
+    ``focal`` and ``dice`` of the selected candidates; ``iou_mse`` averaged over all N x K
+    candidates (selected or not), as it enters ``loss``.
     """
     target = target.unsqueeze(1).expand_as(logits).to(logits.dtype)
     focal = focal_loss(logits, target, alpha=focal_alpha, gamma=focal_gamma)  # (N, K)

@@ -20,20 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from teacher.augment import build_transform
-from teacher.coco import annotation_mask, images_by_id
+from teacher.coco import images_by_id
 from teacher.errors import TeacherError
 from teacher.images import image_path, load_image
 from teacher.lora import apply_lora, save_adapter
+from teacher.metrics import mean_mask_iou
 from teacher.params import LoraParams, SamParams, TrainParams
-from teacher.sam.data import (
-    SamDataset,
-    cache_sam_embeddings,
-    collate_sam,
-    instance_boxes_xywh,
-    sam_instances,
-)
-from teacher.sam.losses import mask_iou, sam_loss
-from teacher.sam.model import input_size, load_base_sam, segment, unwrap
+from teacher.sam.data import SamDataset, cache_split_embeddings, collate_sam, sam_instances
+from teacher.sam.losses import sam_loss
+from teacher.sam.model import input_size, load_base_sam, prepare_image, unwrap
+from teacher.sam.scoring import score_gt_boxes
+from teacher.train.distributed import process_rank_and_count
 from teacher.train.loop import Task, fit
 from teacher.train.memory import checkpoint_layers
 
@@ -113,22 +110,31 @@ def evaluate_miou(
     multimask: bool,
     embeddings: dict[Any, Path] | None = None,
 ) -> dict[str, float]:
-    """Mean mask IoU over every instance with a mask, prompted with its ground-truth box, at
-    the original image size: ``{"val_miou": float, "val_instances": int}``."""
+    """Mean mask IoU over every SAM instance, prompted with its ground-truth box, at the
+    original image size (:func:`teacher.sam.scoring.score_gt_boxes`, as the test split's
+    ``mask/miou``): ``{"val_miou": float, "val_instances": int}``; no instance: -1.
+
+    With ``embeddings`` (decoder-only mode) the cached embedding is used and the image is not
+    read; its record's size was checked against the file when the cache was built.
+    """
     from safetensors.torch import load_file
 
     was_training = model.training
     model.eval()
-    images, ious = images_by_id(coco), []
+    images, ious, cats = images_by_id(coco), [], []
     for image_id, anns in sam_instances(coco).items():
-        image = load_image(image_path(image_root, images[image_id]["file_name"]))
-        gt = np.stack([annotation_mask(a, *image.shape[:2]) for a in anns])
-        cached = load_file(str(embeddings[image_id]))["embedding"] if embeddings else None
-        pred, _ = segment(model, image, instance_boxes_xywh(anns, list(gt)),
-                          multimask=multimask, embedding=cached)
-        ious.extend(mask_iou(torch.from_numpy(pred), torch.from_numpy(gt)).tolist())
+        record = images[image_id]
+        if embeddings:
+            prepared = prepare_image(model, embedding=load_file(str(embeddings[image_id]))["embedding"],
+                                     original_size=(int(record["height"]), int(record["width"])))
+        else:
+            prepared = prepare_image(model, load_image(image_path(image_root, record["file_name"])))
+        iou, det = score_gt_boxes(prepared, anns, multimask=multimask)
+        ious.append(iou)
+        cats += det["category_ids"].tolist()
     model.train(was_training)
-    return {"val_miou": float(np.mean(ious)) if ious else 0.0, "val_instances": float(len(ious))}
+    all_ious = np.concatenate(ious) if ious else np.zeros((0,))
+    return {"val_miou": mean_mask_iou(all_ious, cats)["mask_miou"], "val_instances": float(len(all_ious))}
 
 
 def build_task(
@@ -149,15 +155,18 @@ def build_task(
         if cache_dir is None:
             raise ValueError("decoder-only SAM training needs a cache_dir for image embeddings")
         sam = unwrap(model).to("cuda" if torch.cuda.is_available() else "cpu")
-        train_cache = cache_sam_embeddings(sam, train_coco, image_root, cache_dir)
-        val_cache = cache_sam_embeddings(sam, val_coco, image_root, cache_dir)
+        rank, world = process_rank_and_count()  # each process embeds its share; all read all
+        train_cache, val_cache = cache_split_embeddings(
+            sam, [train_coco, val_coco], image_root, cache_dir,
+            max_bytes=int(sam_params.embedding_cache_gib * 2**30), rank=rank, world=world)
         transform = None  # an embedding is of the plain image: no image augmentation
         log.info("SAM decoder-only: %d + %d image embeddings cached in %s; image augmentation "
                  "off (box jitter kept)", len(train_cache), len(val_cache), cache_dir)
     dataset = SamDataset(
         train_coco, image_root, image_size=input_size(unwrap(model)),
-        max_prompts=sam_params.max_prompts, box_jitter=sam_params.box_jitter, seed=seed,
-        transform=transform, embeddings=train_cache,
+        max_prompts=sam_params.max_prompts, box_jitter=sam_params.box_jitter,
+        box_jitter_max=sam_params.box_jitter_max, seed=seed, transform=transform,
+        embeddings=train_cache,
     )
     return Task(
         name="sam", model=model, train_dataset=dataset, collate_fn=collate_sam,

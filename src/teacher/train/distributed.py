@@ -61,6 +61,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def process_rank_and_count() -> tuple[int, int]:
+    """(this process's rank, number of processes) of the current launch; (0, 1) outside one."""
+    return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def _worker(rank: int, fn: Callable, args: tuple, kwargs: dict, world: int, port: int,
             results: Any) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),

@@ -1,0 +1,76 @@
+"""SAM instances and their score from ground-truth box prompts: one mask IoU per instance.
+
+Which annotations SAM learns and is scored on (:func:`is_sam_instance`), their box prompts
+(:func:`instance_boxes_xywh`), and the one scoring path of training's validation
+(``val_miou``) and the test split's ``mask/miou``: each instance is prompted with its box (or
+its mask's extent when it has none), the IoU is
+:func:`teacher.metrics.mask_iou` at the original image size, and a mean over no instance is
+:data:`teacher.metrics.NOTHING_TO_MEASURE`. Ground-truth masks are decoded and predicted
+``chunk`` instances at a time, so an image with 200 objects needs the memory of ``chunk``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from teacher.coco import annotation_mask, has_mask, has_usable_box, is_crowd
+from teacher.metrics import mask_iou
+from teacher.sam.model import SAM_CHUNK, PreparedImage
+
+
+def is_sam_instance(ann: dict[str, Any]) -> bool:
+    """What SAM trains on and is scored on: a non-crowd annotation with a mask."""
+    return not is_crowd(ann) and has_mask(ann)
+
+
+def instance_boxes_xywh(anns: list[dict], masks: list[np.ndarray]) -> np.ndarray:
+    """(N, 4) COCO xywh of each annotation: its ``bbox``, or its mask's extent when it has none."""
+    out = []
+    for ann, mask in zip(anns, masks, strict=True):
+        if has_usable_box(ann):
+            box = ann["bbox"]
+        else:
+            ys, xs = np.nonzero(mask)
+            box = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] if len(xs) else [0, 0, 1, 1]
+        out.append([float(v) for v in box])
+    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
+
+
+def score_gt_boxes(
+    prepared: PreparedImage,
+    anns: Sequence[dict],
+    *,
+    multimask: bool,
+    chunk: int = SAM_CHUNK,
+    keep_masks: bool = False,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """SAM prompted by the ground-truth boxes of one prepared image.
+
+    anns: the image's SAM instances (non-crowd, with a mask). Returns the IoU (N,) of each
+    predicted mask with its ground-truth mask, and the prompts as detections: ``boxes`` (N, 4)
+    xywh, ``scores`` (N,) SAM's predicted IoU, ``category_ids`` (N,), and ``masks`` (N, H, W)
+    bool only with ``keep_masks`` (a gallery image; otherwise no full-size mask outlives its chunk).
+    """
+    height, width = prepared.original_size
+    ious, scores, boxes, kept = [], [], [], []
+    for start in range(0, len(anns), chunk):
+        part = anns[start:start + chunk]
+        gt = np.stack([annotation_mask(a, height, width) for a in part])
+        part_boxes = instance_boxes_xywh(list(part), list(gt))
+        pred, part_scores = prepared.predict(part_boxes, multimask=multimask, chunk=chunk)
+        ious.append(mask_iou(pred, gt))
+        scores.append(part_scores)
+        boxes.append(part_boxes)
+        if keep_masks:
+            kept.append(pred)
+    det: dict[str, Any] = {
+        "boxes": np.concatenate(boxes) if boxes else np.zeros((0, 4)),
+        "scores": np.concatenate(scores) if scores else np.zeros((0,), np.float32),
+        "category_ids": np.array([int(a["category_id"]) for a in anns], dtype=np.int64),
+    }
+    if keep_masks:
+        det["masks"] = np.concatenate(kept) if kept else np.zeros((0, height, width), bool)
+    return (np.concatenate(ious) if ious else np.zeros((0,))), det
