@@ -40,7 +40,7 @@ def has_masks(coco: Mapping[str, Any]) -> bool:
                for a in coco["annotations"])
 
 
-def instance_targets(anns: Sequence[Mapping[str, Any]], *, height: int, width: int,
+def instance_targets(anns: Sequence[dict[str, Any]], *, height: int, width: int,
                      label_of: Mapping[int, int], masks: bool
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The instances of one image the loss sees: ``boxes`` (n, 4) float32 COCO xywh px,

@@ -57,7 +57,7 @@ class StudentInfo:
     names: tuple[str, ...]  # class names, same order
 
 
-def model_class(masks: bool) -> type[nn.Module]:
+def model_class(masks: bool) -> Any:
     """``RfDetrForInstanceSegmentation`` with masks, ``RfDetrForObjectDetection`` without."""
     return RfDetrForInstanceSegmentation if masks else RfDetrForObjectDetection
 
@@ -69,7 +69,7 @@ def resolve_name(model: str, *, masks: bool) -> str:
 
 def tiny_config(*, names: Sequence[str]) -> RfDetrConfig:
     """RF-DETR at toy size: 4-layer ViT (32 wide, patch 8, 2x2 windows), 2 decoder layers, 30 queries."""
-    backbone = RfDetrDinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+    backbone = RfDetrDinov2Config(hidden_size=32,  # type: ignore[call-arg]  # out_features: a kwarg of __post_init__ num_hidden_layers=4, num_attention_heads=2,
                                   mlp_ratio=2, patch_size=8, image_size=TINY_RESOLUTION, num_windows=2,
                                   out_features=["stage1", "stage2", "stage3", "stage4"])
     return RfDetrConfig(backbone_config=backbone, d_model=32, decoder_ffn_dim=64, decoder_layers=2,
@@ -143,7 +143,7 @@ def _pretrained(name: str, *, revision: str, masks: bool, names: Sequence[str]) 
         raise _offline_error(name, revision, err) from err
 
 
-def default_resolution(name: str, model: nn.Module) -> int:
+def default_resolution(name: str, model: Any) -> int:
     """The input side a model was trained at: tiny-random 64; else its image processor's size."""
     if name == TINY_RANDOM:
         return TINY_RESOLUTION
@@ -161,7 +161,7 @@ def default_resolution(name: str, model: nn.Module) -> int:
     return int(side)
 
 
-def check_resolution(model: nn.Module, resolution: int, *, name: str) -> None:
+def check_resolution(model: Any, resolution: int, *, name: str) -> None:
     """The backbone cuts the image into patches and windows: the side must divide evenly."""
     bb = model.config.backbone_config
     step = bb.patch_size * bb.num_windows
@@ -190,7 +190,7 @@ def build_student(params: StudentParams, *, names: Sequence[str], masks: bool
 # --- a trained student folder --------------------------------------------------------------------
 
 
-def save_student(model: nn.Module, out_dir: Path, *, info: StudentInfo) -> None:
+def save_student(model: Any, out_dir: Path, *, info: StudentInfo) -> None:
     """``out_dir``: transformers ``save_pretrained`` (safetensors) + ``student.json``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -313,8 +313,8 @@ def predict(student: Student, images: Sequence[np.ndarray], *, max_detections: i
     """The student on a batch of HxWx3 uint8 images: per image the decoded detections."""
     info = student.info
     device = _device_of(student.forward)
-    outputs = student.forward(preprocess(images, resolution=info.resolution).to(device))
-    outputs = [o.detach().cpu() for o in outputs]
+    raw = student.forward(preprocess(images, resolution=info.resolution).to(device))
+    outputs = [o.detach().cpu() for o in raw]
     sizes = [(int(im.shape[1]), int(im.shape[0])) for im in images]
     return decode(outputs, sizes=sizes, category_ids=info.category_ids,
                   max_detections=max_detections, score_threshold=score_threshold)
@@ -331,14 +331,14 @@ def _constant(table: Tensor) -> Callable[..., Tensor]:
 
 
 @contextmanager
-def fixed_position_embeddings(model: nn.Module, resolution: int) -> Iterator[None]:
+def fixed_position_embeddings(model: Any, resolution: int) -> Iterator[None]:
     """Within: the ViT position embeddings are a constant for ``resolution`` px inputs.
 
     transformers interpolates them on every traced call (bicubic with antialiasing), an operator
     ONNX has no export for. At a fixed input size the interpolation is a constant: computed once
     here, exactly as the model computes it eagerly, so the exported graph gives the same outputs.
     """
-    embeddings = [m for m in model.modules() if type(m).__name__.endswith("Dinov2Embeddings")]
+    embeddings: list[Any] = [m for m in model.modules() if type(m).__name__.endswith("Dinov2Embeddings")]
     saved = []
     for emb in embeddings:
         n = (resolution // emb.patch_size) ** 2

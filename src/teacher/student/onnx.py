@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,8 @@ def export_onnx(student_dir: str | Path, out_dir: str | Path, *, opset: int = OP
     """Export the trained student of ``student_dir`` to ``out_dir/student.onnx`` (+ student.json)."""
     student_dir, out_dir = Path(student_dir), Path(out_dir)
     student = load_student(student_dir)
-    module, info = student.forward, student.info
+    module: Any = student.forward
+    info = student.info
     out_dir.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(1, 3, info.resolution, info.resolution)
     names = list(OUTPUTS[:3 if info.masks else 2])
@@ -56,7 +58,7 @@ class OnnxStudent:
     """An ONNX Runtime session called like the PyTorch student: tensors in, tensors out."""
 
     def __init__(self, path: str | Path) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # type: ignore[import-untyped]
 
         self.path = Path(path)
         try:
