@@ -388,3 +388,17 @@ def test_the_train_student_stage_without_teacher_labels_says_run_label(tmp_path,
                  "--teacher-labels", str(tmp_path / "absent.json"), "--out", str(tmp_path / "out")])
     assert code == 1
     assert "absent.json: not found" in capsys.readouterr().err
+
+
+def test_a_batch_without_any_instance_trains_a_segmenting_student(tmp_path):
+    """Pool images the teachers found nothing on: transformers' mask loss returns empty tensors
+    there (an empty total loss); the step turns them into zeros and the loss stays a scalar."""
+    model, _, _ = build_student(TINY, names=["box", "round thing"], masks=True)
+    coco = write_tiny_coco(tmp_path / "images", n_images=2)
+    empty = {**coco, "annotations": []}
+    items = StudentDataset([Source("teacher", empty, tmp_path / "images", 0.5)],
+                           label_of={1: 0, 5: 1}, masks=True, seed=0)
+    batch = collate_student([items[0], items[1]], resolution=64)
+    terms = training_step(model, batch, terms=("loss_ce", "loss_mask_ce", "loss_mask_dice"))
+    assert all(v.shape == () and torch.isfinite(v) for v in terms.values())
+    terms["loss"].backward()

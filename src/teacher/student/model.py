@@ -93,9 +93,10 @@ ARCHITECTURES: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {  # back
 def architecture_config(name: str, *, names: Sequence[str]) -> RfDetrConfig:
     """The config of a released RF-DETR size (:data:`ARCHITECTURES`), class heads for ``names``."""
     backbone, model, _ = ARCHITECTURES[name]
-    return RfDetrConfig(backbone_config=RfDetrDinov2Config(**backbone), d_model=256, num_queries=300,
-                        decoder_self_attention_heads=8, decoder_cross_attention_heads=16,
-                        decoder_n_points=2, **{**model, **label_config(names)})
+    base = {"d_model": 256, "num_queries": 300, "decoder_self_attention_heads": 8,
+            "decoder_cross_attention_heads": 16, "decoder_n_points": 2}
+    return RfDetrConfig(backbone_config=RfDetrDinov2Config(**backbone),
+                        **{**base, **model, **label_config(names)})
 
 
 def label_config(names: Sequence[str]) -> dict[str, Any]:

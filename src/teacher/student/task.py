@@ -43,28 +43,39 @@ MASK_TERMS = ("loss_mask_ce", "loss_mask_dice")
 
 
 @contextmanager
-def boxes_of_this_process() -> Iterator[None]:
-    """Within: RF-DETR's loss normalises by this process's target boxes (no collective).
+def rf_detr_loss_fixes() -> Iterator[None]:
+    """Within: two fixes to transformers 5.24's RF-DETR losses, for training on our batches.
 
-    transformers' RF-DETR losses all-reduce the box count whenever torch.distributed is
-    initialised; a step here runs one forward per source present in its share of the batch,
-    which differs between processes, so a collective inside the loss would hang. Gradients are
-    still averaged over processes by the training loop.
+    - The box count the loss normalises by is this process's (no collective): a step runs one
+      forward per source present in its share of the batch, which differs between processes,
+      so the all-reduce inside the loss would hang. The loop still averages the gradients.
+    - A forward whose images hold no instance at all (a pool image the teachers found nothing
+      on) makes ``loss_masks`` return empty tensors instead of zeros, which turns the summed
+      loss into an empty tensor; here they are zero scalars (still on the graph).
     """
     from transformers.loss import loss_lw_detr, loss_rf_detr
 
-    saved = loss_lw_detr._is_torch_distributed_initialized, loss_rf_detr._is_torch_distributed_initialized
+    saved = (loss_lw_detr._is_torch_distributed_initialized,
+             loss_rf_detr._is_torch_distributed_initialized, loss_rf_detr.RfDetrImageLoss.loss_masks)
+    stock_masks = saved[2]
+
+    def loss_masks(self, outputs, targets, indices, num_boxes):
+        terms = stock_masks(self, outputs, targets, indices, num_boxes)
+        return {k: v if v.numel() == 1 else v.sum() * 0.0 for k, v in terms.items()}
+
     loss_lw_detr._is_torch_distributed_initialized = loss_rf_detr._is_torch_distributed_initialized = (
         lambda: False)
+    loss_rf_detr.RfDetrImageLoss.loss_masks = loss_masks
     try:
         yield
     finally:
-        loss_lw_detr._is_torch_distributed_initialized, loss_rf_detr._is_torch_distributed_initialized = saved
+        (loss_lw_detr._is_torch_distributed_initialized,
+         loss_rf_detr._is_torch_distributed_initialized, loss_rf_detr.RfDetrImageLoss.loss_masks) = saved
 
 
 def training_step(model: nn.Module, batch: dict[str, Any], *, terms: tuple[str, ...]) -> dict[str, Tensor]:
     """Weighted loss of a batch: one forward per loss weight, each weighted by its batch share."""
-    with boxes_of_this_process():
+    with rf_detr_loss_fixes():
         return _weighted_loss(model, batch, terms=terms)
 
 
