@@ -402,3 +402,29 @@ def test_a_batch_without_any_instance_trains_a_segmenting_student(tmp_path):
     terms = training_step(model, batch, terms=("loss_ce", "loss_mask_ce", "loss_mask_dice"))
     assert all(v.shape == () and torch.isfinite(v) for v in terms.values())
     terms["loss"].backward()
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_student_without_hanging(tmp_path):
+    """gloo, 2 processes, batch 1 each: one process may see a teacher image while the other sees a
+    human one (a different number of forwards per step) and one pool image has no instance; the
+    loss has no collective inside (rf_detr_loss_fixes), so the step does not hang."""
+    import subprocess
+
+    from teacher.train.distributed import launch
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], cwd=tmp_path, check=True)
+    coco = write_tiny_coco(tmp_path / "images", n_images=4)
+    pool = write_tiny_coco(tmp_path / "pool", n_images=2)
+    pool["annotations"] = [dict(a, score=0.9) for a in pool["annotations"][:1]]
+    metrics = launch(train_student, processes=2, kwargs=dict(
+        train_coco=coco, val_coco=coco, image_root=tmp_path / "images",
+        teacher=Source("teacher", pool, tmp_path / "pool", 0.5), masks=True, student=TINY,
+        train=TrainParams(epochs=1, batch_size=1, lr=1e-3, warmup_steps=0, processes=2),
+        augment_policy={"policy": "none", "hflip": 0.0, "scale_min": 1.0, "scale_max": 1.0,
+                        "crop": 0.0, "color_jitter": 0.0},
+        seed=0, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt",
+        live_dir=tmp_path / "live", fingerprint="mp"))
+    assert metrics["steps"] == 3 and (tmp_path / "out/model.safetensors").is_file()
