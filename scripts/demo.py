@@ -1,4 +1,5 @@
-"""`make demo`: the whole pipeline on the bundled sample with the `tiny-random` models, offline.
+"""`make demo`: the whole pipeline on the bundled sample with the `tiny-random` models, offline:
+teachers -> labels of the unlabeled pool -> student -> evaluation.
 
 Copies the repository's files into a fresh git + DVC repository (default `demo/`, which git
 ignores), applies `scripts/tiny-params.yaml` over params.yaml, runs `dvc repro` and
@@ -21,7 +22,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "scripts" / "tiny-params.yaml"
-GENERATED = ("data/inspect.json", "data/validated.json", "data/split/", "models/", "checkpoints/",
+GENERATED = ("data/inspect.json", "data/validated.json", "data/split/", "data/teacher_labels.json",
+             "models/", "checkpoints/",
              "metrics/", "demo/", "dvc_plots/")
 
 
@@ -77,6 +79,20 @@ def run(cmd: list[str], cwd: Path) -> None:
     subprocess.run(cmd, cwd=cwd, env=env, check=True)
 
 
+def print_student_summary(metrics_path: Path) -> None:
+    """Teachers vs student on the test split: box AP, mask AP, milliseconds per image."""
+    import json
+
+    if not metrics_path.is_file():
+        return
+    m = json.loads(metrics_path.read_text())
+    print("\n  test split        box mAP   mask mAP   ms/image")
+    for who, box, segm, ms in (("teachers", "box/map", "segm/map", "teacher/ms_per_image"),
+                               ("student", "student/box/map", "student/segm/map", "student/ms_per_image")):
+        cells = [f"{m[k]:9.3f}" if k in m else "        -" for k in (box, segm)]
+        print(f"  {who:<16}{cells[0]}  {cells[1]}  {m.get(ms, float('nan')):9.1f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "demo")
@@ -95,6 +111,8 @@ def main() -> int:
     print(f"  plots:   {repo / 'dvc_plots/index.html'}  (open in a browser; works offline)")
     print(f"  gallery: {repo / 'metrics/evaluate/plots/gallery'}")
     print(f"  adapters: {repo / 'models/dino'}, {repo / 'models/sam'}")
+    print(f"  teacher labels: {repo / 'data/teacher_labels.json'}; student: {repo / 'models/student'}")
+    print_student_summary(repo / "metrics/evaluate/metrics.json")
     return 0
 
 

@@ -7,7 +7,8 @@ color and overlap on plain, gradient, striped and noisy backgrounds; a few grays
 two stored rotated with an EXIF orientation tag, a few with no objects. Instance masks are the
 visible part of each shape: polygons where a shape is unoccluded, RLE (compressed or
 uncompressed) where it is occluded or picked at random; a few ``iscrowd`` regions (clusters
-of small dots) as uncompressed RLE, as COCO stores them.
+of small dots) as uncompressed RLE, as COCO stores them. ``unlabeled/``: 24 more images of the
+same world without annotations, the pool the teachers label for the student.
 """
 
 from __future__ import annotations
@@ -191,12 +192,33 @@ def make_sample(out: Path, *, seed: int = 0) -> dict:
     return coco
 
 
+N_UNLABELED = 24  # the unlabeled pool the teachers label for the student
+UNLABELED_SEED = 1  # its own stream: the labeled sample above does not change
+
+
+def make_unlabeled(out: Path, *, n: int = N_UNLABELED, seed: int = UNLABELED_SEED) -> list[Path]:
+    """``out/unlabeled/``: ``n`` more images of the same world, without annotations."""
+    rng = np.random.default_rng(seed)
+    folder = out / "unlabeled"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    paths = []
+    for k in range(1, n + 1):
+        pixels, _ = render_image(rng, 1000 + k, 1)
+        paths.append(folder / f"pool_{k:04d}.jpg")
+        save_image(pixels, paths[-1], 1000 + k)
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/sample")
     args = parser.parse_args()
     coco = make_sample(Path(args.out))
-    print(f"{args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+    pool = make_unlabeled(Path(args.out))
+    print(f"{args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations; "
+          f"{len(pool)} unlabeled images in {Path(args.out) / 'unlabeled'}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """evaluate stage: score the teachers on the test split; write DVC metrics and plots.
 
     python -m stages.evaluate --test data/split/test.json --images data/sample/images \
-        --dino models/dino --sam models/sam --out metrics/evaluate
+        --dino models/dino --sam models/sam --student models/student --out metrics/evaluate
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=Path, required=True, help="image root")
     parser.add_argument("--dino", type=Path, required=True, help="DINO adapter folder")
     parser.add_argument("--sam", type=Path, required=True, help="SAM adapter folder")
+    parser.add_argument("--student", type=Path, help="trained student folder (models/student): "
+                        "adds student/... and the teachers' and student's ms_per_image")
     parser.add_argument("--out", type=Path, required=True, help="metrics/evaluate folder")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         report = evaluate_test_split(
             load_coco(args.test), args.images, dino_dir=args.dino, sam_dir=args.sam,
-            dino_params=params["dino"], sam_params=params["sam"], params=params["evaluate"])
+            dino_params=params["dino"], sam_params=params["sam"], params=params["evaluate"],
+            student_dir=args.student)
         save_report(report, args.out)
     except (TeacherError, ParamsError) as e:
         print(f"evaluate: {e}", file=sys.stderr)

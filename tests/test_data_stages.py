@@ -141,6 +141,7 @@ def test_sample_is_deterministic_and_complete(tmp_path):
     finally:
         sys.path.remove(str(REPO_ROOT / "scripts"))
     make_sample.make_sample(tmp_path)
+    make_sample.make_unlabeled(tmp_path)
     committed = sorted(p.relative_to(SAMPLE) for p in SAMPLE.rglob("*") if p.is_file())
     assert committed == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert all(digest(SAMPLE / p) == digest(tmp_path / p) for p in committed)

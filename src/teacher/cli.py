@@ -142,6 +142,9 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
                    "(default: written beside --out, RectangleLabels + BrushLabels of the classes)")
     p.add_argument("--image-url-prefix", help="label-studio: prepended to each file's path under "
                    "the folder (default /data/local-files/?d=<folder>/)")
+    p.add_argument("--student", help="label with a trained student instead of the teachers: "
+                   "models/student (PyTorch) or a `teacher export --student` folder (ONNX); "
+                   "--score-threshold defaults to student.score_threshold")
 
 
 def _predict_run(args: argparse.Namespace) -> int:
@@ -155,6 +158,8 @@ def _predict_run(args: argparse.Namespace) -> int:
     )
 
     params = _model_params(args.params)
+    if args.student:
+        return _predict_student(args, params)
     dino = params["dino"]
     teachers = load_predict_teachers(
         classes=parse_classes(args.classes) if args.classes else None, adapters=args.adapters,
@@ -188,6 +193,25 @@ def _predict_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_student(args: argparse.Namespace, params: dict) -> int:
+    """``teacher predict --student``: the student (PyTorch or ONNX) labels the folder."""
+    from teacher.coco import save_coco
+    from teacher.predict import Filter
+    from teacher.student.onnx import load_any_student
+    from teacher.student_predict import label_with_student
+
+    student = load_any_student(args.student)
+    keep = Filter(score_threshold=params["student"].score_threshold if args.score_threshold is None
+                  else args.score_threshold, nms_iou=args.nms_iou, max_detections=args.max_detections)
+    doc = label_with_student(student, args.images, keep=keep, batch_size=args.batch_size)
+    save_coco(doc, args.out)
+    for item in doc["info"]["unreadable"]:
+        print(f"skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
+    print(f"wrote {args.out}: {len(doc['images'])} images, {len(doc['annotations'])} detections"
+          f" ({len(doc['info']['unreadable'])} unreadable images skipped)")
+    return 0
+
+
 # --- export --------------------------------------------------------------------------------
 
 
@@ -195,11 +219,20 @@ def _export_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", default="models", help="folder holding dino/ and sam/ (models)")
     p.add_argument("--out", required=True, help="folder for dino/ (save_pretrained) and sam.pth")
     p.add_argument("--params", default="params.yaml", help="its dino and sam sections name the base models")
+    p.add_argument("--student", nargs="?", const="models/student", default=None, metavar="DIR",
+                   help="export the trained student (default models/student) instead of the "
+                   "teachers: OUT/student.onnx + student.json")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="student export format (onnx)")
 
 
 def _export_run(args: argparse.Namespace) -> int:
     from teacher.export import export_all
 
+    if args.student:
+        from teacher.student.onnx import export_onnx
+
+        print(f"export: student -> {export_onnx(args.student, args.out)}")
+        return 0
     params = _model_params(args.params)
     export_all(args.adapters, args.out, dino=params["dino"], sam=params["sam"])
     return 0

@@ -13,6 +13,7 @@ A teacher whose folder holds only ``SKIPPED`` contributes no keys (and no ``segm
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ class VariantOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     curves: list[dict[str, Any]] = field(default_factory=list)  # PR rows at IoU 0.5 (boxes)
     shown: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict)  # gallery image -> det
+    seconds: float = 0.0  # wall time of Grounded-SAM (predict_images) over the split, decoding excluded
 
 
 def _by_image(gt: dict) -> dict[Any, list[dict]]:
@@ -110,17 +112,23 @@ def run_variant(
         arrays = [load_image(images_root / r["file_name"]) for r in records]
         dets: list[dict | None] = [None] * len(records)
         if teachers.dino is not None:  # DINO on the batch; SAM below, per image
+            started = time.perf_counter()
             dets = list(predict_images(boxes_only, arrays, keep=keep, text_threshold=text_threshold))
+            out.seconds += time.perf_counter() - started
         for rec, image, det in zip(records, arrays, dets, strict=True):
             shown = rec["id"] in gallery_ids
             instances = [a for a in anns_of[rec["id"]] if is_sam_instance(a)]
+            started = time.perf_counter()
             prepared = None  # one encoder pass, shared by Grounded-SAM and the true-box mIoU
             if teachers.sam is not None and (instances or (det is not None and len(det["boxes"]))):
                 prepared = prepare_image(teachers.sam, image)
+            encoder = time.perf_counter() - started
             if det is not None:
+                started = time.perf_counter()
                 if teachers.sam is not None:
                     det = segment_detections(teachers.sam, image, det, multimask=multimask,
                                              prepared=prepared)
+                out.seconds += time.perf_counter() - started + (encoder if len(det["boxes"]) else 0.0)
                 results += to_annotations(det, image_id=rec["id"], first_id=len(results) + 1)
                 if shown:
                     out.shown[rec["id"]] = det
@@ -251,6 +259,7 @@ def evaluate_test_split(
     sam_params: Any,
     params: Any,
     log: Callable[[str], None] = print,
+    student_dir: str | Path | None = None,
 ) -> Report:
     """Score the adapted teachers (and, with ``params.base``, the base models) on ``gt``.
 
@@ -281,8 +290,28 @@ def evaluate_test_split(
             desc=f"evaluate ({variant})")
         del teachers
     title = ("Grounded-SAM" if dirs["sam"] else "DINO") if dirs["dino"] else "SAM from true boxes"
-    return _report(gt, images_root, runs, gallery_ids, title=title,
-                   min_score=dino_params.box_threshold if dirs["dino"] else 0.0)
+    report = _report(gt, images_root, runs, gallery_ids, title=title,
+                     min_score=dino_params.box_threshold if dirs["dino"] else 0.0)
+    report.metrics.update(student_metrics(gt, images_root, runs, student_dir=student_dir,
+                                          params=params, log=log))
+    return report
+
+
+def student_metrics(gt: dict, images_root: Path, runs: dict[str, VariantOutput], *,
+                    student_dir: str | Path | None, params: Any,
+                    log: Callable[[str], None] = print) -> dict[str, float]:
+    """``student/...`` (teacher.student.evaluate) and ``teacher/ms_per_image`` (the adapted
+    teachers' Grounded-SAM time per test image, measured the same way) when a student exists."""
+    if student_dir is None:
+        return {}
+    from teacher.student.evaluate import evaluate_student
+
+    out = evaluate_student(gt, images_root, student_dir=student_dir,
+                           score_threshold=params.score_threshold,
+                           max_detections=params.max_detections, log=log)
+    if "adapted" in runs and runs["adapted"].seconds > 0:
+        out["teacher/ms_per_image"] = 1000.0 * runs["adapted"].seconds / max(len(gt["images"]), 1)
+    return out
 
 
 def _report(gt: dict, images_root: Path, runs: dict[str, VariantOutput], gallery_ids: Sequence[Any],

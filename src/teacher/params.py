@@ -43,6 +43,7 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 class DataParams:
     annotations: str = "data/sample/annotations.json"  # your COCO export
     images: str = "data/sample/images"  # folder that file_name is relative to
+    unlabeled: str = "data/sample/unlabeled"  # folder of unlabeled images the teachers label for the student (searched recursively); a folder without images = no pool, the student trains on human labels alone
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,26 @@ class EvaluateParams:
     base: bool = True  # also score the pretrained models without adapters (base/..., gain/...)
 
 
+@dataclass(frozen=True)
+class LabelParams:
+    score_threshold: float = field(default=0.2, metadata=_range(0, 1))  # teacher detections kept in data/teacher_labels.json (student.min_score picks which train)
+    nms_iou: float = field(default=0.7, metadata=_range(0, 1))  # per-class NMS IoU; 1 disables
+    max_detections: int = field(default=100, metadata=_range(1))  # per image
+    batch_size: int = field(default=4, metadata=_range(1))  # images per Grounding DINO forward
+
+
+@dataclass(frozen=True)
+class StudentParams:
+    model: str = "auto"  # auto: the smallest RF-DETR for the data (Roboflow/rf-detr-seg-nano with masks, Roboflow/rf-detr-nano without); a hub id, a local save_pretrained folder, or tiny-random
+    revision: str = "main"  # hub revision (branch, tag or commit) to pin
+    resolution: int = field(default=0, metadata=_range(0))  # square input side in px, a multiple of the backbone's patch size x windows; 0 = the model's own (384 nano, 312 seg-nano, 64 tiny-random)
+    teacher_weight: float = field(default=0.5, metadata=_range(0))  # loss weight of teacher-labeled pool images relative to human-labeled ones; 0 = human labels alone
+    min_score: float = field(default=0.3, metadata=_range(0, 1))  # teacher detections scoring below this are not used as labels
+    score_threshold: float = field(default=0.3, metadata=_range(0, 1))  # teacher predict --student: min detection score
+    max_detections: int = field(default=100, metadata=_range(1))  # per image, highest scores first
+    lr: float | None = field(default=None, metadata=_range(0, lo_open=True))  # peak AdamW learning rate of the student (all weights train); null = train.lr
+
+
 # params.yaml, as written by render_yaml: sections in this order, "seed" where it stands.
 YAML_HEADER = """\
 # Every knob of the pipeline. `dvc exp run -S section.key=value` changes one for an experiment.
@@ -174,11 +195,13 @@ YAML_HEADER = """\
 # comments in src/teacher/params.py (`python -m teacher.params > params.yaml`); a test keeps the
 # two equal, so change a default or a comment there.
 """
-YAML_ORDER = ("data", "seed", "validate", "split", "evaluate", "lora", "train", "augment", "dino", "sam")
+YAML_ORDER = ("data", "seed", "validate", "split", "evaluate", "lora", "train", "augment", "dino", "sam",
+              "label", "student")
 YAML_BANNERS = {  # a comment line above a section
     "lora": "training (shared by train_dino and train_sam)",
     "dino": "Grounding DINO",
     "sam": "SAM",
+    "label": "the student: teachers label data.unlabeled, RF-DETR trains on human + teacher labels",
 }
 SEED_DEFAULT = 0
 SEED_COMMENT = "every random choice (split, LoRA init, sampling, augmentation) follows it"
@@ -193,6 +216,8 @@ SECTIONS: dict[str, type] = {
     "dino": DinoParams,
     "sam": SamParams,
     "evaluate": EvaluateParams,
+    "label": LabelParams,
+    "student": StudentParams,
 }
 
 

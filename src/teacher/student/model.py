@@ -1,0 +1,357 @@
+"""RF-DETR (transformers) as the student: build, load, save, preprocess, decode.
+
+``student.model`` names a hub id (``auto``: the smallest RF-DETR for the data kind,
+``Roboflow/rf-detr-seg-nano`` when the data has instance masks, ``Roboflow/rf-detr-nano``
+otherwise), a local ``save_pretrained`` folder, or ``tiny-random``: the same architecture at toy
+size built in code with a fixed seed (no download). ``RfDetrForInstanceSegmentation`` when the
+data has masks, ``RfDetrForObjectDetection`` otherwise.
+
+Input: every image is resized (aspect not kept, as RF-DETR trains) to a square of
+``resolution`` px and normalised with the ImageNet mean/std; boxes are normalised cxcywh, so the
+resize does not change them. A trained student folder holds the transformers weights
+(``config.json``, ``model.safetensors``) and ``student.json`` (:class:`StudentInfo`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import (
+    RfDetrConfig,
+    RfDetrDinov2Config,
+    RfDetrForInstanceSegmentation,
+    RfDetrForObjectDetection,
+)
+
+from teacher.errors import TeacherError
+from teacher.params import StudentParams
+
+TINY_RANDOM = "tiny-random"
+AUTO = "auto"
+TINY_SEED = 20240614  # fixed: every stage builds identical tiny-random initial weights
+TINY_RESOLUTION = 64
+HUB_DEFAULTS = {False: "Roboflow/rf-detr-nano", True: "Roboflow/rf-detr-seg-nano"}  # masks -> id
+INFO_FILE = "student.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class StudentInfo:
+    """What a student folder needs besides its weights (``student.json``)."""
+
+    source: str  # student.model it was trained from (resolved: hub id, folder, tiny-random)
+    masks: bool  # instance segmentation (RfDetrForInstanceSegmentation) or boxes only
+    resolution: int  # square input side, px
+    category_ids: tuple[int, ...]  # COCO category id of label index 0..N-1
+    names: tuple[str, ...]  # class names, same order
+
+
+def model_class(masks: bool) -> Any:
+    """``RfDetrForInstanceSegmentation`` with masks, ``RfDetrForObjectDetection`` without."""
+    return RfDetrForInstanceSegmentation if masks else RfDetrForObjectDetection
+
+
+def resolve_name(model: str, *, masks: bool) -> str:
+    """``student.model`` with ``auto`` replaced by the smallest RF-DETR of the data kind."""
+    return HUB_DEFAULTS[masks] if model == AUTO else model
+
+
+def tiny_config(*, names: Sequence[str]) -> RfDetrConfig:
+    """RF-DETR at toy size: 4-layer ViT (32 wide, patch 8, 2x2 windows), 2 decoder layers, 30 queries."""
+    backbone = RfDetrDinov2Config(hidden_size=32,  # type: ignore[call-arg]  # out_features: a kwarg of __post_init__ num_hidden_layers=4, num_attention_heads=2,
+                                  mlp_ratio=2, patch_size=8, image_size=TINY_RESOLUTION, num_windows=2,
+                                  out_features=["stage1", "stage2", "stage3", "stage4"])
+    return RfDetrConfig(backbone_config=backbone, d_model=32, decoder_ffn_dim=64, decoder_layers=2,
+                        decoder_self_attention_heads=2, decoder_cross_attention_heads=2,
+                        decoder_n_points=2, num_queries=30, group_detr=3, c2f_num_blocks=1,
+                        intermediate_size=64, **label_config(names))
+
+
+# The released RF-DETR architectures the pipeline defaults to, as transformers' conversion script
+# (convert_rf_detr_weights_to_hf.py) builds them: for benchmarks at real size without a download.
+_VIT_SMALL = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4,
+              "out_features": ["stage3", "stage6", "stage9", "stage12"], "patch_size": 16,
+              "num_windows": 2, "image_size": 384}
+ARCHITECTURES: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {  # backbone, model, input side
+    "rf-detr-nano": (_VIT_SMALL, {"decoder_layers": 2}, 384),
+    "rf-detr-seg-nano": ({**_VIT_SMALL, "image_size": 312, "patch_size": 12, "num_windows": 1},
+                         {"decoder_layers": 4, "num_queries": 100, "class_loss_coefficient": 5.0}, 312),
+}
+
+
+def architecture_config(name: str, *, names: Sequence[str]) -> RfDetrConfig:
+    """The config of a released RF-DETR size (:data:`ARCHITECTURES`), class heads for ``names``."""
+    backbone, model, _ = ARCHITECTURES[name]
+    base = {"d_model": 256, "num_queries": 300, "decoder_self_attention_heads": 8,
+            "decoder_cross_attention_heads": 16, "decoder_n_points": 2}
+    return RfDetrConfig(backbone_config=RfDetrDinov2Config(**backbone),
+                        **{**base, **model, **label_config(names)})
+
+
+def label_config(names: Sequence[str]) -> dict[str, Any]:
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def _hub_reachable(*, timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_error(name: str, revision: str, err: Exception) -> TeacherError:
+    return TeacherError(
+        f"student.model {name!r} (revision {revision!r}) is not a local folder, not in the Hugging "
+        f"Face cache, and the hub cannot be reached ({str(err).splitlines()[0]}). Fix: download it "
+        f"once where there is network (huggingface-cli download {name} --local-dir "
+        f"weights/{name.split('/')[-1]}), copy the folder and set student.model to it in "
+        f"params.yaml, or use student.model: {TINY_RANDOM}.")
+
+
+def _pretrained(name: str, *, revision: str, masks: bool, names: Sequence[str]) -> nn.Module:
+    """A hub id or local folder, its class heads resized to ``names`` (cache first, fails fast offline)."""
+    cls = model_class(masks)
+    local = Path(name).is_dir()
+    kwargs = {"ignore_mismatched_sizes": True, **label_config(names),
+              **({} if local else {"revision": revision})}
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+    except OSError as err:
+        if local:
+            raise TeacherError(f"student.model {name!r}: not an RF-DETR folder written by "
+                               f"save_pretrained ({err})") from err
+        if not _hub_reachable():
+            raise _offline_error(name, revision, err) from err
+    try:
+        return cls.from_pretrained(name, local_files_only=False, **kwargs)
+    except OSError as err:
+        raise _offline_error(name, revision, err) from err
+
+
+def default_resolution(name: str, model: Any) -> int:
+    """The input side a model was trained at: tiny-random 64; else its image processor's size."""
+    if name == TINY_RANDOM:
+        return TINY_RESOLUTION
+    from transformers import AutoImageProcessor
+
+    try:
+        size = AutoImageProcessor.from_pretrained(name, local_files_only=True).size
+    except (OSError, ValueError) as err:
+        raise TeacherError(f"student.model {name!r}: no image processor to read its input size "
+                           f"from ({str(err).splitlines()[0]}); set student.resolution") from err
+    side = getattr(size, "height", None) or (size.get("height") if isinstance(size, dict) else None)
+    if not side:
+        raise TeacherError(f"student.model {name!r}: its image processor has no fixed square size "
+                           f"({size}); set student.resolution in params.yaml")
+    return int(side)
+
+
+def check_resolution(model: Any, resolution: int, *, name: str) -> None:
+    """The backbone cuts the image into patches and windows: the side must divide evenly."""
+    bb = model.config.backbone_config
+    step = bb.patch_size * bb.num_windows
+    if resolution % step:
+        lower = max(step, resolution // step * step)
+        raise TeacherError(f"student.resolution {resolution} is not a multiple of {step} (patch size "
+                           f"{bb.patch_size} x {bb.num_windows} windows) for {name!r}; use "
+                           f"{lower} or {lower + step}")
+
+
+def build_student(params: StudentParams, *, names: Sequence[str], masks: bool
+                  ) -> tuple[nn.Module, int, str]:
+    """The model to train, its input side and the resolved ``student.model``."""
+    name = resolve_name(params.model, masks=masks)
+    if name == TINY_RANDOM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = model_class(masks)(tiny_config(names=names))
+    else:
+        model = _pretrained(name, revision=params.revision, masks=masks, names=names)
+    resolution = params.resolution or default_resolution(name, model)
+    check_resolution(model, resolution, name=name)
+    return model, resolution, name
+
+
+# --- a trained student folder --------------------------------------------------------------------
+
+
+def save_student(model: Any, out_dir: Path, *, info: StudentInfo) -> None:
+    """``out_dir``: transformers ``save_pretrained`` (safetensors) + ``student.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    doc = {**asdict(info), "category_ids": list(info.category_ids), "names": list(info.names)}
+    (out_dir / INFO_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def load_info(model_dir: Path) -> StudentInfo:
+    path = Path(model_dir) / INFO_FILE
+    try:
+        doc = json.loads(path.read_text())
+        return StudentInfo(source=str(doc["source"]), masks=bool(doc["masks"]),
+                           resolution=int(doc["resolution"]),
+                           category_ids=tuple(int(c) for c in doc["category_ids"]),
+                           names=tuple(str(n) for n in doc["names"]))
+    except FileNotFoundError as e:
+        raise TeacherError(f"{path}: not found; {model_dir} is not a trained student folder "
+                           "(run `dvc repro train_student`, or pass the folder it wrote)") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise TeacherError(f"{path}: damaged ({e}); re-run `dvc repro train_student`") from e
+
+
+@dataclass
+class Student:
+    """A loaded student: ``forward(pixel_values) -> (logits, pred_boxes[, pred_masks])`` and its info.
+
+    ``forward`` is a PyTorch module (:class:`StudentOutputs`) or an ONNX Runtime session wrapper
+    (``teacher.student.onnx.OnnxStudent``): both take and return tensors of the same shapes.
+    """
+
+    forward: Callable[[Tensor], tuple[Tensor, ...]]
+    info: StudentInfo
+
+
+class StudentOutputs(nn.Module):
+    """The model as a function of ``pixel_values`` (B, 3, R, R) only: ``(logits (B, Q, C),
+    pred_boxes (B, Q, 4) cxcywh in [0, 1][, pred_masks (B, Q, R/4, R/4) logits])`` (what ONNX exports)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(pixel_values=pixel_values)
+        masks = getattr(out, "pred_masks", None)
+        return (out.logits, out.pred_boxes) + ((masks,) if masks is not None else ())
+
+
+def load_student(model_dir: str | Path, *, device: torch.device | str = "cpu") -> Student:
+    """A trained student folder as a :class:`Student` (eval mode, on ``device``)."""
+    model_dir = Path(model_dir)
+    info = load_info(model_dir)
+    try:
+        model = model_class(info.masks).from_pretrained(str(model_dir), local_files_only=True)
+    except OSError as e:
+        raise TeacherError(f"{model_dir}: cannot load the student weights ({e}); re-run "
+                           "`dvc repro train_student`") from e
+    return Student(forward=StudentOutputs(model).to(device).eval(), info=info)
+
+
+# --- tensors in, detections out --------------------------------------------------------------------
+
+
+def preprocess(images: Sequence[np.ndarray], *, resolution: int) -> Tensor:
+    """HxWx3 uint8 RGB images -> ``pixel_values`` (B, 3, R, R) float32: resized (bilinear,
+    antialiased) to ``resolution`` squared, scaled to [0, 1], ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    out = []
+    for image in images:
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        x = nn.functional.interpolate(x[None], size=(resolution, resolution), mode="bilinear",
+                                      align_corners=False, antialias=True)[0]
+        out.append((x - mean) / std)
+    return torch.stack(out) if out else torch.zeros((0, 3, resolution, resolution))
+
+
+def decode(outputs: Sequence[Tensor], *, sizes: Sequence[tuple[int, int]],
+           category_ids: Sequence[int], max_detections: int, score_threshold: float = 0.0
+           ) -> list[dict[str, np.ndarray]]:
+    """RF-DETR outputs -> per image ``boxes`` (N, 4) COCO xywh px, ``scores``, ``category_ids``
+    (+ ``masks`` (N, H, W) bool when the outputs have mask logits).
+
+    As RF-DETR's post-processing: sigmoid class scores, the top ``max_detections`` (query, class)
+    pairs per image, boxes scaled to the image's ``sizes`` (width, height); masks upsampled
+    (bilinear) to the image size and thresholded at logit 0.
+    """
+    logits, boxes = outputs[0].float(), outputs[1].float()
+    masks = outputs[2].float() if len(outputs) > 2 else None
+    prob = logits.sigmoid()
+    b, q, c = prob.shape
+    scores, flat = prob.reshape(b, -1).topk(min(max_detections, q * c), dim=1)
+    query, label = flat // c, flat % c
+    cats = np.asarray(category_ids, dtype=np.int64)
+    dets = []
+    for i, (w, h) in enumerate(sizes):
+        keep = scores[i] >= score_threshold
+        qi = query[i][keep]
+        cxcywh = boxes[i, qi]
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        xywh = torch.cat([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, 2:]], dim=1) * scale
+        xywh[:, 0::2] = xywh[:, 0::2].clamp(0, w)
+        xywh[:, 1::2] = xywh[:, 1::2].clamp(0, h)
+        xywh[:, 2] = xywh[:, 2].clamp(max=w - xywh[:, 0])
+        xywh[:, 3] = xywh[:, 3].clamp(max=h - xywh[:, 1])
+        det = {"boxes": xywh.numpy().astype(np.float32), "scores": scores[i][keep].numpy(),
+               "category_ids": cats[label[i][keep].numpy()]}
+        if masks is not None:
+            up = nn.functional.interpolate(masks[i, qi][None], size=(h, w), mode="bilinear",
+                                           align_corners=False)[0] if len(qi) else masks[i, :0, :h, :w]
+            det["masks"] = (up > 0).numpy().reshape(-1, h, w)
+        dets.append(det)
+    return dets
+
+
+@torch.no_grad()
+def predict(student: Student, images: Sequence[np.ndarray], *, max_detections: int,
+            score_threshold: float = 0.0) -> list[dict[str, np.ndarray]]:
+    """The student on a batch of HxWx3 uint8 images: per image the decoded detections."""
+    info = student.info
+    device = _device_of(student.forward)
+    raw = student.forward(preprocess(images, resolution=info.resolution).to(device))
+    outputs = [o.detach().cpu() for o in raw]
+    sizes = [(int(im.shape[1]), int(im.shape[0])) for im in images]
+    return decode(outputs, sizes=sizes, category_ids=info.category_ids,
+                  max_detections=max_detections, score_threshold=score_threshold)
+
+
+def _device_of(forward: Any) -> torch.device:
+    if isinstance(forward, nn.Module):
+        return next(forward.parameters()).device
+    return torch.device("cpu")
+
+
+def _constant(table: Tensor) -> Callable[..., Tensor]:
+    return lambda embeddings, height, width: table
+
+
+@contextmanager
+def fixed_position_embeddings(model: Any, resolution: int) -> Iterator[None]:
+    """Within: the ViT position embeddings are a constant for ``resolution`` px inputs.
+
+    transformers interpolates them on every traced call (bicubic with antialiasing), an operator
+    ONNX has no export for. At a fixed input size the interpolation is a constant: computed once
+    here, exactly as the model computes it eagerly, so the exported graph gives the same outputs.
+    """
+    embeddings: list[Any] = [m for m in model.modules() if type(m).__name__.endswith("Dinov2Embeddings")]
+    saved = []
+    for emb in embeddings:
+        n = (resolution // emb.patch_size) ** 2
+        with torch.no_grad():
+            table = emb.interpolate_pos_encoding(torch.zeros(1, n + 1, 1), resolution, resolution)
+        saved.append(emb.__dict__.get("interpolate_pos_encoding"))
+        emb.interpolate_pos_encoding = _constant(table.detach())
+    try:
+        yield
+    finally:
+        for emb, old in zip(embeddings, saved, strict=True):
+            if old is None:
+                del emb.interpolate_pos_encoding
+            else:
+                emb.interpolate_pos_encoding = old

@@ -1,0 +1,53 @@
+"""Stage ``label``: the fine-tuned teachers (Grounded-SAM) label the unlabeled pool.
+
+    python -m stages.label --params params.yaml --pool data/sample/unlabeled \
+        --dino models/dino --sam models/sam --out data/teacher_labels.json
+
+Writes ``data/teacher_labels.json``: COCO with per detection a box, an RLE mask (when SAM was
+trained) and a score; thresholds from the ``label`` section. Unreadable images are listed on
+stderr and in ``info.unreadable``, and skipped. A pool folder without images gives a file
+without images: the student then trains on the human labels alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from teacher.coco import save_coco
+from teacher.errors import TeacherError
+from teacher.labeling import label_pool
+from teacher.params import ParamsError, load_params
+
+
+def run(args: argparse.Namespace) -> str:
+    params = load_params(args.params)
+    doc = label_pool(args.pool, dino_dir=args.dino, sam_dir=args.sam, label=params["label"],
+                     dino=params["dino"], sam=params["sam"])
+    save_coco(doc, args.out)
+    for item in doc["info"]["unreadable"]:
+        print(f"label: skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
+    return (f"{len(doc['annotations'])} detections on {len(doc['images'])} images "
+            f"({len(doc['info']['unreadable'])} unreadable skipped) -> {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stages.label", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--pool", type=Path, required=True, help="folder of unlabeled images (data.unlabeled)")
+    p.add_argument("--dino", type=Path, default=Path("models/dino"))
+    p.add_argument("--sam", type=Path, default=Path("models/sam"))
+    p.add_argument("--out", type=Path, default=Path("data/teacher_labels.json"))
+    args = p.parse_args(argv)
+    try:
+        print(f"label: {run(args)}")
+    except (ParamsError, TeacherError) as e:
+        print(f"label: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
