@@ -198,9 +198,9 @@ def test_decode_picks_the_class_of_the_best_tokens_and_scales_boxes(label_map):
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1]]])
     (det,) = decode(logits, boxes, ids, sizes=[(200, 100)], category_ids=[[3, 5, 9]],
                     box_threshold=0.3, text_threshold=0.3)
-    assert det["category_ids"].tolist() == [9]
-    np.testing.assert_allclose(det["boxes"], [[80, 30, 40, 40]], atol=1e-4)
-    assert det["scores"][0] == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item())
+    assert det.category_ids.tolist() == [9]
+    np.testing.assert_allclose(det.boxes, [[80, 30, 40, 40]], atol=1e-4)
+    assert det.scores[0] == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item())
 
 
 def test_detect_runs_every_chunk_and_returns_coco_ids(bundle):
@@ -209,9 +209,9 @@ def test_detect_runs_every_chunk_and_returns_coco_ids(bundle):
                   batch_size=2)
     assert len(dets) == 3
     for det in dets:
-        assert det["boxes"].shape == (len(det["scores"]), 4)
-        assert set(det["category_ids"].tolist()) == {3, 5, 9}  # both chunks present
-        assert np.all(np.diff(det["scores"]) <= 0)
+        assert det.boxes.shape == (len(det.scores), 4)
+        assert set(det.category_ids.tolist()) == {3, 5, 9}  # both chunks present
+        assert np.all(np.diff(det.scores) <= 0)
 
 
 # --- LoRA parity and trained heads ---------------------------------------------------------------

@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from teacher.cli import main as teacher_main
+from teacher.detections import Detections
 from teacher.errors import TeacherError
 from teacher.images import load_image
 from teacher.predict import (
@@ -32,29 +33,41 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _det():
-    return {"boxes": np.array([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [50, 50, 5, 5]], float),
-            "scores": np.array([0.9, 0.8, 0.7, 0.1], np.float32),
-            "category_ids": np.array([1, 1, 2, 1])}
+    return Detections(boxes=np.array([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [50, 50, 5, 5]], float),
+                      scores=np.array([0.9, 0.8, 0.7, 0.1], np.float32),
+                      category_ids=np.array([1, 1, 2, 1]))
 
 
 def test_nms_is_per_class_and_sorted_by_score():
     d = _det()
-    assert nms_per_class(d["boxes"], d["scores"], d["category_ids"], iou_threshold=0.5).tolist() == [0, 2, 3]
-    assert nms_per_class(d["boxes"], d["scores"], d["category_ids"], iou_threshold=1.0).tolist() == [0, 1, 2, 3]
+    assert nms_per_class(d.boxes, d.scores, d.category_ids, iou_threshold=0.5).tolist() == [0, 2, 3]
+    assert nms_per_class(d.boxes, d.scores, d.category_ids, iou_threshold=1.0).tolist() == [0, 1, 2, 3]
 
 
 def test_select_applies_threshold_nms_and_cap():
     kept = select(_det(), Filter(score_threshold=0.5, nms_iou=0.5, max_detections=10))
-    assert kept["scores"].tolist() == pytest.approx([0.9, 0.7])
-    assert kept["category_ids"].tolist() == [1, 2]
-    assert len(select(_det(), Filter(score_threshold=0.0, nms_iou=1.0, max_detections=2))["scores"]) == 2
+    assert kept.scores.tolist() == pytest.approx([0.9, 0.7])
+    assert kept.category_ids.tolist() == [1, 2]
+    assert len(select(_det(), Filter(score_threshold=0.0, nms_iou=1.0, max_detections=2))) == 2
+
+
+def test_detections_check_lengths_and_keep_masks_with_their_boxes():
+    det = _det().with_masks(np.arange(4)[:, None, None] * np.ones((4, 2, 3), bool) > 1)
+    assert det.boxes.dtype == np.float64 and det.category_ids.dtype == np.int64
+    best = det.best(2)
+    assert best.scores.tolist() == pytest.approx([0.9, 0.8]) and best.masks.sum() == 0
+    assert len(Detections.concat([det, Detections.empty()])) == 4
+    assert Detections.concat([det, _det()]).masks is None  # not every part has masks
+    assert det.scaled(2).masks.shape == (4, 4, 6)
+    with pytest.raises(ValueError, match="3 scores"):
+        Detections(np.zeros((2, 4)), np.zeros(3), np.zeros(2))
 
 
 def test_annotations_carry_rle_masks_and_mask_area():
     det = select(_det(), Filter(score_threshold=0.5, nms_iou=0.5))
     masks = np.zeros((2, 20, 30), bool)
     masks[0, :5, :4] = True
-    anns = to_annotations({**det, "masks": masks}, image_id=7, first_id=3)
+    anns = to_annotations(det.with_masks(masks), image_id=7, first_id=3)
     assert [a["id"] for a in anns] == [3, 4] and anns[0]["area"] == 20 and anns[1]["area"] == 0
     assert mask_utils.decode({**anns[0]["segmentation"], "counts": anns[0]["segmentation"]["counts"].encode()}).sum() == 20
     json.dumps(anns)  # JSON-ready
@@ -83,9 +96,9 @@ def test_sam_embeds_each_image_once_for_all_its_boxes(tmp_path):
     images = [load_image(tmp_path / im["file_name"]) for im in gt["images"]]
     dets = predict_images(teachers, images, keep=Filter(score_threshold=0.0, nms_iou=1.0,
                                                         max_detections=20), text_threshold=0.0)
-    assert [len(d["scores"]) for d in dets] == [20, 20]
+    assert [len(d.scores) for d in dets] == [20, 20]
     assert calls == [1, 1]  # one embedding per image, not per box
-    assert all(d["masks"].shape == (20, 48, 64) for d in dets)
+    assert all(d.masks.shape == (20, 48, 64) for d in dets)
 
 
 def _params(tmp_path):
@@ -179,7 +192,7 @@ def test_chunked_segmentation_equals_one_call(tmp_path):
     rng = np.random.default_rng(0)
     boxes = np.concatenate([rng.uniform(0, 30, (7, 2)), rng.uniform(4, 30, (7, 2))], axis=1)
     whole, _ = segment(sam, image, boxes)
-    det = {"boxes": boxes, "scores": np.ones(7), "category_ids": np.ones(7, int)}
-    chunked = segment_detections(sam, image, det, chunk=3)["masks"]
+    det = Detections(boxes=boxes, scores=np.ones(7), category_ids=np.ones(7, int))
+    chunked = segment_detections(sam, image, det, chunk=3).masks
     assert chunked.shape == (7, 48, 64) and (chunked == whole).all()
-    assert segment_detections(sam, image, {k: v[:0] for k, v in det.items()})["masks"].shape == (0, 48, 64)
+    assert segment_detections(sam, image, det.take(slice(0, 0))).masks.shape == (0, 48, 64)

@@ -22,6 +22,7 @@ import numpy as np
 
 from teacher.artifacts import LABELS_FILE, SKIPPED_FILE, skipped_reason
 from teacher.coco import annotation_mask, mask_kind
+from teacher.detections import Detections
 from teacher.dino.labels import LabelMap
 from teacher.errors import TeacherError
 from teacher.images import load_image
@@ -42,7 +43,7 @@ class VariantOutput:
 
     metrics: dict[str, float] = field(default_factory=dict)
     curves: list[dict[str, Any]] = field(default_factory=list)  # PR rows at IoU 0.5 (boxes)
-    shown: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict)  # gallery image -> det
+    shown: dict[Any, Detections] = field(default_factory=dict)  # gallery image -> detections
 
 
 def evaluable_masks(anns: Sequence[dict]) -> list[dict]:
@@ -52,11 +53,11 @@ def evaluable_masks(anns: Sequence[dict]) -> list[dict]:
 
 
 def gt_box_masks(sam: Any, image: np.ndarray, anns: Sequence[dict], *, multimask: bool
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                 ) -> tuple[np.ndarray, Detections]:
     """SAM prompted by the ground-truth boxes of one image.
 
     Returns the IoU (N,) of each predicted mask with its ground-truth mask, and the prompts as
-    detections (``boxes`` xywh, ``scores`` = SAM's predicted IoU, ``category_ids``, ``masks``).
+    detections (scores = SAM's predicted IoU, with masks).
     """
     from teacher.sam.model import segment
 
@@ -64,8 +65,7 @@ def gt_box_masks(sam: Any, image: np.ndarray, anns: Sequence[dict], *, multimask
     boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
     pred, scores = segment(sam, image, boxes, multimask=multimask)
     gt = np.stack([annotation_mask(a, h, w) for a in anns]) if anns else np.zeros((0, h, w), bool)
-    det = {"boxes": boxes, "scores": scores, "masks": pred,
-           "category_ids": np.array([int(a["category_id"]) for a in anns], dtype=np.int64)}
+    det = Detections(boxes, scores, [int(a["category_id"]) for a in anns], masks=pred)
     return mask_iou(pred, gt), det
 
 
@@ -119,7 +119,7 @@ def run_variant(
                 iou, det = gt_box_masks(teachers.sam, image, evaluable_masks(anns_of[rec["id"]]),
                                         multimask=multimask)
                 ious.append(iou)
-                cats += det["category_ids"].tolist()
+                cats += det.category_ids.tolist()
                 if teachers.dino is None and rec["id"] in gallery_ids:
                     out.shown[rec["id"]] = det
         bar.update(len(records))
@@ -198,14 +198,7 @@ def load_teachers(gt: dict, *, dino_dir: Path | None, sam_dir: Path | None, dino
 GALLERY_MIN_SIDE = 320  # px; smaller test images are enlarged (nearest) so labels stay legible
 
 
-def _enlarge(det: dict[str, np.ndarray], f: int) -> dict[str, np.ndarray]:
-    out = {**det, "boxes": np.asarray(det["boxes"], float).reshape(-1, 4) * f}
-    if det.get("masks") is not None:
-        out["masks"] = det["masks"].repeat(f, axis=1).repeat(f, axis=2)
-    return out
-
-
-def gallery_panel(image: np.ndarray, gt_anns: Sequence[dict], det: dict[str, np.ndarray] | None,
+def gallery_panel(image: np.ndarray, gt_anns: Sequence[dict], det: Detections | None,
                   *, names: dict[int, str], order: dict[int, int], title: str) -> np.ndarray:
     """Ground truth (boxes + masks) on the left, the teachers' prediction on the right."""
     from teacher.gallery import colour, draw_instances, side_by_side
@@ -213,22 +206,21 @@ def gallery_panel(image: np.ndarray, gt_anns: Sequence[dict], det: dict[str, np.
     h, w = image.shape[:2]
     f = max(1, -(-GALLERY_MIN_SIDE // min(h, w)))
     has_masks = bool(gt_anns) and all(mask_kind(a) not in ("none", "invalid") for a in gt_anns)
-    truth = _enlarge({
-        "boxes": np.array([a["bbox"] for a in gt_anns], float),
-        "scores": np.ones(len(gt_anns)),
-        "category_ids": np.array([int(a["category_id"]) for a in gt_anns], int),
-        "masks": np.stack([annotation_mask(a, h, w) for a in gt_anns]) if has_masks else None,
-    }, f)
-    det = _enlarge(det or {"boxes": np.zeros((0, 4)), "scores": np.zeros(0),
-                           "category_ids": np.zeros(0, int)}, f)
+    truth = Detections(
+        boxes=np.array([a["bbox"] for a in gt_anns], float),
+        scores=np.ones(len(gt_anns)),
+        category_ids=[int(a["category_id"]) for a in gt_anns],
+        masks=np.stack([annotation_mask(a, h, w) for a in gt_anns]) if has_masks else None,
+    ).scaled(f)
+    det = (det if det is not None else Detections.empty()).scaled(f)
     big = image.repeat(f, axis=0).repeat(f, axis=1)
     panels = []
     for d, show_score in ((truth, False), (det, True)):
-        cats = [int(c) for c in d["category_ids"]]
+        cats = [int(c) for c in d.category_ids]
         labels = [names.get(c, str(c)) + (f" {s:.2f}" if show_score else "")
-                  for c, s in zip(cats, d["scores"], strict=True)]
-        panels.append(draw_instances(big, d["boxes"], labels, [colour(order.get(c, 0)) for c in cats],
-                                     masks=d.get("masks")))
+                  for c, s in zip(cats, d.scores, strict=True)]
+        panels.append(draw_instances(big, d.boxes, labels, [colour(order.get(c, 0)) for c in cats],
+                                     masks=d.masks))
     return side_by_side(panels[0], panels[1], titles=("ground truth", title))
 
 
@@ -300,7 +292,7 @@ def _report(gt: dict, images_root: Path, runs: dict[str, VariantOutput], gallery
         image = load_image(images_root / rec["file_name"])
         det = adapted.shown.get(image_id)
         if det is not None:
-            det = {k: v[det["scores"] >= min_score] for k, v in det.items()}
+            det = det.take(det.scores >= min_score)
         panels[f"{image_id}_{Path(rec['file_name']).stem}"] = gallery_panel(
             image, anns_of[image_id], det, names=names, order=order, title=title)
     return Report(metrics=metrics, curves=curves, panels=panels)

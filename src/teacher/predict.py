@@ -22,6 +22,7 @@ from tqdm import tqdm
 from teacher.artifacts import SKIPPED_FILE, skipped_reason
 from teacher.boxes import xywh_to_xyxy
 from teacher.coco import mask_to_rle
+from teacher.detections import Detections
 from teacher.dino.labels import LabelMap
 from teacher.errors import TeacherError
 from teacher.images import load_image
@@ -56,11 +57,6 @@ class Unreadable:
     items: list[tuple[str, str]] = field(default_factory=list)
 
 
-def empty_detections() -> dict[str, np.ndarray]:
-    return {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros((0,), np.float32),
-            "category_ids": np.zeros((0,), np.int64)}
-
-
 def nms_per_class(
     boxes_xywh: np.ndarray, scores: np.ndarray, category_ids: np.ndarray, *, iou_threshold: float
 ) -> np.ndarray:
@@ -77,31 +73,24 @@ def nms_per_class(
     return batched_nms(boxes, scores_t, idxs, float(iou_threshold)).numpy()
 
 
-def select(det: dict[str, np.ndarray], keep: Filter) -> dict[str, np.ndarray]:
-    """Detections above the score threshold, after per-class NMS, at most ``max_detections``.
-
-    ``det`` holds ``boxes`` (N, 4) xywh, ``scores`` (N,), ``category_ids`` (N,) and optionally
-    ``masks`` (N, H, W); the same keys come back, sorted by score.
-    """
-    scores = np.asarray(det["scores"], dtype=np.float32)
-    above = np.flatnonzero(scores >= keep.score_threshold)
-    order = nms_per_class(np.asarray(det["boxes"])[above], scores[above],
-                          np.asarray(det["category_ids"])[above], iou_threshold=keep.nms_iou)
-    chosen = above[order[: keep.max_detections]]
-    return {k: np.asarray(v)[chosen] for k, v in det.items()}
+def select(det: Detections, keep: Filter) -> Detections:
+    """Detections above the score threshold, after per-class NMS, at most ``max_detections``,
+    sorted by score (masks, when present, follow their boxes)."""
+    above = np.flatnonzero(det.scores >= keep.score_threshold)
+    order = nms_per_class(det.boxes[above], det.scores[above], det.category_ids[above],
+                          iou_threshold=keep.nms_iou)
+    return det.take(above[order[: keep.max_detections]])
 
 
-def to_annotations(det: dict[str, np.ndarray], *, image_id: Any, first_id: int) -> list[dict]:
+def to_annotations(det: Detections, *, image_id: Any, first_id: int) -> list[dict]:
     """COCO annotations (results with ``id``) of one image's detections.
 
     ``masks`` (N, H, W) bool when present become compressed RLE with their pixel ``area``;
     without masks the area is the box's.
     """
     anns = []
-    masks = det.get("masks")
-    for i, (box, score, cat) in enumerate(
-        zip(det["boxes"], det["scores"], det["category_ids"], strict=True)
-    ):
+    masks = det.masks
+    for i, (box, score, cat) in enumerate(zip(det.boxes, det.scores, det.category_ids, strict=True)):
         bbox = [round(float(v), 2) for v in box]
         ann = {"id": first_id + i, "image_id": image_id, "category_id": int(cat), "bbox": bbox,
                "score": round(float(score), 5), "iscrowd": 0, "area": bbox[2] * bbox[3]}
@@ -112,8 +101,8 @@ def to_annotations(det: dict[str, np.ndarray], *, image_id: Any, first_id: int) 
     return anns
 
 
-def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: dict[str, np.ndarray], *,
-                       multimask: bool = True, chunk: int = SAM_CHUNK) -> dict[str, np.ndarray]:
+def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: Detections, *,
+                       multimask: bool = True, chunk: int = SAM_CHUNK) -> Detections:
     """``det`` plus ``masks`` (N, H, W) bool from SAM.
 
     The image embedding is computed once; the boxes are decoded ``chunk`` at a time, which bounds
@@ -128,7 +117,7 @@ def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: dict[str, n
         unwrap,
     )
 
-    boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
+    boxes = det.boxes
     base = unwrap(sam)
     with torch.no_grad():
         resized = resize_image(image, size=input_size(base))
@@ -136,12 +125,12 @@ def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: dict[str, n
     parts = [segment(sam, image, boxes[i:i + chunk], multimask=multimask, embedding=embedding)[0]
              for i in range(0, len(boxes), chunk)]
     masks = np.concatenate(parts) if parts else np.zeros((0, *image.shape[:2]), bool)
-    return {**det, "masks": masks}
+    return det.with_masks(masks)
 
 
 def detect_batch(teachers: Teachers, images: Sequence[np.ndarray], *, box_threshold: float,
-                 text_threshold: float, max_detections: int) -> list[dict[str, np.ndarray]]:
-    """DINO's raw detections for a batch of HxWx3 uint8 images (one dict per image)."""
+                 text_threshold: float, max_detections: int) -> list[Detections]:
+    """DINO's raw detections for a batch of HxWx3 uint8 images (one per image)."""
     from teacher.dino.detect import detect
 
     return detect(teachers.dino, list(images), teachers.label_map, box_threshold=box_threshold,
@@ -155,7 +144,7 @@ def predict_images(
     keep: Filter,
     text_threshold: float,
     multimask: bool = True,
-) -> list[dict[str, np.ndarray]]:
+) -> list[Detections]:
     """Grounded-SAM on a batch of images: per image the kept detections, with ``masks`` when
     SAM is loaded. DINO sees the whole batch at once; SAM embeds each image once."""
     raw = detect_batch(teachers, images, box_threshold=keep.score_threshold,
@@ -163,7 +152,7 @@ def predict_images(
                        max_detections=RAW_PER_KEPT * keep.max_detections)  # NMS needs spares
     out = []
     for image, det in zip(images, raw, strict=True):
-        det = select({k: det[k] for k in ("boxes", "scores", "category_ids")}, keep)
+        det = select(det, keep)
         if teachers.sam is not None:
             det = segment_detections(teachers.sam, image, det, multimask=multimask)
         out.append(det)

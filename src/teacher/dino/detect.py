@@ -7,14 +7,15 @@ import torch
 from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps
 
 from teacher.boxes import cxcywh_norm_to_xywh
+from teacher.detections import Detections
 from teacher.dino.labels import LabelMap
 from teacher.dino.model import DinoBundle
 
 
 def decode(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tensor, *,
            sizes: list[tuple[int, int]], category_ids: list[list[int]], box_threshold: float,
-           text_threshold: float, max_detections: int = 100) -> list[dict]:
-    """Model outputs -> per image ``boxes`` (N, 4) COCO xywh pixels, ``scores``, ``category_ids``.
+           text_threshold: float, max_detections: int = 100) -> list[Detections]:
+    """Model outputs -> per image :class:`Detections` (COCO xywh pixels, original ids).
 
     ``logits`` (B, Q, 256), ``pred_boxes`` (B, Q, 4) cxcywh normalised to the unpadded image,
     ``sizes`` per image ``(width, height)``, ``category_ids[b]`` the COCO ids of image b's prompt
@@ -32,29 +33,26 @@ def decode(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tens
         keep = (prob.amax(-1) >= box_threshold) & (score >= text_threshold)
         order = score[keep].argsort(descending=True)[:max_detections]
         score, cls, boxes = score[keep][order], cls[keep][order], boxes[keep][order]
-        out.append({"boxes": cxcywh_norm_to_xywh(boxes.cpu().numpy(), width=w, height=h).reshape(-1, 4),
-                    "scores": score.cpu().numpy(),
-                    "category_ids": np.asarray(cats, dtype=np.int64)[cls.cpu().numpy()]})
+        out.append(Detections(
+            boxes=cxcywh_norm_to_xywh(boxes.cpu().numpy(), width=w, height=h).reshape(-1, 4),
+            scores=score.cpu().numpy(),
+            category_ids=np.asarray(cats, dtype=np.int64)[cls.cpu().numpy()]))
     return out
 
 
-def merge_detections(parts: list[dict], *, max_detections: int = 100) -> dict:
+def merge_detections(parts: list[Detections], *, max_detections: int = 100) -> Detections:
     """One image's detections from several prompt chunks, best ``max_detections`` by score."""
-    scores = np.concatenate([p["scores"] for p in parts])
-    order = np.argsort(-scores, kind="stable")[:max_detections]
-    return {"boxes": np.concatenate([p["boxes"] for p in parts]).reshape(-1, 4)[order],
-            "scores": scores[order],
-            "category_ids": np.concatenate([p["category_ids"] for p in parts])[order]}
+    return Detections.concat(parts).best(max_detections)
 
 
 @torch.no_grad()
 def detect(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
            box_threshold: float, text_threshold: float, max_detections: int = 100,
-           batch_size: int = 4) -> list[dict]:
+           batch_size: int = 4) -> list[Detections]:
     """Detect ``label_map``'s classes in RGB ``images`` (HxWx3 uint8), every prompt chunk run.
 
-    Returns per image ``boxes`` (N, 4) float COCO xywh absolute pixels, ``scores`` (N,),
-    ``category_ids`` (N,) original COCO ids, best first. Runs ``batch_size`` images at a time.
+    Returns per image :class:`Detections` (COCO xywh absolute pixels, original COCO ids), best
+    first. Runs ``batch_size`` images at a time.
     """
     model = bundle.model
     was_training = model.training
@@ -69,7 +67,7 @@ def detect(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
 
 
 def _detect_batch(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
-                  box_threshold: float, text_threshold: float, max_detections: int) -> list[dict]:
+                  box_threshold: float, text_threshold: float, max_detections: int) -> list[Detections]:
     model, processor = bundle.model, bundle.processor
     device = next(model.parameters()).device
     sizes = [(im.shape[1], im.shape[0]) for im in images]
@@ -86,9 +84,9 @@ def _detect_batch(bundle: DinoBundle, images: list[np.ndarray], label_map: Label
             for parts in zip(*per_chunk, strict=True)]
 
 
-def coco_results(detections: list[dict], image_ids: list) -> list[dict]:
+def coco_results(detections: list[Detections], image_ids: list) -> list[dict]:
     """Detections of :func:`detect` as a COCO results list (``bbox`` xywh pixels)."""
     return [{"image_id": image_id, "category_id": int(c), "bbox": [float(v) for v in box],
              "score": float(s)}
             for image_id, det in zip(image_ids, detections, strict=True)
-            for box, s, c in zip(det["boxes"], det["scores"], det["category_ids"], strict=True)]
+            for box, s, c in zip(det.boxes, det.scores, det.category_ids, strict=True)]
