@@ -2,10 +2,13 @@
 
 Metric keys (flat, stable; class names from the test split's categories):
 - ``box/<k>``: Grounding DINO (with its adapter) COCO bbox metrics, ``<k>`` as in
-  :func:`teacher.metrics.summarize` (``map``, ``map_50``, ..., ``map/<class>``);
+  :func:`teacher.metrics.summarize` (``map``, ``map_50``, ..., ``map/<class>``), detections
+  decoded as Open-GroundingDino's COCO evaluation (:func:`teacher.dino.detect.score`: mean
+  token probability per class, top 300 pairs, no threshold, no NMS), comparable with papers;
 - ``mask/miou``, ``mask/miou/<class>``: SAM (with its adapter) prompted by the ground-truth
   boxes, mean mask IoU against the ground-truth masks;
-- ``segm/<k>``: Grounded-SAM end to end (DINO's boxes -> SAM's masks), COCO segm metrics;
+- ``segm/<k>``: Grounded-SAM end to end (DINO's boxes -> SAM's masks), COCO segm metrics, with
+  the labeling decode of ``teacher predict`` (thresholds, per-class NMS, cap), as the gallery;
 - ``base/<key>``: the same for the pretrained models without adapters;
 - ``gain/<key>``: ``<key> - base/<key>`` where both are measured (not -1).
 A teacher whose folder holds only ``SKIPPED`` contributes no keys (and no ``segm``).
@@ -99,7 +102,8 @@ def run_variant(
 
     names = category_names(gt)
     anns_of = _by_image(gt)
-    results: list[dict] = []
+    results: list[dict] = []  # labeling decode (Grounded-SAM, gallery)
+    box_results: list[dict] = []  # reference protocol (box/*)
     ious, cats = [], []
     out = VariantOutput()
     images = gt["images"]
@@ -108,6 +112,12 @@ def run_variant(
         records = images[start:start + batch_size]
         arrays = [load_image(images_root / r["file_name"]) for r in records]
         if teachers.dino is not None:
+            from teacher.dino.detect import score
+
+            for rec, det in zip(records, score(teachers.dino, arrays, teachers.label_map), strict=True):
+                box_results += to_annotations(det, image_id=rec["id"], first_id=len(box_results) + 1)
+        if teachers.dino is not None and (teachers.sam is not None
+                                          or any(r["id"] in gallery_ids for r in records)):
             dets = predict_images(teachers, arrays, keep=keep, text_threshold=text_threshold,
                                   multimask=multimask)
             for rec, det in zip(records, dets, strict=True):
@@ -125,7 +135,7 @@ def run_variant(
         bar.update(len(records))
     bar.close()
     if teachers.dino is not None:
-        evaluator = coco_evaluate(gt, results, iou_type="bbox", max_dets=(1, 10, keep.max_detections))
+        evaluator = coco_evaluate(gt, box_results, iou_type="bbox", max_dets=(1, 10, keep.max_detections))
         out.metrics.update({f"box/{k}": v for k, v in summarize(evaluator, names=names).items()})
         out.curves = precision_recall(evaluator, names=names, iou=0.5)
         if teachers.sam is not None:
@@ -259,7 +269,7 @@ def evaluate_test_split(
                                  dino_params=dino_params, sam_params=sam_params,
                                  adapters=variant == "adapted")
         runs[variant] = run_variant(
-            gt, images_root, teachers, keep=keep, text_threshold=params.score_threshold,
+            gt, images_root, teachers, keep=keep, text_threshold=dino_params.text_threshold,
             multimask=sam_params.multimask, batch_size=2, gallery_ids=gallery_ids,
             desc=f"evaluate ({variant})")
         del teachers

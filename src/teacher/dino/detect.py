@@ -1,6 +1,21 @@
-"""Grounding DINO inference: logits -> detections, prompt chunks merged, COCO results."""
+"""Grounding DINO inference: logits -> detections, prompt chunks merged, COCO results.
+
+Two decodes of the same outputs:
+
+- :func:`decode_reference` scores AP the way Open-GroundingDino's COCO evaluation does
+  (``PostProcess`` with ``num_select = 300``, ``nms_iou_threshold = -1``): a class scores the mean
+  of its tokens' probabilities (the positive map normalised per class), the best 300
+  (query, class) pairs of an image are kept, no threshold, no NMS. ``box/*``, ``base/box/*`` and
+  validation mAP use it (:func:`score`), so they compare with published figures.
+- :func:`decode` is the labeling decode of ``teacher predict``, the gallery and Grounded-SAM:
+  one class per query (its best token), box and text thresholds; ``teacher.predict`` then applies
+  per-class NMS and a cap.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -10,6 +25,37 @@ from teacher.boxes import cxcywh_norm_to_xywh
 from teacher.detections import Detections
 from teacher.dino.labels import LabelMap
 from teacher.dino.model import DinoBundle
+
+REFERENCE_TOP_K = 300  # Open-GroundingDino cfg_odvg.py num_select: (query, class) pairs per image
+
+
+def decode_reference(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tensor, *,
+                     sizes: list[tuple[int, int]], category_ids: list[list[int]],
+                     top_k: int = REFERENCE_TOP_K) -> list[Detections]:
+    """Open-GroundingDino's ``PostProcess`` (COCO evaluation): per image :class:`Detections`, best first.
+
+    ``logits`` (B, Q, 256), ``pred_boxes`` (B, Q, 4) cxcywh normalised to the unpadded image,
+    ``sizes`` per image ``(width, height)``, ``category_ids[b]`` the COCO ids of image b's prompt
+    classes in prompt order. Score of (query, class) = sigmoid token probabilities @ the class's
+    positive map normalised to sum 1 (the mean over its tokens); the ``top_k`` best pairs over
+    all queries and classes are kept (a query may appear under several classes); no NMS.
+    """
+    probs = logits.float().sigmoid()
+    out = []
+    for prob, boxes, label_map, (w, h), cats in zip(
+            probs, pred_boxes.float(), build_label_maps(logits, input_ids), sizes, category_ids,
+            strict=True):
+        pos = label_map.to(prob)
+        pos = pos / pos.sum(-1, keepdim=True).clamp(min=1)  # (n_classes, 256), rows sum to 1
+        per_class = prob @ pos.T  # (Q, n_classes)
+        n_classes = per_class.shape[1]
+        score, flat = per_class.flatten().topk(min(top_k, per_class.numel()))
+        query, cls = flat // n_classes, flat % n_classes
+        out.append(Detections(
+            boxes=cxcywh_norm_to_xywh(boxes[query].cpu().numpy(), width=w, height=h).reshape(-1, 4),
+            scores=score.cpu().numpy(),
+            category_ids=np.asarray(cats, dtype=np.int64)[cls.cpu().numpy()]))
+    return out
 
 
 def decode(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tensor, *,
@@ -45,29 +91,47 @@ def merge_detections(parts: list[Detections], *, max_detections: int = 100) -> D
     return Detections.concat(parts).best(max_detections)
 
 
-@torch.no_grad()
 def detect(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
            box_threshold: float, text_threshold: float, max_detections: int = 100,
            batch_size: int = 4) -> list[Detections]:
-    """Detect ``label_map``'s classes in RGB ``images`` (HxWx3 uint8), every prompt chunk run.
+    """Labeling decode of ``label_map``'s classes in RGB ``images`` (HxWx3 uint8), every prompt
+    chunk run.
 
     Returns per image :class:`Detections` (COCO xywh absolute pixels, original COCO ids), best
-    first. Runs ``batch_size`` images at a time.
+    first, at most ``max_detections``. Runs ``batch_size`` images at a time.
     """
+    return _run(bundle, images, label_map, batch_size=batch_size, keep=max_detections,
+                decoder=partial(decode, box_threshold=box_threshold, text_threshold=text_threshold,
+                                max_detections=max_detections))
+
+
+def score(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
+          top_k: int = REFERENCE_TOP_K, batch_size: int = 4) -> list[Detections]:
+    """Detections for COCO AP, Open-GroundingDino's protocol (:func:`decode_reference`).
+
+    Class lists split into prompt chunks (which the reference never has) are decoded per chunk
+    and the best ``top_k`` pairs over all chunks kept.
+    """
+    return _run(bundle, images, label_map, batch_size=batch_size, keep=top_k,
+                decoder=partial(decode_reference, top_k=top_k))
+
+
+@torch.no_grad()
+def _run(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *, batch_size: int,
+         keep: int, decoder: Callable[..., list[Detections]]) -> list[Detections]:
     model = bundle.model
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         out += _detect_batch(bundle, list(images[start:start + batch_size]), label_map,
-                             box_threshold=box_threshold, text_threshold=text_threshold,
-                             max_detections=max_detections)
+                             decoder=decoder, keep=keep)
     model.train(was_training)
     return out
 
 
 def _detect_batch(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
-                  box_threshold: float, text_threshold: float, max_detections: int) -> list[Detections]:
+                  decoder: Callable[..., list[Detections]], keep: int) -> list[Detections]:
     model, processor = bundle.model, bundle.processor
     device = next(model.parameters()).device
     sizes = [(im.shape[1], im.shape[0]) for im in images]
@@ -77,10 +141,9 @@ def _detect_batch(bundle: DinoBundle, images: list[np.ndarray], label_map: Label
         text = processor.tokenizer([prompt] * len(images), return_tensors="pt").to(device)
         out = model(pixel_values=pixels["pixel_values"], pixel_mask=pixels["pixel_mask"], **text)
         cats = [[label_map.category_ids[i] for i in chunk]] * len(images)
-        per_chunk.append(decode(out.logits, out.pred_boxes, text["input_ids"], sizes=sizes,
-                                category_ids=cats, box_threshold=box_threshold,
-                                text_threshold=text_threshold, max_detections=max_detections))
-    return [merge_detections(list(parts), max_detections=max_detections)
+        per_chunk.append(decoder(out.logits, out.pred_boxes, text["input_ids"], sizes=sizes,
+                                 category_ids=cats))
+    return [merge_detections(list(parts), max_detections=keep)
             for parts in zip(*per_chunk, strict=True)]
 
 
