@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from pycocotools import mask as mask_utils
 from teacher.errors import TeacherError
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+_PROMPT_DELIMITERS = re.compile(r"[.?]")  # '.' and '?' delimit labels in a Grounding DINO prompt
 MASK_KINDS = ("polygon", "rle_compressed", "rle_uncompressed", "none", "invalid")
 
 
@@ -365,3 +367,9 @@ def mask_to_uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
     if flat.size and flat[0]:
         runs = [0, *runs]
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(r) for r in runs]}
+
+
+def clean_name(name: str) -> str:
+    """A category name as a text prompt writes it: '.' and '?' (label delimiters for Grounding
+    DINO) removed, whitespace collapsed. ``"St. Bernard"`` -> ``"St Bernard"``."""
+    return " ".join(_PROMPT_DELIMITERS.sub(" ", name).split())

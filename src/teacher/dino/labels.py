@@ -10,15 +10,14 @@ module; ``labels.json`` beside the DINO adapter is its saved form.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from teacher.coco import clean_name  # the one cleaning rule, shared with validation
 from teacher.errors import TeacherError
 
 MAX_TEXT_TOKENS = 256  # Grounding DINO's text encoder limit (config.max_text_len)
-_DELIMITERS = re.compile(r"[.?]")  # '.' and '?' are label delimiters for Grounding DINO
 
 
 @dataclass(frozen=True)
@@ -56,11 +55,6 @@ class LabelMap:
     def local_label(self, category_id: int, chunk: int) -> int:
         """Position of a category inside prompt chunk ``chunk`` (the loss's class label)."""
         return self.chunks[chunk].index(self.index_of(category_id))
-
-
-def clean_name(name: str) -> str:
-    """A class name safe inside a prompt: delimiters removed, whitespace collapsed."""
-    return " ".join(_DELIMITERS.sub(" ", name).split())
 
 
 def prompt_text(names: Sequence[str]) -> str:
