@@ -21,7 +21,13 @@ from transformers.models.grounding_dino.modeling_grounding_dino import build_lab
 from teacher.dino.data import NEGATIVE, DinoDataset, box_targets, dino_items, prompt_classes
 from teacher.dino.detect import decode_reference
 from teacher.dino.labels import LabelMap, build_label_map
-from teacher.dino.model import build_tiny_random, load_dino, prepare_model, tiny_config, tiny_tokenizer
+from teacher.dino.model import (
+    build_tiny_random,
+    load_dino,
+    prepare_model,
+    tiny_config,
+    tiny_tokenizer,
+)
 from teacher.dino.task import OFFSET_PARAMS, class_tokens, wrap_for_training
 from teacher.lora import save_adapter
 from teacher.params import DinoParams, LoraParams, TrainParams
