@@ -71,7 +71,7 @@ def dino_items(coco: dict[str, Any], label_map: Any, *, all_chunks: bool) -> lis
     by_image = index_by_image(coco)
     chunk_of = {cid: label_map.chunk_of(cid) for cid in label_map.category_ids}
     n = len(label_map.chunks)
-    items = []
+    items: list[tuple[dict, int]] = []
     for k, record in enumerate(coco["images"]):
         touched = _touched_chunks(by_image.get(record["id"], []), chunk_of)
         chunks = list(range(n)) if all_chunks else (touched or [k % n])
