@@ -46,7 +46,7 @@ def seconds_per_image(teachers: Teachers, images: list[np.ndarray], *, boxes: in
     start = time.perf_counter()
     for i in range(0, len(images), batch):
         dets = predict_images(teachers, images[i:i + batch], keep=keep, text_threshold=0.0)
-        assert all(len(d["scores"]) == boxes for d in dets)
+        assert all(len(d.scores) == boxes for d in dets)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / len(images)

@@ -280,6 +280,14 @@ def test_warnings():
     assert f["duplicate_category_name"] == [1, 10] and f["shared_file_name"] == [1, 3]
 
 
+def test_names_that_clean_to_the_same_prompt_text_warn():
+    data = clean()
+    data["categories"] += [{"id": 11, "name": "St. Bernard"}, {"id": 12, "name": "st  bernard"},
+                           {"id": 13, "name": "dog?"}, {"id": 14, "name": "dog"}, {"id": 15, "name": "dogs"}]
+    f = fired(run(data))
+    assert f["duplicate_category_name"] == [11, 12, 13, 14]
+
+
 def test_category_without_name_is_an_error():
     data = clean()
     data["categories"][2]["name"] = " "

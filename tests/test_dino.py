@@ -104,9 +104,10 @@ def test_targets_exclude_crowd_and_other_chunks():
             {"category_id": 3, "bbox": [0, 0, 5, 5], "iscrowd": 1},
             {"category_id": 9, "bbox": [1, 1, 5, 5]},
             {"category_id": 3, "bbox": [1, 1, 0, 5]}]
-    boxes, labels = annotation_boxes(anns, label_map=lm, chunk=0)
+    boxes, labels = annotation_boxes(anns, label_map=lm, classes=lm.chunks[0])
     assert labels.tolist() == [1] and boxes.tolist() == [[10, 20, 30, 40]]
-    assert annotation_boxes(anns, label_map=lm, chunk=1)[1].tolist() == [0]
+    assert annotation_boxes(anns, label_map=lm, classes=lm.chunks[1])[1].tolist() == [0]
+    assert annotation_boxes(anns, label_map=lm, classes=(2, 1))[1].tolist() == [1, 0]  # prompt order
     t = box_targets(boxes, labels, width=100, height=200)
     assert t["class_labels"].dtype == torch.long
     torch.testing.assert_close(t["boxes"], torch.tensor([[0.25, 0.2, 0.3, 0.2]]))
@@ -161,7 +162,8 @@ def test_batch_of_3_loss_equals_the_per_image_losses(bundle):
 
 
 def test_loss_matches_transformers_where_its_targets_are_right(bundle):
-    """One prompt for the whole batch: the stock loss builds the right targets; every term agrees."""
+    """One prompt for the whole batch: the stock loss builds the right targets; every decoder
+    term agrees (the ``_enc`` terms differ on purpose: tests/test_dino_recipe.py)."""
     from transformers.loss.loss_grounding_dino import GroundingDinoForObjectDetectionLoss
 
     model = bundle.model.eval()
@@ -175,7 +177,8 @@ def test_loss_matches_transformers_where_its_targets_are_right(bundle):
         stock = model(**inputs, labels=labels).loss_dict
     assert ours.keys() == stock.keys()
     for k in ours:
-        torch.testing.assert_close(ours[k], stock[k], msg=k)
+        if "_enc" not in k:
+            torch.testing.assert_close(ours[k], stock[k], msg=k)
 
 
 def test_loss_accepts_an_image_without_boxes(bundle):
@@ -198,9 +201,9 @@ def test_decode_picks_the_class_of_the_best_tokens_and_scales_boxes(label_map):
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1]]])
     (det,) = decode(logits, boxes, ids, sizes=[(200, 100)], category_ids=[[3, 5, 9]],
                     box_threshold=0.3, text_threshold=0.3)
-    assert det["category_ids"].tolist() == [9]
-    np.testing.assert_allclose(det["boxes"], [[80, 30, 40, 40]], atol=1e-4)
-    assert det["scores"][0] == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item())
+    assert det.category_ids.tolist() == [9]
+    np.testing.assert_allclose(det.boxes, [[80, 30, 40, 40]], atol=1e-4)
+    assert det.scores[0] == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item())
 
 
 def test_detect_runs_every_chunk_and_returns_coco_ids(bundle):
@@ -209,9 +212,9 @@ def test_detect_runs_every_chunk_and_returns_coco_ids(bundle):
                   batch_size=2)
     assert len(dets) == 3
     for det in dets:
-        assert det["boxes"].shape == (len(det["scores"]), 4)
-        assert set(det["category_ids"].tolist()) == {3, 5, 9}  # both chunks present
-        assert np.all(np.diff(det["scores"]) <= 0)
+        assert det.boxes.shape == (len(det.scores), 4)
+        assert set(det.category_ids.tolist()) == {3, 5, 9}  # both chunks present
+        assert np.all(np.diff(det.scores) <= 0)
 
 
 # --- LoRA parity and trained heads ---------------------------------------------------------------

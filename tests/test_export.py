@@ -54,10 +54,10 @@ def test_merged_dino_predicts_as_the_adapter(exported):
     merged = _detect(load_dino(dataclasses.replace(TINY_DINO, model=str(written["dino"]))), images, labels)
     base = _detect(load_dino(TINY_DINO), images, labels)
     for a, m, b in zip(adapted, merged, base, strict=True):
-        np.testing.assert_allclose(m["scores"], a["scores"], atol=1e-4)
-        np.testing.assert_allclose(m["boxes"], a["boxes"], atol=1e-2)
-        assert (m["category_ids"] == a["category_ids"]).all()
-        assert np.abs(b["scores"] - a["scores"]).max() > 1e-3  # the adapter does change outputs
+        np.testing.assert_allclose(m.scores, a.scores, atol=1e-4)
+        np.testing.assert_allclose(m.boxes, a.boxes, atol=1e-2)
+        assert (m.category_ids == a.category_ids).all()
+        assert np.abs(b.scores - a.scores).max() > 1e-3  # the adapter does change outputs
 
 
 def test_merged_sam_predicts_as_the_adapter(exported):
@@ -89,7 +89,7 @@ def test_exported_models_load_and_predict_without_peft(exported):
         bundle = load_dino(DinoParams(model={str(written["dino"])!r}, shortest_edge=64, longest_edge=96))
         det = detect(bundle, [image], load_labels({str(written["dino"] / "labels.json")!r}),
                      box_threshold=0.0, text_threshold=0.0, max_detections=3)[0]
-        masks, _ = segment(load_sam(SamParams(model={str(written["sam"])!r})), image, det["boxes"])
+        masks, _ = segment(load_sam(SamParams(model={str(written["sam"])!r})), image, det.boxes)
         assert "peft" not in {{m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}}
         print("ok", masks.shape)
     """)

@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from teacher.cli import main as teacher_main
+from teacher.detections import Detections
 from teacher.errors import TeacherError
 from teacher.images import load_image
 from teacher.predict import (
@@ -32,29 +33,41 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _det():
-    return {"boxes": np.array([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [50, 50, 5, 5]], float),
-            "scores": np.array([0.9, 0.8, 0.7, 0.1], np.float32),
-            "category_ids": np.array([1, 1, 2, 1])}
+    return Detections(boxes=np.array([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [50, 50, 5, 5]], float),
+                      scores=np.array([0.9, 0.8, 0.7, 0.1], np.float32),
+                      category_ids=np.array([1, 1, 2, 1]))
 
 
 def test_nms_is_per_class_and_sorted_by_score():
     d = _det()
-    assert nms_per_class(d["boxes"], d["scores"], d["category_ids"], iou_threshold=0.5).tolist() == [0, 2, 3]
-    assert nms_per_class(d["boxes"], d["scores"], d["category_ids"], iou_threshold=1.0).tolist() == [0, 1, 2, 3]
+    assert nms_per_class(d.boxes, d.scores, d.category_ids, iou_threshold=0.5).tolist() == [0, 2, 3]
+    assert nms_per_class(d.boxes, d.scores, d.category_ids, iou_threshold=1.0).tolist() == [0, 1, 2, 3]
 
 
 def test_select_applies_threshold_nms_and_cap():
     kept = select(_det(), Filter(score_threshold=0.5, nms_iou=0.5, max_detections=10))
-    assert kept["scores"].tolist() == pytest.approx([0.9, 0.7])
-    assert kept["category_ids"].tolist() == [1, 2]
-    assert len(select(_det(), Filter(score_threshold=0.0, nms_iou=1.0, max_detections=2))["scores"]) == 2
+    assert kept.scores.tolist() == pytest.approx([0.9, 0.7])
+    assert kept.category_ids.tolist() == [1, 2]
+    assert len(select(_det(), Filter(score_threshold=0.0, nms_iou=1.0, max_detections=2))) == 2
+
+
+def test_detections_check_lengths_and_keep_masks_with_their_boxes():
+    det = _det().with_masks(np.arange(4)[:, None, None] * np.ones((4, 2, 3), bool) > 1)
+    assert det.boxes.dtype == np.float64 and det.category_ids.dtype == np.int64
+    best = det.best(2)
+    assert best.scores.tolist() == pytest.approx([0.9, 0.8]) and best.masks.sum() == 0
+    assert len(Detections.concat([det, Detections.empty()])) == 4
+    assert Detections.concat([det, _det()]).masks is None  # not every part has masks
+    assert det.scaled(2).masks.shape == (4, 4, 6)
+    with pytest.raises(ValueError, match="3 scores"):
+        Detections(np.zeros((2, 4)), np.zeros(3), np.zeros(2))
 
 
 def test_annotations_carry_rle_masks_and_mask_area():
     det = select(_det(), Filter(score_threshold=0.5, nms_iou=0.5))
     masks = np.zeros((2, 20, 30), bool)
     masks[0, :5, :4] = True
-    anns = to_annotations({**det, "masks": masks}, image_id=7, first_id=3)
+    anns = to_annotations(det.with_masks(masks), image_id=7, first_id=3)
     assert [a["id"] for a in anns] == [3, 4] and anns[0]["area"] == 20 and anns[1]["area"] == 0
     assert mask_utils.decode({**anns[0]["segmentation"], "counts": anns[0]["segmentation"]["counts"].encode()}).sum() == 20
     json.dumps(anns)  # JSON-ready
@@ -83,12 +96,12 @@ def test_sam_embeds_each_image_once_for_all_its_boxes(tmp_path):
     images = [load_image(tmp_path / im["file_name"]) for im in gt["images"]]
     dets = predict_images(teachers, images, keep=Filter(score_threshold=0.0, nms_iou=1.0,
                                                         max_detections=20), text_threshold=0.0)
-    assert [len(d["scores"]) for d in dets] == [20, 20]
+    assert [len(d.scores) for d in dets] == [20, 20]
     assert calls == [1, 1]  # one embedding per image, not per box
-    assert all(d["masks"].shape == (20, 48, 64) for d in dets)
+    assert all(d.masks.shape == (20, 48, 64) for d in dets)
     calls.clear()
     none = predict_images(teachers, images, keep=Filter(score_threshold=1.01), text_threshold=0.0)
-    assert [d["masks"].shape for d in none] == [(0, 48, 64)] * 2
+    assert [d.masks.shape for d in none] == [(0, 48, 64)] * 2
     assert calls == []  # no detection: no encoder pass
 
 
@@ -183,11 +196,11 @@ def test_chunked_segmentation_equals_one_call(tmp_path):
     rng = np.random.default_rng(0)
     boxes = np.concatenate([rng.uniform(0, 30, (7, 2)), rng.uniform(4, 30, (7, 2))], axis=1)
     whole, _ = segment(sam, image, boxes)
-    det = {"boxes": boxes, "scores": np.ones(7), "category_ids": np.ones(7, int)}
-    chunked = segment_detections(sam, image, det, chunk=3)["masks"]
+    det = Detections(boxes=boxes, scores=np.ones(7), category_ids=np.ones(7, int))
+    chunked = segment_detections(sam, image, det, chunk=3).masks
     assert chunked.shape == (7, 48, 64)
     assert (chunked != whole).mean() <= 1e-3  # decoder batches of 3 vs 7: a tolerance, not bitwise
-    assert segment_detections(sam, image, {k: v[:0] for k, v in det.items()})["masks"].shape == (0, 48, 64)
+    assert segment_detections(sam, image, det.take(slice(0, 0))).masks.shape == (0, 48, 64)
 
 
 # --- issue 16 ---------------------------------------------------------------------------------
@@ -223,17 +236,17 @@ def test_predict_flags_are_range_checked(tmp_path, capsys, flag, value):
 
 def test_predicted_boxes_are_clipped_to_the_image():
     from teacher.predict import clip_detections
-    det = {"boxes": np.array([[-5, -5, 20, 20], [50, 30, 40, 40]], float),
-           "scores": np.ones(2), "category_ids": np.ones(2, int)}
-    clipped = clip_detections(det, width=64, height=48)["boxes"]
+    det = Detections(boxes=np.array([[-5, -5, 20, 20], [50, 30, 40, 40]], float),
+                     scores=np.ones(2), category_ids=np.ones(2, int))
+    clipped = clip_detections(det, width=64, height=48).boxes
     assert clipped.tolist() == [[0, 0, 15, 15], [50, 30, 14, 18]]
 
 
 def test_detections_on_a_downscaled_image_are_scaled_back_to_the_file():
     masks = np.zeros((1, 10, 20), bool)
     masks[0, 2:4, 5:10] = True
-    det = {"boxes": np.array([[5, 2, 5, 2]], float), "scores": np.ones(1),
-           "category_ids": np.ones(1, int), "masks": masks}
+    det = Detections(boxes=np.array([[5, 2, 5, 2]], float), scores=np.ones(1),
+                     category_ids=np.ones(1, int), masks=masks)
     ann = to_annotations(det, image_id=1, first_id=1, size=(40, 20), detected_size=(20, 10))[0]
     assert ann["bbox"] == [10, 4, 10, 4] and ann["segmentation"]["size"] == [20, 40]
     assert ann["area"] == 40
@@ -278,8 +291,8 @@ def test_scores_do_not_depend_on_the_batch():
     alone = [detect(teachers.dino, [im], teachers.label_map, **kw)[0] for im in images]
     together = detect(teachers.dino, images, teachers.label_map, batch_size=4, **kw)
     for a, t in zip(alone, together, strict=True):
-        assert np.abs(np.sort(a["scores"]) - np.sort(t["scores"])).max() < 1e-4
-        assert np.abs(np.sort(a["boxes"], axis=0) - np.sort(t["boxes"], axis=0)).max() < 1e-2
+        assert np.abs(np.sort(a.scores) - np.sort(t.scores)).max() < 1e-4
+        assert np.abs(np.sort(a.boxes, axis=0) - np.sort(t.boxes, axis=0)).max() < 1e-2
 
 
 @pytest.mark.parametrize("height", [1, 3])
@@ -290,8 +303,8 @@ def test_images_one_or_three_pixels_high(height):
     image[:, :32] = 255
     dets = predict_images(teachers, [image], keep=Filter(score_threshold=0.0, nms_iou=1.0,
                                                          max_detections=3), text_threshold=0.0)
-    assert dets[0]["masks"].shape == (3, height, 64)
-    assert (dets[0]["boxes"][:, 1] + dets[0]["boxes"][:, 3] <= height + 1e-6).all()
+    assert dets[0].masks.shape == (3, height, 64)
+    assert (dets[0].boxes[:, 1] + dets[0].boxes[:, 3] <= height + 1e-6).all()
     pixels = teachers.dino.processor.image_processor(images=[image], return_tensors="pt",
                                                      input_data_format="channels_last")
     assert pixels["pixel_values"].shape[1] == 3

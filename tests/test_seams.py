@@ -86,7 +86,7 @@ def test_stage_deps_equal_the_modules_its_script_imports(stage):
     missing = sorted(imported - declared)
     extra = sorted(declared - imported)
     assert not missing and not extra, (
-        f"dvc.yaml stage {stage}: add deps {[str(module_file(m).relative_to(REPO_ROOT)) for m in missing]}, "
+        f"dvc.yaml stage {stage} (fix: python scripts/stage_deps.py): add deps {[str(module_file(m).relative_to(REPO_ROOT)) for m in missing]}, "
         f"remove {[str(module_file(m).relative_to(REPO_ROOT)) for m in extra]}")
 
 

@@ -208,9 +208,9 @@ def test_decode_scales_boxes_and_keeps_the_top_scores():
     masks = torch.full((1, 3, 4, 4), -1.0)
     masks[0, 1, :, :2] = 1.0
     det = decode([logits, boxes, masks], sizes=[(40, 20)], category_ids=[3, 7], max_detections=2)[0]
-    assert det["category_ids"].tolist() == [3, 7]
-    assert det["boxes"][0].tolist() == pytest.approx([0, 0, 20, 20])
-    assert det["masks"].shape == (2, 20, 40) and det["masks"][0][:, :19].all() and not det["masks"][0][:, 21:].any()
+    assert det.category_ids.tolist() == [3, 7]
+    assert det.boxes[0].tolist() == pytest.approx([0, 0, 20, 20])
+    assert det.masks.shape == (2, 20, 40) and det.masks[0][:, :19].all() and not det.masks[0][:, 21:].any()
 
 
 # --- training, evaluation, export, labeling -------------------------------------------------------
@@ -249,8 +249,8 @@ def test_training_writes_a_loadable_student_and_logs_the_pool(trained):
     assert summary["teacher_images"] == 2 and summary["human_images"] == 4
     student = load_student(root / "student")
     det = predict(student, [load_image(root / "images/img_0.png")], max_detections=5)[0]
-    assert det["boxes"].shape == (5, 4) and det["masks"].shape == (5, 48, 64)
-    assert set(det["category_ids"].tolist()) <= {1, 5}
+    assert det.boxes.shape == (5, 4) and det.masks.shape == (5, 48, 64)
+    assert set(det.category_ids.tolist()) <= {1, 5}
 
 
 def test_the_step_weighs_each_source_by_its_weight_and_share(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,9 +43,9 @@ def repeated(coco: dict, times: int) -> dict:
 
 
 def run_training(out: Path, *, train_coco: dict, val_coco: dict, train: TrainParams,
-                 rank: int = 8) -> dict:
+                 rank: int = 8, dino: DinoParams = DINO) -> dict:
     return dino_task.train_dino(
-        train_coco=train_coco, val_coco=val_coco, image_root=SAMPLE / "images", dino=DINO,
+        train_coco=train_coco, val_coco=val_coco, image_root=SAMPLE / "images", dino=dino,
         lora=LoraParams(rank=rank, alpha=2 * rank, dropout=0.0), train=train,
         augment_policy=NO_AUGMENT,
         seed=0, out_dir=out / "model", checkpoint_dir=out / "checkpoints", live_dir=out / "live",
@@ -75,16 +76,18 @@ def test_tiny_random_overfits_four_sample_images(tmp_path):
     four = sample_images(4)
     before = untrained_map_50(four)
     train = TrainParams(epochs=16, batch_size=4, lr=3e-3, warmup_steps=0, weight_decay=0.0,
-                        patience=0, clip_norm=1.0)
+                        patience=0)
+    # clip 1.0, not the references' 0.1: from random weights the first proposal loss is ~1.7e3
+    # and 0.1 slows this short run (val mAP@50 0.04 vs 0.38 after 128 steps, measured)
     metrics = run_training(tmp_path, train_coco=repeated(four, 8), val_coco=four, train=train,
-                           rank=32)
+                           rank=32, dino=dataclasses.replace(DINO, clip_norm=1.0))
     losses = tsv(tmp_path / "live/plots/metrics/train/loss.tsv", "loss")
     assert len(losses) == 16 * 8
     assert sum(losses[-8:]) / 8 <= 0.5 * sum(losses[:4]) / 4  # last epoch vs the first steps
     # val == the 4 training images: train box mAP@50 of the best (kept) adapter. Untrained, the
-    # proposals are 0.05-wide anchors (IoU < 0.5 with every object): mAP@50 is 0. Seeded and
-    # single-threaded, this run reaches ~0.11 here; other seeds gave 0.02 to 0.11.
-    assert metrics["val_map_50"] >= before + 0.03, (before, metrics)
+    # proposals are 0.05-wide anchors (IoU < 0.5 with every object): mAP@50 is ~0. Seeded and
+    # single-threaded, this run reaches ~0.38 here (Open-GroundingDino's scoring, 300 pairs).
+    assert metrics["val_map_50"] >= before + 0.1, (before, metrics)
     out = tmp_path / "model"
     for name in ("adapter_model.safetensors", "adapter_config.json",
                  "trained_modules.safetensors", "labels.json"):
@@ -190,7 +193,7 @@ def test_training_step_on_an_image_one_or_three_pixels_high(height):
 
     bundle = load_dino(DINO)
     label_map = build_label_map([{"id": 1, "name": "line"}], tokenizer=bundle.processor.tokenizer)
-    item = {"image": np.full((height, 200, 3), 128, np.uint8), "chunk": 0, "image_id": 1,
+    item = {"image": np.full((height, 200, 3), 128, np.uint8), "classes": (0,), "image_id": 1,
             "boxes": np.array([[10, 0, 50, height]], np.float32), "labels": np.array([0]),
             "size": (200, height)}
     batch = collate_dino([item], processor=bundle.processor, label_map=label_map,

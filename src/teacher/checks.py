@@ -28,6 +28,7 @@ from teacher.coco import (
     CocoFormatError,
     annotation_mask,
     annotation_rle,
+    clean_name,
     geometry_problem,
     is_crowd,
     load_coco,
@@ -114,7 +115,7 @@ RULES: dict[str, Rule] = _rules(
     Rule("small_box", "warning", "annotation", "box smaller than validate.min_box_size on a side", "kept"),
     Rule("rare_category", "warning", "category", "category with fewer than validate.min_instances instances", "kept"),
     Rule("category_name_no_letters", "warning", "category", "name has no letter or digit: the text encoder may read it as [UNK] only", "kept; rename it if classes cannot be told apart"),
-    Rule("duplicate_category_name", "warning", "category", "several categories share a name (ambiguous prompt)", "kept"),
+    Rule("duplicate_category_name", "warning", "category", "several categories share a name, or names that become the same prompt text once cleaned ('.' '?' removed, case, spaces): an ambiguous prompt", "kept; rename one"),
     Rule("bbox_mask_mismatch", "warning", "annotation", "bbox far from the mask's extent (IoU < 0.5)", "kept (models train on the bbox; SAM on the mask)"),
     Rule("shared_file_name", "warning", "image", "one file used by several image ids", "kept"),
 )
@@ -272,10 +273,12 @@ def check_categories(coco: dict, found: Findings) -> None:
             found.add("category_name_no_letters", cat["id"], f"name {name!r}")
         kept.append(cat)
     coco["categories"] = kept
-    names = Counter(c["name"].strip().lower() for c in kept)
+    # the text encoder lower-cases: "St. Bernard" / "st bernard", "dog?" / "dog" read the same
+    names = Counter(clean_name(c["name"]).lower() for c in kept)
     for cat in kept:
-        if names[cat["name"].strip().lower()] > 1:
-            found.add("duplicate_category_name", cat["id"], f"name {cat['name']!r}")
+        prompt = clean_name(cat["name"]).lower()
+        if names[prompt] > 1:
+            found.add("duplicate_category_name", cat["id"], f"name {cat['name']!r} (prompt text {prompt!r})")
 
 
 # --- images --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable
@@ -31,6 +32,8 @@ from teacher.errors import TeacherError
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
 FAR = 10  # image sizes outside the image beyond which a coordinate is absurd, not a sloppy vertex
+_PROMPT_DELIMITERS = re.compile(r"[.?]")  # '.' and '?' delimit labels in a Grounding DINO prompt
+_SPECIAL_TOKENS = re.compile(r"\[(CLS|SEP|PAD|MASK|UNK)\]", re.IGNORECASE)  # BERT's special tokens
 MASK_KINDS = ("polygon", "rle_compressed", "rle_uncompressed", "none", "invalid")
 
 
@@ -453,3 +456,10 @@ def has_usable_box(ann: dict[str, Any]) -> bool:
     box = ann.get("bbox")
     return (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)
             and box[2] > 0 and box[3] > 0)
+
+
+def clean_name(name: str) -> str:
+    """A category name as a text prompt writes it: '.' and '?' (label delimiters for Grounding
+    DINO) and BERT's special tokens ([SEP], [CLS], ...) removed, whitespace collapsed.
+    ``"St. Bernard"`` -> ``"St Bernard"``."""
+    return " ".join(_PROMPT_DELIMITERS.sub(" ", _SPECIAL_TOKENS.sub(" ", name)).split())

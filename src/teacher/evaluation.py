@@ -2,10 +2,13 @@
 
 Metric keys (flat, stable; class names from the test split's categories):
 - ``box/<k>``: Grounding DINO (with its adapter) COCO bbox metrics, ``<k>`` as in
-  :func:`teacher.metrics.summarize` (``map``, ``map_50``, ..., ``map/<class>``);
+  :func:`teacher.metrics.summarize` (``map``, ``map_50``, ..., ``map/<class>``), detections
+  decoded as Open-GroundingDino's COCO evaluation (:func:`teacher.dino.detect.score`: mean
+  token probability per class, top 300 pairs, no threshold, no NMS), comparable with papers;
 - ``mask/miou``, ``mask/miou/<class>``: SAM (with its adapter) prompted by the ground-truth
   boxes, mean mask IoU against the ground-truth masks;
-- ``segm/<k>``: Grounded-SAM end to end (DINO's boxes -> SAM's masks), COCO segm metrics;
+- ``segm/<k>``: Grounded-SAM end to end (DINO's boxes -> SAM's masks), COCO segm metrics, with
+  the labeling decode of ``teacher predict`` (thresholds, per-class NMS, cap), as the gallery;
 - ``base/<key>``: the same for the pretrained models without adapters;
 - ``gain/<key>``: ``<key> - base/<key>`` where both are measured (not -1).
 A teacher whose folder holds only ``SKIPPED`` contributes no keys (and no ``segm``).
@@ -23,6 +26,7 @@ import numpy as np
 
 from teacher.artifacts import LABELS_FILE, SKIPPED_FILE, skipped_reason
 from teacher.coco import annotation_mask, has_mask, has_usable_box
+from teacher.detections import Detections
 from teacher.dino.labels import LabelMap
 from teacher.errors import TeacherError
 from teacher.images import load_image
@@ -51,7 +55,7 @@ class VariantOutput:
 
     metrics: dict[str, float] = field(default_factory=dict)
     curves: list[dict[str, Any]] = field(default_factory=list)  # PR rows at IoU 0.5 (boxes)
-    shown: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict)  # gallery image -> det
+    shown: dict[Any, Detections] = field(default_factory=dict)  # gallery image -> detections
     seconds: float = 0.0  # wall time of Grounded-SAM (predict_images) over the split, decoding excluded
 
 
@@ -101,7 +105,8 @@ def run_variant(
 
     names = category_names(gt)
     anns_of = _by_image(gt)
-    results: list[dict] = []
+    results: list[dict] = []  # labeling decode (Grounded-SAM, gallery)
+    box_results: list[dict] = []  # reference protocol (box/*)
     ious, cats = [], []
     out = VariantOutput()
     images = gt["images"]
@@ -110,9 +115,13 @@ def run_variant(
     for start in range(0, len(images), batch_size):
         records = images[start:start + batch_size]
         arrays = [load_image(images_root / r["file_name"]) for r in records]
-        dets: list[dict | None] = [None] * len(records)
-        if teachers.dino is not None:  # DINO on the batch; SAM below, per image
-            started = time.perf_counter()
+        dets: list[Detections | None] = [None] * len(records)
+        if teachers.dino is not None:  # box/*: the reference protocol; Grounded-SAM: below
+            from teacher.dino.detect import score
+
+            for rec, det in zip(records, score(teachers.dino, arrays, teachers.label_map), strict=True):
+                box_results += to_annotations(det, image_id=rec["id"], first_id=len(box_results) + 1)
+            started = time.perf_counter()  # DINO's labeling decode on the batch; SAM per image
             dets = list(predict_images(boxes_only, arrays, keep=keep, text_threshold=text_threshold))
             out.seconds += time.perf_counter() - started
         for rec, image, det in zip(records, arrays, dets, strict=True):
@@ -120,7 +129,7 @@ def run_variant(
             instances = [a for a in anns_of[rec["id"]] if is_sam_instance(a)]
             started = time.perf_counter()
             prepared = None  # one encoder pass, shared by Grounded-SAM and the true-box mIoU
-            if teachers.sam is not None and (instances or (det is not None and len(det["boxes"]))):
+            if teachers.sam is not None and (instances or (det is not None and len(det))):
                 prepared = prepare_image(teachers.sam, image)
             encoder = time.perf_counter() - started
             if det is not None:
@@ -128,7 +137,7 @@ def run_variant(
                 if teachers.sam is not None:
                     det = segment_detections(teachers.sam, image, det, multimask=multimask,
                                              prepared=prepared)
-                out.seconds += time.perf_counter() - started + (encoder if len(det["boxes"]) else 0.0)
+                out.seconds += time.perf_counter() - started + (encoder if len(det) else 0.0)
                 results += to_annotations(det, image_id=rec["id"], first_id=len(results) + 1)
                 if shown:
                     out.shown[rec["id"]] = det
@@ -136,13 +145,13 @@ def run_variant(
                 iou, truth = score_gt_boxes(prepared, instances, multimask=multimask,
                                             keep_masks=shown and teachers.dino is None)
                 ious.append(iou)
-                cats += truth["category_ids"].tolist()
+                cats += truth.category_ids.tolist()
                 if shown and teachers.dino is None:
                     out.shown[rec["id"]] = truth
         bar.update(len(records))
     bar.close()
     if teachers.dino is not None:
-        evaluator = coco_evaluate(gt, results, iou_type="bbox", max_dets=(1, 10, keep.max_detections))
+        evaluator = coco_evaluate(gt, box_results, iou_type="bbox", max_dets=(1, 10, keep.max_detections))
         out.metrics.update({f"box/{k}": v for k, v in summarize(evaluator, names=names).items()})
         out.curves = precision_recall(evaluator, names=names, iou=0.5)
         if teachers.sam is not None:
@@ -215,14 +224,7 @@ def load_teachers(gt: dict, *, dino_dir: Path | None, sam_dir: Path | None, dino
 GALLERY_MIN_SIDE = 320  # px; smaller test images are enlarged (nearest) so labels stay legible
 
 
-def _enlarge(det: dict[str, np.ndarray], f: int) -> dict[str, np.ndarray]:
-    out = {**det, "boxes": np.asarray(det["boxes"], float).reshape(-1, 4) * f}
-    if det.get("masks") is not None:
-        out["masks"] = det["masks"].repeat(f, axis=1).repeat(f, axis=2)
-    return out
-
-
-def gallery_panel(image: np.ndarray, gt_anns: Sequence[dict], det: dict[str, np.ndarray] | None,
+def gallery_panel(image: np.ndarray, gt_anns: Sequence[dict], det: Detections | None,
                   *, names: dict[int, str], order: dict[int, int], title: str) -> np.ndarray:
     """Ground truth (boxes + masks) on the left, the teachers' prediction on the right."""
     from teacher.gallery import colour, draw_instances, side_by_side
@@ -230,22 +232,21 @@ def gallery_panel(image: np.ndarray, gt_anns: Sequence[dict], det: dict[str, np.
     h, w = image.shape[:2]
     f = max(1, -(-GALLERY_MIN_SIDE // min(h, w)))
     has_masks = bool(gt_anns) and all(has_mask(a) for a in gt_anns)
-    truth = _enlarge({
-        "boxes": np.array([a["bbox"] for a in gt_anns], float),
-        "scores": np.ones(len(gt_anns)),
-        "category_ids": np.array([int(a["category_id"]) for a in gt_anns], int),
-        "masks": np.stack([annotation_mask(a, h, w) for a in gt_anns]) if has_masks else None,
-    }, f)
-    det = _enlarge(det or {"boxes": np.zeros((0, 4)), "scores": np.zeros(0),
-                           "category_ids": np.zeros(0, int)}, f)
+    truth = Detections(
+        boxes=np.array([a["bbox"] for a in gt_anns], float),
+        scores=np.ones(len(gt_anns)),
+        category_ids=[int(a["category_id"]) for a in gt_anns],
+        masks=np.stack([annotation_mask(a, h, w) for a in gt_anns]) if has_masks else None,
+    ).scaled(f)
+    det = (det if det is not None else Detections.empty()).scaled(f)
     big = image.repeat(f, axis=0).repeat(f, axis=1)
     panels = []
     for d, show_score in ((truth, False), (det, True)):
-        cats = [int(c) for c in d["category_ids"]]
+        cats = [int(c) for c in d.category_ids]
         labels = [names.get(c, str(c)) + (f" {s:.2f}" if show_score else "")
-                  for c, s in zip(cats, d["scores"], strict=True)]
-        panels.append(draw_instances(big, d["boxes"], labels, [colour(order.get(c, 0)) for c in cats],
-                                     masks=d.get("masks")))
+                  for c, s in zip(cats, d.scores, strict=True)]
+        panels.append(draw_instances(big, d.boxes, labels, [colour(order.get(c, 0)) for c in cats],
+                                     masks=d.masks))
     return side_by_side(panels[0], panels[1], titles=("ground truth", title))
 
 
@@ -285,7 +286,7 @@ def evaluate_test_split(
                                  dino_params=dino_params, sam_params=sam_params,
                                  adapters=variant == "adapted")
         runs[variant] = run_variant(
-            gt, images_root, teachers, keep=keep, text_threshold=params.score_threshold,
+            gt, images_root, teachers, keep=keep, text_threshold=dino_params.text_threshold,
             multimask=sam_params.multimask, batch_size=2, gallery_ids=gallery_ids,
             desc=f"evaluate ({variant})")
         del teachers
@@ -338,7 +339,7 @@ def _report(gt: dict, images_root: Path, runs: dict[str, VariantOutput], gallery
         image = load_image(images_root / rec["file_name"])
         det = adapted.shown.get(image_id)
         if det is not None:
-            det = {k: v[det["scores"] >= min_score] for k, v in det.items()}
+            det = det.take(det.scores >= min_score)
         panels[f"{image_id}_{Path(rec['file_name']).stem}"] = gallery_panel(
             image, anns_of[image_id], det, names=names, order=order, title=title)
     return Report(metrics=metrics, curves=curves, panels=panels)

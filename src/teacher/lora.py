@@ -8,7 +8,9 @@ Fully trained modules (``train_modules``, e.g. detection heads or SAM's mask dec
 put in peft's ``modules_to_save`` (peft silently drops LoRA targets inside those). Their
 parameters are marked trainable and saved beside the adapter in ``trained_modules.safetensors``,
 one tensor per distinct parameter (tied parameters are stored once, with every alias name
-recorded in the file's metadata and restored by name on load).
+recorded in the file's metadata and restored by name on load). They are also written into
+``adapter_model.safetensors`` under their base-model names (``base_model.model.<name>``), which
+peft passes through to ``load_state_dict``: a plain ``PeftModel.from_pretrained`` loads them too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from teacher.artifacts import TRAINED_MODULES_FILE
 from teacher.errors import TeacherError
 from teacher.params import LoraParams, lora_pattern
 
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"  # peft's file name (safe_serialization)
+PEFT_PREFIX = "base_model.model."  # what peft prefixes base-model names with in that file
 LORA_TAG = "lora_"  # peft's LoRA parameter names contain lora_A / lora_B / lora_embedding_*
 _LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
@@ -187,6 +191,23 @@ def save_adapter(model: PeftModel, out_dir: Path | str) -> None:
     base = model.get_base_model()
     tensors = {n: base.get_parameter(n).detach().cpu().contiguous().clone() for n in groups}
     save_file(tensors, str(path), metadata={"aliases": json.dumps(groups)})
+    _add_to_peft_file(out_dir / PEFT_WEIGHTS_FILE, tensors)
+
+
+def _add_to_peft_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Put fully trained tensors into peft's weights file under ``base_model.model.<name>``.
+
+    peft's ``set_peft_model_state_dict`` passes keys that are no adapter parameter through to
+    ``load_state_dict``, so plain ``PeftModel.from_pretrained`` restores them (one name per tied
+    tensor suffices: its aliases share the parameter).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    weights = load_file(str(path))
+    weights.update({f"{PEFT_PREFIX}{n}": t for n, t in tensors.items()})
+    save_file(weights, str(path), metadata=metadata)
 
 
 def load_trained_modules(model: nn.Module, adapter_dir: Path | str, *, trainable: bool = False) -> int:
@@ -277,8 +298,9 @@ def load_adapter(base_model: nn.Module, adapter_dir: Path | str, *, trainable: b
                        f"({str(e).splitlines()[0][:300]}): a foreign or damaged adapter, or "
                        "another base model") from None
     loaded = sum(1 for _ in lora_parameter_names(model))
-    if loaded != len(saved):
-        raise _damaged(adapter_dir, f"it holds {len(saved)} tensors but the model has {loaded} "
+    lora_saved = sum(1 for n in saved if LORA_TAG in n)  # the rest: trained modules (save_adapter)
+    if loaded != lora_saved:
+        raise _damaged(adapter_dir, f"it holds {lora_saved} LoRA tensors but the model has {loaded} "
                        "LoRA weights for them: an adapter of another model")
     load_trained_modules(model, adapter_dir, trainable=trainable)
     return model

@@ -86,7 +86,7 @@ class TrainParams:
     lr: float = field(default=1e-4, metadata=_range(0, lo_open=True))  # peak AdamW learning rate
     weight_decay: float = field(default=1e-4, metadata=_range(0))  # AdamW; biases and norms get none
     warmup_steps: int = field(default=50, metadata=_range(0))  # linear warmup, then cosine decay
-    clip_norm: float = field(default=1.0, metadata=_range(0))  # max grad norm; 0 disables clipping
+    clip_norm: float = field(default=1.0, metadata=_range(0))  # max grad norm (SAM; DINO uses dino.clip_norm); 0 disables clipping
     patience: int = field(default=5, metadata=_range(0))  # epochs without val improvement before stopping; 0 disables
     precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16", "fp16"))  # auto: bf16/fp16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False  # recompute encoder/decoder layers in backward (less memory)
@@ -109,17 +109,26 @@ class AugmentParams:
 class DinoParams:
     model: str = "IDEA-Research/grounding-dino-tiny"  # hub id, local save_pretrained folder, or tiny-random
     revision: str = "main"  # hub revision (branch, tag or commit) to pin
-    lora_targets: str | list[str] = (  # regex (full match on module names) or list of names
+    # LoRA targets, regex (full match on module names) or list of names: the attention
+    # projections of the encoder, decoder and fusion layers, their FFNs (fc1, fc2), the text
+    # projection and the decoder's reference-point head
+    lora_targets: str | list[str] = (
         r".*(encoder|decoder)\.layers\.\d+\..*(self_attn|cross_attn|encoder_attn|encoder_attn_text|attn|"
         r"text_enhancer_layer\.self_attn|fusion_layer\.attn)\.(query|key|value|out_proj|"
         r"value_proj|output_proj|sampling_offsets|attention_weights|vision_proj|text_proj|"
         r"values_vision_proj|values_text_proj|out_vision_proj|out_text_proj)"
+        r"|.*(encoder|decoder)\.layers\.\d+\.(text_enhancer_layer\.|deformable_layer\.)?fc[12]"
+        r"|model\.text_projection|model\.decoder\.reference_points_head\.layers\.\d+"
     )
-    train_heads: bool = True  # train the decoder's box heads fully (class heads have no weights); saved beside the adapter
+    train_heads: bool = True  # train the box heads fully (decoder box MLP + two-stage proposal head)
+    offsets_lr_scale: float = field(default=0.1, metadata=_range(0))  # lr multiplier of sampling_offsets and reference_points_head (Open-GroundingDino: 0.1)
+    clip_norm: float = field(default=0.1, metadata=_range(0))  # DINO's max grad norm, replaces train.clip_norm (both references: 0.1); 0 disables
+    dropout: float = field(default=0.0, metadata=_range(0, 1))  # dropout of encoder/decoder layers while fine-tuning (both references: 0.0; the hub config: 0.1)
+    negatives: int = field(default=0, metadata=_range(0))  # absent class names added to each training prompt (seeded; 0 = the prompt chunk as is)
     shortest_edge: int = field(default=800, metadata=_range(32))  # image processor resize: shorter side
     longest_edge: int = field(default=1333, metadata=_range(32))  # image processor resize: cap on the longer side
     box_threshold: float = field(default=0.25, metadata=_range(0, 1))  # labeling (predict): min box score
-    text_threshold: float = field(default=0.25, metadata=_range(0, 1))  # labeling (predict): min class-token score
+    text_threshold: float = field(default=0.25, metadata=_range(0, 1))  # labeling decode: min class score (its best token)
 
 
 # Named LoRA targets, usable as (or joined with "+" into) dino.lora_targets / sam.lora_targets:
@@ -284,14 +293,24 @@ def parse_section(name: str, raw: Any) -> Any:
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field in ``cls``'s source (its first line), by name."""
+    """Each field's ``# comment`` in ``cls``'s source, by name: the one trailing its first line,
+    else the comment lines right above it."""
     source = textwrap.dedent(inspect.getsource(cls))
     lines = {node.target.id: node.lineno for node in ast.parse(source).body[0].body
              if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
     comments = {tok.start[0]: tok.string.lstrip("# ").rstrip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline)
                 if tok.type == tokenize.COMMENT}
-    return {name: comments.get(line, "") for name, line in lines.items()}
+    return {name: comments.get(line) or _comment_above(comments, line) for name, line in lines.items()}
+
+
+def _comment_above(comments: dict[int, str], line: int) -> str:
+    """The whole-line comments right above ``line``, joined (a field whose comment is long)."""
+    block = []
+    while line - 1 in comments:
+        line -= 1
+        block.insert(0, comments[line])
+    return " ".join(block)
 
 
 def _yaml_value(value: Any) -> str:

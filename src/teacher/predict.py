@@ -10,7 +10,7 @@ pixels), ``segmentation`` (compressed RLE, ``counts`` a str), ``area`` and ``sco
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from teacher.artifacts import SKIPPED_FILE, skipped_reason
 from teacher.boxes import clip_xywh, xywh_to_xyxy
 from teacher.coco import mask_to_rle
+from teacher.detections import Detections
 from teacher.dino.labels import LabelMap
 from teacher.errors import TeacherError
 from teacher.images import load_image_and_size
@@ -56,11 +57,6 @@ class Unreadable:
     items: list[tuple[str, str]] = field(default_factory=list)
 
 
-def empty_detections() -> dict[str, np.ndarray]:
-    return {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros((0,), np.float32),
-            "category_ids": np.zeros((0,), np.int64)}
-
-
 def nms_per_class(
     boxes_xywh: np.ndarray, scores: np.ndarray, category_ids: np.ndarray, *, iou_threshold: float
 ) -> np.ndarray:
@@ -77,25 +73,18 @@ def nms_per_class(
     return batched_nms(boxes, scores_t, idxs, float(iou_threshold)).numpy()
 
 
-def select(det: dict[str, np.ndarray], keep: Filter) -> dict[str, np.ndarray]:
-    """Detections above the score threshold, after per-class NMS, at most ``max_detections``.
-
-    ``det`` holds ``boxes`` (N, 4) xywh, ``scores`` (N,), ``category_ids`` (N,) and optionally
-    ``masks`` (N, H, W); the same keys come back, sorted by score.
-    """
-    scores = np.asarray(det["scores"], dtype=np.float32)
-    above = np.flatnonzero(scores >= keep.score_threshold)
-    order = nms_per_class(np.asarray(det["boxes"])[above], scores[above],
-                          np.asarray(det["category_ids"])[above], iou_threshold=keep.nms_iou)
-    chosen = above[order[: keep.max_detections]]
-    return {k: np.asarray(v)[chosen] for k, v in det.items()}
+def select(det: Detections, keep: Filter) -> Detections:
+    """Detections above the score threshold, after per-class NMS, at most ``max_detections``,
+    sorted by score (masks, when present, follow their boxes)."""
+    above = np.flatnonzero(det.scores >= keep.score_threshold)
+    order = nms_per_class(det.boxes[above], det.scores[above], det.category_ids[above],
+                          iou_threshold=keep.nms_iou)
+    return det.take(above[order[: keep.max_detections]])
 
 
-def clip_detections(det: dict[str, np.ndarray], *, width: int, height: int
-                    ) -> dict[str, np.ndarray]:
+def clip_detections(det: Detections, *, width: int, height: int) -> Detections:
     """``det`` with its ``boxes`` (N, 4) xywh clipped to a ``width x height`` image."""
-    boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
-    return {**det, "boxes": clip_xywh(boxes, width=width, height=height)}
+    return replace(det, boxes=clip_xywh(det.boxes, width=width, height=height))
 
 
 def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -108,7 +97,7 @@ def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         size, Image.Resampling.NEAREST)) > 127
 
 
-def to_annotations(det: dict[str, np.ndarray], *, image_id: Any, first_id: int,
+def to_annotations(det: Detections, *, image_id: Any, first_id: int,
                    size: tuple[int, int] | None = None,
                    detected_size: tuple[int, int] | None = None) -> list[dict]:
     """COCO annotations (results with ``id``) of one image's detections.
@@ -119,14 +108,14 @@ def to_annotations(det: dict[str, np.ndarray], *, image_id: Any, first_id: int,
     are scaled back to the file's ``size``: boxes scaled, masks resized one at a time.
     """
     anns = []
-    masks = det.get("masks")
-    boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
+    masks = det.masks
+    boxes = np.asarray(det.boxes, dtype=np.float64).reshape(-1, 4)
     if size is not None and detected_size is not None and size != detected_size:
         boxes = boxes * np.array([size[0] / detected_size[0], size[1] / detected_size[1]] * 2)
     else:
         size = None
     for i, (box, score, cat) in enumerate(
-        zip(boxes, det["scores"], det["category_ids"], strict=True)
+        zip(boxes, det.scores, det.category_ids, strict=True)
     ):
         bbox = [round(float(v), 2) for v in box]
         ann = {"id": first_id + i, "image_id": image_id, "category_id": int(cat), "bbox": bbox,
@@ -139,9 +128,9 @@ def to_annotations(det: dict[str, np.ndarray], *, image_id: Any, first_id: int,
     return anns
 
 
-def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: dict[str, np.ndarray], *,
+def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: Detections, *,
                        multimask: bool = False, chunk: int = SAM_CHUNK,
-                       prepared: Any | None = None) -> dict[str, np.ndarray]:
+                       prepared: Any | None = None) -> Detections:
     """``det`` plus ``masks`` (N, H, W) bool from SAM.
 
     The image is embedded once (or ``prepared``, a :class:`teacher.sam.model.PreparedImage`
@@ -150,17 +139,16 @@ def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: dict[str, n
     """
     from teacher.sam.model import prepare_image
 
-    boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
-    if len(boxes) == 0:
-        return {**det, "masks": np.zeros((0, *image.shape[:2]), bool)}
+    if len(det) == 0:
+        return det.with_masks(np.zeros((0, *image.shape[:2]), bool))
     prepared = prepared if prepared is not None else prepare_image(sam, image)
-    masks, _ = prepared.predict(boxes, multimask=multimask, chunk=chunk)
-    return {**det, "masks": masks}
+    masks, _ = prepared.predict(det.boxes, multimask=multimask, chunk=chunk)
+    return det.with_masks(masks)
 
 
 def detect_batch(teachers: Teachers, images: Sequence[np.ndarray], *, box_threshold: float,
-                 text_threshold: float, max_detections: int) -> list[dict[str, np.ndarray]]:
-    """DINO's raw detections for a batch of HxWx3 uint8 images (one dict per image)."""
+                 text_threshold: float, max_detections: int) -> list[Detections]:
+    """DINO's raw detections for a batch of HxWx3 uint8 images (one per image)."""
     from teacher.dino.detect import detect
 
     return detect(teachers.dino, list(images), teachers.label_map, box_threshold=box_threshold,
@@ -174,7 +162,7 @@ def predict_images(
     keep: Filter,
     text_threshold: float,
     multimask: bool = False,
-) -> list[dict[str, np.ndarray]]:
+) -> list[Detections]:
     """Grounded-SAM on a batch of images: per image the kept detections, with ``masks`` when
     SAM is loaded. DINO sees the whole batch at once; SAM embeds each image with detections
     once, and an image without any not at all."""
@@ -183,8 +171,7 @@ def predict_images(
                        max_detections=RAW_PER_KEPT * keep.max_detections)  # NMS needs spares
     out = []
     for image, det in zip(images, raw, strict=True):
-        det = clip_detections({k: det[k] for k in ("boxes", "scores", "category_ids")},
-                              width=image.shape[1], height=image.shape[0])
+        det = clip_detections(det, width=image.shape[1], height=image.shape[0])
         det = select(det, keep)
         if teachers.sam is not None:
             det = segment_detections(teachers.sam, image, det, multimask=multimask)

@@ -1,14 +1,19 @@
 """Grounding DINO training data: samples of a COCO split and their batching.
 
 One item per (image, prompt chunk): the chunk holding the image's classes (each chunk it
-touches, when its classes span several), or every chunk for evaluation. Boxes stay COCO xywh
-through augmentation; collate_dino resizes/pads through the processor and builds the loss
-targets (teacher.dino.box_targets).
+touches, when its classes span several), or every chunk for evaluation. When the class list is
+split into several chunks, every image with objects also gets one *negative* item per epoch: a
+chunk (drawn with the seed) naming none of its objects, with no targets, as inference runs every
+chunk on every image. With ``dino.negatives`` > 0 a training prompt is not the chunk as is but
+the image's classes of that chunk plus that many absent class names sampled with the seed
+from the whole list, shuffled, within the token limit (Open-GroundingDino's ODVG ``OD`` mode:
+positives + sampled negatives, shuffled). Boxes stay COCO xywh through augmentation;
+collate_dino resizes/pads through the processor and builds the loss targets (box_targets).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +24,21 @@ from torch.utils.data import Dataset
 from teacher.augment import sample_rng
 from teacher.boxes import xywh_to_cxcywh_norm
 from teacher.coco import has_usable_box, index_by_image, is_crowd
-from teacher.dino.labels import LabelMap
+from teacher.dino.labels import MAX_TEXT_TOKENS, LabelMap, prompt_text
 from teacher.images import image_path, load_image
 
+NEGATIVE = -1  # item "chunk" of a negative item: a prompt naming none of the image's objects
 
-def annotation_boxes(anns: list[dict], *, label_map: LabelMap, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes and chunk-local labels of the annotations the loss sees.
 
-    Crowd annotations, boxes without area and classes outside prompt chunk ``chunk`` are left
-    out. Returns ``boxes`` (n, 4) float32 COCO xywh pixels and ``labels`` (n,) int64.
+def annotation_boxes(anns: list[dict], *, label_map: LabelMap,
+                     classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes and prompt-local labels of the annotations the loss sees.
+
+    ``classes`` are the prompt indexes named by the prompt, in prompt order. Crowd annotations,
+    boxes without area and classes the prompt does not name are left out. Returns ``boxes``
+    (n, 4) float32 COCO xywh pixels and ``labels`` (n,) int64 positions in ``classes``.
     """
-    in_chunk = {label_map.category_ids[i]: j for j, i in enumerate(label_map.chunks[chunk])}
+    in_chunk = {label_map.category_ids[i]: j for j, i in enumerate(classes)}
     kept = [a for a in anns if not is_crowd(a) and has_usable_box(a) and a["category_id"] in in_chunk]
     boxes = np.array([a["bbox"] for a in kept], dtype=np.float32).reshape(-1, 4)
     labels = np.array([in_chunk[a["category_id"]] for a in kept], dtype=np.int64)
@@ -47,35 +56,82 @@ def box_targets(boxes: np.ndarray, labels: np.ndarray, *, width: int, height: in
             "boxes": torch.as_tensor(np.clip(norm, 0.0, 1.0), dtype=torch.float32)}
 
 
+def _touched_chunks(anns: list[dict], chunk_of: dict[int, int]) -> list[int]:
+    return sorted({chunk_of[a["category_id"]] for a in anns
+                   if a["category_id"] in chunk_of and not is_crowd(a)})
+
+
 def dino_items(coco: dict[str, Any], label_map: Any, *, all_chunks: bool) -> list[tuple[dict, int]]:
-    """``(image record, chunk)`` pairs; images without boxes go to one chunk in turn."""
+    """``(image record, chunk)`` pairs; images without boxes go to one chunk in turn.
+
+    Training (``all_chunks`` False) with several chunks adds ``(record, NEGATIVE)`` for each
+    image whose objects leave some chunk untouched.
+    """
     by_image = index_by_image(coco)
     chunk_of = {cid: label_map.chunk_of(cid) for cid in label_map.category_ids}
     n = len(label_map.chunks)
-    items = []
+    items: list[tuple[dict, int]] = []
     for k, record in enumerate(coco["images"]):
-        touched = sorted({chunk_of[a["category_id"]] for a in by_image.get(record["id"], [])
-                          if a["category_id"] in chunk_of and not is_crowd(a)})
-        chunks = range(n) if all_chunks else (touched or [k % n])
+        touched = _touched_chunks(by_image.get(record["id"], []), chunk_of)
+        chunks = list(range(n)) if all_chunks else (touched or [k % n])
+        if not all_chunks and touched and len(touched) < n:
+            chunks.append(NEGATIVE)
         items.extend((record, c) for c in chunks)
     return items
+
+
+def prompt_classes(label_map: LabelMap, chunk: int, present: set[int], *, negatives: int,
+                   class_tokens: Sequence[int] | None, rng: np.random.Generator,
+                   max_tokens: int = MAX_TEXT_TOKENS) -> tuple[int, ...]:
+    """Prompt indexes one training item's prompt names, in prompt order.
+
+    ``present``: prompt indexes of the image's (non-crowd) objects. ``chunk`` >= 0 with
+    ``negatives`` 0: that chunk as is. ``NEGATIVE`` with ``negatives`` 0: a chunk drawn from
+    those naming none of ``present``. With ``negatives`` > 0: the chunk's present classes (none
+    for ``NEGATIVE``) plus up to ``negatives`` absent classes drawn from the whole list,
+    shuffled, as many as fit ``max_tokens`` (``class_tokens[i]``: tokens of name i, without
+    its '.').
+    """
+    if negatives == 0:
+        if chunk != NEGATIVE:
+            return label_map.chunks[chunk]
+        free = [c for c in label_map.chunks if not present.intersection(c)]
+        return free[int(rng.integers(len(free)))]
+    if class_tokens is None:
+        raise ValueError("prompt_classes: dino.negatives > 0 needs the token count of every class")
+    positives = [] if chunk == NEGATIVE else [i for i in label_map.chunks[chunk] if i in present]
+    absent = np.array([i for i in range(len(label_map.names)) if i not in present], dtype=np.int64)
+    drawn = rng.permutation(absent)[:negatives].tolist()
+    used = 2 + sum(class_tokens[i] + 1 for i in positives)  # [CLS] [SEP], name + '.'
+    chosen = list(positives)
+    for i in drawn:
+        if used + class_tokens[i] + 1 <= max_tokens:
+            chosen.append(i)
+            used += class_tokens[i] + 1
+    if not chosen:  # nothing absent and nothing present: the chunk as is
+        return label_map.chunks[max(chunk, 0)]
+    return tuple(int(i) for i in rng.permutation(np.array(chosen, dtype=np.int64)))
 
 
 class DinoDataset(Dataset):
     """Grounding DINO samples of a COCO split.
 
     Items: ``image`` HxWx3 uint8 RGB (augmented), ``boxes`` (n, 4) float32 COCO xywh pixels in
-    that image, ``labels`` (n,) int64 positions in prompt chunk ``chunk``, ``image_id``, ``size``
-    (width, height) of the original image. Crowd boxes are left out. Augmentation is seeded by
-    (seed, epoch, index).
+    that image, ``classes`` the prompt indexes its prompt names (in order), ``labels`` (n,)
+    int64 positions in ``classes``, ``image_id``, ``size`` (width, height) of the original
+    image. Crowd boxes are left out. Augmentation, negative chunks and sampled negatives are
+    seeded by (seed, epoch, index); ``negatives`` > 0 needs ``class_tokens``.
     """
 
     def __init__(self, coco: dict[str, Any], image_root: str | Path, *, label_map: Any,
-                 seed: int, transform: Callable | None = None, all_chunks: bool = False) -> None:
+                 seed: int, transform: Callable | None = None, all_chunks: bool = False,
+                 negatives: int = 0, class_tokens: Sequence[int] | None = None) -> None:
         self.items = dino_items(coco, label_map, all_chunks=all_chunks)
         self.anns = index_by_image(coco)
         self.image_root, self.label_map = Path(image_root), label_map
         self.seed, self.epoch, self.transform = seed, 0, transform
+        self.negatives = 0 if all_chunks else negatives
+        self.class_tokens = class_tokens
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -85,15 +141,27 @@ class DinoDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record, chunk = self.items[index]
+        anns = self.anns.get(record["id"], [])
+        rng = sample_rng(self.seed, self.epoch, index)
+        seed = int(rng.integers(2**31))  # first draw: augmentation (as before negatives existed)
+        classes = self.classes_of(anns, chunk, rng)
         image = load_image(image_path(self.image_root, record["file_name"]))
         size = (image.shape[1], image.shape[0])
-        boxes, labels = annotation_boxes(self.anns.get(record["id"], []), label_map=self.label_map,
-                                         chunk=chunk)
+        boxes, labels = annotation_boxes(anns, label_map=self.label_map, classes=classes)
         if self.transform is not None:
-            seed = int(sample_rng(self.seed, self.epoch, index).integers(2**31))
             image, boxes, labels = augment_boxes(self.transform, image, boxes, labels, seed=seed)
-        return {"image": image, "boxes": boxes, "labels": labels, "chunk": chunk,
+        return {"image": image, "boxes": boxes, "labels": labels, "classes": classes,
                 "image_id": record["id"], "size": size}
+
+    def classes_of(self, anns: list[dict], chunk: int, rng: np.random.Generator) -> tuple[int, ...]:
+        """The prompt indexes of one item's prompt (see :func:`prompt_classes`)."""
+        if chunk != NEGATIVE and self.negatives == 0:
+            return self.label_map.chunks[chunk]
+        ids = set(self.label_map.category_ids)
+        present = {self.label_map.index_of(a["category_id"]) for a in anns
+                   if not is_crowd(a) and a["category_id"] in ids}
+        return prompt_classes(self.label_map, chunk, present, negatives=self.negatives,
+                              class_tokens=self.class_tokens, rng=rng)
 
 
 def augment_boxes(transform: Callable, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
@@ -130,18 +198,18 @@ def collate_dino(items: list[dict[str, Any]], *, processor: Any, label_map: Any,
     """Batch for ``GroundingDinoForObjectDetection``: processor tensors + ``labels`` + metadata.
 
     ``pixel_values`` (B, 3, H, W) and ``pixel_mask`` (B, H, W) padded to the largest resized
-    image; ``input_ids`` / ``attention_mask`` / ``token_type_ids`` (B, T) each item's chunk
-    prompt padded to the longest; ``labels`` per item ``class_labels`` (n,) and ``boxes``
-    (n, 4) cxcywh normalised; ``image_ids``, ``chunks``, ``sizes`` (original width, height).
-    With ``num_queries``, images too thin for that many encoder tokens are padded first.
+    image; ``input_ids`` / ``attention_mask`` / ``token_type_ids`` (B, T) each item's prompt
+    padded to the longest; ``labels`` per item ``class_labels`` (n,) and ``boxes`` (n, 4)
+    cxcywh normalised; ``image_ids``, ``classes`` (prompt indexes per item, in prompt order),
+    ``sizes`` (original width, height).
     """
     if num_queries is not None:
         items = pad_thin_items(items, processor=processor, num_queries=num_queries)
     pixels = processor.image_processor(images=[it["image"] for it in items], return_tensors="pt",
                                        input_data_format="channels_last")  # HxWx3: never guessed
-    text = processor.tokenizer([label_map.prompts[it["chunk"]] for it in items],
+    text = processor.tokenizer([prompt_text([label_map.names[i] for i in it["classes"]]) for it in items],
                                padding="longest", return_tensors="pt")
     labels = [box_targets(it["boxes"], it["labels"], width=it["image"].shape[1],
                           height=it["image"].shape[0]) for it in items]
     return {**pixels, **text, "labels": labels, "image_ids": [it["image_id"] for it in items],
-            "chunks": [it["chunk"] for it in items], "sizes": [it["size"] for it in items]}
+            "classes": [it["classes"] for it in items], "sizes": [it["size"] for it in items]}

@@ -10,16 +10,14 @@ module; ``labels.json`` beside the DINO adapter is its saved form.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from teacher.coco import clean_name  # the one cleaning rule, shared with validation
 from teacher.errors import TeacherError
 
 MAX_TEXT_TOKENS = 256  # Grounding DINO's text encoder limit (config.max_text_len)
-_DELIMITERS = re.compile(r"[.?]")  # '.' and '?' are label delimiters for Grounding DINO
-_SPECIAL = re.compile(r"\[(CLS|SEP|PAD|MASK|UNK)\]", re.IGNORECASE)  # BERT's special tokens
 PROGRESS_FROM = 10_000  # class lists this long show a progress bar while they are built
 
 
@@ -68,12 +66,6 @@ class LabelMap:
         if where != chunk:
             raise TeacherError(f"category id {category_id} is in prompt chunk {where}, not {chunk}")
         return position
-
-
-def clean_name(name: str) -> str:
-    """A class name safe inside a prompt: delimiters and special tokens ([SEP], [CLS], ...)
-    removed, whitespace collapsed."""
-    return " ".join(_DELIMITERS.sub(" ", _SPECIAL.sub(" ", name)).split())
 
 
 def prompt_text(names: Sequence[str]) -> str:

@@ -1,17 +1,29 @@
 """Grounding DINO's grounded training loss, adapted from transformers
 (``transformers/loss/loss_grounding_dino.py``, ``GroundingDinoForObjectDetectionLoss``, 5.x).
 
-What differs from the original, and why: transformers offsets each image's class labels by
-*that image's* label-map length instead of the running total, so for batches of 2+ images
-with different prompts the one-hot targets come from the wrong image's label map.
-:class:`GroundedImageLoss` uses the running offset. Pinned against an independent
-Open-GroundingDino-style loss in tests/test_dino.py.
+What differs from the original, and why (each pinned in tests/test_dino.py and
+tests/test_dino_recipe.py against independent implementations):
+
+- One-hot offset: transformers offsets image i's class labels by *that image's* label-map
+  length instead of the running total, so in any batch of 2+ images whose prompts differ
+  (a batch of 2 included) image 1 onward is matched against another image's label map.
+  :class:`GroundedImageLoss` uses the running offset.
+- Auxiliary decoder losses always on, whatever ``config.auxiliary_loss`` says (the hub
+  checkpoint says false): Open-GroundingDino (``aux_loss = True``) and MM-Grounding-DINO
+  supervise every decoder layer; without it layers 0..L-2's box refinements get no gradient.
+- The two-stage ``_enc`` terms are computed from the top-k encoder proposals *before* they are
+  detached, as Open-GroundingDino's ``interm_outputs`` are (``hs_enc = tgt_undetach``,
+  ``ref_enc = refpoint_embed_undetach.sigmoid()``): :func:`install_proposal_outputs` makes the
+  model return them as ``encoder_logits`` / ``encoder_pred_boxes``. transformers scores the
+  learned query embeddings against the pre-encoder text instead: image-independent, a constant
+  under our freezing. Same matcher and weights as the decoder terms (OGD ``interm_loss_coef`` 1).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 from transformers.loss.loss_for_object_detection import _set_aux_loss
 from transformers.loss.loss_grounding_dino import (
     GroundingDinoHungarianMatcher,
@@ -64,12 +76,45 @@ class GroundedImageLoss(GroundingDinoImageLoss):
         return losses
 
 
+def top_proposals(enc_outputs_class: torch.Tensor, enc_outputs_coord_logits: torch.Tensor, *,
+                  num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``num_queries`` encoder proposals the decoder starts from, with their gradients.
+
+    ``enc_outputs_class`` (B, HW, 256) logits of every encoder position, ``enc_outputs_coord_logits``
+    (B, HW, 4) their box logits. The same top-k transformers takes (best token logit per
+    position); returns ``(logits (B, K, 256), boxes (B, K, 4) cxcywh in [0, 1])``, not detached.
+    """
+    index = enc_outputs_class.max(-1)[0].topk(num_queries, dim=1)[1]  # (B, K)
+    logits = torch.gather(enc_outputs_class, 1, index[..., None].expand(-1, -1, enc_outputs_class.shape[-1]))
+    coords = torch.gather(enc_outputs_coord_logits, 1, index[..., None].expand(-1, -1, 4))
+    return logits, coords.sigmoid()
+
+
+def _proposal_outputs_hook(module: nn.Module, args, output):
+    """Forward hook of ``GroundingDinoModel``: ``encoder_logits`` / ``encoder_pred_boxes`` become
+    the undetached top-k proposals (see the module docstring)."""
+    if getattr(output, "enc_outputs_class", None) is None:
+        return output
+    logits, boxes = top_proposals(output.enc_outputs_class, output.enc_outputs_coord_logits,
+                                  num_queries=module.config.num_queries)
+    output.encoder_logits, output.encoder_pred_boxes = logits, boxes
+    return output
+
+
+def install_proposal_outputs(model: nn.Module) -> None:
+    """Make a ``GroundingDinoForObjectDetection`` (two-stage) return the undetached top-k encoder
+    proposals as ``encoder_logits`` / ``encoder_pred_boxes``, which the loss reads; idempotent."""
+    inner = model.model
+    if not getattr(inner, "_teacher_proposal_hook", False):
+        inner.register_forward_hook(_proposal_outputs_hook)
+        inner._teacher_proposal_hook = True
+
+
 def grounded_loss(logits, labels, device, pred_boxes, config, label_maps, text_mask,
                   outputs_class=None, outputs_coord=None, encoder_logits=None,
                   encoder_pred_boxes=None, *, across_processes: bool = True):
-    """``GroundingDinoForObjectDetectionLoss`` (transformers 5.x) using :class:`GroundedImageLoss`.
-
-    Same signature, terms and weights; returns ``(loss, loss_dict, auxiliary_outputs)``.
+    """``GroundingDinoForObjectDetectionLoss`` (transformers 5.x) with the three changes of the
+    module docstring; same signature, terms and weights; returns ``(loss, loss_dict, auxiliary_outputs)``.
     """
     matcher = GroundingDinoHungarianMatcher(class_cost=config.class_cost,
                                             bbox_cost=config.bbox_cost, giou_cost=config.giou_cost)
@@ -78,12 +123,11 @@ def grounded_loss(logits, labels, device, pred_boxes, config, label_maps, text_m
                                   across_processes=across_processes).to(device)
     outputs = {"logits": logits, "pred_boxes": pred_boxes, "label_maps": label_maps,
                "text_mask": text_mask}
-    auxiliary = None
-    if config.auxiliary_loss:
-        auxiliary = _set_aux_loss(outputs_class, outputs_coord)
-        for aux in auxiliary:
-            aux.update(label_maps=label_maps, text_mask=text_mask)
-        outputs["auxiliary_outputs"] = auxiliary
+    # every decoder layer supervised whatever config.auxiliary_loss says (both references do)
+    auxiliary = _set_aux_loss(outputs_class, outputs_coord) if outputs_class is not None else []
+    for aux in auxiliary:
+        aux.update(label_maps=label_maps, text_mask=text_mask)
+    outputs["auxiliary_outputs"] = auxiliary
     loss_dict = criterion(outputs, labels)
     weights = {"loss_ce": 2.0, "loss_bbox": config.bbox_loss_coefficient,
                "loss_giou": config.giou_loss_coefficient}
@@ -92,9 +136,8 @@ def grounded_loss(logits, labels, device, pred_boxes, config, label_maps, text_m
                "label_maps": label_maps, "text_mask": text_mask}
         loss_dict.update({f"{k}_enc": v for k, v in criterion(enc, labels).items()})
         weights.update({f"{k}_enc": v for k, v in list(weights.items())})
-    if config.auxiliary_loss:
-        base = {k: v for k, v in weights.items() if not k.endswith("_enc")}
-        for i in range(config.decoder_layers - 1):
-            weights.update({f"{k}_{i}": v for k, v in base.items()})
+    base = {k: v for k, v in weights.items() if not k.endswith("_enc")}
+    for i in range(len(auxiliary)):
+        weights.update({f"{k}_{i}": v for k, v in base.items()})
     loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
     return loss, loss_dict, auxiliary

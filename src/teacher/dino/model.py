@@ -4,7 +4,8 @@
 folder, or ``tiny-random``: the same architecture at toy size with a locally written
 bert-base-uncased-compatible vocabulary, built in code with a fixed seed (no network, and the
 same weights in every stage). :func:`load_dino` installs :func:`teacher.dino.loss.grounded_loss`
-as the model's ``loss_function``.
+as the model's ``loss_function`` and makes the model return its top-k encoder proposals
+undetached (:func:`teacher.dino.loss.install_proposal_outputs`), which that loss reads.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from transformers import (
 
 from teacher.artifacts import LABELS_FILE
 from teacher.dino.labels import LabelMap, load_labels
-from teacher.dino.loss import grounded_loss
+from teacher.dino.loss import grounded_loss, install_proposal_outputs
 from teacher.errors import TeacherError
 from teacher.params import DinoParams
 
@@ -42,11 +43,13 @@ TINY_SEED = 20240607  # fixed: train and evaluate build identical tiny-random ba
 # bert-base-uncased ids that Grounding DINO's code hard-codes ([PAD] is 0)
 BERT_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103,
                     ".": 1012, "?": 1029}
-# fully trained heads (dino.train_heads): the box MLPs of the decoder layers (tied: one set of
-# weights). The class heads are parameter-free dot products with the text features. The
-# two-stage proposal heads (enc_output, encoder_output_bbox_embed) are left alone: transformers
-# detaches the proposals before the "_enc" loss terms, so no loss reaches them.
-HEAD_MODULES = r"(model\.decoder\.)?bbox_embed\.\d+"
+# fully trained heads (dino.train_heads): box heads only, as the class heads are
+# parameter-free dot products with the text features. The box MLPs of the decoder layers (tied:
+# one set of weights) and the two-stage proposal head (enc_output + enc_output_norm, which make
+# the encoder's object queries, and encoder_output_bbox_embed), which the "_enc" loss terms
+# reach now that they are computed from the undetached proposals (teacher.dino.loss).
+HEAD_MODULES = (r"(model\.decoder\.)?bbox_embed\.\d+|"
+                r"model\.(enc_output|enc_output_norm|encoder_output_bbox_embed)")
 TOWERS = ("model.backbone", "model.text_backbone")  # image and text encoders
 
 
@@ -241,11 +244,38 @@ def prepare_model(model: GroundingDinoForObjectDetection) -> GroundingDinoForObj
 
     peft calls ``get_input_embeddings``, which transformers leaves unimplemented for this model:
     return the text encoder's. (Setting ``tie_word_embeddings=False`` instead would make
-    reloaded models re-initialise the tied box heads.) Installs :func:`grounded_loss`.
+    reloaded models re-initialise the tied box heads.) Installs :func:`grounded_loss` and the
+    undetached proposal outputs it reads.
     """
     model.get_input_embeddings = types.MethodType(_text_input_embeddings, model)
     model.loss_function = grounded_loss
+    if model.config.two_stage:
+        install_proposal_outputs(model)
     return model
+
+
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Dropout ``p`` in every layer of the encoder (image, text enhancer, fusion) and decoder.
+
+    Open-GroundingDino (``dropout = 0.0``, ``text_dropout``, ``fusion_dropout`` 0.0) and
+    MM-Grounding-DINO (``dropout=0.0``, ``ffn_drop=0.0``) train with none; the hub config has
+    0.1. Drop path (``fusion_droppath``), LoRA's own dropout and the frozen towers are left
+    alone. Returns how many dropout settings were changed. Call before applying LoRA.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    changed = 0
+    for part in (base.model.encoder, base.model.decoder):
+        for module in part.modules():
+            if isinstance(module, nn.Dropout):
+                module.p, changed = p, changed + 1
+            for attr in ("dropout", "activation_dropout", "attention_dropout"):
+                if isinstance(getattr(module, attr, None), float):
+                    setattr(module, attr, p)
+                    changed += 1
+    for key in ("dropout", "activation_dropout", "attention_dropout", "text_enhancer_dropout",
+                "fusion_dropout"):
+        setattr(base.config, key, p)
+    return changed
 
 
 def load_dino(params: DinoParams, *, adapter_dir: Path | None = None,

@@ -1,14 +1,20 @@
 """Fine-tuning Grounding DINO: the training ``Task`` for DINO and the one call of train_dino.
 
-LoRA on the attention projections of the encoder, decoder and text-image fusion layers
-(``dino.lora_targets``); ``dino.train_heads`` trains the box heads fully (tied across decoder
-layers, saved beside the adapter). Image and text encoders that no LoRA reaches run under
-``no_grad``; ``train.activation_checkpointing`` recomputes encoder and decoder layers in
-backward. Validation: the grounded loss and COCO box mAP (pycocotools) on the val split.
+LoRA on the attention projections and FFNs of the encoder, decoder and text-image fusion
+layers, the text projection and the reference-point head (``dino.lora_targets``);
+``dino.train_heads`` trains the box heads fully (the decoder's, tied across layers, and the
+two-stage proposal head; saved beside the adapter). ``sampling_offsets`` and
+``reference_points_head`` train at ``dino.offsets_lr_scale`` x the lr (Open-GroundingDino's
+``lr_linear_proj_names``), gradients are clipped at ``dino.clip_norm`` and encoder/decoder
+dropout is ``dino.dropout`` (both references: clip 0.1, dropout 0.0). Image and text encoders that no LoRA
+reaches run under ``no_grad``; ``train.activation_checkpointing`` recomputes encoder and decoder
+layers in backward. Validation: the grounded loss and COCO box mAP (pycocotools) on the val
+split, decoded as Open-GroundingDino's COCO evaluation (:func:`teacher.dino.detect.decode_reference`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from contextlib import contextmanager
 from functools import partial
@@ -22,17 +28,20 @@ from torch.utils.data import DataLoader
 from teacher.artifacts import LABELS_FILE
 from teacher.augment import build_transform
 from teacher.dino.data import DinoDataset, collate_dino
-from teacher.dino.detect import coco_results, decode, merge_detections
+from teacher.dino.detect import REFERENCE_TOP_K, coco_results, decode_reference, merge_detections
 from teacher.dino.labels import LabelMap, build_label_map, save_labels
 from teacher.dino.loss import grounded_loss
-from teacher.dino.model import HEAD_MODULES, frozen_towers, load_dino
+from teacher.dino.model import HEAD_MODULES, frozen_towers, load_dino, set_dropout
 from teacher.lora import apply_lora, save_adapter
 from teacher.metrics import coco_eval
 from teacher.params import DinoParams, LoraParams, TrainParams
 from teacher.train.loop import Task, fit, seed_everything
 from teacher.train.memory import checkpoint_layers, run_without_grad
 
-LOGGED_TERMS = ("loss_ce", "loss_bbox", "loss_giou")  # last decoder layer's terms, logged per step
+# logged per step beside the total: the last decoder layer's terms and the proposals' (two-stage)
+LOGGED_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_enc", "loss_bbox_enc", "loss_giou_enc")
+# Open-GroundingDino lr_linear_proj_names (ref_point_head, sampling_offsets): dino.offsets_lr_scale
+OFFSET_PARAMS = r"sampling_offsets|reference_points_head"
 INPUT_KEYS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids")
 
 
@@ -42,7 +51,9 @@ def _base(model: nn.Module) -> nn.Module:
 
 def wrap_for_training(model: nn.Module, *, dino: DinoParams, lora: LoraParams,
                       activation_checkpointing: bool) -> nn.Module:
-    """LoRA (+ fully trained heads); frozen towers without autograd; optional checkpointing."""
+    """Dropout as ``dino.dropout``; LoRA (+ fully trained heads); frozen towers without autograd;
+    optional checkpointing."""
+    set_dropout(model, dino.dropout)
     model = apply_lora(model, lora=lora, targets=dino.lora_targets,
                        train_modules=HEAD_MODULES if dino.train_heads else None)
     base = _base(model)
@@ -63,7 +74,7 @@ def training_step(model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
     device = next(model.parameters()).device
     labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
     out = model(**model_inputs(batch, device), labels=labels)
-    return {"loss": out.loss, **{k: out.loss_dict[k].detach() for k in LOGGED_TERMS}}
+    return {"loss": out.loss, **{k: out.loss_dict[k].detach() for k in LOGGED_TERMS if k in out.loss_dict}}
 
 
 @contextmanager
@@ -80,8 +91,11 @@ def loss_on_this_process(model: nn.Module):
 
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, *, loader: DataLoader, coco: dict[str, Any],
-                       label_map: LabelMap, max_detections: int = 100) -> dict[str, float]:
-    """Val loss and COCO box mAP: ``val_loss``, ``val_map``, ``val_map_50`` (-1: no boxes)."""
+                       label_map: LabelMap, top_k: int = REFERENCE_TOP_K) -> dict[str, float]:
+    """Val loss and COCO box mAP: ``val_loss``, ``val_map``, ``val_map_50`` (-1: no boxes).
+
+    Detections are decoded as ``box/*`` at test time (Open-GroundingDino's protocol).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -91,15 +105,14 @@ def evaluate_detection(model: nn.Module, *, loader: DataLoader, coco: dict[str, 
         with loss_on_this_process(model):  # evaluation runs on the main process only
             out = model(**model_inputs(batch, device), labels=labels)
         losses.append(float(out.loss))
-        cats = [[label_map.category_ids[i] for i in label_map.chunks[c]] for c in batch["chunks"]]
-        dets = decode(out.logits, out.pred_boxes, batch["input_ids"].to(device),
-                      sizes=batch["sizes"], category_ids=cats, box_threshold=0.0,
-                      text_threshold=0.0, max_detections=max_detections)
+        cats = [[label_map.category_ids[i] for i in classes] for classes in batch["classes"]]
+        dets = decode_reference(out.logits, out.pred_boxes, batch["input_ids"].to(device),
+                                sizes=batch["sizes"], category_ids=cats, top_k=top_k)
         for image_id, det in zip(batch["image_ids"], dets, strict=True):
             parts[image_id].append(det)
     model.train(was_training)
     ids = list(parts)
-    merged = [merge_detections(parts[i], max_detections=max_detections) for i in ids]
+    merged = [merge_detections(parts[i], max_detections=top_k) for i in ids]
     stats = coco_eval(coco, coco_results(merged, ids), iou_type="bbox", per_class=False)
     return {"val_loss": sum(losses) / max(len(losses), 1), "val_map": stats["map"],
             "val_map_50": stats["map_50"]}
@@ -111,21 +124,29 @@ def save_dino(model: nn.Module, out_dir: Path, *, label_map: LabelMap) -> None:
     save_labels(label_map, Path(out_dir) / LABELS_FILE)
 
 
+def class_tokens(label_map: LabelMap, tokenizer: Any) -> list[int]:
+    """Tokens of each class name (no special tokens, no '.'), in prompt-index order."""
+    return [len(tokenizer(n, add_special_tokens=False)["input_ids"]) for n in label_map.names]
+
+
 def build_task(model: nn.Module, *, processor: Any, label_map: LabelMap, train_coco: dict,
                val_coco: dict, image_root: Path, augment_policy: dict[str, Any], seed: int,
-               batch_size: int) -> Task:
-    """The training Task: augmented train dataset, step, val loss + mAP, save."""
+               batch_size: int, negatives: int = 0, offsets_lr_scale: float = 1.0) -> Task:
+    """The training Task: augmented train dataset (``negatives`` absent names per prompt),
+    step, val loss + mAP, save, the offsets' lr multiplier."""
     collate = partial(collate_dino, processor=processor, label_map=label_map,
                       num_queries=int(getattr(model, "config").num_queries))  # noqa: B009
     dataset = DinoDataset(train_coco, image_root, label_map=label_map, seed=seed,
-                          transform=build_transform(augment_policy, train=True))
+                          transform=build_transform(augment_policy, train=True), negatives=negatives,
+                          class_tokens=class_tokens(label_map, processor.tokenizer) if negatives else None)
     val = DinoDataset(val_coco, image_root, label_map=label_map, seed=seed, all_chunks=True)
     loader = DataLoader(val, batch_size=batch_size, shuffle=False, collate_fn=collate)
     return Task(name="dino", model=model, train_dataset=dataset, collate_fn=collate,
                 step=training_step,
                 evaluate=partial(evaluate_detection, loader=loader, coco=val_coco,
                                  label_map=label_map),
-                monitor="val_map", save=partial(save_dino, label_map=label_map))
+                monitor="val_map", save=partial(save_dino, label_map=label_map),
+                lr_scales={OFFSET_PARAMS: offsets_lr_scale})
 
 
 def train_dino(*, train_coco: dict, val_coco: dict, image_root: Path, dino: DinoParams,
@@ -146,8 +167,10 @@ def train_dino(*, train_coco: dict, val_coco: dict, image_root: Path, dino: Dino
                               activation_checkpointing=train.activation_checkpointing)
     task = build_task(model, processor=bundle.processor, label_map=label_map,
                       train_coco=train_coco, val_coco=val_coco, image_root=image_root,
-                      augment_policy=augment_policy, seed=seed, batch_size=train.batch_size)
+                      augment_policy=augment_policy, seed=seed, batch_size=train.batch_size,
+                      negatives=dino.negatives, offsets_lr_scale=dino.offsets_lr_scale)
     summary = {"prompt_chunks": len(label_map.chunks), "classes": len(label_map.category_ids),
                **{f"augment_{k}": v for k, v in augment_policy.items()}}
+    train = dataclasses.replace(train, clip_norm=dino.clip_norm)  # DINO's clip: the references' 0.1
     return fit(task, train=train, seed=seed, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
                live_dir=live_dir, fingerprint=fingerprint, record=summary)

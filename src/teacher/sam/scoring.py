@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from teacher.coco import annotation_mask, has_mask, has_usable_box, is_crowd
+from teacher.detections import Detections
 from teacher.metrics import mask_iou
 from teacher.sam.model import SAM_CHUNK, PreparedImage
 
@@ -46,7 +47,7 @@ def score_gt_boxes(
     multimask: bool,
     chunk: int = SAM_CHUNK,
     keep_masks: bool = False,
-) -> tuple[np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, Detections]:
     """SAM prompted by the ground-truth boxes of one prepared image.
 
     anns: the image's SAM instances (non-crowd, with a mask). Returns the IoU (N,) of each
@@ -66,11 +67,10 @@ def score_gt_boxes(
         boxes.append(part_boxes)
         if keep_masks:
             kept.append(pred)
-    det: dict[str, Any] = {
-        "boxes": np.concatenate(boxes) if boxes else np.zeros((0, 4)),
-        "scores": np.concatenate(scores) if scores else np.zeros((0,), np.float32),
-        "category_ids": np.array([int(a["category_id"]) for a in anns], dtype=np.int64),
-    }
-    if keep_masks:
-        det["masks"] = np.concatenate(kept) if kept else np.zeros((0, height, width), bool)
+    det = Detections(
+        boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4)),
+        scores=np.concatenate(scores) if scores else np.zeros((0,), np.float32),
+        category_ids=[int(a["category_id"]) for a in anns],
+        masks=(np.concatenate(kept) if kept else np.zeros((0, height, width), bool)) if keep_masks else None,
+    )
     return (np.concatenate(ious) if ious else np.zeros((0,))), det

@@ -131,7 +131,7 @@ def evaluate_miou(
             prepared = prepare_image(model, load_image(image_path(image_root, record["file_name"])))
         iou, det = score_gt_boxes(prepared, anns, multimask=multimask)
         ious.append(iou)
-        cats += det["category_ids"].tolist()
+        cats += det.category_ids.tolist()
     model.train(was_training)
     all_ious = np.concatenate(ious) if ious else np.zeros((0,))
     return {"val_miou": mean_mask_iou(all_ious, cats)["mask_miou"], "val_instances": float(len(all_ious))}

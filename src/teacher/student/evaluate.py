@@ -16,19 +16,20 @@ from typing import Any
 import torch
 
 from teacher.coco import mask_kind, mask_to_rle
+from teacher.detections import Detections
 from teacher.images import image_path, load_image
 from teacher.metrics import category_names, coco_evaluate, summarize
 from teacher.student.model import load_student, predict
 
 
-def results_of(det: dict[str, Any], *, image_id: Any) -> list[dict[str, Any]]:
+def results_of(det: Detections, *, image_id: Any) -> list[dict[str, Any]]:
     """COCO results of one image's decoded detections (RLE masks when present)."""
     out = []
-    for k in range(len(det["scores"])):
-        r = {"image_id": image_id, "category_id": int(det["category_ids"][k]),
-             "bbox": [float(v) for v in det["boxes"][k]], "score": float(det["scores"][k])}
-        if "masks" in det:
-            r["segmentation"] = mask_to_rle(det["masks"][k])
+    for k in range(len(det)):
+        r = {"image_id": image_id, "category_id": int(det.category_ids[k]),
+             "bbox": [float(v) for v in det.boxes[k]], "score": float(det.scores[k])}
+        if det.masks is not None:
+            r["segmentation"] = mask_to_rle(det.masks[k])
         out.append(r)
     return out
 

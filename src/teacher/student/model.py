@@ -33,6 +33,7 @@ from transformers import (
     RfDetrForObjectDetection,
 )
 
+from teacher.detections import Detections
 from teacher.errors import TeacherError
 from teacher.params import StudentParams
 
@@ -298,19 +299,19 @@ def decode(outputs: Sequence[Tensor], *, sizes: Sequence[tuple[int, int]],
         xywh[:, 1::2] = xywh[:, 1::2].clamp(0, h)
         xywh[:, 2] = xywh[:, 2].clamp(max=w - xywh[:, 0])
         xywh[:, 3] = xywh[:, 3].clamp(max=h - xywh[:, 1])
-        det = {"boxes": xywh.numpy().astype(np.float32), "scores": scores[i][keep].numpy(),
-               "category_ids": cats[label[i][keep].numpy()]}
+        image_masks = None
         if masks is not None:
             up = nn.functional.interpolate(masks[i, qi][None], size=(h, w), mode="bilinear",
                                            align_corners=False)[0] if len(qi) else masks[i, :0, :h, :w]
-            det["masks"] = (up > 0).numpy().reshape(-1, h, w)
-        dets.append(det)
+            image_masks = (up > 0).numpy().reshape(-1, h, w)
+        dets.append(Detections(xywh.numpy(), scores[i][keep].numpy(), cats[label[i][keep].numpy()],
+                               image_masks))
     return dets
 
 
 @torch.no_grad()
 def predict(student: Student, images: Sequence[np.ndarray], *, max_detections: int,
-            score_threshold: float = 0.0) -> list[dict[str, np.ndarray]]:
+            score_threshold: float = 0.0) -> list[Detections]:
     """The student on a batch of HxWx3 uint8 images: per image the decoded detections."""
     info = student.info
     device = _device_of(student.forward)

@@ -99,7 +99,7 @@ def evaluate_student(model: nn.Module, *, loader: DataLoader, coco: dict[str, An
                      category_ids: tuple[int, ...], masks: bool, max_detections: int = 100
                      ) -> dict[str, float]:
     """Val COCO box mAP (``val_map``, ``val_map_50``) and, with masks, ``val_segm_map``."""
-    from teacher.coco import mask_to_rle
+    from teacher.student.evaluate import results_of
 
     was_training = model.training
     model.eval()
@@ -111,12 +111,7 @@ def evaluate_student(model: nn.Module, *, loader: DataLoader, coco: dict[str, An
         dets = decode(outputs, sizes=batch["sizes"], category_ids=category_ids,
                       max_detections=max_detections)
         for image_id, det in zip(batch["image_ids"], dets, strict=True):
-            for k in range(len(det["scores"])):
-                r = {"image_id": image_id, "category_id": int(det["category_ids"][k]),
-                     "bbox": [float(v) for v in det["boxes"][k]], "score": float(det["scores"][k])}
-                if masks:
-                    r["segmentation"] = mask_to_rle(det["masks"][k])
-                results.append(r)
+            results += results_of(det, image_id=image_id)
     model.train(was_training)
     stats = coco_eval(coco, results, iou_type="bbox", per_class=False)
     out = {"val_map": stats["map"], "val_map_50": stats["map_50"]}

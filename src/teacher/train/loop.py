@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class Task:
     evaluate: Callable[[nn.Module], dict[str, float]]  # val metrics, e.g. {"val_loss", "val_map"}
     monitor: str  # key of evaluate() maximised (early stopping, best weights)
     save: Callable[[nn.Module, Path], None]  # writes the adapter folder
+    # learning-rate multipliers: a parameter whose name matches the regex (re.search) trains at
+    # train.lr x the value (the first match counts); every other parameter at train.lr
+    lr_scales: Mapping[str, float] = field(default_factory=dict)
 
 
 def resolve_precision(precision: str) -> str:
@@ -222,7 +226,8 @@ def _start(task: Task, *, train: TrainParams, seed: int) -> _Loop:
     if n == 0:
         raise TeacherError(f"{task.name}: the training split is empty; check data/split/train.json")
     steps = _steps_per_epoch(n, train=train, world=accelerator.num_processes)
-    optimizer = accelerator.prepare_optimizer(_adamw(params, train=train), device_placement=False)
+    optimizer = accelerator.prepare_optimizer(_adamw(params, train=train, lr_scales=task.lr_scales),
+                                              device_placement=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.optimizer,
         functools.partial(lr_factor, warmup=train.warmup_steps, total=steps * train.epochs))
@@ -235,13 +240,23 @@ def _steps_per_epoch(n: int, *, train: TrainParams, world: int) -> int:
     return min(steps, train.max_steps_per_epoch) if train.max_steps_per_epoch else steps
 
 
-def _adamw(params: list[tuple[str, nn.Parameter]], *, train: TrainParams) -> torch.optim.AdamW:
-    """AdamW; biases and norm scales (1-D tensors) get no weight decay."""
-    decay = [p for _, p in params if p.ndim > 1]
-    plain = [p for _, p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": train.weight_decay},
-              {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr)
+def lr_scale(name: str, lr_scales: Mapping[str, float]) -> float:
+    """The learning-rate multiplier of parameter ``name``: the first regex that matches, else 1."""
+    return next((float(v) for pattern, v in lr_scales.items() if re.search(pattern, name)), 1.0)
+
+
+def _adamw(params: list[tuple[str, nn.Parameter]], *, train: TrainParams,
+           lr_scales: Mapping[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW; biases and norm scales (1-D tensors) get no weight decay; ``lr_scales`` multiply
+    the lr of the parameters they match. Groups at the plain lr come first (``lr`` is logged
+    from group 0)."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in params:
+        groups.setdefault((lr_scale(name, lr_scales or {}), p.ndim > 1), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] != 1.0, k[0], not k[1]))
+    return torch.optim.AdamW(
+        [{"params": groups[k], "lr": train.lr * k[0],
+          "weight_decay": train.weight_decay if k[1] else 0.0} for k in order], lr=train.lr)
 
 
 def _resume(loop: _Loop, *, checkpoint_dir: Path, fingerprint: str) -> RunState:
