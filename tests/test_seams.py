@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,13 @@ def test_package_inits_are_docstrings_only():
     for init in SRC.rglob("__init__.py"):
         body = ast.parse(init.read_text()).body
         assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body), init
+
+
+def test_contracts_map_lists_every_module_and_stage():
+    """docs/CONTRACTS.md's map matches the tree: every library module and every stage, no more."""
+    text = (REPO_ROOT / "docs" / "CONTRACTS.md").read_text()
+    listed = set(re.findall(r"^\| `(teacher/[\w/]+\.py)` \|", text, flags=re.M))
+    actual = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if p.name != "__init__.py"}
+    assert listed == actual, f"CONTRACTS.md map: missing {sorted(actual - listed)}, extra {sorted(listed - actual)}"
+    for stage in stage_deps():
+        assert f"| `{stage}` |" in text, f"CONTRACTS.md map: stage {stage} missing"
