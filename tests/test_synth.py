@@ -9,7 +9,9 @@ from teacher.coco import annotation_mask, coco_format_problem
 
 @pytest.fixture(scope="module")
 def worlds():
-    return {name: synth.make_dataset(world, n_images=24, seed=3) for name, world in synth.WORLDS.items()}
+    return {
+        name: synth.make_dataset(world, n_images=24, seed=3) for name, world in synth.WORLDS.items()
+    }
 
 
 def test_same_seed_same_dataset():
@@ -46,8 +48,10 @@ def test_domains_differ_in_names_and_appearance(worlds):
     names = {n: {c["name"] for c in coco["categories"]} for n, (coco, _) in worlds.items()}
     assert not names["pretrain"] & names["finetune"]
     assert names["finetune"] == {"circle", "square", "triangle", "star"}  # the bundled sample's
-    roughness = {n: np.mean([np.abs(np.diff(p.astype(float), axis=1)).mean() for p in px])
-                 for n, (_, px) in worlds.items()}
+    roughness = {
+        n: np.mean([np.abs(np.diff(p.astype(float), axis=1)).mean() for p in px])
+        for n, (_, px) in worlds.items()
+    }
     assert roughness["finetune"] > 2 * roughness["pretrain"]  # noise, textures, busy backgrounds
 
 

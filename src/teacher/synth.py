@@ -28,14 +28,31 @@ from PIL import Image, ImageDraw
 from teacher.coco import mask_to_rle, rle_area_bbox, save_coco
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
-    "orange": (240, 140, 30), "purple": (140, 60, 180), "cyan": (40, 200, 210),
-    "magenta": (220, 60, 170), "white": (245, 245, 245), "black": (20, 20, 20),
-    "brown": (130, 80, 40), "grey": (128, 128, 128),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "orange": (240, 140, 30),
+    "purple": (140, 60, 180),
+    "cyan": (40, 200, 210),
+    "magenta": (220, 60, 170),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "brown": (130, 80, 40),
+    "grey": (128, 128, 128),
 }
 # shapes drawn as one polygon (polygon annotation possible) vs. as a mask with a hole
-POLYGON_SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon", "diamond",
-                  "pentagon", "arrow")
+POLYGON_SHAPES = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "hexagon",
+    "diamond",
+    "pentagon",
+    "arrow",
+)
 HOLED_SHAPES = ("ring",)
 SHAPES = (*POLYGON_SHAPES, *HOLED_SHAPES)
 
@@ -71,7 +88,9 @@ WORLDS: dict[str, World] = {"pretrain": PRETRAIN, "finetune": FINETUNE}
 # --- shapes ------------------------------------------------------------------------------------
 
 
-def shape_outline(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+def shape_outline(
+    kind: str, cx: float, cy: float, r: float, angle: float
+) -> list[tuple[float, float]]:
     """Outer outline of a shape of radius ``r`` centred at (cx, cy), as (x, y) vertices."""
     if kind in ("circle", "ring"):
         radii, n = [r], 40
@@ -84,22 +103,49 @@ def shape_outline(kind: str, cx: float, cy: float, r: float, angle: float) -> li
     elif kind == "hexagon":
         radii, n = [r], 6
     elif kind == "diamond":  # a rhombus: long axis r, short axis 0.55 r
-        return [_rotate(x, y, cx, cy, angle) for x, y in ((r, 0), (0, 0.55 * r), (-r, 0), (0, -0.55 * r))]
+        return [
+            _rotate(x, y, cx, cy, angle)
+            for x, y in ((r, 0), (0, 0.55 * r), (-r, 0), (0, -0.55 * r))
+        ]
     elif kind == "star":
         radii, n = [r, 0.45 * r], 10
     elif kind == "cross":
         a = 0.33 * r
-        pts = [(a, r), (-a, r), (-a, a), (-r, a), (-r, -a), (-a, -a), (-a, -r), (a, -r), (a, -a),
-               (r, -a), (r, a), (a, a)]
+        pts = [
+            (a, r),
+            (-a, r),
+            (-a, a),
+            (-r, a),
+            (-r, -a),
+            (-a, -a),
+            (-a, -r),
+            (a, -r),
+            (a, -a),
+            (r, -a),
+            (r, a),
+            (a, a),
+        ]
         return [_rotate(x, y, cx, cy, angle) for x, y in pts]
     elif kind == "arrow":
-        pts = [(r, 0), (0.1 * r, 0.7 * r), (0.1 * r, 0.3 * r), (-r, 0.3 * r), (-r, -0.3 * r),
-               (0.1 * r, -0.3 * r), (0.1 * r, -0.7 * r)]
+        pts = [
+            (r, 0),
+            (0.1 * r, 0.7 * r),
+            (0.1 * r, 0.3 * r),
+            (-r, 0.3 * r),
+            (-r, -0.3 * r),
+            (0.1 * r, -0.3 * r),
+            (0.1 * r, -0.7 * r),
+        ]
         return [_rotate(x, y, cx, cy, angle) for x, y in pts]
     else:
         raise ValueError(f"unknown shape {kind!r}; known: {', '.join(SHAPES)}")
-    return [(cx + radii[k % len(radii)] * math.cos(angle + 2 * math.pi * k / n),
-             cy + radii[k % len(radii)] * math.sin(angle + 2 * math.pi * k / n)) for k in range(n)]
+    return [
+        (
+            cx + radii[k % len(radii)] * math.cos(angle + 2 * math.pi * k / n),
+            cy + radii[k % len(radii)] * math.sin(angle + 2 * math.pi * k / n),
+        )
+        for k in range(n)
+    ]
 
 
 def _rotate(x: float, y: float, cx: float, cy: float, angle: float) -> tuple[float, float]:
@@ -114,8 +160,9 @@ def polygon_mask(points: list[tuple[float, float]], width: int, height: int) -> 
     return np.asarray(canvas, dtype=bool)
 
 
-def shape_mask(kind: str, cx: float, cy: float, r: float, angle: float, *, width: int,
-               height: int) -> np.ndarray:
+def shape_mask(
+    kind: str, cx: float, cy: float, r: float, angle: float, *, width: int, height: int
+) -> np.ndarray:
     """HxW bool mask of a whole shape (a ring is a disc less its inner 55 %)."""
     mask = polygon_mask(shape_outline(kind, cx, cy, r, angle), width, height)
     if kind == "ring":
@@ -145,8 +192,9 @@ def background(rng: np.random.Generator, style: str, width: int, height: int) ->
     return c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
 
 
-def fill_pattern(rng: np.random.Generator, style: str, colour: tuple[int, int, int], width: int,
-                 height: int) -> np.ndarray:
+def fill_pattern(
+    rng: np.random.Generator, style: str, colour: tuple[int, int, int], width: int, height: int
+) -> np.ndarray:
     """HxWx3 float paint for an object: solid colour, stripes of it and a second colour, or speckle."""
     base = np.broadcast_to(np.asarray(colour, float), (height, width, 3))
     if style == "solid":
@@ -193,12 +241,26 @@ def place_objects(rng: np.random.Generator, world: World, width: int, height: in
         angle = float(rng.uniform(0, 2 * math.pi))
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         fill = world.fills[int(rng.integers(len(world.fills)))]
-        outline = (None if kind in HOLED_SHAPES else
-                   [(round(x, 1), round(y, 1)) for x, y in shape_outline(kind, cx, cy, r, angle)])
-        mask = (polygon_mask(outline, width, height) if outline is not None
-                else shape_mask(kind, cx, cy, r, angle, width=width, height=height))
-        objects.append({"category_id": cat + 1, "kind": kind, "colour": colour, "fill": fill,
-                        "mask": mask, "outline": outline})
+        outline = (
+            None
+            if kind in HOLED_SHAPES
+            else [(round(x, 1), round(y, 1)) for x, y in shape_outline(kind, cx, cy, r, angle)]
+        )
+        mask = (
+            polygon_mask(outline, width, height)
+            if outline is not None
+            else shape_mask(kind, cx, cy, r, angle, width=width, height=height)
+        )
+        objects.append(
+            {
+                "category_id": cat + 1,
+                "kind": kind,
+                "colour": colour,
+                "fill": fill,
+                "mask": mask,
+                "outline": outline,
+            }
+        )
     return objects
 
 
@@ -218,14 +280,25 @@ def annotation(obj: dict, visible: np.ndarray, *, ann_id: int, image_id: int) ->
     area, bbox = rle_area_bbox({"size": rle["size"], "counts": rle["counts"].encode()})
     whole = obj["outline"] is not None and not (obj["mask"] & ~visible).any()
     seg = [[v for p in obj["outline"] for v in p]] if whole else rle
-    return {"id": ann_id, "image_id": image_id, "category_id": obj["category_id"], "iscrowd": 0,
-            "bbox": [round(float(v), 2) for v in bbox], "area": float(area), "segmentation": seg,
-            "attributes": {"colour": obj["colour"], "fill": obj["fill"],
-                           "occluded": bool((obj["mask"] & ~visible).any())}}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": obj["category_id"],
+        "iscrowd": 0,
+        "bbox": [round(float(v), 2) for v in bbox],
+        "area": float(area),
+        "segmentation": seg,
+        "attributes": {
+            "colour": obj["colour"],
+            "fill": obj["fill"],
+            "occluded": bool((obj["mask"] & ~visible).any()),
+        },
+    }
 
 
-def render_scene(rng: np.random.Generator, world: World, *, image_id: int,
-                 first_ann_id: int) -> tuple[np.ndarray, list[dict]]:
+def render_scene(
+    rng: np.random.Generator, world: World, *, image_id: int, first_ann_id: int
+) -> tuple[np.ndarray, list[dict]]:
     """One image of ``world``: HxWx3 uint8 pixels and its COCO annotations."""
     width, height = int(rng.choice(world.sides)), int(rng.choice(world.sides))
     style = world.backgrounds[int(rng.integers(len(world.backgrounds)))]
@@ -242,25 +315,41 @@ def render_scene(rng: np.random.Generator, world: World, *, image_id: int,
     anns = []
     for obj, visible in zip(objects, visible_masks(objects), strict=True):
         if visible.sum() >= world.min_visible:
-            anns.append(annotation(obj, visible, ann_id=first_ann_id + len(anns), image_id=image_id))
+            anns.append(
+                annotation(obj, visible, ann_id=first_ann_id + len(anns), image_id=image_id)
+            )
     return pixels.clip(0, 255).astype(np.uint8), anns
 
 
-def make_dataset(world: World, *, n_images: int, seed: int) -> tuple[dict[str, Any], list[np.ndarray]]:
+def make_dataset(
+    world: World, *, n_images: int, seed: int
+) -> tuple[dict[str, Any], list[np.ndarray]]:
     """``n_images`` scenes of ``world`` from ``seed``: a COCO dict (file names ``000001.png``, …)
     and the images as HxWx3 uint8 arrays in the same order. Deterministic per (world, n, seed)."""
     rng = np.random.default_rng(seed)
     images, anns, pixels = [], [], []
     for image_id in range(1, n_images + 1):
         img, image_anns = render_scene(rng, world, image_id=image_id, first_ann_id=len(anns) + 1)
-        images.append({"id": image_id, "file_name": f"{image_id:06d}.png", "width": img.shape[1],
-                       "height": img.shape[0]})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": f"{image_id:06d}.png",
+                "width": img.shape[1],
+                "height": img.shape[0],
+            }
+        )
         anns.extend(image_anns)
         pixels.append(img)
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"}
-                  for i, name in enumerate(world.classes)]
-    coco = {"info": {"description": f"teacher synthetic world (teacher.synth), seed {seed}"},
-            "images": images, "annotations": anns, "categories": categories}
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "shape"}
+        for i, name in enumerate(world.classes)
+    ]
+    coco = {
+        "info": {"description": f"teacher synthetic world (teacher.synth), seed {seed}"},
+        "images": images,
+        "annotations": anns,
+        "categories": categories,
+    }
     return coco, pixels
 
 

@@ -40,6 +40,15 @@ from teacher.params import DinoParams
 
 TINY_RANDOM = "tiny-random"
 TINY_SEED = 20240607  # fixed: train and evaluate build identical tiny-random base weights
+# the tiny architecture pretrained on teacher.synth's pretraining domain by scripts/pretrain_tiny.py
+TINY_PRETRAINED = "tiny-pretrained"
+TINY_PRETRAINED_WEIGHTS = (
+    Path(__file__).resolve().parent.parent / "weights" / "dino-tiny-pretrained.safetensors"
+)
+# whole-word tokens of tiny-pretrained's vocabulary (after the characters): the synthetic world's
+# shape names, both domains. Fixed: the committed weights hold one embedding row per entry.
+TINY_WORDS = ("circle", "square", "triangle", "star", "ring", "cross", "hexagon", "diamond",
+              "pentagon", "arrow", "ellipse", "heart", "moon", "shape", "object")  # fmt: skip
 # bert-base-uncased ids that Grounding DINO's code hard-codes ([PAD] is 0)
 BERT_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103,
                     ".": 1012, "?": 1029}
@@ -117,22 +126,23 @@ def padded_for(bundle: DinoBundle, image):
 # --- building and loading ----------------------------------------------------------------------
 
 
-def tiny_vocab() -> list[str]:
-    """A WordPiece vocabulary with the bert-base-uncased special ids, letters and digits."""
+def tiny_vocab(words: tuple[str, ...] = ()) -> list[str]:
+    """A WordPiece vocabulary with the bert-base-uncased special ids, letters and digits, then
+    ``words`` as whole tokens (WordPiece takes the longest match: a listed word is one token)."""
     slots: dict[int, str] = {i: tok for tok, i in BERT_SPECIAL_IDS.items()}
     chars = string.ascii_lowercase + string.digits
-    pieces = [*chars, *(f"##{c}" for c in chars), "-", "_", "/", ",", "'", "(", ")"]
+    pieces = [*chars, *(f"##{c}" for c in chars), "-", "_", "/", ",", "'", "(", ")", *words]
     size = max(slots) + 1 + len(pieces)
     free = (i for i in range(max(slots) + 1, size))
     slots.update({next(free): p for p in pieces})
     return [slots.get(i, f"[unused{i}]") for i in range(size)]
 
 
-def tiny_tokenizer() -> BertTokenizerFast:
+def tiny_tokenizer(words: tuple[str, ...] = ()) -> BertTokenizerFast:
     """The tiny-random tokenizer: the vocabulary above, lower-casing like bert-base-uncased."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "vocab.txt"
-        path.write_text("\n".join(tiny_vocab()) + "\n")
+        path.write_text("\n".join(tiny_vocab(words)) + "\n")
         return BertTokenizerFast(vocab=str(path), do_lower_case=True)  # vocab_file= is ignored in 5.x
 
 
@@ -149,6 +159,26 @@ def tiny_config(*, vocab_size: int) -> GroundingDinoConfig:
         decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2, num_queries=64,
         auxiliary_loss=True,
     )
+
+
+def build_tiny_pretrained(
+    params: DinoParams, *, weights: bool = True
+) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
+    """The tiny-pretrained model (tiny-random's architecture, a vocabulary with :data:`TINY_WORDS`,
+    the committed safetensors weights) and processor; ``weights=False`` gives it randomly
+    initialised (what scripts/pretrain_tiny.py starts from)."""
+    tokenizer = tiny_tokenizer(TINY_WORDS)
+    model = GroundingDinoForObjectDetection(tiny_config(vocab_size=len(tokenizer)))
+    if weights:
+        from safetensors.torch import load_file
+
+        if not TINY_PRETRAINED_WEIGHTS.is_file():
+            raise TeacherError(
+                f"dino.model={TINY_PRETRAINED}: {TINY_PRETRAINED_WEIGHTS} is missing; restore it "
+                "from git or run `python scripts/pretrain_tiny.py dino`"
+            )
+        model.load_state_dict(load_file(str(TINY_PRETRAINED_WEIGHTS)))
+    return model.eval(), build_processor(tokenizer, params=params)
 
 
 def build_processor(tokenizer, *, params: DinoParams) -> GroundingDinoProcessor:
@@ -287,6 +317,8 @@ def load_dino(params: DinoParams, *, adapter_dir: Path | None = None,
     """
     if params.model == TINY_RANDOM:
         model, processor = build_tiny_random(params)
+    elif params.model == TINY_PRETRAINED:
+        model, processor = build_tiny_pretrained(params)
     else:
         model, processor = load_pretrained(params)
     check_image_size(model, params)

@@ -40,6 +40,11 @@ from teacher.params import SamParams
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 0  # fixed: train_sam and evaluate must build identical base weights
+# the tiny architecture pretrained on teacher.synth's pretraining domain by scripts/pretrain_tiny.py
+TINY_PRETRAINED = "tiny-pretrained"
+TINY_PRETRAINED_WEIGHTS = (
+    Path(__file__).resolve().parent.parent / "weights" / "sam-tiny-pretrained.safetensors"
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         prompt_dim=64, decoder_mlp_dim=128, decoder_heads=4, mask_in_chans=8,
     ),
 }
+ARCHITECTURES[TINY_PRETRAINED] = ARCHITECTURES[TINY_RANDOM]  # same modules, pretrained weights
 
 _BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything"
 # sha256 of Meta's files. Meta publishes only the URLs (the names carry the md5 prefix: 01ec64..,
@@ -183,6 +189,20 @@ def build_tiny_random() -> BoxPromptSam:
         return build_sam(ARCHITECTURES[TINY_RANDOM])
 
 
+def load_tiny_pretrained() -> BoxPromptSam:
+    """The ``tiny-pretrained`` preset: the committed weights (safetensors), no download."""
+    from safetensors.torch import load_file
+
+    if not TINY_PRETRAINED_WEIGHTS.is_file():
+        raise TeacherError(
+            f"sam.model={TINY_PRETRAINED}: {TINY_PRETRAINED_WEIGHTS} is missing; restore it "
+            "from git or run `python scripts/pretrain_tiny.py sam`"
+        )
+    sam = build_sam(ARCHITECTURES[TINY_PRETRAINED])
+    sam.load_state_dict(load_file(str(TINY_PRETRAINED_WEIGHTS)))
+    return sam.eval()
+
+
 def cache_dir() -> Path:
     """Where official checkpoints are kept: ``$XDG_CACHE_HOME/teacher/sam`` (``~/.cache/...``)."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -252,6 +272,8 @@ def load_base_sam(model: str) -> BoxPromptSam:
     """The pretrained (or preset) SAM named by ``sam.model``, in eval mode, on the CPU."""
     if model == TINY_RANDOM:
         return build_tiny_random()
+    if model == TINY_PRETRAINED:
+        return load_tiny_pretrained()
     if model in CHECKPOINTS:
         return load_state_dict_file(fetch_checkpoint(model))
     return load_state_dict_file(Path(model))

@@ -1,0 +1,395 @@
+"""Pretrain the ``tiny-pretrained`` presets from random init on the synthetic pretraining domain.
+
+    python scripts/pretrain_tiny.py sam  [--steps N] [--seed S] [--threads T] [--out DIR]
+    python scripts/pretrain_tiny.py dino [--steps N] [--seed S] [--threads T] [--out DIR]
+
+Full training of every weight (not LoRA) of the tiny architectures (``teacher.sam`` /
+``teacher.dino``) on images of ``teacher.synth.PRETRAIN``, generated in memory from the seed;
+a held-out test set (another seed) is scored at the end: SAM mean mask IoU from true boxes,
+Grounding DINO COCO box mAP@50 prompted with the pretraining classes. Deterministic per seed
+on one machine (fixed thread count, seeded generator, data and initialisation). Writes
+``<out>/{sam,dino}-tiny-pretrained.safetensors`` (default ``src/teacher/weights``) and prints
+the scores and the time it took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from teacher import synth
+from teacher.boxes import xywh_to_xyxy
+from teacher.coco import annotation_mask, index_by_image
+from teacher.metrics import mask_iou
+from teacher.sam.losses import sam_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_SEED_OFFSET = 10_000  # the held-out test set: same world, another seed
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to 5 % of ``lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# --- SAM ---------------------------------------------------------------------------------------
+
+
+def sam_samples(coco: dict, pixels: list[np.ndarray], *, size: int) -> list[dict]:
+    """Per image with objects: resized image tensor, xyxy boxes (input frame), masks (N, S, S)."""
+    from teacher.sam.data import masks_to_input
+    from teacher.sam.model import image_to_tensor, resize_image
+
+    by_image, out = index_by_image(coco), []
+    for info, img in zip(coco["images"], pixels, strict=True):
+        anns = by_image.get(info["id"], [])
+        if not anns:
+            continue
+        h, w = img.shape[:2]
+        masks = np.stack([annotation_mask(a, h, w) for a in anns])
+        xyxy = xywh_to_xyxy(np.asarray([a["bbox"] for a in anns], np.float64))
+        out.append(
+            {
+                "image": image_to_tensor(resize_image(img, size=size)),
+                "xyxy": xyxy,
+                "hw": (h, w),
+                "masks": masks_to_input(masks, size=size),
+            }
+        )
+    return out
+
+
+def sam_step_loss(
+    sam, batch: list[dict], *, rng: np.random.Generator, jitter: float
+) -> torch.Tensor:
+    """Loss of single-mask and best-of-3 outputs for every (jittered) box of the batch's images."""
+    from teacher.sam.data import jitter_boxes_xyxy
+    from teacher.sam.model import boxes_xyxy_to_input, decode_boxes, embed_images, input_size
+    from teacher.sam.task import masks_to_low_res
+
+    size = input_size(sam)
+    embeddings = embed_images(sam, [s["image"] for s in batch])
+    total = 0.0
+    for emb, s in zip(embeddings, batch, strict=True):
+        h, w = s["hw"]
+        boxes = jitter_boxes_xyxy(s["xyxy"], fraction=jitter, rng=rng, width=w, height=h)
+        boxes = torch.as_tensor(boxes_xyxy_to_input(boxes, (h, w), size=size), dtype=torch.float32)
+        for multimask in (False, True):
+            logits, iou = decode_boxes(sam, emb, boxes, multimask=multimask)
+            target = masks_to_low_res(s["masks"], logits.shape[-2:])
+            terms = sam_loss(
+                logits,
+                iou,
+                target,
+                focal_weight=1.0,
+                dice_weight=1.0,
+                iou_weight=1.0,
+                focal_alpha=-1.0,
+                focal_gamma=0.0,
+            )  # BCE + dice: stable from scratch
+            total = total + terms["loss"]
+    return total / (2 * len(batch))
+
+
+@torch.no_grad()
+def sam_test_miou(sam, coco: dict, pixels: list[np.ndarray], *, multimask: bool) -> float:
+    """Mean mask IoU over the test set's instances, prompted with their true boxes."""
+    from teacher.sam.model import segment
+
+    by_image, ious = index_by_image(coco), []
+    for info, img in zip(coco["images"], pixels, strict=True):
+        anns = by_image.get(info["id"], [])
+        if not anns:
+            continue
+        masks, _ = segment(sam, img, np.asarray([a["bbox"] for a in anns]), multimask=multimask)
+        gt = np.stack([annotation_mask(a, *img.shape[:2]) for a in anns])
+        ious.extend(mask_iou(masks, gt).tolist())
+    return float(np.mean(ious))
+
+
+def pretrain_sam(
+    *,
+    steps: int,
+    seed: int,
+    n_images: int,
+    n_test: int,
+    batch_size: int,
+    lr: float,
+    log_every: int = 50,
+) -> tuple[dict, dict]:
+    """Train the tiny SAM from random init; returns (state dict, test scores)."""
+    from teacher.sam.model import ARCHITECTURES, TINY_PRETRAINED, build_sam, input_size
+
+    seed_all(seed)
+    sam = build_sam(ARCHITECTURES[TINY_PRETRAINED]).train()
+    coco, pixels = synth.make_dataset(synth.PRETRAIN, n_images=n_images, seed=seed)
+    samples = sam_samples(coco, pixels, size=input_size(sam))
+    optimizer = torch.optim.AdamW(sam.parameters(), lr=lr, weight_decay=1e-4)
+    rng = np.random.default_rng(seed)
+    start, running = time.time(), []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, lr=lr, warmup=min(200, steps // 10), total=steps)
+        batch = [samples[i] for i in rng.choice(len(samples), batch_size, replace=False)]
+        loss = sam_step_loss(sam, batch, rng=rng, jitter=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
+        optimizer.step()
+        running.append(float(loss.detach()))
+        if (step + 1) % log_every == 0:
+            print(
+                f"sam step {step + 1}/{steps} loss {np.mean(running[-log_every:]):.4f} "
+                f"({time.time() - start:.0f} s)",
+                flush=True,
+            )
+    sam.eval()
+    test, test_pixels = synth.make_dataset(
+        synth.PRETRAIN, n_images=n_test, seed=seed + TEST_SEED_OFFSET
+    )
+    scores = {
+        f"miou_multimask_{m}".lower(): sam_test_miou(sam, test, test_pixels, multimask=m)
+        for m in (False, True)
+    }
+    return sam.state_dict(), scores
+
+
+# --- Grounding DINO ----------------------------------------------------------------------------
+
+DINO_TERMS = ("loss_ce", "loss_bbox", "loss_giou")  # last decoder layer's, logged
+DINO_SIZE = {"shortest_edge": 128, "longest_edge": 160}  # as scripts/tiny-params.yaml
+
+
+def dino_prompt(
+    present: list[int], classes: tuple[str, ...], rng: np.random.Generator
+) -> tuple[str, dict[int, int]]:
+    """A prompt naming the image's classes and a random subset of the others, in random order;
+    returns it and {category index: position in the prompt}."""
+    others = [c for c in range(len(classes)) if c not in present]
+    named = sorted(set(present)) + [c for c in others if rng.random() < 0.6]
+    order = list(rng.permutation(named))
+    return " . ".join(classes[c] for c in order) + " .", {int(c): k for k, c in enumerate(order)}
+
+
+def dino_batch(
+    batch: list[tuple[np.ndarray, list[dict]]],
+    *,
+    processor,
+    classes: tuple[str, ...],
+    rng: np.random.Generator,
+) -> dict:
+    """Processor tensors and loss targets of (image, annotations) pairs, each with its own prompt."""
+    from teacher.dino.data import box_targets
+
+    prompts, labels = [], []
+    for img, anns in batch:
+        if rng.random() < 0.5:  # horizontal flip
+            img = img[:, ::-1]
+            anns = [
+                {**a, "bbox": [img.shape[1] - a["bbox"][0] - a["bbox"][2], *a["bbox"][1:]]}
+                for a in anns
+            ]
+        prompt, position = dino_prompt([a["category_id"] - 1 for a in anns], classes, rng)
+        prompts.append(prompt)
+        boxes = np.asarray([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
+        cls = np.asarray([position[a["category_id"] - 1] for a in anns], np.int64)
+        labels.append(box_targets(boxes, cls, width=img.shape[1], height=img.shape[0]))
+    pixels = processor.image_processor(
+        images=[np.ascontiguousarray(i) for i, _ in batch], return_tensors="pt"
+    )
+    text = processor.tokenizer(prompts, padding="longest", return_tensors="pt")
+    return {**pixels, **text, "labels": labels}
+
+
+def proposal_loss(model, out, batch: dict) -> torch.Tensor:
+    """Grounded loss on the encoder's top-k two-stage proposals, with gradients.
+
+    transformers detaches the proposals before its ``_enc`` loss terms, so the proposal heads
+    (``enc_output``, ``encoder_output_bbox_embed``) never learn: harmless when fine-tuning a
+    pretrained model, fatal from random init (the decoder starts from random boxes). This is the
+    intermediate loss of DINO / Grounding DINO's reference code, through the project's criterion.
+    """
+    from transformers.models.grounding_dino.modeling_grounding_dino import (
+        build_label_maps,
+        build_text_mask,
+    )
+
+    from teacher.dino.loss import GroundedImageLoss, GroundingDinoHungarianMatcher
+
+    config = model.config
+    k = config.num_queries
+    top = out.enc_outputs_class.max(-1)[0].topk(k, dim=1)[1]  # (B, Q)
+    logits = out.enc_outputs_class.gather(
+        1, top[..., None].expand(-1, -1, out.enc_outputs_class.shape[-1])
+    )
+    boxes = out.enc_outputs_coord_logits.gather(1, top[..., None].expand(-1, -1, 4)).sigmoid()
+    matcher = GroundingDinoHungarianMatcher(
+        class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
+    )
+    criterion = GroundedImageLoss(
+        matcher=matcher,
+        focal_alpha=config.focal_alpha,
+        losses=["labels", "boxes"],
+        across_processes=False,
+    )
+    terms = criterion(
+        {
+            "logits": logits,
+            "pred_boxes": boxes,
+            "label_maps": build_label_maps(logits, batch["input_ids"]),
+            "text_mask": build_text_mask(logits, batch["attention_mask"]),
+        },
+        batch["labels"],
+    )
+    return (
+        2.0 * terms["loss_ce"]
+        + config.bbox_loss_coefficient * terms["loss_bbox"]
+        + config.giou_loss_coefficient * terms["loss_giou"]
+    )
+
+
+@torch.no_grad()
+def dino_test_map(model, processor, coco: dict, pixels: list[np.ndarray]) -> dict[str, float]:
+    """COCO box mAP / mAP@50 on a test set, prompted with all its classes (fixed order)."""
+    from teacher.dino.detect import coco_results, detect
+    from teacher.dino.labels import build_label_map
+    from teacher.dino.model import DinoBundle
+    from teacher.metrics import coco_eval
+
+    label_map = build_label_map(coco["categories"], tokenizer=processor.tokenizer)
+    dets = detect(
+        DinoBundle(model=model, processor=processor),
+        pixels,
+        label_map,
+        box_threshold=0.0,
+        text_threshold=0.0,
+    )
+    results = coco_results(dets, [i["id"] for i in coco["images"]])
+    stats = coco_eval(coco, results, iou_type="bbox", per_class=False)
+    return {"map": stats["map"], "map_50": stats["map_50"]}
+
+
+def pretrain_dino(
+    *,
+    steps: int,
+    seed: int,
+    n_images: int,
+    n_test: int,
+    batch_size: int,
+    lr: float,
+    log_every: int = 50,
+) -> tuple[dict, dict]:
+    """Train the tiny Grounding DINO from random init; returns (state dict, test scores)."""
+    from teacher.dino.model import build_tiny_pretrained, prepare_model
+    from teacher.params import DinoParams
+
+    seed_all(seed)
+    model, processor = build_tiny_pretrained(
+        DinoParams(model="tiny-pretrained", **DINO_SIZE), weights=False
+    )
+    model = prepare_model(model).train()
+    coco, pixels = synth.make_dataset(synth.PRETRAIN, n_images=n_images, seed=seed)
+    by_image = index_by_image(coco)
+    data = [
+        (img, by_image.get(info["id"], []))
+        for info, img in zip(coco["images"], pixels, strict=True)
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    rng = np.random.default_rng(seed)
+    start, running = time.time(), []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, lr=lr, warmup=min(300, steps // 10), total=steps)
+        batch = dino_batch(
+            [data[i] for i in rng.choice(len(data), batch_size, replace=False)],
+            processor=processor,
+            classes=synth.PRETRAIN.classes,
+            rng=rng,
+        )
+        out = model(**batch)
+        loss = out.loss + proposal_loss(model, out, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        running.append([float(loss.detach())] + [float(out.loss_dict[k]) for k in DINO_TERMS])
+        if (step + 1) % log_every == 0:
+            means = np.mean(running[-log_every:], axis=0)
+            terms = " ".join(
+                f"{k} {v:.3f}" for k, v in zip(("loss", *DINO_TERMS), means, strict=True)
+            )
+            print(f"dino step {step + 1}/{steps} {terms} ({time.time() - start:.0f} s)", flush=True)
+    model.eval()
+    test, test_pixels = synth.make_dataset(
+        synth.PRETRAIN, n_images=n_test, seed=seed + TEST_SEED_OFFSET
+    )
+    return model.state_dict(), dino_test_map(model, processor, test, test_pixels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("model", choices=("sam", "dino"))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--images", type=int, default=3000, help="pretraining images (in memory)")
+    parser.add_argument("--test-images", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "src" / "teacher" / "weights")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    if args.model == "sam":
+        state, scores = pretrain_sam(
+            steps=args.steps or 3000,
+            seed=args.seed,
+            n_images=args.images,
+            n_test=args.test_images,
+            batch_size=4,
+            lr=args.lr or 1e-3,
+        )
+    else:
+        state, scores = pretrain_dino(
+            steps=args.steps or 6000,
+            seed=args.seed,
+            n_images=args.images,
+            n_test=args.test_images,
+            batch_size=4,
+            lr=args.lr or 5e-4,
+        )
+    elapsed = time.time() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.model}-tiny-pretrained.safetensors"
+    save_file(
+        {k: v.detach().clone().contiguous() for k, v in state.items()},
+        str(path),
+        metadata={"seed": str(args.seed), "scores": str(scores)},
+    )
+    print(f"{path}: {path.stat().st_size / 1e6:.2f} MB; held-out test: {scores}")
+    print(
+        f"pretraining took {elapsed:.0f} s on {platform.processor() or platform.machine()}, "
+        f"{args.threads} thread(s), torch {torch.__version__}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The tiny-pretrained presets: committed weights that load offline and meet their bars on the
+synthetic world (teacher.synth) without any training here.
+
+Bars (issue #12), on held-out pretraining-domain images (a seed pretraining never saw): SAM mean
+mask IoU from true boxes >= 0.75, Grounding DINO box mAP@50 >= 0.5 prompted with the pretraining
+classes; on the fine-tuning domain the detector is poor (box mAP@50 <= 0.2): fine-tuning has
+something to show.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from teacher import synth
+from teacher.coco import annotation_mask, index_by_image
+from teacher.dino.detect import coco_results, detect
+from teacher.dino.labels import build_label_map
+from teacher.dino.model import TINY_PRETRAINED, TINY_PRETRAINED_WEIGHTS, TINY_WORDS, load_dino
+from teacher.metrics import coco_eval, mask_iou
+from teacher.params import DinoParams
+from teacher.sam.model import TINY_PRETRAINED_WEIGHTS as SAM_WEIGHTS
+from teacher.sam.model import load_base_sam, segment
+
+DINO = DinoParams(model=TINY_PRETRAINED, shortest_edge=128, longest_edge=160)
+HELD_OUT = 123_456  # a seed scripts/pretrain_tiny.py does not train on
+
+
+def box_map_50(world: synth.World, *, n_images: int, seed: int = HELD_OUT) -> float:
+    coco, pixels = synth.make_dataset(world, n_images=n_images, seed=seed)
+    bundle = load_dino(DINO)
+    label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
+    dets = detect(bundle, pixels, label_map, box_threshold=0.0, text_threshold=0.0)
+    results = coco_results(dets, [i["id"] for i in coco["images"]])
+    return coco_eval(coco, results, iou_type="bbox", per_class=False)["map_50"]
+
+
+def sam_miou(world: synth.World, *, n_images: int, seed: int = HELD_OUT) -> float:
+    coco, pixels = synth.make_dataset(world, n_images=n_images, seed=seed)
+    sam, by_image, ious = load_base_sam(TINY_PRETRAINED), index_by_image(coco), []
+    for info, img in zip(coco["images"], pixels, strict=True):
+        anns = by_image.get(info["id"], [])
+        if anns:
+            masks, _ = segment(sam, img, np.asarray([a["bbox"] for a in anns]), multimask=False)
+            gt = np.stack([annotation_mask(a, *img.shape[:2]) for a in anns])
+            ious.extend(mask_iou(masks, gt).tolist())
+    return float(np.mean(ious))
+
+
+def test_weights_committed_and_small():
+    sizes = [p.stat().st_size for p in (TINY_PRETRAINED_WEIGHTS, SAM_WEIGHTS)]
+    assert sum(sizes) <= 10 * 2**20
+
+
+def test_every_class_name_is_one_token():
+    tokenizer = load_dino(DINO).processor.tokenizer
+    names = {n for world in synth.WORLDS.values() for n in world.classes}
+    assert names <= set(TINY_WORDS)
+    for name in names:
+        assert tokenizer.tokenize(name) == [name]
+
+
+def test_presets_load_the_committed_weights():
+    from safetensors.torch import load_file
+
+    sam = load_base_sam(TINY_PRETRAINED)
+    stored = load_file(str(SAM_WEIGHTS))
+    assert all(torch.equal(sam.state_dict()[k], v) for k, v in stored.items())
+    model = load_dino(DINO).model
+    stored = load_file(str(TINY_PRETRAINED_WEIGHTS))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stored.items())
+
+
+def test_sam_segments_the_pretraining_domain(one_thread):
+    assert sam_miou(synth.PRETRAIN, n_images=40) >= 0.75
+
+
+def test_dino_detects_the_pretraining_domain(one_thread):
+    assert box_map_50(synth.PRETRAIN, n_images=40) >= 0.5
+
+
+@pytest.mark.parametrize("seed", [HELD_OUT, HELD_OUT + 1])
+def test_dino_is_poor_on_the_finetuning_domain(one_thread, seed):
+    assert box_map_50(synth.FINETUNE, n_images=40, seed=seed) <= 0.2
