@@ -1,0 +1,375 @@
+"""Base vs LoRA vs full fine-tuning of the tiny-pretrained teachers, on the proving ground.
+
+    python benchmarks/bench_finetune.py [--seeds 0 1 2] [--train-images 64] [--models sam dino]
+
+Fine-tuning domain: ``teacher.synth.FINETUNE`` (train images from each seed, a fixed held-out
+test set); retention: the same models on a held-out set of the pretraining domain
+(``teacher.synth.PRETRAIN``), where fine-tuning can only lose. Each run uses the project's own
+training code (task builders + ``teacher.train.loop.fit``) in a child process, so its peak memory
+(max RSS on CPU, max allocated on CUDA) is its own. Prints one table (min / median over seeds)
+and LoRA's gain as a share of full fine-tuning's; ``--json`` writes the raw runs.
+
+LoRA: the presets' usual targets (SAM: encoder qkv + decoder attention, decoder trained fully;
+DINO: ``dino.lora_targets`` + box heads). Full fine-tuning: every weight of the model trains
+(a LoRA is still attached, its B matrices start at zero: the same starting point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from teacher import synth
+from teacher.augment import resolve_policy
+from teacher.params import (
+    AugmentParams,
+    DinoParams,
+    LoraParams,
+    SamParams,
+    TrainParams,
+    lora_pattern,
+)
+
+TINY = "tiny-pretrained"
+DINO = DinoParams(model=TINY, shortest_edge=128, longest_edge=160)
+SAM = SamParams(
+    model=TINY,
+    lora_targets="sam-encoder-qkv+sam-decoder-attention",
+    train_decoder=True,
+    multimask=False,
+    box_jitter=0.05,
+    focal_weight=1.0,
+    focal_alpha=0.75,
+    max_prompts=16,
+)
+LORA = LoraParams(rank=8, alpha=16.0, dropout=0.0)
+FULL = {"sam": r"image_encoder|prompt_encoder|mask_decoder", "dino": r"model"}  # every weight
+NO_AUGMENT = resolve_policy(AugmentParams(policy="none"), {})
+TEST_SEED, RETENTION_SEED = 777_777, 888_888
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def write_world(world: synth.World, *, n_images: int, seed: int, out: Path) -> dict[str, Any]:
+    coco, pixels = synth.make_dataset(world, n_images=n_images, seed=seed)
+    synth.save_dataset(coco, pixels, out)
+    return {"coco": coco, "images": out / "images"}
+
+
+def train_val(*, n_train: int, n_val: int, seed: int, out: Path) -> tuple[dict, dict]:
+    """Train and val splits of the fine-tuning domain from one seed, images in one folder."""
+    from teacher.coco import subset_coco
+
+    both = write_world(synth.FINETUNE, n_images=n_train + n_val, seed=seed, out=out)
+    ids = [i["id"] for i in both["coco"]["images"]]
+    return (
+        {"coco": subset_coco(both["coco"], ids[:n_train]), "images": both["images"]},
+        {"coco": subset_coco(both["coco"], ids[n_train:]), "images": both["images"]},
+    )
+
+
+# --- scores ------------------------------------------------------------------------------------
+
+
+def sam_miou(model, split: dict[str, Any]) -> float:
+    from teacher.sam.task import evaluate_miou
+
+    return evaluate_miou(model, split["coco"], split["images"], multimask=False)["val_miou"]
+
+
+def dino_map_50(bundle, split: dict[str, Any]) -> float:
+    from teacher.dino.detect import coco_results, detect
+    from teacher.dino.labels import build_label_map
+    from teacher.images import load_image
+    from teacher.metrics import coco_eval
+
+    coco = split["coco"]
+    label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
+    pixels = [load_image(split["images"] / i["file_name"]) for i in coco["images"]]
+    dets = detect(bundle, pixels, label_map, box_threshold=0.0, text_threshold=0.0)
+    results = coco_results(dets, [i["id"] for i in coco["images"]])
+    return coco_eval(coco, results, iou_type="bbox", per_class=False)["map_50"]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def folder_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+# --- one run (child process) -------------------------------------------------------------------
+
+
+def sam_run(
+    method: str, *, seed: int, data: dict, train: TrainParams, out: Path
+) -> dict[str, float]:
+    from teacher.lora import apply_lora
+    from teacher.sam import task as sam_task
+    from teacher.sam.model import load_base_sam, load_sam
+    from teacher.train.loop import fit
+
+    if method == "base":
+        sam = load_base_sam(TINY)
+        return {
+            "finetune": sam_miou(sam, data["test"]),
+            "pretrain": sam_miou(sam, data["retention"]),
+        }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if method == "lora":
+            model = sam_task.wrap_for_training(
+                load_base_sam(TINY), sam_params=SAM, lora=LORA, activation_checkpointing=False
+            )
+        else:
+            model = apply_lora(
+                load_base_sam(TINY),
+                lora=LORA,
+                targets=lora_pattern(SAM.lora_targets),
+                train_modules=FULL["sam"],
+            )
+    task = sam_task.build_task(
+        model,
+        train_coco=data["train"]["coco"],
+        val_coco=data["val"]["coco"],
+        image_root=data["train"]["images"],
+        sam_params=SAM,
+        augment_policy=NO_AUGMENT,
+        seed=seed,
+        cache_dir=out / "cache",
+    )
+    fit(
+        task,
+        train=train,
+        seed=seed,
+        out_dir=out / "model",
+        checkpoint_dir=out / "ckpt",
+        live_dir=out / "live",
+        fingerprint=f"bench-{method}-{seed}",
+    )
+    tuned = load_sam(SAM, adapter_dir=out / "model")
+    return {
+        "finetune": sam_miou(tuned, data["test"]),
+        "pretrain": sam_miou(tuned, data["retention"]),
+        "adapter_mb": folder_mb(out / "model"),
+    }
+
+
+def dino_run(
+    method: str, *, seed: int, data: dict, train: TrainParams, out: Path
+) -> dict[str, float]:
+    from teacher.dino import task as dino_task
+    from teacher.dino.labels import build_label_map
+    from teacher.dino.model import load_dino
+    from teacher.lora import apply_lora
+    from teacher.train.loop import fit, seed_everything
+
+    if method == "base":
+        bundle = load_dino(DINO)
+        return {
+            "finetune": dino_map_50(bundle, data["test"]),
+            "pretrain": dino_map_50(bundle, data["retention"]),
+        }
+    bundle = load_dino(DINO)
+    label_map = build_label_map(
+        data["train"]["coco"]["categories"], tokenizer=bundle.processor.tokenizer
+    )
+    seed_everything(seed)
+    if method == "lora":
+        model = dino_task.wrap_for_training(
+            bundle.model, dino=DINO, lora=LORA, activation_checkpointing=False
+        )
+    else:
+        model = apply_lora(
+            bundle.model, lora=LORA, targets=DINO.lora_targets, train_modules=FULL["dino"]
+        )
+    task = dino_task.build_task(
+        model,
+        processor=bundle.processor,
+        label_map=label_map,
+        train_coco=data["train"]["coco"],
+        val_coco=data["val"]["coco"],
+        image_root=data["train"]["images"],
+        augment_policy=NO_AUGMENT,
+        seed=seed,
+        batch_size=train.batch_size,
+    )
+    fit(
+        task,
+        train=train,
+        seed=seed,
+        out_dir=out / "model",
+        checkpoint_dir=out / "ckpt",
+        live_dir=out / "live",
+        fingerprint=f"bench-{method}-{seed}",
+    )
+    tuned = load_dino(DINO, adapter_dir=out / "model")
+    return {
+        "finetune": dino_map_50(tuned, data["test"]),
+        "pretrain": dino_map_50(tuned, data["retention"]),
+        "adapter_mb": folder_mb(out / "model"),
+    }
+
+
+RUNS = {"sam": sam_run, "dino": dino_run}
+
+
+def child(
+    queue,
+    name: str,
+    method: str,
+    seed: int,
+    data: dict,
+    train: TrainParams,
+    out: Path,
+    threads: int,
+) -> None:
+    torch.set_num_threads(threads)
+    start = time.time()
+    row = RUNS[name](method, seed=seed, data=data, train=train, out=out)
+    queue.put({**row, "seconds": time.time() - start, "peak_mb": peak_memory_mb()})
+
+
+def run_isolated(
+    name: str, method: str, seed: int, data: dict, train: TrainParams, out: Path, threads: int
+) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue, name, method, seed, data, train, out, threads))
+    proc.start()
+    row = queue.get()
+    proc.join()
+    return row
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Per (model, method): min / median of each number over seeds, gain and retention vs base."""
+    out = []
+    for name in sorted({r["model"] for r in runs}):
+        base = statistics.median(
+            r["finetune"] for r in runs if r["model"] == name and r["method"] == "base"
+        )
+        base_pre = statistics.median(
+            r["pretrain"] for r in runs if r["model"] == name and r["method"] == "base"
+        )
+        for method in ("base", "lora", "full"):
+            rows = [r for r in runs if r["model"] == name and r["method"] == method]
+            if not rows:
+                continue
+            stats = {"model": name, "method": method, "seeds": len(rows)}
+            for key in ("finetune", "pretrain", "peak_mb", "adapter_mb", "seconds"):
+                vals = [r[key] for r in rows if key in r]
+                if vals:
+                    stats[key] = (min(vals), statistics.median(vals))
+            stats["gain"] = tuple(v - base for v in stats["finetune"])
+            stats["forgetting"] = tuple(v - base_pre for v in stats["pretrain"])
+            out.append(stats)
+    return out
+
+
+def print_table(summary: list[dict]) -> None:
+    metric = {"sam": "mask mIoU", "dino": "box mAP@50"}
+    print(
+        "\n| model | method | fine-tuning domain (min / median) | gain | pretraining domain "
+        "(retention) | change | peak memory MB | adapter MB | seconds |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda pair, d=3: f"{pair[0]:.{d}f} / {pair[1]:.{d}f}" if pair else "-"  # noqa: E731
+    for s in summary:
+        print(
+            f"| {s['model']} ({metric[s['model']]}) | {s['method']} | {fmt(s['finetune'])} | "
+            f"{fmt(s['gain'], 3)} | {fmt(s['pretrain'])} | {fmt(s['forgetting'])} | "
+            f"{fmt(s.get('peak_mb'), 0)} | {fmt(s.get('adapter_mb'), 2)} | {fmt(s.get('seconds'), 0)} |"
+        )
+    for name in sorted({s["model"] for s in summary}):
+        gains = {s["method"]: s["gain"][1] for s in summary if s["model"] == name}
+        if "lora" in gains and "full" in gains and gains["full"] > 0:
+            print(
+                f"{name}: LoRA gain / full fine-tuning gain (medians) = "
+                f"{gains['lora'] / gains['full']:.0%} (target >= 90%)"
+            )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models", nargs="+", default=["sam", "dino"], choices=sorted(RUNS))
+    parser.add_argument("--train-images", type=int, default=64)
+    parser.add_argument("--test-images", type=int, default=48)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    train = TrainParams(epochs=args.epochs, batch_size=4, lr=args.lr, warmup_steps=5, patience=0)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
+        root = Path(tmp)
+        fixed = {
+            "test": write_world(
+                synth.FINETUNE, n_images=args.test_images, seed=TEST_SEED, out=root / "test"
+            ),
+            "retention": write_world(
+                synth.PRETRAIN,
+                n_images=args.test_images,
+                seed=RETENTION_SEED,
+                out=root / "retention",
+            ),
+        }
+        for name in args.models:
+            runs.append(
+                {
+                    "model": name,
+                    "method": "base",
+                    "seed": -1,
+                    **run_isolated(
+                        name, "base", 0, fixed, train, root / f"{name}-base", args.threads
+                    ),
+                }
+            )
+            print(f"{name} base: {runs[-1]}", flush=True)
+        for seed in args.seeds:
+            train_split, val_split = train_val(
+                n_train=args.train_images, n_val=16, seed=seed, out=root / f"data{seed}"
+            )
+            data = {**fixed, "train": train_split, "val": val_split}
+            for name in args.models:
+                for method in ("lora", "full"):
+                    row = run_isolated(
+                        name,
+                        method,
+                        seed,
+                        data,
+                        train,
+                        root / f"{name}-{method}-{seed}",
+                        args.threads,
+                    )
+                    runs.append({"model": name, "method": method, "seed": seed, **row})
+                    print(f"{name} {method} seed {seed}: {row}", flush=True)
+    print_table(summarise(runs))
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())
