@@ -23,7 +23,7 @@ LAYERS = [
     {"teacher.errors", "teacher.params", "teacher.digest", "teacher.artifacts"},
     {"teacher.boxes", "teacher.coco", "teacher.images"},
     {"teacher.inspection", "teacher.checks", "teacher.splitting", "teacher.augment",
-     "teacher.lora", "teacher.metrics", "teacher.gallery", "teacher.detections"},
+     "teacher.lora", "teacher.metrics", "teacher.gallery", "teacher.detections", "teacher.synth"},
     {"teacher.train"},
     {"teacher.dino", "teacher.sam", "teacher.student"},
     {"teacher.predict", "teacher.export", "teacher.labeling", "teacher.student_predict"},
