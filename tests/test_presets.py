@@ -86,3 +86,19 @@ def test_dino_detects_the_pretraining_domain(one_thread):
 @pytest.mark.parametrize("seed", [HELD_OUT, HELD_OUT + 1])
 def test_dino_is_poor_on_the_finetuning_domain(one_thread, seed):
     assert box_map_50(synth.FINETUNE, n_images=40, seed=seed) <= 0.2
+
+
+def test_demo_params_select_the_presets_and_parse():
+    import yaml
+    from conftest import REPO_ROOT
+    from demo import DEMO, TINY, merge_params
+
+    from teacher.params import parse_section
+
+    params = merge_params(
+        yaml.safe_load((REPO_ROOT / "params.yaml").read_text()),
+        yaml.safe_load(TINY.read_text()),
+        yaml.safe_load(DEMO.read_text()),
+    )
+    assert parse_section("dino", params["dino"]).model == TINY_PRETRAINED
+    assert parse_section("sam", params["sam"]).model == TINY_PRETRAINED
