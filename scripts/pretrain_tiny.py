@@ -295,8 +295,10 @@ def pretrain_dino(
     batch_size: int,
     lr: float,
     log_every: int = 50,
+    init: Path | None = None,
 ) -> tuple[dict, dict]:
-    """Train the tiny Grounding DINO from random init; returns (state dict, test scores)."""
+    """Train the tiny Grounding DINO from random init (or from ``init``'s weights: a second
+    phase); returns (state dict, test scores)."""
     from teacher.dino.model import build_tiny_pretrained, prepare_model
     from teacher.params import DinoParams
 
@@ -304,6 +306,10 @@ def pretrain_dino(
     model, processor = build_tiny_pretrained(
         DinoParams(model="tiny-pretrained", **DINO_SIZE), weights=False
     )
+    if init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(init)))
     model = prepare_model(model).train()
     coco, pixels = synth.make_dataset(synth.PRETRAIN, n_images=n_images, seed=seed)
     by_image = index_by_image(coco)
@@ -354,6 +360,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000, help="pretraining images (in memory)")
     parser.add_argument("--test-images", type=int, default=200)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--init", type=Path, default=None, help="dino: continue from these weights")
     parser.add_argument("--out", type=Path, default=ROOT / "src" / "teacher" / "weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -375,6 +382,7 @@ def main() -> None:
             n_test=args.test_images,
             batch_size=4,
             lr=args.lr or 5e-4,
+            init=args.init,
         )
     elapsed = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
