@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import test_seams as seams  # noqa: E402
 
-DEP = re.compile(r"^      - src/teacher/")
+DEP = re.compile(r"^      - src/teacher/.*\.py$")
 STAGE = re.compile(r"^  (\w+):")
 
 

@@ -75,7 +75,7 @@ def stage_deps() -> dict[str, tuple[Path, set[str]]]:
         deps = [d for d in stage.get("deps", []) if isinstance(d, str)]
         script = next(REPO_ROOT / d for d in deps if d.startswith("stages/"))
         mods = {".".join(Path(d).relative_to("src").with_suffix("").parts)
-                for d in deps if d.startswith("src/teacher/")}
+                for d in deps if d.startswith("src/teacher/") and d.endswith(".py")}
         out[name] = (script, mods)
     return out
 
