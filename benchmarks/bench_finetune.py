@@ -85,9 +85,9 @@ def train_val(*, n_train: int, n_val: int, seed: int, out: Path) -> tuple[dict, 
 
 
 def sam_miou(model, split: dict[str, Any]) -> float:
-    from teacher.sam.task import evaluate_miou
+    from teacher.sam.task import validate_miou
 
-    return evaluate_miou(model, split["coco"], split["images"], multimask=False)["val_miou"]
+    return validate_miou(model, split["coco"], split["images"], multimask=False)["val_miou"]
 
 
 def dino_map_50(bundle, split: dict[str, Any]) -> float:

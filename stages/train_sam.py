@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 from teacher.coco import load_coco
-from teacher.sam.task import skip_reason, train_sam
+from teacher.sam.task import untrainable_reason, train_sam
 from teacher.train.stage import run_training_stage, stage_main, training_parser
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     return stage_main("train_sam", parser, lambda args: run_training_stage(
         args, teacher="sam", train_fn=train_sam, teacher_kwarg="sam_params",
         extra={"cache_dir": args.cache},
-        skip=lambda facts, train: skip_reason(facts) or skip_reason(facts, train_coco=load_coco(train))),
+        skip=lambda facts, train: untrainable_reason(facts) or untrainable_reason(facts, train_coco=load_coco(train))),
         argv)
 
 

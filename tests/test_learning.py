@@ -58,10 +58,10 @@ def test_sam_finetuning_learns_the_domain(finetune_domain, tmp_path, one_thread)
     """
     d = finetune_domain
     base = load_base_sam(TINY_PRETRAINED)
-    before_train = sam_task.evaluate_miou(
+    before_train = sam_task.validate_miou(
         base, d["train"], d["root"] / "train/images", multimask=False
     )
-    before_val = sam_task.evaluate_miou(base, d["val"], d["root"] / "val/images", multimask=False)
+    before_val = sam_task.validate_miou(base, d["val"], d["root"] / "val/images", multimask=False)
     result = sam_task.train_sam(
         train_coco=d["train"],
         val_coco=d["train"],  # best epoch by training-set mIoU: val images live elsewhere
@@ -75,7 +75,7 @@ def test_sam_finetuning_learns_the_domain(finetune_domain, tmp_path, one_thread)
         **_out(tmp_path),
     )
     tuned = load_sam(SAM, adapter_dir=tmp_path / "model")
-    after_val = sam_task.evaluate_miou(tuned, d["val"], d["root"] / "val/images", multimask=False)
+    after_val = sam_task.validate_miou(tuned, d["val"], d["root"] / "val/images", multimask=False)
     print(
         f"SAM train mIoU {before_train['val_miou']:.3f} -> {result['val_miou']:.3f}, "
         f"val {before_val['val_miou']:.3f} -> {after_val['val_miou']:.3f}"

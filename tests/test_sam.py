@@ -435,13 +435,13 @@ def test_processes_share_the_embedding_cache_each_building_its_share(shapes, tmp
 
 
 def test_validation_miou_uses_the_test_rule_for_nothing_to_measure(shapes):
-    from teacher.sam.task import evaluate_miou
+    from teacher.sam.task import validate_miou
 
     coco, root = shapes
     sam = S.build_tiny_random()
     none = {**coco, "annotations": [a for a in coco["annotations"] if a["iscrowd"]]}
-    assert evaluate_miou(sam, none, root, multimask=False) == {"val_miou": -1.0, "val_instances": 0.0}
-    scored = evaluate_miou(sam, coco, root, multimask=False)
+    assert validate_miou(sam, none, root, multimask=False) == {"val_miou": -1.0, "val_instances": 0.0}
+    scored = validate_miou(sam, coco, root, multimask=False)
     assert scored["val_instances"] == 4 and 0 <= scored["val_miou"] <= 1
 
 

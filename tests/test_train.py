@@ -81,7 +81,7 @@ def save_weights(model, out_dir: Path):
 
 def make_task(*, dropout: float = 0.1, evaluate_fn=evaluate, step_fn=mse_step, n: int = 24) -> Task:
     return Task(name="toy", model=toy_model(dropout=dropout), train_dataset=ToyData(n=n),
-                collate_fn=collate, step=step_fn, evaluate=evaluate_fn, monitor="val_score",
+                collate_fn=collate, step=step_fn, validate=evaluate_fn, monitor="val_score",
                 save=save_weights)
 
 

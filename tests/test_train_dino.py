@@ -62,7 +62,7 @@ def untrained_map_50(coco: dict) -> float:
     loader = DataLoader(DinoDataset(coco, SAMPLE / "images", label_map=label_map, seed=0,
                                     all_chunks=True), batch_size=4,
                         collate_fn=partial(collate_dino, processor=bundle.processor, label_map=label_map))
-    return dino_task.evaluate_detection(bundle.model, loader=loader, coco=coco,
+    return dino_task.validate_detection(bundle.model, loader=loader, coco=coco,
                                         label_map=label_map)["val_map_50"]
 
 
@@ -102,7 +102,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     train = TrainParams(epochs=3, batch_size=2, lr=1e-3, warmup_steps=1, patience=0)
     whole = run_training(tmp_path / "whole", train_coco=repeated(two, 2), val_coco=two, train=train)
 
-    evaluate, calls = dino_task.evaluate_detection, []
+    evaluate, calls = dino_task.validate_detection, []
 
     def killed_in_epoch_2(*args, **kwargs):
         calls.append(1)
@@ -110,11 +110,11 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill during epoch 2")
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(dino_task, "evaluate_detection", killed_in_epoch_2)
+    monkeypatch.setattr(dino_task, "validate_detection", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         run_training(tmp_path / "resumed", train_coco=repeated(two, 2), val_coco=two, train=train)
     assert (tmp_path / "resumed/checkpoints").is_dir()
-    monkeypatch.setattr(dino_task, "evaluate_detection", evaluate)
+    monkeypatch.setattr(dino_task, "validate_detection", evaluate)
     resumed = run_training(tmp_path / "resumed", train_coco=repeated(two, 2), val_coco=two, train=train)
 
     assert resumed == whole

@@ -44,11 +44,11 @@ def run_training(splits: dict, tmp: Path, *, sam: SamParams, train: TrainParams,
 
 
 def test_skip_reason_from_inspect_facts():
-    assert sam_task.skip_reason({"teachers": {"sam": True, "dino": True}}) is None
-    reason = sam_task.skip_reason({"teachers": {"sam": False, "reasons": {"sam": "no masks here"}}})
+    assert sam_task.untrainable_reason({"teachers": {"sam": True, "dino": True}}) is None
+    reason = sam_task.untrainable_reason({"teachers": {"sam": False, "reasons": {"sam": "no masks here"}}})
     assert reason == "no masks here"
     with pytest.raises(TeacherError, match="re-run the inspect stage"):
-        sam_task.skip_reason({"counts": {}})
+        sam_task.untrainable_reason({"counts": {}})
 
 
 @pytest.mark.slow
@@ -59,7 +59,7 @@ def test_tiny_random_learns_sample_shapes(sample_splits, tmp_path):
     sam = SamParams(model=TINY_RANDOM, lora_targets=DECODER_ATTN, train_decoder=True, max_prompts=16,
                     multimask=False, box_jitter=0.05, focal_weight=1.0, focal_alpha=0.75)
     train = TrainParams(epochs=16, batch_size=8, lr=3e-3, warmup_steps=10, patience=0)
-    untrained = sam_task.evaluate_miou(build_tiny_random(), sample_splits["val"], SAMPLE / "images",
+    untrained = sam_task.validate_miou(build_tiny_random(), sample_splits["val"], SAMPLE / "images",
                                        multimask=False)["val_miou"]
     result = run_training(sample_splits, tmp_path, sam=sam, train=train)
     print(f"val mIoU: untrained {untrained:.3f} -> trained {result['val_miou']:.3f}")
@@ -70,7 +70,7 @@ def test_tiny_random_learns_sample_shapes(sample_splits, tmp_path):
     assert {"adapter_model.safetensors", "adapter_config.json", "trained_modules.safetensors"} <= {
         p.name for p in out.iterdir()}
     reloaded = load_sam(sam, adapter_dir=out)
-    again = sam_task.evaluate_miou(reloaded, sample_splits["val"], SAMPLE / "images", multimask=False)
+    again = sam_task.validate_miou(reloaded, sample_splits["val"], SAMPLE / "images", multimask=False)
     assert again["val_miou"] == pytest.approx(result["val_miou"], abs=2e-3)
     logged = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert logged["best"]["val_miou"] == pytest.approx(result["val_miou"])
@@ -86,7 +86,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(sample_splits, tmp_path, mo
                         patience=0, activation_checkpointing=True)
     reference = run_training(sample_splits, tmp_path / "a", sam=sam, train=train, policy="auto")
 
-    real_evaluate = sam_task.evaluate_miou
+    real_evaluate = sam_task.validate_miou
     calls = []
 
     def crash_in_second_epoch(*args, **kwargs):
@@ -95,11 +95,11 @@ def test_interrupted_run_resumes_to_the_same_adapter(sample_splits, tmp_path, mo
             raise KeyboardInterrupt("simulated interruption")
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(sam_task, "evaluate_miou", crash_in_second_epoch)
+    monkeypatch.setattr(sam_task, "validate_miou", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_training(sample_splits, tmp_path / "b", sam=sam, train=train, policy="auto")
     assert (tmp_path / "b" / "checkpoints").is_dir() and not (tmp_path / "b" / "models").exists()
-    monkeypatch.setattr(sam_task, "evaluate_miou", real_evaluate)
+    monkeypatch.setattr(sam_task, "validate_miou", real_evaluate)
     resumed = run_training(sample_splits, tmp_path / "b", sam=sam, train=train, policy="auto")
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert resumed == reference
@@ -158,10 +158,10 @@ def test_train_split_without_masks_gives_skipped(tmp_path, capsys):
                               "segmentation": [[1, 1, 5, 1, 5, 5]], "area": 8, "iscrowd": 1}],
              "categories": [{"id": 1, "name": "cat"}]}
     facts = {"teachers": {"sam": True, "dino": True}}
-    reason = sam_task.skip_reason(facts, train_coco=train)
+    reason = sam_task.untrainable_reason(facts, train_coco=train)
     assert reason and "train split" in reason and "mask" in reason
     train["annotations"][1]["iscrowd"] = 0
-    assert sam_task.skip_reason(facts, train_coco=train) is None
+    assert sam_task.untrainable_reason(facts, train_coco=train) is None
     train["annotations"][1]["iscrowd"] = 1
     (tmp_path / "inspect.json").write_text(json.dumps(facts))
     (tmp_path / "train.json").write_text(json.dumps(train))

@@ -90,7 +90,7 @@ def loss_on_this_process(model: nn.Module):
 
 
 @torch.no_grad()
-def evaluate_detection(model: nn.Module, *, loader: DataLoader, coco: dict[str, Any],
+def validate_detection(model: nn.Module, *, loader: DataLoader, coco: dict[str, Any],
                        label_map: LabelMap, top_k: int = REFERENCE_TOP_K) -> dict[str, float]:
     """Val loss and COCO box mAP: ``val_loss``, ``val_map``, ``val_map_50`` (-1: no boxes).
 
@@ -143,7 +143,7 @@ def build_task(model: nn.Module, *, processor: Any, label_map: LabelMap, train_c
     loader = DataLoader(val, batch_size=batch_size, shuffle=False, collate_fn=collate)
     return Task(name="dino", model=model, train_dataset=dataset, collate_fn=collate,
                 step=training_step,
-                evaluate=partial(evaluate_detection, loader=loader, coco=val_coco,
+                validate=partial(validate_detection, loader=loader, coco=val_coco,
                                  label_map=label_map),
                 monitor="val_map", save=partial(save_dino, label_map=label_map),
                 lr_scales={OFFSET_PARAMS: offsets_lr_scale})

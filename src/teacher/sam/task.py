@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 DECODER = "mask_decoder"  # module trained fully when sam.train_decoder
 
 
-def skip_reason(facts: dict[str, Any], *, train_coco: dict[str, Any] | None = None) -> str | None:
+def untrainable_reason(facts: dict[str, Any], *, train_coco: dict[str, Any] | None = None) -> str | None:
     """Why SAM cannot train on this data (from data/inspect.json's ``teachers``; then, when
     given, the train split: its few masks may all have fallen in val/test), or None."""
     teachers = facts.get("teachers") if isinstance(facts, dict) else None
@@ -102,7 +102,7 @@ def training_step(model: nn.Module, batch: dict[str, Any], *, sam_params: SamPar
     )
 
 
-def evaluate_miou(
+def validate_miou(
     model: nn.Module,
     coco: dict[str, Any],
     image_root: Path,
@@ -171,7 +171,7 @@ def build_task(
     return Task(
         name="sam", model=model, train_dataset=dataset, collate_fn=collate_sam,
         step=partial(training_step, sam_params=sam_params),
-        evaluate=partial(evaluate_miou, coco=val_coco, image_root=image_root,
+        validate=partial(validate_miou, coco=val_coco, image_root=image_root,
                          multimask=sam_params.multimask, embeddings=val_cache),
         monitor="val_miou", save=save_adapter,
     )

@@ -95,7 +95,7 @@ def _weighted_loss(model: nn.Module, batch: dict[str, Any], *, terms: tuple[str,
 
 
 @torch.no_grad()
-def evaluate_student(model: nn.Module, *, loader: DataLoader, coco: dict[str, Any],
+def validate_student(model: nn.Module, *, loader: DataLoader, coco: dict[str, Any],
                      category_ids: tuple[int, ...], masks: bool, max_detections: int = 100
                      ) -> dict[str, float]:
     """Val COCO box mAP (``val_map``, ``val_map_50``) and, with masks, ``val_segm_map``."""
@@ -134,7 +134,7 @@ def build_task(model: nn.Module, *, info: StudentInfo, sources: list[Source], va
     terms = BOX_TERMS + (MASK_TERMS if info.masks else ())
     return Task(name="student", model=model, train_dataset=dataset, collate_fn=collate,
                 step=partial(training_step, terms=terms),
-                evaluate=partial(evaluate_student, loader=loader, coco=val_coco,
+                validate=partial(validate_student, loader=loader, coco=val_coco,
                                  category_ids=info.category_ids, masks=info.masks),
                 monitor="val_map", save=partial(save_student, info=info))
 

@@ -3,7 +3,7 @@
 ``fit(task, ...)`` trains the parameters of ``task.model`` that require grad (LoRA + fully
 trained modules) with AdamW, linear warmup then cosine decay per optimizer step, gradient
 accumulation and clipping, autocast from ``train.precision``, frozen BatchNorm. Each epoch
-ends with ``task.evaluate``; early stopping watches ``task.monitor`` (maximised); the best
+ends with ``task.validate``; early stopping watches ``task.monitor`` (maximised); the best
 weights are written once, at the end, by ``task.save`` into ``out_dir``.
 
 Data parallel (``train.processes`` > 1 through :func:`launch`, or ``accelerate launch``): every
@@ -59,8 +59,8 @@ class Task:
     train_dataset: Dataset  # has set_epoch(epoch); per-sample RNG seeded by (seed, epoch, index)
     collate_fn: Callable[[list[Any]], Any]
     step: Callable[[nn.Module, Any], dict[str, Tensor]]  # forward + loss: {"loss": scalar, ...}
-    evaluate: Callable[[nn.Module], dict[str, float]]  # val metrics, e.g. {"val_loss", "val_map"}
-    monitor: str  # key of evaluate() maximised (early stopping, best weights)
+    validate: Callable[[nn.Module], dict[str, float]]  # val metrics, e.g. {"val_loss", "val_map"}
+    monitor: str  # key of validate() maximised (early stopping, best weights)
     save: Callable[[nn.Module, Path], None]  # writes the adapter folder
     # learning-rate multipliers: a parameter whose name matches the regex (re.search) trains at
     # train.lr x the value (the first match counts); every other parameter at train.lr
@@ -175,7 +175,7 @@ def fit(task: Task, *, train: TrainParams, seed: int, out_dir: Path, checkpoint_
         live_dir: Path, fingerprint: str, record: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Train ``task.model``; write the best weights with ``task.save`` into ``out_dir``.
 
-    Returns the best epoch's ``evaluate()`` metrics plus ``best_epoch`` (1-based), ``epochs``
+    Returns the best epoch's ``validate()`` metrics plus ``best_epoch`` (1-based), ``epochs``
     (run) and ``steps`` (optimizer steps). ``record`` (optional, e.g. the augmentation policy
     chosen) is written into dvclive's metrics summary as-is (scalars; lists joined as text).
     The model ends holding the best weights.
@@ -187,7 +187,7 @@ def fit(task: Task, *, train: TrainParams, seed: int, out_dir: Path, checkpoint_
         loop.live = open_live(live_dir, run.history, record)
     while run.epoch < train.epochs and not run.stopped:
         _train_epoch(loop, run)
-        metrics = _evaluate(loop, run)
+        metrics = _validate(loop, run)
         _update_best(loop, run, metrics)
         if loop.main:
             tensors, meta = _snapshot(loop, run, fingerprint)
@@ -211,7 +211,7 @@ def _start(task: Task, *, train: TrainParams, seed: int) -> _Loop:
     # epoch may be short, and gradients are all-reduced by hand (no DDP wrapper).
     accelerator = Accelerator(
         mixed_precision=resolve_precision(train.precision), cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])  # main evaluates alone
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])  # main validates alone
     if train.processes > 1 and accelerator.num_processes == 1:
         print(f"{task.name}: train.processes={train.processes} but this is a single process; "
               "the stage must start training through teacher.engine.launch (or accelerate launch)")
@@ -377,20 +377,20 @@ def _optimizer_step(loop: _Loop, run: RunState, group: list[dict[str, float]]) -
     return logged
 
 
-def _evaluate(loop: _Loop, run: RunState) -> dict[str, float]:
-    """Main process evaluates (eval mode, no grad); every process gets the metrics."""
+def _validate(loop: _Loop, run: RunState) -> dict[str, float]:
+    """Main process validates (eval mode, no grad); every process gets the metrics."""
     metrics: dict[str, float] = {}
     if loop.main:
         loop.task.model.eval()
         with torch.no_grad():
-            metrics = {k: float(v) for k, v in loop.task.evaluate(loop.task.model).items()}
+            metrics = {k: float(v) for k, v in loop.task.validate(loop.task.model).items()}
         set_train_mode(loop.task.model)
     if loop.accelerator.num_processes > 1:
         box = [metrics]
         torch.distributed.broadcast_object_list(box, src=0)
         metrics = box[0]
     if loop.task.monitor not in metrics:
-        raise TeacherError(f"{loop.task.name}: evaluate() returned {sorted(metrics)}, "
+        raise TeacherError(f"{loop.task.name}: validate() returned {sorted(metrics)}, "
                            f"without the monitored key {loop.task.monitor!r}")
     return metrics
 
