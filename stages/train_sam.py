@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 from teacher.coco import load_coco
-from teacher.sam.task import untrainable_reason, train_sam
+from teacher.sam.task import train_sam, untrainable_reason
 from teacher.train.stage import run_training_stage, stage_main, training_parser
 
 
