@@ -522,7 +522,7 @@ def _fix_segmentation(ann: dict, height: int, width: int, found: Findings
 def _fix_bbox(ann: dict, mask: MaskGeometry | None, height: int, width: int,
               found: Findings) -> bool:
     """Repair the bbox in place; False when the annotation has no usable geometry."""
-    bbox = ann.get("bbox")
+    bbox: Any = ann.get("bbox")
     if not (is_xywh(bbox) and bbox[2] > 0 and bbox[3] > 0):
         if mask is None:
             found.add("missing_geometry", ann["id"], f"bbox {bbox!r}, no mask")
@@ -547,7 +547,7 @@ def _fix_area(ann: dict, mask: MaskGeometry | None, found: Findings) -> None:
     """Recompute a missing or inconsistent area: off the mask area (shoelace for polygons), or
     larger than the box when there is no mask. Crowd regions: only a missing one (COCO's own
     crowd areas come from full-resolution masks)."""
-    area = ann.get("area")
+    area: Any = ann.get("area")
     ok = isinstance(area, (int, float)) and not isinstance(area, bool) and area > 0
     expected = mask.area if mask is not None else float(ann["bbox"][2] * ann["bbox"][3])
     if ok and ann["iscrowd"]:

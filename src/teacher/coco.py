@@ -300,7 +300,7 @@ def _compressed_counts_short(raw: bytes) -> list[int] | None:
                 return None
             c = raw[p] - 48
             x |= (c & 0x1F) << (5 * k)
-            more = c & 0x20
+            more = bool(c & 0x20)
             p += 1
             k += 1
             if not more and (c & 0x10):

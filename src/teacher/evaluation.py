@@ -119,8 +119,8 @@ def run_variant(
         if teachers.dino is not None:  # box/*: the reference protocol; Grounded-SAM: below
             from teacher.dino.detect import score
 
-            for rec, det in zip(records, score(teachers.dino, arrays, teachers.label_map), strict=True):
-                box_results += to_annotations(det, image_id=rec["id"], first_id=len(box_results) + 1)
+            for rec, scored in zip(records, score(teachers.dino, arrays, teachers.label_map), strict=True):
+                box_results += to_annotations(scored, image_id=rec["id"], first_id=len(box_results) + 1)
             started = time.perf_counter()  # DINO's labeling decode on the batch; SAM per image
             dets = list(predict_images(boxes_only, arrays, keep=keep, text_threshold=text_threshold))
             out.seconds += time.perf_counter() - started
@@ -235,7 +235,7 @@ def gallery_panel(image: np.ndarray, gt_anns: Sequence[dict], det: Detections | 
     truth = Detections(
         boxes=np.array([a["bbox"] for a in gt_anns], float),
         scores=np.ones(len(gt_anns)),
-        category_ids=[int(a["category_id"]) for a in gt_anns],
+        category_ids=np.array([int(a["category_id"]) for a in gt_anns], np.int64),
         masks=np.stack([annotation_mask(a, h, w) for a in gt_anns]) if has_masks else None,
     ).scaled(f)
     det = (det if det is not None else Detections.empty()).scaled(f)
@@ -270,6 +270,7 @@ def evaluate_test_split(
     images_root = Path(images_root)
     dirs: dict[str, Path | None] = {"dino": Path(dino_dir), "sam": Path(sam_dir)}
     for name, folder in list(dirs.items()):
+        assert folder is not None  # all set just above
         reason = skipped_reason(folder)
         if reason is not None:
             log(f"evaluate: no {name} metrics: {folder}/{SKIPPED_FILE} says: {reason}")

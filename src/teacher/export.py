@@ -14,12 +14,16 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from teacher.artifacts import LABELS_FILE, SKIPPED_FILE, skipped_reason
 from teacher.errors import TeacherError
 from teacher.params import DinoParams, SamParams
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def export_dino(params: DinoParams, adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -29,7 +33,7 @@ def export_dino(params: DinoParams, adapter_dir: str | Path, out_dir: str | Path
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     bundle = load_dino(params, adapter_dir=adapter_dir)
-    model = merge(bundle.model)
+    model: Any = merge(cast("PeftModel", bundle.model))  # adapter_dir given: a PeftModel
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     bundle.processor.save_pretrained(str(out_dir))

@@ -48,7 +48,7 @@ def _spread(values: list[float]) -> dict[str, float] | None:
 
 
 def _has_box(ann: dict) -> bool:
-    bbox = ann.get("bbox")
+    bbox: Any = ann.get("bbox")
     return is_xywh(bbox) and bbox[2] > 0 and bbox[3] > 0
 
 
@@ -72,9 +72,9 @@ def category_facts(cats: list[dict], anns: list[dict]) -> list[dict]:
 def annotation_kinds(anns: list[dict], kinds: list[str]) -> dict[str, int]:
     """How many annotations carry a box, each mask kind (``kinds[i]``: :func:`mask_kind` of
     ``anns[i]``; ``none``: no mask) and ``iscrowd``."""
-    kinds = Counter(kinds)
+    counts = Counter(kinds)
     out = {"bbox": sum(1 for a in anns if _has_box(a))}
-    out.update({k: kinds.get(k, 0) for k in MASK_KINDS})
+    out.update({k: counts.get(k, 0) for k in MASK_KINDS})
     out["crowd"] = sum(1 for a in anns if is_crowd(a))
     return out
 
@@ -151,6 +151,7 @@ def color_facts(images: list[dict], image_root: str | Path | None, *, sample: in
         if image_root is None or file_name_problem(name):
             counts["missing"] += 1
             continue
+        assert isinstance(name, str)  # file_name_problem refuses anything else
         path = Path(image_root) / name.replace("\\", "/")
         if not path.is_file():
             counts["missing"] += 1

@@ -94,7 +94,10 @@ def apply_lora(
     # peft gets the exact names: containers the pattern also matches are skipped, and a list
     # entry cannot suffix-match more than we counted.
     config = LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        # peft annotates lora_alpha as int but only divides by it (scaling = alpha / r); a
+        # non-integral alpha is valid
+        r=lora.rank, lora_alpha=lora.alpha,  # type: ignore[arg-type]
+        lora_dropout=lora.dropout,
         target_modules="|".join(re.escape(n) for n in names), bias="none",
     )
     try:

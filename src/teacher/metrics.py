@@ -72,7 +72,7 @@ def _segm_to_rle(segmentation: Any, height: int, width: int) -> dict:
 
 def _prepare_gt(gt: dict, ids: dict[str, int], iou_type: str) -> dict:
     images = [{**img, "id": ids[str(img["id"])]} for img in gt["images"]]
-    sizes = {img["id"]: (img.get("height"), img.get("width")) for img in images}
+    sizes: dict[Any, tuple[Any, Any]] = {img["id"]: (img.get("height"), img.get("width")) for img in images}
     anns = []
     for n, ann in enumerate(gt.get("annotations", []), start=1):
         image_id = ids.get(str(ann["image_id"]))

@@ -20,6 +20,7 @@ import textwrap
 import tokenize
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -140,7 +141,7 @@ LORA_PRESETS: dict[str, str] = {
 }
 
 
-def lora_pattern(targets: str | tuple[str, ...] | list[str]) -> str | list[str]:
+def lora_pattern(targets: str | Sequence[str]) -> str | list[str]:
     """``targets`` with preset names expanded: ``"sam-encoder-qkv+sam-decoder-attention"`` ->
     one regex matching either; any other string is a regex (full match), a list is names."""
     if not isinstance(targets, str):
@@ -296,7 +297,7 @@ def field_comments(cls: type) -> dict[str, str]:
     """Each field's ``# comment`` in ``cls``'s source, by name: the one trailing its first line,
     else the comment lines right above it."""
     source = textwrap.dedent(inspect.getsource(cls))
-    lines = {node.target.id: node.lineno for node in ast.parse(source).body[0].body
+    lines = {node.target.id: node.lineno for node in typing.cast(ast.ClassDef, ast.parse(source).body[0]).body
              if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
     comments = {tok.start[0]: tok.string.lstrip("# ").rstrip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline)
@@ -306,7 +307,7 @@ def field_comments(cls: type) -> dict[str, str]:
 
 def _comment_above(comments: dict[int, str], line: int) -> str:
     """The whole-line comments right above ``line``, joined (a field whose comment is long)."""
-    block = []
+    block: list[str] = []
     while line - 1 in comments:
         line -= 1
         block.insert(0, comments[line])

@@ -151,6 +151,7 @@ def detect_batch(teachers: Teachers, images: Sequence[np.ndarray], *, box_thresh
     """DINO's raw detections for a batch of HxWx3 uint8 images (one per image)."""
     from teacher.dino.detect import detect
 
+    assert teachers.dino is not None, "detection needs the DINO teacher"
     return detect(teachers.dino, list(images), teachers.label_map, box_threshold=box_threshold,
                   text_threshold=text_threshold, max_detections=max_detections)
 

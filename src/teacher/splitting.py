@@ -86,7 +86,7 @@ class _Assigner:
                 per_cat[c] = per_cat.get(c, 0) + 1
         self.images_of = per_cat
         self.demand = {s: {c: fractions[s] * n for c, n in per_cat.items()} for s in fractions}
-        self.has = {s: set() for s in fractions}
+        self.has: dict[str, set] = {s: set() for s in fractions}
         self.assigned: dict[Any, str] = {}
 
     def place(self, image: Any, split: str) -> None:

@@ -177,6 +177,7 @@ def background(rng: np.random.Generator, style: str, width: int, height: int) ->
     """HxWx3 float background in 0..255: plain, diagonal gradient, stripes or blotchy noise."""
     c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     yy, xx = np.mgrid[0:height, 0:width]
+    t: np.ndarray
     if style == "plain":
         t = np.zeros((height, width))
     elif style == "gradient":
@@ -266,7 +267,9 @@ def place_objects(rng: np.random.Generator, world: World, width: int, height: in
 
 def visible_masks(objects: list[dict]) -> list[np.ndarray]:
     """Per object the part not covered by objects painted after it."""
-    covered = np.zeros_like(objects[0]["mask"]) if objects else None
+    if not objects:
+        return []
+    covered = np.zeros_like(objects[0]["mask"])
     out = []
     for obj in reversed(objects):
         out.append(obj["mask"] & ~covered)
@@ -312,7 +315,7 @@ def render_scene(
         pixels[obj["mask"]] = paint[obj["mask"]]
     if world.noise > 0:
         pixels = pixels + rng.normal(0.0, world.noise, pixels.shape)
-    anns = []
+    anns: list[dict] = []
     for obj, visible in zip(objects, visible_masks(objects), strict=True):
         if visible.sum() >= world.min_visible:
             anns.append(
@@ -327,7 +330,9 @@ def make_dataset(
     """``n_images`` scenes of ``world`` from ``seed``: a COCO dict (file names ``000001.png``, …)
     and the images as HxWx3 uint8 arrays in the same order. Deterministic per (world, n, seed)."""
     rng = np.random.default_rng(seed)
-    images, anns, pixels = [], [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict] = []
+    pixels: list[np.ndarray] = []
     for image_id in range(1, n_images + 1):
         img, image_anns = render_scene(rng, world, image_id=image_id, first_ann_id=len(anns) + 1)
         images.append(

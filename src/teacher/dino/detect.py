@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
+from typing import cast
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ def decode_reference(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: 
     probs = logits.float().sigmoid()
     out = []
     for prob, boxes, label_map, (w, h), cats in zip(
-            probs, pred_boxes.float(), build_label_maps(logits, input_ids), sizes, category_ids,
+            probs, pred_boxes.float(), build_label_maps(logits, cast(torch.LongTensor, input_ids)), sizes, category_ids,
             strict=True):
         pos = label_map.to(prob)
         pos = pos / pos.sum(-1, keepdim=True).clamp(min=1)  # (n_classes, 256), rows sum to 1
@@ -73,7 +74,7 @@ def decode(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tens
     probs = logits.float().sigmoid()
     out = []
     for prob, boxes, label_map, (w, h), cats in zip(
-            probs, pred_boxes.float(), build_label_maps(logits, input_ids), sizes, category_ids,
+            probs, pred_boxes.float(), build_label_maps(logits, cast(torch.LongTensor, input_ids)), sizes, category_ids,
             strict=True):
         per_class = (prob[:, None, :] * label_map[None].to(prob)).amax(-1)  # (Q, n_classes)
         score, cls = per_class.max(-1)

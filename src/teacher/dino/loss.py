@@ -21,6 +21,8 @@ tests/test_dino_recipe.py against independent implementations):
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 import torch
 from torch import nn
@@ -96,7 +98,7 @@ def _proposal_outputs_hook(module: nn.Module, args, output):
     if getattr(output, "enc_outputs_class", None) is None:
         return output
     logits, boxes = top_proposals(output.enc_outputs_class, output.enc_outputs_coord_logits,
-                                  num_queries=module.config.num_queries)
+                                  num_queries=cast(Any, module.config).num_queries)
     output.encoder_logits, output.encoder_pred_boxes = logits, boxes
     return output
 
@@ -104,7 +106,7 @@ def _proposal_outputs_hook(module: nn.Module, args, output):
 def install_proposal_outputs(model: nn.Module) -> None:
     """Make a ``GroundingDinoForObjectDetection`` (two-stage) return the undetached top-k encoder
     proposals as ``encoder_logits`` / ``encoder_pred_boxes``, which the loss reads; idempotent."""
-    inner = model.model
+    inner: Any = model.model  # GroundingDinoModel (nn.Module attributes are typed Tensor | Module)
     if not getattr(inner, "_teacher_proposal_hook", False):
         inner.register_forward_hook(_proposal_outputs_hook)
         inner._teacher_proposal_hook = True

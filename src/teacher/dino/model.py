@@ -18,11 +18,11 @@ import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import (
+from transformers import (  # type: ignore[attr-defined]  # BertTokenizerFast: a runtime alias the 5.x type hints lack
     BertConfig,
     BertTokenizerFast,
     GroundingDinoConfig,
@@ -149,7 +149,8 @@ def tiny_tokenizer(words: tuple[str, ...] = ()) -> BertTokenizerFast:
 def tiny_config(*, vocab_size: int) -> GroundingDinoConfig:
     """Grounding DINO at toy size: 4-stage Swin, 1-layer BERT, d_model 32, 2 decoder layers."""
     backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
-                          out_features=["stage2", "stage3", "stage4"], image_size=64)
+                          out_features=["stage2", "stage3", "stage4"],  # type: ignore[call-arg]  # a backbone-config kwarg the 5.x signature omits; honoured at runtime
+                          image_size=64)
     text = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
     return GroundingDinoConfig(
@@ -292,7 +293,7 @@ def set_dropout(model: nn.Module, p: float) -> int:
     0.1. Drop path (``fusion_droppath``), LoRA's own dropout and the frozen towers are left
     alone. Returns how many dropout settings were changed. Call before applying LoRA.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base: Any = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
     changed = 0
     for part in (base.model.encoder, base.model.decoder):
         for module in part.modules():
@@ -338,6 +339,6 @@ def frozen_towers(model: nn.Module) -> list[str]:
     Their inputs (pixels, token ids) need no gradient and their weights are frozen, so autograd
     records nothing inside them: they run without saving activations for backward.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base: Any = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
     return [name for name in TOWERS
             if not any(p.requires_grad for p in base.get_submodule(name).parameters())]

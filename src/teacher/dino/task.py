@@ -19,7 +19,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ from teacher.params import DinoParams, LoraParams, TrainParams
 from teacher.train.loop import Task, fit, seed_everything
 from teacher.train.memory import checkpoint_layers, run_without_grad
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 # logged per step beside the total: the last decoder layer's terms and the proposals' (two-stage)
 LOGGED_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_enc", "loss_bbox_enc", "loss_giou_enc")
 # Open-GroundingDino lr_linear_proj_names (ref_point_head, sampling_offsets): dino.offsets_lr_scale
@@ -45,8 +48,9 @@ OFFSET_PARAMS = r"sampling_offsets|reference_points_head"
 INPUT_KEYS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids")
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _base(model: nn.Module) -> Any:
+    """The HF model inside a peft wrapper (Any: its submodules are reached by attribute)."""
+    return cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def wrap_for_training(model: nn.Module, *, dino: DinoParams, lora: LoraParams,
@@ -120,7 +124,7 @@ def validate_detection(model: nn.Module, *, loader: DataLoader, coco: dict[str, 
 
 def save_dino(model: nn.Module, out_dir: Path, *, label_map: LabelMap) -> None:
     """The adapter folder: peft adapter, trained heads, labels.json."""
-    save_adapter(model, out_dir)
+    save_adapter(cast("PeftModel", model), out_dir)  # the model apply_lora wrapped
     save_labels(label_map, Path(out_dir) / LABELS_FILE)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -315,9 +316,9 @@ def unwrap(model: nn.Module) -> Sam:
     """The ``Sam`` inside a peft / accelerate wrapper (or the model itself)."""
     while not isinstance(model, Sam):
         if hasattr(model, "module"):  # DDP
-            model = model.module
+            model = cast(nn.Module, model.module)
         elif hasattr(model, "get_base_model"):  # PeftModel
-            model = model.get_base_model()
+            model = cast(Any, model).get_base_model()
         else:
             raise TypeError(f"not a SAM model: {type(model).__name__}")
     return model

@@ -70,7 +70,7 @@ def score_gt_boxes(
     det = Detections(
         boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4)),
         scores=np.concatenate(scores) if scores else np.zeros((0,), np.float32),
-        category_ids=[int(a["category_id"]) for a in anns],
+        category_ids=np.array([int(a["category_id"]) for a in anns], np.int64),
         masks=(np.concatenate(kept) if kept else np.zeros((0, height, width), bool)) if keep_masks else None,
     )
     return (np.concatenate(ious) if ious else np.zeros((0,))), det

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ def encoder_trains(model: nn.Module) -> bool:
     return any(p.requires_grad for p in unwrap(model).image_encoder.parameters())
 
 
-def masks_to_low_res(masks: Tensor, size: tuple[int, int]) -> Tensor:
+def masks_to_low_res(masks: Tensor, size: tuple[int, ...]) -> Tensor:
     """(N, S, S) bool masks in the input frame -> (N, h, w) float 0/1 at the decoder's resolution
     (area average, then >= 0.5)."""
     area = F.interpolate(masks[:, None].float(), size, mode="area")[:, 0]
@@ -173,7 +173,8 @@ def build_task(
         step=partial(training_step, sam_params=sam_params),
         validate=partial(validate_miou, coco=val_coco, image_root=image_root,
                          multimask=sam_params.multimask, embeddings=val_cache),
-        monitor="val_miou", save=save_adapter,
+        # the model is the PeftModel apply_lora returned
+        monitor="val_miou", save=cast(Callable[[nn.Module, Path], None], save_adapter),
     )
 
 

@@ -11,7 +11,7 @@ through the DVC pipeline, so they are acknowledged only); ``GET /health``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +63,7 @@ class Backend:
 
     def setup(self, *, project: str | None, schema: str | None) -> dict[str, Any]:
         config = self._config(schema, project=None)
+        assert schema is not None  # _config refused a missing one
         if project:
             self.configs.pop(project_id(project), None)
             self.configs[project_id(project)] = schema
@@ -92,7 +93,7 @@ class Backend:
         except LabelConfigError as e:
             raise RequestError(str(e)) from e
 
-    def predict(self, *, tasks: list[Mapping[str, Any]], label_config: str | None,
+    def predict(self, *, tasks: Sequence[Mapping[str, Any]], label_config: str | None,
                 project: str | None, context: Mapping[str, Any] | None) -> dict[str, Any]:
         if len(tasks) > self.max_tasks:
             raise RequestError(f"{len(tasks)} tasks in one call; at most {self.max_tasks} "
@@ -106,7 +107,7 @@ class Backend:
             return self.interactive(tasks, config, *clicks)
         return self.prelabel(tasks, config)
 
-    def prelabel(self, tasks: list[Mapping[str, Any]], config: LabelConfig) -> dict[str, Any]:
+    def prelabel(self, tasks: Sequence[Mapping[str, Any]], config: LabelConfig) -> dict[str, Any]:
         """Predictions for every task (in order); a task whose image fails gets none (``[]``,
         so that Label Studio asks again later) and an entry in ``errors``. Tasks go through
         ``CHUNK_TASKS`` at a time, so memory holds one chunk's images, whatever the call's size."""
@@ -134,7 +135,7 @@ class Backend:
                 "errors": [{"index": t, "task": tasks[t].get("id"), "error": errors[t]}
                            for t in sorted(errors)]}
 
-    def _detect_chunk(self, tasks: list[Mapping[str, Any]], indexes: range, keys: list[str],
+    def _detect_chunk(self, tasks: Sequence[Mapping[str, Any]], indexes: range, keys: list[str],
                       errors: dict[int, str]) -> dict[int, dict[str, Found]]:
         """``{task index: {data key: Found}}`` for the tasks at ``indexes`` (every index, empty
         where it failed); failures go to ``errors``. Images are fetched in parallel."""
@@ -150,14 +151,15 @@ class Backend:
                 founds[t][k] = found
         return founds
 
-    def _detect(self, good: list[tuple[int, str, np.ndarray]], errors: dict[int, str]) -> list:
+    def _detect(self, good: list[tuple[int, str, np.ndarray]], errors: dict[int, str]
+                ) -> Sequence[Found | None]:
         """Detections of the images in ``good`` (task index, key, image), batched; if a batch
         fails, image by image, so that only the task whose image breaks the model gets an
         error (None in its place)."""
         try:
             return self.teachers.detect([image for _, _, image in good])
         except Exception:  # noqa: BLE001 - isolated below, per image
-            out = []
+            out: list[Found | None] = []
             for t, _, image in good:
                 try:
                     out += self.teachers.detect([image])
@@ -177,7 +179,7 @@ class Backend:
         except ImageSourceError as e:
             return None, str(e)
 
-    def interactive(self, tasks: list[Mapping[str, Any]], config: LabelConfig, to_name: str,
+    def interactive(self, tasks: Sequence[Mapping[str, Any]], config: LabelConfig, to_name: str,
                     prompts) -> dict[str, Any]:
         """SAM's mask for the smart tools' clicks on the first task's image."""
         if len(tasks) != 1:

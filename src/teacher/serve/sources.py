@@ -74,10 +74,12 @@ def label_studio_headers(sources: ImageSources) -> dict[str, str]:
         return {"Authorization": f"Token {key}"}
     import httpx
 
+    ls_url = sources.ls_url
+    assert ls_url is not None, "the key is only sent to URLs on ls_url"
     with _access_lock:
-        token, expiry = _access.get((sources.ls_url, key), ("", 0.0))
+        token, expiry = _access.get((ls_url, key), ("", 0.0))
         if time.monotonic() >= expiry:
-            url = urljoin(sources.ls_url.rstrip("/") + "/", "api/token/refresh/")
+            url = urljoin(ls_url.rstrip("/") + "/", "api/token/refresh/")
             try:
                 r = httpx.post(url, json={"refresh": key}, timeout=sources.timeout_s)
                 token = r.json()["access"] if r.status_code == 200 else ""
@@ -86,7 +88,7 @@ def label_studio_headers(sources: ImageSources) -> dict[str, str]:
             if not token:
                 raise ImageSourceError(f"{url}: Label Studio refused the personal access token "
                                        "in LABEL_STUDIO_API_KEY; create a new one")
-            _access[(sources.ls_url, key)] = (token, time.monotonic() + ACCESS_CACHE_S)
+            _access[(ls_url, key)] = (token, time.monotonic() + ACCESS_CACHE_S)
     return {"Authorization": f"Bearer {token}"}
 
 
@@ -185,6 +187,7 @@ def load_task_image(url: str, sources: ImageSources) -> np.ndarray:
     if where.path is not None:
         data = read_local(where.path, sources)
     else:
+        assert where.url is not None  # locate gives a path or a URL
         headers = label_studio_headers(sources) if where.with_key else {}
         data = download(where.url, headers, sources)
     return decode_image(data, name=url, max_pixels=sources.max_pixels)

@@ -89,12 +89,14 @@ class ServeTeachers:
             raise RuntimeError("SAM is not loaded (started with --boxes-only)")
         with self.lock:
             prepared = self._prepared(key, load)
+            assert self.teachers.sam is not None  # has_sam
             return sam_mask(self.teachers.sam, prepared, prompts)
 
     def _prepared(self, key: str, load: Callable[[], np.ndarray]) -> PreparedImage:
         if key in self.prepared:
             self.prepared.move_to_end(key)
             return self.prepared[key]
+        assert self.teachers.sam is not None  # only called when has_sam
         prepared = prepare_image(self.teachers.sam, load())
         self.embeddings_computed += 1
         self.prepared[key] = prepared

@@ -273,9 +273,9 @@ def preprocess(images: Sequence[np.ndarray], *, resolution: int) -> Tensor:
 
 def decode(outputs: Sequence[Tensor], *, sizes: Sequence[tuple[int, int]],
            category_ids: Sequence[int], max_detections: int, score_threshold: float = 0.0
-           ) -> list[dict[str, np.ndarray]]:
-    """RF-DETR outputs -> per image ``boxes`` (N, 4) COCO xywh px, ``scores``, ``category_ids``
-    (+ ``masks`` (N, H, W) bool when the outputs have mask logits).
+           ) -> list[Detections]:
+    """RF-DETR outputs -> per image ``Detections``: ``boxes`` (N, 4) COCO xywh px, ``scores``,
+    ``category_ids`` (+ ``masks`` (N, H, W) bool when the outputs have mask logits).
 
     As RF-DETR's post-processing: sigmoid class scores, the top ``max_detections`` (query, class)
     pairs per image, boxes scaled to the image's ``sizes`` (width, height); masks upsampled

@@ -26,10 +26,10 @@ import math
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -222,7 +222,7 @@ def _start(task: Task, *, train: TrainParams, seed: int) -> _Loop:
     if not params:
         raise TeacherError(f"{task.name}: the model has no trainable parameters (apply LoRA first)")
     broadcast_parameters(params, accelerator)
-    n = len(task.train_dataset)
+    n = len(cast(Sized, task.train_dataset))
     if n == 0:
         raise TeacherError(f"{task.name}: the training split is empty; check data/split/train.json")
     steps = _steps_per_epoch(n, train=train, world=accelerator.num_processes)
@@ -314,7 +314,7 @@ def _train_epoch(loop: _Loop, run: RunState) -> None:
     train, acc = loop.train, loop.accelerator
     if hasattr(loop.task.train_dataset, "set_epoch"):
         loop.task.train_dataset.set_epoch(run.epoch)
-    batches = epoch_batches(len(loop.task.train_dataset), batch_size=train.batch_size,
+    batches = epoch_batches(len(cast(Sized, loop.task.train_dataset)), batch_size=train.batch_size,
                             seed=loop.seed, epoch=run.epoch, rank=acc.process_index,
                             world=acc.num_processes)[:loop.steps_per_epoch * train.grad_accum]
     loader = DataLoader(loop.task.train_dataset, batch_sampler=batches,
@@ -368,7 +368,7 @@ def _optimizer_step(loop: _Loop, run: RunState, group: list[dict[str, float]]) -
         loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    logged = {k: sum(g[k] for g in group) / len(group) for k in group[0]}
+    logged: dict[str, Any] = {k: sum(g[k] for g in group) / len(group) for k in group[0]}
     logged["lr"] = lr
     entry = {"step": run.step, **logged}
     run.history["steps"].append(entry)

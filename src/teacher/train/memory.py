@@ -24,7 +24,7 @@ def checkpoint_layers(layers: Iterable[nn.Module]) -> int:
         if getattr(layer, "_teacher_checkpointed", False):
             continue
         layer.forward = functools.partial(_checkpointed_forward, layer, layer.forward)
-        layer._teacher_checkpointed = True
+        setattr(layer, "_teacher_checkpointed", True)  # noqa: B010 (nn.Module attrs are typed Tensor | Module)
         n += 1
     return n
 
