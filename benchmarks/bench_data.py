@@ -38,13 +38,20 @@ def jpeg_bytes(w: int, h: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def make_annotation(rng: np.random.Generator, ann_id: int, image_id: int, w: int, h: int,
-                    rles: dict) -> dict:
+def make_annotation(
+    rng: np.random.Generator, ann_id: int, image_id: int, w: int, h: int, rles: dict
+) -> dict:
     x, y = float(rng.uniform(0, w - 12)), float(rng.uniform(0, h - 12))
     bw, bh = float(rng.uniform(4, w - x)), float(rng.uniform(4, h - y))
-    ann = {"id": ann_id, "image_id": image_id, "category_id": int(rng.integers(1, 81)),
-           "iscrowd": 0, "bbox": [round(x, 2), round(y, 2), round(bw, 2), round(bh, 2)],
-           "area": round(bw * bh, 2), "segmentation": []}
+    ann = {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": int(rng.integers(1, 81)),
+        "iscrowd": 0,
+        "bbox": [round(x, 2), round(y, 2), round(bw, 2), round(bh, 2)],
+        "area": round(bw * bh, 2),
+        "segmentation": [],
+    }
     kind = rng.random()
     if kind < 0.7:
         ann["segmentation"] = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]
@@ -63,7 +70,7 @@ def make_dataset(root: Path, *, n_images: int, n_annotations: int, seed: int = 0
         rles[(w, h)] = []
         for k in range(8):
             m = np.zeros((h, w), bool)
-            m[5 + k: 20 + k, 3 + 2 * k: 30 + k] = True
+            m[5 + k : 20 + k, 3 + 2 * k : 30 + k] = True
             ys, xs = np.nonzero(m)
             box = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
             rles[(w, h)].append((mask_to_rle(m), float(m.sum()), box))
@@ -92,8 +99,14 @@ def run_stage(name: str, args: list[str], cwd: Path) -> tuple[float, float, floa
     is the stage's own work; wall time also counts waiting on a busy machine."""
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", f"stages.{name}", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"stages.{name}", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -107,24 +120,32 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--annotations", type=int, default=200_000)
     parser.add_argument("--keep", type=Path, help="generate here and keep it")
-    parser.add_argument("--header-only", action="store_true",
-                        help="validate.decode_images: false (read image headers only)")
+    parser.add_argument(
+        "--header-only",
+        action="store_true",
+        help="validate.decode_images: false (read image headers only)",
+    )
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(tmp.name) if tmp else args.keep
     t0 = time.perf_counter()
-    ann_path = make_dataset(root / "data", n_images=args.images,
-                            n_annotations=args.annotations)
+    ann_path = make_dataset(root / "data", n_images=args.images, n_annotations=args.annotations)
     coco = json.loads(ann_path.read_text())
-    print(f"generated {len(coco['images'])} images, {len(coco['annotations'])} annotations "
-          f"({ann_path.stat().st_size / 2**20:.0f} MiB json) in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"generated {len(coco['images'])} images, {len(coco['annotations'])} annotations "
+        f"({ann_path.stat().st_size / 2**20:.0f} MiB json) in {time.perf_counter() - t0:.1f} s"
+    )
     del coco
     (root / "params.yaml").write_text(
         f"data:\n  annotations: {ann_path}\n  images: {root / 'data/images'}\n"
-        f"validate:\n  on_error: fail\n  decode_images: {str(not args.header_only).lower()}\n")
+        f"validate:\n  on_error: fail\n  decode_images: {str(not args.header_only).lower()}\n"
+    )
     stages = [
         ("inspect", ["--out", "inspect.json"]),
-        ("validate", ["--inspect", "inspect.json", "--out", "validated.json", "--report", "validate.json"]),
+        (
+            "validate",
+            ["--inspect", "inspect.json", "--out", "validated.json", "--report", "validate.json"],
+        ),
         ("split", ["--validated", "validated.json", "--out", "split"]),
     ]
     total, cpu_total, peak = 0.0, 0.0, 0.0
@@ -132,8 +153,10 @@ def main() -> None:
         wall, cpu, rss = run_stage(name, ["--params", "params.yaml", *stage_args], root)
         total, cpu_total, peak = total + wall, cpu_total + cpu, max(peak, rss)
         print(f"{name:<9} wall {wall:6.1f} s   cpu {cpu:6.1f} s   peak RSS {rss:6.0f} MiB")
-    print(f"{'total':<9} wall {total:6.1f} s   cpu {cpu_total:6.1f} s   peak RSS {peak:6.0f} MiB "
-          "(max over stages)")
+    print(
+        f"{'total':<9} wall {total:6.1f} s   cpu {cpu_total:6.1f} s   peak RSS {peak:6.0f} MiB "
+        "(max over stages)"
+    )
     if tmp:
         tmp.cleanup()
 

@@ -45,20 +45,30 @@ def build(mode: str, *, preset: str, checkpointing: bool = True):
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()  # bert-base-uncased ids; the prompt's ids fit BERT's vocabulary
-    config = (tiny_config(vocab_size=len(tokenizer)) if preset == "tiny-random"
-              else GroundingDinoConfig())  # the defaults are grounding-dino-tiny's architecture
+    config = (
+        tiny_config(vocab_size=len(tokenizer)) if preset == "tiny-random" else GroundingDinoConfig()
+    )  # the defaults are grounding-dino-tiny's architecture
     model = prepare_model(GroundingDinoForObjectDetection(config))
     processor = build_processor(tokenizer, params=DinoParams())  # 800 / 1333
     if mode == "lora":
         from teacher.dino.task import wrap_for_training
 
-        model = wrap_for_training(model, dino=DinoParams(), lora=LoraParams(),
-                                  activation_checkpointing=checkpointing)
+        model = wrap_for_training(
+            model, dino=DinoParams(), lora=LoraParams(), activation_checkpointing=checkpointing
+        )
     image = np.random.default_rng(0).integers(0, 255, (800, 1333, 3), dtype=np.uint8)
-    inputs = {**processor.image_processor(images=[image], return_tensors="pt"),
-              **processor.tokenizer([PROMPT], return_tensors="pt")}
-    labels = [box_targets(np.array([[100, 100, 300, 200], [600, 300, 200, 400]]), np.array([0, 2]),
-                          width=1333, height=800)]
+    inputs = {
+        **processor.image_processor(images=[image], return_tensors="pt"),
+        **processor.tokenizer([PROMPT], return_tensors="pt"),
+    }
+    labels = [
+        box_targets(
+            np.array([[100, 100, 300, 200], [600, 300, 200, 400]]),
+            np.array([0, 2]),
+            width=1333,
+            height=800,
+        )
+    ]
     return model, inputs, labels
 
 
@@ -67,8 +77,7 @@ def adapter_bytes(model) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(model, Path(tmp))
-        return sum(p.stat().st_size for p in Path(tmp).iterdir()
-                   if p.suffix == ".safetensors")
+        return sum(p.stat().st_size for p in Path(tmp).iterdir() if p.suffix == ".safetensors")
 
 
 def run_mode(mode: str, steps: int, *, preset: str, checkpointing: bool = True) -> dict:
@@ -99,13 +108,22 @@ def run_mode(mode: str, steps: int, *, preset: str, checkpointing: bool = True) 
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"mode": mode, "device": torch.cuda.get_device_name() if cuda else "cpu",
-            "threads": torch.get_num_threads(), "step_s": times, "peak_bytes": peak,
-            "rss_before_steps": rss_model, "trainable": sum(p.numel() for p in params),
-            "total": sum(p.numel() for p in model.parameters()),
-            "adapter_bytes": adapter_bytes(model) if mode == "lora" else None}
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "mode": mode,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "threads": torch.get_num_threads(),
+        "step_s": times,
+        "peak_bytes": peak,
+        "rss_before_steps": rss_model,
+        "trainable": sum(p.numel() for p in params),
+        "total": sum(p.numel() for p in model.parameters()),
+        "adapter_bytes": adapter_bytes(model) if mode == "lora" else None,
+    }
 
 
 def table(lora: dict, full: dict) -> str:
@@ -117,16 +135,35 @@ def table(lora: dict, full: dict) -> str:
     peak_name = "peak CUDA allocated" if lora["device"] != "cpu" else "peak RSS"
     rows = [
         ("", "LoRA", "full", "LoRA / full"),
-        ("seconds per step", f"{secs(lora):.1f}", f"{secs(full):.1f}", f"{secs(lora) / secs(full):.2f}"),
-        (f"{peak_name} (GiB)", f"{lora['peak_bytes'] / gb:.2f}", f"{full['peak_bytes'] / gb:.2f}",
-         f"{lora['peak_bytes'] / full['peak_bytes']:.2f}"),
-        ("trainable parameters", f"{lora['trainable']:,}", f"{full['trainable']:,}",
-         f"{lora['trainable'] / full['trainable']:.4f}"),
-        ("saved weights (MB)", f"{lora['adapter_bytes'] / 1e6:.1f}", f"{full['total'] * 4 / 1e6:.1f}",
-         f"{lora['adapter_bytes'] / (full['total'] * 4):.4f}"),
+        (
+            "seconds per step",
+            f"{secs(lora):.1f}",
+            f"{secs(full):.1f}",
+            f"{secs(lora) / secs(full):.2f}",
+        ),
+        (
+            f"{peak_name} (GiB)",
+            f"{lora['peak_bytes'] / gb:.2f}",
+            f"{full['peak_bytes'] / gb:.2f}",
+            f"{lora['peak_bytes'] / full['peak_bytes']:.2f}",
+        ),
+        (
+            "trainable parameters",
+            f"{lora['trainable']:,}",
+            f"{full['trainable']:,}",
+            f"{lora['trainable'] / full['trainable']:.4f}",
+        ),
+        (
+            "saved weights (MB)",
+            f"{lora['adapter_bytes'] / 1e6:.1f}",
+            f"{full['total'] * 4 / 1e6:.1f}",
+            f"{lora['adapter_bytes'] / (full['total'] * 4):.4f}",
+        ),
     ]
     width = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, width, strict=True)) + " |" for r in rows]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, width, strict=True)) + " |" for r in rows
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
     return "\n".join(lines)
 
@@ -134,30 +171,59 @@ def table(lora: dict, full: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2, help="steps per mode; the first warms up")
-    parser.add_argument("--preset", choices=("grounding-dino-tiny", "tiny-random"),
-                        default="grounding-dino-tiny", help="tiny-random: a seconds-long smoke run")
-    parser.add_argument("--no-checkpointing", action="store_true",
-                        help="LoRA mode without activation checkpointing (to see what it costs)")
+    parser.add_argument(
+        "--preset",
+        choices=("grounding-dino-tiny", "tiny-random"),
+        default="grounding-dino-tiny",
+        help="tiny-random: a seconds-long smoke run",
+    )
+    parser.add_argument(
+        "--no-checkpointing",
+        action="store_true",
+        help="LoRA mode without activation checkpointing (to see what it costs)",
+    )
     parser.add_argument("--mode", choices=("lora", "full"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(run_mode(args.mode, args.steps, preset=args.preset,
-                                  checkpointing=not args.no_checkpointing)))
+        print(
+            json.dumps(
+                run_mode(
+                    args.mode,
+                    args.steps,
+                    preset=args.preset,
+                    checkpointing=not args.no_checkpointing,
+                )
+            )
+        )
         return 0
     results = {}
     for mode in ("lora", "full"):
-        proc = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps),
-                               "--preset", args.preset]
-                              + (["--no-checkpointing"] if args.no_checkpointing else []),
-                              capture_output=True, text=True, env=os.environ)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--mode",
+                mode,
+                "--steps",
+                str(args.steps),
+                "--preset",
+                args.preset,
+            ]
+            + (["--no-checkpointing"] if args.no_checkpointing else []),
+            capture_output=True,
+            text=True,
+            env=os.environ,
+        )
         if proc.returncode != 0:
             print(proc.stdout, proc.stderr, file=sys.stderr)
             return proc.returncode
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{mode}: {results[mode]}", file=sys.stderr)
     lora, full = results["lora"], results["full"]
-    print(f"Grounding DINO ({args.preset} architecture, random weights), 800x1333, batch 1, "
-          f"device {lora['device']}, {lora['threads']} threads")
+    print(
+        f"Grounding DINO ({args.preset} architecture, random weights), 800x1333, batch 1, "
+        f"device {lora['device']}, {lora['threads']} threads"
+    )
     print(table(lora, full))
     ratio = lora["peak_bytes"] / full["peak_bytes"]
     print(f"target LoRA peak <= 50% of full: {'met' if ratio <= 0.5 else 'NOT met'} ({ratio:.0%})")

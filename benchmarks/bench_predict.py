@@ -38,14 +38,18 @@ def build_teachers(sam_name: str, device: torch.device) -> Teachers:
     return Teachers(dino=dino, sam=sam.to(device).eval(), label_map=label_map)
 
 
-def seconds_per_image(teachers: Teachers, images: list[np.ndarray], *, boxes: int, batch: int) -> float:
-    keep = Filter(score_threshold=0.0, nms_iou=1.0, max_detections=boxes)  # exactly `boxes` per image
+def seconds_per_image(
+    teachers: Teachers, images: list[np.ndarray], *, boxes: int, batch: int
+) -> float:
+    keep = Filter(
+        score_threshold=0.0, nms_iou=1.0, max_detections=boxes
+    )  # exactly `boxes` per image
     predict_images(teachers, images[:1], keep=keep, text_threshold=0.0)  # warm-up
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(0, len(images), batch):
-        dets = predict_images(teachers, images[i:i + batch], keep=keep, text_threshold=0.0)
+        dets = predict_images(teachers, images[i : i + batch], keep=keep, text_threshold=0.0)
         assert all(len(d.scores) == boxes for d in dets)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -60,7 +64,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
     images = make_images(args.images, height=args.size[0], width=args.size[1])
     print(f"device: {name}; {args.images} images {args.size[0]}x{args.size[1]}, DINO tiny-random")
     print("| SAM | s/img, 1 box | s/img, 20 boxes | ratio (target <= 1.3) |")

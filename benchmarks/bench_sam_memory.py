@@ -37,7 +37,9 @@ def peak_rss_gib() -> float:
 
 
 def peak_gib(torch) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else peak_rss_gib()
+    return (
+        torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else peak_rss_gib()
+    )
 
 
 def objects(n: int, rng) -> list[dict]:
@@ -50,9 +52,16 @@ def objects(n: int, rng) -> list[dict]:
         x, y = rng.uniform(0, WIDTH - w), rng.uniform(0, HEIGHT - h)
         angles = np.linspace(0, 2 * np.pi, 8, endpoint=False)
         ring = np.stack([x + w / 2 * (1 + np.cos(angles)), y + h / 2 * (1 + np.sin(angles))], 1)
-        anns.append({"id": i + 1, "image_id": 1, "category_id": 1 + i % 3, "iscrowd": 0,
-                     "bbox": [float(x), float(y), float(w), float(h)],
-                     "segmentation": [ring.ravel().tolist()]})
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": 1,
+                "category_id": 1 + i % 3,
+                "iscrowd": 0,
+                "bbox": [float(x), float(y), float(w), float(h)],
+                "segmentation": [ring.ravel().tolist()],
+            }
+        )
     return anns
 
 
@@ -79,16 +88,26 @@ def run_one(n: int, chunk: int) -> dict:
     ious, _ = score_gt_boxes(prepared, anns, multimask=False, chunk=chunk)
     t_score = time.perf_counter() - start - t_embed
     peak = peak_gib(torch)
-    return {"objects": n, "chunk": chunk, "peak_gib": round(peak, 3),
-            "scoring_growth_gib": round(max(peak - embedded, 0.0), 3),
-            "embed_s": round(t_embed, 1), "score_s": round(t_score, 1), "instances": len(ious)}
+    return {
+        "objects": n,
+        "chunk": chunk,
+        "peak_gib": round(peak, 3),
+        "scoring_growth_gib": round(max(peak - embedded, 0.0), 3),
+        "embed_s": round(t_embed, 1),
+        "score_s": round(t_score, 1),
+        "instances": len(ious),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, nargs="+", default=[16, 200])
-    parser.add_argument("--chunk", type=int, default=None, help="boxes per decoder call "
-                        "(default: teacher.sam.model.SAM_CHUNK)")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="boxes per decoder call (default: teacher.sam.model.SAM_CHUNK)",
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one count
     args = parser.parse_args()
     if args.chunk is None:
@@ -100,20 +119,30 @@ def main() -> int:
         return 0
     rows = []
     for n in args.objects:
-        proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--chunk", str(args.chunk)],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", str(n), "--chunk", str(args.chunk)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\nSAM {ARCH} (random weights), {WIDTH}x{HEIGHT} image, ground-truth boxes, chunk {args.chunk}")
+    print(
+        f"\nSAM {ARCH} (random weights), {WIDTH}x{HEIGHT} image, ground-truth boxes, chunk {args.chunk}"
+    )
     print("| objects | peak | growth while scoring | embed s | score s |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['objects']} | {r['peak_gib']:.2f} GiB | {r['scoring_growth_gib']:.2f} GiB | "
-              f"{r['embed_s']} | {r['score_s']} |")
+        print(
+            f"| {r['objects']} | {r['peak_gib']:.2f} GiB | {r['scoring_growth_gib']:.2f} GiB | "
+            f"{r['embed_s']} | {r['score_s']} |"
+        )
     if len(rows) >= 2:
         ratio = rows[-1]["peak_gib"] / rows[0]["peak_gib"]
-        print(f"peak ratio {rows[-1]['objects']} / {rows[0]['objects']} objects: {ratio:.2f} "
-              f"(target <= 1.3): {'ok' if ratio <= 1.3 else 'OVER'}")
+        print(
+            f"peak ratio {rows[-1]['objects']} / {rows[0]['objects']} objects: {ratio:.2f} "
+            f"(target <= 1.3): {'ok' if ratio <= 1.3 else 'OVER'}"
+        )
     return 0
 
 

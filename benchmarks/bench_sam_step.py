@@ -58,10 +58,17 @@ def build_vit_b(mode: str):
     sam = build_sam(ARCHITECTURES[ARCH])
     if mode == "full":
         return sam.requires_grad_(True)
-    params = (SamParams(lora_targets=DECODER_ATTN, train_decoder=True) if mode == "decoder"
-              else SamParams())
-    return wrap_for_training(sam, sam_params=params, lora=LoraParams(dropout=0.0),
-                             activation_checkpointing=mode == "lora_ckpt")
+    params = (
+        SamParams(lora_targets=DECODER_ATTN, train_decoder=True)
+        if mode == "decoder"
+        else SamParams()
+    )
+    return wrap_for_training(
+        sam,
+        sam_params=params,
+        lora=LoraParams(dropout=0.0),
+        activation_checkpointing=mode == "lora_ckpt",
+    )
 
 
 def synthetic_batch(*, prompts: int, size: int) -> dict:
@@ -79,7 +86,12 @@ def synthetic_batch(*, prompts: int, size: int) -> dict:
     masks = torch.zeros(prompts, size, size, dtype=torch.bool)
     for m, (x0, y0, x1, y1) in zip(masks, boxes.round().int().tolist(), strict=True):
         m[y0:y1, x0:x1] = True
-    return {"images": [image_to_tensor(image)], "embeddings": None, "boxes": [boxes], "masks": [masks]}
+    return {
+        "images": [image_to_tensor(image)],
+        "embeddings": None,
+        "boxes": [boxes],
+        "masks": [masks],
+    }
 
 
 def peak_memory_mb() -> float:
@@ -124,8 +136,13 @@ def worker_step(mode: str, *, steps: int, prompts: int) -> dict:
     batch = synthetic_batch(prompts=prompts, size=input_size(unwrap(model)))
     times = train_steps(model, [batch] * steps)
     timed = times[1:] or times
-    return {"mode": mode, "seconds": sum(timed) / len(timed), "peak_mb": peak_memory_mb(),
-            "trainable": trainable, "total": total}
+    return {
+        "mode": mode,
+        "seconds": sum(timed) / len(timed),
+        "peak_mb": peak_memory_mb(),
+        "trainable": trainable,
+        "total": total,
+    }
 
 
 def worker_epoch(mode: str, *, images: int, cache_dir: str) -> dict:
@@ -145,13 +162,26 @@ def worker_epoch(mode: str, *, images: int, cache_dir: str) -> dict:
         start = time.perf_counter()
         embeddings = cache_sam_embeddings(model, coco, SAMPLE / "images", Path(cache_dir))
         cache_seconds = time.perf_counter() - start
-    dataset = SamDataset(coco, SAMPLE / "images", image_size=input_size(unwrap(model)), max_prompts=16,
-                         box_jitter=0.1, seed=0, embeddings=embeddings)
+    dataset = SamDataset(
+        coco,
+        SAMPLE / "images",
+        image_size=input_size(unwrap(model)),
+        max_prompts=16,
+        box_jitter=0.1,
+        seed=0,
+        embeddings=embeddings,
+    )
     loader = DataLoader(dataset, batch_size=2, collate_fn=collate_sam)
     start = time.perf_counter()
     steps = train_steps(model, loader)
-    return {"mode": mode, "epoch_seconds": time.perf_counter() - start, "steps": len(steps),
-            "images": len(dataset), "cache_seconds": cache_seconds, "peak_mb": peak_memory_mb()}
+    return {
+        "mode": mode,
+        "epoch_seconds": time.perf_counter() - start,
+        "steps": len(steps),
+        "images": len(dataset),
+        "cache_seconds": cache_seconds,
+        "peak_mb": peak_memory_mb(),
+    }
 
 
 def adapter_size_kb() -> float:
@@ -164,8 +194,13 @@ def adapter_size_kb() -> float:
 
 
 def spawn(*args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=env
+    )
     if proc.returncode != 0:
         raise SystemExit(f"worker {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -174,7 +209,11 @@ def spawn(*args: str) -> dict:
 def report(args: argparse.Namespace) -> None:
     import torch
 
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    where = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({os.cpu_count()} cores)"
+    )
     print(f"SAM {ARCH} (random weights), {args.prompts} box prompts, batch 1 - {where}")
     if args.only != "epochs":
         report_steps(args)
@@ -183,25 +222,51 @@ def report(args: argparse.Namespace) -> None:
 
 
 def report_steps(args: argparse.Namespace) -> None:
-    steps = {m: spawn("--worker", "step", "--mode", m, "--steps", str(args.steps),
-                      "--prompts", str(args.prompts)) for m in ("full", "lora", "lora_ckpt")}
+    steps = {
+        m: spawn(
+            "--worker",
+            "step",
+            "--mode",
+            m,
+            "--steps",
+            str(args.steps),
+            "--prompts",
+            str(args.prompts),
+        )
+        for m in ("full", "lora", "lora_ckpt")
+    }
     full = steps["full"]
     print(f"{'mode':<11}{'trainable':>12}{'s/step':>9}{'peak MB':>10}{'time x':>8}{'mem x':>7}")
     for m, r in steps.items():
-        print(f"{m:<11}{r['trainable']:>12,}{r['seconds']:>9.2f}{r['peak_mb']:>10.0f}"
-              f"{r['seconds'] / full['seconds']:>8.2f}{r['peak_mb'] / full['peak_mb']:>7.2f}")
+        print(
+            f"{m:<11}{r['trainable']:>12,}{r['seconds']:>9.2f}{r['peak_mb']:>10.0f}"
+            f"{r['seconds'] / full['seconds']:>8.2f}{r['peak_mb'] / full['peak_mb']:>7.2f}"
+        )
     print(f"LoRA adapter (r=8, encoder qkv): {adapter_size_kb() / 1024:.2f} MB")
 
 
 def report_epochs(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as cache:
-        epochs = {m: spawn("--worker", "epoch", "--mode", m, "--images", str(args.epoch_images),
-                           "--cache", cache) for m in ("loop", "cached")}
+        epochs = {
+            m: spawn(
+                "--worker",
+                "epoch",
+                "--mode",
+                m,
+                "--images",
+                str(args.epoch_images),
+                "--cache",
+                cache,
+            )
+            for m in ("loop", "cached")
+        }
     loop, cached = epochs["loop"], epochs["cached"]
     print(f"decoder-only epoch, {loop['images']} sample images, batch 2 ({loop['steps']} steps):")
-    print(f"  encoder in the loop {loop['epoch_seconds']:.1f} s; cached embeddings "
-          f"{cached['epoch_seconds']:.1f} s (cache built once in {cached['cache_seconds']:.1f} s); "
-          f"ratio {loop['epoch_seconds'] / cached['epoch_seconds']:.1f}x")
+    print(
+        f"  encoder in the loop {loop['epoch_seconds']:.1f} s; cached embeddings "
+        f"{cached['epoch_seconds']:.1f} s (cache built once in {cached['cache_seconds']:.1f} s); "
+        f"ratio {loop['epoch_seconds'] / cached['epoch_seconds']:.1f}x"
+    )
 
 
 def main() -> None:

@@ -50,7 +50,9 @@ def real_size_dino(params: DinoParams) -> DinoBundle:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     model = GroundingDinoForObjectDetection(GroundingDinoConfig())
-    return DinoBundle(model=prepare_model(model), processor=build_processor(tokenizer, params=params))
+    return DinoBundle(
+        model=prepare_model(model), processor=build_processor(tokenizer, params=params)
+    )
 
 
 def build_backend(arch: str, root: Path, *, detections: int) -> Backend:
@@ -59,11 +61,15 @@ def build_backend(arch: str, root: Path, *, detections: int) -> Backend:
     dino.model.eval()
     torch.manual_seed(0)
     sam = build_tiny_random() if arch == "tiny" else build_sam(ARCHITECTURES["vit_b"])
-    teachers = Teachers(dino=dino, sam=sam.eval(),
-                        label_map=build_label_map(CLASSES, tokenizer=dino.processor.tokenizer))
+    teachers = Teachers(
+        dino=dino,
+        sam=sam.eval(),
+        label_map=build_label_map(CLASSES, tokenizer=dino.processor.tokenizer),
+    )
     keep = Filter(score_threshold=0.0, nms_iou=1.0, max_detections=detections)
-    serve = ServeTeachers(teachers, keep=keep, text_threshold=0.0, multimask=True,
-                          model_version=f"bench-{arch}")
+    serve = ServeTeachers(
+        teachers, keep=keep, text_threshold=0.0, multimask=True, model_version=f"bench-{arch}"
+    )
     return Backend(teachers=serve, sources=ImageSources(local_root=root))
 
 
@@ -77,8 +83,9 @@ def serve_in_thread(backend: Backend):
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(backend), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(backend), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -101,8 +108,15 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def bench(arch: str, *, requests: int, per_client: int, clients: int, size: tuple[int, int],
-          detections: int) -> dict:
+def bench(
+    arch: str,
+    *,
+    requests: int,
+    per_client: int,
+    clients: int,
+    size: tuple[int, int],
+    detections: int,
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(Path(tmp) / "a.jpg")
@@ -112,49 +126,90 @@ def bench(arch: str, *, requests: int, per_client: int, clients: int, size: tupl
             with httpx.Client() as client:
                 one_request(client, url, image)  # warm-up
                 latency = [one_request(client, url, image) for _ in range(requests)]
-                click = {"result": [{"type": "keypointlabels", "to_name": "img", "from_name": "kp",
-                                     "original_width": size[1], "original_height": size[0],
-                                     "is_positive": True,
-                                     "value": {"x": 50, "y": 50, "keypointlabels": ["cat"]}}]}
+                click = {
+                    "result": [
+                        {
+                            "type": "keypointlabels",
+                            "to_name": "img",
+                            "from_name": "kp",
+                            "original_width": size[1],
+                            "original_height": size[0],
+                            "is_positive": True,
+                            "value": {"x": 50, "y": 50, "keypointlabels": ["cat"]},
+                        }
+                    ]
+                }
                 one_request(client, url, image, click)  # embeds the image once
                 clicks = [one_request(client, url, image, click) for _ in range(requests)]
             start = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool, httpx.Client() as client:
-                list(pool.map(lambda _: one_request(client, url, image), range(per_client * clients)))
+                list(
+                    pool.map(lambda _: one_request(client, url, image), range(per_client * clients))
+                )
             wall = time.perf_counter() - start
         finally:
             server.should_exit = True
             thread.join(timeout=30)
-    return {"p50": percentile(latency, 50), "p95": percentile(latency, 95),
-            "click_p50": percentile(clicks, 50), "throughput": per_client * clients / wall,
-            "mean": statistics.mean(latency)}
+    return {
+        "p50": percentile(latency, 50),
+        "p95": percentile(latency, 95),
+        "click_p50": percentile(clicks, 50),
+        "throughput": per_client * clients / wall,
+        "mean": statistics.mean(latency),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["tiny", "real"])
-    parser.add_argument("--requests", type=int, nargs="+", default=[20, 3],
-                        help="timed sequential requests per arch (latency, clicks)")
-    parser.add_argument("--per-client", type=int, nargs="+", default=[10, 1],
-                        help="requests per concurrent client per arch (throughput)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        nargs="+",
+        default=[20, 3],
+        help="timed sequential requests per arch (latency, clicks)",
+    )
+    parser.add_argument(
+        "--per-client",
+        type=int,
+        nargs="+",
+        default=[10, 1],
+        help="requests per concurrent client per arch (throughput)",
+    )
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
-    parser.add_argument("--detections", type=int, default=5, help="kept boxes (and masks) per image")
+    parser.add_argument(
+        "--detections", type=int, default=5, help="kept boxes (and masks) per image"
+    )
     args = parser.parse_args()
     device = f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {device}; one {args.size[0]}x{args.size[1]} image per request, "
-          f"{args.detections} detections with masks, {args.clients} concurrent clients")
-    print("| arch | /predict p50 s | p95 s | throughput, 4 clients (img/s) | click p50 s (embedding reused) |")
+    print(
+        f"device: {device}; one {args.size[0]}x{args.size[1]} image per request, "
+        f"{args.detections} detections with masks, {args.clients} concurrent clients"
+    )
+    print(
+        "| arch | /predict p50 s | p95 s | throughput, 4 clients (img/s) | click p50 s (embedding reused) |"
+    )
     print("|---|---|---|---|---|")
+
     def per_arch(values: list[int]) -> dict[str, int]:
         return dict(zip(args.archs, values + values[-1:] * len(args.archs), strict=False))
 
     requests, per_client = per_arch(args.requests), per_arch(args.per_client)
     for arch in args.archs:
-        r = bench(arch, requests=requests[arch], per_client=per_client[arch], clients=args.clients,
-                  size=tuple(args.size), detections=args.detections)
-        print(f"| {arch} | {r['p50']:.3f} | {r['p95']:.3f} | {r['throughput']:.2f} | "
-              f"{r['click_p50']:.3f} |", flush=True)
+        r = bench(
+            arch,
+            requests=requests[arch],
+            per_client=per_client[arch],
+            clients=args.clients,
+            size=tuple(args.size),
+            detections=args.detections,
+        )
+        print(
+            f"| {arch} | {r['p50']:.3f} | {r['p95']:.3f} | {r['throughput']:.2f} | "
+            f"{r['click_p50']:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,7 @@ def build_teachers(device: torch.device):
     dino = prepare_model(GroundingDinoForObjectDetection(GroundingDinoConfig())).eval().to(device)
     bundle = DinoBundle(model=dino, processor=build_processor(tokenizer, params=DinoParams()))
     sam = build_sam(ARCHITECTURES["vit_b"]).to(device).eval()
-    return Teachers(dino=bundle, sam=sam,
-                    label_map=build_label_map(CLASSES, tokenizer=tokenizer))
+    return Teachers(dino=bundle, sam=sam, label_map=build_label_map(CLASSES, tokenizer=tokenizer))
 
 
 def build_student(name: str, device: torch.device):
@@ -57,8 +56,13 @@ def build_student(name: str, device: torch.device):
     masks = "seg" in name
     names = [c["name"] for c in CLASSES]
     model = model_class(masks)(architecture_config(name, names=names))
-    info = StudentInfo(source=name, masks=masks, resolution=ARCHITECTURES[name][2],
-                       category_ids=tuple(c["id"] for c in CLASSES), names=tuple(names))
+    info = StudentInfo(
+        source=name,
+        masks=masks,
+        resolution=ARCHITECTURES[name][2],
+        category_ids=tuple(c["id"] for c in CLASSES),
+        names=tuple(names),
+    )
     return Student(forward=StudentOutputs(model).to(device).eval(), info=info)
 
 
@@ -77,7 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,23 +91,32 @@ def main() -> None:
     from teacher.student.model import predict
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     images = make_images(args.images, height=args.size[0], width=args.size[1])
     print(f"device: {where}; {args.images} images {args.size[0]}x{args.size[1]}, random weights")
     keep = Filter(score_threshold=0.0, nms_iou=0.7, max_detections=20)  # 20 boxes for SAM per image
     with torch.inference_mode():
         teachers = build_teachers(device)
         teacher_ms = ms_per_image(
-            lambda im, t=teachers: predict_images(t, [im], keep=keep, text_threshold=0.0), images)
+            lambda im, t=teachers: predict_images(t, [im], keep=keep, text_threshold=0.0), images
+        )
         teachers = None  # free the teachers' memory before the students run
         print("| model | ms / image | teachers / student (target >= 20) |")
         print("|---|---|---|")
-        print(f"| Grounded-SAM (Grounding DINO tiny 800x1333 + SAM vit_b, 20 boxes) | {teacher_ms:.0f} | 1 |")
+        print(
+            f"| Grounded-SAM (Grounding DINO tiny 800x1333 + SAM vit_b, 20 boxes) | {teacher_ms:.0f} | 1 |"
+        )
         for name in ("rf-detr-nano", "rf-detr-seg-nano"):
             student = build_student(name, device)
             ms = ms_per_image(lambda im, s=student: predict(s, [im], max_detections=100), images)
-            print(f"| student {name} ({student.info.resolution} px) | {ms:.0f} | {teacher_ms / ms:.1f} |",
-                  flush=True)
+            print(
+                f"| student {name} ({student.info.resolution} px) | {ms:.0f} | {teacher_ms / ms:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ import sys
 import tarfile
 from pathlib import Path
 
-LIBRARIES = {"vega": "vega.min.js", "vega-lite": "vega-lite.min.js", "vega-embed": "vega-embed.min.js"}
+LIBRARIES = {
+    "vega": "vega.min.js",
+    "vega-lite": "vega-lite.min.js",
+    "vega-embed": "vega-embed.min.js",
+}
 OUT = Path(__file__).resolve().parent.parent / ".dvc" / "plots_template.html"
 
 PAGE = """<!DOCTYPE html>

@@ -24,16 +24,30 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "scripts" / "tiny-params.yaml"
 DEMO = ROOT / "scripts" / "demo-params.yaml"  # tiny-pretrained teachers, over TINY
-GENERATED = ("data/inspect.json", "data/validated.json", "data/split/", "data/teacher_labels.json",
-             "models/", "checkpoints/",
-             "metrics/", "demo/", "dvc_plots/")
+GENERATED = (
+    "data/inspect.json",
+    "data/validated.json",
+    "data/split/",
+    "data/teacher_labels.json",
+    "models/",
+    "checkpoints/",
+    "metrics/",
+    "demo/",
+    "dvc_plots/",
+)
 
 
 def tracked_files(root: Path) -> list[str]:
     """Files git tracks plus untracked ones it does not ignore, less generated outputs."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root,
-                         check=True, capture_output=True).stdout.decode()
-    return [n for n in out.split("\0") if n and (root / n).is_file() and not n.startswith(GENERATED)]
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    return [
+        n for n in out.split("\0") if n and (root / n).is_file() and not n.startswith(GENERATED)
+    ]
 
 
 def merge_params(params: dict, *overlays: dict) -> dict:
@@ -90,8 +104,10 @@ def print_student_summary(metrics_path: Path) -> None:
         return
     m = json.loads(metrics_path.read_text())
     print("\n  test split        box mAP   mask mAP   ms/image")
-    for who, box, segm, ms in (("teachers", "box/map", "segm/map", "teacher/ms_per_image"),
-                               ("student", "student/box/map", "student/segm/map", "student/ms_per_image")):
+    for who, box, segm, ms in (
+        ("teachers", "box/map", "segm/map", "teacher/ms_per_image"),
+        ("student", "student/box/map", "student/segm/map", "student/ms_per_image"),
+    ):
         cells = [f"{m[k]:9.3f}" if k in m else "        -" for k in (box, segm)]
         print(f"  {who:<16}{cells[0]}  {cells[1]}  {m.get(ms, float('nan')):9.1f}")
 
@@ -105,12 +121,16 @@ def print_gains(metrics_path: Path) -> None:
     m = json.loads(metrics_path.read_text())
     for key in ("box/map_50", "mask/miou"):
         if f"gain/{key}" in m:
-            print(f"  {key}: base {m.get(f'base/{key}', float('nan')):.3f} -> fine-tuned "
-                  f"{m.get(key, float('nan')):.3f} (gain {m[f'gain/{key}']:+.3f})")
+            print(
+                f"  {key}: base {m.get(f'base/{key}', float('nan')):.3f} -> fine-tuned "
+                f"{m.get(key, float('nan')):.3f} (gain {m[f'gain/{key}']:+.3f})"
+            )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "demo")
     args = parser.parse_args()
     start = time.time()
@@ -119,15 +139,19 @@ def main() -> int:
         run(["dvc", "repro"], repo)
         run(["dvc", "plots", "show", "-o", "dvc_plots"], repo)
     except subprocess.CalledProcessError as e:
-        print(f"demo: `{' '.join(e.cmd)}` failed (exit {e.returncode}); see its output above",
-              file=sys.stderr)
+        print(
+            f"demo: `{' '.join(e.cmd)}` failed (exit {e.returncode}); see its output above",
+            file=sys.stderr,
+        )
         return 1
     print(f"\ndemo finished in {time.time() - start:.0f} s, in {repo}")
     print(f"  metrics: {repo / 'metrics/evaluate/metrics.json'}  (cd {repo} && dvc metrics show)")
     print(f"  plots:   {repo / 'dvc_plots/index.html'}  (open in a browser; works offline)")
     print(f"  gallery: {repo / 'metrics/evaluate/plots/gallery'}")
     print(f"  adapters: {repo / 'models/dino'}, {repo / 'models/sam'}")
-    print(f"  teacher labels: {repo / 'data/teacher_labels.json'}; student: {repo / 'models/student'}")
+    print(
+        f"  teacher labels: {repo / 'data/teacher_labels.json'}; student: {repo / 'models/student'}"
+    )
     print_gains(repo / "metrics/evaluate/metrics.json")
     print_student_summary(repo / "metrics/evaluate/metrics.json")
     return 0

@@ -32,7 +32,9 @@ def save_report(report: Report, out: Path) -> None:
     save_json(report.metrics, out / "metrics.json")
     for name, points in report.curves.items():
         rows = [f"{p['recall']},{p['precision']}" for p in points]
-        (plots / "pr" / f"{safe_name(name)}.csv").write_text("recall,precision\n" + "\n".join(rows) + "\n")
+        (plots / "pr" / f"{safe_name(name)}.csv").write_text(
+            "recall,precision\n" + "\n".join(rows) + "\n"
+        )
     for stem, panel in report.panels.items():
         save_panel(panel, plots / "gallery" / f"{safe_name(stem)}.png")
 
@@ -43,17 +45,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=Path, required=True, help="image root")
     parser.add_argument("--dino", type=Path, required=True, help="DINO adapter folder")
     parser.add_argument("--sam", type=Path, required=True, help="SAM adapter folder")
-    parser.add_argument("--student", type=Path, help="trained student folder (models/student): "
-                        "adds student/... and the teachers' and student's ms_per_image")
+    parser.add_argument(
+        "--student",
+        type=Path,
+        help="trained student folder (models/student): "
+        "adds student/... and the teachers' and student's ms_per_image",
+    )
     parser.add_argument("--out", type=Path, required=True, help="metrics/evaluate folder")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
         report = evaluate_test_split(
-            load_coco(args.test), args.images, dino_dir=args.dino, sam_dir=args.sam,
-            dino_params=params["dino"], sam_params=params["sam"], params=params["evaluate"],
-            student_dir=args.student)
+            load_coco(args.test),
+            args.images,
+            dino_dir=args.dino,
+            sam_dir=args.sam,
+            dino_params=params["dino"],
+            sam_params=params["sam"],
+            params=params["evaluate"],
+            student_dir=args.student,
+        )
         save_report(report, args.out)
     except (TeacherError, ParamsError) as e:
         print(f"evaluate: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Stage ``inspect``: facts about the raw data -> data/inspect.json (never fails on bad data).
 
-    python -m stages.inspect --params params.yaml --out data/inspect.json
+python -m stages.inspect --params params.yaml --out data/inspect.json
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     facts["source"] = {"annotations": data_params.annotations, "images": data_params.images}
     save_json(facts, args.out)
     counts = facts["counts"]
-    print(f"inspect: {counts['images']} images, {counts['annotations']} annotations, "
-          f"{counts['categories']} categories; teachers: dino={facts['teachers']['dino']} "
-          f"sam={facts['teachers']['sam']} -> {args.out}")
+    print(
+        f"inspect: {counts['images']} images, {counts['annotations']} annotations, "
+        f"{counts['categories']} categories; teachers: dino={facts['teachers']['dino']} "
+        f"sam={facts['teachers']['sam']} -> {args.out}"
+    )
     if facts["format_error"]:
         print(f"inspect: warning: {facts['format_error']}", file=sys.stderr)
     return 0

@@ -23,20 +23,33 @@ from teacher.params import ParamsError, load_params
 
 def run(args: argparse.Namespace) -> str:
     params = load_params(args.params)
-    doc = label_pool(args.pool, dino_dir=args.dino, sam_dir=args.sam, label=params["label"],
-                     dino=params["dino"], sam=params["sam"])
+    doc = label_pool(
+        args.pool,
+        dino_dir=args.dino,
+        sam_dir=args.sam,
+        label=params["label"],
+        dino=params["dino"],
+        sam=params["sam"],
+    )
     save_coco(doc, args.out)
     for item in doc["info"]["unreadable"]:
         print(f"label: skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
-    return (f"{len(doc['annotations'])} detections on {len(doc['images'])} images "
-            f"({len(doc['info']['unreadable'])} unreadable skipped) -> {args.out}")
+    return (
+        f"{len(doc['annotations'])} detections on {len(doc['images'])} images "
+        f"({len(doc['info']['unreadable'])} unreadable skipped) -> {args.out}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stages.label", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m stages.label",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
-    p.add_argument("--pool", type=Path, required=True, help="folder of unlabeled images (data.unlabeled)")
+    p.add_argument(
+        "--pool", type=Path, required=True, help="folder of unlabeled images (data.unlabeled)"
+    )
     p.add_argument("--dino", type=Path, default=Path("models/dino"))
     p.add_argument("--sam", type=Path, default=Path("models/sam"))
     p.add_argument("--out", type=Path, default=Path("data/teacher_labels.json"))

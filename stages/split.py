@@ -1,6 +1,6 @@
 """Stage ``split``: seeded, stratified train/val/test by image -> data/split/{train,val,test}.json.
 
-    python -m stages.split --params params.yaml --validated data/validated.json --out data/split
+python -m stages.split --params params.yaml --validated data/validated.json --out data/split
 """
 
 from __future__ import annotations
@@ -34,8 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for name, subset in splits.items():
         save_coco(subset, Path(args.out) / f"{name}.json")
-    print("split: " + ", ".join(f"{n} {len(s['images'])} images / {len(s['annotations'])} "
-                                f"annotations" for n, s in splits.items()) + f" -> {args.out}")
+    print(
+        "split: "
+        + ", ".join(
+            f"{n} {len(s['images'])} images / {len(s['annotations'])} annotations"
+            for n, s in splits.items()
+        )
+        + f" -> {args.out}"
+    )
     return 0
 
 

@@ -20,8 +20,14 @@ from teacher.train.stage import run_training_stage, stage_main, training_parser
 
 def main(argv: list[str] | None = None) -> int:
     parser = training_parser("train_dino", __doc__, teacher="dino")
-    return stage_main("train_dino", parser, lambda args: run_training_stage(
-        args, teacher="dino", train_fn=train_dino, teacher_kwarg="dino"), argv)
+    return stage_main(
+        "train_dino",
+        parser,
+        lambda args: run_training_stage(
+            args, teacher="dino", train_fn=train_dino, teacher_kwarg="dino"
+        ),
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -23,11 +23,21 @@ from teacher.train.stage import run_training_stage, stage_main, training_parser
 
 def main(argv: list[str] | None = None) -> int:
     parser = training_parser("train_sam", __doc__, teacher="sam", cache=True)
-    return stage_main("train_sam", parser, lambda args: run_training_stage(
-        args, teacher="sam", train_fn=train_sam, teacher_kwarg="sam_params",
-        extra={"cache_dir": args.cache},
-        skip=lambda facts, train: untrainable_reason(facts) or untrainable_reason(facts, train_coco=load_coco(train))),
-        argv)
+    return stage_main(
+        "train_sam",
+        parser,
+        lambda args: run_training_stage(
+            args,
+            teacher="sam",
+            train_fn=train_sam,
+            teacher_kwarg="sam_params",
+            extra={"cache_dir": args.cache},
+            skip=lambda facts, train: (
+                untrainable_reason(facts) or untrainable_reason(facts, train_coco=load_coco(train))
+            ),
+        ),
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -40,16 +40,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"validate: {e}", file=sys.stderr)
         return 1
     teachers = facts.get("teachers") or {}
-    source = {"annotations": data.annotations, "images": data.images,
-              "teachers": {k: teachers.get(k) for k in ("dino", "sam")}}  # as inspect saw them
+    source = {
+        "annotations": data.annotations,
+        "images": data.images,
+        "teachers": {k: teachers.get(k) for k in ("dino", "sam")},
+    }  # as inspect saw them
     save_json(validation_report(result, on_error=checks.on_error, source=source), args.report)
     print(summary_text(result, source=data.annotations, report_path=args.report))
     if result.fatal or (result.errors and checks.on_error == "fail"):
         Path(args.out).unlink(missing_ok=True)  # no stale validated file for later stages
         return 1
     save_coco(result.coco, args.out)
-    print(f"validate: {len(result.coco['images'])} images, {len(result.coco['annotations'])} "
-          f"annotations -> {args.out}")
+    print(
+        f"validate: {len(result.coco['images'])} images, {len(result.coco['annotations'])} "
+        f"annotations -> {args.out}"
+    )
     return 0
 
 

@@ -46,20 +46,32 @@ def repo_env(repo: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{repo / 'src'}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
-    env.update({"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@t",
-                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@t"})
+    env.update(
+        {
+            "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": "test",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "test",
+            "GIT_COMMITTER_EMAIL": "t@t",
+        }
+    )
     return env
 
 
-def run_in_repo(repo: Path, *cmd: str, check: bool = True, timeout: float = 600
-                ) -> subprocess.CompletedProcess:
+def run_in_repo(
+    repo: Path, *cmd: str, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run ``cmd`` in ``repo`` (text output captured); with ``check``, a non-zero exit fails
     the test showing the command's output."""
-    proc = subprocess.run(list(cmd), cwd=repo, env=repo_env(repo), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        list(cmd), cwd=repo, env=repo_env(repo), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}"
-                    f"\n--- stderr\n{proc.stderr}", pytrace=False)
+        pytest.fail(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}"
+            f"\n--- stderr\n{proc.stderr}",
+            pytrace=False,
+        )
     return proc
 
 

@@ -32,17 +32,24 @@ def _perturb(model: torch.nn.Module, *, seed: int, scale: float) -> None:
 
 def write_dino_adapter(out: Path, categories: list[dict], *, seed: int = 0) -> Path:
     bundle = load_dino(TINY_DINO)
-    peft = apply_lora(bundle.model, lora=LoraParams(rank=4), targets=TINY_DINO.lora_targets,
-                      train_modules=HEAD_MODULES)
+    peft = apply_lora(
+        bundle.model,
+        lora=LoraParams(rank=4),
+        targets=TINY_DINO.lora_targets,
+        train_modules=HEAD_MODULES,
+    )
     _perturb(peft, seed=seed, scale=0.05)
     save_adapter(peft, out)
-    save_labels(build_label_map(categories, tokenizer=bundle.processor.tokenizer), out / "labels.json")
+    save_labels(
+        build_label_map(categories, tokenizer=bundle.processor.tokenizer), out / "labels.json"
+    )
     return out
 
 
 def write_sam_adapter(out: Path, *, seed: int = 0) -> Path:
-    peft = apply_lora(load_base_sam("tiny-random"), lora=LoraParams(rank=4),
-                      targets=TINY_SAM.lora_targets)
+    peft = apply_lora(
+        load_base_sam("tiny-random"), lora=LoraParams(rank=4), targets=TINY_SAM.lora_targets
+    )
     _perturb(peft, seed=seed, scale=0.05)
     save_adapter(peft, out)
     return out
@@ -59,12 +66,15 @@ def write_tiny_coco(root: Path, *, n_images: int = 3, size: tuple[int, int] = (4
     rng = np.random.default_rng(0)
     h, w = size
     root.mkdir(parents=True, exist_ok=True)
-    doc = {"images": [], "annotations": [],
-           "categories": [{"id": 1, "name": "box"}, {"id": 5, "name": "round thing"}]}
+    doc = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "box"}, {"id": 5, "name": "round thing"}],
+    }
     for i in range(n_images):
         img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
         x, y = 4 + 3 * i, 6 + i
-        img[y:y + 16, x:x + 20] = (230, 40, 40)
+        img[y : y + 16, x : x + 20] = (230, 40, 40)
         cy, cx, r = 30, 44, 8
         yy, xx = np.mgrid[:h, :w]
         img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (40, 200, 60)
@@ -72,11 +82,23 @@ def write_tiny_coco(root: Path, *, n_images: int = 3, size: tuple[int, int] = (4
         Image.fromarray(img).save(root / name)
         doc["images"].append({"id": i + 1, "file_name": name, "height": h, "width": w})
         doc["annotations"] += [
-            {"id": 2 * i + 1, "image_id": i + 1, "category_id": 1, "bbox": [x, y, 20, 16],
-             "area": 320, "iscrowd": 0,
-             "segmentation": [[x, y, x + 20, y, x + 20, y + 16, x, y + 16]]},
-            {"id": 2 * i + 2, "image_id": i + 1, "category_id": 5, "bbox": [cx - r, cy - r, 2 * r, 2 * r],
-             "area": 200, "iscrowd": 0,
-             "segmentation": [[cx - r, cy, cx, cy - r, cx + r, cy, cx, cy + r]]},
+            {
+                "id": 2 * i + 1,
+                "image_id": i + 1,
+                "category_id": 1,
+                "bbox": [x, y, 20, 16],
+                "area": 320,
+                "iscrowd": 0,
+                "segmentation": [[x, y, x + 20, y, x + 20, y + 16, x, y + 16]],
+            },
+            {
+                "id": 2 * i + 2,
+                "image_id": i + 1,
+                "category_id": 5,
+                "bbox": [cx - r, cy - r, 2 * r, 2 * r],
+                "area": 200,
+                "iscrowd": 0,
+                "segmentation": [[cx - r, cy, cx, cy - r, cx + r, cy, cx, cy + r]],
+            },
         ]
     return doc

@@ -11,8 +11,10 @@ from teacher.params import AugmentParams
 
 FACTS = {  # the shape of data/inspect.json (teacher.inspection)
     "grayscale": False,
-    "object_size": {"coco": {"small": 10, "medium": 60, "large": 30},
-                    "relative_area": {"p05": 0.01, "p95": 0.3}},
+    "object_size": {
+        "coco": {"small": 10, "medium": 60, "large": 30},
+        "relative_area": {"p05": 0.01, "p95": 0.3},
+    },
 }
 
 
@@ -31,14 +33,23 @@ def test_auto_follows_the_data():
     p = resolve_policy(AugmentParams(), gray)
     assert p["color_jitter"] == 0.0 and any("grayscale" in r for r in p["reasons"])
     wide = {"object_size": {"relative_area": {"p05": 0.001, "p95": 0.5}}}
-    assert (resolve_policy(AugmentParams(), wide)["scale_min"], resolve_policy(AugmentParams(), wide)["scale_max"]) == (0.5, 1.5)
+    assert (
+        resolve_policy(AugmentParams(), wide)["scale_min"],
+        resolve_policy(AugmentParams(), wide)["scale_max"],
+    ) == (0.5, 1.5)
     # missing facts: defaults, no crash
     assert resolve_policy(AugmentParams(), {})["scale_min"] == 0.75
 
 
 def test_none_and_manual():
     p = resolve_policy(AugmentParams(policy="none", hflip=1.0), FACTS)
-    assert (p["hflip"], p["crop"], p["scale_min"], p["scale_max"], p["color_jitter"]) == (0, 0, 1, 1, 0)
+    assert (p["hflip"], p["crop"], p["scale_min"], p["scale_max"], p["color_jitter"]) == (
+        0,
+        0,
+        1,
+        1,
+        0,
+    )
     p = resolve_policy(AugmentParams(policy="manual", crop=0.5), FACTS)
     assert p["crop"] == 0.5 and p["hflip"] == 0.0
     with pytest.raises(TeacherError, match="scale_min"):
@@ -53,7 +64,7 @@ def scene(rng: np.random.Generator, h: int = 60, w: int = 80):
         bw, bh = rng.integers(6, 30), rng.integers(6, 25)
         x, y = rng.integers(0, w - bw), rng.integers(0, h - bh)
         m = np.zeros((h, w), np.uint8)
-        m[y:y + bh, x:x + bw] = 1
+        m[y : y + bh, x : x + bw] = 1
         masks.append(m)
         boxes.append([x, y, bw, bh])
     return image, masks, np.asarray(boxes, np.float64)
@@ -67,9 +78,12 @@ def mask_box(m: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("knob", ["hflip", "scale", "crop", "all"])
 def test_boxes_and_masks_stay_aligned(knob):
     policy = {"hflip": 0.0, "scale_min": 1.0, "scale_max": 1.0, "crop": 0.0, "color_jitter": 0.0}
-    policy |= {"hflip": {"hflip": 1.0}, "scale": {"scale_min": 0.6, "scale_max": 1.6},
-               "crop": {"crop": 1.0}, "all": {"hflip": 0.5, "scale_min": 0.6, "scale_max": 1.6,
-                                              "crop": 1.0, "color_jitter": 0.3}}[knob]
+    policy |= {
+        "hflip": {"hflip": 1.0},
+        "scale": {"scale_min": 0.6, "scale_max": 1.6},
+        "crop": {"crop": 1.0},
+        "all": {"hflip": 0.5, "scale_min": 0.6, "scale_max": 1.6, "crop": 1.0, "color_jitter": 0.3},
+    }[knob]
     t = build_transform(policy, train=True)
     rng = np.random.default_rng(0)
     dropped = 0
@@ -90,12 +104,18 @@ def test_boxes_and_masks_stay_aligned(knob):
 
 def test_cropped_away_boxes_are_dropped():
     image = np.zeros((100, 100, 3), np.uint8)
-    t = build_transform({"hflip": 0, "scale_min": 1.0, "scale_max": 1.0, "crop": 1.0, "color_jitter": 0}, train=True)
+    t = build_transform(
+        {"hflip": 0, "scale_min": 1.0, "scale_max": 1.0, "crop": 1.0, "color_jitter": 0}, train=True
+    )
     seen_drop = False
     for seed in range(30):
         t.set_random_seed(seed)
-        out = t(image=image, bboxes=np.array([[0.0, 0.0, 5.0, 5.0], [40.0, 40.0, 20.0, 20.0]]),
-                labels=[0, 1], ann_index=[0, 1])
+        out = t(
+            image=image,
+            bboxes=np.array([[0.0, 0.0, 5.0, 5.0], [40.0, 40.0, 20.0, 20.0]]),
+            labels=[0, 1],
+            ann_index=[0, 1],
+        )
         assert 1 in list(out["ann_index"])  # the central box always survives a 20% border crop
         seen_drop |= 0 not in list(out["ann_index"])
     assert seen_drop

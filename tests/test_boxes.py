@@ -28,8 +28,9 @@ def test_cxcywh_norm_round_trip_and_values():
     np.testing.assert_allclose(back, XYWH)
     xyxy = B.cxcywh_norm_to_xyxy(torch.tensor(norm), width=100, height=200)
     assert xyxy[0].tolist() == pytest.approx([10, 20, 40, 60])
-    assert B.xyxy_to_cxcywh_norm([10, 20, 40, 60], width=100, height=200).tolist() == \
-        pytest.approx([0.25, 0.2, 0.3, 0.2])
+    assert B.xyxy_to_cxcywh_norm([10, 20, 40, 60], width=100, height=200).tolist() == pytest.approx(
+        [0.25, 0.2, 0.3, 0.2]
+    )
 
 
 def test_single_box_as_list():
@@ -37,10 +38,14 @@ def test_single_box_as_list():
 
 
 def test_clip_and_area():
-    clipped = B.clip_xywh(np.array([[-5.0, 10.0, 20.0, 100.0], [200.0, 0, 10, 10]]), width=50, height=60)
+    clipped = B.clip_xywh(
+        np.array([[-5.0, 10.0, 20.0, 100.0], [200.0, 0, 10, 10]]), width=50, height=60
+    )
     assert clipped.tolist() == [[0, 10, 15, 50], [50, 0, 0, 10]]
     assert B.area_xywh(clipped).tolist() == [750, 0]
-    assert B.clip_xywh(torch.tensor([[-1.0, -1.0, 5.0, 5.0]]), width=3, height=3).tolist() == [[0, 0, 3, 3]]
+    assert B.clip_xywh(torch.tensor([[-1.0, -1.0, 5.0, 5.0]]), width=3, height=3).tolist() == [
+        [0, 0, 3, 3]
+    ]
     assert B.area_xywh(np.array([0, 0, -2.0, 3])) == 0
 
 

@@ -13,15 +13,27 @@ SQUARE = [[10, 10, 30, 10, 30, 30, 10, 30]]  # 20x20 polygon -> area 400, bbox [
 def clean():
     return {
         "info": {"note": "kept"},
-        "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80},
-                   {"id": 2, "file_name": "b.jpg", "width": 50, "height": 50}],
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 100, "height": 80},
+            {"id": 2, "file_name": "b.jpg", "width": 50, "height": 50},
+        ],
         "annotations": [
-            {"id": i, "image_id": 1 if i <= 8 else 2, "category_id": 1 + (i % 3), "iscrowd": 0,
-             "bbox": [10, 10, 20, 20], "area": 400.0, "segmentation": SQUARE}
+            {
+                "id": i,
+                "image_id": 1 if i <= 8 else 2,
+                "category_id": 1 + (i % 3),
+                "iscrowd": 0,
+                "bbox": [10, 10, 20, 20],
+                "area": 400.0,
+                "segmentation": SQUARE,
+            }
             for i in range(1, 13)
         ],
-        "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"},
-                       {"id": 3, "name": "star"}],
+        "categories": [
+            {"id": 1, "name": "circle"},
+            {"id": 2, "name": "square"},
+            {"id": 3, "name": "star"},
+        ],
     }
 
 
@@ -56,11 +68,14 @@ def test_rules_have_known_severities_and_fix_text():
     assert all(r.message and r.fix for r in RULES.values())
 
 
-@pytest.mark.parametrize("key, rule, ids", [
-    ("images", "duplicate_image_id", [1]),
-    ("annotations", "duplicate_annotation_id", [1]),
-    ("categories", "duplicate_category_id", [1]),
-])
+@pytest.mark.parametrize(
+    "key, rule, ids",
+    [
+        ("images", "duplicate_image_id", [1]),
+        ("annotations", "duplicate_annotation_id", [1]),
+        ("categories", "duplicate_category_id", [1]),
+    ],
+)
 def test_duplicate_ids_are_errors_first_record_kept(key, rule, ids):
     data = clean()
     dup = copy.deepcopy(data[key][0])
@@ -110,11 +125,17 @@ def test_missing_and_unreadable_image_files_drop_the_image_and_its_annotations()
     assert fired(r)["image_unreadable"] == [1]
 
 
-@pytest.mark.parametrize("name, rule", [
-    ("/etc/passwd", "unsafe_file_name"), ("../outside.jpg", "unsafe_file_name"),
-    ("sub/../../x.jpg", "unsafe_file_name"), ("C:\\\\img.jpg", "unsafe_file_name"),
-    ("", "file_name_missing"), (None, "file_name_missing"),
-])
+@pytest.mark.parametrize(
+    "name, rule",
+    [
+        ("/etc/passwd", "unsafe_file_name"),
+        ("../outside.jpg", "unsafe_file_name"),
+        ("sub/../../x.jpg", "unsafe_file_name"),
+        ("C:\\\\img.jpg", "unsafe_file_name"),
+        ("", "file_name_missing"),
+        (None, "file_name_missing"),
+    ],
+)
 def test_file_names_leaving_the_root_or_missing_are_errors(name, rule):
     data = clean()
     data["images"][0]["file_name"] = name
@@ -190,6 +211,7 @@ def test_no_box_and_no_mask_is_missing_geometry():
 
 def test_empty_mask_without_box():
     import numpy as np
+
     data = clean()
     data["annotations"][0].update(bbox=None, segmentation=mask_to_rle(np.zeros((80, 100), bool)))
     assert fired(run(data))["empty_mask"] == [1]
@@ -219,9 +241,12 @@ def test_area_recomputed_when_missing_or_wrong_but_not_for_small_noise():
 
 def test_polygon_area_is_geometric_as_coco():
     from teacher.checks import polygon_area
+
     assert polygon_area([[0, 0, 3, 0, 3, 2]]) == 3.0
     data = clean()
-    data["annotations"][0].update(segmentation=[[10, 10, 13, 10, 13, 12]], bbox=[10, 10, 3, 2], area=3.0)
+    data["annotations"][0].update(
+        segmentation=[[10, 10, 13, 10, 13, 12]], bbox=[10, 10, 3, 2], area=3.0
+    )
     assert run(data).findings == []
 
 
@@ -244,6 +269,7 @@ def test_short_polygons_dropped_and_flat_polygons_wrapped():
 
 def test_rle_forms_accepted_and_bad_rle_rejected():
     import numpy as np
+
     m = np.zeros((80, 100), bool)
     m[10:30, 10:30] = True
     data = clean()
@@ -282,8 +308,13 @@ def test_warnings():
 
 def test_names_that_clean_to_the_same_prompt_text_warn():
     data = clean()
-    data["categories"] += [{"id": 11, "name": "St. Bernard"}, {"id": 12, "name": "st  bernard"},
-                           {"id": 13, "name": "dog?"}, {"id": 14, "name": "dog"}, {"id": 15, "name": "dogs"}]
+    data["categories"] += [
+        {"id": 11, "name": "St. Bernard"},
+        {"id": 12, "name": "st  bernard"},
+        {"id": 13, "name": "dog?"},
+        {"id": 14, "name": "dog"},
+        {"id": 15, "name": "dogs"},
+    ]
     f = fired(run(data))
     assert f["duplicate_category_name"] == [11, 12, 13, 14]
 
@@ -307,7 +338,11 @@ def test_report_and_summary(tmp_path):
     assert all(report[name] == r.counts[name] for name in RULES)
     assert report["findings"][0]["rule"] == "duplicate_image_id"
     text = summary_text(r, source="x.json", report_path="metrics/validate.json")
-    assert "duplicate_image_id" in text and "metrics/validate.json" in text and "on_error: drop" in text
+    assert (
+        "duplicate_image_id" in text
+        and "metrics/validate.json" in text
+        and "on_error: drop" in text
+    )
 
 
 def test_validate_file_not_json_or_not_coco(tmp_path):
@@ -320,6 +355,7 @@ def test_validate_file_not_json_or_not_coco(tmp_path):
 
 def test_missing_image_folder_is_one_clear_error(tmp_path):
     from teacher.errors import TeacherError
+
     (tmp_path / "a.json").write_text('{"images": [], "annotations": [], "categories": []}')
     with pytest.raises(TeacherError, match="image folder not found"):
         validate_file(tmp_path / "a.json", images=tmp_path / "nope")
@@ -327,7 +363,9 @@ def test_missing_image_folder_is_one_clear_error(tmp_path):
 
 def test_summary_of_a_non_coco_file_does_not_suggest_dropping_records(tmp_path):
     (tmp_path / "labelme.json").write_text('{"version": "4.4.0", "shapes": []}')
-    text = summary_text(validate_file(tmp_path / "labelme.json", images=None), source="labelme.json")
+    text = summary_text(
+        validate_file(tmp_path / "labelme.json", images=None), source="labelme.json"
+    )
     assert "not_coco" in text and "on_error: drop" not in text and "COCO instances JSON" in text
 
 
@@ -347,8 +385,16 @@ def test_knock_on_effects_are_reported_under_their_cause():
     data = clean()
     data["categories"].append({"id": 4, "name": None})
     data["annotations"] += [  # image 3's only annotations are of the nameless category
-        {"id": 20 + i, "image_id": 3, "category_id": 4, "bbox": [1, 1, 5, 5], "iscrowd": 0,
-         "area": 25.0} for i in range(3)]
+        {
+            "id": 20 + i,
+            "image_id": 3,
+            "category_id": 4,
+            "bbox": [1, 1, 5, 5],
+            "iscrowd": 0,
+            "area": 25.0,
+        }
+        for i in range(3)
+    ]
     data["images"].append({"id": 3, "file_name": "c.jpg", "width": 50, "height": 50})
     data["images"].append({"id": 4, "file_name": "d.jpg", "width": 50, "height": 50})
     r = run(data, probe=sizes(**{"c.jpg": (50, 50), "d.jpg": (50, 50)}), on_error="drop")
@@ -382,6 +428,7 @@ def test_ids_that_are_not_integers_are_named_not_crashed_on(bad):
     assert len(fired(r)["invalid_id"]) == 3 and not r.ok
     validation_report(r, on_error="drop", source={})  # JSON-ready
     import json
+
     json.dumps(validation_report(r, on_error="drop", source={}))
 
 
@@ -390,6 +437,7 @@ def test_ids_that_are_not_integers_are_named_not_crashed_on(bad):
 
 def test_non_finite_and_absurd_coordinates_are_named_before_rasterising():
     import time
+
     data = clean()
     data["annotations"][0]["segmentation"] = [[10, 10, float("nan"), 10, 30, 30]]
     data["annotations"][1]["segmentation"] = [[10, 10, float("inf"), 10, 30, 30]]
@@ -407,6 +455,7 @@ def test_non_finite_and_absurd_coordinates_are_named_before_rasterising():
 def test_rasterising_an_absurd_polygon_is_refused():
     from teacher.coco import annotation_mask
     from teacher.errors import TeacherError
+
     with pytest.raises(TeacherError, match="annotation 7.*coordinates_far_outside"):
         annotation_mask({"id": 7, "segmentation": [[0, 0, 1e300, 0, 5, 5]]}, 10, 10)
 
@@ -427,6 +476,7 @@ def test_non_ascii_rle_counts_are_invalid_segmentation():
 
 def test_a_5000_character_file_name_is_named(tmp_path):
     from teacher.checks import file_probe
+
     data = clean()
     data["images"][0]["file_name"] = "x" * 5000 + ".jpg"
     r = run(data, probe=file_probe(tmp_path))
@@ -482,24 +532,32 @@ def test_image_smaller_than_recorded_says_boxes_are_out_of_scale():
 
 def test_images_over_the_pixel_limit_are_read_downscaled_with_their_annotations():
     from teacher.images import MAX_PIXELS
+
     data = clean()
     data["images"][0].update(width=20_000, height=10_000)  # 200 MP > MAX_PIXELS
     assert 20_000 * 10_000 > MAX_PIXELS
     r = run(data, probe=sizes(**{"a.jpg": (20_000, 10_000)}))
     assert fired(r) == {"image_downscaled": [1]} and r.ok
     assert (r.coco["images"][0]["width"], r.coco["images"][0]["height"]) == (10_000, 5_000)
-    assert ann(r, 1)["bbox"] == [5, 5, 10, 10] and ann(r, 1)["segmentation"] == [[5, 5, 15, 5, 15, 15, 5, 15]]
+    assert ann(r, 1)["bbox"] == [5, 5, 10, 10] and ann(r, 1)["segmentation"] == [
+        [5, 5, 15, 5, 15, 15, 5, 15]
+    ]
     assert ann(r, 1)["area"] == 100
 
 
 # --- issue 16: class names the prompt cannot carry --------------------------------------------
 
 
-@pytest.mark.parametrize("name, rule", [
-    ("cat [SEP] dog", "category_name_special_token"), ("[CLS]", "category_name_special_token"),
-    ("[pad]", "category_name_special_token"), (" . ", "category_name_not_prompt"),
-    ("?", "category_name_not_prompt"),
-])
+@pytest.mark.parametrize(
+    "name, rule",
+    [
+        ("cat [SEP] dog", "category_name_special_token"),
+        ("[CLS]", "category_name_special_token"),
+        ("[pad]", "category_name_special_token"),
+        (" . ", "category_name_not_prompt"),
+        ("?", "category_name_not_prompt"),
+    ],
+)
 def test_names_the_prompt_cannot_carry_are_errors(name, rule):
     data = clean()
     data["categories"][1]["name"] = name
@@ -515,6 +573,7 @@ def test_names_without_letters_are_a_warning():
 
 def test_fifty_thousand_categories_in_linear_time():
     import time
+
     data = clean()
     data["categories"] += [{"id": 100 + i, "name": f"class {i}"} for i in range(50_000)]
     start = time.perf_counter()
@@ -535,12 +594,24 @@ def test_cli_refuses_out_or_report_equal_to_the_input(tmp_path, capsys):
     import json
 
     from teacher.cli import main
+
     path = tmp_path / "in.json"
     path.write_text(json.dumps(clean()))
     before = path.read_bytes()
     for flag in ("--out", "--report"):
-        assert main(["validate", str(path), flag, str(tmp_path / "." / "in.json"),
-                     "--params", str(tmp_path / "none.yaml")]) == 1
+        assert (
+            main(
+                [
+                    "validate",
+                    str(path),
+                    flag,
+                    str(tmp_path / "." / "in.json"),
+                    "--params",
+                    str(tmp_path / "none.yaml"),
+                ]
+            )
+            == 1
+        )
         assert "same file" in capsys.readouterr().err and path.read_bytes() == before
 
 
@@ -548,6 +619,7 @@ def test_cli_warns_when_the_dataset_is_too_small_for_the_split(tmp_path, capsys)
     import json
 
     from teacher.cli import main
+
     path = tmp_path / "in.json"
     path.write_text(json.dumps(clean()))  # 2 annotated images, 3 splits
     assert main(["validate", str(path), "--params", str(tmp_path / "none.yaml")]) == 0

@@ -33,8 +33,12 @@ def test_load_coco_errors_name_the_file(tmp_path):
 
 
 def test_save_coco_is_deterministic_readable_and_round_trips(tmp_path):
-    data = {"images": [{"width": 4, "id": 1, "file_name": "a.jpg", "height": 3}],
-            "annotations": [], "categories": [{"id": 0, "name": "cat"}], "info": None}
+    data = {
+        "images": [{"width": 4, "id": 1, "file_name": "a.jpg", "height": 3}],
+        "annotations": [],
+        "categories": [{"id": 0, "name": "cat"}],
+        "info": None,
+    }
     C.save_coco(data, tmp_path / "a.json")
     C.save_coco(dict(reversed(list(data.items()))), tmp_path / "b.json")
     text = (tmp_path / "a.json").read_text()
@@ -45,24 +49,42 @@ def test_save_coco_is_deterministic_readable_and_round_trips(tmp_path):
 
 
 def test_indexes():
-    data = {"images": [{"id": 1}, {"id": 2}], "categories": [{"id": 0, "name": "a"}, {"id": 7, "name": "b"}],
-            "annotations": [{"id": 1, "image_id": 2, "category_id": 7}, {"id": 2, "image_id": 2, "category_id": 0}]}
+    data = {
+        "images": [{"id": 1}, {"id": 2}],
+        "categories": [{"id": 0, "name": "a"}, {"id": 7, "name": "b"}],
+        "annotations": [
+            {"id": 1, "image_id": 2, "category_id": 7},
+            {"id": 2, "image_id": 2, "category_id": 0},
+        ],
+    }
     assert C.index_by_image(data) == {1: [], 2: data["annotations"]}
     assert C.category_names(data) == {0: "a", 7: "b"}
     assert list(C.categories_by_id(data)) == [0, 7]
     assert C.images_by_id(data)[2] == {"id": 2}
     sub = C.subset_coco({**data, "info": {"x": 1}}, [1])
-    assert sub["images"] == [{"id": 1}] and sub["annotations"] == [] and sub["categories"] == data["categories"]
+    assert (
+        sub["images"] == [{"id": 1}]
+        and sub["annotations"] == []
+        and sub["categories"] == data["categories"]
+    )
     assert sub["info"] == {"x": 1}
 
 
-@pytest.mark.parametrize("seg, kind", [
-    (None, "none"), ([], "none"), ([[]], "none"),
-    ([[0, 0, 4, 0, 4, 4]], "polygon"), ([0, 0, 4, 0, 4, 4], "polygon"),
-    ({"size": [2, 2], "counts": "04"}, "rle_compressed"),
-    ({"size": [2, 2], "counts": [1, 3]}, "rle_uncompressed"),
-    ({"size": [2], "counts": [4]}, "invalid"), ("abc", "invalid"), ([{"a": 1}], "invalid"),
-])
+@pytest.mark.parametrize(
+    "seg, kind",
+    [
+        (None, "none"),
+        ([], "none"),
+        ([[]], "none"),
+        ([[0, 0, 4, 0, 4, 4]], "polygon"),
+        ([0, 0, 4, 0, 4, 4], "polygon"),
+        ({"size": [2, 2], "counts": "04"}, "rle_compressed"),
+        ({"size": [2, 2], "counts": [1, 3]}, "rle_uncompressed"),
+        ({"size": [2], "counts": [4]}, "invalid"),
+        ("abc", "invalid"),
+        ([{"a": 1}], "invalid"),
+    ],
+)
 def test_mask_kind(seg, kind):
     assert C.mask_kind({"segmentation": seg}) == kind
 
@@ -142,6 +164,7 @@ def test_unwritable_destination_is_one_clear_error(tmp_path):
 
     from teacher.coco import save_coco
     from teacher.errors import TeacherError
+
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -159,10 +182,12 @@ def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch)
 
     from teacher.coco import save_json
     from teacher.errors import TeacherError
+
     (tmp_path / "r.json").write_text("old")
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(TeacherError, match="r.json: cannot write .No space left on device"):
         save_json({"a": 1}, tmp_path / "r.json")

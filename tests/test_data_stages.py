@@ -70,8 +70,10 @@ def bad_export(tmp_path: Path) -> Path:
 
 def stage_params(tmp_path: Path, annotations: Path, on_error: str) -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text(f"data:\n  annotations: {annotations}\n  images: {SAMPLE / 'images'}\n"
-                    f"validate:\n  on_error: {on_error}\n")
+    path.write_text(
+        f"data:\n  annotations: {annotations}\n  images: {SAMPLE / 'images'}\n"
+        f"validate:\n  on_error: {on_error}\n"
+    )
     return path
 
 
@@ -85,7 +87,16 @@ def test_validate_stage_fail_then_drop(tmp_path, capsys):
     facts = tmp_path / "inspect.json"
     assert inspect_stage.main(["--params", str(params), "--out", str(facts)]) == 0
     out, report = tmp_path / "validated.json", tmp_path / "validate.json"
-    args = ["--params", str(params), "--inspect", str(facts), "--out", str(out), "--report", str(report)]
+    args = [
+        "--params",
+        str(params),
+        "--inspect",
+        str(facts),
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+    ]
     assert validate_stage.main(args) == 1
     text = capsys.readouterr().out
     for rule in ("duplicate_image_id", "unsafe_file_name", "unknown_category", "on_error: drop"):
@@ -95,7 +106,9 @@ def test_validate_stage_fail_then_drop(tmp_path, capsys):
     assert validate_stage.main(args) == 0
     fixed = load_coco(out)
     assert len(fixed["images"]) == 72 and 4 not in {a["id"] for a in fixed["annotations"]}
-    assert json.loads(report.read_text())["findings"][0]["fix"].startswith("later duplicates dropped")
+    assert json.loads(report.read_text())["findings"][0]["fix"].startswith(
+        "later duplicates dropped"
+    )
     assert digest(bad) == before
 
 
@@ -104,8 +117,17 @@ def test_inspect_stage_reports_non_json_without_failing(tmp_path):
 
     (tmp_path / "x.json").write_text("<html>")
     out = tmp_path / "inspect.json"
-    assert inspect_stage.main(["--params", str(stage_params(tmp_path, tmp_path / "x.json", "fail")),
-                               "--out", str(out)]) == 0
+    assert (
+        inspect_stage.main(
+            [
+                "--params",
+                str(stage_params(tmp_path, tmp_path / "x.json", "fail")),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     facts = json.loads(out.read_text())
     assert "not valid JSON" in facts["format_error"] and facts["counts"]["images"] == 0
 
@@ -113,12 +135,36 @@ def test_inspect_stage_reports_non_json_without_failing(tmp_path):
 def test_cli_validate(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no params.yaml here: defaults
     bad = bad_export(tmp_path)
-    assert cli.main(["validate", str(bad), "--images", str(SAMPLE / "images"),
-                     "--out", "fixed.json", "--report", "r.json"]) == 1
+    assert (
+        cli.main(
+            [
+                "validate",
+                str(bad),
+                "--images",
+                str(SAMPLE / "images"),
+                "--out",
+                "fixed.json",
+                "--report",
+                "r.json",
+            ]
+        )
+        == 1
+    )
     assert "duplicate_image_id" in capsys.readouterr().out
     assert not (tmp_path / "fixed.json").exists() and (tmp_path / "r.json").exists()
-    assert cli.main(["validate", str(SAMPLE / "annotations.json"), "--images",
-                     str(SAMPLE / "images"), "--out", "fixed.json"]) == 0
+    assert (
+        cli.main(
+            [
+                "validate",
+                str(SAMPLE / "annotations.json"),
+                "--images",
+                str(SAMPLE / "images"),
+                "--out",
+                "fixed.json",
+            ]
+        )
+        == 0
+    )
     assert len(load_coco(tmp_path / "fixed.json")["images"]) == 72
     (tmp_path / "p.yaml").write_text("validate:\n  on_error: drop\n")
     assert cli.main(["validate", str(bad), "--params", "p.yaml", "--out", "fixed.json"]) == 0
@@ -163,7 +209,11 @@ def test_sample_exif_rotated_images_read_upright():
         assert read_image_size(path) == (im["width"], im["height"])
     rotated = next(im for im in data["images"] if im["id"] == 17)
     assert rotated["width"] != rotated["height"]
-    assert load_image(SAMPLE / "images" / rotated["file_name"]).shape == (rotated["height"], rotated["width"], 3)
+    assert load_image(SAMPLE / "images" / rotated["file_name"]).shape == (
+        rotated["height"],
+        rotated["width"],
+        3,
+    )
 
 
 def test_split_stage_refuses_too_few_annotated_images(tmp_path, capsys):
@@ -174,8 +224,14 @@ def test_split_stage_refuses_too_few_annotated_images(tmp_path, capsys):
     data["images"] = [im for im in data["images"] if im["id"] in keep]
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
     save_coco(data, tmp_path / "validated.json")
-    args = ["--params", str(stage_params(tmp_path, SAMPLE / "annotations.json", "fail")),
-            "--validated", str(tmp_path / "validated.json"), "--out", str(tmp_path / "split")]
+    args = [
+        "--params",
+        str(stage_params(tmp_path, SAMPLE / "annotations.json", "fail")),
+        "--validated",
+        str(tmp_path / "validated.json"),
+        "--out",
+        str(tmp_path / "split"),
+    ]
     assert split_stage.main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("split: ") and "Traceback" not in err
@@ -193,13 +249,25 @@ def test_validate_stage_with_a_wrong_image_folder_names_it_whatever_on_error(tmp
     empty.mkdir()
     for on_error in ("fail", "drop"):
         params = tmp_path / "params.yaml"
-        params.write_text(f"data:\n  annotations: {SAMPLE / 'annotations.json'}\n  images: {empty}\n"
-                          f"validate:\n  on_error: {on_error}\n")
+        params.write_text(
+            f"data:\n  annotations: {SAMPLE / 'annotations.json'}\n  images: {empty}\n"
+            f"validate:\n  on_error: {on_error}\n"
+        )
         facts = tmp_path / "inspect.json"
         assert inspect_stage.main(["--params", str(params), "--out", str(facts)]) == 0
         out = tmp_path / "validated.json"
-        rc = validate_stage.main(["--params", str(params), "--inspect", str(facts),
-                                  "--out", str(out), "--report", str(tmp_path / "r.json")])
+        rc = validate_stage.main(
+            [
+                "--params",
+                str(params),
+                "--inspect",
+                str(facts),
+                "--out",
+                str(out),
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
         text = capsys.readouterr().out
         assert rc == 1 and not out.exists()
         assert "too_much_dropped" in text and "most by image_missing" in text

@@ -32,7 +32,7 @@ def images(n: int, *, seed: int = 0) -> list[np.ndarray]:
     for _ in range(n):
         im = rng.integers(0, 60, (60, 80, 3), dtype=np.uint8)
         x, y = rng.integers(5, 40), rng.integers(5, 30)
-        im[y:y + 20, x:x + 30] = 230
+        im[y : y + 20, x : x + 30] = 230
         out.append(im)
     return out
 
@@ -100,14 +100,19 @@ def test_offline_hub_id_fails_at_once_saying_how_to_fix(tmp_path, monkeypatch):
 
 def test_targets_exclude_crowd_and_other_chunks():
     lm = LabelMap(category_ids=(3, 5, 9), names=("circle", "square", "star"), chunks=((0, 1), (2,)))
-    anns = [{"category_id": 5, "bbox": [10, 20, 30, 40], "iscrowd": 0},
-            {"category_id": 3, "bbox": [0, 0, 5, 5], "iscrowd": 1},
-            {"category_id": 9, "bbox": [1, 1, 5, 5]},
-            {"category_id": 3, "bbox": [1, 1, 0, 5]}]
+    anns = [
+        {"category_id": 5, "bbox": [10, 20, 30, 40], "iscrowd": 0},
+        {"category_id": 3, "bbox": [0, 0, 5, 5], "iscrowd": 1},
+        {"category_id": 9, "bbox": [1, 1, 5, 5]},
+        {"category_id": 3, "bbox": [1, 1, 0, 5]},
+    ]
     boxes, labels = annotation_boxes(anns, label_map=lm, classes=lm.chunks[0])
     assert labels.tolist() == [1] and boxes.tolist() == [[10, 20, 30, 40]]
     assert annotation_boxes(anns, label_map=lm, classes=lm.chunks[1])[1].tolist() == [0]
-    assert annotation_boxes(anns, label_map=lm, classes=(2, 1))[1].tolist() == [1, 0]  # prompt order
+    assert annotation_boxes(anns, label_map=lm, classes=(2, 1))[1].tolist() == [
+        1,
+        0,
+    ]  # prompt order
     t = box_targets(boxes, labels, width=100, height=200)
     assert t["class_labels"].dtype == torch.long
     torch.testing.assert_close(t["boxes"], torch.tensor([[0.25, 0.2, 0.3, 0.2]]))
@@ -129,17 +134,21 @@ def test_batch_of_3_one_hot_targets_use_each_images_own_label_map(label_map):
     class_labels = [[2, 0], [0], [1, 0]]
     outs, targets, indices = _one_hot_inputs(tok, prompts, class_labels)
     ours = GroundedImageLoss(matcher=None, focal_alpha=0.25, losses=[])._get_target_classes_one_hot(
-        outs, targets, indices)
+        outs, targets, indices
+    )
     for b, labels in enumerate(class_labels):
         for q, c in enumerate(labels):  # query q matched target q of image b
             assert torch.equal(ours[b, q], outs["label_maps"][b][c].long()), (b, q)
-        assert ours[b, len(labels):].sum() == 0
+        assert ours[b, len(labels) :].sum() == 0
     stock = GroundingDinoImageLoss(matcher=None, focal_alpha=0.25, losses=[])
     same_prompt = _one_hot_inputs(tok, [prompts[0]] * 3, [[2, 0], [0], [1, 0]])
     # where all images share the prompt (label maps equal) both agree
-    torch.testing.assert_close(stock._get_target_classes_one_hot(*same_prompt),
-                               GroundedImageLoss(matcher=None, focal_alpha=0.25, losses=[])
-                               ._get_target_classes_one_hot(*same_prompt))
+    torch.testing.assert_close(
+        stock._get_target_classes_one_hot(*same_prompt),
+        GroundedImageLoss(matcher=None, focal_alpha=0.25, losses=[])._get_target_classes_one_hot(
+            *same_prompt
+        ),
+    )
 
 
 def test_batch_of_3_loss_equals_the_per_image_losses(bundle):
@@ -148,16 +157,27 @@ def test_batch_of_3_loss_equals_the_per_image_losses(bundle):
     model = bundle.model.eval()
     ims = images(3, seed=1)
     prompts = ["circle . square . star .", "star .", "square . circle ."]
-    labels = [box_targets(np.array([[5, 5, 30, 20], [40, 30, 20, 20]]), np.array([2, 0]), width=80, height=60),
-              box_targets(np.array([[10, 10, 30, 30]]), np.array([0]), width=80, height=60),
-              box_targets(np.array([[20, 5, 30, 40], [0, 0, 10, 10]]), np.array([1, 0]), width=80, height=60)]
+    labels = [
+        box_targets(
+            np.array([[5, 5, 30, 20], [40, 30, 20, 20]]), np.array([2, 0]), width=80, height=60
+        ),
+        box_targets(np.array([[10, 10, 30, 30]]), np.array([0]), width=80, height=60),
+        box_targets(
+            np.array([[20, 5, 30, 40], [0, 0, 10, 10]]), np.array([1, 0]), width=80, height=60
+        ),
+    ]
     with torch.no_grad():
         batch = model(**encode(bundle, ims, prompts), labels=labels)
-        alone = [model(**encode(bundle, [im], [p]), labels=[t])
-                 for im, p, t in zip(ims, prompts, labels, strict=True)]
+        alone = [
+            model(**encode(bundle, [im], [p]), labels=[t])
+            for im, p, t in zip(ims, prompts, labels, strict=True)
+        ]
     n = torch.tensor([len(t["class_labels"]) for t in labels], dtype=torch.float32)
     for term in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_enc"):
-        expected = sum(float(a.loss_dict[term]) * k for a, k in zip(alone, n.tolist(), strict=True)) / n.sum()
+        expected = (
+            sum(float(a.loss_dict[term]) * k for a, k in zip(alone, n.tolist(), strict=True))
+            / n.sum()
+        )
         assert float(batch.loss_dict[term]) == pytest.approx(float(expected), rel=1e-4), term
 
 
@@ -168,9 +188,13 @@ def test_loss_matches_transformers_where_its_targets_are_right(bundle):
 
     model = bundle.model.eval()
     inputs = encode(bundle, images(3, seed=2), ["circle . square . star ."] * 3)
-    labels = [box_targets(np.array([[5, 5, 30, 20]]), np.array([2]), width=80, height=60),
-              box_targets(np.array([[10, 10, 30, 30], [1, 2, 10, 10]]), np.array([0, 1]), width=80, height=60),
-              box_targets(np.array([[20, 5, 30, 40]]), np.array([1]), width=80, height=60)]
+    labels = [
+        box_targets(np.array([[5, 5, 30, 20]]), np.array([2]), width=80, height=60),
+        box_targets(
+            np.array([[10, 10, 30, 30], [1, 2, 10, 10]]), np.array([0, 1]), width=80, height=60
+        ),
+        box_targets(np.array([[20, 5, 30, 40]]), np.array([1]), width=80, height=60),
+    ]
     with torch.no_grad():
         ours = model(**inputs, labels=labels).loss_dict
         model.loss_function = GroundingDinoForObjectDetectionLoss
@@ -183,8 +207,10 @@ def test_loss_matches_transformers_where_its_targets_are_right(bundle):
 
 def test_loss_accepts_an_image_without_boxes(bundle):
     empty = box_targets(np.zeros((0, 4)), np.zeros((0,), np.int64), width=80, height=60)
-    out = bundle.model(**encode(bundle, images(2), ["circle ."] * 2),
-                       labels=[empty, box_targets(np.array([[1, 1, 20, 20]]), np.array([0]), width=80, height=60)])
+    out = bundle.model(
+        **encode(bundle, images(2), ["circle ."] * 2),
+        labels=[empty, box_targets(np.array([[1, 1, 20, 20]]), np.array([0]), width=80, height=60)],
+    )
     assert torch.isfinite(out.loss)
 
 
@@ -199,8 +225,15 @@ def test_decode_picks_the_class_of_the_best_tokens_and_scales_boxes(label_map):
     logits[0, 0, maps[2].bool()] = 3.0  # query 0: star tokens
     logits[0, 1, maps[0].bool()] = -1.0  # query 1: weak circle
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1]]])
-    (det,) = decode(logits, boxes, ids, sizes=[(200, 100)], category_ids=[[3, 5, 9]],
-                    box_threshold=0.3, text_threshold=0.3)
+    (det,) = decode(
+        logits,
+        boxes,
+        ids,
+        sizes=[(200, 100)],
+        category_ids=[[3, 5, 9]],
+        box_threshold=0.3,
+        text_threshold=0.3,
+    )
     assert det.category_ids.tolist() == [9]
     np.testing.assert_allclose(det.boxes, [[80, 30, 40, 40]], atol=1e-4)
     assert det.scores[0] == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item())
@@ -208,8 +241,15 @@ def test_decode_picks_the_class_of_the_best_tokens_and_scales_boxes(label_map):
 
 def test_detect_runs_every_chunk_and_returns_coco_ids(bundle):
     lm = LabelMap(category_ids=(3, 5, 9), names=("circle", "square", "star"), chunks=((0, 1), (2,)))
-    dets = detect(bundle, images(3), lm, box_threshold=0.0, text_threshold=0.0, max_detections=200,
-                  batch_size=2)
+    dets = detect(
+        bundle,
+        images(3),
+        lm,
+        box_threshold=0.0,
+        text_threshold=0.0,
+        max_detections=200,
+        batch_size=2,
+    )
     assert len(dets) == 3
     for det in dets:
         assert det.boxes.shape == (len(det.scores), 4)
@@ -221,8 +261,12 @@ def test_detect_runs_every_chunk_and_returns_coco_ids(bundle):
 
 
 def _wrap(bundle):
-    return apply_lora(bundle.model, lora=LoraParams(rank=4, alpha=8, dropout=0.0),
-                      targets=PARAMS.lora_targets, train_modules=HEADS)
+    return apply_lora(
+        bundle.model,
+        lora=LoraParams(rank=4, alpha=8, dropout=0.0),
+        targets=PARAMS.lora_targets,
+        train_modules=HEADS,
+    )
 
 
 def _perturb(model, seed=0):
@@ -283,22 +327,36 @@ def _grads(ckpt: bool) -> tuple[dict[str, torch.Tensor], list[bool]]:
 
     bundle = load_dino(PARAMS)
     torch.manual_seed(0)
-    model = wrap_for_training(bundle.model, dino=PARAMS, lora=LoraParams(rank=4, alpha=8, dropout=0.1),
-                              activation_checkpointing=ckpt)
+    model = wrap_for_training(
+        bundle.model,
+        dino=PARAMS,
+        lora=LoraParams(rank=4, alpha=8, dropout=0.1),
+        activation_checkpointing=ckpt,
+    )
     base = model.get_base_model()
     layers = [*base.model.encoder.layers, *base.model.decoder.layers]
     assert all(getattr(layer, "_teacher_checkpointed", False) == ckpt for layer in layers)
     tower_grad = []
     for name in ("model.backbone", "model.text_backbone"):
         base.get_submodule(name).register_forward_hook(
-            lambda m, i, o: tower_grad.append(any(t.requires_grad for t in torch.utils._pytree.tree_leaves(o)
-                                                  if isinstance(t, torch.Tensor))))
+            lambda m, i, o: tower_grad.append(
+                any(
+                    t.requires_grad
+                    for t in torch.utils._pytree.tree_leaves(o)
+                    if isinstance(t, torch.Tensor)
+                )
+            )
+        )
     model.train()
     labels = [box_targets(np.array([[5, 5, 30, 20]]), np.array([1]), width=80, height=60)] * 2
     torch.manual_seed(1)  # same dropout / drop-path draws in both runs
     out = model(**encode(bundle, images(2), ["circle . square ."] * 2), labels=labels)
     out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    grads = {
+        n: p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
     return grads, tower_grad
 
 

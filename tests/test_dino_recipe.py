@@ -53,8 +53,12 @@ def _inputs(processor, ims, prompts):
     return {**pixels, **text}
 
 
-LABELS = [box_targets(np.array([[20, 10, 30, 20], [5, 30, 20, 20]]), np.array([2, 0]), width=80, height=60),
-          box_targets(np.array([[10, 5, 40, 30]]), np.array([1]), width=80, height=60)]
+LABELS = [
+    box_targets(
+        np.array([[20, 10, 30, 20], [5, 30, 20, 20]]), np.array([2, 0]), width=80, height=60
+    ),
+    box_targets(np.array([[10, 5, 40, 30]]), np.array([1]), width=80, height=60),
+]
 
 
 # --- 1. auxiliary decoder losses ---------------------------------------------------------------
@@ -73,8 +77,11 @@ def test_auxiliary_losses_on_for_a_model_whose_config_has_them_off():
     layer0_boxes = out.auxiliary_outputs[0]["pred_boxes"]
     (grad,) = torch.autograd.grad(out.loss, layer0_boxes)
     assert grad.abs().sum() > 0  # layer 0's boxes are supervised
-    expected = sum(w * out.loss_dict[f"{k}{s}"] for s in ["", "_enc", *(f"_{i}" for i in range(layers - 1))]
-                   for k, w in (("loss_ce", 2.0), ("loss_bbox", 5.0), ("loss_giou", 2.0)))
+    expected = sum(
+        w * out.loss_dict[f"{k}{s}"]
+        for s in ["", "_enc", *(f"_{i}" for i in range(layers - 1))]
+        for k, w in (("loss_ce", 2.0), ("loss_bbox", 5.0), ("loss_giou", 2.0))
+    )
     torch.testing.assert_close(out.loss, expected)  # the logged total: weighted terms, nothing else
 
 
@@ -85,7 +92,7 @@ def _ogd_match(logits, boxes, label_map, target):
     """Open-GroundingDino ``HungarianMatcher.forward`` for one image (focal cost, 1/5/2)."""
     prob = logits.sigmoid()
     alpha, gamma = 0.25, 2.0
-    neg = (1 - alpha) * prob ** gamma * (-(1 - prob + 1e-8).log())
+    neg = (1 - alpha) * prob**gamma * (-(1 - prob + 1e-8).log())
     pos = alpha * (1 - prob) ** gamma * (-(prob + 1e-8).log())
     maps = label_map[target["class_labels"]].float()
     maps = maps / maps.sum(-1, keepdim=True)
@@ -123,8 +130,11 @@ def _ogd_interm_loss(enc_class, enc_coord_logits, num_queries, input_ids, attent
     p = x.sigmoid()
     ce = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
     focal = ce * (1 - (p * t + (1 - p) * (1 - t))) ** 2 * (0.25 * t + 0.75 * (1 - t))
-    return {"loss_ce_enc": focal.sum() / num_boxes, "loss_bbox_enc": l1 / num_boxes,
-            "loss_giou_enc": giou / num_boxes}, boxes
+    return {
+        "loss_ce_enc": focal.sum() / num_boxes,
+        "loss_bbox_enc": l1 / num_boxes,
+        "loss_giou_enc": giou / num_boxes,
+    }, boxes
 
 
 @pytest.fixture(scope="module")
@@ -133,15 +143,23 @@ def trained_forward():
     model = wrap_for_training(bundle.model, dino=PARAMS, lora=LORA, activation_checkpointing=False)
     model.eval()  # no drop path: a deterministic forward for the parity check
     inputs = _inputs(bundle.processor, _images(2, seed=3), [PROMPT, "star . square ."])
-    labels = [LABELS[0], box_targets(np.array([[10, 5, 40, 30]]), np.array([0]), width=80, height=60)]
+    labels = [
+        LABELS[0],
+        box_targets(np.array([[10, 5, 40, 30]]), np.array([0]), width=80, height=60),
+    ]
     return model, inputs, labels, model(**inputs, labels=labels)
 
 
 def test_interm_terms_equal_open_groundingdinos_from_the_undetached_proposals(trained_forward):
     model, inputs, labels, out = trained_forward
-    expected, boxes = _ogd_interm_loss(out.enc_outputs_class, out.enc_outputs_coord_logits,
-                                       model.get_base_model().config.num_queries,
-                                       inputs["input_ids"], inputs["attention_mask"], labels)
+    expected, boxes = _ogd_interm_loss(
+        out.enc_outputs_class,
+        out.enc_outputs_coord_logits,
+        model.get_base_model().config.num_queries,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        labels,
+    )
     # the same proposals transformers hands the decoder (it detaches them; we do not)
     torch.testing.assert_close(boxes.detach(), out.init_reference_points)
     for k, v in expected.items():
@@ -152,9 +170,19 @@ def test_every_loss_term_trains_something_so_the_total_holds_no_constant(trained
     model, _, _, out = trained_forward
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    for term in ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc", "loss_ce", "loss_bbox", "loss_giou",
-                 "loss_ce_0", "loss_bbox_0"):
-        grads = torch.autograd.grad(out.loss_dict[term], params, retain_graph=True, allow_unused=True)
+    for term in (
+        "loss_ce_enc",
+        "loss_bbox_enc",
+        "loss_giou_enc",
+        "loss_ce",
+        "loss_bbox",
+        "loss_giou",
+        "loss_ce_0",
+        "loss_bbox_0",
+    ):
+        grads = torch.autograd.grad(
+            out.loss_dict[term], params, retain_graph=True, allow_unused=True
+        )
         norm = sum(float(g.norm()) for g in grads if g is not None)
         assert norm > 0, term
         if term == "loss_ce_enc":  # the proposal head trains
@@ -170,11 +198,19 @@ def test_default_lora_reaches_ffns_text_projection_and_offsets_train_at_their_ow
 
     bundle = load_dino(PARAMS)
     model = wrap_for_training(bundle.model, dino=PARAMS, lora=LORA, activation_checkpointing=False)
-    wrapped = {n.removesuffix(".lora_A.default.weight") for n, _ in model.named_parameters()
-               if n.endswith("lora_A.default.weight")}
-    for part in ("encoder.layers.0.deformable_layer.fc1", "encoder.layers.0.text_enhancer_layer.fc2",
-                 "decoder.layers.1.fc1", "model.text_projection", "decoder.reference_points_head.layers.0",
-                 "decoder.layers.0.encoder_attn.sampling_offsets"):
+    wrapped = {
+        n.removesuffix(".lora_A.default.weight")
+        for n, _ in model.named_parameters()
+        if n.endswith("lora_A.default.weight")
+    }
+    for part in (
+        "encoder.layers.0.deformable_layer.fc1",
+        "encoder.layers.0.text_enhancer_layer.fc2",
+        "decoder.layers.1.fc1",
+        "model.text_projection",
+        "decoder.reference_points_head.layers.0",
+        "decoder.layers.0.encoder_attn.sampling_offsets",
+    ):
         assert any(n.endswith(part) for n in wrapped), part
     assert not any("text_backbone" in n or "backbone.conv_encoder" in n for n in wrapped)
     train = TrainParams(lr=1e-3)
@@ -205,41 +241,51 @@ def test_fine_tuning_has_no_dropout_in_encoder_and_decoder():
 # --- 4. negatives in prompts -------------------------------------------------------------------
 
 
-LM = LabelMap(category_ids=(1, 2, 3, 4, 5), names=("cat", "dog", "bird", "fish", "cow"),
-              chunks=((0, 1, 2), (3, 4)))
+LM = LabelMap(
+    category_ids=(1, 2, 3, 4, 5),
+    names=("cat", "dog", "bird", "fish", "cow"),
+    chunks=((0, 1, 2), (3, 4)),
+)
 TOKENS = [1, 1, 1, 1, 1]
 
 
 def test_negatives_add_absent_names_reproducibly_within_the_token_limit():
     def draw(seed, **kw):
-        return prompt_classes(LM, 0, {0}, negatives=2, class_tokens=TOKENS,
-                              rng=np.random.default_rng(seed), **kw)
+        return prompt_classes(
+            LM, 0, {0}, negatives=2, class_tokens=TOKENS, rng=np.random.default_rng(seed), **kw
+        )
 
     a = draw(7)
     assert 0 in a and len(a) == 3 and len(set(a)) == 3  # the object's class + 2 absent names
     assert draw(7) == a  # same seed, same prompt
     assert len({draw(s) for s in range(20)}) > 1  # names and order vary with the seed
     assert len(draw(7, max_tokens=6)) == 2  # [CLS] [SEP] + 2 per name: one negative fits
-    negative = prompt_classes(LM, NEGATIVE, {0, 3}, negatives=2, class_tokens=TOKENS,
-                              rng=np.random.default_rng(1))
+    negative = prompt_classes(
+        LM, NEGATIVE, {0, 3}, negatives=2, class_tokens=TOKENS, rng=np.random.default_rng(1)
+    )
     assert len(negative) == 2 and not {0, 3} & set(negative)  # absent names only
-    assert prompt_classes(LM, 1, {3}, negatives=0, class_tokens=None,
-                          rng=np.random.default_rng(0)) == (3, 4)  # 0: the chunk as is
-    assert prompt_classes(LM, NEGATIVE, {3}, negatives=0, class_tokens=None,
-                          rng=np.random.default_rng(0)) == (0, 1, 2)  # the chunk naming none
+    assert prompt_classes(
+        LM, 1, {3}, negatives=0, class_tokens=None, rng=np.random.default_rng(0)
+    ) == (3, 4)  # 0: the chunk as is
+    assert prompt_classes(
+        LM, NEGATIVE, {3}, negatives=0, class_tokens=None, rng=np.random.default_rng(0)
+    ) == (0, 1, 2)  # the chunk naming none
 
 
 def test_chunked_training_items_include_a_chunk_naming_none_of_the_objects(tmp_path):
     coco = write_tiny_coco(tmp_path, n_images=2)
     coco["categories"] += [{"id": 7, "name": "fish"}]
-    lm = LabelMap(category_ids=(1, 5, 7), names=("box", "round thing", "fish"), chunks=((0, 1), (2,)))
+    lm = LabelMap(
+        category_ids=(1, 5, 7), names=("box", "round thing", "fish"), chunks=((0, 1), (2,))
+    )
     assert [c for _, c in dino_items(coco, lm, all_chunks=False)] == [0, NEGATIVE, 0, NEGATIVE]
     assert [c for _, c in dino_items(coco, lm, all_chunks=True)] == [0, 1, 0, 1]
     ds = DinoDataset(coco, tmp_path, label_map=lm, seed=0)
     item = ds[1]
     assert item["classes"] == (2,) and len(item["labels"]) == 0 and item["boxes"].shape == (0, 4)
-    with_neg = DinoDataset(coco, tmp_path, label_map=lm, seed=3, negatives=1,
-                           class_tokens=[1, 2, 1])
+    with_neg = DinoDataset(
+        coco, tmp_path, label_map=lm, seed=3, negatives=1, class_tokens=[1, 2, 1]
+    )
     first = with_neg[0]
     assert set(first["classes"]) == {0, 1, 2}  # both objects' classes + the absent "fish"
     names = [lm.names[i] for i in first["classes"]]
@@ -259,7 +305,7 @@ def _ogd_postprocess(logits, boxes, tokenizer, names, sizes, num_select):
     for j, name in enumerate(names):
         start = caption.find(name)
         beg, end = tokenized.char_to_token(start), tokenized.char_to_token(start + len(name) - 1)
-        pos[j, beg:end + 1] = 1
+        pos[j, beg : end + 1] = 1
     pos = pos / pos.sum(-1, keepdim=True)
     prob = logits.sigmoid() @ pos.T  # (B, Q, C)
     values, index = torch.topk(prob.view(len(prob), -1), num_select, dim=1)
@@ -278,10 +324,12 @@ def test_box_scores_follow_open_groundingdinos_coco_postprocess():
     ids = tok([" . ".join(names) + " ."] * 2, return_tensors="pt")["input_ids"]
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 40, 256, generator=g) * 3
-    logits[..., ids.shape[1]:] = float("-inf")  # padded text positions, as the model returns them
+    logits[..., ids.shape[1] :] = float("-inf")  # padded text positions, as the model returns them
     boxes = torch.rand(2, 40, 4, generator=g) * 0.5 + 0.2
     sizes = [(80, 60), (100, 50)]
-    ours = decode_reference(logits, boxes, ids, sizes=sizes, category_ids=[[3, 5, 9]] * 2, top_k=100)
+    ours = decode_reference(
+        logits, boxes, ids, sizes=sizes, category_ids=[[3, 5, 9]] * 2, top_k=100
+    )
     ref = _ogd_postprocess(logits, boxes, tok, names, sizes, num_select=100)
     for det, (scores, labels, xyxy) in zip(ours, ref, strict=True):
         assert len(det) == 100  # a query may appear under several classes; no NMS, no threshold
@@ -310,10 +358,14 @@ def test_plain_peft_from_pretrained_loads_the_trained_heads_exactly(tmp_path):
         trained = model(**inputs).logits
     save_adapter(model, tmp_path)
     raw, _ = build_tiny_random(PARAMS)  # plain transformers: none of our preparation
-    with pytest.raises(NotImplementedError, match="get_input_embeddings"):  # transformers' gap: loud
+    with pytest.raises(
+        NotImplementedError, match="get_input_embeddings"
+    ):  # transformers' gap: loud
         PeftModel.from_pretrained(raw, str(tmp_path))
     raw, _ = build_tiny_random(PARAMS)
-    raw.get_input_embeddings = lambda: raw.model.text_backbone.get_input_embeddings()  # as the README says
+    raw.get_input_embeddings = lambda: (
+        raw.model.text_backbone.get_input_embeddings()
+    )  # as the README says
     plain = PeftModel.from_pretrained(raw, str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**inputs).logits, trained, rtol=0, atol=1e-6)
@@ -321,8 +373,12 @@ def test_plain_peft_from_pretrained_loads_the_trained_heads_exactly(tmp_path):
 
 def test_class_tokens_count_each_name():
     tok = load_dino(PARAMS).processor.tokenizer
-    lm = build_label_map([{"id": 1, "name": "cat"}, {"id": 2, "name": "round thing"}], tokenizer=tok)
-    assert class_tokens(lm, tok) == [len(tok(n, add_special_tokens=False)["input_ids"]) for n in lm.names]
+    lm = build_label_map(
+        [{"id": 1, "name": "cat"}, {"id": 2, "name": "round thing"}], tokenizer=tok
+    )
+    assert class_tokens(lm, tok) == [
+        len(tok(n, add_special_tokens=False)["input_ids"]) for n in lm.names
+    ]
 
 
 def test_params_defaults_follow_the_references():

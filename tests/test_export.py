@@ -43,7 +43,9 @@ def exported(tmp_path_factory):
 
 
 def _detect(bundle, images, label_map):
-    return detect(bundle, images, label_map, box_threshold=0.0, text_threshold=0.0, max_detections=50)
+    return detect(
+        bundle, images, label_map, box_threshold=0.0, text_threshold=0.0, max_detections=50
+    )
 
 
 def test_merged_dino_predicts_as_the_adapter(exported):
@@ -51,7 +53,9 @@ def test_merged_dino_predicts_as_the_adapter(exported):
     labels = load_labels(root / "models" / "dino" / "labels.json")
     assert load_labels(written["dino"] / "labels.json") == labels
     adapted = _detect(load_dino(TINY_DINO, adapter_dir=root / "models" / "dino"), images, labels)
-    merged = _detect(load_dino(dataclasses.replace(TINY_DINO, model=str(written["dino"]))), images, labels)
+    merged = _detect(
+        load_dino(dataclasses.replace(TINY_DINO, model=str(written["dino"]))), images, labels
+    )
     base = _detect(load_dino(TINY_DINO), images, labels)
     for a, m, b in zip(adapted, merged, base, strict=True):
         np.testing.assert_allclose(m.scores, a.scores, atol=1e-4)
@@ -93,8 +97,13 @@ def test_exported_models_load_and_predict_without_peft(exported):
         assert "peft" not in {{m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}}
         print("ok", masks.shape)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ok (3, 48, 64)" in proc.stdout
 
@@ -105,8 +114,17 @@ def test_cli_export_leaves_out_a_skipped_teacher(tmp_path, capsys):
     write_skipped(tmp_path / "models" / "sam", "no masks in the data: SAM cannot be trained")
     params = tmp_path / "params.yaml"
     params.write_text("dino:\n  model: tiny-random\nsam:\n  model: tiny-random\n")
-    rc = teacher_main(["export", "--adapters", str(tmp_path / "models"), "--out", str(tmp_path / "out"),
-                       "--params", str(params)])
+    rc = teacher_main(
+        [
+            "export",
+            "--adapters",
+            str(tmp_path / "models"),
+            "--out",
+            str(tmp_path / "out"),
+            "--params",
+            str(params),
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "out" / "dino" / "config.json").exists()
     assert not (tmp_path / "out" / "sam.pth").exists()

@@ -37,11 +37,19 @@ def _truncated(path: Path) -> Path:
 
 def _png_header(path: Path, width: int, height: int) -> Path:
     """A PNG whose header declares ``width x height`` and whose data is a few bytes."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -66,11 +74,18 @@ def _planar_tiff(path: Path, bands: np.ndarray) -> Path:
     bits, counts = value(3, [16] * b), value(4, [len(x) for x in strips])
     start = extra_at + len(extra) + (4 * b if b > 1 else 0)
     offsets = value(4, [start + sum(len(x) for x in strips[:i]) for i in range(b)])
-    tags = [(256, 4, 1, struct.pack("<I", w)), (257, 4, 1, struct.pack("<I", h)),
-            (258, 3, b, bits), (259, 3, 1, struct.pack("<HH", 1, 0)),
-            (262, 3, 1, struct.pack("<HH", 2 if b == 3 else 1, 0)), (273, 4, b, offsets),
-            (277, 3, 1, struct.pack("<HH", b, 0)), (278, 4, 1, struct.pack("<I", h)),
-            (279, 4, b, counts), (284, 3, 1, struct.pack("<HH", 2, 0))]
+    tags = [
+        (256, 4, 1, struct.pack("<I", w)),
+        (257, 4, 1, struct.pack("<I", h)),
+        (258, 3, b, bits),
+        (259, 3, 1, struct.pack("<HH", 1, 0)),
+        (262, 3, 1, struct.pack("<HH", 2 if b == 3 else 1, 0)),
+        (273, 4, b, offsets),
+        (277, 3, 1, struct.pack("<HH", b, 0)),
+        (278, 4, 1, struct.pack("<I", h)),
+        (279, 4, b, counts),
+        (284, 3, 1, struct.pack("<HH", 2, 0)),
+    ]
     ifd = struct.pack("<H", n_tags) + b"".join(struct.pack("<HHI", *t[:3]) + t[3] for t in tags)
     path.write_bytes(b"II*\0" + struct.pack("<I", 8) + ifd + b"\0" * 4 + extra + b"".join(strips))
     return path
@@ -84,7 +99,11 @@ def test_sixteen_bit_planar_geotiffs_decode_with_the_defined_conversion(tmp_path
     with pytest.raises((OSError, ValueError)):
         Image.open(one).load()
     rgb = load_image(one)
-    assert rgb.shape == (20, 30, 3) and rgb.max() == 255 and (rgb[..., 0] == to_rgb8(band[0])[..., 0]).all()
+    assert (
+        rgb.shape == (20, 30, 3)
+        and rgb.max() == 255
+        and (rgb[..., 0] == to_rgb8(band[0])[..., 0]).all()
+    )
     assert file_probe(tmp_path)("one.tif") == (30, 20)
     bands = (np.random.default_rng(0).random((3, 20, 30)) * 4000).astype(np.uint16)
     three = _planar_tiff(tmp_path / "three.tif", bands)
@@ -130,8 +149,11 @@ def test_truncated_jpeg_passes_the_header_but_not_validate(tmp_path):
         load_image(path)
     assert file_probe(tmp_path)("t.jpg") == "image_unreadable"
     assert file_probe(tmp_path, decode=False)("t.jpg") == (80, 60)  # validate.decode_images: false
-    data = {"images": [{"id": 1, "file_name": "t.jpg", "width": 80, "height": 60}],
-            "annotations": [], "categories": [{"id": 1, "name": "a"}]}
+    data = {
+        "images": [{"id": 1, "file_name": "t.jpg", "width": 80, "height": 60}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "a"}],
+    }
     r = validate_coco(data, probe=file_probe(tmp_path), on_error="drop", max_drop_fraction=1)
     assert r.counts["image_unreadable"] == 1
 
@@ -149,7 +171,9 @@ def test_images_over_the_pixel_limit_are_downscaled_not_crashed_on(tmp_path):
         if path.suffix == ".png":
             Image.open(tmp_path / "a.jpg").save(path)
         image, full = load_image_and_size(path, max_pixels=1000)
-        assert full == (121, 90) and (image.shape[1], image.shape[0]) == decoded_size(121, 90, max_pixels=1000)
+        assert full == (121, 90) and (image.shape[1], image.shape[0]) == decoded_size(
+            121, 90, max_pixels=1000
+        )
         assert image.shape[0] * image.shape[1] <= 1000
 
 

@@ -53,7 +53,9 @@ def test_300_classes_are_chunked_under_the_token_limit(tokenizer):
     for prompt, chunk in zip(lm.prompts, lm.chunks, strict=True):
         ids = tokenizer(prompt)["input_ids"]
         assert len(ids) <= MAX_TEXT_TOKENS
-        assert ids.count(1012) == len(chunk)  # one '.' per class: the label count Grounding DINO sees
+        assert ids.count(1012) == len(
+            chunk
+        )  # one '.' per class: the label count Grounding DINO sees
     # greedy: a chunk could not have taken the next class
     first_len = len(tokenizer(lm.prompts[0])["input_ids"])
     next_cost = len(tokenizer(lm.names[lm.chunks[1][0]], add_special_tokens=False)["input_ids"]) + 1
@@ -86,12 +88,15 @@ def test_special_tokens_are_removed_from_names():
 def test_names_of_special_tokens_or_delimiters_only_are_refused(tokenizer):
     for name in ("[SEP]", " . "):
         with pytest.raises(TeacherError, match="empty names"):
-            build_label_map([{"id": 1, "name": "cat"}, {"id": 2, "name": name}], tokenizer=tokenizer)
+            build_label_map(
+                [{"id": 1, "name": "cat"}, {"id": 2, "name": name}], tokenizer=tokenizer
+            )
 
 
 def test_a_special_token_inside_a_name_does_not_shift_the_labels(tokenizer):
-    lm = build_label_map([{"id": 1, "name": "cat [SEP] x"}, {"id": 2, "name": "dog"}],
-                         tokenizer=tokenizer)
+    lm = build_label_map(
+        [{"id": 1, "name": "cat [SEP] x"}, {"id": 2, "name": "dog"}], tokenizer=tokenizer
+    )
     assert lm.prompts == ["cat x . dog ."]
     ids = tokenizer(lm.prompts[0])["input_ids"]
     assert ids.count(tokenizer.sep_token_id) == 1  # only the closing [SEP]
@@ -105,6 +110,7 @@ def test_names_that_all_become_unk_are_refused(tokenizer):
 
 def test_fifty_thousand_classes_build_in_linear_time(tokenizer):
     import time
+
     cats = [{"id": i, "name": f"class {i}"} for i in range(50_000)]
     start = time.perf_counter()
     lm = build_label_map(cats, tokenizer=tokenizer)
@@ -114,12 +120,17 @@ def test_fifty_thousand_classes_build_in_linear_time(tokenizer):
     assert elapsed < 30, elapsed
 
 
-@pytest.mark.parametrize("doc", [
-    '{"prompts": [], "chunks": [[0, 5]], "categories": [{"index": 0, "id": 1, "name": "a"}]}',
-    '{"prompts": [], "chunks": [[-1]], "categories": [{"index": 0, "id": 1, "name": "a"}]}',
-    '{"prompts": [], "chunks": [[0]], "categories": [{"index": 0, "id": [1], "name": "a"}]}',
-    '{"prompts": [], "chunks": [[0]], "categories": "abc"}', "[1, 2]", "not json",
-])
+@pytest.mark.parametrize(
+    "doc",
+    [
+        '{"prompts": [], "chunks": [[0, 5]], "categories": [{"index": 0, "id": 1, "name": "a"}]}',
+        '{"prompts": [], "chunks": [[-1]], "categories": [{"index": 0, "id": 1, "name": "a"}]}',
+        '{"prompts": [], "chunks": [[0]], "categories": [{"index": 0, "id": [1], "name": "a"}]}',
+        '{"prompts": [], "chunks": [[0]], "categories": "abc"}',
+        "[1, 2]",
+        "not json",
+    ],
+)
 def test_damaged_labels_json_is_one_clear_error(tmp_path, doc):
     (tmp_path / "labels.json").write_text(doc)
     with pytest.raises(TeacherError, match="labels.json: not a valid labels.json"):

@@ -55,7 +55,9 @@ X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
 
 def trained(train_modules=("class_embed.0",)) -> nn.Module:
     """A wrapped model whose LoRA and head weights moved, as after training."""
-    model = lora_mod.apply_lora(base(), lora=LORA, targets=TARGETS, train_modules=list(train_modules))
+    model = lora_mod.apply_lora(
+        base(), lora=LORA, targets=TARGETS, train_modules=list(train_modules)
+    )
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for _, p in model.named_parameters():
@@ -75,7 +77,9 @@ def test_base_frozen_only_lora_and_heads_train(capsys):
 
 
 def test_no_match_lists_candidates():
-    with pytest.raises(TeacherError, match=r"matches no module of Net.*blocks\.N\.fc1.*class_embed\.N"):
+    with pytest.raises(
+        TeacherError, match=r"matches no module of Net.*blocks\.N\.fc1.*class_embed\.N"
+    ):
         lora_mod.apply_lora(base(), lora=LORA, targets=r"encoder\..*")
     with pytest.raises(TeacherError, match="Fully trained modules"):
         lora_mod.apply_lora(base(), lora=LORA, targets=TARGETS, train_modules=["nope"])
@@ -90,7 +94,9 @@ def test_list_targets_match_by_name_suffix():
 def test_fresh_adapter_changes_no_output():
     ref = base()(X)
     model = lora_mod.apply_lora(base(), lora=LORA, targets=TARGETS, train_modules=["class_embed.0"])
-    torch.testing.assert_close(model.eval()(X), ref, rtol=1e-5, atol=1e-6)  # peft's module tree: another code path
+    torch.testing.assert_close(
+        model.eval()(X), ref, rtol=1e-5, atol=1e-6
+    )  # peft's module tree: another code path
 
 
 def test_save_reload_identical_and_heads_stay_tied(tmp_path):
@@ -99,9 +105,14 @@ def test_save_reload_identical_and_heads_stay_tied(tmp_path):
     assert not torch.allclose(out, base()(X))
     lora_mod.save_adapter(model, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} >= {
-        "adapter_model.safetensors", "adapter_config.json", "trained_modules.safetensors"}
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "trained_modules.safetensors",
+    }
     reloaded = lora_mod.load_adapter(base(), tmp_path)
-    torch.testing.assert_close(reloaded(X), out, rtol=1e-5, atol=1e-6)  # a reload: a tolerance, not bitwise
+    torch.testing.assert_close(
+        reloaded(X), out, rtol=1e-5, atol=1e-6
+    )  # a reload: a tolerance, not bitwise
     inner = reloaded.get_base_model()
     assert inner.class_embed[0] is inner.class_embed[1] is inner.decoder.class_embed[0]
     assert torch.equal(inner.class_embed[1].weight, model.get_base_model().class_embed[0].weight)
@@ -122,7 +133,9 @@ def test_lora_inside_a_fully_trained_module_is_kept(tmp_path):
     model = trained(train_modules=["blocks.1"])
     assert any("blocks.1.fc1.lora_A" in n for n in lora_mod.lora_parameter_names(model))
     lora_mod.save_adapter(model, tmp_path)
-    torch.testing.assert_close(lora_mod.load_adapter(base(), tmp_path)(X), model(X), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        lora_mod.load_adapter(base(), tmp_path)(X), model(X), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_merged_equals_unmerged():
@@ -149,29 +162,66 @@ def _saved(tmp_path):
 
 def _rewrite(path, change, metadata=None):
     from safetensors.torch import load_file, save_file
+
     tensors = change(load_file(str(path)))
     save_file(tensors, str(path), metadata=metadata)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "adapter_config.json").write_text("{nope"), "adapter_config.json: not JSON"),
-    (lambda d: (d / "adapter_config.json").write_text("[1, 2]"), "not a peft LoRA adapter_config"),
-    (lambda d: (d / "adapter_model.safetensors").write_bytes(
-        (d / "adapter_model.safetensors").read_bytes()[:100]), "not a readable safetensors"),
-    (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\xff" * 8 + b"{}"),
-     "not a readable safetensors"),
-    (lambda d: _rewrite(d / "adapter_model.safetensors",
-                        lambda t: {k: torch.zeros(3, 3) if "fc1.lora_A" in k else v
-                                   for k, v in t.items()}), "peft cannot load it"),
-    (lambda d: _rewrite(d / "adapter_model.safetensors", lambda t: {"foreign.weight": torch.ones(2)}),
-     "an adapter of another model"),
-    (lambda d: _rewrite(d / "adapter_model.safetensors",
-                        lambda t: {k: v * float("nan") for k, v in t.items()}), "NaN or Inf"),
-    (lambda d: _rewrite(d / "trained_modules.safetensors", lambda t: t,
-                        metadata={"aliases": "[1, 2]"}), "'aliases' metadata is not a mapping"),
-    (lambda d: _rewrite(d / "trained_modules.safetensors", lambda t: t,
-                        metadata={"aliases": "{"}), "'aliases' metadata is not JSON"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda d: (d / "adapter_config.json").write_text("{nope"),
+            "adapter_config.json: not JSON",
+        ),
+        (
+            lambda d: (d / "adapter_config.json").write_text("[1, 2]"),
+            "not a peft LoRA adapter_config",
+        ),
+        (
+            lambda d: (d / "adapter_model.safetensors").write_bytes(
+                (d / "adapter_model.safetensors").read_bytes()[:100]
+            ),
+            "not a readable safetensors",
+        ),
+        (
+            lambda d: (d / "adapter_model.safetensors").write_bytes(b"\xff" * 8 + b"{}"),
+            "not a readable safetensors",
+        ),
+        (
+            lambda d: _rewrite(
+                d / "adapter_model.safetensors",
+                lambda t: {k: torch.zeros(3, 3) if "fc1.lora_A" in k else v for k, v in t.items()},
+            ),
+            "peft cannot load it",
+        ),
+        (
+            lambda d: _rewrite(
+                d / "adapter_model.safetensors", lambda t: {"foreign.weight": torch.ones(2)}
+            ),
+            "an adapter of another model",
+        ),
+        (
+            lambda d: _rewrite(
+                d / "adapter_model.safetensors",
+                lambda t: {k: v * float("nan") for k, v in t.items()},
+            ),
+            "NaN or Inf",
+        ),
+        (
+            lambda d: _rewrite(
+                d / "trained_modules.safetensors", lambda t: t, metadata={"aliases": "[1, 2]"}
+            ),
+            "'aliases' metadata is not a mapping",
+        ),
+        (
+            lambda d: _rewrite(
+                d / "trained_modules.safetensors", lambda t: t, metadata={"aliases": "{"}
+            ),
+            "'aliases' metadata is not JSON",
+        ),
+    ],
+)
 def test_damaged_adapter_folders_are_one_clear_error(tmp_path, damage, message):
     folder = _saved(tmp_path)
     damage(folder)
@@ -187,6 +237,7 @@ def test_a_rank_no_layer_can_hold_is_refused_before_allocating():
 
 def test_sam_params_json_list_valued_or_not_json_is_a_clear_error(tmp_path):
     from teacher.sam.model import check_adapter_base
+
     (tmp_path / "params.json").write_text('{"sam": [1]}')
     with pytest.raises(TeacherError, match="params.json: 'sam' is not a mapping"):
         check_adapter_base(tmp_path, "tiny-random")

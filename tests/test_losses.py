@@ -8,7 +8,9 @@ import torch
 from teacher.sam.losses import dice_loss, focal_loss, iou_prediction_loss, mask_iou, sam_loss
 
 LN2 = math.log(2)
-WEIGHTS = dict(focal_weight=20.0, dice_weight=1.0, iou_weight=1.0, focal_alpha=0.25, focal_gamma=2.0)
+WEIGHTS = dict(
+    focal_weight=20.0, dice_weight=1.0, iou_weight=1.0, focal_alpha=0.25, focal_gamma=2.0
+)
 
 
 def test_focal_loss_hand_computed():
@@ -33,7 +35,9 @@ def test_dice_loss_hand_computed():
     assert dice_loss(logits, target, smooth=0.0).item() == pytest.approx(1 - 1 / 3)
     # confident and right: ~0; empty target and empty prediction: 0 thanks to smoothing
     assert dice_loss(target * 40 - 20, target).item() == pytest.approx(0.0, abs=1e-6)
-    assert dice_loss(torch.full((2, 2), -40.0), torch.zeros(2, 2)).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice_loss(torch.full((2, 2), -40.0), torch.zeros(2, 2)).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
 
 
 def test_mask_iou_and_iou_prediction_loss():

@@ -15,8 +15,18 @@ from teacher.metrics import (
 )
 
 STAT_KEYS = [
-    "map", "map_50", "map_75", "map_small", "map_medium", "map_large",
-    "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large",
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
 ]
 
 
@@ -25,17 +35,36 @@ def _gt(image_id=1, ann_ids=(1, 2)):
         "images": [{"id": image_id, "width": 100, "height": 80, "file_name": "a.jpg"}],
         "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}],
         "annotations": [
-            {"id": ann_ids[0], "image_id": image_id, "category_id": 3, "bbox": [10, 10, 40, 30],
-             "area": 1200, "iscrowd": 0},
-            {"id": ann_ids[1], "image_id": image_id, "category_id": 7, "bbox": [55, 20, 40, 50],
-             "area": 2000, "iscrowd": 0},
+            {
+                "id": ann_ids[0],
+                "image_id": image_id,
+                "category_id": 3,
+                "bbox": [10, 10, 40, 30],
+                "area": 1200,
+                "iscrowd": 0,
+            },
+            {
+                "id": ann_ids[1],
+                "image_id": image_id,
+                "category_id": 7,
+                "bbox": [55, 20, 40, 50],
+                "area": 2000,
+                "iscrowd": 0,
+            },
         ],
     }
 
 
 def _perfect(gt):
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
-             "score": 0.9} for a in gt["annotations"]]
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 0.9,
+        }
+        for a in gt["annotations"]
+    ]
 
 
 def test_perfect_detections_score_one_and_keys_are_stable():
@@ -91,8 +120,17 @@ def test_ignore_flag_is_honoured():
     on_region = {"image_id": 1, "category_id": 7, "bbox": [0, 50, 20, 20], "score": 0.95}
     res = _perfect(gt) + [on_region]
     assert coco_eval(gt, res)["map/dog"] < 1.0  # a false positive ranked first
-    gt["annotations"].append({"id": 9, "image_id": 1, "category_id": 7, "bbox": [0, 50, 20, 20],
-                              "area": 400, "iscrowd": 0, "ignore": 1})
+    gt["annotations"].append(
+        {
+            "id": 9,
+            "image_id": 1,
+            "category_id": 7,
+            "bbox": [0, 50, 20, 20],
+            "area": 400,
+            "iscrowd": 0,
+            "ignore": 1,
+        }
+    )
     assert coco_eval(gt, res)["map/dog"] == pytest.approx(1.0)  # on an ignored region: no FP
     assert coco_eval(gt, _perfect(gt)[:2])["map/dog"] == pytest.approx(1.0)  # nor a miss
     gt["annotations"][-1]["ignore"] = 0  # pycocotools alone would forget the flag like this
@@ -115,11 +153,19 @@ def test_segm_polygon_gt_against_rle_results_uses_mask_area():
     for a in gt["annotations"]:
         x, y, w, h = a["bbox"]
         a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
-    masks = mask_utils.decode(mask_utils.frPyObjects(
-        [a["segmentation"][0] for a in gt["annotations"]], 80, 100))
-    res = [{"image_id": 1, "category_id": a["category_id"], "score": 0.8,
-            "segmentation": _rle(masks[:, :, i]), "bbox": [0, 0, 100, 80]}
-           for i, a in enumerate(gt["annotations"])]
+    masks = mask_utils.decode(
+        mask_utils.frPyObjects([a["segmentation"][0] for a in gt["annotations"]], 80, 100)
+    )
+    res = [
+        {
+            "image_id": 1,
+            "category_id": a["category_id"],
+            "score": 0.8,
+            "segmentation": _rle(masks[:, :, i]),
+            "bbox": [0, 0, 100, 80],
+        }
+        for i, a in enumerate(gt["annotations"])
+    ]
     m = coco_eval(gt, res, iou_type="segm")
     assert m["map"] == pytest.approx(1.0)
     assert m["map_medium"] == pytest.approx(1.0)  # the misleading whole-image bbox is not used

@@ -24,7 +24,16 @@ from demo import overlay_params
 
 pytestmark = pytest.mark.slow
 
-STAGES = {"inspect", "validate", "split", "train_dino", "train_sam", "label", "train_student", "evaluate"}
+STAGES = {
+    "inspect",
+    "validate",
+    "split",
+    "train_dino",
+    "train_sam",
+    "label",
+    "train_student",
+    "evaluate",
+}
 TINY = yaml.safe_load((REPO_ROOT / "scripts" / "tiny-params.yaml").read_text())
 SHORT = {"train.epochs": 2, "train.max_steps_per_epoch": 3, "evaluate.gallery_images": 2}
 
@@ -46,16 +55,26 @@ def ran(output: str) -> set[str]:
 
 def outputs(repo: Path) -> dict[str, bytes]:
     """Everything the pipeline wrote that must be reproducible, by relative path."""
-    names = ["data/inspect.json", "data/validated.json", "metrics/validate.json",
-             *(f"data/split/{s}.json" for s in ("train", "val", "test")),
-             "models/dino/adapter_model.safetensors", "models/dino/labels.json",
-             "models/sam/adapter_model.safetensors", "metrics/train_dino/metrics.json",
-             "metrics/train_sam/metrics.json", "metrics/evaluate/metrics.json"]
+    names = [
+        "data/inspect.json",
+        "data/validated.json",
+        "metrics/validate.json",
+        *(f"data/split/{s}.json" for s in ("train", "val", "test")),
+        "models/dino/adapter_model.safetensors",
+        "models/dino/labels.json",
+        "models/sam/adapter_model.safetensors",
+        "metrics/train_dino/metrics.json",
+        "metrics/train_sam/metrics.json",
+        "metrics/evaluate/metrics.json",
+    ]
     out = {n: (repo / n).read_bytes() for n in names}
     timed = json.loads(out["metrics/evaluate/metrics.json"])  # latencies differ run to run
     out["metrics/evaluate/metrics.json"] = json.dumps(
-        {k: v for k, v in timed.items() if not k.endswith("ms_per_image")}, sort_keys=True).encode()
-    out["models/student/model.safetensors"] = (repo / "models/student/model.safetensors").read_bytes()
+        {k: v for k, v in timed.items() if not k.endswith("ms_per_image")}, sort_keys=True
+    ).encode()
+    out["models/student/model.safetensors"] = (
+        repo / "models/student/model.safetensors"
+    ).read_bytes()
     return out
 
 
@@ -95,19 +114,22 @@ def test_committed_lock_matches_the_sample_data(pipeline):
         assert ours[stage] == fresh[stage], stage
 
 
-@pytest.mark.parametrize(("change", "direct"), [
-    ({"sam.box_jitter": 0.2}, {"train_sam"}),
-    ({"sam.multimask": True}, {"train_sam", "label", "evaluate"}),  # tiny-params sets false
-    ({"dino.shortest_edge": 96}, {"train_dino", "label", "evaluate"}),
-    ({"dino.train_heads": False}, {"train_dino"}),
-    ({"split.train": 0.6, "split.val": 0.2, "split.test": 0.2}, {"split"}),
-    ({"validate.min_box_size": 3.0}, {"validate"}),
-    ({"lora.rank": 16}, {"train_dino", "train_sam"}),
-    ({"evaluate.nms_iou": 0.5}, {"evaluate"}),
-    ({"label.score_threshold": 0.3}, {"label"}),
-    ({"student.teacher_weight": 0.25}, {"train_student"}),
-    ({"student.min_score": 0.5}, {"train_student"}),
-])
+@pytest.mark.parametrize(
+    ("change", "direct"),
+    [
+        ({"sam.box_jitter": 0.2}, {"train_sam"}),
+        ({"sam.multimask": True}, {"train_sam", "label", "evaluate"}),  # tiny-params sets false
+        ({"dino.shortest_edge": 96}, {"train_dino", "label", "evaluate"}),
+        ({"dino.train_heads": False}, {"train_dino"}),
+        ({"split.train": 0.6, "split.val": 0.2, "split.test": 0.2}, {"split"}),
+        ({"validate.min_box_size": 3.0}, {"validate"}),
+        ({"lora.rank": 16}, {"train_dino", "train_sam"}),
+        ({"evaluate.nms_iou": 0.5}, {"evaluate"}),
+        ({"label.score_threshold": 0.3}, {"label"}),
+        ({"student.teacher_weight": 0.25}, {"train_student"}),
+        ({"student.min_score": 0.5}, {"train_student"}),
+    ],
+)
 def test_a_param_change_touches_exactly_its_stages(pipeline, change, direct):
     """`dvc status` lists the stages a change reaches directly; their downstream stages re-run
     because their outputs change (checked for real by the `dvc exp run` test)."""
@@ -120,14 +142,17 @@ def test_a_param_change_touches_exactly_its_stages(pipeline, change, direct):
         run_in_repo(repo, "git", "checkout", "params.yaml")
 
 
-@pytest.mark.parametrize(("module", "direct"), [
-    ("src/teacher/sam/model.py", {"train_sam", "label", "evaluate"}),
-    ("src/teacher/dino/model.py", {"train_dino", "label", "evaluate"}),
-    ("src/teacher/splitting.py", {"split"}),
-    ("src/teacher/train/loop.py", {"train_dino", "train_sam", "train_student"}),
-    ("src/teacher/student/model.py", {"train_student", "evaluate"}),
-    ("src/teacher/labeling.py", {"label"}),
-])
+@pytest.mark.parametrize(
+    ("module", "direct"),
+    [
+        ("src/teacher/sam/model.py", {"train_sam", "label", "evaluate"}),
+        ("src/teacher/dino/model.py", {"train_dino", "label", "evaluate"}),
+        ("src/teacher/splitting.py", {"split"}),
+        ("src/teacher/train/loop.py", {"train_dino", "train_sam", "train_student"}),
+        ("src/teacher/student/model.py", {"train_student", "evaluate"}),
+        ("src/teacher/labeling.py", {"label"}),
+    ],
+)
 def test_editing_a_library_module_touches_the_stages_that_use_it(pipeline, module, direct):
     repo = pipeline["repo"]
     try:
@@ -142,8 +167,9 @@ def test_editing_a_library_module_touches_the_stages_that_use_it(pipeline, modul
 def test_exp_run_reruns_training_and_evaluation_and_diffs_show_it(pipeline):
     repo = pipeline["repo"]
     try:
-        out = run_in_repo(repo, "dvc", "exp", "run", "-n", "rank4", "-S", "lora.rank=4",
-                          timeout=900).stdout
+        out = run_in_repo(
+            repo, "dvc", "exp", "run", "-n", "rank4", "-S", "lora.rank=4", timeout=900
+        ).stdout
         assert ran(out) == {"train_dino", "train_sam", "label", "train_student", "evaluate"}
         params = json.loads(run_in_repo(repo, "dvc", "params", "diff", "--json").stdout)
         rank = params["params.yaml"]["lora.rank"]
@@ -164,8 +190,9 @@ def test_exp_run_reruns_training_and_evaluation_and_diffs_show_it(pipeline):
 def test_exp_run_on_a_student_param_reruns_only_the_student_and_evaluate(pipeline):
     repo = pipeline["repo"]
     try:
-        out = run_in_repo(repo, "dvc", "exp", "run", "-n", "tw", "-S", "student.teacher_weight=0.25",
-                          timeout=900).stdout
+        out = run_in_repo(
+            repo, "dvc", "exp", "run", "-n", "tw", "-S", "student.teacher_weight=0.25", timeout=900
+        ).stdout
         assert ran(out) == {"train_student", "evaluate"}
     finally:
         run_in_repo(repo, "git", "checkout", "--", ".")
@@ -179,7 +206,12 @@ def test_the_student_learned_from_the_pool_and_is_scored_beside_the_teachers(pip
     trained_on = json.loads((repo / "models/student/params.json").read_text())["trained_on"]
     assert "pool images" in trained_on or "human labels alone" in trained_on
     m = json.loads((repo / "metrics/evaluate/metrics.json").read_text())
-    for key in ("student/box/map", "student/segm/map", "student/ms_per_image", "teacher/ms_per_image"):
+    for key in (
+        "student/box/map",
+        "student/segm/map",
+        "student/ms_per_image",
+        "teacher/ms_per_image",
+    ):
         assert key in m, key
 
 
@@ -198,11 +230,25 @@ def test_dvc_plots_show_renders_offline(pipeline, tmp_path):
     page = (out / "index.html").read_text()
     assert "cdn.jsdelivr.net" not in page
     dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         "--virtual-time-budget=10000", "--dump-dom", (out / "index.html").as_uri()],
-        capture_output=True, text=True, timeout=120).stdout
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            (out / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     charts = dom.count('class="marks"')
     specs = page.count("vegaEmbed(")
     assert specs >= 3 and charts == specs, f"{charts} charts drawn of {specs} declared"
@@ -215,9 +261,14 @@ def test_kill_during_training_then_repro_resumes_and_matches(pipeline, tmp_path)
     tiny_params(repo)
     commit(repo, "copy")
     run_in_repo(repo, "dvc", "repro", "split")
-    proc = subprocess.Popen(["dvc", "repro", "train_dino"], cwd=repo, env=repo_env(repo),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["dvc", "repro", "train_dino"],
+        cwd=repo,
+        env=repo_env(repo),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpt = repo / "checkpoints" / "train_dino"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -247,12 +298,23 @@ def test_another_seed_gives_another_split(pipeline, tmp_path):
 def test_evaluate_writes_dvc_metrics_and_plots(pipeline):
     repo = pipeline["repo"]
     m = json.loads((repo / "metrics/evaluate/metrics.json").read_text())
-    for key in ("box/map", "box/map_50", "segm/map", "mask/miou", "base/box/map", "base/mask/miou",
-                "gain/mask/miou"):
+    for key in (
+        "box/map",
+        "box/map_50",
+        "segm/map",
+        "mask/miou",
+        "base/box/map",
+        "base/mask/miou",
+        "gain/mask/miou",
+    ):
         assert key in m, key
     shown = json.dumps(json.loads(run_in_repo(repo, "dvc", "metrics", "show", "--json").stdout))
     assert '"box/map"' in shown and '"mask/miou"' in shown and '"val_map"' in shown
     plots = " ".join(json.loads(run_in_repo(repo, "dvc", "plots", "show", "--json").stdout)["data"])
-    for declared in ("metrics/evaluate/plots/pr/", "metrics/evaluate/plots/gallery/",
-                     "metrics/train_dino/plots/", "metrics/train_sam/plots/"):
+    for declared in (
+        "metrics/evaluate/plots/pr/",
+        "metrics/evaluate/plots/gallery/",
+        "metrics/train_dino/plots/",
+        "metrics/train_sam/plots/",
+    ):
         assert declared in plots, declared

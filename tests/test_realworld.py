@@ -17,13 +17,20 @@ from teacher.inspection import inspect_dataset
 from teacher.splitting import split_coco
 
 CLEAN = [  # (annotation file, image root or None when the images are not shipped)
-    ("super-gradients/tests/data/tinycoco/annotations/instances_train2017.json",
-     "super-gradients/tests/data/tinycoco/images/train2017"),
-    ("super-gradients/tests/data/tinycoco/annotations/instances_val2017.json",
-     "super-gradients/tests/data/tinycoco/images/val2017"),
+    (
+        "super-gradients/tests/data/tinycoco/annotations/instances_train2017.json",
+        "super-gradients/tests/data/tinycoco/images/train2017",
+    ),
+    (
+        "super-gradients/tests/data/tinycoco/annotations/instances_val2017.json",
+        "super-gradients/tests/data/tinycoco/images/val2017",
+    ),
     ("pycococreator/example_data/annotations/coco_example.json", None),
     ("review_object_detection_metrics/toyexample/gts_coco_format/toy_example_coco.JSON", None),
-    ("review_object_detection_metrics/data/database/gts/coco_format_v1/instances_default.json", None),
+    (
+        "review_object_detection_metrics/data/database/gts/coco_format_v1/instances_default.json",
+        None,
+    ),
     ("review_object_detection_metrics/data/database/gts/coco_format_v2/instances_v2.json", None),
     ("sahi/tests/data/coco_utils/terrain1_coco.json", None),
     ("sahi/tests/data/coco_utils/visdrone2019-det-train-first50image.json", None),
@@ -41,7 +48,12 @@ def json_files(root: Path) -> list[Path]:
 
 def image_root(path: Path, names: list) -> Path | None:
     """Where this export's file_names resolve, when the images are shipped."""
-    for cand in (path.parent, path.parent / "images", path.parent.parent / "images", path.parent.parent):
+    for cand in (
+        path.parent,
+        path.parent / "images",
+        path.parent.parent / "images",
+        path.parent.parent,
+    ):
         if names and all(isinstance(n, str) and (cand / n).is_file() for n in names):
             return cand
     return None
@@ -79,8 +91,11 @@ def test_clean_datasets_validate(realworld, name, images):
 
 
 def test_healthcheck_bad_reports_each_problem(realworld):
-    r = validate_file(realworld / "hotcoco/crates/hotcoco/tests/fixtures/healthcheck_bad.json",
-                      images=None, on_error="drop")
+    r = validate_file(
+        realworld / "hotcoco/crates/hotcoco/tests/fixtures/healthcheck_bad.json",
+        images=None,
+        on_error="drop",
+    )
     f = findings(r)
     assert f["duplicate_image_id"] == [1] and f["duplicate_annotation_id"] == [1]
     assert f["invalid_image_size"] == [2] and f["unknown_image"] == [3]
@@ -91,14 +106,17 @@ def test_healthcheck_bad_reports_each_problem(realworld):
 
 
 def test_mmdetection_wrong_format(realworld):
-    r = validate_file(realworld / "mmdetection/tests/data/coco_wrong_format_sample.json", images=None)
+    r = validate_file(
+        realworld / "mmdetection/tests/data/coco_wrong_format_sample.json", images=None
+    )
     f = findings(r)
     assert f["duplicate_annotation_id"] == [1] and f["iscrowd_missing"] == [1] and r.errors == 1
 
 
 def test_healthcheck_quality(realworld):
-    r = validate_file(realworld / "hotcoco/crates/hotcoco/tests/fixtures/healthcheck_quality.json",
-                      images=None)
+    r = validate_file(
+        realworld / "hotcoco/crates/hotcoco/tests/fixtures/healthcheck_quality.json", images=None
+    )
     f = findings(r)
     assert f["missing_geometry"] == [1] and f["bbox_clipped"] == [2, 4]
 
@@ -106,9 +124,14 @@ def test_healthcheck_quality(realworld):
 def test_quirks(realworld):
     # string image ids ("2299") become ints and references follow
     r = validate_file(realworld / "faster_coco_eval/tests/dataset/gt_ignore_test.json", images=None)
-    assert r.counts["string_id"] >= 1 and all(isinstance(a["image_id"], int) for a in r.coco["annotations"])
+    assert r.counts["string_id"] >= 1 and all(
+        isinstance(a["image_id"], int) for a in r.coco["annotations"]
+    )
     # category id 0 kept as is
-    toy = realworld / "review_object_detection_metrics/toyexample/gts_coco_format/toy_example_coco.JSON"
+    toy = (
+        realworld
+        / "review_object_detection_metrics/toyexample/gts_coco_format/toy_example_coco.JSON"
+    )
     assert [c["id"] for c in validate_file(toy, images=None).coco["categories"]] == [0]
     # sahi's area = the whole image: recomputed from the polygons
     r = validate_file(realworld / "sahi/tests/data/coco_utils/terrain1_coco.json", images=None)
@@ -117,13 +140,17 @@ def test_quirks(realworld):
     r = validate_file(realworld / "torchmetrics/extracted/map_bbox_gt_coco.json", images=None)
     assert r.counts["file_name_missing"] == 4 and not r.ok
     # not a dataset (a results list): refused as not COCO
-    r = validate_file(realworld / "cocoapi/results/instances_val2014_fakebbox100_results.json", images=None)
+    r = validate_file(
+        realworld / "cocoapi/results/instances_val2014_fakebbox100_results.json", images=None
+    )
     assert r.counts["not_coco"] == 1
 
 
 def test_tinycoco_split_keeps_categories_in_every_split(realworld):
     base = realworld / "super-gradients/tests/data/tinycoco"
-    r = validate_file(base / "annotations/instances_train2017.json", images=base / "images/train2017")
+    r = validate_file(
+        base / "annotations/instances_train2017.json", images=base / "images/train2017"
+    )
     splits = split_coco(r.coco, fractions={"train": 0.7, "val": 0.15, "test": 0.15}, seed=0)
     per_cat: dict = {}
     for a in r.coco["annotations"]:
@@ -138,8 +165,11 @@ def test_tinycoco_split_keeps_categories_in_every_split(realworld):
 def test_healthcheck_bad_with_image_checks_still_names_every_reference(realworld, tmp_path):
     # image 1's file is missing, so image 1 and its annotations go; annotation 4's undeclared
     # category must still be named in the same run, not only after the user fixes the image
-    r = validate_file(realworld / "hotcoco/crates/hotcoco/tests/fixtures/healthcheck_bad.json",
-                      images=tmp_path, on_error="drop")
+    r = validate_file(
+        realworld / "hotcoco/crates/hotcoco/tests/fixtures/healthcheck_bad.json",
+        images=tmp_path,
+        on_error="drop",
+    )
     f = findings(r)
     assert f["unknown_category"] == [4] and f["unknown_image"] == [3]
     assert 1 in f["image_missing"]

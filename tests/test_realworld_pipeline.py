@@ -42,9 +42,15 @@ SAHI = "sahi/tests/data/coco_utils"
 DM = "datumaro/tests/assets"
 DMC = f"{DM}/coco_dataset"
 
-DATUMARO_OUTCOME = {"instances": "split", "person_keypoints": "split", "stuff": "split",
-                    "image_info": "split", "labels": "validate:missing_geometry",
-                    "panoptic": "validate:unknown_category", "captions": "validate:unknown_category"}
+DATUMARO_OUTCOME = {
+    "instances": "split",
+    "person_keypoints": "split",
+    "stuff": "split",
+    "image_info": "split",
+    "labels": "validate:missing_geometry",
+    "panoptic": "validate:unknown_category",
+    "captions": "validate:unknown_category",
+}
 
 # (annotation file, image root, expected outcome) -- outcome:
 #   "complete"        evaluate wrote metrics.json, both teachers trained
@@ -52,7 +58,11 @@ DATUMARO_OUTCOME = {"instances": "split", "person_keypoints": "split", "stuff": 
 #   "validate:<rule>" validate exits 1, metrics/validate.json counts <rule> > 0
 #   "split"           split exits 1 naming the image count (too few for train/val/test)
 DATASETS: list[tuple[str, str, str]] = [
-    (f"{TINYCOCO}/annotations/instances_train2017.json", f"{TINYCOCO}/images/train2017", "complete"),
+    (
+        f"{TINYCOCO}/annotations/instances_train2017.json",
+        f"{TINYCOCO}/images/train2017",
+        "complete",
+    ),
     (f"{TINYCOCO}/annotations/instances_val2017.json", f"{TINYCOCO}/images/val2017", "complete"),
     (f"{VOC}/gts/coco_format_v1/instances_default.json", f"{VOC}/images", "complete:nosam"),
     (f"{VOC}/gts/coco_format_v2/instances_v2.json", f"{VOC}/images", "complete"),
@@ -67,24 +77,57 @@ DATASETS: list[tuple[str, str, str]] = [
     (f"{SAHI}/terrain_all_coco.json", SAHI, "validate:image_missing"),
     (f"{SAHI}/visdrone2019-det-train-first50image.json", SAHI, "validate:image_missing"),
     (f"{SAHI}/terrain1.json", SAHI, "validate:not_coco"),  # labelme's format beside its image
-    ("pycococreator/example_data/annotations/coco_example.json", "pycococreator/example_data/images",
-     "split"),
-    ("faster_coco_eval/tests/dataset/gt_dataset.json", "faster_coco_eval/tests/dataset", "complete"),
+    (
+        "pycococreator/example_data/annotations/coco_example.json",
+        "pycococreator/example_data/images",
+        "split",
+    ),
+    (
+        "faster_coco_eval/tests/dataset/gt_dataset.json",
+        "faster_coco_eval/tests/dataset",
+        "complete",
+    ),
     # datumaro's 1-image variants of each COCO task: instances-like ones reach split (too few
     # images); labels (no geometry), panoptic (segments_info, no category_id) and captions are
     # not instance annotations and stop at validate
-    *[(f"{DMC}/{layout}/annotations/{kind}_{part}.json", f"{DMC}/{layout}/images/{part}",
-       DATUMARO_OUTCOME[kind])
-      for layout, kinds in [("coco", tuple(DATUMARO_OUTCOME)),
-                            *((f"coco_{kind}", (kind,)) for kind in DATUMARO_OUTCOME)]
-      for kind in kinds for part in ("train", "val")],
-    *[(f"{DMC}/mmdet_coco/annotations/instances_{part}.json", f"{DMC}/mmdet_coco/{part}", "split")
-      for part in ("train", "val")],
-    *[(f"{DMC}/coco_roboflow/{part}/_annotations.coco.json", f"{DMC}/coco_roboflow/{part}", "split")
-      for part in ("train", "val")],
-    *[(f"{DM}/roboflow_dataset/coco/{part}/_annotations.coco.json",
-       f"{DM}/roboflow_dataset/coco/{part}", "split") for part in ("train", "val")],
-    (f"{DM}/kaggle_dataset/relaxed_coco/annotations.json", f"{DM}/kaggle_dataset/relaxed_coco", "split"),
+    *[
+        (
+            f"{DMC}/{layout}/annotations/{kind}_{part}.json",
+            f"{DMC}/{layout}/images/{part}",
+            DATUMARO_OUTCOME[kind],
+        )
+        for layout, kinds in [
+            ("coco", tuple(DATUMARO_OUTCOME)),
+            *((f"coco_{kind}", (kind,)) for kind in DATUMARO_OUTCOME),
+        ]
+        for kind in kinds
+        for part in ("train", "val")
+    ],
+    *[
+        (f"{DMC}/mmdet_coco/annotations/instances_{part}.json", f"{DMC}/mmdet_coco/{part}", "split")
+        for part in ("train", "val")
+    ],
+    *[
+        (
+            f"{DMC}/coco_roboflow/{part}/_annotations.coco.json",
+            f"{DMC}/coco_roboflow/{part}",
+            "split",
+        )
+        for part in ("train", "val")
+    ],
+    *[
+        (
+            f"{DM}/roboflow_dataset/coco/{part}/_annotations.coco.json",
+            f"{DM}/roboflow_dataset/coco/{part}",
+            "split",
+        )
+        for part in ("train", "val")
+    ],
+    (
+        f"{DM}/kaggle_dataset/relaxed_coco/annotations.json",
+        f"{DM}/kaggle_dataset/relaxed_coco",
+        "split",
+    ),
 ]
 
 
@@ -99,21 +142,75 @@ def params_for(annotations: Path, images: Path, **overrides: dict) -> dict[str, 
 def stage_argv(images: Path) -> dict[str, tuple[Any, list[str]]]:
     """Each stage's module and its arguments, as dvc.yaml writes them."""
     p = ["--params", "params.yaml"]
-    split_args = ["--inspect", "data/inspect.json", "--train", "data/split/train.json",
-                  "--val", "data/split/val.json", "--images", str(images)]
+    split_args = [
+        "--inspect",
+        "data/inspect.json",
+        "--train",
+        "data/split/train.json",
+        "--val",
+        "data/split/val.json",
+        "--images",
+        str(images),
+    ]
     return {
         "inspect": (inspect_stage, [*p, "--out", "data/inspect.json"]),
-        "validate": (validate, [*p, "--inspect", "data/inspect.json", "--out", "data/validated.json",
-                                "--report", "metrics/validate.json"]),
+        "validate": (
+            validate,
+            [
+                *p,
+                "--inspect",
+                "data/inspect.json",
+                "--out",
+                "data/validated.json",
+                "--report",
+                "metrics/validate.json",
+            ],
+        ),
         "split": (split, [*p, "--validated", "data/validated.json", "--out", "data/split"]),
-        "train_dino": (train_dino, [*p, *split_args, "--out", "models/dino", "--metrics",
-                                    "metrics/train_dino", "--checkpoints", "checkpoints/train_dino"]),
-        "train_sam": (train_sam, [*p, *split_args, "--out", "models/sam", "--metrics",
-                                  "metrics/train_sam", "--checkpoints", "checkpoints/train_sam",
-                                  "--cache", "checkpoints/sam_embeddings"]),
-        "evaluate": (evaluate, [*p, "--test", "data/split/test.json", "--images", str(images),
-                                "--dino", "models/dino", "--sam", "models/sam",
-                                "--out", "metrics/evaluate"]),
+        "train_dino": (
+            train_dino,
+            [
+                *p,
+                *split_args,
+                "--out",
+                "models/dino",
+                "--metrics",
+                "metrics/train_dino",
+                "--checkpoints",
+                "checkpoints/train_dino",
+            ],
+        ),
+        "train_sam": (
+            train_sam,
+            [
+                *p,
+                *split_args,
+                "--out",
+                "models/sam",
+                "--metrics",
+                "metrics/train_sam",
+                "--checkpoints",
+                "checkpoints/train_sam",
+                "--cache",
+                "checkpoints/sam_embeddings",
+            ],
+        ),
+        "evaluate": (
+            evaluate,
+            [
+                *p,
+                "--test",
+                "data/split/test.json",
+                "--images",
+                str(images),
+                "--dino",
+                "models/dino",
+                "--sam",
+                "models/sam",
+                "--out",
+                "metrics/evaluate",
+            ],
+        ),
     }
 
 
@@ -132,8 +229,9 @@ def run_stage(module: Any, argv: list[str]) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def run_pipeline(work: Path, annotations: Path, images: Path, **overrides: dict
-                 ) -> dict[str, tuple[int, str, str]]:
+def run_pipeline(
+    work: Path, annotations: Path, images: Path, **overrides: dict
+) -> dict[str, tuple[int, str, str]]:
     """Run the stages in order until one exits non-zero; their (rc, stdout, stderr) by name."""
     (work / "params.yaml").write_text(yaml.safe_dump(params_for(annotations, images, **overrides)))
     results = {}
@@ -150,8 +248,9 @@ def listing(annotations: Path, images: Path) -> list[tuple[str, int, int]]:
     return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
 
 
-@pytest.mark.parametrize("annotations, images, expected", DATASETS,
-                         ids=[d[0].replace("/", ":") for d in DATASETS])
+@pytest.mark.parametrize(
+    "annotations, images, expected", DATASETS, ids=[d[0].replace("/", ":") for d in DATASETS]
+)
 def test_pipeline_on_realworld_dataset(tmp_path, monkeypatch, annotations, images, expected):
     if not REALWORLD.is_dir():
         pytest.skip(f"real-world conformance data not found at {REALWORLD} (optional)")
@@ -180,11 +279,16 @@ def test_pipeline_on_realworld_dataset(tmp_path, monkeypatch, annotations, image
         assert "image(s) with annotations" in stderr and "Add annotated images" in stderr, log
 
 
-STOPPED_AT_VALIDATE = [d for d in DATASETS if d[2].startswith("validate:") and "not_coco" not in d[2]]
+STOPPED_AT_VALIDATE = [
+    d for d in DATASETS if d[2].startswith("validate:") and "not_coco" not in d[2]
+]
 
 
-@pytest.mark.parametrize("annotations, images, expected", STOPPED_AT_VALIDATE,
-                         ids=[d[0].replace("/", ":") for d in STOPPED_AT_VALIDATE])
+@pytest.mark.parametrize(
+    "annotations, images, expected",
+    STOPPED_AT_VALIDATE,
+    ids=[d[0].replace("/", ":") for d in STOPPED_AT_VALIDATE],
+)
 def test_on_error_drop_goes_on_until_split(tmp_path, monkeypatch, annotations, images, expected):
     """With validate.on_error: drop the offending records go. When that leaves a usable share
     of the data, validate passes and what is left (here always too few annotated images) stops
@@ -193,15 +297,18 @@ def test_on_error_drop_goes_on_until_split(tmp_path, monkeypatch, annotations, i
     if not REALWORLD.is_dir():
         pytest.skip(f"real-world conformance data not found at {REALWORLD} (optional)")
     monkeypatch.chdir(tmp_path)
-    results = run_pipeline(tmp_path, REALWORLD / annotations, REALWORLD / images,
-                           validate={"on_error": "drop"})
+    results = run_pipeline(
+        tmp_path, REALWORLD / annotations, REALWORLD / images, validate={"on_error": "drop"}
+    )
     log = "\n".join(f"--- {n} rc={rc}\n{o}\n{e}" for n, (rc, o, e) in results.items())
     rule = expected.split(":")[1]
     report = json.loads((tmp_path / "metrics/validate.json").read_text())
     assert "Traceback" not in log and report[rule] > 0, log
     if report["too_much_dropped"]:
         assert list(results) == ["inspect", "validate"] and results["validate"][0] == 1, log
-        detail = next(f for f in report["findings"] if f["rule"] == "too_much_dropped")["details"][0]
+        detail = next(f for f in report["findings"] if f["rule"] == "too_much_dropped")["details"][
+            0
+        ]
         assert f"most by {rule}" in detail and "too_much_dropped" in results["validate"][1], log
         return
     assert results["validate"][0] == 0, log
@@ -223,8 +330,12 @@ def coco_files_with_images(root: Path) -> set[str]:
             continue
         names = [im.get("file_name") for im in data["images"] if isinstance(im, dict)]
         names = [Path(n).name for n in names if isinstance(n, str)]
-        near = {p.name for q in (path.parent, path.parent.parent, path.parent.parent.parent)
-                for p in q.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
+        near = {
+            p.name
+            for q in (path.parent, path.parent.parent, path.parent.parent.parent)
+            for p in q.rglob("*")
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+        }
         if names and set(names) & near:
             found.add(str(path.relative_to(root)))
     return found

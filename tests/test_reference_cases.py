@@ -16,10 +16,34 @@ ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "realworld"
 pytestmark = pytest.mark.skipif(
     not ROOT.is_dir(), reason=f"reference cases not found at {ROOT.resolve()} (../shared/realworld)"
 )
-KEYS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
-        "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
-FCE_DICT_KEYS = ["AP_all", "AP_50", "AP_75", "AP_small", "AP_medium", "AP_large",
-                 "AR_all", "AR_second", "AR_third", "AR_small", "AR_medium", "AR_large"]
+KEYS = [
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+]
+FCE_DICT_KEYS = [
+    "AP_all",
+    "AP_50",
+    "AP_75",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
+    "AR_all",
+    "AR_second",
+    "AR_third",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+]
 FCE = "faster_coco_eval/tests/dataset"
 
 
@@ -38,7 +62,9 @@ def _fce_case(name: str) -> dict:
     return _load("faster_coco_eval/extracted/expected_stats.json")["cases"][name]
 
 
-@pytest.mark.parametrize(("case", "kind"), [("cocoapi_fake_bbox", "bbox"), ("cocoapi_fake_segm", "segm")])
+@pytest.mark.parametrize(
+    ("case", "kind"), [("cocoapi_fake_bbox", "bbox"), ("cocoapi_fake_segm", "segm")]
+)
 def test_r1_r2_cocoapi_fake_results(case, kind):
     gt = _load(f"{FCE}/cocoapi/instances_val2014_100.json")
     dt = _load(f"{FCE}/cocoapi/instances_val2014_fake{kind}100_results.json")
@@ -55,8 +81,10 @@ def test_r3_segm_rle_detections():
     dt = []
     for d in _load(f"{FCE}/dt_dataset.json"):  # as the source test: polygons -> one RLE
         rle = mask_utils.merge(mask_utils.frPyObjects(d["segmentation"], *sizes[d["image_id"]]))
-        dt.append({k: d[k] for k in ("image_id", "category_id", "iscrowd", "id", "score")}
-                  | {"segmentation": rle})
+        dt.append(
+            {k: d[k] for k in ("image_id", "category_id", "iscrowd", "id", "score")}
+            | {"segmentation": rle}
+        )
     m = coco_eval(gt, dt, iou_type="segm", per_class=False)
     expected = _fce_case("gt_dt_dataset_segm")["stats_as_dict"]
     np.testing.assert_allclose(_stats(m), [expected[k] for k in FCE_DICT_KEYS], atol=1e-10)
@@ -120,19 +148,34 @@ def _torchmetrics_case(name: str) -> dict:
 
 def _xyxy_to_coco(preds: list[dict], target: list[dict]) -> tuple[dict, list[dict]]:
     """torchmetrics' per-image xyxy inputs -> a COCO gt dict and results list."""
+
     def xywh(b):
         return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+
     labels = sorted({lab for t in target + preds for lab in t["labels"]})
-    gt = {"images": [{"id": i} for i in range(len(target))],
-          "categories": [{"id": lab, "name": str(lab)} for lab in labels], "annotations": []}
+    gt = {
+        "images": [{"id": i} for i in range(len(target))],
+        "categories": [{"id": lab, "name": str(lab)} for lab in labels],
+        "annotations": [],
+    }
     for i, t in enumerate(target):
         for b, lab in zip(t["boxes"], t["labels"], strict=True):
             box = xywh(b)
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i, "bbox": box,
-                                      "category_id": lab, "area": box[2] * box[3], "iscrowd": 0})
-    res = [{"image_id": i, "category_id": lab, "bbox": xywh(b), "score": s}
-           for i, p in enumerate(preds)
-           for b, s, lab in zip(p["boxes"], p["scores"], p["labels"], strict=True)]
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": i,
+                    "bbox": box,
+                    "category_id": lab,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
+    res = [
+        {"image_id": i, "category_id": lab, "bbox": xywh(b), "score": s}
+        for i, p in enumerate(preds)
+        for b, s, lab in zip(p["boxes"], p["scores"], p["labels"], strict=True)
+    ]
     return gt, res
 
 
@@ -158,13 +201,25 @@ def test_r10_empty_masks_give_minus_one():
     from pycocotools import mask as mask_utils
 
     empty = mask_utils.encode(np.zeros((10, 10, 1), np.uint8, order="F"))[0]
-    gt = {"images": [{"id": 0, "height": 10, "width": 10}], "annotations": [],
-          "categories": [{"id": 4, "name": "4"}]}
+    gt = {
+        "images": [{"id": 0, "height": 10, "width": 10}],
+        "annotations": [],
+        "categories": [{"id": 4, "name": "4"}],
+    }
     pred = [{"image_id": 0, "category_id": 4, "score": 0.5, "segmentation": empty}]
     m = coco_eval(gt, pred, iou_type="segm")
     assert all(v == -1.0 for v in m.values()) and "map/4" in m
-    gt["annotations"] = [{"id": 1, "image_id": 0, "category_id": 4, "segmentation": empty,
-                          "iscrowd": 0, "area": 0, "bbox": [0, 0, 0, 0]}]
+    gt["annotations"] = [
+        {
+            "id": 1,
+            "image_id": 0,
+            "category_id": 4,
+            "segmentation": empty,
+            "iscrowd": 0,
+            "area": 0,
+            "bbox": [0, 0, 0, 0],
+        }
+    ]
     m = coco_eval(gt, [], iou_type="segm")
     # pycocotools keeps a GT of area 0 (COCO's ranges start at 0) and it is missed: AP 0 where
     # torchmetrics reports -1. We follow pycocotools, the reference every peer reports against.

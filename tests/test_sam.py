@@ -59,20 +59,44 @@ def shapes(tmp_path: Path) -> tuple[dict, Path]:
         cy, cx, r = 40 + 8 * i, 36 + 10 * i, 16
         img[disk(h, w, cy, cx, r)] = (230, 40, 40)
         square = np.zeros((h, w), bool)
-        square[20 + 5 * i:60 + 5 * i, 76:116] = True
+        square[20 + 5 * i : 60 + 5 * i, 76:116] = True
         img[square] = (40, 230, 40)
         Image.fromarray(img).save(tmp_path / f"im{i}.png")
         images.append({"id": i + 1, "file_name": f"im{i}.png", "height": h, "width": w})
         base = 10 * i
         anns += [
-            {"id": base + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-             "bbox": [cx - r, cy - r, 2 * r, 2 * r], "segmentation": [circle_polygon(cy, cx, r)]},
-            {"id": base + 2, "image_id": i + 1, "category_id": 2, "iscrowd": 0,
-             "bbox": [76, 20 + 5 * i, 40, 40], "segmentation": mask_to_rle(square)},
-            {"id": base + 3, "image_id": i + 1, "category_id": 2, "iscrowd": 1,
-             "bbox": [0, 0, 10, 10], "segmentation": mask_to_rle(np.ones((h, w), bool))},
-            {"id": base + 4, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-             "bbox": [0, 0, 10, 10], "segmentation": []},
+            {
+                "id": base + 1,
+                "image_id": i + 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [cx - r, cy - r, 2 * r, 2 * r],
+                "segmentation": [circle_polygon(cy, cx, r)],
+            },
+            {
+                "id": base + 2,
+                "image_id": i + 1,
+                "category_id": 2,
+                "iscrowd": 0,
+                "bbox": [76, 20 + 5 * i, 40, 40],
+                "segmentation": mask_to_rle(square),
+            },
+            {
+                "id": base + 3,
+                "image_id": i + 1,
+                "category_id": 2,
+                "iscrowd": 1,
+                "bbox": [0, 0, 10, 10],
+                "segmentation": mask_to_rle(np.ones((h, w), bool)),
+            },
+            {
+                "id": base + 4,
+                "image_id": i + 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [0, 0, 10, 10],
+                "segmentation": [],
+            },
         ]
     cats = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
     return {"images": images, "annotations": anns, "categories": cats}, tmp_path
@@ -86,7 +110,10 @@ def test_tiny_random_is_deterministic_and_independent_of_global_seed():
     a = S.build_tiny_random()
     torch.manual_seed(456)
     b = S.build_tiny_random()
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
     assert not a.training  # eval mode, as segment-anything's registry returns models
     assert S.input_size(a) == 128
 
@@ -130,9 +157,11 @@ def test_official_checkpoint_with_wrong_hash_is_refused(tmp_path, monkeypatch):
 
 
 def test_architecture_inferred_from_state_dict_shapes():
-    sd = {"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
-          "image_encoder.pos_embed": torch.zeros(1, 64, 64, 768),
-          **{f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(12)}}
+    sd = {
+        "image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
+        "image_encoder.pos_embed": torch.zeros(1, 64, 64, 768),
+        **{f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(12)},
+    }
     assert S.infer_architecture(sd, "x.pth") == S.ARCHITECTURES["vit_b"]
 
 
@@ -152,8 +181,11 @@ def test_segment_matches_sam_predictor(shapes, multimask):
     xyxy = torch.as_tensor(boxes_xywh[:, :2].tolist(), dtype=torch.float32)
     xyxy = torch.cat([xyxy, xyxy + torch.as_tensor(boxes_xywh[:, 2:], dtype=torch.float32)], 1)
     ref_masks, ref_scores, _ = predictor.predict_torch(
-        None, None, boxes=predictor.transform.apply_boxes_torch(xyxy, image.shape[:2]),
-        multimask_output=multimask)
+        None,
+        None,
+        boxes=predictor.transform.apply_boxes_torch(xyxy, image.shape[:2]),
+        multimask_output=multimask,
+    )
     best = ref_scores.argmax(1)
     rows = torch.arange(len(best))
     assert masks.shape == (3, 96, 128) and masks.dtype == bool
@@ -197,7 +229,9 @@ def test_prepared_image_embeds_once_and_answers_prompts_in_chunks(shapes):
 
 
 def test_segment_of_no_boxes_is_empty():
-    masks, scores = S.segment(S.build_tiny_random(), np.zeros((20, 30, 3), np.uint8), np.zeros((0, 4)))
+    masks, scores = S.segment(
+        S.build_tiny_random(), np.zeros((20, 30, 3), np.uint8), np.zeros((0, 4))
+    )
     assert masks.shape == (0, 20, 30) and scores.shape == (0,)
 
 
@@ -209,8 +243,10 @@ def _logits(model: torch.nn.Module, image: np.ndarray, boxes: np.ndarray) -> tor
     with torch.no_grad():
         size = S.input_size(sam)
         resized = S.resize_image(image, size=size)
-        xyxy = torch.as_tensor(S.boxes_xyxy_to_input(boxes, image.shape[:2], size=size), dtype=torch.float32)
-        (low_res, iou), = model(boxes=[xyxy], multimask=True, images=[S.image_to_tensor(resized)])
+        xyxy = torch.as_tensor(
+            S.boxes_xyxy_to_input(boxes, image.shape[:2], size=size), dtype=torch.float32
+        )
+        ((low_res, iou),) = model(boxes=[xyxy], multimask=True, images=[S.image_to_tensor(resized)])
     return torch.cat([low_res.flatten(), iou.flatten()])
 
 
@@ -227,11 +263,19 @@ def test_lora_parity_fresh_saved_merged(shapes, tmp_path):
     image = np.asarray(Image.open(root / "im1.png").convert("RGB"))
     boxes = np.array([[20.0, 30, 60, 70], [70, 20, 120, 70]])
     base = _logits(S.build_tiny_random(), image, boxes)
-    params = SamParams(model=S.TINY_RANDOM, lora_targets=f"{ENCODER_QKV}+{DECODER_ATTN}", train_decoder=True)
-    model = wrap_for_training(S.build_tiny_random(), sam_params=params, lora=LoraParams(dropout=0.0),
-                              activation_checkpointing=False)
+    params = SamParams(
+        model=S.TINY_RANDOM, lora_targets=f"{ENCODER_QKV}+{DECODER_ATTN}", train_decoder=True
+    )
+    model = wrap_for_training(
+        S.build_tiny_random(),
+        sam_params=params,
+        lora=LoraParams(dropout=0.0),
+        activation_checkpointing=False,
+    )
     model.eval()
-    torch.testing.assert_close(_logits(model, image, boxes), base, rtol=1e-5, atol=1e-6)  # fresh adapter: B = 0; tolerance: another code path (x86 kernels differ in the last bits)
+    torch.testing.assert_close(
+        _logits(model, image, boxes), base, rtol=1e-5, atol=1e-6
+    )  # fresh adapter: B = 0; tolerance: another code path (x86 kernels differ in the last bits)
 
     _perturb_lora(model)  # as if trained: LoRA and the fully trained decoder differ from base
     trained = _logits(model, image, boxes)
@@ -242,7 +286,9 @@ def test_lora_parity_fresh_saved_merged(shapes, tmp_path):
     from teacher.lora import load_adapter
 
     reloaded = load_adapter(S.build_tiny_random(), tmp_path / "adapter").eval()
-    torch.testing.assert_close(_logits(reloaded, image, boxes), trained, rtol=1e-5, atol=1e-6)  # reload: another module tree
+    torch.testing.assert_close(
+        _logits(reloaded, image, boxes), trained, rtol=1e-5, atol=1e-6
+    )  # reload: another module tree
     merged = S.load_sam(params, adapter_dir=tmp_path / "adapter")
     assert isinstance(merged, S.BoxPromptSam)
     torch.testing.assert_close(_logits(merged, image, boxes), trained, rtol=1e-4, atol=1e-4)
@@ -272,22 +318,35 @@ def test_choose_prompts_caps_and_is_seeded():
 
 def test_box_jitter_bounded_and_clipped():
     boxes = np.array([[10.0, 20, 50, 40], [0, 0, 5, 5]])
-    out = jitter_boxes_xyxy(boxes, fraction=0.1, max_shift=20, rng=sample_rng(0, 0, 0), width=60, height=45)
+    out = jitter_boxes_xyxy(
+        boxes, fraction=0.1, max_shift=20, rng=sample_rng(0, 0, 0), width=60, height=45
+    )
     wh = np.array([[40, 20, 40, 20], [5, 5, 5, 5]])
     assert np.all(np.abs(out - boxes) <= 0.1 * wh + 1e-9) and not np.array_equal(out, boxes)
     assert out[:, 0::2].min() >= 0 and out[:, 0::2].max() <= 60 and out[:, 1::2].max() <= 45
-    same = jitter_boxes_xyxy(boxes, fraction=0.0, max_shift=20, rng=sample_rng(0, 0, 0), width=60, height=45)
+    same = jitter_boxes_xyxy(
+        boxes, fraction=0.0, max_shift=20, rng=sample_rng(0, 0, 0), width=60, height=45
+    )
     assert np.array_equal(same, boxes)
 
 
 def test_box_jitter_has_an_absolute_cap_and_stays_inside_the_image():
     big = np.array([[100.0, 100, 900, 700]])  # 800 x 600: 10 % would be 80 / 60 px
-    shifts = np.concatenate([jitter_boxes_xyxy(big, fraction=0.1, max_shift=20, rng=sample_rng(0, 0, i),
-                                               width=1000, height=800) - big for i in range(50)])
+    shifts = np.concatenate(
+        [
+            jitter_boxes_xyxy(
+                big, fraction=0.1, max_shift=20, rng=sample_rng(0, 0, i), width=1000, height=800
+            )
+            - big
+            for i in range(50)
+        ]
+    )
     assert np.abs(shifts).max() <= 20 + 1e-9 and np.abs(shifts).max() > 15
     edge = np.array([[0.0, 0, 3, 3], [57, 42, 60, 45], [59.5, 44.5, 60, 45], [0, 0, 60, 45]])
     for i in range(50):  # boxes on every border, some thinner than a pixel
-        out = jitter_boxes_xyxy(edge, fraction=0.5, max_shift=20, rng=sample_rng(1, 0, i), width=60, height=45)
+        out = jitter_boxes_xyxy(
+            edge, fraction=0.5, max_shift=20, rng=sample_rng(1, 0, i), width=60, height=45
+        )
         assert (out[:, :2] >= 0).all() and (out[:, 2] <= 60).all() and (out[:, 3] <= 45).all()
         assert (out[:, 2:] - out[:, :2] >= 1 - 1e-9).all()
 
@@ -324,8 +383,15 @@ def test_augmented_items_keep_boxes_and_masks_aligned(shapes):
 
     coco, root = shapes
     policy = {"hflip": 0.5, "scale_min": 0.7, "scale_max": 1.3, "crop": 1.0, "color_jitter": 0.2}
-    ds = SamDataset(coco, root, image_size=128, max_prompts=4, box_jitter=0.0, seed=0,
-                    transform=build_transform(policy, train=True))
+    ds = SamDataset(
+        coco,
+        root,
+        image_size=128,
+        max_prompts=4,
+        box_jitter=0.0,
+        seed=0,
+        transform=build_transform(policy, train=True),
+    )
     sizes = set()
     for epoch in range(3):
         ds.set_epoch(epoch)
@@ -334,7 +400,9 @@ def test_augmented_items_keep_boxes_and_masks_aligned(shapes):
             sizes.add(tuple(item["image"].shape))
             for box, mask in zip(item["boxes"], item["masks"], strict=True):
                 rows, cols = torch.nonzero(mask, as_tuple=True)
-                extent = torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]).float()
+                extent = torch.tensor(
+                    [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+                ).float()
                 assert torch.allclose(box, extent, atol=2.5), (epoch, index, box, extent)
     assert len(sizes) > 1  # crops changed the image geometry, and boxes followed
 
@@ -357,7 +425,9 @@ def test_embedding_cache_is_reused_and_matches_encoder(shapes, tmp_path):
     inodes = {p: p.stat().st_ino for p in files.values()}
     again = cache_sam_embeddings(sam, coco, root, cache)
     assert again == files and all(p.stat().st_ino == n for p, n in inodes.items())  # not rewritten
-    ds = SamDataset(coco, root, image_size=128, max_prompts=4, box_jitter=0.0, seed=0, embeddings=files)
+    ds = SamDataset(
+        coco, root, image_size=128, max_prompts=4, box_jitter=0.0, seed=0, embeddings=files
+    )
     cached = ds[0]["embedding"]
     image = np.asarray(Image.open(root / "im0.png").convert("RGB"))
     with torch.no_grad():
@@ -388,13 +458,19 @@ def test_embedding_cache_is_bounded_least_recently_used_first(shapes, tmp_path):
         os.utime(p, (1000 + i, 1000 + i))  # used long ago
     train = {**coco, "annotations": [a for a in coco["annotations"] if a["image_id"] == 1]}
     val = {**coco, "annotations": [a for a in coco["annotations"] if a["image_id"] == 2]}
-    maps = cache_split_embeddings(S.build_tiny_random(), [train, val], root, cache, max_bytes=3 * entry)
+    maps = cache_split_embeddings(
+        S.build_tiny_random(), [train, val], root, cache, max_bytes=3 * entry
+    )
     new = {**maps[0], **maps[1]}
     assert all(p.exists() for p in new.values())  # in use: never evicted
     assert [p.exists() for p in old.values()] == [False, True]  # least recently used went first
-    left = prune_embedding_cache(cache, max_bytes=0, keep=new.values())  # bound below the run's need
+    left = prune_embedding_cache(
+        cache, max_bytes=0, keep=new.values()
+    )  # bound below the run's need
     assert left.kept == 2 and left.size == 2 * entry and not any(p.exists() for p in old.values())
-    stale = prune_embedding_cache(cache, max_bytes=None, current=[new[1]])  # e.g. image 2 was edited
+    stale = prune_embedding_cache(
+        cache, max_bytes=None, current=[new[1]]
+    )  # e.g. image 2 was edited
     assert stale.removed == 1 and new[1].exists() and not new[2].exists()
 
 
@@ -404,7 +480,10 @@ def test_decoder_only_cache_checks_the_image_size_against_the_record(shapes, tmp
     coco, root = shapes
     wrong = copy.deepcopy(coco)
     wrong["images"][1]["height"] = 100  # the file is 96 px high
-    with pytest.raises(TeacherError, match=r"image 2 \(im1.png\): the image is 128x96 px but its COCO record says 128x100"):
+    with pytest.raises(
+        TeacherError,
+        match=r"image 2 \(im1.png\): the image is 128x96 px but its COCO record says 128x100",
+    ):
         cache_sam_embeddings(S.build_tiny_random(), wrong, root, tmp_path / "c1")
     files = cache_sam_embeddings(S.build_tiny_random(), coco, root, tmp_path / "c2")
     with pytest.raises(TeacherError, match="record says 128x100 .cached in"):  # reused entries too
@@ -428,8 +507,14 @@ def test_processes_share_the_embedding_cache_each_building_its_share(shapes, tmp
     for rank, model in enumerate(models):
         model.image_encoder.register_forward_hook(lambda m, i, o, r=rank: calls[r].append(1))
     with ThreadPoolExecutor(2) as pool:  # as two training processes: rank 0 and 1 of 2
-        maps = list(pool.map(lambda r: cache_sam_embeddings(models[r], coco, root, tmp_path / "c",
-                                                            rank=r, world=2, timeout_s=60), [0, 1]))
+        maps = list(
+            pool.map(
+                lambda r: cache_sam_embeddings(
+                    models[r], coco, root, tmp_path / "c", rank=r, world=2, timeout_s=60
+                ),
+                [0, 1],
+            )
+        )
     assert calls == [[1], [1]]  # each embedded one of the two images
     assert maps[0] == maps[1] and all(p.exists() for p in maps[0].values())
 
@@ -440,7 +525,10 @@ def test_validation_miou_uses_the_test_rule_for_nothing_to_measure(shapes):
     coco, root = shapes
     sam = S.build_tiny_random()
     none = {**coco, "annotations": [a for a in coco["annotations"] if a["iscrowd"]]}
-    assert validate_miou(sam, none, root, multimask=False) == {"val_miou": -1.0, "val_instances": 0.0}
+    assert validate_miou(sam, none, root, multimask=False) == {
+        "val_miou": -1.0,
+        "val_instances": 0.0,
+    }
     scored = validate_miou(sam, coco, root, multimask=False)
     assert scored["val_instances"] == 4 and 0 <= scored["val_miou"] <= 1
 
@@ -451,8 +539,12 @@ def test_validation_miou_uses_the_test_rule_for_nothing_to_measure(shapes):
 def test_encoder_lora_trains_with_activation_checkpointing(shapes):
     coco, root = shapes
     params = SamParams(model=S.TINY_RANDOM, lora_targets=ENCODER_QKV, max_prompts=2, multimask=True)
-    model = wrap_for_training(S.build_tiny_random(), sam_params=params, lora=LoraParams(dropout=0.0),
-                              activation_checkpointing=True)
+    model = wrap_for_training(
+        S.build_tiny_random(),
+        sam_params=params,
+        lora=LoraParams(dropout=0.0),
+        activation_checkpointing=True,
+    )
     assert encoder_trains(model)
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -466,7 +558,9 @@ def test_encoder_lora_trains_with_activation_checkpointing(shapes):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    changed = [
+        n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])
+    ]
     lora_b = [n for n in before if "lora_B" in n]
     assert set(lora_b) <= set(changed)  # every encoder block's LoRA B moved (A alone is not enough)
 
@@ -474,13 +568,16 @@ def test_encoder_lora_trains_with_activation_checkpointing(shapes):
 def test_decoder_only_mode_runs_encoder_without_grad(shapes):
     coco, root = shapes
     params = SamParams(model=S.TINY_RANDOM, lora_targets=DECODER_ATTN, train_decoder=True)
-    model = wrap_for_training(S.build_tiny_random(), sam_params=params, lora=LoraParams(),
-                              activation_checkpointing=True)
+    model = wrap_for_training(
+        S.build_tiny_random(), sam_params=params, lora=LoraParams(), activation_checkpointing=True
+    )
     assert not encoder_trains(model)
     ds = SamDataset(coco, root, image_size=128, max_prompts=2, box_jitter=0.0, seed=0)
     model.train()
     seen = []
-    S.unwrap(model).image_encoder.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    S.unwrap(model).image_encoder.register_forward_hook(
+        lambda m, i, o: seen.append(o.requires_grad)
+    )
     loss = training_step(model, collate_sam([ds[0]]), sam_params=params)["loss"]
     assert seen == [False]  # frozen encoder ran under no_grad: no activations kept
     loss.backward()
@@ -510,10 +607,24 @@ def test_cli_prune_cache_removes_stale_entries_then_bounds_size(shapes, tmp_path
     one = copy.deepcopy(coco)
     one["annotations"] = [a for a in one["annotations"] if a["image_id"] == 1]  # image 2 removed
     (tmp_path / "now.json").write_text(json.dumps(one))
-    rc = teacher_main(["prune-cache", str(cache), "--annotations", str(tmp_path / "now.json"),
-                       "--images", str(root), "--params", str(params)])
+    rc = teacher_main(
+        [
+            "prune-cache",
+            str(cache),
+            "--annotations",
+            str(tmp_path / "now.json"),
+            "--images",
+            str(root),
+            "--params",
+            str(params),
+        ]
+    )
     assert rc == 0 and "removed 3 files" in capsys.readouterr().out
-    assert current[1].exists() and not current[2].exists() and not any(p.exists() for p in old.values())
+    assert (
+        current[1].exists()
+        and not current[2].exists()
+        and not any(p.exists() for p in old.values())
+    )
     assert teacher_main(["prune-cache", str(cache), "--max-gib", "0", "--params", str(params)]) == 0
     assert not current[1].exists() and not any(cache.iterdir())  # empty encoder folders go too
 
@@ -528,7 +639,9 @@ def _cache_share(coco: dict, root: Path, cache: Path, out: Path) -> None:
     sam, calls = S.build_tiny_random(), []
     sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(1))
     files = cache_sam_embeddings(sam, coco, root, cache, rank=rank, world=world, timeout_s=120)
-    (out / f"rank{rank}.json").write_text(json.dumps({"calls": len(calls), "files": sorted(map(str, files.values()))}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps({"calls": len(calls), "files": sorted(map(str, files.values()))})
+    )
 
 
 @pytest.mark.slow
@@ -538,7 +651,11 @@ def test_launched_processes_build_the_cache_once_and_share_it(shapes, tmp_path):
     from teacher.train.distributed import launch
 
     coco, root = shapes
-    launch(_cache_share, processes=2, kwargs=dict(coco=coco, root=root, cache=tmp_path / "c", out=tmp_path))
+    launch(
+        _cache_share,
+        processes=2,
+        kwargs=dict(coco=coco, root=root, cache=tmp_path / "c", out=tmp_path),
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["calls"] for r in ranks] == [1, 1]  # two images, one each: built once
     assert ranks[0]["files"] == ranks[1]["files"] and len(ranks[0]["files"]) == 2

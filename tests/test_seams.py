@@ -22,8 +22,17 @@ LEFT_OUT = {"teacher.params", "teacher.errors"}  # see the comment at the top of
 LAYERS = [
     {"teacher.errors", "teacher.params", "teacher.digest", "teacher.artifacts"},
     {"teacher.boxes", "teacher.coco", "teacher.images"},
-    {"teacher.inspection", "teacher.checks", "teacher.splitting", "teacher.augment",
-     "teacher.lora", "teacher.metrics", "teacher.gallery", "teacher.detections", "teacher.synth"},
+    {
+        "teacher.inspection",
+        "teacher.checks",
+        "teacher.splitting",
+        "teacher.augment",
+        "teacher.lora",
+        "teacher.metrics",
+        "teacher.gallery",
+        "teacher.detections",
+        "teacher.synth",
+    },
     {"teacher.train"},
     {"teacher.dino", "teacher.sam", "teacher.student"},
     {"teacher.predict", "teacher.export", "teacher.labeling", "teacher.student_predict"},
@@ -42,13 +51,19 @@ def imports_of(path: Path) -> set[str]:
     """``teacher`` modules imported anywhere in ``path`` (top level or inside functions)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "teacher":
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] == "teacher"
+        ):
             for alias in node.names:  # `from teacher.train import loop` imports a module
                 sub = f"{node.module}.{alias.name}"
                 found.add(sub if module_file(sub).is_file() else node.module)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "teacher"}
-    return {m for m in found if module_file(m).is_file() and not module_file(m).name == "__init__.py"}
+    return {
+        m for m in found if module_file(m).is_file() and not module_file(m).name == "__init__.py"
+    }
 
 
 def closure(path: Path) -> set[str]:
@@ -63,8 +78,11 @@ def closure(path: Path) -> set[str]:
 
 
 def library_modules() -> list[str]:
-    return sorted(".".join(p.relative_to(SRC).with_suffix("").parts)
-                  for p in SRC.rglob("*.py") if p.name != "__init__.py")
+    return sorted(
+        ".".join(p.relative_to(SRC).with_suffix("").parts)
+        for p in SRC.rglob("*.py")
+        if p.name != "__init__.py"
+    )
 
 
 def stage_deps() -> dict[str, tuple[Path, set[str]]]:
@@ -74,8 +92,11 @@ def stage_deps() -> dict[str, tuple[Path, set[str]]]:
     for name, stage in stages.items():
         deps = [d for d in stage.get("deps", []) if isinstance(d, str)]
         script = next(REPO_ROOT / d for d in deps if d.startswith("stages/"))
-        mods = {".".join(Path(d).relative_to("src").with_suffix("").parts)
-                for d in deps if d.startswith("src/teacher/") and d.endswith(".py")}
+        mods = {
+            ".".join(Path(d).relative_to("src").with_suffix("").parts)
+            for d in deps
+            if d.startswith("src/teacher/") and d.endswith(".py")
+        }
         out[name] = (script, mods)
     return out
 
@@ -88,7 +109,8 @@ def test_stage_deps_equal_the_modules_its_script_imports(stage):
     extra = sorted(declared - imported)
     assert not missing and not extra, (
         f"dvc.yaml stage {stage} (fix: python scripts/stage_deps.py): add deps {[str(module_file(m).relative_to(REPO_ROOT)) for m in missing]}, "
-        f"remove {[str(module_file(m).relative_to(REPO_ROOT)) for m in extra]}")
+        f"remove {[str(module_file(m).relative_to(REPO_ROOT)) for m in extra]}"
+    )
 
 
 def layer_of(module: str) -> int:
@@ -122,7 +144,9 @@ def test_no_upward_import_and_no_cycle():
 def test_package_inits_are_docstrings_only():
     for init in SRC.rglob("__init__.py"):
         body = ast.parse(init.read_text()).body
-        assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body), init
+        assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body), (
+            init
+        )
 
 
 def test_contracts_map_lists_every_module_and_stage():
@@ -130,6 +154,8 @@ def test_contracts_map_lists_every_module_and_stage():
     text = (REPO_ROOT / "docs" / "CONTRACTS.md").read_text()
     listed = set(re.findall(r"^\| `(teacher/[\w/]+\.py)` \|", text, flags=re.M))
     actual = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if p.name != "__init__.py"}
-    assert listed == actual, f"CONTRACTS.md map: missing {sorted(actual - listed)}, extra {sorted(listed - actual)}"
+    assert listed == actual, (
+        f"CONTRACTS.md map: missing {sorted(actual - listed)}, extra {sorted(listed - actual)}"
+    )
     for stage in stage_deps():
         assert f"| `{stage}` |" in text, f"CONTRACTS.md map: stage {stage} missing"

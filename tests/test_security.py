@@ -33,13 +33,20 @@ def test_no_unsafe_deserialisation_or_eval(path: Path) -> None:
     for call in _calls(path):
         name = _name(call)
         where = f"{path.relative_to(REPO_ROOT)}:{call.lineno}"
-        assert name not in {"eval", "exec", "pickle.load", "pickle.loads", "yaml.load",
-                            "yaml.unsafe_load"}, f"{where}: {name} executes or unpickles input"
+        assert name not in {
+            "eval",
+            "exec",
+            "pickle.load",
+            "pickle.loads",
+            "yaml.load",
+            "yaml.unsafe_load",
+        }, f"{where}: {name} executes or unpickles input"
         if name == "torch.load":
             kw = {k.arg: k.value for k in call.keywords}
-            assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, (
-                f"{where}: torch.load without weights_only=True"
-            )
+            assert (
+                isinstance(kw.get("weights_only"), ast.Constant)
+                and kw["weights_only"].value is True
+            ), f"{where}: torch.load without weights_only=True"
 
 
 def test_the_check_sees_an_unsafe_call(tmp_path: Path) -> None:

@@ -47,11 +47,20 @@ def free_port() -> int:
 
 
 def write_params(path: Path) -> Path:
-    path.write_text(yaml.safe_dump({
-        "dino": {"model": "tiny-random", "shortest_edge": TINY_DINO.shortest_edge,
-                 "longest_edge": TINY_DINO.longest_edge, "box_threshold": 0.0,
-                 "text_threshold": 0.0},
-        "sam": {"model": TINY_SAM.model}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "dino": {
+                    "model": "tiny-random",
+                    "shortest_edge": TINY_DINO.shortest_edge,
+                    "longest_edge": TINY_DINO.longest_edge,
+                    "box_threshold": 0.0,
+                    "text_threshold": 0.0,
+                },
+                "sam": {"model": TINY_SAM.model},
+            }
+        )
+    )
     return path
 
 
@@ -93,13 +102,35 @@ def image_http(world):
 
 def start_server(world, *extra: str, token: str | None = TOKEN, env: dict | None = None):
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")},
-           "PYTHONPATH": str(REPO / "src"), "TEACHER_SERVE_TOKEN": token or "", **(env or {})}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")},
+        "PYTHONPATH": str(REPO / "src"),
+        "TEACHER_SERVE_TOKEN": token or "",
+        **(env or {}),
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "teacher.cli", "serve", "--adapters", str(world["root"] / "models"),
-         "--params", str(world["params"]), "--port", str(port),
-         "--local-files-root", str(world["root"] / "files"), "--max-detections", "3", *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "teacher.cli",
+            "serve",
+            "--adapters",
+            str(world["root"] / "models"),
+            "--params",
+            str(world["params"]),
+            "--port",
+            str(port),
+            "--local-files-root",
+            str(world["root"] / "files"),
+            "--max-detections",
+            "3",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, proc, timeout_s=120)
@@ -141,10 +172,17 @@ def test_health_is_open_and_names_the_model(server):
 def test_routes_need_the_token_bearer_or_basic(server):
     body = {"tasks": [task(1, local("img_0.png"))], "label_config": CONFIG}
     assert post(server, "/predict", body, headers={}).status_code == 401
-    assert post(server, "/predict", body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert (
+        post(server, "/predict", body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    )
     basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
-    assert post(server, "/predict", body, headers={"Authorization": f"Basic {basic}"}).status_code == 200
-    assert post(server, "/setup", {"project": "1.1", "schema": CONFIG}, headers={}).status_code == 401
+    assert (
+        post(server, "/predict", body, headers={"Authorization": f"Basic {basic}"}).status_code
+        == 200
+    )
+    assert (
+        post(server, "/setup", {"project": "1.1", "schema": CONFIG}, headers={}).status_code == 401
+    )
 
 
 def test_setup_reports_classes_without_labels_and_labels_without_classes(server):
@@ -155,15 +193,22 @@ def test_setup_reports_classes_without_labels_and_labels_without_classes(server)
     assert body["unknown_classes"] == {"box": ["round thing"], "mask": ["round thing"]}
     assert body["labels_without_class"] == {"box": ["giraffe"]}
     # the project's config is remembered: predict without label_config
-    r = post(server, "/predict", {"tasks": [task(1, local("img_0.png"))], "project": "7.1700000000"})
+    r = post(
+        server, "/predict", {"tasks": [task(1, local("img_0.png"))], "project": "7.1700000000"}
+    )
     assert r.status_code == 200 and len(r.json()["results"]) == 1
 
 
 def test_predict_batches_tasks_and_fails_only_the_bad_ones(server, image_http):
-    tasks = [task(1, local("img_0.png")), task(2, "/data/local-files/?d=../outside.png"),
-             task(3, local("img_1.png")), task(4, local("img_2.png"), key="other"),
-             task(5, f"{image_http}/images/img_3.png"), task(6, f"{image_http}/images/missing.png"),
-             task(7, local("img_2.png"))]
+    tasks = [
+        task(1, local("img_0.png")),
+        task(2, "/data/local-files/?d=../outside.png"),
+        task(3, local("img_1.png")),
+        task(4, local("img_2.png"), key="other"),
+        task(5, f"{image_http}/images/img_3.png"),
+        task(6, f"{image_http}/images/missing.png"),
+        task(7, local("img_2.png")),
+    ]
     r = post(server, "/predict", {"tasks": tasks, "label_config": CONFIG, "project": "3.1"})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -198,22 +243,45 @@ def test_predict_batches_tasks_and_fails_only_the_bad_ones(server, image_http):
 
 
 def click(x, y, *, positive=True, label="box"):
-    return {"type": "keypointlabels", "from_name": "kp", "to_name": "img", "original_width": 64,
-            "original_height": 48, "is_positive": positive,
-            "value": {"x": x, "y": y, "width": 1, "keypointlabels": [label]}}
+    return {
+        "type": "keypointlabels",
+        "from_name": "kp",
+        "to_name": "img",
+        "original_width": 64,
+        "original_height": 48,
+        "is_positive": positive,
+        "value": {"x": x, "y": y, "width": 1, "keypointlabels": [label]},
+    }
 
 
 def test_smart_clicks_give_a_mask_and_reuse_the_embedding(server):
     before = httpx.get(server + "/health").json()["images_embedded"]
     t = task(11, local("img_3.png"))
-    for ctx in ({"result": [click(25, 30)]},
-                {"result": [click(25, 30), click(70, 60, positive=False)]},
-                {"result": [{"type": "rectanglelabels", "from_name": "box", "to_name": "img",
-                             "original_width": 64, "original_height": 48,
-                             "value": {"x": 10, "y": 10, "width": 40, "height": 40,
-                                       "rectanglelabels": ["box"]}}]}):
-        r = post(server, "/predict", {"tasks": [t], "label_config": CONFIG,
-                                      "params": {"context": ctx}})
+    for ctx in (
+        {"result": [click(25, 30)]},
+        {"result": [click(25, 30), click(70, 60, positive=False)]},
+        {
+            "result": [
+                {
+                    "type": "rectanglelabels",
+                    "from_name": "box",
+                    "to_name": "img",
+                    "original_width": 64,
+                    "original_height": 48,
+                    "value": {
+                        "x": 10,
+                        "y": 10,
+                        "width": 40,
+                        "height": 40,
+                        "rectanglelabels": ["box"],
+                    },
+                }
+            ]
+        },
+    ):
+        r = post(
+            server, "/predict", {"tasks": [t], "label_config": CONFIG, "params": {"context": ctx}}
+        )
         assert r.status_code == 200, r.text
         (pred,) = r.json()["results"]
         (region,) = pred["result"]
@@ -223,19 +291,42 @@ def test_smart_clicks_give_a_mask_and_reuse_the_embedding(server):
     assert httpx.get(server + "/health").json()["images_embedded"] == before + 1  # once per image
 
 
-@pytest.mark.parametrize("body, status, match", [
-    ({"label_config": CONFIG}, 422, "tasks"),
-    ({"tasks": "nope", "label_config": CONFIG}, 422, "tasks"),
-    ({"tasks": [task(1, local("img_0.png"))], "label_config": "<View"}, 400, "not valid XML"),
-    ({"tasks": [task(1, local("img_0.png"))]}, 400, "no label_config"),
-    ({"tasks": [task(1, local("img_0.png"))] * 9, "label_config": CONFIG}, 400, "at most 8"),
-    ({"tasks": [task(1, local("img_0.png"))], "label_config": '<View><Image name="i" value="$image"/></View>'},
-     400, "nothing to predict"),
-    ({"tasks": [task(1, local("img_0.png"))] * 2, "label_config": CONFIG,
-      "params": {"context": {"result": [click(1, 1)]}}}, 400, "one task"),
-    ({"tasks": [task(1, local("nope.png"))], "label_config": CONFIG,
-      "params": {"context": {"result": [click(1, 1)]}}}, 400, "cannot read"),
-])
+@pytest.mark.parametrize(
+    "body, status, match",
+    [
+        ({"label_config": CONFIG}, 422, "tasks"),
+        ({"tasks": "nope", "label_config": CONFIG}, 422, "tasks"),
+        ({"tasks": [task(1, local("img_0.png"))], "label_config": "<View"}, 400, "not valid XML"),
+        ({"tasks": [task(1, local("img_0.png"))]}, 400, "no label_config"),
+        ({"tasks": [task(1, local("img_0.png"))] * 9, "label_config": CONFIG}, 400, "at most 8"),
+        (
+            {
+                "tasks": [task(1, local("img_0.png"))],
+                "label_config": '<View><Image name="i" value="$image"/></View>',
+            },
+            400,
+            "nothing to predict",
+        ),
+        (
+            {
+                "tasks": [task(1, local("img_0.png"))] * 2,
+                "label_config": CONFIG,
+                "params": {"context": {"result": [click(1, 1)]}},
+            },
+            400,
+            "one task",
+        ),
+        (
+            {
+                "tasks": [task(1, local("nope.png"))],
+                "label_config": CONFIG,
+                "params": {"context": {"result": [click(1, 1)]}},
+            },
+            400,
+            "cannot read",
+        ),
+    ],
+)
 def test_bad_requests_get_4xx_with_a_message(server, body, status, match):
     r = post(server, "/predict", body)
     assert r.status_code == status, r.text
@@ -243,7 +334,11 @@ def test_bad_requests_get_4xx_with_a_message(server, body, status, match):
 
 
 def test_not_json_and_oversized_bodies(server):
-    r = httpx.post(server + "/predict", content=b"{not json", headers={**AUTH, "content-type": "application/json"})
+    r = httpx.post(
+        server + "/predict",
+        content=b"{not json",
+        headers={**AUTH, "content-type": "application/json"},
+    )
     assert r.status_code == 422 and "invalid request" in r.json()["error"]
     r = httpx.post(server + "/predict", content=b"x" * (21 * 2**20), headers=AUTH)
     assert r.status_code == 413
@@ -271,26 +366,53 @@ def test_boxes_only_without_token(world):
     from teacher.serve.sources import ImageSources
     from teacher.serve.teachers import load_serve_teachers
 
-    teachers = load_serve_teachers(adapters=world["root"] / "models", classes=None,
-                                   dino_params=TINY_DINO, sam_params=TINY_SAM,
-                                   keep=Filter(score_threshold=0.0, max_detections=2),
-                                   text_threshold=0.0, segment_masks=False, log=lambda *_: None)
+    teachers = load_serve_teachers(
+        adapters=world["root"] / "models",
+        classes=None,
+        dino_params=TINY_DINO,
+        sam_params=TINY_SAM,
+        keep=Filter(score_threshold=0.0, max_detections=2),
+        text_threshold=0.0,
+        segment_masks=False,
+        log=lambda *_: None,
+    )
     backend = Backend(teachers=teachers, sources=ImageSources(local_root=world["root"] / "files"))
     client = TestClient(create_app(backend, token=None))
-    r = client.post("/predict", json={"tasks": [task(1, local("img_0.png"))], "label_config": CONFIG})
+    r = client.post(
+        "/predict", json={"tasks": [task(1, local("img_0.png"))], "label_config": CONFIG}
+    )
     assert r.status_code == 200
     assert {x["type"] for x in r.json()["results"][0]["result"]} <= {"rectanglelabels"}
-    r = client.post("/predict", json={"tasks": [task(1, local("img_0.png"))], "label_config": CONFIG,
-                                      "params": {"context": {"result": [click(1, 1)]}}})
+    r = client.post(
+        "/predict",
+        json={
+            "tasks": [task(1, local("img_0.png"))],
+            "label_config": CONFIG,
+            "params": {"context": {"result": [click(1, 1)]}},
+        },
+    )
     assert r.status_code == 400 and "--boxes-only" in r.json()["error"]
 
 
 def test_predict_format_label_studio_writes_importable_tasks(world, server, tmp_path, monkeypatch):
     monkeypatch.chdir(world["root"] / "files")
     out = tmp_path / "tasks.json"
-    rc = teacher_main(["predict", "images", "--adapters", str(world["root"] / "models"),
-                       "--params", str(world["params"]), "--out", str(out), "--format",
-                       "label-studio", "--max-detections", "2"])
+    rc = teacher_main(
+        [
+            "predict",
+            "images",
+            "--adapters",
+            str(world["root"] / "models"),
+            "--params",
+            str(world["params"]),
+            "--out",
+            str(out),
+            "--format",
+            "label-studio",
+            "--max-detections",
+            "2",
+        ]
+    )
     assert rc == 0
     tasks = json.loads(out.read_text())
     assert [t["data"]["image"] for t in tasks] == [local(f"img_{i}.png") for i in range(4)]
@@ -306,13 +428,27 @@ def test_predict_format_label_studio_writes_importable_tasks(world, server, tmp_
 
 def test_predict_format_label_studio_with_a_given_config(world, tmp_path, capsys):
     config = tmp_path / "config.xml"
-    config.write_text('<View><Image name="photo" value="$img"/><PolygonLabels name="poly" '
-                      'toName="photo"><Label value="Box"/></PolygonLabels></View>')
+    config.write_text(
+        '<View><Image name="photo" value="$img"/><PolygonLabels name="poly" '
+        'toName="photo"><Label value="Box"/></PolygonLabels></View>'
+    )
     out = tmp_path / "tasks.json"
-    args = ["predict", str(world["root"] / "files" / "images"), "--adapters",
-            str(world["root"] / "models"), "--params", str(world["params"]), "--out", str(out),
-            "--format", "label-studio", "--max-detections", "3", "--image-url-prefix",
-            "https://files.example/"]
+    args = [
+        "predict",
+        str(world["root"] / "files" / "images"),
+        "--adapters",
+        str(world["root"] / "models"),
+        "--params",
+        str(world["params"]),
+        "--out",
+        str(out),
+        "--format",
+        "label-studio",
+        "--max-detections",
+        "3",
+        "--image-url-prefix",
+        "https://files.example/",
+    ]
     assert teacher_main([*args, "--label-config", str(tmp_path / "absent.xml")]) == 1
     assert "absent.xml: no such file" in capsys.readouterr().err
     assert teacher_main([*args, "--label-config", str(config)]) == 0
@@ -321,5 +457,9 @@ def test_predict_format_label_studio_with_a_given_config(world, tmp_path, capsys
     assert tasks[0]["data"] == {"img": "https://files.example/img_0.png"}
     regions = [r for t in tasks for r in t["predictions"][0]["result"]]
     assert regions
-    assert {(r["type"], r["from_name"], r["to_name"]) for r in regions} <= {("polygonlabels", "poly", "photo")}
-    assert all(r["value"]["polygonlabels"] == ["Box"] and len(r["value"]["points"]) >= 3 for r in regions)
+    assert {(r["type"], r["from_name"], r["to_name"]) for r in regions} <= {
+        ("polygonlabels", "poly", "photo")
+    }
+    assert all(
+        r["value"]["polygonlabels"] == ["Box"] and len(r["value"]["points"]) >= 3 for r in regions
+    )

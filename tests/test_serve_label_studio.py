@@ -39,11 +39,18 @@ pytestmark = pytest.mark.slow
 
 
 def ls_env(data: Path, files: Path) -> dict[str, str]:
-    return {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data),
-            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "LOCAL_FILES_SERVING_ENABLED": "true",
-            "LOCAL_FILES_DOCUMENT_ROOT": str(files), "ML_BLOCK_LOCAL_IP": "false",
-            "SSRF_PROTECTION_ENABLED": "false", "LATEST_VERSION_CHECK": "false",
-            "COLLECT_ANALYTICS": "false", "PYTHONPATH": ""}
+    return {
+        **os.environ,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data),
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LOCAL_FILES_SERVING_ENABLED": "true",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(files),
+        "ML_BLOCK_LOCAL_IP": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+        "LATEST_VERSION_CHECK": "false",
+        "COLLECT_ANALYTICS": "false",
+        "PYTHONPATH": "",
+    }
 
 
 def start_label_studio(data: Path, files: Path, *, timeout_s: float = 300):
@@ -51,10 +58,31 @@ def start_label_studio(data: Path, files: Path, *, timeout_s: float = 300):
     url = f"http://127.0.0.1:{port}"
     log = open(data.parent / f"label-studio-{port}.log", "w")
     proc = subprocess.Popen(
-        [str(LS_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--host", url,
-         "--port", str(port), "--data-dir", str(data), "--username", "e2e@example.com",
-         "--password", "e2e-password", "--user-token", LS_TOKEN, "--enable-legacy-api-token"],
-        env=ls_env(data, files), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(LS_BIN),
+            "start",
+            "--no-browser",
+            "--internal-host",
+            "127.0.0.1",
+            "--host",
+            url,
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data),
+            "--username",
+            "e2e@example.com",
+            "--password",
+            "e2e-password",
+            "--user-token",
+            LS_TOKEN,
+            "--enable-legacy-api-token",
+        ],
+        env=ls_env(data, files),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -82,8 +110,10 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def label_studio(world, tmp_path_factory):  # noqa: F811
     if not any(LS_VENV.glob(".installed-label-studio*")):
-        pytest.skip(f"Label Studio is not installed in {LS_VENV} (`make label-studio` installs it;"
-                    " it needs PyPI): the end-to-end test cannot run here")
+        pytest.skip(
+            f"Label Studio is not installed in {LS_VENV} (`make label-studio` installs it;"
+            " it needs PyPI): the end-to-end test cannot run here"
+        )
     files = world["root"] / "files"
     data = tmp_path_factory.mktemp("ls") / "data"
     if not (TEMPLATE / "label_studio.sqlite3").exists():  # first run: migrate once, keep a copy
@@ -103,13 +133,16 @@ def label_studio(world, tmp_path_factory):  # noqa: F811
 
 def test_predictions_show_in_label_studio(world, label_studio):  # noqa: F811
     started = time.monotonic()
-    ls = httpx.Client(base_url=label_studio, headers={"Authorization": f"Token {LS_TOKEN}"},
-                      timeout=120)
+    ls = httpx.Client(
+        base_url=label_studio, headers={"Authorization": f"Token {LS_TOKEN}"}, timeout=120
+    )
     r = ls.post("/api/projects", json={"title": "teacher e2e", "label_config": LS_CONFIG})
     assert r.status_code == 201, r.text
     project = r.json()["id"]
-    r = ls.post(f"/api/projects/{project}/import",
-                json=[{"image": f"/data/local-files/?d=images/img_{i}.png"} for i in range(2)])
+    r = ls.post(
+        f"/api/projects/{project}/import",
+        json=[{"image": f"/data/local-files/?d=images/img_{i}.png"} for i in range(2)],
+    )
     assert r.status_code == 201, r.text
     with open(world["root"] / "files" / "images" / "img_3.png", "rb") as f:  # an upload
         r = ls.post(f"/api/projects/{project}/import", files={"file": ("up.png", f, "image/png")})
@@ -121,16 +154,26 @@ def test_predictions_show_in_label_studio(world, label_studio):  # noqa: F811
     proc, server = start_server(world, env=server_env)
     try:
         version = httpx.get(server + "/health").json()["model_version"]
-        r = ls.post("/api/ml", json={"url": server, "project": project, "title": "teacher",
-                                     "is_interactive": True, "auth_method": "BASIC_AUTH",
-                                     "basic_auth_user": "label-studio",
-                                     "basic_auth_pass": "test-token-15"})
+        r = ls.post(
+            "/api/ml",
+            json={
+                "url": server,
+                "project": project,
+                "title": "teacher",
+                "is_interactive": True,
+                "auth_method": "BASIC_AUTH",
+                "basic_auth_user": "label-studio",
+                "basic_auth_pass": "test-token-15",
+            },
+        )
         assert r.status_code == 201, r.text
         ml = r.json()
         assert ml["readable_state"] == "Connected" and ml["model_version"] == version
-        r = ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions",
-                                               "project": project},
-                    json={"selectedItems": {"all": True, "excluded": []}})
+        r = ls.post(
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project},
+            json={"selectedItems": {"all": True, "excluded": []}},
+        )
         assert r.status_code == 200, r.text
         preds = ls.get("/api/predictions", params={"project": project}).json()
         assert sorted(p["task"] for p in preds) == sorted(t["id"] for t in tasks)
@@ -144,11 +187,19 @@ def test_predictions_show_in_label_studio(world, label_studio):  # noqa: F811
                 if region["type"] == "brushlabels":
                     assert brush.rle_to_mask(region["value"]["rle"], height=48, width=64).any()
         # a smart-tool click, through Label Studio
-        click = {"type": "keypointlabels", "from_name": "kp", "to_name": "img", "is_positive": True,
-                 "original_width": 64, "original_height": 48,
-                 "value": {"x": 30, "y": 40, "width": 1, "keypointlabels": ["box"]}}
-        r = ls.post(f"/api/ml/{ml['id']}/interactive-annotating",
-                    json={"task": tasks[2]["id"], "context": {"result": [click]}})
+        click = {
+            "type": "keypointlabels",
+            "from_name": "kp",
+            "to_name": "img",
+            "is_positive": True,
+            "original_width": 64,
+            "original_height": 48,
+            "value": {"x": 30, "y": 40, "width": 1, "keypointlabels": ["box"]},
+        }
+        r = ls.post(
+            f"/api/ml/{ml['id']}/interactive-annotating",
+            json={"task": tasks[2]["id"], "context": {"result": [click]}},
+        )
         assert r.status_code == 200, r.text
         (region,) = r.json()["data"]["result"]
         assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["box"]
@@ -158,20 +209,45 @@ def test_predictions_show_in_label_studio(world, label_studio):  # noqa: F811
     print(f"label-studio round trip: {time.monotonic() - started:.1f} s", file=sys.stderr)
 
 
-def test_predict_format_label_studio_imports_with_predictions(world, label_studio, tmp_path,  # noqa: F811
-                                                               monkeypatch):
+def test_predict_format_label_studio_imports_with_predictions(
+    world,  # noqa: F811 (the fixture imported from test_serve)
+    label_studio,
+    tmp_path,
+    monkeypatch,
+):
     monkeypatch.chdir(world["root"] / "files")
     out = tmp_path / "tasks.json"
-    assert teacher_main(["predict", "images", "--adapters", str(world["root"] / "models"),
-                         "--params", str(world["params"]), "--out", str(out), "--format",
-                         "label-studio", "--max-detections", "2"]) == 0
-    ls = httpx.Client(base_url=label_studio, headers={"Authorization": f"Token {LS_TOKEN}"},
-                      timeout=120)
+    assert (
+        teacher_main(
+            [
+                "predict",
+                "images",
+                "--adapters",
+                str(world["root"] / "models"),
+                "--params",
+                str(world["params"]),
+                "--out",
+                str(out),
+                "--format",
+                "label-studio",
+                "--max-detections",
+                "2",
+            ]
+        )
+        == 0
+    )
+    ls = httpx.Client(
+        base_url=label_studio, headers={"Authorization": f"Token {LS_TOKEN}"}, timeout=120
+    )
     config = (tmp_path / "tasks.label_config.xml").read_text()
-    project = ls.post("/api/projects", json={"title": "teacher import",
-                                             "label_config": config}).json()["id"]
-    r = ls.post(f"/api/projects/{project}/import", content=out.read_bytes(),
-                headers={"Content-Type": "application/json"})
+    project = ls.post(
+        "/api/projects", json={"title": "teacher import", "label_config": config}
+    ).json()["id"]
+    r = ls.post(
+        f"/api/projects/{project}/import",
+        content=out.read_bytes(),
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 201, r.text
     assert r.json()["task_count"] == 4 and r.json()["prediction_count"] == 4
     preds = ls.get("/api/predictions", params={"project": project}).json()

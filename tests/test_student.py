@@ -70,12 +70,30 @@ def _masks(h=20, w=30):
 def _crowd_anns():
     m1, m2, crowd = _masks()
     return [
-        {"id": 1, "category_id": 1, "iscrowd": 1, "bbox": [20, 0, 10, 5], "area": 50,
-         "segmentation": mask_to_uncompressed_rle(crowd)},
-        {"id": 2, "category_id": 2, "iscrowd": 0, "bbox": [3, 2, 6, 6], "area": 36,
-         "segmentation": mask_to_rle(m1)},  # compressed RLE
-        {"id": 3, "category_id": 3, "iscrowd": 0, "bbox": [15, 10, 13, 8], "area": 104,
-         "segmentation": mask_to_uncompressed_rle(m2)},
+        {
+            "id": 1,
+            "category_id": 1,
+            "iscrowd": 1,
+            "bbox": [20, 0, 10, 5],
+            "area": 50,
+            "segmentation": mask_to_uncompressed_rle(crowd),
+        },
+        {
+            "id": 2,
+            "category_id": 2,
+            "iscrowd": 0,
+            "bbox": [3, 2, 6, 6],
+            "area": 36,
+            "segmentation": mask_to_rle(m1),
+        },  # compressed RLE
+        {
+            "id": 3,
+            "category_id": 3,
+            "iscrowd": 0,
+            "bbox": [15, 10, 13, 8],
+            "area": 104,
+            "segmentation": mask_to_uncompressed_rle(m2),
+        },
     ]
 
 
@@ -84,16 +102,22 @@ def _crowd_anns():
 
 def test_targets_keep_masks_aligned_with_labels_when_a_crowd_region_is_present():
     m1, m2, _ = _masks()
-    boxes, labels, masks = instance_targets(_crowd_anns(), height=20, width=30,
-                                            label_of={1: 0, 2: 1, 3: 2}, masks=True)
+    boxes, labels, masks = instance_targets(
+        _crowd_anns(), height=20, width=30, label_of={1: 0, 2: 1, 3: 2}, masks=True
+    )
     assert labels.tolist() == [1, 2]  # the crowd region (category 1) is out, with its mask
     assert boxes.tolist() == [[3, 2, 6, 6], [15, 10, 13, 8]]
     assert np.array_equal(masks[0], m1) and np.array_equal(masks[1], m2)
 
 
 def test_targets_read_compressed_rle_and_polygons_like_coco():
-    ann = {"id": 9, "category_id": 2, "bbox": [3, 2, 6, 6], "iscrowd": 0,
-           "segmentation": [[3, 2, 9, 2, 9, 8, 3, 8]]}
+    ann = {
+        "id": 9,
+        "category_id": 2,
+        "bbox": [3, 2, 6, 6],
+        "iscrowd": 0,
+        "segmentation": [[3, 2, 9, 2, 9, 8, 3, 8]],
+    }
     rle = {**ann, "segmentation": mask_to_rle(annotation_mask(ann, 20, 30))}
     for a in (ann, rle):
         _, _, masks = instance_targets([a], height=20, width=30, label_of={2: 0}, masks=True)
@@ -108,19 +132,32 @@ def test_the_rf_detr_processor_helper_fails_on_both_cases_we_handle():
     )
 
     image = torch.zeros(3, 20, 30)
-    crowd, polygon = _crowd_anns()[0], {**_crowd_anns()[1], "segmentation": [[3, 2, 9, 2, 9, 8, 3, 8]]}
+    crowd, polygon = (
+        _crowd_anns()[0],
+        {**_crowd_anns()[1], "segmentation": [[3, 2, 9, 2, 9, 8, 3, 8]]},
+    )
     with pytest.raises(IndexError):  # 2 masks (crowd included) indexed by 1 kept label
-        prepare_coco_detection_annotation(image, {"image_id": 1, "annotations": [crowd, polygon]},
-                                          return_segmentation_masks=True)
+        prepare_coco_detection_annotation(
+            image, {"image_id": 1, "annotations": [crowd, polygon]}, return_segmentation_masks=True
+        )
     with pytest.raises((ValueError, TypeError)):
-        prepare_coco_detection_annotation(image, {"image_id": 1, "annotations": [_crowd_anns()[1]]},
-                                          return_segmentation_masks=True)
+        prepare_coco_detection_annotation(
+            image,
+            {"image_id": 1, "annotations": [_crowd_anns()[1]]},
+            return_segmentation_masks=True,
+        )
 
 
 def test_model_targets_normalise_boxes_and_resize_masks_to_the_input():
     m1, m2, _ = _masks()
-    t = model_targets(np.array([[3, 2, 6, 6]], np.float32), np.array([1]), m1[None],
-                      width=30, height=20, resolution=64)
+    t = model_targets(
+        np.array([[3, 2, 6, 6]], np.float32),
+        np.array([1]),
+        m1[None],
+        width=30,
+        height=20,
+        resolution=64,
+    )
     assert t["boxes"][0].tolist() == pytest.approx([6 / 30, 5 / 20, 6 / 30, 6 / 20])
     assert t["class_labels"].tolist() == [1] and t["masks"].shape == (1, 64, 64)
     assert not has_masks({"annotations": [{"bbox": [0, 0, 1, 1], "segmentation": []}]})
@@ -137,31 +174,52 @@ def test_box_only_instances_in_segmentation_data_get_their_filled_box():
 
 
 def _teacher_doc():
-    return {"images": [{"id": 1, "file_name": "a.png", "width": 30, "height": 20}],
-            "categories": [{"id": 2, "name": "x"}],
-            "annotations": [
-                {"id": 1, "image_id": 1, "category_id": 2, "bbox": [1, 1, 5, 5], "score": 0.9},
-                {"id": 2, "image_id": 1, "category_id": 2, "bbox": [8, 1, 5, 5], "score": 0.1}]}
+    return {
+        "images": [{"id": 1, "file_name": "a.png", "width": 30, "height": 20}],
+        "categories": [{"id": 2, "name": "x"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 2, "bbox": [1, 1, 5, 5], "score": 0.9},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [8, 1, 5, 5], "score": 0.1},
+        ],
+    }
 
 
 def test_teacher_labels_below_min_score_are_left_out():
-    src = teacher_source(_teacher_doc(), path=Path("t.json"), pool=Path("pool"), categories={2: {}},
-                         min_score=0.3, weight=0.5)
+    src = teacher_source(
+        _teacher_doc(),
+        path=Path("t.json"),
+        pool=Path("pool"),
+        categories={2: {}},
+        min_score=0.3,
+        weight=0.5,
+    )
     assert [a["id"] for a in src.coco["annotations"]] == [1] and src.weight == 0.5
 
 
-@pytest.mark.parametrize("edit, said", [
-    (lambda d: d["annotations"][0].pop("score"), "annotation 1: score None"),
-    (lambda d: d["annotations"][1].update(category_id=7), "annotation 2: category_id 7 is not a category"),
-    (lambda d: d["annotations"][0].update(bbox=[1, 2]), "annotation 1: bbox [1, 2]"),
-    (lambda d: d["annotations"][0].update(image_id=5), "annotation 1: image_id 5"),
-])
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        (lambda d: d["annotations"][0].pop("score"), "annotation 1: score None"),
+        (
+            lambda d: d["annotations"][1].update(category_id=7),
+            "annotation 2: category_id 7 is not a category",
+        ),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2]), "annotation 1: bbox [1, 2]"),
+        (lambda d: d["annotations"][0].update(image_id=5), "annotation 1: image_id 5"),
+    ],
+)
 def test_bad_teacher_labels_name_the_file_the_record_and_the_fix(edit, said):
     doc = _teacher_doc()
     edit(doc)
     with pytest.raises(TeacherError) as e:
-        teacher_source(doc, path=Path("data/teacher_labels.json"), pool=Path("p"),
-                       categories={2: {}}, min_score=0.3, weight=0.5)
+        teacher_source(
+            doc,
+            path=Path("data/teacher_labels.json"),
+            pool=Path("p"),
+            categories={2: {}},
+            min_score=0.3,
+            weight=0.5,
+        )
     assert "data/teacher_labels.json" in str(e.value) and said in str(e.value)
     assert "dvc repro label" in str(e.value)
 
@@ -184,8 +242,13 @@ def test_auto_picks_the_smallest_rf_detr_of_the_data_kind():
 def test_tiny_random_is_the_same_every_time_and_the_class_fits_the_data():
     a, res, name = build_student(TINY, names=["a", "b"], masks=True)
     b, _, _ = build_student(TINY, names=["a", "b"], masks=True)
-    assert type(a).__name__ == "RfDetrForInstanceSegmentation" and res == 64 and name == "tiny-random"
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert (
+        type(a).__name__ == "RfDetrForInstanceSegmentation" and res == 64 and name == "tiny-random"
+    )
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
     det, _, _ = build_student(TINY, names=["a", "b"], masks=False)
     assert type(det).__name__ == "RfDetrForObjectDetection" and det.config.num_labels == 2
 
@@ -210,7 +273,11 @@ def test_decode_scales_boxes_and_keeps_the_top_scores():
     det = decode([logits, boxes, masks], sizes=[(40, 20)], category_ids=[3, 7], max_detections=2)[0]
     assert det.category_ids.tolist() == [3, 7]
     assert det.boxes[0].tolist() == pytest.approx([0, 0, 20, 20])
-    assert det.masks.shape == (2, 20, 40) and det.masks[0][:, :19].all() and not det.masks[0][:, 21:].any()
+    assert (
+        det.masks.shape == (2, 20, 40)
+        and det.masks[0][:, :19].all()
+        and not det.masks[0][:, 21:].any()
+    )
 
 
 # --- training, evaluation, export, labeling -------------------------------------------------------
@@ -223,8 +290,22 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("student")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)  # dvclive wants a repository
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
-                    "--allow-empty", "-m", "x"], cwd=root, check=True)
+    subprocess.run(
+        [
+            "git",
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "x",
+        ],
+        cwd=root,
+        check=True,
+    )
     coco = write_tiny_coco(root / "images", n_images=4)
     pool = write_tiny_coco(root / "pool", n_images=2)
     for a in pool["annotations"]:
@@ -232,11 +313,27 @@ def trained(tmp_path_factory):
     teacher = Source("teacher", pool, root / "pool", 0.5)
     torch.set_num_threads(1)
     metrics = train_student(
-        train_coco=coco, val_coco=coco, image_root=root / "images", teacher=teacher, masks=True,
-        student=TINY, train=SHORT, augment_policy={"policy": "none", "hflip": 0.0, "scale_min": 1.0,
-                                                   "scale_max": 1.0, "crop": 0.0, "color_jitter": 0.0},
-        seed=0, out_dir=root / "student", checkpoint_dir=root / "ckpt", live_dir=root / "live",
-        fingerprint="test")
+        train_coco=coco,
+        val_coco=coco,
+        image_root=root / "images",
+        teacher=teacher,
+        masks=True,
+        student=TINY,
+        train=SHORT,
+        augment_policy={
+            "policy": "none",
+            "hflip": 0.0,
+            "scale_min": 1.0,
+            "scale_max": 1.0,
+            "crop": 0.0,
+            "color_jitter": 0.0,
+        },
+        seed=0,
+        out_dir=root / "student",
+        checkpoint_dir=root / "ckpt",
+        live_dir=root / "live",
+        fingerprint="test",
+    )
     return root, coco, metrics
 
 
@@ -259,8 +356,12 @@ def test_the_step_weighs_each_source_by_its_weight_and_share(tmp_path):
     base = tmp_path / "images"
     coco = write_tiny_coco(base, n_images=2)
     label_of = {1: 0, 5: 1}
-    items = StudentDataset([Source(HUMAN, coco, base, 1.0), Source("teacher", coco, base, 0.25)],
-                           label_of=label_of, masks=False, seed=0)
+    items = StudentDataset(
+        [Source(HUMAN, coco, base, 1.0), Source("teacher", coco, base, 0.25)],
+        label_of=label_of,
+        masks=False,
+        seed=0,
+    )
     batch = collate_student([items[0], items[2]], resolution=64)
     torch.manual_seed(0)
     mixed = training_step(model, batch, terms=("loss_ce",))["loss"]
@@ -271,9 +372,20 @@ def test_the_step_weighs_each_source_by_its_weight_and_share(tmp_path):
 
 def test_evaluation_reports_student_keys_and_latency(trained):
     root, coco, _ = trained
-    m = evaluate_student(coco, root / "images", student_dir=root / "student", score_threshold=0.0,
-                         max_detections=10, log=lambda s: None)
-    assert {"student/box/map", "student/segm/map", "student/box/map/box", "student/ms_per_image"} <= set(m)
+    m = evaluate_student(
+        coco,
+        root / "images",
+        student_dir=root / "student",
+        score_threshold=0.0,
+        max_detections=10,
+        log=lambda s: None,
+    )
+    assert {
+        "student/box/map",
+        "student/segm/map",
+        "student/box/map/box",
+        "student/ms_per_image",
+    } <= set(m)
     assert m["student/ms_per_image"] > 0
 
 
@@ -299,33 +411,68 @@ def test_predict_student_labels_a_folder_with_pytorch_and_onnx_alike(trained, tm
     for name in ("img_0.png", "img_1.png"):
         (folder / name).write_bytes((root / "images" / name).read_bytes())
     (folder / "broken.jpg").write_bytes(b"not an image")
-    assert teacher_main(["export", "--student", str(root / "student"), "--out", str(tmp_path / "x")]) == 0
+    assert (
+        teacher_main(["export", "--student", str(root / "student"), "--out", str(tmp_path / "x")])
+        == 0
+    )
     docs = []
     for student in (root / "student", tmp_path / "x"):
         out = tmp_path / f"{student.name}.json"
-        assert teacher_main(["predict", str(folder), "--student", str(student), "--out", str(out),
-                             "--score-threshold", "0", "--max-detections", "5",
-                             "--params", str(tmp_path / "absent.yaml")]) == 0
+        assert (
+            teacher_main(
+                [
+                    "predict",
+                    str(folder),
+                    "--student",
+                    str(student),
+                    "--out",
+                    str(out),
+                    "--score-threshold",
+                    "0",
+                    "--max-detections",
+                    "5",
+                    "--params",
+                    str(tmp_path / "absent.yaml"),
+                ]
+            )
+            == 0
+        )
         docs.append(load_coco(out))
     torch_doc, onnx_doc = docs
     assert [i["file_name"] for i in torch_doc["images"]] == ["img_0.png", "img_1.png"]
     assert [u["file"].endswith("broken.jpg") for u in torch_doc["info"]["unreadable"]] == [True]
     assert len(torch_doc["annotations"]) == 10 and "segmentation" in torch_doc["annotations"][0]
     for a, b in zip(torch_doc["annotations"], onnx_doc["annotations"], strict=True):
-        assert a["category_id"] == b["category_id"] and a["bbox"] == pytest.approx(b["bbox"], abs=0.05)
+        assert a["category_id"] == b["category_id"] and a["bbox"] == pytest.approx(
+            b["bbox"], abs=0.05
+        )
 
 
 def test_predict_student_from_a_wrong_folder_says_what_to_pass(tmp_path, capsys):
-    assert teacher_main(["predict", str(tmp_path), "--student", str(tmp_path / "nope"),
-                         "--out", str(tmp_path / "o.json")]) == 1
+    assert (
+        teacher_main(
+            [
+                "predict",
+                str(tmp_path),
+                "--student",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path / "o.json"),
+            ]
+        )
+        == 1
+    )
     assert "models/student" in capsys.readouterr().err
 
 
 def test_the_pytorch_student_labels_like_the_library(trained, tmp_path):
     root, _, _ = trained
-    doc = label_with_student(load_student(root / "student"), root / "images",
-                             keep=Filter(score_threshold=0.0, nms_iou=1.0, max_detections=3),
-                             progress=False)
+    doc = label_with_student(
+        load_student(root / "student"),
+        root / "images",
+        keep=Filter(score_threshold=0.0, nms_iou=1.0, max_detections=3),
+        progress=False,
+    )
     assert len(doc["images"]) == 4 and len(doc["annotations"]) == 12
 
 
@@ -334,15 +481,28 @@ def test_the_pytorch_student_labels_like_the_library(trained, tmp_path):
 
 def test_an_empty_pool_gives_no_teacher_labels(tmp_path):
     (tmp_path / "pool").mkdir()
-    doc = label_pool(tmp_path / "pool", dino_dir=tmp_path / "dino", sam_dir=tmp_path / "sam",
-                     label=LabelParams(), dino=TINY_DINO, sam=TINY_SAM, log=lambda s: None)
+    doc = label_pool(
+        tmp_path / "pool",
+        dino_dir=tmp_path / "dino",
+        sam_dir=tmp_path / "sam",
+        label=LabelParams(),
+        dino=TINY_DINO,
+        sam=TINY_SAM,
+        log=lambda s: None,
+    )
     assert doc["images"] == [] and doc["annotations"] == []
 
 
 def test_a_missing_pool_folder_names_the_param(tmp_path):
     with pytest.raises(TeacherError, match="data.unlabeled .*not a folder"):
-        label_pool(tmp_path / "nope", dino_dir=tmp_path, sam_dir=tmp_path, label=LabelParams(),
-                   dino=TINY_DINO, sam=TINY_SAM)
+        label_pool(
+            tmp_path / "nope",
+            dino_dir=tmp_path,
+            sam_dir=tmp_path,
+            label=LabelParams(),
+            dino=TINY_DINO,
+            sam=TINY_SAM,
+        )
 
 
 def test_the_teachers_label_the_pool_with_boxes_masks_scores_and_skip_unreadable(tmp_path):
@@ -350,22 +510,42 @@ def test_the_teachers_label_the_pool_with_boxes_masks_scores_and_skip_unreadable
     (tmp_path / "pool" / "broken.png").write_bytes(b"\x89PNG broken")
     write_dino_adapter(tmp_path / "models/dino", coco["categories"])
     write_sam_adapter(tmp_path / "models/sam")
-    doc = label_pool(tmp_path / "pool", dino_dir=tmp_path / "models/dino",
-                     sam_dir=tmp_path / "models/sam", label=LabelParams(score_threshold=0.0),
-                     dino=TINY_DINO, sam=TINY_SAM, progress=False)
+    doc = label_pool(
+        tmp_path / "pool",
+        dino_dir=tmp_path / "models/dino",
+        sam_dir=tmp_path / "models/sam",
+        label=LabelParams(score_threshold=0.0),
+        dino=TINY_DINO,
+        sam=TINY_SAM,
+        progress=False,
+    )
     assert len(doc["images"]) == 2 and doc["info"]["unreadable"][0]["file"].endswith("broken.png")
-    assert doc["annotations"] and all({"score", "bbox", "segmentation"} <= set(a) for a in doc["annotations"])
+    assert doc["annotations"] and all(
+        {"score", "bbox", "segmentation"} <= set(a) for a in doc["annotations"]
+    )
     save_coco(doc, tmp_path / "labels.json")
-    src = teacher_source(load_coco(tmp_path / "labels.json"), path=tmp_path / "labels.json",
-                         pool=tmp_path / "pool", categories={1: {}, 5: {}}, min_score=0.0, weight=1.0)
+    src = teacher_source(
+        load_coco(tmp_path / "labels.json"),
+        path=tmp_path / "labels.json",
+        pool=tmp_path / "pool",
+        categories={1: {}, 5: {}},
+        min_score=0.0,
+        weight=1.0,
+    )
     assert len(src.coco["annotations"]) == len(doc["annotations"])
 
 
 def test_without_a_dino_adapter_the_label_stage_says_run_train_dino(tmp_path):
     write_tiny_coco(tmp_path / "pool", n_images=1)
     with pytest.raises(TeacherError, match="dvc repro train_dino"):
-        label_pool(tmp_path / "pool", dino_dir=tmp_path / "dino", sam_dir=tmp_path / "sam",
-                   label=LabelParams(), dino=TINY_DINO, sam=TINY_SAM)
+        label_pool(
+            tmp_path / "pool",
+            dino_dir=tmp_path / "dino",
+            sam_dir=tmp_path / "sam",
+            label=LabelParams(),
+            dino=TINY_DINO,
+            sam=TINY_SAM,
+        )
 
 
 def test_student_outputs_module_returns_masks_only_when_segmenting():
@@ -382,10 +562,26 @@ def test_the_train_student_stage_without_teacher_labels_says_run_label(tmp_path,
         save_coco(coco, tmp_path / f"{name}.json")
     (tmp_path / "inspect.json").write_text("{}")
     (tmp_path / "params.yaml").write_text("student:\n  model: tiny-random\n")
-    code = main(["--params", str(tmp_path / "params.yaml"), "--inspect", str(tmp_path / "inspect.json"),
-                 "--train", str(tmp_path / "train.json"), "--val", str(tmp_path / "val.json"),
-                 "--images", str(tmp_path / "images"), "--pool", str(tmp_path / "pool"),
-                 "--teacher-labels", str(tmp_path / "absent.json"), "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--inspect",
+            str(tmp_path / "inspect.json"),
+            "--train",
+            str(tmp_path / "train.json"),
+            "--val",
+            str(tmp_path / "val.json"),
+            "--images",
+            str(tmp_path / "images"),
+            "--pool",
+            str(tmp_path / "pool"),
+            "--teacher-labels",
+            str(tmp_path / "absent.json"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 1
     assert "absent.json: not found" in capsys.readouterr().err
 
@@ -396,8 +592,12 @@ def test_a_batch_without_any_instance_trains_a_segmenting_student(tmp_path):
     model, _, _ = build_student(TINY, names=["box", "round thing"], masks=True)
     coco = write_tiny_coco(tmp_path / "images", n_images=2)
     empty = {**coco, "annotations": []}
-    items = StudentDataset([Source("teacher", empty, tmp_path / "images", 0.5)],
-                           label_of={1: 0, 5: 1}, masks=True, seed=0)
+    items = StudentDataset(
+        [Source("teacher", empty, tmp_path / "images", 0.5)],
+        label_of={1: 0, 5: 1},
+        masks=True,
+        seed=0,
+    )
     batch = collate_student([items[0], items[1]], resolution=64)
     terms = training_step(model, batch, terms=("loss_ce", "loss_mask_ce", "loss_mask_dice"))
     assert all(v.shape == () and torch.isfinite(v) for v in terms.values())
@@ -414,17 +614,49 @@ def test_two_processes_train_the_student_without_hanging(tmp_path):
     from teacher.train.distributed import launch
 
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
-                    "--allow-empty", "-m", "x"], cwd=tmp_path, check=True)
+    subprocess.run(
+        [
+            "git",
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "x",
+        ],
+        cwd=tmp_path,
+        check=True,
+    )
     coco = write_tiny_coco(tmp_path / "images", n_images=4)
     pool = write_tiny_coco(tmp_path / "pool", n_images=2)
     pool["annotations"] = [dict(a, score=0.9) for a in pool["annotations"][:1]]
-    metrics = launch(train_student, processes=2, kwargs=dict(
-        train_coco=coco, val_coco=coco, image_root=tmp_path / "images",
-        teacher=Source("teacher", pool, tmp_path / "pool", 0.5), masks=True, student=TINY,
-        train=TrainParams(epochs=1, batch_size=1, lr=1e-3, warmup_steps=0, processes=2),
-        augment_policy={"policy": "none", "hflip": 0.0, "scale_min": 1.0, "scale_max": 1.0,
-                        "crop": 0.0, "color_jitter": 0.0},
-        seed=0, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt",
-        live_dir=tmp_path / "live", fingerprint="mp"))
+    metrics = launch(
+        train_student,
+        processes=2,
+        kwargs=dict(
+            train_coco=coco,
+            val_coco=coco,
+            image_root=tmp_path / "images",
+            teacher=Source("teacher", pool, tmp_path / "pool", 0.5),
+            masks=True,
+            student=TINY,
+            train=TrainParams(epochs=1, batch_size=1, lr=1e-3, warmup_steps=0, processes=2),
+            augment_policy={
+                "policy": "none",
+                "hflip": 0.0,
+                "scale_min": 1.0,
+                "scale_max": 1.0,
+                "crop": 0.0,
+                "color_jitter": 0.0,
+            },
+            seed=0,
+            out_dir=tmp_path / "out",
+            checkpoint_dir=tmp_path / "ckpt",
+            live_dir=tmp_path / "live",
+            fingerprint="mp",
+        ),
+    )
     assert metrics["steps"] == 3 and (tmp_path / "out/model.safetensors").is_file()

@@ -46,8 +46,9 @@ def collate(items):
 
 def toy_model(*, dropout: float = 0.1, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(dropout),
-                          nn.Linear(16, 1))
+    model = nn.Sequential(
+        nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 1)
+    )
     model[0].requires_grad_(False)  # a frozen "backbone"; BN and the head follow
     with torch.no_grad():  # give BN running stats that a non-frozen BN would change
         model[1].running_mean.fill_(0.1)
@@ -80,18 +81,34 @@ def save_weights(model, out_dir: Path):
 
 
 def make_task(*, dropout: float = 0.1, evaluate_fn=evaluate, step_fn=mse_step, n: int = 24) -> Task:
-    return Task(name="toy", model=toy_model(dropout=dropout), train_dataset=ToyData(n=n),
-                collate_fn=collate, step=step_fn, validate=evaluate_fn, monitor="val_score",
-                save=save_weights)
+    return Task(
+        name="toy",
+        model=toy_model(dropout=dropout),
+        train_dataset=ToyData(n=n),
+        collate_fn=collate,
+        step=step_fn,
+        validate=evaluate_fn,
+        monitor="val_score",
+        save=save_weights,
+    )
 
 
 TRAIN = TrainParams(epochs=4, batch_size=4, lr=0.2, warmup_steps=2, patience=0)
 
 
-def run_fit(tmp: Path, task: Task | None = None, train: TrainParams = TRAIN, fp: str = "fp",
-            **kw) -> dict:
-    return fit(task or make_task(), train=train, seed=7, out_dir=tmp / "out",
-               checkpoint_dir=tmp / "ckpt", live_dir=tmp / "live", fingerprint=fp, **kw)
+def run_fit(
+    tmp: Path, task: Task | None = None, train: TrainParams = TRAIN, fp: str = "fp", **kw
+) -> dict:
+    return fit(
+        task or make_task(),
+        train=train,
+        seed=7,
+        out_dir=tmp / "out",
+        checkpoint_dir=tmp / "ckpt",
+        live_dir=tmp / "live",
+        fingerprint=fp,
+        **kw,
+    )
 
 
 def weights(tmp: Path) -> dict[str, torch.Tensor]:
@@ -172,9 +189,14 @@ def test_fit_learns_logs_saves_and_cleans_up(tmp_path):
     summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert summary["best"]["val_score"] == pytest.approx(result["val_score"])
     assert set(summary["train"]) == {"loss", "abs_err", "lr"}
-    loss_rows = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    loss_rows = (
+        (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    )
     assert len(loss_rows) == 1 + 24  # header + one row per optimizer step
-    assert len((tmp_path / "live" / "plots" / "metrics" / "val_loss.tsv").read_text().splitlines()) == 5
+    assert (
+        len((tmp_path / "live" / "plots" / "metrics" / "val_loss.tsv").read_text().splitlines())
+        == 5
+    )
 
 
 def test_model_ends_with_best_weights_and_early_stopping(tmp_path):
@@ -204,8 +226,15 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
 
 
 def first_step_change(tmp: Path, clip_norm: float) -> float:
-    train = dataclasses.replace(TRAIN, epochs=1, max_steps_per_epoch=1, clip_norm=clip_norm,
-                                lr=1.0, warmup_steps=0, weight_decay=0.0)
+    train = dataclasses.replace(
+        TRAIN,
+        epochs=1,
+        max_steps_per_epoch=1,
+        clip_norm=clip_norm,
+        lr=1.0,
+        warmup_steps=0,
+        weight_decay=0.0,
+    )
     task = make_task(dropout=0.0)
     head = task.model[4].weight
     before = head.detach().clone()
@@ -228,8 +257,11 @@ def test_bf16_autocast_on_cpu_after_an_fp32_fit(tmp_path):
         seen.append(torch.is_autocast_enabled("cpu"))
         return mse_step(model, batch)
 
-    result = run_fit(tmp_path / "b", make_task(step_fn=step),
-                     dataclasses.replace(TRAIN, epochs=1, precision="bf16"))
+    result = run_fit(
+        tmp_path / "b",
+        make_task(step_fn=step),
+        dataclasses.replace(TRAIN, epochs=1, precision="bf16"),
+    )
     assert seen and all(seen) and math.isfinite(result["val_loss"])
 
 
@@ -243,7 +275,9 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    with pytest.raises(TeacherError, match=r"non-finite loss at epoch 1, optimizer step 3 .*loss=nan"):
+    with pytest.raises(
+        TeacherError, match=r"non-finite loss at epoch 1, optimizer step 3 .*loss=nan"
+    ):
         run_fit(tmp_path, make_task(step_fn=bad_step))
 
 
@@ -312,10 +346,15 @@ def test_two_cpu_processes_agree_with_one(tmp_path):
     # 2 processes x batch 2 average the same 4 samples per step as 1 process x batch 4
     # (epoch_batches deals consecutive batches of one permutation to the processes).
     one = distributed.launch(train_toy, processes=1, args=(str(tmp_path / "one"), 4))
-    two = distributed.launch(train_toy, processes=2, kwargs={"tmp": str(tmp_path / "two"), "batch_size": 2})
+    two = distributed.launch(
+        train_toy, processes=2, kwargs={"tmp": str(tmp_path / "two"), "batch_size": 2}
+    )
     assert two["steps"] == one["steps"] == 12
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)  # float reduction order only
-    assert sorted(p.name for p in (tmp_path / "two" / "out").iterdir()) == ["saved_by_rank_0", "weights.pt"]
+    assert sorted(p.name for p in (tmp_path / "two" / "out").iterdir()) == [
+        "saved_by_rank_0",
+        "weights.pt",
+    ]
     for k, v in weights(tmp_path / "one").items():
         torch.testing.assert_close(weights(tmp_path / "two")[k], v, rtol=1e-4, atol=1e-5)
     rows = (tmp_path / "two" / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
@@ -326,8 +365,11 @@ def test_two_cpu_processes_agree_with_one(tmp_path):
 
 
 def test_record_goes_into_the_metrics_summary(tmp_path):
-    run_fit(tmp_path, train=dataclasses.replace(TRAIN, epochs=1),
-            record={"augment": {"hflip": 0.5, "reasons": ["a", "b"]}, "classes": 4})
+    run_fit(
+        tmp_path,
+        train=dataclasses.replace(TRAIN, epochs=1),
+        record={"augment": {"hflip": 0.5, "reasons": ["a", "b"]}, "classes": 4},
+    )
     summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert summary["augment"] == {"hflip": 0.5, "reasons": "a; b"} and summary["classes"] == 4
 
@@ -392,8 +434,9 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     run_fit(tmp_path / "full")
     part = tmp_path / "part"
     script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(part))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not (part / "ckpt" / "epoch-0002").exists():
         assert proc.poll() is None and time.time() < deadline, "training process ended early"
@@ -404,8 +447,9 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
     assert result["epochs"] == 4
     for k, v in weights(tmp_path / "full").items():
         assert torch.equal(weights(part)[k], v), k
-    assert (json.loads((part / "live" / "metrics.json").read_text())
-            == json.loads((tmp_path / "full" / "live" / "metrics.json").read_text()))
+    assert json.loads((part / "live" / "metrics.json").read_text()) == json.loads(
+        (tmp_path / "full" / "live" / "metrics.json").read_text()
+    )
 
 
 def test_live_in_a_git_repo_without_commits_says_how_to_fix(tmp_path, monkeypatch):
@@ -449,11 +493,16 @@ def test_a_second_training_of_the_same_stage_is_refused(tmp_path):
 
     ckpt = tmp_path / "checkpoints" / "train_dino"
     with training_lock(ckpt):
-        with pytest.raises(TeacherError, match=rf"another training of this stage is running \(process {os.getpid()}"):
+        with pytest.raises(
+            TeacherError,
+            match=rf"another training of this stage is running \(process {os.getpid()}",
+        ):
             with training_lock(ckpt):
                 pass
-        code = ("import sys; from teacher.train.checkpoints import training_lock\n"
-                f"with training_lock({str(ckpt)!r}): pass\n")
+        code = (
+            "import sys; from teacher.train.checkpoints import training_lock\n"
+            f"with training_lock({str(ckpt)!r}): pass\n"
+        )
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert other.returncode != 0 and "another training" in other.stderr
     with training_lock(ckpt):  # released when the holder ends

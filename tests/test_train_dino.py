@@ -37,19 +37,36 @@ def repeated(coco: dict, times: int) -> dict:
     images, anns = [], []
     for r in range(times):
         images += [{**im, "id": im["id"] + 10_000 * r} for im in coco["images"]]
-        anns += [{**a, "id": a["id"] + 10_000 * r, "image_id": a["image_id"] + 10_000 * r}
-                 for a in coco["annotations"]]
+        anns += [
+            {**a, "id": a["id"] + 10_000 * r, "image_id": a["image_id"] + 10_000 * r}
+            for a in coco["annotations"]
+        ]
     return {**coco, "images": images, "annotations": anns}
 
 
-def run_training(out: Path, *, train_coco: dict, val_coco: dict, train: TrainParams,
-                 rank: int = 8, dino: DinoParams = DINO) -> dict:
+def run_training(
+    out: Path,
+    *,
+    train_coco: dict,
+    val_coco: dict,
+    train: TrainParams,
+    rank: int = 8,
+    dino: DinoParams = DINO,
+) -> dict:
     return dino_task.train_dino(
-        train_coco=train_coco, val_coco=val_coco, image_root=SAMPLE / "images", dino=dino,
-        lora=LoraParams(rank=rank, alpha=2 * rank, dropout=0.0), train=train,
+        train_coco=train_coco,
+        val_coco=val_coco,
+        image_root=SAMPLE / "images",
+        dino=dino,
+        lora=LoraParams(rank=rank, alpha=2 * rank, dropout=0.0),
+        train=train,
         augment_policy=NO_AUGMENT,
-        seed=0, out_dir=out / "model", checkpoint_dir=out / "checkpoints", live_dir=out / "live",
-        fingerprint="test")
+        seed=0,
+        out_dir=out / "model",
+        checkpoint_dir=out / "checkpoints",
+        live_dir=out / "live",
+        fingerprint="test",
+    )
 
 
 def untrained_map_50(coco: dict) -> float:
@@ -59,11 +76,14 @@ def untrained_map_50(coco: dict) -> float:
 
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(DinoDataset(coco, SAMPLE / "images", label_map=label_map, seed=0,
-                                    all_chunks=True), batch_size=4,
-                        collate_fn=partial(collate_dino, processor=bundle.processor, label_map=label_map))
-    return dino_task.validate_detection(bundle.model, loader=loader, coco=coco,
-                                        label_map=label_map)["val_map_50"]
+    loader = DataLoader(
+        DinoDataset(coco, SAMPLE / "images", label_map=label_map, seed=0, all_chunks=True),
+        batch_size=4,
+        collate_fn=partial(collate_dino, processor=bundle.processor, label_map=label_map),
+    )
+    return dino_task.validate_detection(
+        bundle.model, loader=loader, coco=coco, label_map=label_map
+    )["val_map_50"]
 
 
 def tsv(path: Path, key: str) -> list[float]:
@@ -75,12 +95,19 @@ def tsv(path: Path, key: str) -> list[float]:
 def test_tiny_random_overfits_four_sample_images(tmp_path):
     four = sample_images(4)
     before = untrained_map_50(four)
-    train = TrainParams(epochs=16, batch_size=4, lr=3e-3, warmup_steps=0, weight_decay=0.0,
-                        patience=0)
+    train = TrainParams(
+        epochs=16, batch_size=4, lr=3e-3, warmup_steps=0, weight_decay=0.0, patience=0
+    )
     # clip 1.0, not the references' 0.1: from random weights the first proposal loss is ~1.7e3
     # and 0.1 slows this short run (val mAP@50 0.04 vs 0.38 after 128 steps, measured)
-    metrics = run_training(tmp_path, train_coco=repeated(four, 8), val_coco=four, train=train,
-                           rank=32, dino=dataclasses.replace(DINO, clip_norm=1.0))
+    metrics = run_training(
+        tmp_path,
+        train_coco=repeated(four, 8),
+        val_coco=four,
+        train=train,
+        rank=32,
+        dino=dataclasses.replace(DINO, clip_norm=1.0),
+    )
     losses = tsv(tmp_path / "live/plots/metrics/train/loss.tsv", "loss")
     assert len(losses) == 16 * 8
     assert sum(losses[-8:]) / 8 <= 0.5 * sum(losses[:4]) / 4  # last epoch vs the first steps
@@ -89,8 +116,12 @@ def test_tiny_random_overfits_four_sample_images(tmp_path):
     # single-threaded, this run reaches ~0.38 here (Open-GroundingDino's scoring, 300 pairs).
     assert metrics["val_map_50"] >= before + 0.1, (before, metrics)
     out = tmp_path / "model"
-    for name in ("adapter_model.safetensors", "adapter_config.json",
-                 "trained_modules.safetensors", "labels.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "trained_modules.safetensors",
+        "labels.json",
+    ):
         assert (out / name).is_file(), name
     summary = json.loads((tmp_path / "live/metrics.json").read_text())
     assert summary["augment_policy"] == "none" and summary["classes"] == 4
@@ -115,7 +146,9 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
         run_training(tmp_path / "resumed", train_coco=repeated(two, 2), val_coco=two, train=train)
     assert (tmp_path / "resumed/checkpoints").is_dir()
     monkeypatch.setattr(dino_task, "validate_detection", evaluate)
-    resumed = run_training(tmp_path / "resumed", train_coco=repeated(two, 2), val_coco=two, train=train)
+    resumed = run_training(
+        tmp_path / "resumed", train_coco=repeated(two, 2), val_coco=two, train=train
+    )
 
     assert resumed == whole
     for name in ("adapter_model.safetensors", "trained_modules.safetensors"):
@@ -124,25 +157,39 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     for key in ("train/loss", "val_map"):
         path = f"live/plots/metrics/{key}.tsv"
         assert tsv(tmp_path / "whole" / path, key.split("/")[-1]) == tsv(
-            tmp_path / "resumed" / path, key.split("/")[-1])
+            tmp_path / "resumed" / path, key.split("/")[-1]
+        )
     assert not (tmp_path / "resumed/checkpoints").exists()  # removed after success
 
 
 @pytest.mark.slow
 def test_stage_runs_through_dvc_repro(repo_copy, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    set_params(repo_copy, {
-        "dino.model": "tiny-random", "dino.shortest_edge": 96, "dino.longest_edge": 120,
-        "train.epochs": 2, "train.batch_size": 2, "train.max_steps_per_epoch": 2,
-        "train.warmup_steps": 1, "lora.rank": 4,
-    })
+    set_params(
+        repo_copy,
+        {
+            "dino.model": "tiny-random",
+            "dino.shortest_edge": 96,
+            "dino.longest_edge": 120,
+            "train.epochs": 2,
+            "train.batch_size": 2,
+            "train.max_steps_per_epoch": 2,
+            "train.warmup_steps": 1,
+            "lora.rank": 4,
+        },
+    )
     # a repository with history, as a clone is (dvclive 3.x fails in a repo without commits)
     run_in_repo(repo_copy, "git", "add", "-A")
     run_in_repo(repo_copy, "git", "commit", "-qm", "copy")
     run_in_repo(repo_copy, "dvc", "repro", "train_dino")
     out = repo_copy / "models/dino"
-    for name in ("adapter_model.safetensors", "adapter_config.json",
-                 "trained_modules.safetensors", "labels.json", "params.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "trained_modules.safetensors",
+        "labels.json",
+        "params.json",
+    ):
         assert (out / name).is_file(), name
     labels = json.loads((out / "labels.json").read_text())
     assert labels["prompts"] == ["circle . square . triangle . star ."]
@@ -175,11 +222,24 @@ def test_two_processes_train_and_evaluate_without_deadlock(tmp_path, monkeypatch
     faulthandler.dump_traceback_later(300, exit=True)  # a deadlock ends the run, with tracebacks
     two = sample_images(2)
     train = TrainParams(epochs=1, batch_size=1, max_steps_per_epoch=1, warmup_steps=0, processes=2)
-    metrics = launch(dino_task.train_dino, processes=2, kwargs=dict(
-        train_coco=repeated(two, 2), val_coco=two, image_root=SAMPLE / "images", dino=DINO,
-        lora=LoraParams(rank=4), train=train, augment_policy=NO_AUGMENT, seed=0,
-        out_dir=tmp_path / "model", checkpoint_dir=tmp_path / "ck", live_dir=tmp_path / "live",
-        fingerprint="test"))
+    metrics = launch(
+        dino_task.train_dino,
+        processes=2,
+        kwargs=dict(
+            train_coco=repeated(two, 2),
+            val_coco=two,
+            image_root=SAMPLE / "images",
+            dino=DINO,
+            lora=LoraParams(rank=4),
+            train=train,
+            augment_policy=NO_AUGMENT,
+            seed=0,
+            out_dir=tmp_path / "model",
+            checkpoint_dir=tmp_path / "ck",
+            live_dir=tmp_path / "live",
+            fingerprint="test",
+        ),
+    )
     faulthandler.cancel_dump_traceback_later()
     assert metrics["steps"] == 1 and "val_map" in metrics
     assert (tmp_path / "model/adapter_model.safetensors").is_file()
@@ -193,11 +253,20 @@ def test_training_step_on_an_image_one_or_three_pixels_high(height):
 
     bundle = load_dino(DINO)
     label_map = build_label_map([{"id": 1, "name": "line"}], tokenizer=bundle.processor.tokenizer)
-    item = {"image": np.full((height, 200, 3), 128, np.uint8), "classes": (0,), "image_id": 1,
-            "boxes": np.array([[10, 0, 50, height]], np.float32), "labels": np.array([0]),
-            "size": (200, height)}
-    batch = collate_dino([item], processor=bundle.processor, label_map=label_map,
-                         num_queries=bundle.model.config.num_queries)
+    item = {
+        "image": np.full((height, 200, 3), 128, np.uint8),
+        "classes": (0,),
+        "image_id": 1,
+        "boxes": np.array([[10, 0, 50, height]], np.float32),
+        "labels": np.array([0]),
+        "size": (200, height),
+    }
+    batch = collate_dino(
+        [item],
+        processor=bundle.processor,
+        label_map=label_map,
+        num_queries=bundle.model.config.num_queries,
+    )
     assert batch["pixel_values"].shape[1] == 3 and batch["sizes"][0][1] > height
     out = dino_task.training_step(bundle.model, batch)
     assert torch.isfinite(out["loss"])

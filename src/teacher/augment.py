@@ -54,7 +54,8 @@ def resolve_policy(augment: AugmentParams, facts: dict[str, Any]) -> dict[str, A
     if values["scale_min"] > values["scale_max"]:
         raise TeacherError(
             f"params.yaml augment: scale_min {values['scale_min']:g} > scale_max "
-            f"{values['scale_max']:g}; set scale_min <= scale_max")
+            f"{values['scale_max']:g}; set scale_min <= scale_max"
+        )
     return {"policy": augment.policy, **values, "reasons": reasons}
 
 
@@ -63,8 +64,10 @@ def _auto(facts: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
     spread = _area_spread(facts)
     if spread is not None and spread > WIDE_SPREAD:
         values["scale_min"], values["scale_max"] = WIDE_SCALE
-        reasons.append(f"object areas vary widely (p95/p05 = {spread:.0f} > {WIDE_SPREAD:g}): "
-                       f"scale {WIDE_SCALE[0]:g}-{WIDE_SCALE[1]:g}")
+        reasons.append(
+            f"object areas vary widely (p95/p05 = {spread:.0f} > {WIDE_SPREAD:g}): "
+            f"scale {WIDE_SCALE[0]:g}-{WIDE_SCALE[1]:g}"
+        )
     small = _small_fraction(facts)
     if small is not None and small > SMALL_DOMINATE:
         values["scale_min"] = 1.0
@@ -98,8 +101,15 @@ def build_transform(policy: dict[str, Any], *, train: bool) -> A.Compose:
     sample with ``t.set_random_seed(seed)``.
     """
     steps = _steps(policy) if train else []
-    bbox_params = A.BboxParams(format="coco", label_fields=LABEL_FIELDS, min_visibility=MIN_VISIBILITY,
-                               min_width=1.0, min_height=1.0, clip=True, filter_invalid_bboxes=True)
+    bbox_params = A.BboxParams(
+        format="coco",
+        label_fields=LABEL_FIELDS,
+        min_visibility=MIN_VISIBILITY,
+        min_width=1.0,
+        min_height=1.0,
+        clip=True,
+        filter_invalid_bboxes=True,
+    )
     return A.Compose(steps or [A.NoOp()], bbox_params=bbox_params, seed=0)
 
 
@@ -117,14 +127,30 @@ def _steps(policy: dict[str, Any]) -> list[A.BasicTransform]:
     if policy["hflip"] > 0:
         steps.append(A.HorizontalFlip(p=policy["hflip"]))
     if policy["scale_min"] != 1.0 or policy["scale_max"] != 1.0:
-        steps.append(A.Affine(scale=(policy["scale_min"], policy["scale_max"]), keep_ratio=True,
-                              border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0,
-                              mask_interpolation=cv2.INTER_NEAREST, p=1.0))
+        steps.append(
+            A.Affine(
+                scale=(policy["scale_min"], policy["scale_max"]),
+                keep_ratio=True,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                mask_interpolation=cv2.INTER_NEAREST,
+                p=1.0,
+            )
+        )
     if policy["crop"] > 0:
-        steps.append(A.RandomCropFromBorders(crop_left=CROP_MAX, crop_right=CROP_MAX,
-                                             crop_top=CROP_MAX, crop_bottom=CROP_MAX,
-                                             p=policy["crop"]))
+        steps.append(
+            A.RandomCropFromBorders(
+                crop_left=CROP_MAX,
+                crop_right=CROP_MAX,
+                crop_top=CROP_MAX,
+                crop_bottom=CROP_MAX,
+                p=policy["crop"],
+            )
+        )
     if policy["color_jitter"] > 0:
         s = policy["color_jitter"]
-        steps.append(A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(0.5, s / 4), p=0.8))
+        steps.append(
+            A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(0.5, s / 4), p=0.8)
+        )
     return steps

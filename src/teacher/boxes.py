@@ -92,10 +92,18 @@ def clip_xyxy(boxes: Boxes, *, width: float, height: float) -> Boxes:
     b = _float(_as_array(boxes))
     x0, y0, x1, y1 = _unbind(b)
     if _is_torch(b):
-        return _stack([x0.clamp(0, width), y0.clamp(0, height),
-                       x1.clamp(0, width), y1.clamp(0, height)], b)
-    return _stack([np.clip(x0, 0, width), np.clip(y0, 0, height),
-                   np.clip(x1, 0, width), np.clip(y1, 0, height)], b)
+        return _stack(
+            [x0.clamp(0, width), y0.clamp(0, height), x1.clamp(0, width), y1.clamp(0, height)], b
+        )
+    return _stack(
+        [
+            np.clip(x0, 0, width),
+            np.clip(y0, 0, height),
+            np.clip(x1, 0, width),
+            np.clip(y1, 0, height),
+        ],
+        b,
+    )
 
 
 def clip_xywh(boxes: Boxes, *, width: float, height: float) -> Boxes:

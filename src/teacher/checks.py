@@ -70,53 +70,315 @@ def _rules(*rules: Rule) -> dict[str, Rule]:
 
 
 RULES: dict[str, Rule] = _rules(
-    Rule("not_json", "error", "file", "annotation file missing or not JSON", "none: export COCO JSON"),
-    Rule("not_coco", "error", "file", "not a COCO dataset (images/annotations/categories lists)", "none: export the COCO instances format"),
-    Rule("too_much_dropped", "error", "dataset", "errors would drop more than validate.max_drop_fraction of the images or annotations", "none: fix the rule named in the details first (dropping would leave too little)"),
-    Rule("boxes_contradict_masks", "error", "dataset", "most boxes disagree with their own masks (IoU < 0.5)", "none: set validate.box_from_mask: true to recompute the boxes from the masks, or fix the export"),
-    Rule("invalid_id", "error", "image/annotation/category", "id missing or not an integer", "record dropped"),
-    Rule("duplicate_image_id", "error", "image", "several images share an id", "later duplicates dropped (first kept)"),
-    Rule("duplicate_annotation_id", "error", "annotation", "several annotations share an id", "later duplicates dropped (first kept)"),
-    Rule("duplicate_category_id", "error", "category", "several categories share an id", "later duplicates dropped (first kept)"),
-    Rule("category_name_missing", "error", "category", "category without a name (the text prompt needs one)", "category and its annotations dropped"),
-    Rule("category_name_special_token", "error", "category", "name holds a tokenizer token ([CLS], [SEP], [PAD], [MASK], [UNK]) that would break the text prompt", "category and its annotations dropped; rename it"),
-    Rule("category_name_not_prompt", "error", "category", "name has no words once prompt delimiters ('.', '?') are removed", "category and its annotations dropped; rename it"),
+    Rule(
+        "not_json", "error", "file", "annotation file missing or not JSON", "none: export COCO JSON"
+    ),
+    Rule(
+        "not_coco",
+        "error",
+        "file",
+        "not a COCO dataset (images/annotations/categories lists)",
+        "none: export the COCO instances format",
+    ),
+    Rule(
+        "too_much_dropped",
+        "error",
+        "dataset",
+        "errors would drop more than validate.max_drop_fraction of the images or annotations",
+        "none: fix the rule named in the details first (dropping would leave too little)",
+    ),
+    Rule(
+        "boxes_contradict_masks",
+        "error",
+        "dataset",
+        "most boxes disagree with their own masks (IoU < 0.5)",
+        "none: set validate.box_from_mask: true to recompute the boxes from the masks, or fix the export",
+    ),
+    Rule(
+        "invalid_id",
+        "error",
+        "image/annotation/category",
+        "id missing or not an integer",
+        "record dropped",
+    ),
+    Rule(
+        "duplicate_image_id",
+        "error",
+        "image",
+        "several images share an id",
+        "later duplicates dropped (first kept)",
+    ),
+    Rule(
+        "duplicate_annotation_id",
+        "error",
+        "annotation",
+        "several annotations share an id",
+        "later duplicates dropped (first kept)",
+    ),
+    Rule(
+        "duplicate_category_id",
+        "error",
+        "category",
+        "several categories share an id",
+        "later duplicates dropped (first kept)",
+    ),
+    Rule(
+        "category_name_missing",
+        "error",
+        "category",
+        "category without a name (the text prompt needs one)",
+        "category and its annotations dropped",
+    ),
+    Rule(
+        "category_name_special_token",
+        "error",
+        "category",
+        "name holds a tokenizer token ([CLS], [SEP], [PAD], [MASK], [UNK]) that would break the text prompt",
+        "category and its annotations dropped; rename it",
+    ),
+    Rule(
+        "category_name_not_prompt",
+        "error",
+        "category",
+        "name has no words once prompt delimiters ('.', '?') are removed",
+        "category and its annotations dropped; rename it",
+    ),
     Rule("file_name_missing", "error", "image", "image without a file_name", "image dropped"),
-    Rule("unsafe_file_name", "error", "image", "file_name unusable: absolute, with '..' (leaves the image root), or a part longer than 255 bytes", "image dropped"),
-    Rule("image_missing", "error", "image", "image file not found under the image root", "image dropped"),
-    Rule("image_unreadable", "error", "image", "image file cannot be decoded (truncated, damaged, too large or not an image)", "image dropped"),
-    Rule("image_smaller_than_recorded", "error", "image", "image file smaller than its recorded width/height while annotations reach past the file's size: its boxes are out of scale", "image dropped; rescale its annotations or re-export the full-size image"),
-    Rule("invalid_image_size", "error", "image", "width/height missing or <= 0 and no file to read them from", "image dropped"),
-    Rule("unknown_image", "error", "annotation", "annotation's image_id names no image", "annotation dropped"),
-    Rule("unknown_category", "error", "annotation", "annotation's category_id names no category", "annotation dropped"),
-    Rule("non_finite_coordinates", "error", "annotation", "NaN or Infinity in bbox or polygon", "annotation dropped"),
-    Rule("coordinates_far_outside", "error", "annotation", "bbox or polygon reaches more than 10 image sizes outside its image (absurd numbers)", "annotation dropped"),
-    Rule("invalid_segmentation", "error", "annotation", "segmentation unreadable (bad RLE, size not the image's, wrong type)", "annotation dropped"),
-    Rule("missing_geometry", "error", "annotation", "no usable bbox (missing, empty, zero or negative size) and no mask", "annotation dropped"),
-    Rule("empty_mask", "error", "annotation", "mask with no pixels and no usable bbox", "annotation dropped"),
-    Rule("bbox_outside_image", "error", "annotation", "bbox entirely outside its image", "annotation dropped"),
-    Rule("annotations_of_dropped_image", "fix", "annotation", "annotations of an image that was dropped", "annotations dropped"),
-    Rule("annotations_of_dropped_category", "fix", "annotation", "annotations of a category that was dropped", "annotations dropped"),
-    Rule("category_name_number", "fix", "category", "category name stored as a number", "converted to text"),
-    Rule("image_downscaled", "fix", "image", f"image larger than {MAX_PIXELS:,} pixels: training reads it downscaled", "width/height and its annotations scaled by the same factor"),
-    Rule("string_id", "fix", "image/annotation/category", "numeric id stored as a string (or float)", "converted to int"),
-    Rule("annotation_id_missing", "fix", "annotation", "annotation without an id", "new id assigned (max id + 1, ...)"),
+    Rule(
+        "unsafe_file_name",
+        "error",
+        "image",
+        "file_name unusable: absolute, with '..' (leaves the image root), or a part longer than 255 bytes",
+        "image dropped",
+    ),
+    Rule(
+        "image_missing",
+        "error",
+        "image",
+        "image file not found under the image root",
+        "image dropped",
+    ),
+    Rule(
+        "image_unreadable",
+        "error",
+        "image",
+        "image file cannot be decoded (truncated, damaged, too large or not an image)",
+        "image dropped",
+    ),
+    Rule(
+        "image_smaller_than_recorded",
+        "error",
+        "image",
+        "image file smaller than its recorded width/height while annotations reach past the file's size: its boxes are out of scale",
+        "image dropped; rescale its annotations or re-export the full-size image",
+    ),
+    Rule(
+        "invalid_image_size",
+        "error",
+        "image",
+        "width/height missing or <= 0 and no file to read them from",
+        "image dropped",
+    ),
+    Rule(
+        "unknown_image",
+        "error",
+        "annotation",
+        "annotation's image_id names no image",
+        "annotation dropped",
+    ),
+    Rule(
+        "unknown_category",
+        "error",
+        "annotation",
+        "annotation's category_id names no category",
+        "annotation dropped",
+    ),
+    Rule(
+        "non_finite_coordinates",
+        "error",
+        "annotation",
+        "NaN or Infinity in bbox or polygon",
+        "annotation dropped",
+    ),
+    Rule(
+        "coordinates_far_outside",
+        "error",
+        "annotation",
+        "bbox or polygon reaches more than 10 image sizes outside its image (absurd numbers)",
+        "annotation dropped",
+    ),
+    Rule(
+        "invalid_segmentation",
+        "error",
+        "annotation",
+        "segmentation unreadable (bad RLE, size not the image's, wrong type)",
+        "annotation dropped",
+    ),
+    Rule(
+        "missing_geometry",
+        "error",
+        "annotation",
+        "no usable bbox (missing, empty, zero or negative size) and no mask",
+        "annotation dropped",
+    ),
+    Rule(
+        "empty_mask",
+        "error",
+        "annotation",
+        "mask with no pixels and no usable bbox",
+        "annotation dropped",
+    ),
+    Rule(
+        "bbox_outside_image",
+        "error",
+        "annotation",
+        "bbox entirely outside its image",
+        "annotation dropped",
+    ),
+    Rule(
+        "annotations_of_dropped_image",
+        "fix",
+        "annotation",
+        "annotations of an image that was dropped",
+        "annotations dropped",
+    ),
+    Rule(
+        "annotations_of_dropped_category",
+        "fix",
+        "annotation",
+        "annotations of a category that was dropped",
+        "annotations dropped",
+    ),
+    Rule(
+        "category_name_number",
+        "fix",
+        "category",
+        "category name stored as a number",
+        "converted to text",
+    ),
+    Rule(
+        "image_downscaled",
+        "fix",
+        "image",
+        f"image larger than {MAX_PIXELS:,} pixels: training reads it downscaled",
+        "width/height and its annotations scaled by the same factor",
+    ),
+    Rule(
+        "string_id",
+        "fix",
+        "image/annotation/category",
+        "numeric id stored as a string (or float)",
+        "converted to int",
+    ),
+    Rule(
+        "annotation_id_missing",
+        "fix",
+        "annotation",
+        "annotation without an id",
+        "new id assigned (max id + 1, ...)",
+    ),
     Rule("file_name_backslash", "fix", "image", "backslashes in file_name", "replaced by '/'"),
-    Rule("image_size_from_file", "fix", "image", "width/height missing or disagreeing with the image file", "set from the file header (EXIF orientation applied)"),
-    Rule("iscrowd_missing", "fix", "annotation", "iscrowd missing or not 0/1", "set to 0 (1 for true)"),
-    Rule("polygon_flat", "fix", "annotation", "polygon stored as one flat list of numbers", "wrapped as a list of rings"),
-    Rule("polygon_dropped", "fix", "annotation", "polygon ring with fewer than 3 points", "ring removed"),
-    Rule("bbox_from_mask", "fix", "annotation", "bbox missing, empty or zero-area while a mask exists", "bbox computed from the mask"),
-    Rule("bbox_clipped", "fix", "annotation", "bbox partly outside its image", "clipped to the image"),
-    Rule("bbox_replaced_by_mask", "fix", "annotation", "bbox far from its mask's extent (IoU < 0.5) with validate.box_from_mask: true", "bbox recomputed from the mask"),
-    Rule("area_recomputed", "fix", "annotation", f"area missing or more than {AREA_TOLERANCE:.0%} off the mask/box area", "recomputed from the mask (or the box)"),
-    Rule("unused_category", "warning", "category", "category declared but no annotation uses it", "kept (the prompt includes it)"),
-    Rule("image_without_annotations", "warning", "image", "image without annotations", "kept as a negative example"),
-    Rule("small_box", "warning", "annotation", "box smaller than validate.min_box_size on a side", "kept"),
-    Rule("rare_category", "warning", "category", "category with fewer than validate.min_instances instances", "kept"),
-    Rule("category_name_no_letters", "warning", "category", "name has no letter or digit: the text encoder may read it as [UNK] only", "kept; rename it if classes cannot be told apart"),
-    Rule("duplicate_category_name", "warning", "category", "several categories share a name, or names that become the same prompt text once cleaned ('.' '?' removed, case, spaces): an ambiguous prompt", "kept; rename one"),
-    Rule("bbox_mask_mismatch", "warning", "annotation", "bbox far from the mask's extent (IoU < 0.5)", "kept (models train on the bbox; SAM on the mask)"),
+    Rule(
+        "image_size_from_file",
+        "fix",
+        "image",
+        "width/height missing or disagreeing with the image file",
+        "set from the file header (EXIF orientation applied)",
+    ),
+    Rule(
+        "iscrowd_missing",
+        "fix",
+        "annotation",
+        "iscrowd missing or not 0/1",
+        "set to 0 (1 for true)",
+    ),
+    Rule(
+        "polygon_flat",
+        "fix",
+        "annotation",
+        "polygon stored as one flat list of numbers",
+        "wrapped as a list of rings",
+    ),
+    Rule(
+        "polygon_dropped",
+        "fix",
+        "annotation",
+        "polygon ring with fewer than 3 points",
+        "ring removed",
+    ),
+    Rule(
+        "bbox_from_mask",
+        "fix",
+        "annotation",
+        "bbox missing, empty or zero-area while a mask exists",
+        "bbox computed from the mask",
+    ),
+    Rule(
+        "bbox_clipped", "fix", "annotation", "bbox partly outside its image", "clipped to the image"
+    ),
+    Rule(
+        "bbox_replaced_by_mask",
+        "fix",
+        "annotation",
+        "bbox far from its mask's extent (IoU < 0.5) with validate.box_from_mask: true",
+        "bbox recomputed from the mask",
+    ),
+    Rule(
+        "area_recomputed",
+        "fix",
+        "annotation",
+        f"area missing or more than {AREA_TOLERANCE:.0%} off the mask/box area",
+        "recomputed from the mask (or the box)",
+    ),
+    Rule(
+        "unused_category",
+        "warning",
+        "category",
+        "category declared but no annotation uses it",
+        "kept (the prompt includes it)",
+    ),
+    Rule(
+        "image_without_annotations",
+        "warning",
+        "image",
+        "image without annotations",
+        "kept as a negative example",
+    ),
+    Rule(
+        "small_box",
+        "warning",
+        "annotation",
+        "box smaller than validate.min_box_size on a side",
+        "kept",
+    ),
+    Rule(
+        "rare_category",
+        "warning",
+        "category",
+        "category with fewer than validate.min_instances instances",
+        "kept",
+    ),
+    Rule(
+        "category_name_no_letters",
+        "warning",
+        "category",
+        "name has no letter or digit: the text encoder may read it as [UNK] only",
+        "kept; rename it if classes cannot be told apart",
+    ),
+    Rule(
+        "duplicate_category_name",
+        "warning",
+        "category",
+        "several categories share a name, or names that become the same prompt text once cleaned ('.' '?' removed, case, spaces): an ambiguous prompt",
+        "kept; rename one",
+    ),
+    Rule(
+        "bbox_mask_mismatch",
+        "warning",
+        "annotation",
+        "bbox far from the mask's extent (IoU < 0.5)",
+        "kept (models train on the bbox; SAM on the mask)",
+    ),
     Rule("shared_file_name", "warning", "image", "one file used by several image ids", "kept"),
 )
 
@@ -152,10 +414,18 @@ class Findings:
             fix = rule.fix
             if rule.severity == "error" and on_error != "drop":
                 fix = f"none applied (on_error={on_error}); with on_error=drop: {rule.fix}"
-            out.append({"rule": name, "severity": rule.severity, "record": rule.record,
-                        "count": len(self.ids[name]), "ids": self.ids[name],
-                        "message": rule.message, "fix": fix,
-                        "details": self.details.get(name, [])})
+            out.append(
+                {
+                    "rule": name,
+                    "severity": rule.severity,
+                    "record": rule.record,
+                    "count": len(self.ids[name]),
+                    "ids": self.ids[name],
+                    "message": rule.message,
+                    "fix": fix,
+                    "details": self.details.get(name, []),
+                }
+            )
         return out
 
 
@@ -223,8 +493,11 @@ def check_ids(coco: dict, found: Findings) -> None:
 
 def check_duplicates(coco: dict, found: Findings) -> None:
     """Records whose id was seen before (error; the first record with the id is kept)."""
-    for key, rule in (("images", "duplicate_image_id"), ("annotations", "duplicate_annotation_id"),
-                      ("categories", "duplicate_category_id")):
+    for key, rule in (
+        ("images", "duplicate_image_id"),
+        ("annotations", "duplicate_annotation_id"),
+        ("categories", "duplicate_category_id"),
+    ):
         seen: set = set()
         kept = []
         for rec in coco[key]:
@@ -263,8 +536,11 @@ def check_categories(coco: dict, found: Findings) -> None:
         if as_text is not None:
             found.add("category_name_number", cat["id"], f"{name!r} -> {as_text!r}")
             cat["name"] = name = as_text
-        problem = (category_name_problem(name) if isinstance(name, str) and name.strip()
-                   else "category_name_missing")
+        problem = (
+            category_name_problem(name)
+            if isinstance(name, str) and name.strip()
+            else "category_name_missing"
+        )
         if problem:
             found.add(problem, cat["id"], f"name {name!r}")
             found.dropped["categories"][cat["id"]] = problem
@@ -278,7 +554,11 @@ def check_categories(coco: dict, found: Findings) -> None:
     for cat in kept:
         prompt = clean_name(cat["name"]).lower()
         if names[prompt] > 1:
-            found.add("duplicate_category_name", cat["id"], f"name {cat['name']!r} (prompt text {prompt!r})")
+            found.add(
+                "duplicate_category_name",
+                cat["id"],
+                f"name {cat['name']!r} (prompt text {prompt!r})",
+            )
 
 
 # --- images --------------------------------------------------------------------------------
@@ -327,13 +607,19 @@ def check_file_names(coco: dict, found: Findings) -> None:
 
 
 def _positive_int(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            and v > 0)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _finite_numbers(values: Any) -> list[float]:
-    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v)] if isinstance(values, list) else []
+    return (
+        [
+            float(v)
+            for v in values
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ]
+        if isinstance(values, list)
+        else []
+    )
 
 
 def annotation_reach(ann: dict) -> tuple[float, float]:
@@ -360,19 +646,25 @@ def scale_annotation(ann: dict, k: int, *, height: int, width: int) -> None:
         ann["bbox"] = [v / k for v in box]
     kind = mask_kind(ann)
     if kind == "polygon":
-        ann["segmentation"] = [[v / k for v in ring] for ring in polygons(ann)
-                               if len(_finite_numbers(ring)) == len(ring)]
-    elif kind in ("rle_compressed", "rle_uncompressed") and rle_problem(ann["segmentation"]) is None \
-            and list(ann["segmentation"]["size"]) == [height, width]:
+        ann["segmentation"] = [
+            [v / k for v in ring]
+            for ring in polygons(ann)
+            if len(_finite_numbers(ring)) == len(ring)
+        ]
+    elif (
+        kind in ("rle_compressed", "rle_uncompressed")
+        and rle_problem(ann["segmentation"]) is None
+        and list(ann["segmentation"]["size"]) == [height, width]
+    ):
         small = annotation_mask(ann, height, width)[::k, ::k]
-        ann["segmentation"] = (mask_to_rle(small) if kind == "rle_compressed"
-                               else mask_to_uncompressed_rle(small))
+        ann["segmentation"] = (
+            mask_to_rle(small) if kind == "rle_compressed" else mask_to_uncompressed_rle(small)
+        )
     if _positive_int(ann.get("area")):
         ann["area"] = ann["area"] / (k * k)
 
 
-def _file_size_finding(im: dict, size: tuple[int, int], anns: list[dict],
-                       found: Findings) -> bool:
+def _file_size_finding(im: dict, size: tuple[int, int], anns: list[dict], found: Findings) -> bool:
     """Compare the recorded size with the file's: True when the image must be dropped (the
     file is smaller and annotations reach past it: out of scale); a plain disagreement is
     fixed from the file."""
@@ -386,10 +678,13 @@ def _file_size_finding(im: dict, size: tuple[int, int], anns: list[dict],
         far_x = max((r[0] for r in reach), default=0.0)
         far_y = max((r[1] for r in reach), default=0.0)
         if far_x > size[0] + 1 or far_y > size[1] + 1:
-            found.add("image_smaller_than_recorded", im["id"],
-                      f"{im['file_name']}: recorded {was[0]}x{was[1]}, file {size[0]}x{size[1]}; "
-                      f"annotations reach {far_x:g}x{far_y:g}: boxes out of scale "
-                      f"(x{size[0] / w0:.3g})")
+            found.add(
+                "image_smaller_than_recorded",
+                im["id"],
+                f"{im['file_name']}: recorded {was[0]}x{was[1]}, file {size[0]}x{size[1]}; "
+                f"annotations reach {far_x:g}x{far_y:g}: boxes out of scale "
+                f"(x{size[0] / w0:.3g})",
+            )
             return True
     im["width"], im["height"] = size
     found.add("image_size_from_file", im["id"], f"{was} -> {size}")
@@ -405,8 +700,11 @@ def _downscale(im: dict, anns: list[dict], found: Findings) -> None:
     im["width"], im["height"] = decoded_size(width, height)
     for ann in anns:
         scale_annotation(ann, k, height=height, width=width)
-    found.add("image_downscaled", im["id"],
-              f"{im['file_name']}: {width}x{height} -> {im['width']}x{im['height']} (1/{k})")
+    found.add(
+        "image_downscaled",
+        im["id"],
+        f"{im['file_name']}: {width}x{height} -> {im['width']}x{im['height']} (1/{k})",
+    )
 
 
 def check_image_files(coco: dict, found: Findings, probe: ImageProbe | None) -> None:
@@ -429,7 +727,11 @@ def check_image_files(coco: dict, found: Findings, probe: ImageProbe | None) -> 
             bad[im["id"]] = "image_smaller_than_recorded"
             continue
         if not (_positive_int(im.get("width")) and _positive_int(im.get("height"))):
-            found.add("invalid_image_size", im["id"], f"width {im.get('width')!r}, height {im.get('height')!r}")
+            found.add(
+                "invalid_image_size",
+                im["id"],
+                f"width {im.get('width')!r}, height {im.get('height')!r}",
+            )
             bad[im["id"]] = "invalid_image_size"
             continue
         if size is not None:
@@ -451,8 +753,9 @@ def check_references(coco: dict, found: Findings) -> None:
         elif image not in images:
             found.add("unknown_image", ann["id"], f"image_id {ann.get('image_id')!r}")
         elif cat in found.dropped["categories"]:
-            found.add("annotations_of_dropped_category", ann["id"],
-                      f"category {ann.get('category_id')!r}")
+            found.add(
+                "annotations_of_dropped_category", ann["id"], f"category {ann.get('category_id')!r}"
+            )
             found.removed[found.dropped["categories"][cat]] += 1
         elif cat not in cats:
             found.add("unknown_category", ann["id"], f"category_id {ann.get('category_id')!r}")
@@ -486,26 +789,34 @@ def polygon_bbox(rings: list[list[float]], *, width: int, height: int) -> list[f
     """Vertex extent of the rings, clipped to the image, as COCO xywh."""
     xs = [v for r in rings for v in r[0::2]]
     ys = [v for r in rings for v in r[1::2]]
-    return clip_xywh_box([min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-                         width=width, height=height)
+    return clip_xywh_box(
+        [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)], width=width, height=height
+    )
 
 
-def _fix_segmentation(ann: dict, height: int, width: int, found: Findings
-                      ) -> MaskGeometry | None | str:
+def _fix_segmentation(
+    ann: dict, height: int, width: int, found: Findings
+) -> MaskGeometry | None | str:
     """Check and tidy ``segmentation`` in place: its geometry, None without a mask, or
     ``"invalid"`` (reported)."""
     kind = mask_kind(ann)
     if kind == "none":
         return None
     if kind == "invalid":
-        found.add("invalid_segmentation", ann["id"], f"segmentation of type {type(ann['segmentation']).__name__}")
+        found.add(
+            "invalid_segmentation",
+            ann["id"],
+            f"segmentation of type {type(ann['segmentation']).__name__}",
+        )
         return "invalid"
     if kind == "polygon":
         raw, rings = polygons(ann), valid_polygons(ann)
         if raw and not isinstance(ann["segmentation"][0], list):
             found.add("polygon_flat", ann["id"], "[x1, y1, ...] -> [[x1, y1, ...]]")
         if len(rings) < len(raw):
-            found.add("polygon_dropped", ann["id"], f"{len(raw) - len(rings)} ring(s) with < 3 points")
+            found.add(
+                "polygon_dropped", ann["id"], f"{len(raw) - len(rings)} ring(s) with < 3 points"
+            )
         ann["segmentation"] = rings
         if not rings:
             return None
@@ -519,8 +830,9 @@ def _fix_segmentation(ann: dict, height: int, width: int, found: Findings
     return MaskGeometry(*rle_area_bbox(annotation_rle(ann, height, width, check=False)))
 
 
-def _fix_bbox(ann: dict, mask: MaskGeometry | None, height: int, width: int,
-              found: Findings) -> bool:
+def _fix_bbox(
+    ann: dict, mask: MaskGeometry | None, height: int, width: int, found: Findings
+) -> bool:
     """Repair the bbox in place; False when the annotation has no usable geometry."""
     bbox: Any = ann.get("bbox")
     if not (is_xywh(bbox) and bbox[2] > 0 and bbox[3] > 0):
@@ -571,8 +883,9 @@ def _iou_xywh(a: list[float], b: list[float], *, slack: float = 1.0) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def check_annotation(ann: dict, image: dict, found: Findings, *, min_box_size: float,
-                     box_from_mask: bool = False) -> bool:
+def check_annotation(
+    ann: dict, image: dict, found: Findings, *, min_box_size: float, box_from_mask: bool = False
+) -> bool:
     """Fix one annotation in place against its image; False when it must be dropped.
     Numbers that cannot be geometry are caught before anything is computed from them."""
     height, width = int(image["height"]), int(image["width"])
@@ -601,22 +914,28 @@ def check_annotation(ann: dict, image: dict, found: Findings, *, min_box_size: f
     return True
 
 
-def check_annotations(coco: dict, found: Findings, *, min_box_size: float,
-                      box_from_mask: bool = False) -> None:
+def check_annotations(
+    coco: dict, found: Findings, *, min_box_size: float, box_from_mask: bool = False
+) -> None:
     """Per annotation: segmentation, bbox and area fixes; unusable ones dropped. When most
     boxes disagree with their masks that is an error (the export's boxes are wrong), unless
     ``box_from_mask`` recomputes them."""
     images = {im["id"]: im for im in coco["images"]}
     coco["annotations"] = [
-        a for a in coco["annotations"]
-        if check_annotation(a, images[a["image_id"]], found, min_box_size=min_box_size,
-                            box_from_mask=box_from_mask)
+        a
+        for a in coco["annotations"]
+        if check_annotation(
+            a, images[a["image_id"]], found, min_box_size=min_box_size, box_from_mask=box_from_mask
+        )
     ]
     mismatched = len(found.ids.get("bbox_mask_mismatch", ()))
     if mismatched and mismatched > MISMATCH_MAJORITY * found.box_and_mask:
-        found.add("boxes_contradict_masks", None,
-                  f"{mismatched} of {found.box_and_mask} boxes have IoU < 0.5 with their own "
-                  "mask (see bbox_mask_mismatch)")
+        found.add(
+            "boxes_contradict_masks",
+            None,
+            f"{mismatched} of {found.box_and_mask} boxes have IoU < 0.5 with their own "
+            "mask (see bbox_mask_mismatch)",
+        )
 
 
 @dataclass(frozen=True)
@@ -632,13 +951,17 @@ class InputCounts:
     @classmethod
     def of(cls, coco: dict) -> InputCounts:
         anns = coco["annotations"]
-        return cls(images=len(coco["images"]), annotations=len(anns),
-                   instances=Counter(_key(a.get("category_id")) for a in anns),
-                   annotated={_key(a.get("image_id")) for a in anns})
+        return cls(
+            images=len(coco["images"]),
+            annotations=len(anns),
+            instances=Counter(_key(a.get("category_id")) for a in anns),
+            annotated={_key(a.get("image_id")) for a in anns},
+        )
 
 
-def check_coverage(coco: dict, found: Findings, *, min_instances: int,
-                   given: InputCounts | None = None) -> None:
+def check_coverage(
+    coco: dict, found: Findings, *, min_instances: int, given: InputCounts | None = None
+) -> None:
     """Warnings on what is left: unused / rare categories, images without annotations. With
     ``given`` (the file's own counts), records emptied by drops are not reported again: their
     annotations' findings already name the cause."""
@@ -649,8 +972,12 @@ def check_coverage(coco: dict, found: Findings, *, min_instances: int,
         if in_file == 0:
             found.add("unused_category", cat["id"], cat["name"])
         elif 0 < n < min_instances:
-            found.add("rare_category", cat["id"], f"{cat['name']}: {n}"
-                      + (f" ({in_file} in the file before drops)" if in_file != n else ""))
+            found.add(
+                "rare_category",
+                cat["id"],
+                f"{cat['name']}: {n}"
+                + (f" ({in_file} in the file before drops)" if in_file != n else ""),
+            )
     annotated = given.annotated if given else {a["image_id"] for a in coco["annotations"]}
     for im in coco["images"]:
         if im["id"] not in annotated:
@@ -662,32 +989,41 @@ def _dominant_error(found: Findings) -> str | None:
     images and categories it dropped included), else the one with the most ids."""
     if found.removed:
         return found.removed.most_common(1)[0][0]
-    counts = {k: len(v) for k, v in found.ids.items()
-              if RULES[k].severity == "error" and RULES[k].record != "dataset"}
+    counts = {
+        k: len(v)
+        for k, v in found.ids.items()
+        if RULES[k].severity == "error" and RULES[k].record != "dataset"
+    }
     return max(counts, key=lambda k: counts[k]) if counts else None
 
 
-def check_drop_share(coco: dict, found: Findings, given: InputCounts, *,
-                     max_drop_fraction: float) -> None:
+def check_drop_share(
+    coco: dict, found: Findings, given: InputCounts, *, max_drop_fraction: float
+) -> None:
     """Errors that would drop more than ``max_drop_fraction`` of the images or annotations
     (or everything): one dataset error naming the dominant rule, whatever ``on_error``."""
     shares = []
-    for what, before, after in (("images", given.images, len(coco["images"])),
-                                ("annotations", given.annotations, len(coco["annotations"]))):
+    for what, before, after in (
+        ("images", given.images, len(coco["images"])),
+        ("annotations", given.annotations, len(coco["annotations"])),
+    ):
         if before and (before - after) / before > max_drop_fraction or (before and not after):
             shares.append(f"{before - after} of {before} {what}")
     rule = _dominant_error(found)
     if not shares or rule is None:
         return
     hint = DROP_HINTS.get(rule, f"fix the records named by {rule}")
-    found.add("too_much_dropped", None,
-              f"errors drop {' and '.join(shares)}; most by {rule} ({len(found.ids[rule])} "
-              f"{RULES[rule].record} record(s): {RULES[rule].message}): {hint}")
+    found.add(
+        "too_much_dropped",
+        None,
+        f"errors drop {' and '.join(shares)}; most by {rule} ({len(found.ids[rule])} "
+        f"{RULES[rule].record} record(s): {RULES[rule].message}): {hint}",
+    )
 
 
 DROP_HINTS = {  # what to do when one rule drops most of the dataset
     "image_missing": "check that data.images (--images) is the folder the file_names are "
-                     "relative to",
+    "relative to",
     "image_unreadable": "re-export the images (PNG/JPEG) or check that data.images is the right folder",
     "unsafe_file_name": "re-export with file_names relative to the image folder",
     "invalid_id": "re-export with integer ids",
@@ -725,13 +1061,21 @@ class Validation:
     @property
     def fatal(self) -> bool:
         """Errors that stop the stage whatever ``on_error`` (the file, the dataset as a whole)."""
-        return any(f["severity"] == "error" and f["record"] in ("file", "dataset")
-                   for f in self.findings)
+        return any(
+            f["severity"] == "error" and f["record"] in ("file", "dataset") for f in self.findings
+        )
 
 
-def validate_coco(data: dict[str, Any], *, probe: ImageProbe | None, on_error: str = "fail",
-                  min_box_size: float = 2.0, min_instances: int = 3,
-                  max_drop_fraction: float = 0.5, box_from_mask: bool = False) -> Validation:
+def validate_coco(
+    data: dict[str, Any],
+    *,
+    probe: ImageProbe | None,
+    on_error: str = "fail",
+    min_box_size: float = 2.0,
+    min_instances: int = 3,
+    max_drop_fraction: float = 0.5,
+    box_from_mask: bool = False,
+) -> Validation:
     """Run every rule on a copy of ``data`` (a dict with the three COCO lists).
 
     ``probe(file_name)`` returns the image file's full ``(width, height)`` or the rule name
@@ -755,9 +1099,14 @@ def validate_coco(data: dict[str, Any], *, probe: ImageProbe | None, on_error: s
 
 def _result(coco: dict, found: Findings, *, on_error: str) -> Validation:
     counts = {name: len(found.ids.get(name, ())) for name in RULES}
-    return Validation(coco=coco, findings=found.to_list(on_error=on_error), counts=counts,
-                      errors=found.count("error"), warnings=found.count("warning"),
-                      fixes=found.count("fix"))
+    return Validation(
+        coco=coco,
+        findings=found.to_list(on_error=on_error),
+        counts=counts,
+        errors=found.count("error"),
+        warnings=found.count("warning"),
+        fixes=found.count("fix"),
+    )
 
 
 def format_failure(data_error: str, rule: str, *, on_error: str) -> Validation:
@@ -790,39 +1139,62 @@ def file_probe(image_root: str | Path, *, decode: bool = True) -> ImageProbe:
     return probe
 
 
-def validate_file(annotations: str | Path, *, images: str | Path | None, on_error: str = "fail",
-                  min_box_size: float = 2.0, min_instances: int = 3,
-                  max_drop_fraction: float = 0.5, box_from_mask: bool = False,
-                  decode_images: bool = True) -> Validation:
+def validate_file(
+    annotations: str | Path,
+    *,
+    images: str | Path | None,
+    on_error: str = "fail",
+    min_box_size: float = 2.0,
+    min_instances: int = 3,
+    max_drop_fraction: float = 0.5,
+    box_from_mask: bool = False,
+    decode_images: bool = True,
+) -> Validation:
     """Load ``annotations`` and validate it (file checks under ``images``; None skips them).
     A file that is not JSON or not COCO gives a result with that one error; a missing image
     folder raises ``TeacherError``."""
     if images is not None and not Path(images).is_dir():
-        raise TeacherError(f"{images}: image folder not found; set data.images in params.yaml "
-                           "(or --images) to the folder that file_name is relative to")
+        raise TeacherError(
+            f"{images}: image folder not found; set data.images in params.yaml "
+            "(or --images) to the folder that file_name is relative to"
+        )
     try:
         data = load_coco(annotations)
     except CocoFormatError as e:
         return format_failure(str(e), e.rule, on_error=on_error)
     probe = file_probe(images, decode=decode_images) if images is not None else None
-    return validate_coco(data, probe=probe, on_error=on_error, min_box_size=min_box_size,
-                         min_instances=min_instances, max_drop_fraction=max_drop_fraction,
-                         box_from_mask=box_from_mask)
+    return validate_coco(
+        data,
+        probe=probe,
+        on_error=on_error,
+        min_box_size=min_box_size,
+        min_instances=min_instances,
+        max_drop_fraction=max_drop_fraction,
+        box_from_mask=box_from_mask,
+    )
 
 
 def validate_options(params: Any) -> dict[str, Any]:
     """:func:`validate_file`'s keyword arguments from params.yaml's ``validate`` section."""
-    return {"on_error": params.on_error, "min_box_size": params.min_box_size,
-            "min_instances": params.min_instances, "decode_images": params.decode_images,
-            "max_drop_fraction": params.max_drop_fraction, "box_from_mask": params.box_from_mask}
+    return {
+        "on_error": params.on_error,
+        "min_box_size": params.min_box_size,
+        "min_instances": params.min_instances,
+        "decode_images": params.decode_images,
+        "max_drop_fraction": params.max_drop_fraction,
+        "box_from_mask": params.box_from_mask,
+    }
 
 
 def validation_report(result: Validation, *, on_error: str, source: dict[str, Any]) -> dict:
     """``metrics/validate.json``: totals and one count per rule as flat keys (for ``dvc
     metrics``), then ``findings`` (every rule that fired, with all its ids)."""
     report: dict[str, Any] = {
-        "ok": result.ok, "errors": result.errors, "warnings": result.warnings,
-        "fixes": result.fixes, "images": len(result.coco["images"]),
+        "ok": result.ok,
+        "errors": result.errors,
+        "warnings": result.warnings,
+        "fixes": result.fixes,
+        "images": len(result.coco["images"]),
         "annotations": len(result.coco["annotations"]),
         "categories": len(result.coco["categories"]),
     }
@@ -831,26 +1203,35 @@ def validation_report(result: Validation, *, on_error: str, source: dict[str, An
     return report
 
 
-def summary_text(result: Validation, *, source: str, report_path: str | None = None,
-                 first: int = 5) -> str:
+def summary_text(
+    result: Validation, *, source: str, report_path: str | None = None, first: int = 5
+) -> str:
     """What a person reads: each rule that fired, its count and first ids, and what to do."""
     where = f" (report: {report_path})" if report_path else ""
-    lines = [f"validate {source}: {result.errors} error(s), {result.fixes} fix(es), "
-             f"{result.warnings} warning(s){where}"]
+    lines = [
+        f"validate {source}: {result.errors} error(s), {result.fixes} fix(es), "
+        f"{result.warnings} warning(s){where}"
+    ]
     for f in result.findings:
         ids = ", ".join(repr(i) for i in f["ids"][:first]) + (", ..." if f["count"] > first else "")
         lines.append(f"  {f['severity']:<7} {f['rule']:<28} {f['count']:>6}  {f['record']} {ids}")
         if f["severity"] == "error" and f["details"]:
             lines.append(f"  {'':<36}  e.g. {f['details'][0]}")
     if result.counts.get("not_json") or result.counts.get("not_coco"):  # nothing to drop
-        lines.append("Export the annotations as a COCO instances JSON file (images, annotations, "
-                     "categories lists) and point data.annotations at it.")
+        lines.append(
+            "Export the annotations as a COCO instances JSON file (images, annotations, "
+            "categories lists) and point data.annotations at it."
+        )
     elif result.fatal:  # dropping would not help
         for f in result.findings:
             if f["severity"] == "error" and f["record"] == "dataset":
-                lines.append(f"{f['rule']} stops validate whatever on_error; "
-                             f"{RULES[f['rule']].fix.removeprefix('none: ')}")
+                lines.append(
+                    f"{f['rule']} stops validate whatever on_error; "
+                    f"{RULES[f['rule']].fix.removeprefix('none: ')}"
+                )
     elif result.errors:
-        lines.append("Fix these records in the export, or set validate.on_error: drop to drop "
-                     "them (every drop is listed in the report).")
+        lines.append(
+            "Fix these records in the export, or set validate.on_error: drop to drop "
+            "them (every drop is listed in the report)."
+        )
     return "\n".join(lines)

@@ -32,13 +32,18 @@ class Command:
 
 def _validate_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("annotations", help="COCO JSON to check (never modified)")
-    p.add_argument("--images", help="image root that file_name is relative to; "
-                   "without it, image files are not checked")
+    p.add_argument(
+        "--images",
+        help="image root that file_name is relative to; without it, image files are not checked",
+    )
     p.add_argument("--out", help="write the validated (fixed) copy here")
     p.add_argument("--report", help="write the full report (every finding with all ids) here")
-    p.add_argument("--params", default="params.yaml",
-                   help="its validate section sets on_error, min_box_size, min_instances "
-                   "(defaults when the file is absent)")
+    p.add_argument(
+        "--params",
+        default="params.yaml",
+        help="its validate section sets on_error, min_box_size, min_instances "
+        "(defaults when the file is absent)",
+    )
 
 
 def refuse_overwrite(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
@@ -53,8 +58,10 @@ def refuse_overwrite(inputs: dict[str, str | None], outputs: dict[str, str | Non
             continue
         resolved = Path(path).resolve()
         if resolved in seen:
-            raise TeacherError(f"{flag} {path} is the same file as {seen[resolved]}: it would be "
-                               "overwritten; write to another path")
+            raise TeacherError(
+                f"{flag} {path} is the same file as {seen[resolved]}: it would be "
+                "overwritten; write to another path"
+            )
         seen[resolved] = flag
 
 
@@ -64,8 +71,9 @@ def _validate_run(args: argparse.Namespace) -> int:
     from teacher.params import SplitParams
     from teacher.splitting import split_size_warning
 
-    refuse_overwrite({"the annotations": args.annotations},
-                     {"--out": args.out, "--report": args.report})
+    refuse_overwrite(
+        {"the annotations": args.annotations}, {"--out": args.out, "--report": args.report}
+    )
     params = load_params(args.params) if Path(args.params).is_file() else None
     checks = params["validate"] if params else ValidateParams()
     split = params["split"] if params else SplitParams()
@@ -76,14 +84,21 @@ def _validate_run(args: argparse.Namespace) -> int:
     print(summary_text(result, source=args.annotations, report_path=args.report))
     failed = bool(result.fatal or (result.errors and checks.on_error == "fail"))
     annotated = len({a["image_id"] for a in result.coco["annotations"]})
-    warning = None if result.fatal else split_size_warning(
-        annotated, fractions={"train": split.train, "val": split.val, "test": split.test})
+    warning = (
+        None
+        if result.fatal
+        else split_size_warning(
+            annotated, fractions={"train": split.train, "val": split.val, "test": split.test}
+        )
+    )
     if warning:
         print(f"warning: {warning}")
     if args.out and not failed:
         save_coco(result.coco, args.out)
-        print(f"wrote {args.out}: {len(result.coco['images'])} images, "
-              f"{len(result.coco['annotations'])} annotations")
+        print(
+            f"wrote {args.out}: {len(result.coco['images'])} images, "
+            f"{len(result.coco['annotations'])} annotations"
+        )
     return 1 if failed else 0
 
 
@@ -123,28 +138,62 @@ def _positive(text: str) -> int:
 
 def _predict_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", help="folder of unlabeled images (searched recursively)")
-    p.add_argument("--classes", help='comma-separated class names, e.g. "cat,dog"; default: '
-                   "the classes the DINO adapter was trained on")
-    p.add_argument("--adapters", help="folder holding the trained dino/ and sam/ adapters "
-                   "(models/); without it, the base models")
+    p.add_argument(
+        "--classes",
+        help='comma-separated class names, e.g. "cat,dog"; default: '
+        "the classes the DINO adapter was trained on",
+    )
+    p.add_argument(
+        "--adapters",
+        help="folder holding the trained dino/ and sam/ adapters "
+        "(models/); without it, the base models",
+    )
     p.add_argument("--out", required=True, help="COCO json to write (boxes, RLE masks, scores)")
-    p.add_argument("--params", default="params.yaml",
-                   help="its dino and sam sections name the models and default thresholds")
-    p.add_argument("--score-threshold", type=_fraction, help="min detection score, 0..1 (default dino.box_threshold)")
-    p.add_argument("--text-threshold", type=_fraction, help="min class score, 0..1 (default dino.text_threshold)")
-    p.add_argument("--nms-iou", type=_fraction, default=0.7, help="per-class NMS IoU, 0..1; 1 disables (0.7)")
+    p.add_argument(
+        "--params",
+        default="params.yaml",
+        help="its dino and sam sections name the models and default thresholds",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=_fraction,
+        help="min detection score, 0..1 (default dino.box_threshold)",
+    )
+    p.add_argument(
+        "--text-threshold",
+        type=_fraction,
+        help="min class score, 0..1 (default dino.text_threshold)",
+    )
+    p.add_argument(
+        "--nms-iou", type=_fraction, default=0.7, help="per-class NMS IoU, 0..1; 1 disables (0.7)"
+    )
     p.add_argument("--max-detections", type=_positive, default=100, help="per image, >= 1 (100)")
-    p.add_argument("--batch-size", type=_positive, default=4, help="images per DINO forward, >= 1 (4)")
+    p.add_argument(
+        "--batch-size", type=_positive, default=4, help="images per DINO forward, >= 1 (4)"
+    )
     p.add_argument("--boxes-only", action="store_true", help="skip SAM: boxes without masks")
-    p.add_argument("--format", choices=("coco", "label-studio"), default="coco",
-                   help="coco: one COCO json; label-studio: tasks with predictions to import")
-    p.add_argument("--label-config", help="label-studio: the project's labeling config XML "
-                   "(default: written beside --out, RectangleLabels + BrushLabels of the classes)")
-    p.add_argument("--image-url-prefix", help="label-studio: prepended to each file's path under "
-                   "the folder (default /data/local-files/?d=<folder>/)")
-    p.add_argument("--student", help="label with a trained student instead of the teachers: "
-                   "models/student (PyTorch) or a `teacher export --student` folder (ONNX); "
-                   "--score-threshold defaults to student.score_threshold")
+    p.add_argument(
+        "--format",
+        choices=("coco", "label-studio"),
+        default="coco",
+        help="coco: one COCO json; label-studio: tasks with predictions to import",
+    )
+    p.add_argument(
+        "--label-config",
+        help="label-studio: the project's labeling config XML "
+        "(default: written beside --out, RectangleLabels + BrushLabels of the classes)",
+    )
+    p.add_argument(
+        "--image-url-prefix",
+        help="label-studio: prepended to each file's path under "
+        "the folder (default /data/local-files/?d=<folder>/)",
+    )
+    p.add_argument(
+        "--student",
+        help="label with a trained student instead of the teachers: "
+        "models/student (PyTorch) or a `teacher export --student` folder (ONNX); "
+        "--score-threshold defaults to student.score_threshold",
+    )
 
 
 def _predict_run(args: argparse.Namespace) -> int:
@@ -162,34 +211,61 @@ def _predict_run(args: argparse.Namespace) -> int:
         return _predict_student(args, params)
     dino = params["dino"]
     teachers = load_predict_teachers(
-        classes=parse_classes(args.classes) if args.classes else None, adapters=args.adapters,
-        dino_params=dino, sam_params=params["sam"], segment_masks=not args.boxes_only)
+        classes=parse_classes(args.classes) if args.classes else None,
+        adapters=args.adapters,
+        dino_params=dino,
+        sam_params=params["sam"],
+        segment_masks=not args.boxes_only,
+    )
     keep = Filter(
-        score_threshold=dino.box_threshold if args.score_threshold is None else args.score_threshold,
-        nms_iou=args.nms_iou, max_detections=args.max_detections)
+        score_threshold=dino.box_threshold
+        if args.score_threshold is None
+        else args.score_threshold,
+        nms_iou=args.nms_iou,
+        max_detections=args.max_detections,
+    )
     text = dino.text_threshold if args.text_threshold is None else args.text_threshold
-    doc = label_folder(teachers, args.images, keep=keep, text_threshold=text,
-                       batch_size=args.batch_size, multimask=params["sam"].multimask)
+    doc = label_folder(
+        teachers,
+        args.images,
+        keep=keep,
+        text_threshold=text,
+        batch_size=args.batch_size,
+        multimask=params["sam"].multimask,
+    )
     for item in doc["info"]["unreadable"]:
         print(f"skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
     if not doc["images"]:
         unread = len(doc["info"]["unreadable"])
-        raise TeacherError(f"{args.images}: no image could be read ({unread} unreadable, listed "
-                           f"above), nothing written to {args.out}; pass a folder of PNG/JPEG/"
-                           "TIFF images" if unread else f"{args.images}: no image files found "
-                           f"(suffixes {', '.join(IMAGE_SUFFIXES)}); nothing written")
+        raise TeacherError(
+            f"{args.images}: no image could be read ({unread} unreadable, listed "
+            f"above), nothing written to {args.out}; pass a folder of PNG/JPEG/"
+            "TIFF images"
+            if unread
+            else f"{args.images}: no image files found "
+            f"(suffixes {', '.join(IMAGE_SUFFIXES)}); nothing written"
+        )
     if args.format == "label-studio":
         from teacher.serve.command import save_label_studio_tasks
 
         save_label_studio_tasks(
-            doc, out=args.out, images=args.images, label_config=args.label_config,
-            image_url_prefix=args.image_url_prefix, masks=not args.boxes_only,
-            adapters=args.adapters, classes=args.classes, dino_model=dino.model,
-            sam_model=params["sam"].model)
+            doc,
+            out=args.out,
+            images=args.images,
+            label_config=args.label_config,
+            image_url_prefix=args.image_url_prefix,
+            masks=not args.boxes_only,
+            adapters=args.adapters,
+            classes=args.classes,
+            dino_model=dino.model,
+            sam_model=params["sam"].model,
+        )
     else:
         save_coco(doc, args.out)
-    print(f"wrote {args.out}: {len(doc['images'])} images, {len(doc['annotations'])} detections"
-          f" ({len(doc['info']['unreadable'])} unreadable images skipped)")
+    print(
+        f"wrote {args.out}: {len(doc['images'])} images, {len(doc['annotations'])} detections"
+        f" ({len(doc['info']['unreadable'])} unreadable images skipped)"
+    )
     return 0
 
 
@@ -201,14 +277,21 @@ def _predict_student(args: argparse.Namespace, params: dict) -> int:
     from teacher.student_predict import label_with_student
 
     student = load_any_student(args.student)
-    keep = Filter(score_threshold=params["student"].score_threshold if args.score_threshold is None
-                  else args.score_threshold, nms_iou=args.nms_iou, max_detections=args.max_detections)
+    keep = Filter(
+        score_threshold=params["student"].score_threshold
+        if args.score_threshold is None
+        else args.score_threshold,
+        nms_iou=args.nms_iou,
+        max_detections=args.max_detections,
+    )
     doc = label_with_student(student, args.images, keep=keep, batch_size=args.batch_size)
     save_coco(doc, args.out)
     for item in doc["info"]["unreadable"]:
         print(f"skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
-    print(f"wrote {args.out}: {len(doc['images'])} images, {len(doc['annotations'])} detections"
-          f" ({len(doc['info']['unreadable'])} unreadable images skipped)")
+    print(
+        f"wrote {args.out}: {len(doc['images'])} images, {len(doc['annotations'])} detections"
+        f" ({len(doc['info']['unreadable'])} unreadable images skipped)"
+    )
     return 0
 
 
@@ -218,11 +301,21 @@ def _predict_student(args: argparse.Namespace, params: dict) -> int:
 def _export_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", default="models", help="folder holding dino/ and sam/ (models)")
     p.add_argument("--out", required=True, help="folder for dino/ (save_pretrained) and sam.pth")
-    p.add_argument("--params", default="params.yaml", help="its dino and sam sections name the base models")
-    p.add_argument("--student", nargs="?", const="models/student", default=None, metavar="DIR",
-                   help="export the trained student (default models/student) instead of the "
-                   "teachers: OUT/student.onnx + student.json")
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="student export format (onnx)")
+    p.add_argument(
+        "--params", default="params.yaml", help="its dino and sam sections name the base models"
+    )
+    p.add_argument(
+        "--student",
+        nargs="?",
+        const="models/student",
+        default=None,
+        metavar="DIR",
+        help="export the trained student (default models/student) instead of the "
+        "teachers: OUT/student.onnx + student.json",
+    )
+    p.add_argument(
+        "--format", choices=["onnx"], default="onnx", help="student export format (onnx)"
+    )
 
 
 def _export_run(args: argparse.Namespace) -> int:
@@ -242,15 +335,28 @@ def _export_run(args: argparse.Namespace) -> int:
 
 
 def _prune_cache_configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cache", nargs="?", default="checkpoints/sam_embeddings",
-                   help="the SAM embedding cache of decoder-only training (checkpoints/sam_embeddings)")
-    p.add_argument("--max-gib", type=float, help="keep at most this many GiB, least recently used "
-                   "removed first (default: sam.embedding_cache_gib)")
-    p.add_argument("--annotations", help="COCO json of the current data (e.g. data/validated.json): "
-                   "with --images, entries of other images (edited, removed) and of other encoders "
-                   "than sam.model's are stale and removed")
+    p.add_argument(
+        "cache",
+        nargs="?",
+        default="checkpoints/sam_embeddings",
+        help="the SAM embedding cache of decoder-only training (checkpoints/sam_embeddings)",
+    )
+    p.add_argument(
+        "--max-gib",
+        type=float,
+        help="keep at most this many GiB, least recently used "
+        "removed first (default: sam.embedding_cache_gib)",
+    )
+    p.add_argument(
+        "--annotations",
+        help="COCO json of the current data (e.g. data/validated.json): "
+        "with --images, entries of other images (edited, removed) and of other encoders "
+        "than sam.model's are stale and removed",
+    )
     p.add_argument("--images", help="image root of --annotations")
-    p.add_argument("--params", default="params.yaml", help="its sam section (model, embedding_cache_gib)")
+    p.add_argument(
+        "--params", default="params.yaml", help="its sam section (model, embedding_cache_gib)"
+    )
 
 
 def _prune_cache_run(args: argparse.Namespace) -> int:
@@ -258,7 +364,9 @@ def _prune_cache_run(args: argparse.Namespace) -> int:
 
     sam_params = _model_params(args.params)["sam"]
     if bool(args.annotations) != bool(args.images):
-        raise TeacherError("pass --annotations and --images together (the current data), or neither")
+        raise TeacherError(
+            "pass --annotations and --images together (the current data), or neither"
+        )
     current = None
     if args.annotations:
         from teacher.coco import load_coco
@@ -269,30 +377,46 @@ def _prune_cache_run(args: argparse.Namespace) -> int:
         current = embedding_paths(folder, load_coco(args.annotations), args.images).values()
     max_gib = sam_params.embedding_cache_gib if args.max_gib is None else args.max_gib
     done = prune_embedding_cache(args.cache, max_bytes=int(max_gib * 2**30), current=current)
-    print(f"{args.cache}: removed {done.removed} files ({done.freed / 2**20:.1f} MiB); "
-          f"{done.kept} left ({done.size / 2**20:.1f} MiB, bound {max_gib:g} GiB)")
+    print(
+        f"{args.cache}: removed {done.removed} files ({done.freed / 2**20:.1f} MiB); "
+        f"{done.kept} left ({done.size / 2**20:.1f} MiB, bound {max_gib:g} GiB)"
+    )
     return 0
 
 
 # --- registry ------------------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
-    "validate": Command("check a COCO export (and write a fixed copy)", _validate_configure,
-                        _validate_run),
-    "predict": Command("auto-label a folder of images with Grounded-SAM (COCO boxes + masks)",
-                       _predict_configure, _predict_run),
-    "serve": Command("serve the teachers to Label Studio (ML backend: pre-labels, smart tools)",
-                     _serve_configure, _serve_run),
-    "export": Command("merge the adapters into full DINO (save_pretrained) and SAM (.pth) models",
-                      _export_configure, _export_run),
-    "prune-cache": Command("bound the SAM embedding cache: drop stale entries, then least recently used",
-                           _prune_cache_configure, _prune_cache_run),
+    "validate": Command(
+        "check a COCO export (and write a fixed copy)", _validate_configure, _validate_run
+    ),
+    "predict": Command(
+        "auto-label a folder of images with Grounded-SAM (COCO boxes + masks)",
+        _predict_configure,
+        _predict_run,
+    ),
+    "serve": Command(
+        "serve the teachers to Label Studio (ML backend: pre-labels, smart tools)",
+        _serve_configure,
+        _serve_run,
+    ),
+    "export": Command(
+        "merge the adapters into full DINO (save_pretrained) and SAM (.pth) models",
+        _export_configure,
+        _export_run,
+    ),
+    "prune-cache": Command(
+        "bound the SAM embedding cache: drop stale entries, then least recently used",
+        _prune_cache_configure,
+        _prune_cache_run,
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="teacher", description="Fine-tuned teachers from the shell, outside the DVC pipeline.")
+        prog="teacher", description="Fine-tuned teachers from the shell, outside the DVC pipeline."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))

@@ -65,10 +65,15 @@ def read_json(path: str | Path) -> Any:
     except RecursionError as e:
         raise CocoFormatError(
             f"{path}: JSON nested too deeply to read (not a COCO export); export the dataset "
-            "as COCO JSON", rule="not_json") from e
+            "as COCO JSON",
+            rule="not_json",
+        ) from e
     except (IsADirectoryError, PermissionError, OSError) as e:
-        raise CocoFormatError(f"{path}: cannot read the file ({e.strerror or e}); check "
-                              "data.annotations and its permissions", rule="not_json") from e
+        raise CocoFormatError(
+            f"{path}: cannot read the file ({e.strerror or e}); check "
+            "data.annotations and its permissions",
+            rule="not_json",
+        ) from e
 
 
 def coco_format_problem(data: Any) -> str | None:
@@ -138,8 +143,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as e:
-        raise TeacherError(f"{path}: cannot write here ({e.strerror or e}); choose a writable "
-                           "folder or free disk space") from e
+        raise TeacherError(
+            f"{path}: cannot write here ({e.strerror or e}); choose a writable "
+            "folder or free disk space"
+        ) from e
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 is not the user's choice
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -147,8 +154,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise TeacherError(f"{path}: cannot write ({e.strerror or e}); free disk space or "
-                           "choose a writable folder") from e
+        raise TeacherError(
+            f"{path}: cannot write ({e.strerror or e}); free disk space or choose a writable folder"
+        ) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -234,7 +242,9 @@ def mask_kind(ann: dict[str, Any]) -> str:
         return "invalid"
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
         size = seg["size"]
-        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+        if not (
+            isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)
+        ):
             return "invalid"
         if isinstance(seg["counts"], (str, bytes)):
             return "rle_compressed"
@@ -273,8 +283,7 @@ def _coordinates(ann: dict[str, Any]) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def geometry_problem(ann: dict[str, Any], *, width: float, height: float
-                     ) -> tuple[str, str] | None:
+def geometry_problem(ann: dict[str, Any], *, width: float, height: float) -> tuple[str, str] | None:
     """``(rule, detail)`` when the bbox or polygon holds numbers that cannot be geometry: NaN
     or Infinity (``"non_finite_coordinates"``), or a point more than :data:`FAR` image sizes outside
     the image (``"coordinates_far_outside"``: rasterising it would take unbounded memory);
@@ -282,8 +291,9 @@ def geometry_problem(ann: dict[str, Any], *, width: float, height: float
     xs, ys = _coordinates(ann)
     if not all(math.isfinite(v) for v in xs + ys):
         return "non_finite_coordinates", "NaN or Infinity in bbox/segmentation"
-    if (any(v < -FAR * width or v > (FAR + 1) * width for v in xs)
-            or any(v < -FAR * height or v > (FAR + 1) * height for v in ys)):
+    if any(v < -FAR * width or v > (FAR + 1) * width for v in xs) or any(
+        v < -FAR * height or v > (FAR + 1) * height for v in ys
+    ):
         far = max([abs(v) for v in xs + ys], default=0.0)
         return "coordinates_far_outside", f"a coordinate of {far:g} in a {width:g}x{height:g} image"
     return None
@@ -363,8 +373,9 @@ def rle_problem(seg: dict[str, Any]) -> str | None:
     return None
 
 
-def annotation_rle(ann: dict[str, Any], height: int, width: int, *, check: bool = True
-                   ) -> dict[str, Any]:
+def annotation_rle(
+    ann: dict[str, Any], height: int, width: int, *, check: bool = True
+) -> dict[str, Any]:
     """The mask of ``ann`` as one pycocotools compressed RLE (``counts`` bytes) of ``height x
     width``. Polygon rings with fewer than 3 points are ignored.
 
@@ -380,8 +391,10 @@ def annotation_rle(ann: dict[str, Any], height: int, width: int, *, check: bool 
             raise TeacherError(f"{where}: no polygon with at least 3 points")
         absurd = geometry_problem({"segmentation": rings}, width=width, height=height)
         if absurd:
-            raise TeacherError(f"{where}: {absurd[1]} ({absurd[0]}); fix the polygon or run "
-                               "validate with on_error: drop")
+            raise TeacherError(
+                f"{where}: {absurd[1]} ({absurd[0]}); fix the polygon or run "
+                "validate with on_error: drop"
+            )
         return mask_utils.merge(mask_utils.frPyObjects(rings, height, width))
     if kind in ("rle_compressed", "rle_uncompressed"):
         seg = ann["segmentation"]
@@ -396,8 +409,10 @@ def annotation_rle(ann: dict[str, Any], height: int, width: int, *, check: bool 
         if kind == "rle_uncompressed":
             return mask_utils.frPyObjects(seg, height, width)
         counts = seg["counts"]
-        return {"size": [height, width],
-                "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        return {
+            "size": [height, width],
+            "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+        }
     raise TeacherError(f"{where}: no usable mask (segmentation is {kind})")
 
 
@@ -454,8 +469,13 @@ def has_mask(ann: dict[str, Any]) -> bool:
 def has_usable_box(ann: dict[str, Any]) -> bool:
     """``bbox`` is four numbers (COCO xywh) with positive width and height."""
     box = ann.get("bbox")
-    return (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)
-            and box[2] > 0 and box[3] > 0)
+    return (
+        isinstance(box, (list, tuple))
+        and len(box) == 4
+        and all(_is_number(v) for v in box)
+        and box[2] > 0
+        and box[3] > 0
+    )
 
 
 def clean_name(name: str) -> str:

@@ -28,14 +28,18 @@ class Detections:
         cats = np.asarray(self.category_ids, dtype=np.int64).reshape(-1)
         n = len(boxes)
         if len(scores) != n or len(cats) != n:
-            raise ValueError(f"Detections: {n} boxes, {len(scores)} scores, {len(cats)} category ids")
+            raise ValueError(
+                f"Detections: {n} boxes, {len(scores)} scores, {len(cats)} category ids"
+            )
         object.__setattr__(self, "boxes", boxes)
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "category_ids", cats)
         if self.masks is not None:
             masks = np.asarray(self.masks, dtype=bool)
             if masks.ndim != 3 or len(masks) != n:
-                raise ValueError(f"Detections: masks {masks.shape} for {n} boxes; expected (N, H, W)")
+                raise ValueError(
+                    f"Detections: masks {masks.shape} for {n} boxes; expected (N, H, W)"
+                )
             object.__setattr__(self, "masks", masks)
 
     def __len__(self) -> int:
@@ -47,16 +51,23 @@ class Detections:
 
     def take(self, index: np.ndarray | slice) -> Detections:
         """The detections at ``index`` (integer indexes, a bool mask or a slice), in that order."""
-        return Detections(self.boxes[index], self.scores[index], self.category_ids[index],
-                          None if self.masks is None else self.masks[index])
+        return Detections(
+            self.boxes[index],
+            self.scores[index],
+            self.category_ids[index],
+            None if self.masks is None else self.masks[index],
+        )
 
     def with_masks(self, masks: np.ndarray) -> Detections:
         return Detections(self.boxes, self.scores, self.category_ids, masks)
 
     def scaled(self, factor: float) -> Detections:
         """Boxes times ``factor``; masks repeated ``factor`` times per axis (an integer factor)."""
-        masks = None if self.masks is None else (
-            self.masks.repeat(int(factor), axis=1).repeat(int(factor), axis=2))
+        masks = (
+            None
+            if self.masks is None
+            else (self.masks.repeat(int(factor), axis=1).repeat(int(factor), axis=2))
+        )
         return Detections(self.boxes * factor, self.scores, self.category_ids, masks)
 
     @staticmethod
@@ -64,11 +75,17 @@ class Detections:
         """All of ``parts`` in order; masks only when every part has them."""
         if not parts:
             return Detections.empty()
-        masks = (np.concatenate([p.masks for p in parts])
-                 if all(p.masks is not None for p in parts) else None)
-        return Detections(np.concatenate([p.boxes for p in parts]),
-                          np.concatenate([p.scores for p in parts]),
-                          np.concatenate([p.category_ids for p in parts]), masks)
+        masks = (
+            np.concatenate([p.masks for p in parts])
+            if all(p.masks is not None for p in parts)
+            else None
+        )
+        return Detections(
+            np.concatenate([p.boxes for p in parts]),
+            np.concatenate([p.scores for p in parts]),
+            np.concatenate([p.category_ids for p in parts]),
+            masks,
+        )
 
     def best(self, k: int) -> Detections:
         """The ``k`` highest scores, best first (stable on ties)."""

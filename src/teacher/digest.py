@@ -26,7 +26,9 @@ def fingerprint(*objects: Any) -> str:
     Dataclasses (params sections) are converted to dicts; tuples to lists. Used to tell whether
     a checkpoint belongs to the same params and data.
     """
-    return hashlib.sha256(json.dumps([_canonical(o) for o in objects], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([_canonical(o) for o in objects], sort_keys=True).encode()
+    ).hexdigest()
 
 
 def _canonical(obj: Any) -> Any:

@@ -56,7 +56,9 @@ class VariantOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     curves: list[dict[str, Any]] = field(default_factory=list)  # PR rows at IoU 0.5 (boxes)
     shown: dict[Any, Detections] = field(default_factory=dict)  # gallery image -> detections
-    seconds: float = 0.0  # wall time of Grounded-SAM (predict_images) over the split, decoding excluded
+    seconds: float = (
+        0.0  # wall time of Grounded-SAM (predict_images) over the split, decoding excluded
+    )
 
 
 def _by_image(gt: dict) -> dict[Any, list[dict]]:
@@ -113,16 +115,22 @@ def run_variant(
     boxes_only = Teachers(dino=teachers.dino, sam=None, label_map=teachers.label_map)
     bar = tqdm(total=len(images), desc=desc, unit="img")
     for start in range(0, len(images), batch_size):
-        records = images[start:start + batch_size]
+        records = images[start : start + batch_size]
         arrays = [load_image(images_root / r["file_name"]) for r in records]
         dets: list[Detections | None] = [None] * len(records)
         if teachers.dino is not None:  # box/*: the reference protocol; Grounded-SAM: below
             from teacher.dino.detect import score
 
-            for rec, scored in zip(records, score(teachers.dino, arrays, teachers.label_map), strict=True):
-                box_results += to_annotations(scored, image_id=rec["id"], first_id=len(box_results) + 1)
+            for rec, scored in zip(
+                records, score(teachers.dino, arrays, teachers.label_map), strict=True
+            ):
+                box_results += to_annotations(
+                    scored, image_id=rec["id"], first_id=len(box_results) + 1
+                )
             started = time.perf_counter()  # DINO's labeling decode on the batch; SAM per image
-            dets = list(predict_images(boxes_only, arrays, keep=keep, text_threshold=text_threshold))
+            dets = list(
+                predict_images(boxes_only, arrays, keep=keep, text_threshold=text_threshold)
+            )
             out.seconds += time.perf_counter() - started
         for rec, image, det in zip(records, arrays, dets, strict=True):
             shown = rec["id"] in gallery_ids
@@ -135,15 +143,20 @@ def run_variant(
             if det is not None:
                 started = time.perf_counter()
                 if teachers.sam is not None:
-                    det = segment_detections(teachers.sam, image, det, multimask=multimask,
-                                             prepared=prepared)
+                    det = segment_detections(
+                        teachers.sam, image, det, multimask=multimask, prepared=prepared
+                    )
                 out.seconds += time.perf_counter() - started + (encoder if len(det) else 0.0)
                 results += to_annotations(det, image_id=rec["id"], first_id=len(results) + 1)
                 if shown:
                     out.shown[rec["id"]] = det
             if prepared is not None and instances:
-                iou, truth = score_gt_boxes(prepared, instances, multimask=multimask,
-                                            keep_masks=shown and teachers.dino is None)
+                iou, truth = score_gt_boxes(
+                    prepared,
+                    instances,
+                    multimask=multimask,
+                    keep_masks=shown and teachers.dino is None,
+                )
                 ious.append(iou)
                 cats += truth.category_ids.tolist()
                 if shown and teachers.dino is None:
@@ -151,13 +164,21 @@ def run_variant(
         bar.update(len(records))
     bar.close()
     if teachers.dino is not None:
-        evaluator = coco_evaluate(gt, box_results, iou_type="bbox", max_dets=(1, 10, keep.max_detections))
+        evaluator = coco_evaluate(
+            gt, box_results, iou_type="bbox", max_dets=(1, 10, keep.max_detections)
+        )
         out.metrics.update({f"box/{k}": v for k, v in summarize(evaluator, names=names).items()})
         out.curves = precision_recall(evaluator, names=names, iou=0.5)
         if teachers.sam is not None:
-            evaluator = coco_evaluate(segm_ground_truth(gt), results, iou_type="segm",
-                                      max_dets=(1, 10, keep.max_detections))
-            out.metrics.update({f"segm/{k}": v for k, v in summarize(evaluator, names=names).items()})
+            evaluator = coco_evaluate(
+                segm_ground_truth(gt),
+                results,
+                iou_type="segm",
+                max_dets=(1, 10, keep.max_detections),
+            )
+            out.metrics.update(
+                {f"segm/{k}": v for k, v in summarize(evaluator, names=names).items()}
+            )
     if teachers.sam is not None:
         all_ious = np.concatenate(ious) if ious else np.zeros((0,))
         mm = mean_mask_iou(all_ious, cats, names=names)
@@ -167,8 +188,11 @@ def run_variant(
 
 def gains(adapted: dict[str, float], base: dict[str, float]) -> dict[str, float]:
     """``gain/<key>`` = adapted - base for every key measured in both (neither -1)."""
-    return {f"gain/{k}": adapted[k] - base[k] for k in adapted
-            if k in base and adapted[k] >= 0 and base[k] >= 0}
+    return {
+        f"gain/{k}": adapted[k] - base[k]
+        for k in adapted
+        if k in base and adapted[k] >= 0 and base[k] >= 0
+    }
 
 
 def label_map_of(dino_dir: Path | None, gt: dict) -> LabelMap:
@@ -183,8 +207,11 @@ def label_map_of(dino_dir: Path | None, gt: dict) -> LabelMap:
     from teacher.dino.labels import clean_name
 
     names = tuple(clean_name(str(c["name"])) for c in cats)
-    return LabelMap(category_ids=tuple(int(c["id"]) for c in cats), names=names,
-                    chunks=(tuple(range(len(cats))),))
+    return LabelMap(
+        category_ids=tuple(int(c["id"]) for c in cats),
+        names=names,
+        chunks=(tuple(range(len(cats))),),
+    )
 
 
 # --- the stage's whole run -----------------------------------------------------------------
@@ -199,8 +226,15 @@ class Report:
     panels: dict[str, np.ndarray]  # file stem -> HxWx3 gallery image
 
 
-def load_teachers(gt: dict, *, dino_dir: Path | None, sam_dir: Path | None, dino_params: Any,
-                  sam_params: Any, adapters: bool) -> Teachers:
+def load_teachers(
+    gt: dict,
+    *,
+    dino_dir: Path | None,
+    sam_dir: Path | None,
+    dino_params: Any,
+    sam_params: Any,
+    adapters: bool,
+) -> Teachers:
     """DINO and SAM for one pass: with their adapters merged, or the base models.
 
     A None directory means that teacher is absent (skipped) and is not loaded.
@@ -224,8 +258,15 @@ def load_teachers(gt: dict, *, dino_dir: Path | None, sam_dir: Path | None, dino
 GALLERY_MIN_SIDE = 320  # px; smaller test images are enlarged (nearest) so labels stay legible
 
 
-def gallery_panel(image: np.ndarray, gt_anns: Sequence[dict], det: Detections | None,
-                  *, names: dict[int, str], order: dict[int, int], title: str) -> np.ndarray:
+def gallery_panel(
+    image: np.ndarray,
+    gt_anns: Sequence[dict],
+    det: Detections | None,
+    *,
+    names: dict[int, str],
+    order: dict[int, int],
+    title: str,
+) -> np.ndarray:
     """Ground truth (boxes + masks) on the left, the teachers' prediction on the right."""
     from teacher.gallery import colour, draw_instances, side_by_side
 
@@ -243,10 +284,15 @@ def gallery_panel(image: np.ndarray, gt_anns: Sequence[dict], det: Detections | 
     panels = []
     for d, show_score in ((truth, False), (det, True)):
         cats = [int(c) for c in d.category_ids]
-        labels = [names.get(c, str(c)) + (f" {s:.2f}" if show_score else "")
-                  for c, s in zip(cats, d.scores, strict=True)]
-        panels.append(draw_instances(big, d.boxes, labels, [colour(order.get(c, 0)) for c in cats],
-                                     masks=d.masks))
+        labels = [
+            names.get(c, str(c)) + (f" {s:.2f}" if show_score else "")
+            for c, s in zip(cats, d.scores, strict=True)
+        ]
+        panels.append(
+            draw_instances(
+                big, d.boxes, labels, [colour(order.get(c, 0)) for c in cats], masks=d.masks
+            )
+        )
     return side_by_side(panels[0], panels[1], titles=("ground truth", title))
 
 
@@ -275,49 +321,89 @@ def evaluate_test_split(
         if reason is not None:
             log(f"evaluate: no {name} metrics: {folder}/{SKIPPED_FILE} says: {reason}")
             dirs[name] = None
-    keep = Filter(score_threshold=params.score_threshold, nms_iou=params.nms_iou,
-                  max_detections=params.max_detections)
+    keep = Filter(
+        score_threshold=params.score_threshold,
+        nms_iou=params.nms_iou,
+        max_detections=params.max_detections,
+    )
     gallery_ids = [img["id"] for img in gt["images"][: params.gallery_images]]
     runs: dict[str, VariantOutput] = {}
     for variant in ("adapted", "base") if params.base else ("adapted",):
         if dirs["dino"] is None and dirs["sam"] is None:
             break
         log(f"evaluate: {variant} models on {len(gt['images'])} test images")
-        teachers = load_teachers(gt, dino_dir=dirs["dino"], sam_dir=dirs["sam"],
-                                 dino_params=dino_params, sam_params=sam_params,
-                                 adapters=variant == "adapted")
+        teachers = load_teachers(
+            gt,
+            dino_dir=dirs["dino"],
+            sam_dir=dirs["sam"],
+            dino_params=dino_params,
+            sam_params=sam_params,
+            adapters=variant == "adapted",
+        )
         runs[variant] = run_variant(
-            gt, images_root, teachers, keep=keep, text_threshold=dino_params.text_threshold,
-            multimask=sam_params.multimask, batch_size=2, gallery_ids=gallery_ids,
-            desc=f"evaluate ({variant})")
+            gt,
+            images_root,
+            teachers,
+            keep=keep,
+            text_threshold=dino_params.text_threshold,
+            multimask=sam_params.multimask,
+            batch_size=2,
+            gallery_ids=gallery_ids,
+            desc=f"evaluate ({variant})",
+        )
         del teachers
     title = ("Grounded-SAM" if dirs["sam"] else "DINO") if dirs["dino"] else "SAM from true boxes"
-    report = _report(gt, images_root, runs, gallery_ids, title=title,
-                     min_score=dino_params.box_threshold if dirs["dino"] else 0.0)
-    report.metrics.update(student_metrics(gt, images_root, runs, student_dir=student_dir,
-                                          params=params, log=log))
+    report = _report(
+        gt,
+        images_root,
+        runs,
+        gallery_ids,
+        title=title,
+        min_score=dino_params.box_threshold if dirs["dino"] else 0.0,
+    )
+    report.metrics.update(
+        student_metrics(gt, images_root, runs, student_dir=student_dir, params=params, log=log)
+    )
     return report
 
 
-def student_metrics(gt: dict, images_root: Path, runs: dict[str, VariantOutput], *,
-                    student_dir: str | Path | None, params: Any,
-                    log: Callable[[str], None] = print) -> dict[str, float]:
+def student_metrics(
+    gt: dict,
+    images_root: Path,
+    runs: dict[str, VariantOutput],
+    *,
+    student_dir: str | Path | None,
+    params: Any,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
     """``student/...`` (teacher.student.evaluate) and ``teacher/ms_per_image`` (the adapted
     teachers' Grounded-SAM time per test image, measured the same way) when a student exists."""
     if student_dir is None:
         return {}
     from teacher.student.evaluate import evaluate_student
 
-    out = evaluate_student(gt, images_root, student_dir=student_dir,
-                           score_threshold=params.score_threshold,
-                           max_detections=params.max_detections, log=log)
+    out = evaluate_student(
+        gt,
+        images_root,
+        student_dir=student_dir,
+        score_threshold=params.score_threshold,
+        max_detections=params.max_detections,
+        log=log,
+    )
     if "adapted" in runs and runs["adapted"].seconds > 0:
         out["teacher/ms_per_image"] = 1000.0 * runs["adapted"].seconds / max(len(gt["images"]), 1)
     return out
 
 
-def _report(gt: dict, images_root: Path, runs: dict[str, VariantOutput], gallery_ids: Sequence[Any],
-            *, title: str, min_score: float) -> Report:
+def _report(
+    gt: dict,
+    images_root: Path,
+    runs: dict[str, VariantOutput],
+    gallery_ids: Sequence[Any],
+    *,
+    title: str,
+    min_score: float,
+) -> Report:
     """Merge the passes' metrics (base/, gain/), group PR rows by class, draw the gallery.
 
     The gallery shows detections scoring at least ``min_score`` (what ``teacher predict`` keeps).
@@ -329,7 +415,9 @@ def _report(gt: dict, images_root: Path, runs: dict[str, VariantOutput], gallery
         metrics.update(gains(adapted.metrics, runs["base"].metrics))
     curves: dict[str, list[dict[str, float]]] = {}
     for row in adapted.curves:
-        curves.setdefault(row["class"], []).append({"recall": row["recall"], "precision": row["precision"]})
+        curves.setdefault(row["class"], []).append(
+            {"recall": row["recall"], "precision": row["precision"]}
+        )
     names = category_names(gt)
     order = {c["id"]: i for i, c in enumerate(sorted(gt["categories"], key=lambda c: c["id"]))}
     anns_of = _by_image(gt)
@@ -342,5 +430,6 @@ def _report(gt: dict, images_root: Path, runs: dict[str, VariantOutput], gallery
         if det is not None:
             det = det.take(det.scores >= min_score)
         panels[f"{image_id}_{Path(rec['file_name']).stem}"] = gallery_panel(
-            image, anns_of[image_id], det, names=names, order=order, title=title)
+            image, anns_of[image_id], det, names=names, order=order, title=title
+        )
     return Report(metrics=metrics, curves=curves, panels=panels)

@@ -55,15 +55,23 @@ def export_sam(params: SamParams, adapter_dir: str | Path, out_path: str | Path)
     return out_path
 
 
-def export_all(adapters: str | Path, out: str | Path, *, dino: DinoParams, sam: SamParams,
-               log: Callable[[str], None] = print) -> dict[str, Path]:
+def export_all(
+    adapters: str | Path,
+    out: str | Path,
+    *,
+    dino: DinoParams,
+    sam: SamParams,
+    log: Callable[[str], None] = print,
+) -> dict[str, Path]:
     """Export every trained teacher under ``adapters`` (``dino/``, ``sam/``) into ``out``.
 
     Skipped teachers (a ``SKIPPED`` note) are reported through ``log`` and left out.
     """
     adapters, out = Path(adapters), Path(out)
-    jobs = {"dino": (adapters / "dino", lambda d: export_dino(dino, d, out / "dino")),
-            "sam": (adapters / "sam", lambda d: export_sam(sam, d, out / "sam.pth"))}
+    jobs = {
+        "dino": (adapters / "dino", lambda d: export_dino(dino, d, out / "dino")),
+        "sam": (adapters / "sam", lambda d: export_sam(sam, d, out / "sam.pth")),
+    }
     written = {}
     for name, (folder, job) in jobs.items():
         reason = skipped_reason(folder)
@@ -73,6 +81,8 @@ def export_all(adapters: str | Path, out: str | Path, *, dino: DinoParams, sam: 
             written[name] = job(folder)
             log(f"export: {name} -> {written[name]}")
     if not written:
-        raise TeacherError(f"{adapters}: no dino/ or sam/ adapter to export; run `dvc repro` "
-                           "first, or pass --adapters pointing at the folder holding them")
+        raise TeacherError(
+            f"{adapters}: no dino/ or sam/ adapter to export; run `dvc repro` "
+            "first, or pass --adapters pointing at the folder holding them"
+        )
     return written

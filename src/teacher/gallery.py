@@ -12,10 +12,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-PALETTE = np.array([  # tab10: one colour per category (by position in the category list)
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-], dtype=np.uint8)
+PALETTE = np.array(
+    [  # tab10: one colour per category (by position in the category list)
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ],
+    dtype=np.uint8,
+)
 
 
 def colour(index: int) -> tuple[int, int, int]:
@@ -39,13 +50,19 @@ def draw_instances(
             out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(c, np.float32)
     pil = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
-    for (x, y, w, h), text, c in zip(np.asarray(boxes_xywh).reshape(-1, 4), labels, colours, strict=True):
-        draw.rectangle([x, y, x + w, y + h], outline=c, width=max(1, round(min(image.shape[:2]) / 200)))
+    for (x, y, w, h), text, c in zip(
+        np.asarray(boxes_xywh).reshape(-1, 4), labels, colours, strict=True
+    ):
+        draw.rectangle(
+            [x, y, x + w, y + h], outline=c, width=max(1, round(min(image.shape[:2]) / 200))
+        )
         draw.text((x + 2, y + 1), text, fill=c)
     return np.asarray(pil)
 
 
-def side_by_side(left: np.ndarray, right: np.ndarray, *, titles: tuple[str, str], gap: int = 8) -> np.ndarray:
+def side_by_side(
+    left: np.ndarray, right: np.ndarray, *, titles: tuple[str, str], gap: int = 8
+) -> np.ndarray:
     """Two HxWx3 images next to each other on white, each with a title line above it."""
     h, w = left.shape[:2]
     band = 14

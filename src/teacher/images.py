@@ -48,8 +48,10 @@ def _open(path: Path) -> Image.Image:
     except FileNotFoundError as e:
         raise TeacherError(f"{path}: image file not found") from e
     except Image.DecompressionBombError as e:
-        raise TeacherError(f"{path}: image too large to decode (more than {MAX_DECODE_PIXELS:,} "
-                           "pixels); split it into tiles or downscale it") from e
+        raise TeacherError(
+            f"{path}: image too large to decode (more than {MAX_DECODE_PIXELS:,} "
+            "pixels); split it into tiles or downscale it"
+        ) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise TeacherError(f"{path}: not a readable image ({e})") from e
 
@@ -161,9 +163,11 @@ def _pil_pixels(path: Path, max_pixels: int) -> tuple[np.ndarray, tuple[int, int
         if exif_orientation(img) in _TRANSPOSED:
             full = full[::-1]
         if full[0] * full[1] > MAX_DECODE_PIXELS:
-            raise TeacherError(f"{path}: image too large to decode ({full[0]}x{full[1]} pixels, "
-                               f"more than {MAX_DECODE_PIXELS:,}); split it into tiles or "
-                               "downscale it")
+            raise TeacherError(
+                f"{path}: image too large to decode ({full[0]}x{full[1]} pixels, "
+                f"more than {MAX_DECODE_PIXELS:,}); split it into tiles or "
+                "downscale it"
+            )
         want = decoded_size(*img.size, max_pixels=max_pixels)
         if want != img.size and img.format == "JPEG":
             img.draft(img.mode, want)
@@ -222,8 +226,9 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return _decode(Path(path), max_pixels=max_pixels)[0]
 
 
-def load_image_and_size(path: str | Path, *, max_pixels: int = MAX_PIXELS
-                        ) -> tuple[np.ndarray, tuple[int, int]]:
+def load_image_and_size(
+    path: str | Path, *, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`load_image` and the file's full ``(width, height)`` (larger than the array's
     when the image was downscaled)."""
     return _decode(Path(path), max_pixels=max_pixels)
@@ -234,9 +239,11 @@ def _decode(path: Path, *, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]
     if not path.is_file():
         raise TeacherError(f"{path}: image file not found")
     reasons = []
-    for name, decode in (("PIL", lambda: _pil_pixels(path, max_pixels)),
-                         ("tifffile", lambda: _tifffile_pixels(path)),
-                         ("OpenCV", lambda: _cv2_pixels(path))):
+    for name, decode in (
+        ("PIL", lambda: _pil_pixels(path, max_pixels)),
+        ("tifffile", lambda: _tifffile_pixels(path)),
+        ("OpenCV", lambda: _cv2_pixels(path)),
+    ):
         try:
             arr, full = decode()
         except ImportError:
@@ -248,21 +255,26 @@ def _decode(path: Path, *, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]
             continue
         except (OSError, ValueError, SyntaxError, TypeError, MemoryError) as e:
             if any(t in str(e).lower() for t in _TRUNCATED):
-                raise TeacherError(f"{path}: image file is truncated or damaged ({e}); "
-                                   "re-export or remove it") from e
+                raise TeacherError(
+                    f"{path}: image file is truncated or damaged ({e}); re-export or remove it"
+                ) from e
             reasons.append(f"{name}: {e}")
             continue
         if full[0] * full[1] > MAX_DECODE_PIXELS:
-            raise TeacherError(f"{path}: image too large to decode ({full[0]}x{full[1]} pixels, "
-                               f"more than {MAX_DECODE_PIXELS:,}); split it into tiles or "
-                               "downscale it")
+            raise TeacherError(
+                f"{path}: image too large to decode ({full[0]}x{full[1]} pixels, "
+                f"more than {MAX_DECODE_PIXELS:,}); split it into tiles or "
+                "downscale it"
+            )
         try:
             rgb = _fit(to_rgb8(arr), decoded_size(*full, max_pixels=max_pixels))
             return (rgb if rgb.flags.writeable else rgb.copy()), full
         except ValueError as e:
             reasons.append(f"{name}: {e}")
-    raise TeacherError(f"{path}: cannot decode image ({'; '.join(reasons) or 'no decoder'}); "
-                       "re-export it as PNG or JPEG, or remove it")
+    raise TeacherError(
+        f"{path}: cannot decode image ({'; '.join(reasons) or 'no decoder'}); "
+        "re-export it as PNG or JPEG, or remove it"
+    )
 
 
 def probe_image(path: str | Path, *, decode: bool = True) -> tuple[int, int]:
@@ -291,5 +303,7 @@ def is_grayscale(path: str | Path, *, thumb: int = 64) -> bool:
             arr = np.asarray(img.convert("RGB"), dtype=np.int16)
         except (OSError, ValueError, SyntaxError, MemoryError) as e:
             raise TeacherError(f"{path}: cannot decode image ({e}); re-export or remove it") from e
-    return bool(np.abs(arr[..., 0] - arr[..., 1]).max(initial=0) <= 2
-                and np.abs(arr[..., 1] - arr[..., 2]).max(initial=0) <= 2)
+    return bool(
+        np.abs(arr[..., 0] - arr[..., 1]).max(initial=0) <= 2
+        and np.abs(arr[..., 1] - arr[..., 2]).max(initial=0) <= 2
+    )

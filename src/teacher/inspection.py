@@ -62,9 +62,12 @@ def category_facts(cats: list[dict], anns: list[dict]) -> list[dict]:
     for a in anns:
         images.setdefault(_hashable(a.get("category_id")), set()).add(_hashable(a.get("image_id")))
     return [
-        {"id": c.get("id"), "name": c.get("name"),
-         "instances": instances.get(_hashable(c.get("id")), 0),
-         "images": len(images.get(_hashable(c.get("id")), ()))}
+        {
+            "id": c.get("id"),
+            "name": c.get("name"),
+            "instances": instances.get(_hashable(c.get("id")), 0),
+            "images": len(images.get(_hashable(c.get("id")), ())),
+        }
         for c in cats
     ]
 
@@ -84,8 +87,11 @@ def size_facts(images: list[dict], anns: list[dict]) -> tuple[dict, dict]:
     box area relative to its image (non-crowd annotations with a positive box)."""
     widths = [im["width"] for im in images if _positive(im.get("width"))]
     heights = [im["height"] for im in images if _positive(im.get("height"))]
-    image_size = {"width": _spread(widths), "height": _spread(heights),
-                  "missing": len(images) - min(len(widths), len(heights))}
+    image_size = {
+        "width": _spread(widths),
+        "height": _spread(heights),
+        "missing": len(images) - min(len(widths), len(heights)),
+    }
     by_id = {_hashable(im.get("id")): im for im in images}
     bins = {"small": 0, "medium": 0, "large": 0}
     relative = []
@@ -104,8 +110,7 @@ def size_facts(images: list[dict], anns: list[dict]) -> tuple[dict, dict]:
 
 def teacher_facts(cats: list[dict], anns: list[dict], kinds: list[str]) -> dict[str, Any]:
     """Which teachers the data can train: boxes (or masks, boxes derive) -> dino; masks -> sam."""
-    plain = [(a, k in MASKED) for a, k in zip(anns, kinds, strict=True)
-             if not is_crowd(a)]
+    plain = [(a, k in MASKED) for a, k in zip(anns, kinds, strict=True) if not is_crowd(a)]
     boxes = sum(1 for a, masked in plain if masked or _has_box(a))
     masks = sum(1 for _, masked in plain if masked)
     if not cats:
@@ -114,11 +119,17 @@ def teacher_facts(cats: list[dict], anns: list[dict], kinds: list[str]) -> dict[
         dino_reason = f"{boxes} non-crowd annotations with a box or a mask"
     else:
         dino_reason = "no non-crowd annotation has a box or a mask"
-    sam_reason = (f"{masks} non-crowd annotations with a mask (polygon or RLE)" if masks else
-                  "no non-crowd annotation has a mask (segmentation empty or missing): "
-                  "SAM needs instance masks")
-    return {"dino": bool(cats) and boxes > 0, "sam": masks > 0,
-            "reasons": {"dino": dino_reason, "sam": sam_reason}}
+    sam_reason = (
+        f"{masks} non-crowd annotations with a mask (polygon or RLE)"
+        if masks
+        else "no non-crowd annotation has a mask (segmentation empty or missing): "
+        "SAM needs instance masks"
+    )
+    return {
+        "dino": bool(cats) and boxes > 0,
+        "sam": masks > 0,
+        "reasons": {"dino": dino_reason, "sam": sam_reason},
+    }
 
 
 def dataset_facts(data: Any) -> dict[str, Any]:
@@ -131,8 +142,13 @@ def dataset_facts(data: Any) -> dict[str, Any]:
     kinds = annotation_kinds(anns, mask_kinds)
     return {
         "format_error": coco_format_problem(data),
-        "counts": {"images": len(images), "annotations": len(anns), "categories": len(cats),
-                   "crowd": kinds["crowd"], "images_without_annotations": len(negatives)},
+        "counts": {
+            "images": len(images),
+            "annotations": len(anns),
+            "categories": len(cats),
+            "crowd": kinds["crowd"],
+            "images_without_annotations": len(negatives),
+        },
         "categories": category_facts(cats, anns),
         "annotation_kinds": kinds,
         "images_without_annotations": {"count": len(negatives), "ids": negatives[:MAX_IDS]},

@@ -23,8 +23,14 @@ from teacher.predict import (
 )
 
 
-def load_label_teachers(*, dino_dir: Path, sam_dir: Path, dino: DinoParams, sam: SamParams,
-                        log: Callable[[str], None] = print) -> Teachers:
+def load_label_teachers(
+    *,
+    dino_dir: Path,
+    sam_dir: Path,
+    dino: DinoParams,
+    sam: SamParams,
+    log: Callable[[str], None] = print,
+) -> Teachers:
     """The fine-tuned teachers of the pipeline: DINO + adapter, and SAM + adapter unless skipped.
 
     Without a trained DINO there is nothing to label with: ``TeacherError`` naming the folder.
@@ -36,9 +42,15 @@ def load_label_teachers(*, dino_dir: Path, sam_dir: Path, dino: DinoParams, sam:
 
     reason = skipped_reason(dino_dir)
     if reason is not None or not (Path(dino_dir) / "adapter_config.json").is_file():
-        why = f"{Path(dino_dir) / SKIPPED_FILE} says: {reason}" if reason else "no adapter_config.json"
-        raise TeacherError(f"{dino_dir}: no trained Grounding DINO adapter ({why}); run "
-                           "`dvc repro train_dino` first")
+        why = (
+            f"{Path(dino_dir) / SKIPPED_FILE} says: {reason}"
+            if reason
+            else "no adapter_config.json"
+        )
+        raise TeacherError(
+            f"{dino_dir}: no trained Grounding DINO adapter ({why}); run "
+            "`dvc repro train_dino` first"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bundle = merged(load_dino(dino, adapter_dir=Path(dino_dir)))
     bundle.model.to(device)
@@ -53,27 +65,59 @@ def load_label_teachers(*, dino_dir: Path, sam_dir: Path, dino: DinoParams, sam:
     return Teachers(dino=bundle, sam=segmenter, label_map=bundle.label_map)
 
 
-def label_pool(pool: Path, *, dino_dir: Path, sam_dir: Path, label: LabelParams, dino: DinoParams,
-               sam: SamParams, progress: bool = True, log: Callable[[str], None] = print
-               ) -> dict[str, Any]:
+def label_pool(
+    pool: Path,
+    *,
+    dino_dir: Path,
+    sam_dir: Path,
+    label: LabelParams,
+    dino: DinoParams,
+    sam: SamParams,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """The teachers' labels of every image under ``pool`` (COCO dict, ``info.pool`` = the folder).
 
     An empty pool gives a document without images (the student then trains on human labels).
     """
     pool = Path(pool)
     if not pool.is_dir():
-        raise TeacherError(f"data.unlabeled {str(pool)!r}: not a folder; point it at a folder of "
-                           "images in params.yaml (an empty folder means: no pool)")
+        raise TeacherError(
+            f"data.unlabeled {str(pool)!r}: not a folder; point it at a folder of "
+            "images in params.yaml (an empty folder means: no pool)"
+        )
     if not list_images(pool):
-        log(f"label: {pool} holds no images: no teacher labels, the student trains on human labels alone")
-        return {"images": [], "annotations": [], "categories": [],
-                "info": {"description": "teacher labels (Grounded-SAM)", "pool": str(pool),
-                         "unreadable": []}}
+        log(
+            f"label: {pool} holds no images: no teacher labels, the student trains on human labels alone"
+        )
+        return {
+            "images": [],
+            "annotations": [],
+            "categories": [],
+            "info": {
+                "description": "teacher labels (Grounded-SAM)",
+                "pool": str(pool),
+                "unreadable": [],
+            },
+        }
     teachers = load_label_teachers(dino_dir=dino_dir, sam_dir=sam_dir, dino=dino, sam=sam, log=log)
-    keep = Filter(score_threshold=label.score_threshold, nms_iou=label.nms_iou,
-                  max_detections=label.max_detections)
-    doc = label_folder(teachers, pool, keep=keep, text_threshold=dino.text_threshold,
-                       batch_size=label.batch_size, multimask=sam.multimask, progress=progress)
-    doc["info"] = {**doc.get("info", {}), "description": "teacher labels (Grounded-SAM)",
-                   "pool": str(pool)}
+    keep = Filter(
+        score_threshold=label.score_threshold,
+        nms_iou=label.nms_iou,
+        max_detections=label.max_detections,
+    )
+    doc = label_folder(
+        teachers,
+        pool,
+        keep=keep,
+        text_threshold=dino.text_threshold,
+        batch_size=label.batch_size,
+        multimask=sam.multimask,
+        progress=progress,
+    )
+    doc["info"] = {
+        **doc.get("info", {}),
+        "description": "teacher labels (Grounded-SAM)",
+        "pool": str(pool),
+    }
     return doc

@@ -57,7 +57,11 @@ def candidate_names(model: nn.Module, *, limit: int = 60) -> list[str]:
 
 
 def _matched_modules(model: nn.Module, targets: Targets) -> list[str]:
-    return [n for n, m in model.named_modules() if n and isinstance(m, _LORA_TYPES) and matches(n, targets)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if n and isinstance(m, _LORA_TYPES) and matches(n, targets)
+    ]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -96,22 +100,28 @@ def apply_lora(
     config = LoraConfig(
         # peft annotates lora_alpha as int but only divides by it (scaling = alpha / r); a
         # non-integral alpha is valid
-        r=lora.rank, lora_alpha=lora.alpha,  # type: ignore[arg-type]
+        r=lora.rank,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]
         lora_dropout=lora.dropout,
-        target_modules="|".join(re.escape(n) for n in names), bias="none",
+        target_modules="|".join(re.escape(n) for n in names),
+        bias="none",
     )
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:  # e.g. a target that is a container, not a Linear/Conv
         raise TeacherError(f"LoRA targets {targets!r}: peft refused them: {e}") from e
     except (MemoryError, torch.OutOfMemoryError) as e:
-        raise TeacherError(f"lora.rank={lora.rank}: the LoRA weights do not fit in memory; "
-                           "choose a smaller lora.rank (4 to 64 is usual)") from e
+        raise TeacherError(
+            f"lora.rank={lora.rank}: the LoRA weights do not fit in memory; "
+            "choose a smaller lora.rank (4 to 64 is usual)"
+        ) from e
     trained = _mark_trained(peft_model, train_modules)
     _verify_frozen(peft_model, trained)
     trainable, total = count_parameters(peft_model)
-    print(f"LoRA: {trainable:,} trainable / {total:,} total parameters "
-          f"({100.0 * trainable / max(total, 1):.3f}%), {len(names)} modules wrapped")
+    print(
+        f"LoRA: {trainable:,} trainable / {total:,} total parameters "
+        f"({100.0 * trainable / max(total, 1):.3f}%), {len(names)} modules wrapped"
+    )
     return peft_model
 
 
@@ -128,12 +138,16 @@ def check_rank(model: nn.Module, names: Sequence[str], *, rank: int) -> None:
     """``TeacherError`` when ``rank`` exceeds every targeted layer's smaller side: such a rank
     adds nothing (a layer's update has at most that rank) and can be too large to allocate."""
     modules = dict(model.named_modules())
-    widest = max((min(module_sides(modules[n])) for n in names
-                  if isinstance(modules[n], _LORA_TYPES)), default=None)
+    widest = max(
+        (min(module_sides(modules[n])) for n in names if isinstance(modules[n], _LORA_TYPES)),
+        default=None,
+    )
     if widest is not None and rank > widest:
-        raise TeacherError(f"lora.rank={rank} is larger than every targeted layer allows (the "
-                           f"largest holds rank {widest}); set lora.rank to at most {widest} "
-                           "(4 to 64 is usual)")
+        raise TeacherError(
+            f"lora.rank={rank} is larger than every targeted layer allows (the "
+            f"largest holds rank {widest}); set lora.rank to at most {widest} "
+            "(4 to 64 is usual)"
+        )
 
 
 def _mark_trained(peft_model: PeftModel, train_modules: Targets | None) -> set[int]:
@@ -158,8 +172,11 @@ def _mark_trained(peft_model: PeftModel, train_modules: Targets | None) -> set[i
 
 def _verify_frozen(peft_model: PeftModel, trained: set[int]) -> None:
     base = peft_model.get_base_model()
-    loose = [n for n, p in base.named_parameters(remove_duplicate=False)
-             if p.requires_grad and LORA_TAG not in n and id(p) not in trained]
+    loose = [
+        n
+        for n, p in base.named_parameters(remove_duplicate=False)
+        if p.requires_grad and LORA_TAG not in n and id(p) not in trained
+    ]
     if loose:
         raise TeacherError(f"LoRA: base parameters left trainable: {loose[:10]} (internal error)")
     if not any(LORA_TAG in n for n, _ in base.named_parameters()):
@@ -213,7 +230,9 @@ def _add_to_peft_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(weights, str(path), metadata=metadata)
 
 
-def load_trained_modules(model: nn.Module, adapter_dir: Path | str, *, trainable: bool = False) -> int:
+def load_trained_modules(
+    model: nn.Module, adapter_dir: Path | str, *, trainable: bool = False
+) -> int:
     """Copy ``trained_modules.safetensors`` (if present) into ``model`` by name; returns tensors read."""
     path = Path(adapter_dir) / TRAINED_MODULES_FILE
     if not path.exists():
@@ -234,8 +253,10 @@ def load_trained_modules(model: nn.Module, adapter_dir: Path | str, *, trainable
 
 
 def _damaged(path: Path, why: str) -> TeacherError:
-    return TeacherError(f"{path}: {why}; re-run the training stage (dvc repro) or point "
-                        "--adapters at a folder it wrote")
+    return TeacherError(
+        f"{path}: {why}; re-run the training stage (dvc repro) or point "
+        "--adapters at a folder it wrote"
+    )
 
 
 def _aliases(path: Path, raw: str) -> dict[str, list[str]]:
@@ -244,8 +265,12 @@ def _aliases(path: Path, raw: str) -> dict[str, list[str]]:
         aliases = json.loads(raw)
     except (ValueError, RecursionError):
         raise _damaged(path, "its 'aliases' metadata is not JSON") from None
-    if not (isinstance(aliases, dict) and all(
-            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in aliases.values())):
+    if not (
+        isinstance(aliases, dict)
+        and all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in aliases.values()
+        )
+    ):
         raise _damaged(path, "its 'aliases' metadata is not a mapping of names to name lists")
     return aliases
 
@@ -260,8 +285,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise _damaged(path, f"not a readable safetensors file ({e})") from None
     bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise _damaged(path, f"{len(bad)} tensor(s) hold NaN or Inf (e.g. {bad[0]}): the "
-                       "training diverged; lower train.lr, then retrain")
+        raise _damaged(
+            path,
+            f"{len(bad)} tensor(s) hold NaN or Inf (e.g. {bad[0]}): the "
+            "training diverged; lower train.lr, then retrain",
+        )
     return tensors
 
 
@@ -275,7 +303,9 @@ def _get_parameter(base: nn.Module, name: str, path: Path) -> nn.Parameter:
         ) from e
 
 
-def load_adapter(base_model: nn.Module, adapter_dir: Path | str, *, trainable: bool = False) -> PeftModel:
+def load_adapter(
+    base_model: nn.Module, adapter_dir: Path | str, *, trainable: bool = False
+) -> PeftModel:
     """Load a saved adapter (and its fully trained modules) onto ``base_model``."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
@@ -297,14 +327,20 @@ def load_adapter(base_model: nn.Module, adapter_dir: Path | str, *, trainable: b
     try:
         model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise _damaged(adapter_dir, f"peft cannot load it onto {type(base_model).__name__} "
-                       f"({str(e).splitlines()[0][:300]}): a foreign or damaged adapter, or "
-                       "another base model") from None
+        raise _damaged(
+            adapter_dir,
+            f"peft cannot load it onto {type(base_model).__name__} "
+            f"({str(e).splitlines()[0][:300]}): a foreign or damaged adapter, or "
+            "another base model",
+        ) from None
     loaded = sum(1 for _ in lora_parameter_names(model))
     lora_saved = sum(1 for n in saved if LORA_TAG in n)  # the rest: trained modules (save_adapter)
     if loaded != lora_saved:
-        raise _damaged(adapter_dir, f"it holds {lora_saved} LoRA tensors but the model has {loaded} "
-                       "LoRA weights for them: an adapter of another model")
+        raise _damaged(
+            adapter_dir,
+            f"it holds {lora_saved} LoRA tensors but the model has {loaded} "
+            "LoRA weights for them: an adapter of another model",
+        )
     load_trained_modules(model, adapter_dir, trainable=trainable)
     return model
 

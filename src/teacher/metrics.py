@@ -72,7 +72,9 @@ def _segm_to_rle(segmentation: Any, height: int, width: int) -> dict:
 
 def _prepare_gt(gt: dict, ids: dict[str, int], iou_type: str) -> dict:
     images = [{**img, "id": ids[str(img["id"])]} for img in gt["images"]]
-    sizes: dict[Any, tuple[Any, Any]] = {img["id"]: (img.get("height"), img.get("width")) for img in images}
+    sizes: dict[Any, tuple[Any, Any]] = {
+        img["id"]: (img.get("height"), img.get("width")) for img in images
+    }
     anns = []
     for n, ann in enumerate(gt.get("annotations", []), start=1):
         image_id = ids.get(str(ann["image_id"]))
@@ -88,14 +90,17 @@ def _prepare_gt(gt: dict, ids: dict[str, int], iou_type: str) -> dict:
             a["segmentation"] = _segm_to_rle(ann.get("segmentation") or [], h, w)
         if "area" not in a:
             a["area"] = (
-                float(mask_utils.area(a["segmentation"])) if iou_type == "segm"
+                float(mask_utils.area(a["segmentation"]))
+                if iou_type == "segm"
                 else float(a["bbox"][2] * a["bbox"][3])
             )
         anns.append(a)
     return {"images": images, "annotations": anns, "categories": list(gt.get("categories", []))}
 
 
-def _prepare_results(results: Sequence[dict], ids: dict[str, int], gt: dict, iou_type: str) -> list[dict]:
+def _prepare_results(
+    results: Sequence[dict], ids: dict[str, int], gt: dict, iou_type: str
+) -> list[dict]:
     sizes = {img["id"]: (img.get("height"), img.get("width")) for img in gt["images"]}
     out = []
     for n, r in enumerate(results, start=1):
@@ -105,8 +110,13 @@ def _prepare_results(results: Sequence[dict], ids: dict[str, int], gt: dict, iou
                 f"result {n - 1} points at image {r['image_id']!r} which is not in the ground "
                 "truth; evaluate only predictions on the ground truth's images"
             )
-        d = {"id": n, "image_id": image_id, "category_id": r["category_id"],
-             "score": float(r["score"]), "iscrowd": 0}
+        d = {
+            "id": n,
+            "image_id": image_id,
+            "category_id": r["category_id"],
+            "score": float(r["score"]),
+            "iscrowd": 0,
+        }
         if iou_type == "segm":
             if "segmentation" not in r:
                 raise TeacherError(f"result {n - 1} has no 'segmentation'; segm AP needs masks")
@@ -181,7 +191,9 @@ def category_names(gt: dict) -> dict[int, str]:
     return names
 
 
-def summarize(evaluator: COCOeval, *, names: dict[int, str] | None = None, per_class: bool = True) -> dict[str, float]:
+def summarize(
+    evaluator: COCOeval, *, names: dict[int, str] | None = None, per_class: bool = True
+) -> dict[str, float]:
     """Flat metrics from an accumulated COCOeval, as pycocotools' ``summarize`` defines them.
 
     Keys: map, map_50, map_75, map_small, map_medium, map_large (at the largest max-dets),
@@ -245,7 +257,9 @@ def precision_recall(
             continue  # no ground truth for this class
         name = names.get(cat_id, str(cat_id))
         for r, p in zip(evaluator.params.recThrs, precision[:, k], strict=True):
-            rows.append({"class": name, "recall": round(float(r), 4), "precision": float(max(p, 0.0))})
+            rows.append(
+                {"class": name, "recall": round(float(r), 4), "precision": float(max(p, 0.0))}
+            )
     return rows
 
 
@@ -257,7 +271,9 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     pred = np.asarray(pred, dtype=bool)
     gt = np.asarray(gt, dtype=bool)
     if pred.shape != gt.shape or pred.ndim != 3:
-        raise ValueError(f"mask_iou needs two (N, H, W) arrays of one shape, got {pred.shape} and {gt.shape}")
+        raise ValueError(
+            f"mask_iou needs two (N, H, W) arrays of one shape, got {pred.shape} and {gt.shape}"
+        )
     inter = np.logical_and(pred, gt).sum(axis=(1, 2), dtype=np.int64)
     union = np.logical_or(pred, gt).sum(axis=(1, 2), dtype=np.int64)
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0).astype(np.float64)

@@ -40,6 +40,8 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"range": (lo, hi, lo_open)}
 
 
+# One line per field, never wrapped: render_yaml reads each field's trailing comment.
+# fmt: off
 @dataclass(frozen=True)
 class DataParams:
     annotations: str = "data/sample/annotations.json"  # your COCO export
@@ -198,6 +200,7 @@ class StudentParams:
     lr: float | None = field(default=None, metadata=_range(0, lo_open=True))  # peak AdamW learning rate of the student (all weights train); null = train.lr
 
 
+# fmt: on
 # params.yaml, as written by render_yaml: sections in this order, "seed" where it stands.
 YAML_HEADER = """\
 # Every knob of the pipeline. `dvc exp run -S section.key=value` changes one for an experiment.
@@ -205,8 +208,20 @@ YAML_HEADER = """\
 # comments in src/teacher/params.py (`python -m teacher.params > params.yaml`); a test keeps the
 # two equal, so change a default or a comment there.
 """
-YAML_ORDER = ("data", "seed", "validate", "split", "evaluate", "lora", "train", "augment", "dino", "sam",
-              "label", "student")
+YAML_ORDER = (
+    "data",
+    "seed",
+    "validate",
+    "split",
+    "evaluate",
+    "lora",
+    "train",
+    "augment",
+    "dino",
+    "sam",
+    "label",
+    "student",
+)
 YAML_BANNERS = {  # a comment line above a section
     "lora": "training (shared by train_dino and train_sam)",
     "dino": "Grounding DINO",
@@ -297,12 +312,19 @@ def field_comments(cls: type) -> dict[str, str]:
     """Each field's ``# comment`` in ``cls``'s source, by name: the one trailing its first line,
     else the comment lines right above it."""
     source = textwrap.dedent(inspect.getsource(cls))
-    lines = {node.target.id: node.lineno for node in typing.cast(ast.ClassDef, ast.parse(source).body[0]).body
-             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
-    comments = {tok.start[0]: tok.string.lstrip("# ").rstrip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-                if tok.type == tokenize.COMMENT}
-    return {name: comments.get(line) or _comment_above(comments, line) for name, line in lines.items()}
+    lines = {
+        node.target.id: node.lineno
+        for node in typing.cast(ast.ClassDef, ast.parse(source).body[0]).body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
+    comments = {
+        tok.start[0]: tok.string.lstrip("# ").rstrip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    return {
+        name: comments.get(line) or _comment_above(comments, line) for name, line in lines.items()
+    }
 
 
 def _comment_above(comments: dict[int, str], line: int) -> str:
@@ -317,7 +339,13 @@ def _comment_above(comments: dict[int, str], line: int) -> str:
 def _yaml_value(value: Any) -> str:
     if isinstance(value, tuple):
         value = list(value)
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").removesuffix("...").strip()
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10_000)
+        .strip()
+        .removesuffix("\n...")
+        .removesuffix("...")
+        .strip()
+    )
 
 
 def _yaml_line(key: str, value: Any, comment: str, *, indent: str) -> str:
@@ -337,8 +365,10 @@ def render_yaml() -> str:
         cls = SECTIONS[name]
         comments = field_comments(cls)
         out.append(f"{name}:")
-        out += [_yaml_line(f.name, f.default, comments[f.name], indent="  ")
-                for f in dataclasses.fields(cls)]
+        out += [
+            _yaml_line(f.name, f.default, comments[f.name], indent="  ")
+            for f in dataclasses.fields(cls)
+        ]
         out.append("")
     return "\n".join(out)
 
@@ -366,8 +396,7 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     unknown = sorted(set(raw) - set(SECTIONS) - {"seed"})
     if unknown:
         raise ParamsError(
-            f"{path}: unknown section(s) {', '.join(unknown)}; "
-            f"allowed: seed, {', '.join(SECTIONS)}"
+            f"{path}: unknown section(s) {', '.join(unknown)}; allowed: seed, {', '.join(SECTIONS)}"
         )
     try:
         params: dict[str, Any] = {name: parse_section(name, raw.get(name)) for name in SECTIONS}
@@ -379,7 +408,9 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 def to_dict(section: Any) -> dict[str, Any]:
     """A section dataclass as a plain dict (tuples as lists), for saving beside outputs."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()
+    }
 
 
 if __name__ == "__main__":  # python -m teacher.params > params.yaml

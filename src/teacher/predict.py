@@ -77,8 +77,9 @@ def select(det: Detections, keep: Filter) -> Detections:
     """Detections above the score threshold, after per-class NMS, at most ``max_detections``,
     sorted by score (masks, when present, follow their boxes)."""
     above = np.flatnonzero(det.scores >= keep.score_threshold)
-    order = nms_per_class(det.boxes[above], det.scores[above], det.category_ids[above],
-                          iou_threshold=keep.nms_iou)
+    order = nms_per_class(
+        det.boxes[above], det.scores[above], det.category_ids[above], iou_threshold=keep.nms_iou
+    )
     return det.take(above[order[: keep.max_detections]])
 
 
@@ -93,13 +94,22 @@ def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return mask
     from PIL import Image
 
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
-        size, Image.Resampling.NEAREST)) > 127
+    return (
+        np.asarray(
+            Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+        )
+        > 127
+    )
 
 
-def to_annotations(det: Detections, *, image_id: Any, first_id: int,
-                   size: tuple[int, int] | None = None,
-                   detected_size: tuple[int, int] | None = None) -> list[dict]:
+def to_annotations(
+    det: Detections,
+    *,
+    image_id: Any,
+    first_id: int,
+    size: tuple[int, int] | None = None,
+    detected_size: tuple[int, int] | None = None,
+) -> list[dict]:
     """COCO annotations (results with ``id``) of one image's detections.
 
     ``masks`` (N, H, W) bool when present become compressed RLE with their pixel ``area``;
@@ -114,12 +124,17 @@ def to_annotations(det: Detections, *, image_id: Any, first_id: int,
         boxes = boxes * np.array([size[0] / detected_size[0], size[1] / detected_size[1]] * 2)
     else:
         size = None
-    for i, (box, score, cat) in enumerate(
-        zip(boxes, det.scores, det.category_ids, strict=True)
-    ):
+    for i, (box, score, cat) in enumerate(zip(boxes, det.scores, det.category_ids, strict=True)):
         bbox = [round(float(v), 2) for v in box]
-        ann = {"id": first_id + i, "image_id": image_id, "category_id": int(cat), "bbox": bbox,
-               "score": round(float(score), 5), "iscrowd": 0, "area": bbox[2] * bbox[3]}
+        ann = {
+            "id": first_id + i,
+            "image_id": image_id,
+            "category_id": int(cat),
+            "bbox": bbox,
+            "score": round(float(score), 5),
+            "iscrowd": 0,
+            "area": bbox[2] * bbox[3],
+        }
         if masks is not None:
             mask = masks[i] if size is None else _resized_mask(masks[i], size)
             ann["segmentation"] = mask_to_rle(mask)
@@ -128,9 +143,15 @@ def to_annotations(det: Detections, *, image_id: Any, first_id: int,
     return anns
 
 
-def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: Detections, *,
-                       multimask: bool = False, chunk: int = SAM_CHUNK,
-                       prepared: Any | None = None) -> Detections:
+def segment_detections(
+    sam: torch.nn.Module,
+    image: np.ndarray,
+    det: Detections,
+    *,
+    multimask: bool = False,
+    chunk: int = SAM_CHUNK,
+    prepared: Any | None = None,
+) -> Detections:
     """``det`` plus ``masks`` (N, H, W) bool from SAM.
 
     The image is embedded once (or ``prepared``, a :class:`teacher.sam.model.PreparedImage`
@@ -146,14 +167,26 @@ def segment_detections(sam: torch.nn.Module, image: np.ndarray, det: Detections,
     return det.with_masks(masks)
 
 
-def detect_batch(teachers: Teachers, images: Sequence[np.ndarray], *, box_threshold: float,
-                 text_threshold: float, max_detections: int) -> list[Detections]:
+def detect_batch(
+    teachers: Teachers,
+    images: Sequence[np.ndarray],
+    *,
+    box_threshold: float,
+    text_threshold: float,
+    max_detections: int,
+) -> list[Detections]:
     """DINO's raw detections for a batch of HxWx3 uint8 images (one per image)."""
     from teacher.dino.detect import detect
 
     assert teachers.dino is not None, "detection needs the DINO teacher"
-    return detect(teachers.dino, list(images), teachers.label_map, box_threshold=box_threshold,
-                  text_threshold=text_threshold, max_detections=max_detections)
+    return detect(
+        teachers.dino,
+        list(images),
+        teachers.label_map,
+        box_threshold=box_threshold,
+        text_threshold=text_threshold,
+        max_detections=max_detections,
+    )
 
 
 def predict_images(
@@ -167,9 +200,13 @@ def predict_images(
     """Grounded-SAM on a batch of images: per image the kept detections, with ``masks`` when
     SAM is loaded. DINO sees the whole batch at once; SAM embeds each image with detections
     once, and an image without any not at all."""
-    raw = detect_batch(teachers, images, box_threshold=keep.score_threshold,
-                       text_threshold=text_threshold,
-                       max_detections=RAW_PER_KEPT * keep.max_detections)  # NMS needs spares
+    raw = detect_batch(
+        teachers,
+        images,
+        box_threshold=keep.score_threshold,
+        text_threshold=text_threshold,
+        max_detections=RAW_PER_KEPT * keep.max_detections,
+    )  # NMS needs spares
     out = []
     for image, det in zip(images, raw, strict=True):
         det = clip_detections(det, width=image.shape[1], height=image.shape[0])
@@ -185,11 +222,14 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise TeacherError(f"{folder}: not a folder of images; pass the folder to label")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
 
 
-def read_batches(paths: Sequence[Path], *, batch_size: int, unreadable: Unreadable
-                 ) -> Iterator[list[tuple[Path, np.ndarray, tuple[int, int]]]]:
+def read_batches(
+    paths: Sequence[Path], *, batch_size: int, unreadable: Unreadable
+) -> Iterator[list[tuple[Path, np.ndarray, tuple[int, int]]]]:
     """Decoded images (path, pixels, the file's full (width, height)) in batches; unreadable
     ones go to ``unreadable`` and are skipped."""
     batch: list[tuple[Path, np.ndarray, tuple[int, int]]] = []
@@ -225,25 +265,45 @@ def label_folder(
     unreadable = Unreadable()
     lm = teachers.label_map
     doc: dict[str, Any] = {
-        "images": [], "annotations": [],
-        "categories": [{"id": c, "name": n} for c, n in zip(lm.category_ids, lm.names, strict=True)],
+        "images": [],
+        "annotations": [],
+        "categories": [
+            {"id": c, "name": n} for c, n in zip(lm.category_ids, lm.names, strict=True)
+        ],
     }
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
     for batch in read_batches(paths, batch_size=batch_size, unreadable=unreadable):
-        dets = predict_images(teachers, [img for _, img, _ in batch], keep=keep,
-                              text_threshold=text_threshold, multimask=multimask)
+        dets = predict_images(
+            teachers,
+            [img for _, img, _ in batch],
+            keep=keep,
+            text_threshold=text_threshold,
+            multimask=multimask,
+        )
         for (path, image, full), det in zip(batch, dets, strict=True):
             image_id = len(doc["images"]) + 1
-            doc["images"].append({"id": image_id, "file_name": path.relative_to(folder).as_posix(),
-                                  "height": int(full[1]), "width": int(full[0])})
+            doc["images"].append(
+                {
+                    "id": image_id,
+                    "file_name": path.relative_to(folder).as_posix(),
+                    "height": int(full[1]),
+                    "width": int(full[0]),
+                }
+            )
             doc["annotations"] += to_annotations(
-                det, image_id=image_id, first_id=len(doc["annotations"]) + 1, size=full,
-                detected_size=(image.shape[1], image.shape[0]))
+                det,
+                image_id=image_id,
+                first_id=len(doc["annotations"]) + 1,
+                size=full,
+                detected_size=(image.shape[1], image.shape[0]),
+            )
         bar.update(len(batch))
     bar.update(len(paths) - bar.n)
     bar.close()
-    doc["info"] = {"description": "teacher predictions (Grounded-SAM)",
-                   "unreadable": [{"file": f, "reason": r} for f, r in unreadable.items]}
+    doc["info"] = {
+        "description": "teacher predictions (Grounded-SAM)",
+        "unreadable": [{"file": f, "reason": r} for f, r in unreadable.items],
+    }
     return doc
 
 
@@ -254,7 +314,7 @@ def parse_classes(text: str) -> list[str]:
     """``"cat, dog,,bird"`` -> ``["cat", "dog", "bird"]``; duplicates are an error."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise TeacherError(f"--classes {text!r} names no class; give e.g. --classes \"cat,dog\"")
+        raise TeacherError(f'--classes {text!r} names no class; give e.g. --classes "cat,dog"')
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise TeacherError(f"--classes repeats {', '.join(dupes)}; name each class once")
@@ -268,11 +328,15 @@ def adapter_folder(adapters: Path | None, name: str, log) -> Path | None:
     folder = adapters / name
     reason = skipped_reason(folder)
     if reason is not None:
-        log(f"predict: {name}: no adapter ({folder}/{SKIPPED_FILE}: {reason}); using the base model")
+        log(
+            f"predict: {name}: no adapter ({folder}/{SKIPPED_FILE}: {reason}); using the base model"
+        )
         return None
     if not (folder / "adapter_config.json").exists():
-        raise TeacherError(f"{folder}: no adapter_config.json; pass --adapters pointing at the "
-                           "folder holding dino/ and sam/ (models/ after `dvc repro`)")
+        raise TeacherError(
+            f"{folder}: no adapter_config.json; pass --adapters pointing at the "
+            "folder holding dino/ and sam/ (models/ after `dvc repro`)"
+        )
     return folder
 
 
@@ -285,9 +349,15 @@ def merged(bundle: Any) -> Any:
     return bundle
 
 
-def load_predict_teachers(*, classes: Sequence[str] | None, adapters: str | Path | None,
-                          dino_params: Any, sam_params: Any, segment_masks: bool = True,
-                          log=print) -> Teachers:
+def load_predict_teachers(
+    *,
+    classes: Sequence[str] | None,
+    adapters: str | Path | None,
+    dino_params: Any,
+    sam_params: Any,
+    segment_masks: bool = True,
+    log=print,
+) -> Teachers:
     """DINO (+ adapter) and SAM (+ adapter) on the best device, with the class list to detect.
 
     Classes come from ``classes`` (ids 1..N in order) or, without it, the DINO adapter's
@@ -306,11 +376,15 @@ def load_predict_teachers(*, classes: Sequence[str] | None, adapters: str | Path
     elif dino.label_map is not None:
         label_map = dino.label_map
     else:
-        raise TeacherError("no classes to detect: pass --classes \"cat,dog\" or --adapters with "
-                           "a trained dino/ adapter (its labels.json holds the classes)")
+        raise TeacherError(
+            'no classes to detect: pass --classes "cat,dog" or --adapters with '
+            "a trained dino/ adapter (its labels.json holds the classes)"
+        )
     sam = None
     if segment_masks:
         from teacher.sam.model import load_sam
 
-        sam = load_sam(sam_params, adapter_dir=adapter_folder(adapters, "sam", log)).to(device).eval()
+        sam = (
+            load_sam(sam_params, adapter_dir=adapter_folder(adapters, "sam", log)).to(device).eval()
+        )
     return Teachers(dino=dino, sam=sam, label_map=label_map)

@@ -24,8 +24,9 @@ MIN_IMAGES_PER_SPLIT = 3  # a category with this many images appears in every sp
 MASKED = ("mask",)  # the label of images with a non-crowd instance mask (never a category id)
 
 
-def split_sizes(n: int, fractions: Mapping[str, float], *, at_least_one: bool = False
-                ) -> dict[str, int]:
+def split_sizes(
+    n: int, fractions: Mapping[str, float], *, at_least_one: bool = False
+) -> dict[str, int]:
     """``n`` items shared by ``fractions`` (largest remainder; ties to the earlier split). With
     ``at_least_one``, each split with a non-zero fraction left empty then takes one from the
     largest, while n allows."""
@@ -63,13 +64,17 @@ def split_size_warning(n: int, *, fractions: Mapping[str, float]) -> str | None:
     active = {s: f for s, f in fractions.items() if f > 0}
     shown = "/".join(f"{s} {f:g}" for s, f in fractions.items())
     if n < len(active):
-        return (f"{n} annotated image(s) cannot fill the {len(active)} splits ({shown}): the "
-                f"split stage will stop; add annotated images (at least {len(active)})")
+        return (
+            f"{n} annotated image(s) cannot fill the {len(active)} splits ({shown}): the "
+            f"split stage will stop; add annotated images (at least {len(active)})"
+        )
     thin = [f"{s} ({n} x {f:g} = {n * f:.2g})" for s, f in active.items() if n * f < 1]
     if thin:
-        return (f"{n} annotated image(s) are too few for the split ({shown}): {', '.join(thin)} "
-                "would get less than one image and is given one; its metrics will be noise. "
-                "Add images or change the split fractions")
+        return (
+            f"{n} annotated image(s) are too few for the split ({shown}): {', '.join(thin)} "
+            "would get less than one image and is given one; its metrics will be noise. "
+            "Add images or change the split fractions"
+        )
     return None
 
 
@@ -101,7 +106,9 @@ class _Assigner:
         return max(open_, key=lambda s: (self.demand[s][cat], self.room[s]))
 
 
-def assign_images(coco: dict[str, Any], *, fractions: Mapping[str, float], seed: int) -> dict[Any, str]:
+def assign_images(
+    coco: dict[str, Any], *, fractions: Mapping[str, float], seed: int
+) -> dict[Any, str]:
     """``{image id: split name}`` for every image of ``coco`` (see module docstring)."""
     rng = random.Random(seed)
     order = [im["id"] for im in coco["images"]]
@@ -139,13 +146,15 @@ def assign_images(coco: dict[str, Any], *, fractions: Mapping[str, float], seed:
     neg_sizes = split_sizes(len(negatives), fractions)  # 3. negatives, proportionally
     start = 0
     for split, size in neg_sizes.items():
-        for image in negatives[start:start + size]:
+        for image in negatives[start : start + size]:
             state.assigned[image] = split
         start += size
     return state.assigned
 
 
-def split_coco(coco: dict[str, Any], *, fractions: Mapping[str, float], seed: int) -> dict[str, dict]:
+def split_coco(
+    coco: dict[str, Any], *, fractions: Mapping[str, float], seed: int
+) -> dict[str, dict]:
     """``{split name: COCO subset}``; each keeps the full category list and every other key.
 
     ``fractions`` maps split names (usually train/val/test) to fractions summing to 1.

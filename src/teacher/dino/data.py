@@ -30,8 +30,9 @@ from teacher.images import image_path, load_image
 NEGATIVE = -1  # item "chunk" of a negative item: a prompt naming none of the image's objects
 
 
-def annotation_boxes(anns: list[dict], *, label_map: LabelMap,
-                     classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def annotation_boxes(
+    anns: list[dict], *, label_map: LabelMap, classes: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     """Boxes and prompt-local labels of the annotations the loss sees.
 
     ``classes`` are the prompt indexes named by the prompt, in prompt order. Crowd annotations,
@@ -39,26 +40,39 @@ def annotation_boxes(anns: list[dict], *, label_map: LabelMap,
     (n, 4) float32 COCO xywh pixels and ``labels`` (n,) int64 positions in ``classes``.
     """
     in_chunk = {label_map.category_ids[i]: j for j, i in enumerate(classes)}
-    kept = [a for a in anns if not is_crowd(a) and has_usable_box(a) and a["category_id"] in in_chunk]
+    kept = [
+        a for a in anns if not is_crowd(a) and has_usable_box(a) and a["category_id"] in in_chunk
+    ]
     boxes = np.array([a["bbox"] for a in kept], dtype=np.float32).reshape(-1, 4)
     labels = np.array([in_chunk[a["category_id"]] for a in kept], dtype=np.int64)
     return boxes, labels
 
 
-def box_targets(boxes: np.ndarray, labels: np.ndarray, *, width: int, height: int) -> dict[str, torch.Tensor]:
+def box_targets(
+    boxes: np.ndarray, labels: np.ndarray, *, width: int, height: int
+) -> dict[str, torch.Tensor]:
     """One image's loss target: ``class_labels`` (n,) long, ``boxes`` (n, 4) float cxcywh in [0, 1].
 
     ``boxes`` are COCO xywh pixels of an image ``width x height`` (after augmentation);
     normalised boxes do not change when the processor resizes the image.
     """
-    norm = xywh_to_cxcywh_norm(np.asarray(boxes, np.float32).reshape(-1, 4), width=width, height=height)
-    return {"class_labels": torch.as_tensor(np.asarray(labels), dtype=torch.long),
-            "boxes": torch.as_tensor(np.clip(norm, 0.0, 1.0), dtype=torch.float32)}
+    norm = xywh_to_cxcywh_norm(
+        np.asarray(boxes, np.float32).reshape(-1, 4), width=width, height=height
+    )
+    return {
+        "class_labels": torch.as_tensor(np.asarray(labels), dtype=torch.long),
+        "boxes": torch.as_tensor(np.clip(norm, 0.0, 1.0), dtype=torch.float32),
+    }
 
 
 def _touched_chunks(anns: list[dict], chunk_of: dict[int, int]) -> list[int]:
-    return sorted({chunk_of[a["category_id"]] for a in anns
-                   if a["category_id"] in chunk_of and not is_crowd(a)})
+    return sorted(
+        {
+            chunk_of[a["category_id"]]
+            for a in anns
+            if a["category_id"] in chunk_of and not is_crowd(a)
+        }
+    )
 
 
 def dino_items(coco: dict[str, Any], label_map: Any, *, all_chunks: bool) -> list[tuple[dict, int]]:
@@ -80,9 +94,16 @@ def dino_items(coco: dict[str, Any], label_map: Any, *, all_chunks: bool) -> lis
     return items
 
 
-def prompt_classes(label_map: LabelMap, chunk: int, present: set[int], *, negatives: int,
-                   class_tokens: Sequence[int] | None, rng: np.random.Generator,
-                   max_tokens: int = MAX_TEXT_TOKENS) -> tuple[int, ...]:
+def prompt_classes(
+    label_map: LabelMap,
+    chunk: int,
+    present: set[int],
+    *,
+    negatives: int,
+    class_tokens: Sequence[int] | None,
+    rng: np.random.Generator,
+    max_tokens: int = MAX_TEXT_TOKENS,
+) -> tuple[int, ...]:
     """Prompt indexes one training item's prompt names, in prompt order.
 
     ``present``: prompt indexes of the image's (non-crowd) objects. ``chunk`` >= 0 with
@@ -123,9 +144,18 @@ class DinoDataset(Dataset):
     seeded by (seed, epoch, index); ``negatives`` > 0 needs ``class_tokens``.
     """
 
-    def __init__(self, coco: dict[str, Any], image_root: str | Path, *, label_map: Any,
-                 seed: int, transform: Callable | None = None, all_chunks: bool = False,
-                 negatives: int = 0, class_tokens: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        coco: dict[str, Any],
+        image_root: str | Path,
+        *,
+        label_map: Any,
+        seed: int,
+        transform: Callable | None = None,
+        all_chunks: bool = False,
+        negatives: int = 0,
+        class_tokens: Sequence[int] | None = None,
+    ) -> None:
         self.items = dino_items(coco, label_map, all_chunks=all_chunks)
         self.anns = index_by_image(coco)
         self.image_root, self.label_map = Path(image_root), label_map
@@ -150,35 +180,53 @@ class DinoDataset(Dataset):
         boxes, labels = annotation_boxes(anns, label_map=self.label_map, classes=classes)
         if self.transform is not None:
             image, boxes, labels = augment_boxes(self.transform, image, boxes, labels, seed=seed)
-        return {"image": image, "boxes": boxes, "labels": labels, "classes": classes,
-                "image_id": record["id"], "size": size}
+        return {
+            "image": image,
+            "boxes": boxes,
+            "labels": labels,
+            "classes": classes,
+            "image_id": record["id"],
+            "size": size,
+        }
 
     def classes_of(self, anns: list[dict], chunk: int, rng: np.random.Generator) -> tuple[int, ...]:
         """The prompt indexes of one item's prompt (see :func:`prompt_classes`)."""
         if chunk != NEGATIVE and self.negatives == 0:
             return self.label_map.chunks[chunk]
         ids = set(self.label_map.category_ids)
-        present = {self.label_map.index_of(a["category_id"]) for a in anns
-                   if not is_crowd(a) and a["category_id"] in ids}
-        return prompt_classes(self.label_map, chunk, present, negatives=self.negatives,
-                              class_tokens=self.class_tokens, rng=rng)
+        present = {
+            self.label_map.index_of(a["category_id"])
+            for a in anns
+            if not is_crowd(a) and a["category_id"] in ids
+        }
+        return prompt_classes(
+            self.label_map,
+            chunk,
+            present,
+            negatives=self.negatives,
+            class_tokens=self.class_tokens,
+            rng=rng,
+        )
 
 
-def augment_boxes(transform: Callable, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
-                  *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def augment_boxes(
+    transform: Callable, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Apply an ``augment.build_transform`` pipeline (seeded) to an image and its xywh boxes;
     boxes cropped away are dropped with their labels."""
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
-    out = transform(image=image, bboxes=boxes, labels=labels.tolist(),
-                    ann_index=list(range(len(boxes))))
+    out = transform(
+        image=image, bboxes=boxes, labels=labels.tolist(), ann_index=list(range(len(boxes)))
+    )
     boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
     return out["image"], boxes, labels
 
 
-def pad_thin_items(items: list[dict[str, Any]], *, processor: Any, num_queries: int
-                   ) -> list[dict[str, Any]]:
+def pad_thin_items(
+    items: list[dict[str, Any]], *, processor: Any, num_queries: int
+) -> list[dict[str, Any]]:
     """Items whose image is too thin for ``num_queries`` encoder tokens, padded at the bottom /
     right (``teacher.dino.model.pad_for_queries``); boxes and ``size`` in the padded frame."""
     from teacher.dino.model import pad_for_queries
@@ -186,15 +234,23 @@ def pad_thin_items(items: list[dict[str, Any]], *, processor: Any, num_queries: 
     size = processor.image_processor.size
     out = []
     for it in items:
-        image = pad_for_queries(it["image"], num_queries=num_queries,
-                                shortest_edge=size["shortest_edge"], longest_edge=size["longest_edge"])
-        out.append(it if image is it["image"] else
-                   {**it, "image": image, "size": (image.shape[1], image.shape[0])})
+        image = pad_for_queries(
+            it["image"],
+            num_queries=num_queries,
+            shortest_edge=size["shortest_edge"],
+            longest_edge=size["longest_edge"],
+        )
+        out.append(
+            it
+            if image is it["image"]
+            else {**it, "image": image, "size": (image.shape[1], image.shape[0])}
+        )
     return out
 
 
-def collate_dino(items: list[dict[str, Any]], *, processor: Any, label_map: Any,
-                 num_queries: int | None = None) -> dict[str, Any]:
+def collate_dino(
+    items: list[dict[str, Any]], *, processor: Any, label_map: Any, num_queries: int | None = None
+) -> dict[str, Any]:
     """Batch for ``GroundingDinoForObjectDetection``: processor tensors + ``labels`` + metadata.
 
     ``pixel_values`` (B, 3, H, W) and ``pixel_mask`` (B, H, W) padded to the largest resized
@@ -205,11 +261,25 @@ def collate_dino(items: list[dict[str, Any]], *, processor: Any, label_map: Any,
     """
     if num_queries is not None:
         items = pad_thin_items(items, processor=processor, num_queries=num_queries)
-    pixels = processor.image_processor(images=[it["image"] for it in items], return_tensors="pt",
-                                       input_data_format="channels_last")  # HxWx3: never guessed
-    text = processor.tokenizer([prompt_text([label_map.names[i] for i in it["classes"]]) for it in items],
-                               padding="longest", return_tensors="pt")
-    labels = [box_targets(it["boxes"], it["labels"], width=it["image"].shape[1],
-                          height=it["image"].shape[0]) for it in items]
-    return {**pixels, **text, "labels": labels, "image_ids": [it["image_id"] for it in items],
-            "classes": [it["classes"] for it in items], "sizes": [it["size"] for it in items]}
+    pixels = processor.image_processor(
+        images=[it["image"] for it in items], return_tensors="pt", input_data_format="channels_last"
+    )  # HxWx3: never guessed
+    text = processor.tokenizer(
+        [prompt_text([label_map.names[i] for i in it["classes"]]) for it in items],
+        padding="longest",
+        return_tensors="pt",
+    )
+    labels = [
+        box_targets(
+            it["boxes"], it["labels"], width=it["image"].shape[1], height=it["image"].shape[0]
+        )
+        for it in items
+    ]
+    return {
+        **pixels,
+        **text,
+        "labels": labels,
+        "image_ids": [it["image_id"] for it in items],
+        "classes": [it["classes"] for it in items],
+        "sizes": [it["size"] for it in items],
+    }

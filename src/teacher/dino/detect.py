@@ -31,9 +31,15 @@ from teacher.dino.model import DinoBundle, padded_for
 REFERENCE_TOP_K = 300  # Open-GroundingDino cfg_odvg.py num_select: (query, class) pairs per image
 
 
-def decode_reference(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tensor, *,
-                     sizes: list[tuple[int, int]], category_ids: list[list[int]],
-                     top_k: int = REFERENCE_TOP_K) -> list[Detections]:
+def decode_reference(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    input_ids: torch.Tensor,
+    *,
+    sizes: list[tuple[int, int]],
+    category_ids: list[list[int]],
+    top_k: int = REFERENCE_TOP_K,
+) -> list[Detections]:
     """Open-GroundingDino's ``PostProcess`` (COCO evaluation): per image :class:`Detections`, best first.
 
     ``logits`` (B, Q, 256), ``pred_boxes`` (B, Q, 4) cxcywh normalised to the unpadded image,
@@ -45,24 +51,42 @@ def decode_reference(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: 
     probs = logits.float().sigmoid()
     out = []
     for prob, boxes, label_map, (w, h), cats in zip(
-            probs, pred_boxes.float(), build_label_maps(logits, cast(torch.LongTensor, input_ids)), sizes, category_ids,
-            strict=True):
+        probs,
+        pred_boxes.float(),
+        build_label_maps(logits, cast(torch.LongTensor, input_ids)),
+        sizes,
+        category_ids,
+        strict=True,
+    ):
         pos = label_map.to(prob)
         pos = pos / pos.sum(-1, keepdim=True).clamp(min=1)  # (n_classes, 256), rows sum to 1
         per_class = prob @ pos.T  # (Q, n_classes)
         n_classes = per_class.shape[1]
         score, flat = per_class.flatten().topk(min(top_k, per_class.numel()))
         query, cls = flat // n_classes, flat % n_classes
-        out.append(Detections(
-            boxes=cxcywh_norm_to_xywh(boxes[query].cpu().numpy(), width=w, height=h).reshape(-1, 4),
-            scores=score.cpu().numpy(),
-            category_ids=np.asarray(cats, dtype=np.int64)[cls.cpu().numpy()]))
+        out.append(
+            Detections(
+                boxes=cxcywh_norm_to_xywh(boxes[query].cpu().numpy(), width=w, height=h).reshape(
+                    -1, 4
+                ),
+                scores=score.cpu().numpy(),
+                category_ids=np.asarray(cats, dtype=np.int64)[cls.cpu().numpy()],
+            )
+        )
     return out
 
 
-def decode(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tensor, *,
-           sizes: list[tuple[int, int]], category_ids: list[list[int]], box_threshold: float,
-           text_threshold: float, max_detections: int = 100) -> list[Detections]:
+def decode(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    input_ids: torch.Tensor,
+    *,
+    sizes: list[tuple[int, int]],
+    category_ids: list[list[int]],
+    box_threshold: float,
+    text_threshold: float,
+    max_detections: int = 100,
+) -> list[Detections]:
     """Model outputs -> per image :class:`Detections` (COCO xywh pixels, original ids).
 
     ``logits`` (B, Q, 256), ``pred_boxes`` (B, Q, 4) cxcywh normalised to the unpadded image,
@@ -74,17 +98,25 @@ def decode(logits: torch.Tensor, pred_boxes: torch.Tensor, input_ids: torch.Tens
     probs = logits.float().sigmoid()
     out = []
     for prob, boxes, label_map, (w, h), cats in zip(
-            probs, pred_boxes.float(), build_label_maps(logits, cast(torch.LongTensor, input_ids)), sizes, category_ids,
-            strict=True):
+        probs,
+        pred_boxes.float(),
+        build_label_maps(logits, cast(torch.LongTensor, input_ids)),
+        sizes,
+        category_ids,
+        strict=True,
+    ):
         per_class = (prob[:, None, :] * label_map[None].to(prob)).amax(-1)  # (Q, n_classes)
         score, cls = per_class.max(-1)
         keep = (prob.amax(-1) >= box_threshold) & (score >= text_threshold)
         order = score[keep].argsort(descending=True)[:max_detections]
         score, cls, boxes = score[keep][order], cls[keep][order], boxes[keep][order]
-        out.append(Detections(
-            boxes=cxcywh_norm_to_xywh(boxes.cpu().numpy(), width=w, height=h).reshape(-1, 4),
-            scores=score.cpu().numpy(),
-            category_ids=np.asarray(cats, dtype=np.int64)[cls.cpu().numpy()]))
+        out.append(
+            Detections(
+                boxes=cxcywh_norm_to_xywh(boxes.cpu().numpy(), width=w, height=h).reshape(-1, 4),
+                scores=score.cpu().numpy(),
+                category_ids=np.asarray(cats, dtype=np.int64)[cls.cpu().numpy()],
+            )
+        )
     return out
 
 
@@ -93,40 +125,78 @@ def merge_detections(parts: list[Detections], *, max_detections: int = 100) -> D
     return Detections.concat(parts).best(max_detections)
 
 
-def detect(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
-           box_threshold: float, text_threshold: float, max_detections: int = 100,
-           batch_size: int = 4) -> list[Detections]:
+def detect(
+    bundle: DinoBundle,
+    images: list[np.ndarray],
+    label_map: LabelMap,
+    *,
+    box_threshold: float,
+    text_threshold: float,
+    max_detections: int = 100,
+    batch_size: int = 4,
+) -> list[Detections]:
     """Labeling decode of ``label_map``'s classes in RGB ``images`` (HxWx3 uint8), every prompt
     chunk run.
 
     Returns per image :class:`Detections` (COCO xywh absolute pixels, original COCO ids), best
     first, at most ``max_detections``. Runs ``batch_size`` images at a time.
     """
-    return _run(bundle, images, label_map, batch_size=batch_size, keep=max_detections,
-                decoder=partial(decode, box_threshold=box_threshold, text_threshold=text_threshold,
-                                max_detections=max_detections))
+    return _run(
+        bundle,
+        images,
+        label_map,
+        batch_size=batch_size,
+        keep=max_detections,
+        decoder=partial(
+            decode,
+            box_threshold=box_threshold,
+            text_threshold=text_threshold,
+            max_detections=max_detections,
+        ),
+    )
 
 
-def score(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
-          top_k: int = REFERENCE_TOP_K, batch_size: int = 4) -> list[Detections]:
+def score(
+    bundle: DinoBundle,
+    images: list[np.ndarray],
+    label_map: LabelMap,
+    *,
+    top_k: int = REFERENCE_TOP_K,
+    batch_size: int = 4,
+) -> list[Detections]:
     """Detections for COCO AP, Open-GroundingDino's protocol (:func:`decode_reference`).
 
     Class lists split into prompt chunks (which the reference never has) are decoded per chunk
     and the best ``top_k`` pairs over all chunks kept.
     """
-    return _run(bundle, images, label_map, batch_size=batch_size, keep=top_k,
-                decoder=partial(decode_reference, top_k=top_k))
+    return _run(
+        bundle,
+        images,
+        label_map,
+        batch_size=batch_size,
+        keep=top_k,
+        decoder=partial(decode_reference, top_k=top_k),
+    )
 
 
 @torch.no_grad()
-def _run(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *, batch_size: int,
-         keep: int, decoder: Callable[..., list[Detections]]) -> list[Detections]:
+def _run(
+    bundle: DinoBundle,
+    images: list[np.ndarray],
+    label_map: LabelMap,
+    *,
+    batch_size: int,
+    keep: int,
+    decoder: Callable[..., list[Detections]],
+) -> list[Detections]:
     model = bundle.model
     was_training = model.training
     model.eval()
     out: dict[int, Detections] = {}
     for batch in same_size_batches([im.shape for im in images], batch_size=batch_size):
-        dets = _detect_batch(bundle, [images[i] for i in batch], label_map, decoder=decoder, keep=keep)
+        dets = _detect_batch(
+            bundle, [images[i] for i in batch], label_map, decoder=decoder, keep=keep
+        )
         out.update(zip(batch, dets, strict=True))
     model.train(was_training)
     return [out[i] for i in range(len(images))]
@@ -141,35 +211,55 @@ def same_size_batches(shapes: list[tuple[int, ...]], *, batch_size: int) -> list
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, shape in enumerate(shapes):
         groups.setdefault(tuple(shape), []).append(i)
-    return [idxs[k:k + batch_size] for idxs in groups.values()
-            for k in range(0, len(idxs), batch_size)]
+    return [
+        idxs[k : k + batch_size]
+        for idxs in groups.values()
+        for k in range(0, len(idxs), batch_size)
+    ]
 
 
-def _detect_batch(bundle: DinoBundle, images: list[np.ndarray], label_map: LabelMap, *,
-                  decoder: Callable[..., list[Detections]], keep: int) -> list[Detections]:
+def _detect_batch(
+    bundle: DinoBundle,
+    images: list[np.ndarray],
+    label_map: LabelMap,
+    *,
+    decoder: Callable[..., list[Detections]],
+    keep: int,
+) -> list[Detections]:
     model, processor = bundle.model, bundle.processor
     device = next(model.parameters()).device
     originals = [(im.shape[1], im.shape[0]) for im in images]
     images = [padded_for(bundle, im) for im in images]  # thin images: enough tokens
     sizes = [(im.shape[1], im.shape[0]) for im in images]
-    pixels = processor.image_processor(images=images, return_tensors="pt",
-                                       input_data_format="channels_last").to(device)  # never guessed
+    pixels = processor.image_processor(
+        images=images, return_tensors="pt", input_data_format="channels_last"
+    ).to(device)  # never guessed
     per_chunk = []
     for prompt, chunk in zip(label_map.prompts, label_map.chunks, strict=True):
         text = processor.tokenizer([prompt] * len(images), return_tensors="pt").to(device)
         out = model(pixel_values=pixels["pixel_values"], pixel_mask=pixels["pixel_mask"], **text)
         cats = [[label_map.category_ids[i] for i in chunk]] * len(images)
-        per_chunk.append(decoder(out.logits, out.pred_boxes, text["input_ids"], sizes=sizes,
-                                 category_ids=cats))
-    merged = [merge_detections(list(parts), max_detections=keep)
-              for parts in zip(*per_chunk, strict=True)]
-    return [replace(det, boxes=clip_xywh(det.boxes, width=w, height=h))
-            for det, (w, h) in zip(merged, originals, strict=True)]
+        per_chunk.append(
+            decoder(out.logits, out.pred_boxes, text["input_ids"], sizes=sizes, category_ids=cats)
+        )
+    merged = [
+        merge_detections(list(parts), max_detections=keep) for parts in zip(*per_chunk, strict=True)
+    ]
+    return [
+        replace(det, boxes=clip_xywh(det.boxes, width=w, height=h))
+        for det, (w, h) in zip(merged, originals, strict=True)
+    ]
 
 
 def coco_results(detections: list[Detections], image_ids: list) -> list[dict]:
     """Detections of :func:`detect` as a COCO results list (``bbox`` xywh pixels)."""
-    return [{"image_id": image_id, "category_id": int(c), "bbox": [float(v) for v in box],
-             "score": float(s)}
-            for image_id, det in zip(image_ids, detections, strict=True)
-            for box, s, c in zip(det.boxes, det.scores, det.category_ids, strict=True)]
+    return [
+        {
+            "image_id": image_id,
+            "category_id": int(c),
+            "bbox": [float(v) for v in box],
+            "score": float(s),
+        }
+        for image_id, det in zip(image_ids, detections, strict=True)
+        for box, s, c in zip(det.boxes, det.scores, det.category_ids, strict=True)
+    ]

@@ -38,8 +38,11 @@ class LabelMap:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.category_ids)})
-        object.__setattr__(self, "_place", {i: (k, pos) for k, chunk in enumerate(self.chunks)
-                                            for pos, i in enumerate(chunk)})
+        object.__setattr__(
+            self,
+            "_place",
+            {i: (k, pos) for k, chunk in enumerate(self.chunks) for pos, i in enumerate(chunk)},
+        )
 
     @property
     def prompts(self) -> list[str]:
@@ -106,13 +109,15 @@ def tokenize_names(names: Sequence[str], *, tokenizer) -> list[list[int]]:
     faster with the fast tokenizer.)"""
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    return [list(tokenizer(name, add_special_tokens=False)["input_ids"])
-            for name in tqdm(names, desc="class names", unit="name",
-                             disable=len(names) < PROGRESS_FROM)]
+    return [
+        list(tokenizer(name, add_special_tokens=False)["input_ids"])
+        for name in tqdm(names, desc="class names", unit="name", disable=len(names) < PROGRESS_FROM)
+    ]
 
 
-def check_distinct(cats: Sequence[dict], tokens: Sequence[list[int]], *, unk_id: int | None
-                   ) -> None:
+def check_distinct(
+    cats: Sequence[dict], tokens: Sequence[list[int]], *, unk_id: int | None
+) -> None:
     """``TeacherError`` when names made only of unknown tokens ([UNK]) read the same to the
     text encoder: those classes could not be told apart."""
     if unk_id is None:
@@ -127,7 +132,8 @@ def check_distinct(cats: Sequence[dict], tokens: Sequence[list[int]], *, unk_id:
         raise TeacherError(
             f"{sum(map(len, clashes))} category names become only [UNK] tokens for the text "
             f"encoder and cannot be told apart ({shown}); rename them with words the "
-            "tokenizer knows (letters, digits)")
+            "tokenizer knows (letters, digits)"
+        )
 
 
 def build_label_map(
@@ -139,7 +145,9 @@ def build_label_map(
     """
     cats = sorted(categories, key=lambda c: c["id"])
     if not cats:
-        raise TeacherError("the dataset has no categories; add them to the COCO file's 'categories'")
+        raise TeacherError(
+            "the dataset has no categories; add them to the COCO file's 'categories'"
+        )
     names = [clean_name(str(c["name"])) for c in cats]
     empty = [c["id"] for c, n in zip(cats, names, strict=True) if not n]
     if empty:
@@ -163,7 +171,9 @@ def save_labels(label_map: LabelMap, path: str | Path) -> None:
         "chunks": [list(c) for c in label_map.chunks],
         "categories": [
             {"index": i, "id": cid, "name": name}
-            for i, (cid, name) in enumerate(zip(label_map.category_ids, label_map.names, strict=True))
+            for i, (cid, name) in enumerate(
+                zip(label_map.category_ids, label_map.names, strict=True)
+            )
         ],
     }
     Path(path).write_text(json.dumps(doc, indent=2) + "\n")

@@ -41,16 +41,21 @@ class GroundedImageLoss(GroundingDinoImageLoss):
     in a collective the other processes never join.
     """
 
-    def __init__(self, *, matcher, focal_alpha: float, losses: list[str],
-                 across_processes: bool = True):
+    def __init__(
+        self, *, matcher, focal_alpha: float, losses: list[str], across_processes: bool = True
+    ):
         super().__init__(matcher, focal_alpha, losses)
         self.across_processes = across_processes
 
     def _get_target_classes_one_hot(self, outputs, targets, indices):
         logits, label_maps = outputs["logits"], outputs["label_maps"]
         offsets = np.cumsum([0] + [len(m) for m in label_maps[:-1]])
-        class_labels = torch.cat([t["class_labels"][j] + int(off)
-                                  for t, (_, j), off in zip(targets, indices, offsets, strict=True)])
+        class_labels = torch.cat(
+            [
+                t["class_labels"][j] + int(off)
+                for t, (_, j), off in zip(targets, indices, offsets, strict=True)
+            ]
+        )
         idx = self._get_source_permutation_idx(indices)
         onehot = torch.zeros_like(logits, dtype=torch.long)  # (batch, queries, 256)
         onehot[idx] = torch.cat(label_maps, dim=0)[class_labels].to(torch.long)
@@ -67,19 +72,24 @@ class GroundedImageLoss(GroundingDinoImageLoss):
     def forward(self, outputs, targets):
         """Loss terms of the last layer, then of each auxiliary layer (suffix ``_i``)."""
         num_boxes = self._num_boxes(targets, outputs["logits"].device)
-        layers = [("", outputs), *((f"_{i}", aux) for i, aux in
-                                   enumerate(outputs.get("auxiliary_outputs") or []))]
+        layers = [
+            ("", outputs),
+            *((f"_{i}", aux) for i, aux in enumerate(outputs.get("auxiliary_outputs") or [])),
+        ]
         losses = {}
         for suffix, out in layers:
-            indices = self.matcher({k: v for k, v in out.items() if k != "auxiliary_outputs"}, targets)
+            indices = self.matcher(
+                {k: v for k, v in out.items() if k != "auxiliary_outputs"}, targets
+            )
             for loss in self.losses:
                 terms = self.get_loss(loss, out, targets, indices, num_boxes)
                 losses.update({f"{k}{suffix}": v for k, v in terms.items()})
         return losses
 
 
-def top_proposals(enc_outputs_class: torch.Tensor, enc_outputs_coord_logits: torch.Tensor, *,
-                  num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_proposals(
+    enc_outputs_class: torch.Tensor, enc_outputs_coord_logits: torch.Tensor, *, num_queries: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``num_queries`` encoder proposals the decoder starts from, with their gradients.
 
     ``enc_outputs_class`` (B, HW, 256) logits of every encoder position, ``enc_outputs_coord_logits``
@@ -87,7 +97,9 @@ def top_proposals(enc_outputs_class: torch.Tensor, enc_outputs_coord_logits: tor
     position); returns ``(logits (B, K, 256), boxes (B, K, 4) cxcywh in [0, 1])``, not detached.
     """
     index = enc_outputs_class.max(-1)[0].topk(num_queries, dim=1)[1]  # (B, K)
-    logits = torch.gather(enc_outputs_class, 1, index[..., None].expand(-1, -1, enc_outputs_class.shape[-1]))
+    logits = torch.gather(
+        enc_outputs_class, 1, index[..., None].expand(-1, -1, enc_outputs_class.shape[-1])
+    )
     coords = torch.gather(enc_outputs_coord_logits, 1, index[..., None].expand(-1, -1, 4))
     return logits, coords.sigmoid()
 
@@ -97,8 +109,11 @@ def _proposal_outputs_hook(module: nn.Module, args, output):
     the undetached top-k proposals (see the module docstring)."""
     if getattr(output, "enc_outputs_class", None) is None:
         return output
-    logits, boxes = top_proposals(output.enc_outputs_class, output.enc_outputs_coord_logits,
-                                  num_queries=cast(Any, module.config).num_queries)
+    logits, boxes = top_proposals(
+        output.enc_outputs_class,
+        output.enc_outputs_coord_logits,
+        num_queries=cast(Any, module.config).num_queries,
+    )
     output.encoder_logits, output.encoder_pred_boxes = logits, boxes
     return output
 
@@ -112,30 +127,57 @@ def install_proposal_outputs(model: nn.Module) -> None:
         inner._teacher_proposal_hook = True
 
 
-def grounded_loss(logits, labels, device, pred_boxes, config, label_maps, text_mask,
-                  outputs_class=None, outputs_coord=None, encoder_logits=None,
-                  encoder_pred_boxes=None, *, across_processes: bool = True):
+def grounded_loss(
+    logits,
+    labels,
+    device,
+    pred_boxes,
+    config,
+    label_maps,
+    text_mask,
+    outputs_class=None,
+    outputs_coord=None,
+    encoder_logits=None,
+    encoder_pred_boxes=None,
+    *,
+    across_processes: bool = True,
+):
     """``GroundingDinoForObjectDetectionLoss`` (transformers 5.x) with the three changes of the
     module docstring; same signature, terms and weights; returns ``(loss, loss_dict, auxiliary_outputs)``.
     """
-    matcher = GroundingDinoHungarianMatcher(class_cost=config.class_cost,
-                                            bbox_cost=config.bbox_cost, giou_cost=config.giou_cost)
-    criterion = GroundedImageLoss(matcher=matcher, focal_alpha=config.focal_alpha,
-                                  losses=["labels", "boxes", "cardinality"],
-                                  across_processes=across_processes).to(device)
-    outputs = {"logits": logits, "pred_boxes": pred_boxes, "label_maps": label_maps,
-               "text_mask": text_mask}
+    matcher = GroundingDinoHungarianMatcher(
+        class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
+    )
+    criterion = GroundedImageLoss(
+        matcher=matcher,
+        focal_alpha=config.focal_alpha,
+        losses=["labels", "boxes", "cardinality"],
+        across_processes=across_processes,
+    ).to(device)
+    outputs = {
+        "logits": logits,
+        "pred_boxes": pred_boxes,
+        "label_maps": label_maps,
+        "text_mask": text_mask,
+    }
     # every decoder layer supervised whatever config.auxiliary_loss says (both references do)
     auxiliary = _set_aux_loss(outputs_class, outputs_coord) if outputs_class is not None else []
     for aux in auxiliary:
         aux.update(label_maps=label_maps, text_mask=text_mask)
     outputs["auxiliary_outputs"] = auxiliary
     loss_dict = criterion(outputs, labels)
-    weights = {"loss_ce": 2.0, "loss_bbox": config.bbox_loss_coefficient,
-               "loss_giou": config.giou_loss_coefficient}
+    weights = {
+        "loss_ce": 2.0,
+        "loss_bbox": config.bbox_loss_coefficient,
+        "loss_giou": config.giou_loss_coefficient,
+    }
     if config.two_stage:
-        enc = {"logits": encoder_logits, "pred_boxes": encoder_pred_boxes,
-               "label_maps": label_maps, "text_mask": text_mask}
+        enc = {
+            "logits": encoder_logits,
+            "pred_boxes": encoder_pred_boxes,
+            "label_maps": label_maps,
+            "text_mask": text_mask,
+        }
         loss_dict.update({f"{k}_enc": v for k, v in criterion(enc, labels).items()})
         weights.update({f"{k}_enc": v for k, v in list(weights.items())})
     base = {k: v for k, v in weights.items() if not k.endswith("_enc")}

@@ -50,15 +50,24 @@ TINY_PRETRAINED_WEIGHTS = (
 TINY_WORDS = ("circle", "square", "triangle", "star", "ring", "cross", "hexagon", "diamond",
               "pentagon", "arrow", "ellipse", "heart", "moon", "shape", "object")  # fmt: skip
 # bert-base-uncased ids that Grounding DINO's code hard-codes ([PAD] is 0)
-BERT_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103,
-                    ".": 1012, "?": 1029}
+BERT_SPECIAL_IDS = {
+    "[PAD]": 0,
+    "[UNK]": 100,
+    "[CLS]": 101,
+    "[SEP]": 102,
+    "[MASK]": 103,
+    ".": 1012,
+    "?": 1029,
+}
 # fully trained heads (dino.train_heads): box heads only, as the class heads are
 # parameter-free dot products with the text features. The box MLPs of the decoder layers (tied:
 # one set of weights) and the two-stage proposal head (enc_output + enc_output_norm, which make
 # the encoder's object queries, and encoder_output_bbox_embed), which the "_enc" loss terms
 # reach now that they are computed from the undetached proposals (teacher.dino.loss).
-HEAD_MODULES = (r"(model\.decoder\.)?bbox_embed\.\d+|"
-                r"model\.(enc_output|enc_output_norm|encoder_output_bbox_embed)")
+HEAD_MODULES = (
+    r"(model\.decoder\.)?bbox_embed\.\d+|"
+    r"model\.(enc_output|enc_output_norm|encoder_output_bbox_embed)"
+)
 TOWERS = ("model.backbone", "model.text_backbone")  # image and text encoders
 
 
@@ -76,8 +85,7 @@ class DinoBundle:
 FEATURE_STRIDES = (8, 16, 32, 64)  # the encoder's feature levels (Swin stages 2-4 + one extra)
 
 
-def encoder_levels(height: int, width: int, *, shortest_edge: int, longest_edge: int
-                   ) -> list[int]:
+def encoder_levels(height: int, width: int, *, shortest_edge: int, longest_edge: int) -> list[int]:
     """Positions per feature level (finest first) the encoder sees for an image of ``height x
     width`` after the processor's resize (shortest edge to ``shortest_edge``, longest at most
     ``longest_edge``)."""
@@ -88,7 +96,9 @@ def encoder_levels(height: int, width: int, *, shortest_edge: int, longest_edge:
 
 def encoder_tokens(height: int, width: int, *, shortest_edge: int, longest_edge: int) -> int:
     """Image tokens the encoder sees (all levels) for an image of ``height x width``."""
-    return sum(encoder_levels(height, width, shortest_edge=shortest_edge, longest_edge=longest_edge))
+    return sum(
+        encoder_levels(height, width, shortest_edge=shortest_edge, longest_edge=longest_edge)
+    )
 
 
 def pad_for_queries(image, *, num_queries: int, shortest_edge: int, longest_edge: int):
@@ -119,8 +129,12 @@ def padded_for(bundle: DinoBundle, image):
     """:func:`pad_for_queries` with the bundle's query count and resize."""
     size = bundle.processor.image_processor.size
     config: Any = getattr(bundle.model, "config")  # noqa: B009 (a PeftModel forwards it)
-    return pad_for_queries(image, num_queries=int(config.num_queries),
-                           shortest_edge=size["shortest_edge"], longest_edge=size["longest_edge"])
+    return pad_for_queries(
+        image,
+        num_queries=int(config.num_queries),
+        shortest_edge=size["shortest_edge"],
+        longest_edge=size["longest_edge"],
+    )
 
 
 # --- building and loading ----------------------------------------------------------------------
@@ -143,21 +157,42 @@ def tiny_tokenizer(words: tuple[str, ...] = ()) -> BertTokenizerFast:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "vocab.txt"
         path.write_text("\n".join(tiny_vocab(words)) + "\n")
-        return BertTokenizerFast(vocab=str(path), do_lower_case=True)  # vocab_file= is ignored in 5.x
+        return BertTokenizerFast(
+            vocab=str(path), do_lower_case=True
+        )  # vocab_file= is ignored in 5.x
 
 
 def tiny_config(*, vocab_size: int) -> GroundingDinoConfig:
     """Grounding DINO at toy size: 4-stage Swin, 1-layer BERT, d_model 32, 2 decoder layers."""
-    backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
-                          out_features=["stage2", "stage3", "stage4"],  # type: ignore[call-arg]  # a backbone-config kwarg the 5.x signature omits; honoured at runtime
-                          image_size=64)
-    text = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
+    backbone = SwinConfig(
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        out_features=["stage2", "stage3", "stage4"],  # type: ignore[call-arg]  # a backbone-config kwarg the 5.x signature omits; honoured at runtime
+        image_size=64,
+    )
+    text = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
     return GroundingDinoConfig(
-        backbone_config=backbone, text_config=text, d_model=32,  # d_model: a multiple of 32
-        encoder_layers=1, decoder_layers=2,  # decoder_layers=1 fails to construct
-        encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2, num_queries=64,
+        backbone_config=backbone,
+        text_config=text,
+        d_model=32,  # d_model: a multiple of 32
+        encoder_layers=1,
+        decoder_layers=2,  # decoder_layers=1 fails to construct
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        num_queries=64,
         auxiliary_loss=True,
     )
 
@@ -185,11 +220,14 @@ def build_tiny_pretrained(
 def build_processor(tokenizer, *, params: DinoParams) -> GroundingDinoProcessor:
     """Processor resizing to ``params.shortest_edge`` / ``params.longest_edge``."""
     size = {"shortest_edge": params.shortest_edge, "longest_edge": params.longest_edge}
-    return GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size=size),
-                                  tokenizer=tokenizer)
+    return GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(size=size), tokenizer=tokenizer
+    )
 
 
-def build_tiny_random(params: DinoParams) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
+def build_tiny_random(
+    params: DinoParams,
+) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
     """The tiny-random model and processor; identical weights on every call (fixed seed)."""
     tokenizer = tiny_tokenizer()
     config = tiny_config(vocab_size=len(tokenizer))
@@ -215,14 +253,16 @@ def _offline_error(params: DinoParams, err: Exception) -> TeacherError:
         f"dino.model {params.model!r} (revision {params.revision!r}) is not a local folder, not in "
         f"the Hugging Face cache, and the hub cannot be reached ({str(err).splitlines()[0]}). "
         f"Fix: download it once "
-        f"where there is network (python -c \"from transformers import AutoProcessor, "
+        f'where there is network (python -c "from transformers import AutoProcessor, '
         f"GroundingDinoForObjectDetection as M; M.from_pretrained('{params.model}'); "
         f"AutoProcessor.from_pretrained('{params.model}')\"), or set dino.model in params.yaml "
         f"to a local folder written by save_pretrained, or use dino.model: {TINY_RANDOM}."
     )
 
 
-def load_pretrained(params: DinoParams) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
+def load_pretrained(
+    params: DinoParams,
+) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
     """Model and processor from a local folder or the hub (cache first; fails fast offline)."""
     local = Path(params.model).is_dir()
     kwargs = {} if local else {"revision": params.revision}
@@ -230,8 +270,10 @@ def load_pretrained(params: DinoParams) -> tuple[GroundingDinoForObjectDetection
         return _from_pretrained(params, local_files_only=True, **kwargs)
     except OSError as err:
         if local:
-            raise TeacherError(f"dino.model {params.model!r}: not a Grounding DINO folder "
-                               f"written by save_pretrained ({err})") from err
+            raise TeacherError(
+                f"dino.model {params.model!r}: not a Grounding DINO folder "
+                f"written by save_pretrained ({err})"
+            ) from err
         if not _hub_reachable():
             raise _offline_error(params, err) from err
     try:
@@ -261,9 +303,11 @@ def check_image_size(model: GroundingDinoForObjectDetection, params: DinoParams)
         return
     while _positions(need) < queries:
         need += 8
-    raise TeacherError(f"dino.shortest_edge {params.shortest_edge} is too small for "
-                       f"{params.model!r}: its {queries} queries need images of at least {need} px; "
-                       "raise dino.shortest_edge in params.yaml")
+    raise TeacherError(
+        f"dino.shortest_edge {params.shortest_edge} is too small for "
+        f"{params.model!r}: its {queries} queries need images of at least {need} px; "
+        "raise dino.shortest_edge in params.yaml"
+    )
 
 
 def _text_input_embeddings(self) -> nn.Module:
@@ -303,14 +347,20 @@ def set_dropout(model: nn.Module, p: float) -> int:
                 if isinstance(getattr(module, attr, None), float):
                     setattr(module, attr, p)
                     changed += 1
-    for key in ("dropout", "activation_dropout", "attention_dropout", "text_enhancer_dropout",
-                "fusion_dropout"):
+    for key in (
+        "dropout",
+        "activation_dropout",
+        "attention_dropout",
+        "text_enhancer_dropout",
+        "fusion_dropout",
+    ):
         setattr(base.config, key, p)
     return changed
 
 
-def load_dino(params: DinoParams, *, adapter_dir: Path | None = None,
-              trainable: bool = False) -> DinoBundle:
+def load_dino(
+    params: DinoParams, *, adapter_dir: Path | None = None, trainable: bool = False
+) -> DinoBundle:
     """Load ``params.model`` (hub id / folder / tiny-random) and, if given, an adapter folder.
 
     With ``adapter_dir`` the LoRA adapter and fully trained heads are applied and
@@ -329,8 +379,11 @@ def load_dino(params: DinoParams, *, adapter_dir: Path | None = None,
     from teacher.lora import load_adapter  # peft import only when an adapter is used
 
     label_map = load_labels(Path(adapter_dir) / LABELS_FILE)
-    return DinoBundle(model=load_adapter(model, adapter_dir, trainable=trainable),
-                      processor=processor, label_map=label_map)
+    return DinoBundle(
+        model=load_adapter(model, adapter_dir, trainable=trainable),
+        processor=processor,
+        label_map=label_map,
+    )
 
 
 def frozen_towers(model: nn.Module) -> list[str]:
@@ -340,5 +393,8 @@ def frozen_towers(model: nn.Module) -> list[str]:
     records nothing inside them: they run without saving activations for backward.
     """
     base: Any = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
-    return [name for name in TOWERS
-            if not any(p.requires_grad for p in base.get_submodule(name).parameters())]
+    return [
+        name
+        for name in TOWERS
+        if not any(p.requires_grad for p in base.get_submodule(name).parameters())
+    ]

@@ -42,7 +42,14 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 # logged per step beside the total: the last decoder layer's terms and the proposals' (two-stage)
-LOGGED_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_enc", "loss_bbox_enc", "loss_giou_enc")
+LOGGED_TERMS = (
+    "loss_ce",
+    "loss_bbox",
+    "loss_giou",
+    "loss_ce_enc",
+    "loss_bbox_enc",
+    "loss_giou_enc",
+)
 # Open-GroundingDino lr_linear_proj_names (ref_point_head, sampling_offsets): dino.offsets_lr_scale
 OFFSET_PARAMS = r"sampling_offsets|reference_points_head"
 INPUT_KEYS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids")
@@ -53,13 +60,18 @@ def _base(model: nn.Module) -> Any:
     return cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def wrap_for_training(model: nn.Module, *, dino: DinoParams, lora: LoraParams,
-                      activation_checkpointing: bool) -> nn.Module:
+def wrap_for_training(
+    model: nn.Module, *, dino: DinoParams, lora: LoraParams, activation_checkpointing: bool
+) -> nn.Module:
     """Dropout as ``dino.dropout``; LoRA (+ fully trained heads); frozen towers without autograd;
     optional checkpointing."""
     set_dropout(model, dino.dropout)
-    model = apply_lora(model, lora=lora, targets=dino.lora_targets,
-                       train_modules=HEAD_MODULES if dino.train_heads else None)
+    model = apply_lora(
+        model,
+        lora=lora,
+        targets=dino.lora_targets,
+        train_modules=HEAD_MODULES if dino.train_heads else None,
+    )
     base = _base(model)
     for name in frozen_towers(model):
         run_without_grad(base.get_submodule(name))
@@ -78,7 +90,10 @@ def training_step(model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
     device = next(model.parameters()).device
     labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
     out = model(**model_inputs(batch, device), labels=labels)
-    return {"loss": out.loss, **{k: out.loss_dict[k].detach() for k in LOGGED_TERMS if k in out.loss_dict}}
+    return {
+        "loss": out.loss,
+        **{k: out.loss_dict[k].detach() for k in LOGGED_TERMS if k in out.loss_dict},
+    }
 
 
 @contextmanager
@@ -94,8 +109,14 @@ def loss_on_this_process(model: nn.Module):
 
 
 @torch.no_grad()
-def validate_detection(model: nn.Module, *, loader: DataLoader, coco: dict[str, Any],
-                       label_map: LabelMap, top_k: int = REFERENCE_TOP_K) -> dict[str, float]:
+def validate_detection(
+    model: nn.Module,
+    *,
+    loader: DataLoader,
+    coco: dict[str, Any],
+    label_map: LabelMap,
+    top_k: int = REFERENCE_TOP_K,
+) -> dict[str, float]:
     """Val loss and COCO box mAP: ``val_loss``, ``val_map``, ``val_map_50`` (-1: no boxes).
 
     Detections are decoded as ``box/*`` at test time (Open-GroundingDino's protocol).
@@ -110,16 +131,25 @@ def validate_detection(model: nn.Module, *, loader: DataLoader, coco: dict[str, 
             out = model(**model_inputs(batch, device), labels=labels)
         losses.append(float(out.loss))
         cats = [[label_map.category_ids[i] for i in classes] for classes in batch["classes"]]
-        dets = decode_reference(out.logits, out.pred_boxes, batch["input_ids"].to(device),
-                                sizes=batch["sizes"], category_ids=cats, top_k=top_k)
+        dets = decode_reference(
+            out.logits,
+            out.pred_boxes,
+            batch["input_ids"].to(device),
+            sizes=batch["sizes"],
+            category_ids=cats,
+            top_k=top_k,
+        )
         for image_id, det in zip(batch["image_ids"], dets, strict=True):
             parts[image_id].append(det)
     model.train(was_training)
     ids = list(parts)
     merged = [merge_detections(parts[i], max_detections=top_k) for i in ids]
     stats = coco_eval(coco, coco_results(merged, ids), iou_type="bbox", per_class=False)
-    return {"val_loss": sum(losses) / max(len(losses), 1), "val_map": stats["map"],
-            "val_map_50": stats["map_50"]}
+    return {
+        "val_loss": sum(losses) / max(len(losses), 1),
+        "val_map": stats["map"],
+        "val_map_50": stats["map_50"],
+    }
 
 
 def save_dino(model: nn.Module, out_dir: Path, *, label_map: LabelMap) -> None:
@@ -133,30 +163,67 @@ def class_tokens(label_map: LabelMap, tokenizer: Any) -> list[int]:
     return [len(tokenizer(n, add_special_tokens=False)["input_ids"]) for n in label_map.names]
 
 
-def build_task(model: nn.Module, *, processor: Any, label_map: LabelMap, train_coco: dict,
-               val_coco: dict, image_root: Path, augment_policy: dict[str, Any], seed: int,
-               batch_size: int, negatives: int = 0, offsets_lr_scale: float = 1.0) -> Task:
+def build_task(
+    model: nn.Module,
+    *,
+    processor: Any,
+    label_map: LabelMap,
+    train_coco: dict,
+    val_coco: dict,
+    image_root: Path,
+    augment_policy: dict[str, Any],
+    seed: int,
+    batch_size: int,
+    negatives: int = 0,
+    offsets_lr_scale: float = 1.0,
+) -> Task:
     """The training Task: augmented train dataset (``negatives`` absent names per prompt),
     step, val loss + mAP, save, the offsets' lr multiplier."""
-    collate = partial(collate_dino, processor=processor, label_map=label_map,
-                      num_queries=int(getattr(model, "config").num_queries))  # noqa: B009
-    dataset = DinoDataset(train_coco, image_root, label_map=label_map, seed=seed,
-                          transform=build_transform(augment_policy, train=True), negatives=negatives,
-                          class_tokens=class_tokens(label_map, processor.tokenizer) if negatives else None)
+    collate = partial(
+        collate_dino,
+        processor=processor,
+        label_map=label_map,
+        num_queries=int(model.config.num_queries),
+    )  # noqa: B009
+    dataset = DinoDataset(
+        train_coco,
+        image_root,
+        label_map=label_map,
+        seed=seed,
+        transform=build_transform(augment_policy, train=True),
+        negatives=negatives,
+        class_tokens=class_tokens(label_map, processor.tokenizer) if negatives else None,
+    )
     val = DinoDataset(val_coco, image_root, label_map=label_map, seed=seed, all_chunks=True)
     loader = DataLoader(val, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    return Task(name="dino", model=model, train_dataset=dataset, collate_fn=collate,
-                step=training_step,
-                validate=partial(validate_detection, loader=loader, coco=val_coco,
-                                 label_map=label_map),
-                monitor="val_map", save=partial(save_dino, label_map=label_map),
-                lr_scales={OFFSET_PARAMS: offsets_lr_scale})
+    return Task(
+        name="dino",
+        model=model,
+        train_dataset=dataset,
+        collate_fn=collate,
+        step=training_step,
+        validate=partial(validate_detection, loader=loader, coco=val_coco, label_map=label_map),
+        monitor="val_map",
+        save=partial(save_dino, label_map=label_map),
+        lr_scales={OFFSET_PARAMS: offsets_lr_scale},
+    )
 
 
-def train_dino(*, train_coco: dict, val_coco: dict, image_root: Path, dino: DinoParams,
-               lora: LoraParams, train: TrainParams, augment_policy: dict[str, Any], seed: int,
-               out_dir: Path, checkpoint_dir: Path, live_dir: Path,
-               fingerprint: str) -> dict[str, float]:
+def train_dino(
+    *,
+    train_coco: dict,
+    val_coco: dict,
+    image_root: Path,
+    dino: DinoParams,
+    lora: LoraParams,
+    train: TrainParams,
+    augment_policy: dict[str, Any],
+    seed: int,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    live_dir: Path,
+    fingerprint: str,
+) -> dict[str, float]:
     """Fine-tune Grounding DINO (``dino.model``) with LoRA; the best adapter goes to ``out_dir``.
 
     Writes ``adapter_model.safetensors``, ``adapter_config.json``, ``trained_modules.safetensors``
@@ -167,14 +234,35 @@ def train_dino(*, train_coco: dict, val_coco: dict, image_root: Path, dino: Dino
     bundle = load_dino(dino)
     label_map = build_label_map(train_coco["categories"], tokenizer=bundle.processor.tokenizer)
     seed_everything(seed)  # LoRA's A matrices are drawn from the global RNG
-    model = wrap_for_training(bundle.model, dino=dino, lora=lora,
-                              activation_checkpointing=train.activation_checkpointing)
-    task = build_task(model, processor=bundle.processor, label_map=label_map,
-                      train_coco=train_coco, val_coco=val_coco, image_root=image_root,
-                      augment_policy=augment_policy, seed=seed, batch_size=train.batch_size,
-                      negatives=dino.negatives, offsets_lr_scale=dino.offsets_lr_scale)
-    summary = {"prompt_chunks": len(label_map.chunks), "classes": len(label_map.category_ids),
-               **{f"augment_{k}": v for k, v in augment_policy.items()}}
+    model = wrap_for_training(
+        bundle.model, dino=dino, lora=lora, activation_checkpointing=train.activation_checkpointing
+    )
+    task = build_task(
+        model,
+        processor=bundle.processor,
+        label_map=label_map,
+        train_coco=train_coco,
+        val_coco=val_coco,
+        image_root=image_root,
+        augment_policy=augment_policy,
+        seed=seed,
+        batch_size=train.batch_size,
+        negatives=dino.negatives,
+        offsets_lr_scale=dino.offsets_lr_scale,
+    )
+    summary = {
+        "prompt_chunks": len(label_map.chunks),
+        "classes": len(label_map.category_ids),
+        **{f"augment_{k}": v for k, v in augment_policy.items()},
+    }
     train = dataclasses.replace(train, clip_norm=dino.clip_norm)  # DINO's clip: the references' 0.1
-    return fit(task, train=train, seed=seed, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
-               live_dir=live_dir, fingerprint=fingerprint, record=summary)
+    return fit(
+        task,
+        train=train,
+        seed=seed,
+        out_dir=out_dir,
+        checkpoint_dir=checkpoint_dir,
+        live_dir=live_dir,
+        fingerprint=fingerprint,
+        record=summary,
+    )

@@ -44,6 +44,7 @@ from teacher.sam.scoring import instance_boxes_xywh, is_sam_instance
 
 log = logging.getLogger(__name__)
 
+
 def sam_instances(coco: dict[str, Any]) -> dict[Any, list[dict]]:
     """``{image id: [annotations]}`` of SAM instances (:func:`is_sam_instance`); images without
     any are left out."""
@@ -99,15 +100,25 @@ def masks_to_input(masks: np.ndarray, *, size: int) -> Tensor:
 
 
 def augment_instances(
-    transform: Callable, image: np.ndarray, masks: list[np.ndarray], boxes_xywh: np.ndarray, *, seed: int
+    transform: Callable,
+    image: np.ndarray,
+    masks: list[np.ndarray],
+    boxes_xywh: np.ndarray,
+    *,
+    seed: int,
 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """Apply an ``augment.build_transform`` pipeline (seeded) to an image and its instances;
     instances whose box is cropped away are dropped with their masks."""
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
     masks = [m.astype(np.uint8) for m in masks]  # OpenCV warps uint8, not bool
-    out = transform(image=image, masks=masks, bboxes=boxes_xywh, labels=[0] * len(masks),
-                    ann_index=list(range(len(masks))))
+    out = transform(
+        image=image,
+        masks=masks,
+        bboxes=boxes_xywh,
+        labels=[0] * len(masks),
+        ann_index=list(range(len(masks))),
+    )
     keep = [int(i) for i in out["ann_index"]]
     boxes = np.asarray(out["bboxes"], dtype=np.float64).reshape(-1, 4)
     return out["image"], [np.asarray(out["masks"][i], dtype=bool) for i in keep], boxes
@@ -165,7 +176,9 @@ class SamDataset(Dataset):
         masks = [annotation_mask(a, *image.shape[:2]) for a in anns]
         boxes = instance_boxes_xywh(anns, masks)
         if self.transform is not None:
-            aug = augment_instances(self.transform, image, masks, boxes, seed=int(rng.integers(2**31)))
+            aug = augment_instances(
+                self.transform, image, masks, boxes, seed=int(rng.integers(2**31))
+            )
             if len(aug[1]):  # everything cropped away: train on the plain image instead
                 image, masks, boxes = aug
         item = self._encode(image, masks, boxes, image.shape[:2], rng)
@@ -174,10 +187,18 @@ class SamDataset(Dataset):
     def _encode(self, image, masks, boxes_xywh, hw, rng) -> dict[str, Any]:
         boxes = boxes_xyxy_to_input(xywh_to_xyxy(boxes_xywh), tuple(hw), size=self.image_size)
         h, w = resized_shape(*hw, size=self.image_size)  # the image's extent in the input frame
-        boxes = jitter_boxes_xyxy(boxes, fraction=self.box_jitter, max_shift=self.box_jitter_max,
-                                  rng=rng, width=w, height=h)
-        item = {"boxes": torch.as_tensor(boxes, dtype=torch.float32),
-                "masks": masks_to_input(np.stack(masks), size=self.image_size)}
+        boxes = jitter_boxes_xyxy(
+            boxes,
+            fraction=self.box_jitter,
+            max_shift=self.box_jitter_max,
+            rng=rng,
+            width=w,
+            height=h,
+        )
+        item = {
+            "boxes": torch.as_tensor(boxes, dtype=torch.float32),
+            "masks": masks_to_input(np.stack(masks), size=self.image_size),
+        }
         if image is not None:
             item["image"] = image_to_tensor(resize_image(image, size=self.image_size))
         return item
@@ -214,13 +235,17 @@ def _check_size(image_id: Any, record: dict, height: int, width: int, source: st
         raise TeacherError(
             f"image {image_id!r} ({record['file_name']}): the image is {width}x{height} px but "
             f"its COCO record says {record['width']}x{record['height']} ({source}); re-run the "
-            "validate stage (dvc repro validate), which takes sizes from the image files")
+            "validate stage (dvc repro validate), which takes sizes from the image files"
+        )
 
 
 def _write_embedding(target: Path, embedding: Tensor, height: int, width: int) -> None:
     tmp = target.with_suffix(f".{os.getpid()}.tmp")  # unique: processes and runs share a cache
-    save_file({"embedding": embedding.float().cpu().contiguous()}, str(tmp),
-              metadata={"height": str(height), "width": str(width)})
+    save_file(
+        {"embedding": embedding.float().cpu().contiguous()},
+        str(tmp),
+        metadata={"height": str(height), "width": str(width)},
+    )
     os.replace(tmp, target)
 
 
@@ -254,8 +279,13 @@ def cached_embedding_ok(path: Path) -> bool:
     except Exception:  # safetensors raises its own error types for damaged files
         return False
     emb = tensors.get("embedding")
-    return (set(tensors) == {"embedding"} and emb is not None and emb.ndim == 3
-            and emb.shape[1] == emb.shape[2] and bool(torch.isfinite(emb).all()))
+    return (
+        set(tensors) == {"embedding"}
+        and emb is not None
+        and emb.ndim == 3
+        and emb.shape[1] == emb.shape[2]
+        and bool(torch.isfinite(emb).all())
+    )
 
 
 def _ready(path: Path) -> bool:
@@ -268,8 +298,10 @@ def _wait_for(paths: list[Path], *, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while missing := [p for p in paths if not _ready(p)]:
         if time.monotonic() > deadline:
-            raise TeacherError(f"{len(missing)} image embeddings (e.g. {missing[0]}) were not "
-                               f"written by the other training processes within {timeout_s:.0f} s")
+            raise TeacherError(
+                f"{len(missing)} image embeddings (e.g. {missing[0]}) were not "
+                f"written by the other training processes within {timeout_s:.0f} s"
+            )
         time.sleep(0.2)
 
 
@@ -281,8 +313,10 @@ def embedding_folder(sam: nn.Module, cache_dir: str | Path) -> Path:
 def embedding_paths(folder: Path, coco: dict[str, Any], image_root: str | Path) -> dict[Any, Path]:
     """``{image id: file in folder}`` of the images with SAM instances (existing or not)."""
     images = images_by_id(coco)
-    return {i: folder / f"{file_sha256(image_path(image_root, images[i]['file_name']))}{CACHE_SUFFIX}"
-            for i in sam_instances(coco)}
+    return {
+        i: folder / f"{file_sha256(image_path(image_root, images[i]['file_name']))}{CACHE_SUFFIX}"
+        for i in sam_instances(coco)
+    }
 
 
 @torch.no_grad()
@@ -345,11 +379,14 @@ def cache_split_embeddings(
     """:func:`cache_sam_embeddings` of each split (train, val), then, on the main process only
     and once every split is built, least recently used eviction beyond ``max_bytes``, never of
     the entries these splits use (no process still needs an evicted file)."""
-    maps = [cache_sam_embeddings(sam, coco, image_root, cache_dir, rank=rank, world=world)
-            for coco in cocos]
+    maps = [
+        cache_sam_embeddings(sam, coco, image_root, cache_dir, rank=rank, world=world)
+        for coco in cocos
+    ]
     if rank == 0:
-        prune_embedding_cache(cache_dir, max_bytes=max_bytes,
-                              keep={p for m in maps for p in m.values()})
+        prune_embedding_cache(
+            cache_dir, max_bytes=max_bytes, keep={p for m in maps for p in m.values()}
+        )
     return maps
 
 
@@ -404,7 +441,11 @@ def prune_embedding_cache(
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     if max_bytes is not None and total > max_bytes:
-        log.warning("SAM embedding cache %s: %.2f GiB in use by this run, above its bound of "
-                    "%.2f GiB (sam.embedding_cache_gib); nothing in use was evicted",
-                    root, total / 2**30, max_bytes / 2**30)
+        log.warning(
+            "SAM embedding cache %s: %.2f GiB in use by this run, above its bound of "
+            "%.2f GiB (sam.embedding_cache_gib); nothing in use was evicted",
+            root,
+            total / 2**30,
+            max_bytes / 2**30,
+        )
     return Pruned(removed=removed, freed=freed, kept=len(kept), size=total)

@@ -77,8 +77,17 @@ ARCHITECTURES: dict[str, Architecture] = {
     "vit_h": Architecture(1280, 32, 16, (7, 15, 23, 31)),
     # small, same modules: 128 px input, 8 px patches -> 16x16 embedding, 64x64 low-res masks
     TINY_RANDOM: Architecture(
-        64, 2, 2, (1,), img_size=128, patch_size=8, window_size=8,
-        prompt_dim=64, decoder_mlp_dim=128, decoder_heads=4, mask_in_chans=8,
+        64,
+        2,
+        2,
+        (1,),
+        img_size=128,
+        patch_size=8,
+        window_size=8,
+        prompt_dim=64,
+        decoder_mlp_dim=128,
+        decoder_heads=4,
+        mask_in_chans=8,
     ),
 }
 ARCHITECTURES[TINY_PRETRAINED] = ARCHITECTURES[TINY_RANDOM]  # same modules, pretrained weights
@@ -243,9 +252,15 @@ def infer_architecture(state_dict: dict[str, Tensor], source: str) -> Architectu
             f"{source}: not a segment-anything SAM state dict (missing {e}); save one with "
             f"torch.save(sam.state_dict(), path)"
         ) from None
-    depth = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks."))
+    depth = 1 + max(
+        int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")
+    )
     for arch in ARCHITECTURES.values():
-        if (arch.embed_dim, arch.depth, arch.img_size // arch.patch_size) == (embed_dim, depth, grid):
+        if (arch.embed_dim, arch.depth, arch.img_size // arch.patch_size) == (
+            embed_dim,
+            depth,
+            grid,
+        ):
             return arch
     raise TeacherError(
         f"{source}: encoder width {embed_dim}, depth {depth}, grid {grid} match none of "
@@ -339,7 +354,9 @@ def resized_shape(height: int, width: int, *, size: int) -> tuple[int, int]:
     return ResizeLongestSide.get_preprocess_shape(height, width, size)
 
 
-def boxes_xyxy_to_input(boxes_xyxy: np.ndarray, original_hw: tuple[int, int], *, size: int) -> np.ndarray:
+def boxes_xyxy_to_input(
+    boxes_xyxy: np.ndarray, original_hw: tuple[int, int], *, size: int
+) -> np.ndarray:
     """(N, 4) xyxy boxes in original pixels -> the model's input frame, as ``apply_boxes``."""
     return ResizeLongestSide(size).apply_boxes(boxes_xyxy, original_hw)
 
@@ -355,7 +372,9 @@ def embed_images(sam: Sam, images: list[Tensor]) -> Tensor:
     return sam.image_encoder(batch)
 
 
-def decode_boxes(sam: Sam, embedding: Tensor, boxes: Tensor, *, multimask: bool) -> tuple[Tensor, Tensor]:
+def decode_boxes(
+    sam: Sam, embedding: Tensor, boxes: Tensor, *, multimask: bool
+) -> tuple[Tensor, Tensor]:
     """All box prompts of one image in one decoder call.
 
     embedding: (C, g, g) of one image; boxes: (N, 4) xyxy in the input frame.
@@ -405,8 +424,11 @@ class PreparedImage:
         """(N, 4) COCO xywh in original pixels -> (N, 4) float32 xyxy in the input frame."""
         xyxy = xywh_to_xyxy(np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4))
         size = input_size(self.sam)
-        return torch.as_tensor(boxes_xyxy_to_input(xyxy, self.original_size, size=size),
-                               dtype=torch.float32, device=self.embedding.device)
+        return torch.as_tensor(
+            boxes_xyxy_to_input(xyxy, self.original_size, size=size),
+            dtype=torch.float32,
+            device=self.embedding.device,
+        )
 
     @torch.no_grad()
     def predict_chunks(
@@ -416,12 +438,15 @@ class PreparedImage:
         ``chunk`` boxes (COCO xywh, original pixels); multimask: the best of 3 by predicted IoU."""
         boxes = self.boxes_to_input(boxes_xywh)
         for start in range(0, len(boxes), chunk):
-            low_res, scores = decode_boxes(self.sam, self.embedding, boxes[start:start + chunk],
-                                           multimask=multimask)
+            low_res, scores = decode_boxes(
+                self.sam, self.embedding, boxes[start : start + chunk], multimask=multimask
+            )
             best, best_scores = select_best(low_res, scores)  # before upscaling: 1 mask per box
             logits = self.sam.postprocess_masks(best[:, None], self.input_size, self.original_size)
-            yield ((logits[:, 0] > self.sam.mask_threshold).cpu().numpy(),
-                   best_scores.float().cpu().numpy())
+            yield (
+                (logits[:, 0] > self.sam.mask_threshold).cpu().numpy(),
+                best_scores.float().cpu().numpy(),
+            )
 
     def predict(
         self, boxes_xywh: np.ndarray, *, multimask: bool = False, chunk: int = SAM_CHUNK
@@ -434,9 +459,13 @@ class PreparedImage:
 
 
 @torch.no_grad()
-def prepare_image(model: nn.Module, image: np.ndarray | None = None, *,
-                  embedding: Tensor | None = None,
-                  original_size: tuple[int, int] | None = None) -> PreparedImage:
+def prepare_image(
+    model: nn.Module,
+    image: np.ndarray | None = None,
+    *,
+    embedding: Tensor | None = None,
+    original_size: tuple[int, int] | None = None,
+) -> PreparedImage:
     """Run the image encoder once on ``image`` (HxWx3 uint8 RGB), as ``SamPredictor.set_image``.
 
     Or wrap an ``embedding`` (C, g, g) computed before (the decoder-only cache) of an image of
@@ -454,9 +483,12 @@ def prepare_image(model: nn.Module, image: np.ndarray | None = None, *,
             raise ValueError("prepare_image: an embedding needs the image's original_size")
         original_size = (int(image.shape[0]), int(image.shape[1]))
     resized = resized_shape(*original_size, size=size)
-    return PreparedImage(sam=sam, embedding=embedding.to(sam.device),
-                         original_size=(int(original_size[0]), int(original_size[1])),
-                         input_size=(int(resized[0]), int(resized[1])))
+    return PreparedImage(
+        sam=sam,
+        embedding=embedding.to(sam.device),
+        original_size=(int(original_size[0]), int(original_size[1])),
+        input_size=(int(resized[0]), int(resized[1])),
+    )
 
 
 def segment(

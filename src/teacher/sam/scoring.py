@@ -35,7 +35,11 @@ def instance_boxes_xywh(anns: list[dict], masks: list[np.ndarray]) -> np.ndarray
             box = ann["bbox"]
         else:
             ys, xs = np.nonzero(mask)
-            box = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] if len(xs) else [0, 0, 1, 1]
+            box = (
+                [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+                if len(xs)
+                else [0, 0, 1, 1]
+            )
         out.append([float(v) for v in box])
     return np.asarray(out, dtype=np.float64).reshape(-1, 4)
 
@@ -58,7 +62,7 @@ def score_gt_boxes(
     height, width = prepared.original_size
     ious, scores, boxes, kept = [], [], [], []
     for start in range(0, len(anns), chunk):
-        part = anns[start:start + chunk]
+        part = anns[start : start + chunk]
         gt = np.stack([annotation_mask(a, height, width) for a in part])
         part_boxes = instance_boxes_xywh(list(part), list(gt))
         pred, part_scores = prepared.predict(part_boxes, multimask=multimask, chunk=chunk)
@@ -71,6 +75,8 @@ def score_gt_boxes(
         boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4)),
         scores=np.concatenate(scores) if scores else np.zeros((0,), np.float32),
         category_ids=np.array([int(a["category_id"]) for a in anns], np.int64),
-        masks=(np.concatenate(kept) if kept else np.zeros((0, height, width), bool)) if keep_masks else None,
+        masks=(np.concatenate(kept) if kept else np.zeros((0, height, width), bool))
+        if keep_masks
+        else None,
     )
     return (np.concatenate(ious) if ious else np.zeros((0,))), det

@@ -39,18 +39,23 @@ log = logging.getLogger(__name__)
 DECODER = "mask_decoder"  # module trained fully when sam.train_decoder
 
 
-def untrainable_reason(facts: dict[str, Any], *, train_coco: dict[str, Any] | None = None) -> str | None:
+def untrainable_reason(
+    facts: dict[str, Any], *, train_coco: dict[str, Any] | None = None
+) -> str | None:
     """Why SAM cannot train on this data (from data/inspect.json's ``teachers``; then, when
     given, the train split: its few masks may all have fallen in val/test), or None."""
     teachers = facts.get("teachers") if isinstance(facts, dict) else None
     if not isinstance(teachers, dict) or "sam" not in teachers:
-        raise TeacherError("data/inspect.json: no teachers.sam fact; re-run the inspect stage "
-                           "(dvc repro inspect)")
+        raise TeacherError(
+            "data/inspect.json: no teachers.sam fact; re-run the inspect stage (dvc repro inspect)"
+        )
     if not teachers["sam"]:
         return (teachers.get("reasons") or {}).get("sam") or "the data has no instance masks"
     if train_coco is not None and not sam_instances(train_coco):
-        return ("the train split has no non-crowd annotation with a mask (the dataset's masks "
-                "all fell in val/test): SAM needs instance masks to train on; add masks")
+        return (
+            "the train split has no non-crowd annotation with a mask (the dataset's masks "
+            "all fell in val/test): SAM needs instance masks to train on; add masks"
+        )
     return None
 
 
@@ -60,7 +65,9 @@ def wrap_for_training(
     """LoRA from params (+ the fully trained decoder); checkpointing of encoder blocks if asked
     and the encoder trains."""
     model = apply_lora(
-        sam, lora=lora, targets=sam_params.lora_targets,
+        sam,
+        lora=lora,
+        targets=sam_params.lora_targets,
         train_modules=DECODER if sam_params.train_decoder else None,
     )
     if activation_checkpointing and encoder_trains(model):
@@ -80,7 +87,9 @@ def masks_to_low_res(masks: Tensor, size: tuple[int, ...]) -> Tensor:
     return (area >= 0.5).float()
 
 
-def training_step(model: nn.Module, batch: dict[str, Any], *, sam_params: SamParams) -> dict[str, Tensor]:
+def training_step(
+    model: nn.Module, batch: dict[str, Any], *, sam_params: SamParams
+) -> dict[str, Tensor]:
     """Forward all prompts of the batch's images (one decoder call per image) and SAM's loss.
 
     The loss is computed at the decoder's low-res mask resolution, on all prompts together.
@@ -88,16 +97,22 @@ def training_step(model: nn.Module, batch: dict[str, Any], *, sam_params: SamPar
     device = unwrap(model).device
     embeddings = batch["embeddings"]
     outputs = model(
-        boxes=batch["boxes"], multimask=sam_params.multimask, images=batch["images"],
+        boxes=batch["boxes"],
+        multimask=sam_params.multimask,
+        images=batch["images"],
         embeddings=None if embeddings is None else embeddings.to(device),
     )
     logits = torch.cat([low_res for low_res, _ in outputs])  # (P, K, h, w)
     iou_pred = torch.cat([iou for _, iou in outputs])  # (P, K)
     target = torch.cat([masks_to_low_res(m.to(device), logits.shape[-2:]) for m in batch["masks"]])
     return sam_loss(
-        logits.float(), iou_pred.float(), target,
-        focal_weight=sam_params.focal_weight, dice_weight=sam_params.dice_weight,
-        iou_weight=sam_params.iou_weight, focal_alpha=sam_params.focal_alpha,
+        logits.float(),
+        iou_pred.float(),
+        target,
+        focal_weight=sam_params.focal_weight,
+        dice_weight=sam_params.dice_weight,
+        iou_weight=sam_params.iou_weight,
+        focal_alpha=sam_params.focal_alpha,
         focal_gamma=sam_params.focal_gamma,
     )
 
@@ -125,8 +140,11 @@ def validate_miou(
     for image_id, anns in sam_instances(coco).items():
         record = images[image_id]
         if embeddings:
-            prepared = prepare_image(model, embedding=load_file(str(embeddings[image_id]))["embedding"],
-                                     original_size=(int(record["height"]), int(record["width"])))
+            prepared = prepare_image(
+                model,
+                embedding=load_file(str(embeddings[image_id]))["embedding"],
+                original_size=(int(record["height"]), int(record["width"])),
+            )
         else:
             prepared = prepare_image(model, load_image(image_path(image_root, record["file_name"])))
         iou, det = score_gt_boxes(prepared, anns, multimask=multimask)
@@ -134,7 +152,10 @@ def validate_miou(
         cats += det.category_ids.tolist()
     model.train(was_training)
     all_ious = np.concatenate(ious) if ious else np.zeros((0,))
-    return {"val_miou": mean_mask_iou(all_ious, cats)["mask_miou"], "val_instances": float(len(all_ious))}
+    return {
+        "val_miou": mean_mask_iou(all_ious, cats)["mask_miou"],
+        "val_instances": float(len(all_ious)),
+    }
 
 
 def build_task(
@@ -157,24 +178,49 @@ def build_task(
         sam = unwrap(model).to("cuda" if torch.cuda.is_available() else "cpu")
         rank, world = process_rank_and_count()  # each process embeds its share; all read all
         train_cache, val_cache = cache_split_embeddings(
-            sam, [train_coco, val_coco], image_root, cache_dir,
-            max_bytes=int(sam_params.embedding_cache_gib * 2**30), rank=rank, world=world)
+            sam,
+            [train_coco, val_coco],
+            image_root,
+            cache_dir,
+            max_bytes=int(sam_params.embedding_cache_gib * 2**30),
+            rank=rank,
+            world=world,
+        )
         transform = None  # an embedding is of the plain image: no image augmentation
-        log.info("SAM decoder-only: %d + %d image embeddings cached in %s; image augmentation "
-                 "off (box jitter kept)", len(train_cache), len(val_cache), cache_dir)
+        log.info(
+            "SAM decoder-only: %d + %d image embeddings cached in %s; image augmentation "
+            "off (box jitter kept)",
+            len(train_cache),
+            len(val_cache),
+            cache_dir,
+        )
     dataset = SamDataset(
-        train_coco, image_root, image_size=input_size(unwrap(model)),
-        max_prompts=sam_params.max_prompts, box_jitter=sam_params.box_jitter,
-        box_jitter_max=sam_params.box_jitter_max, seed=seed, transform=transform,
+        train_coco,
+        image_root,
+        image_size=input_size(unwrap(model)),
+        max_prompts=sam_params.max_prompts,
+        box_jitter=sam_params.box_jitter,
+        box_jitter_max=sam_params.box_jitter_max,
+        seed=seed,
+        transform=transform,
         embeddings=train_cache,
     )
     return Task(
-        name="sam", model=model, train_dataset=dataset, collate_fn=collate_sam,
+        name="sam",
+        model=model,
+        train_dataset=dataset,
+        collate_fn=collate_sam,
         step=partial(training_step, sam_params=sam_params),
-        validate=partial(validate_miou, coco=val_coco, image_root=image_root,
-                         multimask=sam_params.multimask, embeddings=val_cache),
+        validate=partial(
+            validate_miou,
+            coco=val_coco,
+            image_root=image_root,
+            multimask=sam_params.multimask,
+            embeddings=val_cache,
+        ),
         # the model is the PeftModel apply_lora returned
-        monitor="val_miou", save=cast(Callable[[nn.Module, Path], None], save_adapter),
+        monitor="val_miou",
+        save=cast(Callable[[nn.Module, Path], None], save_adapter),
     )
 
 
@@ -201,13 +247,32 @@ def train_sam(
     with torch.random.fork_rng(devices=[]):  # LoRA's random init follows `seed`, nothing else
         torch.manual_seed(seed)
         model = wrap_for_training(
-            load_base_sam(sam_params.model), sam_params=sam_params, lora=lora,
+            load_base_sam(sam_params.model),
+            sam_params=sam_params,
+            lora=lora,
             activation_checkpointing=train.activation_checkpointing,
         )
     task = build_task(
-        model, train_coco=train_coco, val_coco=val_coco, image_root=image_root,
-        sam_params=sam_params, augment_policy=augment_policy, seed=seed, cache_dir=cache_dir,
+        model,
+        train_coco=train_coco,
+        val_coco=val_coco,
+        image_root=image_root,
+        sam_params=sam_params,
+        augment_policy=augment_policy,
+        seed=seed,
+        cache_dir=cache_dir,
     )
-    record = {"decoder_only": not encoder_trains(model), **{f"augment_{k}": v for k, v in augment_policy.items()}}
-    return fit(task, train=train, seed=seed, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
-               live_dir=live_dir, fingerprint=fingerprint, record=record)
+    record = {
+        "decoder_only": not encoder_trains(model),
+        **{f"augment_{k}": v for k, v in augment_policy.items()},
+    }
+    return fit(
+        task,
+        train=train,
+        seed=seed,
+        out_dir=out_dir,
+        checkpoint_dir=checkpoint_dir,
+        live_dir=live_dir,
+        fingerprint=fingerprint,
+        record=record,
+    )

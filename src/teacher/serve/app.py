@@ -73,15 +73,22 @@ def create_app(backend: Backend, *, token: str | None = None, max_body: int = MA
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_body):
-            return JSONResponse({"error": f"request body over {max_body} bytes; send fewer tasks "
-                                 "per call"}, status_code=413)
+            return JSONResponse(
+                {"error": f"request body over {max_body} bytes; send fewer tasks per call"},
+                status_code=413,
+            )
         return await call_next(request)
 
     @app.exception_handler(Unauthorized)
     async def _unauthorized(request: Request, exc: Unauthorized):
-        return JSONResponse({"error": "missing or wrong token: send 'Authorization: Bearer "
-                             "<token>' (or basic auth with the token as password)"},
-                            status_code=401, headers={"WWW-Authenticate": 'Bearer, Basic realm="teacher"'})
+        return JSONResponse(
+            {
+                "error": "missing or wrong token: send 'Authorization: Bearer "
+                "<token>' (or basic auth with the token as password)"
+            },
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer, Basic realm="teacher"'},
+        )
 
     @app.exception_handler(RequestError)
     async def _bad_request(request: Request, exc: RequestError):
@@ -99,19 +106,28 @@ def create_app(backend: Backend, *, token: str | None = None, max_body: int = MA
 
     @app.post("/setup", dependencies=[Depends(authorized)])
     def setup(body: SetupRequest) -> dict[str, Any]:
-        return backend.setup(project=None if body.project is None else str(body.project),
-                             schema=body.schema_)
+        return backend.setup(
+            project=None if body.project is None else str(body.project), schema=body.schema_
+        )
 
     @app.post("/predict", dependencies=[Depends(authorized)])
     def predict(body: PredictRequest) -> dict[str, Any]:
-        return backend.predict(tasks=body.tasks, label_config=body.label_config,
-                               project=None if body.project is None else str(body.project),
-                               context=body.params.get("context"))
+        return backend.predict(
+            tasks=body.tasks,
+            label_config=body.label_config,
+            project=None if body.project is None else str(body.project),
+            context=body.params.get("context"),
+        )
 
-    @app.post("/webhook")  # open: Label Studio's webhooks carry no credentials, and it acts on nothing
+    @app.post(
+        "/webhook"
+    )  # open: Label Studio's webhooks carry no credentials, and it acts on nothing
     def webhook(body: dict[str, Any]) -> dict[str, Any]:
-        return {"status": "ignored", "action": body.get("action"),
-                "reason": "the teachers are trained by the DVC pipeline (dvc repro), not online"}
+        return {
+            "status": "ignored",
+            "action": body.get("action"),
+            "reason": "the teachers are trained by the DVC pipeline (dvc repro), not online",
+        }
 
     @app.get("/metrics", dependencies=[Depends(authorized)])
     def metrics() -> dict[str, Any]:
@@ -125,6 +141,9 @@ def run_server(backend: Backend, *, host: str, port: int, token: str | None) -> 
     import uvicorn
 
     if host not in LOCAL_HOSTS and not token:
-        log.warning("listening on %s without a token: anyone who reaches this port can run the "
-                    "models; set TEACHER_SERVE_TOKEN", host)
+        log.warning(
+            "listening on %s without a token: anyone who reaches this port can run the "
+            "models; set TEACHER_SERVE_TOKEN",
+            host,
+        )
     uvicorn.run(create_app(backend, token=token), host=host, port=port, log_level="info")

@@ -53,9 +53,14 @@ class Backend:
     configs: dict[str, str] = field(default_factory=dict)  # project id -> label config (setup)
 
     def health(self) -> dict[str, Any]:
-        return {"status": "UP", "model_class": "teacher", "model_version": self.version,
-                "classes": self.teachers.class_names, "sam": self.teachers.has_sam,
-                "images_embedded": self.teachers.embeddings_computed}
+        return {
+            "status": "UP",
+            "model_class": "teacher",
+            "model_version": self.version,
+            "classes": self.teachers.class_names,
+            "sam": self.teachers.has_sam,
+            "images_embedded": self.teachers.embeddings_computed,
+        }
 
     @property
     def version(self) -> str:
@@ -93,11 +98,18 @@ class Backend:
         except LabelConfigError as e:
             raise RequestError(str(e)) from e
 
-    def predict(self, *, tasks: Sequence[Mapping[str, Any]], label_config: str | None,
-                project: str | None, context: Mapping[str, Any] | None) -> dict[str, Any]:
+    def predict(
+        self,
+        *,
+        tasks: Sequence[Mapping[str, Any]],
+        label_config: str | None,
+        project: str | None,
+        context: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
         if len(tasks) > self.max_tasks:
-            raise RequestError(f"{len(tasks)} tasks in one call; at most {self.max_tasks} "
-                               "(--max-tasks)")
+            raise RequestError(
+                f"{len(tasks)} tasks in one call; at most {self.max_tasks} (--max-tasks)"
+            )
         config = self._config(label_config, project=project)
         try:
             clicks = context_prompts(context or {})
@@ -113,14 +125,17 @@ class Backend:
         ``CHUNK_TASKS`` at a time, so memory holds one chunk's images, whatever the call's size."""
         keys = sorted({c.value for c in config.of_type(*PREDICTED)})
         if not keys:
-            raise RequestError("the labeling config has no RectangleLabels, BrushLabels or "
-                               "PolygonLabels on an <Image>: nothing to predict")
+            raise RequestError(
+                "the labeling config has no RectangleLabels, BrushLabels or "
+                "PolygonLabels on an <Image>: nothing to predict"
+            )
         results: list = []
         errors: dict[int, str] = {}
         unknown: set[str] = set()
         for start in range(0, len(tasks), CHUNK_TASKS):
-            founds = self._detect_chunk(tasks, range(start, min(start + CHUNK_TASKS, len(tasks))),
-                                        keys, errors)
+            founds = self._detect_chunk(
+                tasks, range(start, min(start + CHUNK_TASKS, len(tasks))), keys, errors
+            )
             for t in sorted(founds):
                 if t in errors:  # no prediction: Label Studio asks again next time
                     results.append([])
@@ -130,29 +145,40 @@ class Backend:
                 unknown |= set(missing)
         if unknown:
             log.warning("classes without a label in the labeling config: %s", sorted(unknown))
-        return {"results": results, "model_version": self.version,
-                "unknown_classes": sorted(unknown),
-                "errors": [{"index": t, "task": tasks[t].get("id"), "error": errors[t]}
-                           for t in sorted(errors)]}
+        return {
+            "results": results,
+            "model_version": self.version,
+            "unknown_classes": sorted(unknown),
+            "errors": [
+                {"index": t, "task": tasks[t].get("id"), "error": errors[t]} for t in sorted(errors)
+            ],
+        }
 
-    def _detect_chunk(self, tasks: Sequence[Mapping[str, Any]], indexes: range, keys: list[str],
-                      errors: dict[int, str]) -> dict[int, dict[str, Found]]:
+    def _detect_chunk(
+        self,
+        tasks: Sequence[Mapping[str, Any]],
+        indexes: range,
+        keys: list[str],
+        errors: dict[int, str],
+    ) -> dict[int, dict[str, Found]]:
         """``{task index: {data key: Found}}`` for the tasks at ``indexes`` (every index, empty
         where it failed); failures go to ``errors``. Images are fetched in parallel."""
         wanted = [(t, k) for t in indexes for k in keys]
         with ThreadPoolExecutor(FETCH_WORKERS) as pool:
             loaded = list(pool.map(lambda tk: self._task_image(tasks[tk[0]], tk[1]), wanted))
         errors.update({t: err for (t, _), (_, err) in zip(wanted, loaded, strict=True) if err})
-        good = [(t, k, img) for (t, k), (img, _) in zip(wanted, loaded, strict=True)
-                if t not in errors]
+        good = [
+            (t, k, img) for (t, k), (img, _) in zip(wanted, loaded, strict=True) if t not in errors
+        ]
         founds: dict[int, dict[str, Found]] = {t: {} for t in indexes}
         for (t, k, _), found in zip(good, self._detect(good, errors), strict=True):
             if found is not None:
                 founds[t][k] = found
         return founds
 
-    def _detect(self, good: list[tuple[int, str, np.ndarray]], errors: dict[int, str]
-                ) -> Sequence[Found | None]:
+    def _detect(
+        self, good: list[tuple[int, str, np.ndarray]], errors: dict[int, str]
+    ) -> Sequence[Found | None]:
         """Detections of the images in ``good`` (task index, key, image), batched; if a batch
         fails, image by image, so that only the task whose image breaks the model gets an
         error (None in its place)."""
@@ -179,19 +205,26 @@ class Backend:
         except ImageSourceError as e:
             return None, str(e)
 
-    def interactive(self, tasks: Sequence[Mapping[str, Any]], config: LabelConfig, to_name: str,
-                    prompts) -> dict[str, Any]:
+    def interactive(
+        self, tasks: Sequence[Mapping[str, Any]], config: LabelConfig, to_name: str, prompts
+    ) -> dict[str, Any]:
         """SAM's mask for the smart tools' clicks on the first task's image."""
         if len(tasks) != 1:
-            raise RequestError(f"a context (smart tool clicks) comes with one task, got {len(tasks)}")
+            raise RequestError(
+                f"a context (smart tool clicks) comes with one task, got {len(tasks)}"
+            )
         if not self.teachers.has_sam:
-            raise RequestError("interactive segmentation needs SAM; the server was started "
-                               "with --boxes-only")
-        controls = [c for c in config.of_type("brushlabels") if c.to_name == to_name] or \
-                   [c for c in config.of_type("polygonlabels") if c.to_name == to_name]
+            raise RequestError(
+                "interactive segmentation needs SAM; the server was started with --boxes-only"
+            )
+        controls = [c for c in config.of_type("brushlabels") if c.to_name == to_name] or [
+            c for c in config.of_type("polygonlabels") if c.to_name == to_name
+        ]
         if not controls:
-            raise RequestError(f"the labeling config has no BrushLabels or PolygonLabels on "
-                               f"image {to_name!r} to put SAM's mask in")
+            raise RequestError(
+                f"the labeling config has no BrushLabels or PolygonLabels on "
+                f"image {to_name!r} to put SAM's mask in"
+            )
         data_key = controls[0].value
         url = (tasks[0].get("data") or {}).get(data_key)
 
@@ -205,8 +238,9 @@ class Backend:
             mask, score = self.teachers.segment(str(url), load, prompts)
         except ImageSourceError as e:
             raise RequestError(f"task {tasks[0].get('id')}: {e}") from e
-        pred = interactive_prediction(mask, score, controls=controls, label=prompts.label,
-                                      model_version=self.version)
+        pred = interactive_prediction(
+            mask, score, controls=controls, label=prompts.label, model_version=self.version
+        )
         return {"results": [pred], "model_version": self.version, "errors": []}
 
 

@@ -49,7 +49,7 @@ def encode_rle(values: np.ndarray) -> list[int]:
     lengths, vals = runs(values)
     bits = head + "".join(run_bits(int(n), int(v)) for n, v in zip(lengths, vals, strict=True))
     bits += "0" * (8 - len(bits) % 8)  # as the SDK: always pads, a whole 0 byte when aligned
-    return [int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)]
+    return [int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)]
 
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
@@ -65,18 +65,18 @@ def decode_rle(rle: list[int]) -> np.ndarray:
     bits = "".join(f"{b:08b}" for b in rle)
     total = int(bits[:32], 2)
     word = int(bits[32:37], 2) + 1
-    classes = [int(bits[37 + 4 * i:41 + 4 * i], 2) + 1 for i in range(4)]
+    classes = [int(bits[37 + 4 * i : 41 + 4 * i], 2) + 1 for i in range(4)]
     out = np.zeros(total, np.uint8)
     pos, i = 0, 53
     while pos < total:
-        series, cls = bits[i] == "1", int(bits[i + 1:i + 3], 2)
+        series, cls = bits[i] == "1", int(bits[i + 1 : i + 3], 2)
         i += 3
-        count = int(bits[i:i + classes[cls]], 2) + 1
+        count = int(bits[i : i + classes[cls]], 2) + 1
         i += classes[cls]
         for _ in range(1 if series else count):  # a series: one value; else `count` literals
-            value = int(bits[i:i + word], 2)
+            value = int(bits[i : i + word], 2)
             i += word
-            out[pos:pos + (count if series else 1)] = value
+            out[pos : pos + (count if series else 1)] = value
             pos += count if series else 1
     return out
 

@@ -16,33 +16,55 @@ def model_params(path: str) -> dict:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapters", help="folder holding the trained dino/ and sam/ adapters "
-                   "(models/); without it, the base models")
-    p.add_argument("--classes", help='comma-separated class names; default: the DINO adapter\'s')
-    p.add_argument("--params", default="params.yaml",
-                   help="its dino and sam sections name the models and default thresholds")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument(
+        "--adapters",
+        help="folder holding the trained dino/ and sam/ adapters "
+        "(models/); without it, the base models",
+    )
+    p.add_argument("--classes", help="comma-separated class names; default: the DINO adapter's")
+    p.add_argument(
+        "--params",
+        default="params.yaml",
+        help="its dino and sam sections name the models and default thresholds",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=9090, help="port (9090, Label Studio's default)")
-    p.add_argument("--local-files-root", default=os.environ.get("LOCAL_FILES_DOCUMENT_ROOT"),
-                   help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT: /data/local-files/?d= images "
-                   "are read from here and may not leave it (default: that variable)")
-    p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL"),
-                   help="Label Studio's address, for uploaded images (default: LABEL_STUDIO_URL;"
-                   " the API key comes from LABEL_STUDIO_API_KEY)")
-    p.add_argument("--no-http", action="store_true",
-                   help="refuse http(s) image URLs outside Label Studio")
+    p.add_argument(
+        "--local-files-root",
+        default=os.environ.get("LOCAL_FILES_DOCUMENT_ROOT"),
+        help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT: /data/local-files/?d= images "
+        "are read from here and may not leave it (default: that variable)",
+    )
+    p.add_argument(
+        "--label-studio-url",
+        default=os.environ.get("LABEL_STUDIO_URL"),
+        help="Label Studio's address, for uploaded images (default: LABEL_STUDIO_URL;"
+        " the API key comes from LABEL_STUDIO_API_KEY)",
+    )
+    p.add_argument(
+        "--no-http", action="store_true", help="refuse http(s) image URLs outside Label Studio"
+    )
     p.add_argument("--max-image-mb", type=float, default=50, help="per image file (50)")
     p.add_argument("--fetch-timeout", type=float, default=20, help="seconds per image (20)")
-    p.add_argument("--max-tasks", type=int, default=1000,
-                   help="tasks per /predict call (1000; Label Studio sends a whole selection)")
+    p.add_argument(
+        "--max-tasks",
+        type=int,
+        default=1000,
+        help="tasks per /predict call (1000; Label Studio sends a whole selection)",
+    )
     p.add_argument("--score-threshold", type=float, help="default dino.box_threshold")
     p.add_argument("--text-threshold", type=float, help="default dino.text_threshold")
     p.add_argument("--nms-iou", type=float, default=0.7, help="per-class NMS IoU (0.7)")
     p.add_argument("--max-detections", type=int, default=100, help="per image (100)")
     p.add_argument("--batch-size", type=int, default=4, help="images per DINO forward (4)")
-    p.add_argument("--cache-images", type=int, default=8,
-                   help="images whose SAM embedding is kept for further clicks (8)")
+    p.add_argument(
+        "--cache-images",
+        type=int,
+        default=8,
+        help="images whose SAM embedding is kept for further clicks (8)",
+    )
     p.add_argument("--boxes-only", action="store_true", help="no SAM: boxes only, no smart tools")
 
 
@@ -55,25 +77,41 @@ def run(args: argparse.Namespace) -> int:
 
     params = model_params(args.params)
     dino = params["dino"]
-    keep = Filter(score_threshold=dino.box_threshold if args.score_threshold is None
-                  else args.score_threshold, nms_iou=args.nms_iou,
-                  max_detections=args.max_detections)
+    keep = Filter(
+        score_threshold=dino.box_threshold
+        if args.score_threshold is None
+        else args.score_threshold,
+        nms_iou=args.nms_iou,
+        max_detections=args.max_detections,
+    )
     teachers = load_serve_teachers(
-        adapters=args.adapters, classes=parse_classes(args.classes) if args.classes else None,
-        dino_params=dino, sam_params=params["sam"], keep=keep,
+        adapters=args.adapters,
+        classes=parse_classes(args.classes) if args.classes else None,
+        dino_params=dino,
+        sam_params=params["sam"],
+        keep=keep,
         text_threshold=dino.text_threshold if args.text_threshold is None else args.text_threshold,
-        segment_masks=not args.boxes_only, batch_size=args.batch_size,
-        cache_size=args.cache_images)
+        segment_masks=not args.boxes_only,
+        batch_size=args.batch_size,
+        cache_size=args.cache_images,
+    )
     sources = ImageSources(
         local_root=Path(args.local_files_root) if args.local_files_root else None,
-        ls_url=args.label_studio_url, api_key=os.environ.get("LABEL_STUDIO_API_KEY"),
-        max_bytes=int(args.max_image_mb * 2**20), timeout_s=args.fetch_timeout,
-        allow_http=not args.no_http)
+        ls_url=args.label_studio_url,
+        api_key=os.environ.get("LABEL_STUDIO_API_KEY"),
+        max_bytes=int(args.max_image_mb * 2**20),
+        timeout_s=args.fetch_timeout,
+        allow_http=not args.no_http,
+    )
     backend = Backend(teachers=teachers, sources=sources, max_tasks=args.max_tasks)
-    print(f"teacher serve: {teachers.model_version}, classes {teachers.class_names}, "
-          f"http://{args.host}:{args.port}", flush=True)
-    run_server(backend, host=args.host, port=args.port,
-               token=os.environ.get("TEACHER_SERVE_TOKEN") or None)
+    print(
+        f"teacher serve: {teachers.model_version}, classes {teachers.class_names}, "
+        f"http://{args.host}:{args.port}",
+        flush=True,
+    )
+    run_server(
+        backend, host=args.host, port=args.port, token=os.environ.get("TEACHER_SERVE_TOKEN") or None
+    )
     return 0
 
 
@@ -88,10 +126,19 @@ def local_files_prefix(folder: str | Path) -> str:
     return "/data/local-files/?d=" + ("" if rel == "." else rel.rstrip("/") + "/")
 
 
-def save_label_studio_tasks(coco: dict, *, out: str | Path, images: str | Path,
-                            label_config: str | None, image_url_prefix: str | None,
-                            masks: bool, adapters: str | None, classes: str | None,
-                            dino_model: str, sam_model: str) -> None:
+def save_label_studio_tasks(
+    coco: dict,
+    *,
+    out: str | Path,
+    images: str | Path,
+    label_config: str | None,
+    image_url_prefix: str | None,
+    masks: bool,
+    adapters: str | None,
+    classes: str | None,
+    dino_model: str,
+    sam_model: str,
+) -> None:
     """``teacher predict --format label-studio``: tasks with predictions at ``out``; the
     labeling config (``label_config``, or a default one written beside ``out``) decides the
     regions; image URLs are ``image_url_prefix`` (default: local files of ``images``) + path."""
@@ -107,8 +154,10 @@ def save_label_studio_tasks(coco: dict, *, out: str | Path, images: str | Path,
     out = Path(out)
     if label_config:
         if not Path(label_config).is_file():
-            raise TeacherError(f"--label-config {label_config}: no such file; export the "
-                               "project's labeling config (Settings > Labeling Interface > Code)")
+            raise TeacherError(
+                f"--label-config {label_config}: no such file; export the "
+                "project's labeling config (Settings > Labeling Interface > Code)"
+            )
         xml = Path(label_config).read_text()
     else:
         xml = default_label_config([c["name"] for c in coco["categories"]], masks=masks)
@@ -119,12 +168,22 @@ def save_label_studio_tasks(coco: dict, *, out: str | Path, images: str | Path,
         config = parse_label_config(xml)
     except LabelConfigError as e:
         raise TeacherError(f"--label-config {label_config}: {e}") from e
-    version = adapters_version(adapters, dino_model=dino_model, sam_model=sam_model,
-                               extra=parse_classes(classes) if classes else [])
+    version = adapters_version(
+        adapters,
+        dino_model=dino_model,
+        sam_model=sam_model,
+        extra=parse_classes(classes) if classes else [],
+    )
     tasks, unknown = label_studio_tasks(
-        coco, config, url_prefix=image_url_prefix or local_files_prefix(images),
-        model_version=version)
+        coco,
+        config,
+        url_prefix=image_url_prefix or local_files_prefix(images),
+        model_version=version,
+    )
     if unknown:
-        print(f"classes with no label in the labeling config (their detections are left out): "
-              f"{', '.join(unknown)}", file=sys.stderr)
+        print(
+            f"classes with no label in the labeling config (their detections are left out): "
+            f"{', '.join(unknown)}",
+            file=sys.stderr,
+        )
     save_json(tasks, out)

@@ -66,8 +66,11 @@ def parse_label_config(xml: str) -> LabelConfig:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
         raise LabelConfigError(f"label_config is not valid XML ({e})") from e
-    images = {el.get("name", ""): el.get("value", "") for el in root.iter()
-              if el.tag.lower() == "image" and el.get("name")}
+    images = {
+        el.get("name", ""): el.get("value", "")
+        for el in root.iter()
+        if el.tag.lower() == "image" and el.get("name")
+    }
     controls = []
     for el in root.iter():
         kind = REGION_CONTROLS.get(el.tag.lower())
@@ -77,12 +80,20 @@ def parse_label_config(xml: str) -> LabelConfig:
         if not name or to_name is None or to_name not in images:
             raise LabelConfigError(
                 f"<{el.tag} name={name!r} toName={to_name!r}>: toName must name an <Image> of the "
-                f"config (images: {sorted(images)})")
+                f"config (images: {sorted(images)})"
+            )
         labels = [lab for lab in el.iter() if lab.tag.lower() == "label" and lab.get("value")]
         aliases = {key(a): lab.get("value", "") for lab in labels for a in _label_aliases(lab)}
-        controls.append(Control(name=name, type=kind, to_name=to_name,
-                                value=images[to_name].lstrip("$"),
-                                labels=tuple(lab.get("value", "") for lab in labels), aliases=aliases))
+        controls.append(
+            Control(
+                name=name,
+                type=kind,
+                to_name=to_name,
+                value=images[to_name].lstrip("$"),
+                labels=tuple(lab.get("value", "") for lab in labels),
+                aliases=aliases,
+            )
+        )
     return LabelConfig(controls=tuple(controls))
 
 

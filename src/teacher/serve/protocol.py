@@ -52,9 +52,13 @@ def percent_rectangle(box_xywh: np.ndarray, *, width: int, height: int) -> dict[
     x, y, w, h = (float(v) for v in box_xywh)
     x0, y0 = max(0.0, x), max(0.0, y)
     x1, y1 = min(float(width), x + w), min(float(height), y + h)
-    return {"x": round(100 * x0 / width, ROUND), "y": round(100 * y0 / height, ROUND),
-            "width": round(100 * max(0.0, x1 - x0) / width, ROUND),
-            "height": round(100 * max(0.0, y1 - y0) / height, ROUND), "rotation": 0}
+    return {
+        "x": round(100 * x0 / width, ROUND),
+        "y": round(100 * y0 / height, ROUND),
+        "width": round(100 * max(0.0, x1 - x0) / width, ROUND),
+        "height": round(100 * max(0.0, y1 - y0) / height, ROUND),
+        "rotation": 0,
+    }
 
 
 def mask_polygon(mask: np.ndarray, *, tolerance: float = 1.0) -> np.ndarray | None:
@@ -64,8 +68,9 @@ def mask_polygon(mask: np.ndarray, *, tolerance: float = 1.0) -> np.ndarray | No
     """
     import cv2
 
-    contours, _ = cv2.findContours(np.asarray(mask, np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        np.asarray(mask, np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     if not contours:
         return None
     outline = max(contours, key=cv2.contourArea)
@@ -75,17 +80,34 @@ def mask_polygon(mask: np.ndarray, *, tolerance: float = 1.0) -> np.ndarray | No
 
 def percent_points(points_xy: np.ndarray, *, width: int, height: int) -> list[list[float]]:
     """(K, 2) pixel points -> ``[[x%, y%], ...]``."""
-    return [[round(100 * float(x) / width, ROUND), round(100 * float(y) / height, ROUND)]
-            for x, y in points_xy]
+    return [
+        [round(100 * float(x) / width, ROUND), round(100 * float(y) / height, ROUND)]
+        for x, y in points_xy
+    ]
 
 
-def region(control: Control, *, value: dict, label: str, score: float, width: int, height: int,
-           region_id: str) -> dict[str, Any]:
+def region(
+    control: Control,
+    *,
+    value: dict,
+    label: str,
+    score: float,
+    width: int,
+    height: int,
+    region_id: str,
+) -> dict[str, Any]:
     """One Label Studio result of ``control`` (its label list filled with ``label``)."""
-    return {"id": region_id, "from_name": control.name, "to_name": control.to_name,
-            "type": control.type, "original_width": int(width), "original_height": int(height),
-            "image_rotation": 0, "score": round(float(score), ROUND),
-            "value": {**value, control.type: [label]}}
+    return {
+        "id": region_id,
+        "from_name": control.name,
+        "to_name": control.to_name,
+        "type": control.type,
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "score": round(float(score), ROUND),
+        "value": {**value, control.type: [label]},
+    }
 
 
 def region_value(control: Control, found: Found, i: int) -> dict | None:
@@ -99,12 +121,15 @@ def region_value(control: Control, found: Found, i: int) -> dict | None:
     outline = mask_polygon(found.masks[i])
     if outline is None:
         return None
-    return {"points": percent_points(outline, width=found.width, height=found.height),
-            "closed": True}
+    return {
+        "points": percent_points(outline, width=found.width, height=found.height),
+        "closed": True,
+    }
 
 
-def image_regions(found: Found, controls: list[Control], *, id_prefix: str
-                  ) -> tuple[list[dict], set[str]]:
+def image_regions(
+    found: Found, controls: list[Control], *, id_prefix: str
+) -> tuple[list[dict], set[str]]:
     """Regions of one image's detections for the controls on it; and the unknown class names."""
     results, unknown = [], set()
     for control in controls:
@@ -113,14 +138,23 @@ def image_regions(found: Found, controls: list[Control], *, id_prefix: str
         for i, name in enumerate(found.names):
             value = region_value(control, found, i) if name in mapping else None
             if value is not None:
-                results.append(region(control, value=value, label=mapping[name],
-                                      score=found.scores[i], width=found.width,
-                                      height=found.height, region_id=f"{id_prefix}{i}"))
+                results.append(
+                    region(
+                        control,
+                        value=value,
+                        label=mapping[name],
+                        score=found.scores[i],
+                        width=found.width,
+                        height=found.height,
+                        region_id=f"{id_prefix}{i}",
+                    )
+                )
     return results, unknown
 
 
-def task_prediction(founds: Mapping[str, Found], config: LabelConfig, *, model_version: str
-                    ) -> tuple[dict[str, Any], list[str]]:
+def task_prediction(
+    founds: Mapping[str, Found], config: LabelConfig, *, model_version: str
+) -> tuple[dict[str, Any], list[str]]:
     """One task's prediction from the detections on each of its images (by data key).
 
     The task score is the mean region score (0 without regions): Label Studio sorts by it.
@@ -137,8 +171,11 @@ def task_prediction(founds: Mapping[str, Found], config: LabelConfig, *, model_v
 
 def prediction(results: list[dict], *, model_version: str) -> dict[str, Any]:
     scores = [r["score"] for r in results]
-    return {"result": results, "score": round(float(np.mean(scores)), ROUND) if scores else 0.0,
-            "model_version": model_version}
+    return {
+        "result": results,
+        "score": round(float(np.mean(scores)), ROUND) if scores else 0.0,
+        "model_version": model_version,
+    }
 
 
 # --- interactive (smart tools) --------------------------------------------------------------
@@ -155,8 +192,11 @@ def context_prompts(context: Mapping[str, Any]) -> tuple[str, Prompts] | None:
     Keypoints (``keypointlabels``, ``is_positive``) become point prompts; a rectangle
     (``rectanglelabels``) a box prompt (the last one wins).
     """
-    items = [r for r in (context or {}).get("result") or []
-             if r.get("type") in ("keypointlabels", "rectanglelabels")]
+    items = [
+        r
+        for r in (context or {}).get("result") or []
+        if r.get("type") in ("keypointlabels", "rectanglelabels")
+    ]
     if not items:
         return None
     to_names = {r.get("to_name") for r in items}
@@ -176,30 +216,57 @@ def context_prompts(context: Mapping[str, Any]) -> tuple[str, Prompts] | None:
                 w, h = float(v["width"]) * width / 100, float(v["height"]) * height / 100
                 box = np.array([x, y, x + w, y + h])
     except (KeyError, TypeError, ValueError) as e:
-        raise ContextError(f"context result without {e}: need original_width/height and value "
-                           "x, y (and width, height for a rectangle)") from e
+        raise ContextError(
+            f"context result without {e}: need original_width/height and value "
+            "x, y (and width, height for a rectangle)"
+        ) from e
     if width <= 0 or height <= 0:
         raise ContextError(f"context original size {width}x{height} is not positive")
-    return to_names.pop(), Prompts(width=width, height=height,
-                                   points=np.array(points, np.float64).reshape(-1, 2),
-                                   point_labels=np.array(labels, np.int64), box_xyxy=box,
-                                   label=label)
+    return to_names.pop(), Prompts(
+        width=width,
+        height=height,
+        points=np.array(points, np.float64).reshape(-1, 2),
+        point_labels=np.array(labels, np.int64),
+        box_xyxy=box,
+        label=label,
+    )
 
 
-def interactive_prediction(mask: np.ndarray, score: float, *, controls: list[Control],
-                           label: str | None, model_version: str) -> dict[str, Any]:
+def interactive_prediction(
+    mask: np.ndarray,
+    score: float,
+    *,
+    controls: list[Control],
+    label: str | None,
+    model_version: str,
+) -> dict[str, Any]:
     """The smart tool's answer: the mask as a brush region (or polygon) with the chosen label.
 
     The label is the one clicked when the control offers it, else the control's first label.
     """
     height, width = mask.shape
-    found = Found(width=width, height=height, boxes_xywh=np.zeros((1, 4)),
-                  scores=np.array([score]), names=["_"], masks=mask[None])
+    found = Found(
+        width=width,
+        height=height,
+        boxes_xywh=np.zeros((1, 4)),
+        scores=np.array([score]),
+        names=["_"],
+        masks=mask[None],
+    )
     results = []
     for control in controls:
         chosen = label if label in control.labels else (control.labels or ("",))[0]
         value = region_value(control, found, 0)
         if value is not None:
-            results.append(region(control, value=value, label=chosen, score=score, width=width,
-                                  height=height, region_id="smart0"))
+            results.append(
+                region(
+                    control,
+                    value=value,
+                    label=chosen,
+                    score=score,
+                    width=width,
+                    height=height,
+                    region_id="smart0",
+                )
+            )
     return prediction(results, model_version=model_version)

@@ -86,8 +86,10 @@ def label_studio_headers(sources: ImageSources) -> dict[str, str]:
             except (httpx.HTTPError, ValueError, KeyError):
                 token = ""
             if not token:
-                raise ImageSourceError(f"{url}: Label Studio refused the personal access token "
-                                       "in LABEL_STUDIO_API_KEY; create a new one")
+                raise ImageSourceError(
+                    f"{url}: Label Studio refused the personal access token "
+                    "in LABEL_STUDIO_API_KEY; create a new one"
+                )
             _access[(ls_url, key)] = (token, time.monotonic() + ACCESS_CACHE_S)
     return {"Authorization": f"Bearer {token}"}
 
@@ -113,21 +115,29 @@ def locate(url: str, sources: ImageSources) -> Located:
         return Located(path=local_file(sources.local_root, unquote(rel)))
     if url.startswith("/") and not url.startswith("//"):
         if not sources.ls_url:
-            hint = ("or --local-files-root (Label Studio's LOCAL_FILES_DOCUMENT_ROOT)"
-                    if parts.path.startswith(LOCAL_FILES) else "")
-            raise ImageSourceError(f"{url} is a Label Studio path: start the server with "
-                                   f"LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set {hint}".strip())
-        return Located(url=urljoin(sources.ls_url.rstrip("/") + "/", url.lstrip("/")),
-                       with_key=True)
+            hint = (
+                "or --local-files-root (Label Studio's LOCAL_FILES_DOCUMENT_ROOT)"
+                if parts.path.startswith(LOCAL_FILES)
+                else ""
+            )
+            raise ImageSourceError(
+                f"{url} is a Label Studio path: start the server with "
+                f"LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set {hint}".strip()
+            )
+        return Located(
+            url=urljoin(sources.ls_url.rstrip("/") + "/", url.lstrip("/")), with_key=True
+        )
     if parts.scheme in ("http", "https"):
         if sources.ls_url and _same_origin(url, sources.ls_url):
             return Located(url=url, with_key=True)
         if not sources.allow_http:
-            raise ImageSourceError(f"{url}: http images outside Label Studio are disabled "
-                                   "(--no-http)")
+            raise ImageSourceError(
+                f"{url}: http images outside Label Studio are disabled (--no-http)"
+            )
         return Located(url=url)
-    raise ImageSourceError(f"{url}: unsupported image URL; use Label Studio local files, "
-                           "uploads, or http(s)")
+    raise ImageSourceError(
+        f"{url}: unsupported image URL; use Label Studio local files, uploads, or http(s)"
+    )
 
 
 def read_local(path: Path, sources: ImageSources) -> bytes:
@@ -147,9 +157,12 @@ def download(url: str, headers: dict[str, str], sources: ImageSources) -> bytes:
     deadline = time.monotonic() + sources.timeout_s
     chunks, total = [], 0
     try:
-        with httpx.Client(timeout=sources.timeout_s, follow_redirects=True,
-                          max_redirects=3) as client, \
-                client.stream("GET", url, headers=headers) as response:
+        with (
+            httpx.Client(
+                timeout=sources.timeout_s, follow_redirects=True, max_redirects=3
+            ) as client,
+            client.stream("GET", url, headers=headers) as response,
+        ):
             if response.status_code != 200:
                 raise ImageSourceError(f"{url}: HTTP {response.status_code}")
             for chunk in response.iter_bytes():
@@ -169,14 +182,20 @@ def decode_image(data: bytes, *, name: str, max_pixels: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > max_pixels:
-                raise ImageSourceError(f"{name}: {img.width}x{img.height} pixels, over the limit "
-                                       f"of {max_pixels}")
+                raise ImageSourceError(
+                    f"{name}: {img.width}x{img.height} pixels, over the limit of {max_pixels}"
+                )
             img.load()
             rgb = ImageOps.exif_transpose(img).convert("RGB")
     except ImageSourceError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-            Image.DecompressionBombError) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    ) as e:
         raise ImageSourceError(f"{name}: not a readable image ({e})") from e
     return np.asarray(rgb, dtype=np.uint8).copy()
 

@@ -21,8 +21,10 @@ from teacher.serve.protocol import Found, task_prediction
 def default_label_config(names: list[str], *, masks: bool) -> str:
     """A labeling config for the classes: boxes (``label``), and brush masks (``mask``)."""
     labels = "".join(f"\n    <Label value={quoteattr(n)}/>" for n in names)
-    xml = (f'<View>\n  <Image name="image" value="$image" zoom="true"/>\n'
-           f'  <RectangleLabels name="label" toName="image">{labels}\n  </RectangleLabels>\n')
+    xml = (
+        f'<View>\n  <Image name="image" value="$image" zoom="true"/>\n'
+        f'  <RectangleLabels name="label" toName="image">{labels}\n  </RectangleLabels>\n'
+    )
     if masks:
         xml += f'  <BrushLabels name="mask" toName="image">{labels}\n  </BrushLabels>\n'
     return xml + "</View>\n"
@@ -32,15 +34,19 @@ def coco_found(image: dict, anns: list[dict], names: dict[int, str]) -> Found:
     """One image's COCO results (bbox, score, optional RLE segmentation) as ``Found``."""
     h, w = int(image["height"]), int(image["width"])
     with_masks = bool(anns) and all(a.get("segmentation") for a in anns)
-    return Found(width=w, height=h,
-                 boxes_xywh=np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4),
-                 scores=np.array([a.get("score", 1.0) for a in anns], np.float64),
-                 names=[names[a["category_id"]] for a in anns],
-                 masks=np.stack([annotation_mask(a, h, w) for a in anns]) if with_masks else None)
+    return Found(
+        width=w,
+        height=h,
+        boxes_xywh=np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4),
+        scores=np.array([a.get("score", 1.0) for a in anns], np.float64),
+        names=[names[a["category_id"]] for a in anns],
+        masks=np.stack([annotation_mask(a, h, w) for a in anns]) if with_masks else None,
+    )
 
 
-def label_studio_tasks(coco: dict[str, Any], config: LabelConfig, *, url_prefix: str,
-                       model_version: str) -> tuple[list[dict[str, Any]], list[str]]:
+def label_studio_tasks(
+    coco: dict[str, Any], config: LabelConfig, *, url_prefix: str, model_version: str
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Tasks with predictions for every image of ``coco``; and the class names the config has
     no label for (their detections are left out: report them)."""
     names = {cid: c["name"] for cid, c in categories_by_id(coco).items()}

@@ -23,19 +23,29 @@ from teacher.predict import Filter, Teachers, load_predict_teachers, predict_ima
 from teacher.sam.model import PreparedImage, prepare_image
 from teacher.serve.protocol import Found, Prompts
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "trained_modules.safetensors",
-                 "labels.json")
+ADAPTER_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "trained_modules.safetensors",
+    "labels.json",
+)
 
 
-def adapters_version(adapters: str | Path | None, *, dino_model: str, sam_model: str,
-                     extra: Any = None) -> str:
+def adapters_version(
+    adapters: str | Path | None, *, dino_model: str, sam_model: str, extra: Any = None
+) -> str:
     """``model_version``: a hash of the base model names and every adapter file's content."""
     files = []
     if adapters is not None:
-        files = sorted(p for name in ("dino", "sam") for p in (Path(adapters) / name).glob("*")
-                       if p.name in ADAPTER_FILES)
-    digest = fingerprint(dino_model, sam_model, [p.parent.name + "/" + p.name for p in files],
-                         files, extra)
+        files = sorted(
+            p
+            for name in ("dino", "sam")
+            for p in (Path(adapters) / name).glob("*")
+            if p.name in ADAPTER_FILES
+        )
+    digest = fingerprint(
+        dino_model, sam_model, [p.parent.name + "/" + p.name for p in files], files, extra
+    )
     return f"teacher-{'adapters' if files else 'base'}-{digest[:12]}"
 
 
@@ -43,9 +53,17 @@ class ServeTeachers:
     """Grounded-SAM for pre-labeling and SAM for clicks, behind one lock (one model call at a
     time; requests queue)."""
 
-    def __init__(self, teachers: Teachers, *, keep: Filter, text_threshold: float,
-                 multimask: bool, model_version: str, batch_size: int = 4,
-                 cache_size: int = 8) -> None:
+    def __init__(
+        self,
+        teachers: Teachers,
+        *,
+        keep: Filter,
+        text_threshold: float,
+        multimask: bool,
+        model_version: str,
+        batch_size: int = 4,
+        cache_size: int = 8,
+    ) -> None:
         self.teachers = teachers
         self.keep = keep
         self.text_threshold = text_threshold
@@ -67,20 +85,26 @@ class ServeTeachers:
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Found]:
         """Grounded-SAM on many images, ``batch_size`` per DINO forward."""
-        names = dict(zip(self.teachers.label_map.category_ids, self.teachers.label_map.names,
-                         strict=True))
+        names = dict(
+            zip(self.teachers.label_map.category_ids, self.teachers.label_map.names, strict=True)
+        )
         out = []
         for i in range(0, len(images), self.batch_size):
-            batch = list(images[i:i + self.batch_size])
+            batch = list(images[i : i + self.batch_size])
             with self.lock:
-                dets = predict_images(self.teachers, batch, keep=self.keep,
-                                      text_threshold=self.text_threshold,
-                                      multimask=self.multimask)
+                dets = predict_images(
+                    self.teachers,
+                    batch,
+                    keep=self.keep,
+                    text_threshold=self.text_threshold,
+                    multimask=self.multimask,
+                )
             out += [found_of(det, image, names) for det, image in zip(dets, batch, strict=True)]
         return out
 
-    def segment(self, key: str, load: Callable[[], np.ndarray], prompts: Prompts
-                ) -> tuple[np.ndarray, float]:
+    def segment(
+        self, key: str, load: Callable[[], np.ndarray], prompts: Prompts
+    ) -> tuple[np.ndarray, float]:
         """SAM's mask (H, W) bool and predicted IoU for the clicks on the image ``key``.
 
         ``load`` gives the image (HxWx3 uint8) when ``key`` is not among the prepared images.
@@ -109,16 +133,20 @@ def found_of(det: Any, image: np.ndarray, names: dict[int, str]) -> Found:
     """``predict_images``' detections of one image (a dict today) as ``Found``."""
     get = det.get if isinstance(det, dict) else lambda k, d=None: getattr(det, k, d)
     masks = get("masks")
-    return Found(width=int(image.shape[1]), height=int(image.shape[0]),
-                 boxes_xywh=np.asarray(get("boxes"), np.float64).reshape(-1, 4),
-                 scores=np.asarray(get("scores"), np.float64).reshape(-1),
-                 names=[names[int(c)] for c in np.asarray(get("category_ids")).reshape(-1)],
-                 masks=None if masks is None else np.asarray(masks, bool))
+    return Found(
+        width=int(image.shape[1]),
+        height=int(image.shape[0]),
+        boxes_xywh=np.asarray(get("boxes"), np.float64).reshape(-1, 4),
+        scores=np.asarray(get("scores"), np.float64).reshape(-1),
+        names=[names[int(c)] for c in np.asarray(get("category_ids")).reshape(-1)],
+        masks=None if masks is None else np.asarray(masks, bool),
+    )
 
 
 @torch.no_grad()
-def sam_mask(model: torch.nn.Module, prepared: PreparedImage, prompts: Prompts
-             ) -> tuple[np.ndarray, float]:
+def sam_mask(
+    model: torch.nn.Module, prepared: PreparedImage, prompts: Prompts
+) -> tuple[np.ndarray, float]:
     """The best of SAM's three candidate masks for points and/or a box (as
     ``SamPredictor.predict(multimask_output=True)``), at the original size."""
     from segment_anything.utils.transforms import ResizeLongestSide
@@ -127,34 +155,68 @@ def sam_mask(model: torch.nn.Module, prepared: PreparedImage, prompts: Prompts
 
     sam = unwrap(model)
     transform = ResizeLongestSide(input_size(sam))
-    scale = np.array([prepared.original_size[1] / prompts.width, prepared.original_size[0] / prompts.height])
+    scale = np.array(
+        [prepared.original_size[1] / prompts.width, prepared.original_size[0] / prompts.height]
+    )
     points = boxes = None  # clicks in the context's frame -> this image's pixels (same if equal)
     if len(prompts.points):
         coords = transform.apply_coords(prompts.points * scale, prepared.original_size)
-        points = (torch.as_tensor(coords, dtype=torch.float32, device=sam.device)[None],
-                  torch.as_tensor(prompts.point_labels, dtype=torch.int64, device=sam.device)[None])
+        points = (
+            torch.as_tensor(coords, dtype=torch.float32, device=sam.device)[None],
+            torch.as_tensor(prompts.point_labels, dtype=torch.int64, device=sam.device)[None],
+        )
     if prompts.box_xyxy is not None:
-        box = transform.apply_boxes(prompts.box_xyxy[None] * np.tile(scale, 2), prepared.original_size)
+        box = transform.apply_boxes(
+            prompts.box_xyxy[None] * np.tile(scale, 2), prepared.original_size
+        )
         boxes = torch.as_tensor(box, dtype=torch.float32, device=sam.device)
     sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
     low_res, iou = sam.mask_decoder(
         image_embeddings=prepared.embedding.to(sam.device)[None],
-        image_pe=sam.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense, multimask_output=True)
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=True,
+    )
     best, best_iou = select_best(low_res, iou)
     logits = sam.postprocess_masks(best[:, None], prepared.input_size, prepared.original_size)[0, 0]
     return (logits > sam.mask_threshold).cpu().numpy(), float(best_iou[0])
 
 
-def load_serve_teachers(*, adapters: str | Path | None, classes: Sequence[str] | None,
-                        dino_params: Any, sam_params: Any, keep: Filter, text_threshold: float,
-                        segment_masks: bool = True, batch_size: int = 4, cache_size: int = 8,
-                        log=print) -> ServeTeachers:
+def load_serve_teachers(
+    *,
+    adapters: str | Path | None,
+    classes: Sequence[str] | None,
+    dino_params: Any,
+    sam_params: Any,
+    keep: Filter,
+    text_threshold: float,
+    segment_masks: bool = True,
+    batch_size: int = 4,
+    cache_size: int = 8,
+    log=print,
+) -> ServeTeachers:
     """The models as ``teacher predict`` loads them, and their ``model_version``."""
-    teachers = load_predict_teachers(classes=classes, adapters=adapters, dino_params=dino_params,
-                                     sam_params=sam_params, segment_masks=segment_masks, log=log)
-    version = adapters_version(adapters, dino_model=dino_params.model, sam_model=sam_params.model,
-                               extra=list(classes or []))
-    return ServeTeachers(teachers, keep=keep, text_threshold=text_threshold,
-                         multimask=sam_params.multimask, model_version=version,
-                         batch_size=batch_size, cache_size=cache_size)
+    teachers = load_predict_teachers(
+        classes=classes,
+        adapters=adapters,
+        dino_params=dino_params,
+        sam_params=sam_params,
+        segment_masks=segment_masks,
+        log=log,
+    )
+    version = adapters_version(
+        adapters,
+        dino_model=dino_params.model,
+        sam_model=sam_params.model,
+        extra=list(classes or []),
+    )
+    return ServeTeachers(
+        teachers,
+        keep=keep,
+        text_threshold=text_threshold,
+        multimask=sam_params.multimask,
+        model_version=version,
+        batch_size=batch_size,
+        cache_size=cache_size,
+    )

@@ -36,13 +36,20 @@ def label_index(categories: Sequence[Mapping[str, Any]]) -> dict[int, int]:
 
 def has_masks(coco: Mapping[str, Any]) -> bool:
     """True when any non-crowd annotation has a mask: the student segments (RfDetrForInstanceSegmentation)."""
-    return any(not a.get("iscrowd") and mask_kind(a) not in ("none", "invalid")
-               for a in coco["annotations"])
+    return any(
+        not a.get("iscrowd") and mask_kind(a) not in ("none", "invalid")
+        for a in coco["annotations"]
+    )
 
 
-def instance_targets(anns: Sequence[dict[str, Any]], *, height: int, width: int,
-                     label_of: Mapping[int, int], masks: bool
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def instance_targets(
+    anns: Sequence[dict[str, Any]],
+    *,
+    height: int,
+    width: int,
+    label_of: Mapping[int, int],
+    masks: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The instances of one image the loss sees: ``boxes`` (n, 4) float32 COCO xywh px,
     ``labels`` (n,) int64 label indexes and, with ``masks``, ``masks`` (n, H, W) bool.
 
@@ -50,8 +57,15 @@ def instance_targets(anns: Sequence[dict[str, Any]], *, height: int, width: int,
     with its own mask, so boxes, labels and masks stay aligned. An instance without a mask in
     segmentation data gets its filled box as the mask.
     """
-    kept = [a for a in anns if not a.get("iscrowd") and int(a["category_id"]) in label_of
-            and len(a.get("bbox") or []) == 4 and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+    kept = [
+        a
+        for a in anns
+        if not a.get("iscrowd")
+        and int(a["category_id"]) in label_of
+        and len(a.get("bbox") or []) == 4
+        and a["bbox"][2] > 0
+        and a["bbox"][3] > 0
+    ]
     boxes = np.array([a["bbox"] for a in kept], dtype=np.float32).reshape(-1, 4)
     labels = np.array([label_of[int(a["category_id"])] for a in kept], dtype=np.int64)
     if not masks:
@@ -60,19 +74,30 @@ def instance_targets(anns: Sequence[dict[str, Any]], *, height: int, width: int,
     for i, ann in enumerate(kept):
         if mask_kind(ann) in ("none", "invalid"):
             x, y, w, h = (int(round(v)) for v in ann["bbox"])
-            out[i, max(y, 0):y + h, max(x, 0):x + w] = True
+            out[i, max(y, 0) : y + h, max(x, 0) : x + w] = True
         else:
             out[i] = annotation_mask(ann, height, width)
     return boxes, labels, out
 
 
-def model_targets(boxes: np.ndarray, labels: np.ndarray, masks: np.ndarray | None, *,
-                  width: int, height: int, resolution: int) -> dict[str, Tensor]:
+def model_targets(
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray | None,
+    *,
+    width: int,
+    height: int,
+    resolution: int,
+) -> dict[str, Tensor]:
     """One image's RF-DETR target: ``class_labels`` (n,), ``boxes`` (n, 4) cxcywh in [0, 1] and,
     with masks, ``masks`` (n, R, R) float (nearest resize to the model's input side)."""
-    norm = xywh_to_cxcywh_norm(np.asarray(boxes, np.float32).reshape(-1, 4), width=width, height=height)
-    target = {"class_labels": torch.as_tensor(labels, dtype=torch.long),
-              "boxes": torch.as_tensor(np.clip(norm, 0.0, 1.0), dtype=torch.float32)}
+    norm = xywh_to_cxcywh_norm(
+        np.asarray(boxes, np.float32).reshape(-1, 4), width=width, height=height
+    )
+    target = {
+        "class_labels": torch.as_tensor(labels, dtype=torch.long),
+        "boxes": torch.as_tensor(np.clip(norm, 0.0, 1.0), dtype=torch.float32),
+    }
     if masks is not None:
         m = torch.as_tensor(np.asarray(masks, dtype=np.float32)).reshape(-1, 1, height, width)
         m = torch.nn.functional.interpolate(m, size=(resolution, resolution), mode="nearest")
@@ -98,10 +123,20 @@ class StudentDataset(Dataset):
     Augmentation is seeded by (seed, epoch, index).
     """
 
-    def __init__(self, sources: Sequence[Source], *, label_of: Mapping[int, int], masks: bool,
-                 seed: int, transform: Callable | None = None) -> None:
-        self.items = [(s, rec, anns) for s in sources
-                      for rec, anns in zip(s.coco["images"], index_by_image(s.coco).values(), strict=True)]
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        *,
+        label_of: Mapping[int, int],
+        masks: bool,
+        seed: int,
+        transform: Callable | None = None,
+    ) -> None:
+        self.items = [
+            (s, rec, anns)
+            for s in sources
+            for rec, anns in zip(s.coco["images"], index_by_image(s.coco).values(), strict=True)
+        ]
         self.label_of, self.masks = dict(label_of), masks
         self.seed, self.epoch, self.transform = seed, 0, transform
 
@@ -115,44 +150,84 @@ class StudentDataset(Dataset):
         source, record, anns = self.items[index]
         image = load_image(image_path(source.image_root, record["file_name"]))
         h, w = image.shape[:2]
-        boxes, labels, masks = instance_targets(anns, height=h, width=w, label_of=self.label_of,
-                                                masks=self.masks)
+        boxes, labels, masks = instance_targets(
+            anns, height=h, width=w, label_of=self.label_of, masks=self.masks
+        )
         if self.transform is not None:
             seed = int(sample_rng(self.seed, self.epoch, index).integers(2**31))
-            image, boxes, labels, masks = augment(self.transform, image, boxes, labels, masks, seed=seed)
-        return {"image": image, "boxes": boxes, "labels": labels, "masks": masks,
-                "weight": source.weight, "source": source.name, "image_id": record["id"]}
+            image, boxes, labels, masks = augment(
+                self.transform, image, boxes, labels, masks, seed=seed
+            )
+        return {
+            "image": image,
+            "boxes": boxes,
+            "labels": labels,
+            "masks": masks,
+            "weight": source.weight,
+            "source": source.name,
+            "image_id": record["id"],
+        }
 
 
-def augment(transform: Callable, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
-            masks: np.ndarray | None, *, seed: int):
+def augment(
+    transform: Callable,
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray | None,
+    *,
+    seed: int,
+):
     """An ``augment.build_transform`` pipeline (seeded) on an image, its boxes and masks; the
     instances cropped away are dropped from all three."""
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
     # OpenCV warps uint8, not bool
-    extra = {"masks": [m.astype(np.uint8) for m in masks]} if masks is not None and len(masks) else {}
-    out = transform(image=image, bboxes=boxes, labels=labels.tolist(),
-                    ann_index=list(range(len(boxes))), **extra)
+    extra = (
+        {"masks": [m.astype(np.uint8) for m in masks]} if masks is not None and len(masks) else {}
+    )
+    out = transform(
+        image=image,
+        bboxes=boxes,
+        labels=labels.tolist(),
+        ann_index=list(range(len(boxes))),
+        **extra,
+    )
     kept = [int(i) for i in out["ann_index"]]
     boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
     if masks is not None:
         h, w = out["image"].shape[:2]
-        masks = (np.stack([np.asarray(out["masks"][i], dtype=bool) for i in kept])
-                 if kept else np.zeros((0, h, w), dtype=bool))
+        masks = (
+            np.stack([np.asarray(out["masks"][i], dtype=bool) for i in kept])
+            if kept
+            else np.zeros((0, h, w), dtype=bool)
+        )
     return out["image"], boxes, labels, masks
 
 
 def collate_student(items: list[dict[str, Any]], *, resolution: int) -> dict[str, Any]:
     """Batch: ``pixel_values`` (B, 3, R, R), ``labels`` (per image target dicts), ``weights`` (B,),
     ``sources``, ``image_ids``, ``sizes`` (width, height) of the images as fed."""
-    labels = [model_targets(it["boxes"], it["labels"], it["masks"], width=it["image"].shape[1],
-                            height=it["image"].shape[0], resolution=resolution) for it in items]
-    return {"pixel_values": preprocess([it["image"] for it in items], resolution=resolution),
-            "labels": labels, "weights": torch.tensor([it["weight"] for it in items]),
-            "sources": [it["source"] for it in items], "image_ids": [it["image_id"] for it in items],
-            "sizes": [(it["image"].shape[1], it["image"].shape[0]) for it in items]}
+    labels = [
+        model_targets(
+            it["boxes"],
+            it["labels"],
+            it["masks"],
+            width=it["image"].shape[1],
+            height=it["image"].shape[0],
+            resolution=resolution,
+        )
+        for it in items
+    ]
+    return {
+        "pixel_values": preprocess([it["image"] for it in items], resolution=resolution),
+        "labels": labels,
+        "weights": torch.tensor([it["weight"] for it in items]),
+        "sources": [it["source"] for it in items],
+        "image_ids": [it["image_id"] for it in items],
+        "sizes": [(it["image"].shape[1], it["image"].shape[0]) for it in items],
+    }
 
 
 # --- the teachers' labels --------------------------------------------------------------------------
@@ -163,30 +238,47 @@ def teacher_label_problems(doc: Mapping[str, Any], *, categories: Mapping[int, A
     problems = []
     image_ids = {img.get("id") for img in doc["images"]}
     for img in doc["images"]:
-        if not isinstance(img.get("file_name"), str) or not isinstance(img.get("width"), int) \
-                or not isinstance(img.get("height"), int):
+        if (
+            not isinstance(img.get("file_name"), str)
+            or not isinstance(img.get("width"), int)
+            or not isinstance(img.get("height"), int)
+        ):
             problems.append(f"image {img.get('id')!r}: needs file_name, width and height")
     for ann in doc["annotations"]:
         where = f"annotation {ann.get('id')!r}"
         score = ann.get("score")
         bbox = ann.get("bbox")
         if ann.get("image_id") not in image_ids:
-            problems.append(f"{where}: image_id {ann.get('image_id')!r} is not an image of the file")
+            problems.append(
+                f"{where}: image_id {ann.get('image_id')!r} is not an image of the file"
+            )
         elif not isinstance(score, (int, float)) or isinstance(score, bool) or not 0 <= score <= 1:
             problems.append(f"{where}: score {score!r} is not a number in [0, 1]")
         elif ann.get("category_id") not in categories:
-            problems.append(f"{where}: category_id {ann.get('category_id')!r} is not a category "
-                            f"of the human train split ({sorted(categories)})")
-        elif not (isinstance(bbox, list) and len(bbox) == 4
-                  and all(isinstance(v, (int, float)) for v in bbox)):
+            problems.append(
+                f"{where}: category_id {ann.get('category_id')!r} is not a category "
+                f"of the human train split ({sorted(categories)})"
+            )
+        elif not (
+            isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(isinstance(v, (int, float)) for v in bbox)
+        ):
             problems.append(f"{where}: bbox {bbox!r} is not [x, y, width, height]")
         elif mask_kind(ann) == "invalid":
             problems.append(f"{where}: segmentation is neither polygons nor RLE")
     return problems
 
 
-def teacher_source(doc: dict[str, Any], *, path: Path, pool: Path, categories: Mapping[int, Any],
-                   min_score: float, weight: float) -> Source:
+def teacher_source(
+    doc: dict[str, Any],
+    *,
+    path: Path,
+    pool: Path,
+    categories: Mapping[int, Any],
+    min_score: float,
+    weight: float,
+) -> Source:
     """The teachers' labels as a training source: detections scoring at least ``min_score``.
 
     Raises ``TeacherError`` naming the file, the first offending records and the fix when the
@@ -194,8 +286,12 @@ def teacher_source(doc: dict[str, Any], *, path: Path, pool: Path, categories: M
     """
     problems = teacher_label_problems(doc, categories=categories)
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
-        raise TeacherError(f"{path}: {shown}. Fix: re-run `dvc repro label` so the teachers "
-                           "trained on this split write it again")
+        shown = "; ".join(problems[:5]) + (
+            f"; ... ({len(problems)} in all)" if len(problems) > 5 else ""
+        )
+        raise TeacherError(
+            f"{path}: {shown}. Fix: re-run `dvc repro label` so the teachers "
+            "trained on this split write it again"
+        )
     kept = [a for a in doc["annotations"] if a["score"] >= min_score]
     return Source(TEACHER, {**doc, "annotations": kept}, Path(pool), weight)

@@ -26,17 +26,28 @@ def results_of(det: Detections, *, image_id: Any) -> list[dict[str, Any]]:
     """COCO results of one image's decoded detections (RLE masks when present)."""
     out = []
     for k in range(len(det)):
-        r = {"image_id": image_id, "category_id": int(det.category_ids[k]),
-             "bbox": [float(v) for v in det.boxes[k]], "score": float(det.scores[k])}
+        r = {
+            "image_id": image_id,
+            "category_id": int(det.category_ids[k]),
+            "bbox": [float(v) for v in det.boxes[k]],
+            "score": float(det.scores[k]),
+        }
         if det.masks is not None:
             r["segmentation"] = mask_to_rle(det.masks[k])
         out.append(r)
     return out
 
 
-def evaluate_student(gt: dict[str, Any], images_root: str | Path, *, student_dir: str | Path,
-                     score_threshold: float, max_detections: int, batch_size: int = 2,
-                     log: Callable[[str], None] = print) -> dict[str, float]:
+def evaluate_student(
+    gt: dict[str, Any],
+    images_root: str | Path,
+    *,
+    student_dir: str | Path,
+    score_threshold: float,
+    max_detections: int,
+    batch_size: int = 2,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
     """Score the trained student of ``student_dir`` on ``gt`` (flat keys, see the module doc)."""
     from tqdm import tqdm
 
@@ -47,23 +58,40 @@ def evaluate_student(gt: dict[str, Any], images_root: str | Path, *, student_dir
     seconds = 0.0
     images = gt["images"]
     for start in tqdm(range(0, len(images), batch_size), desc="evaluate (student)", unit="batch"):
-        records = images[start:start + batch_size]
+        records = images[start : start + batch_size]
         arrays = [load_image(image_path(images_root, r["file_name"])) for r in records]
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        dets = predict(student, arrays, max_detections=max_detections, score_threshold=score_threshold)
+        dets = predict(
+            student, arrays, max_detections=max_detections, score_threshold=score_threshold
+        )
         seconds += time.perf_counter() - t0
         for rec, det in zip(records, dets, strict=True):
             results += results_of(det, image_id=rec["id"])
     names = category_names(gt)
     dets_cap = (1, 10, max_detections)
-    metrics = {f"student/box/{k}": v for k, v in summarize(
-        coco_evaluate(gt, results, iou_type="bbox", max_dets=dets_cap), names=names).items()}
+    metrics = {
+        f"student/box/{k}": v
+        for k, v in summarize(
+            coco_evaluate(gt, results, iou_type="bbox", max_dets=dets_cap), names=names
+        ).items()
+    }
     if student.info.masks:
-        with_masks = {**gt, "annotations": [a for a in gt["annotations"]
-                                            if mask_kind(a) not in ("none", "invalid")]}
-        metrics.update({f"student/segm/{k}": v for k, v in summarize(
-            coco_evaluate(with_masks, results, iou_type="segm", max_dets=dets_cap), names=names).items()})
+        with_masks = {
+            **gt,
+            "annotations": [
+                a for a in gt["annotations"] if mask_kind(a) not in ("none", "invalid")
+            ],
+        }
+        metrics.update(
+            {
+                f"student/segm/{k}": v
+                for k, v in summarize(
+                    coco_evaluate(with_masks, results, iou_type="segm", max_dets=dets_cap),
+                    names=names,
+                ).items()
+            }
+        )
     metrics["student/ms_per_image"] = 1000.0 * seconds / max(len(images), 1)
     return metrics

@@ -70,39 +70,75 @@ def resolve_name(model: str, *, masks: bool) -> str:
 
 def tiny_config(*, names: Sequence[str]) -> RfDetrConfig:
     """RF-DETR at toy size: 4-layer ViT (32 wide, patch 8, 2x2 windows), 2 decoder layers, 30 queries."""
-    backbone = RfDetrDinov2Config(hidden_size=32,  # type: ignore[call-arg]  # out_features: a kwarg of __post_init__ num_hidden_layers=4, num_attention_heads=2,
-                                  mlp_ratio=2, patch_size=8, image_size=TINY_RESOLUTION, num_windows=2,
-                                  out_features=["stage1", "stage2", "stage3", "stage4"])
-    return RfDetrConfig(backbone_config=backbone, d_model=32, decoder_ffn_dim=64, decoder_layers=2,
-                        decoder_self_attention_heads=2, decoder_cross_attention_heads=2,
-                        decoder_n_points=2, num_queries=30, group_detr=3, c2f_num_blocks=1,
-                        intermediate_size=64, **label_config(names))
+    backbone = RfDetrDinov2Config(
+        hidden_size=32,  # type: ignore[call-arg]  # out_features: a kwarg of __post_init__ num_hidden_layers=4, num_attention_heads=2,
+        mlp_ratio=2,
+        patch_size=8,
+        image_size=TINY_RESOLUTION,
+        num_windows=2,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    return RfDetrConfig(
+        backbone_config=backbone,
+        d_model=32,
+        decoder_ffn_dim=64,
+        decoder_layers=2,
+        decoder_self_attention_heads=2,
+        decoder_cross_attention_heads=2,
+        decoder_n_points=2,
+        num_queries=30,
+        group_detr=3,
+        c2f_num_blocks=1,
+        intermediate_size=64,
+        **label_config(names),
+    )
 
 
 # The released RF-DETR architectures the pipeline defaults to, as transformers' conversion script
 # (convert_rf_detr_weights_to_hf.py) builds them: for benchmarks at real size without a download.
-_VIT_SMALL = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4,
-              "out_features": ["stage3", "stage6", "stage9", "stage12"], "patch_size": 16,
-              "num_windows": 2, "image_size": 384}
-ARCHITECTURES: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {  # backbone, model, input side
+_VIT_SMALL = {
+    "hidden_size": 384,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 6,
+    "mlp_ratio": 4,
+    "out_features": ["stage3", "stage6", "stage9", "stage12"],
+    "patch_size": 16,
+    "num_windows": 2,
+    "image_size": 384,
+}
+ARCHITECTURES: dict[
+    str, tuple[dict[str, Any], dict[str, Any], int]
+] = {  # backbone, model, input side
     "rf-detr-nano": (_VIT_SMALL, {"decoder_layers": 2}, 384),
-    "rf-detr-seg-nano": ({**_VIT_SMALL, "image_size": 312, "patch_size": 12, "num_windows": 1},
-                         {"decoder_layers": 4, "num_queries": 100, "class_loss_coefficient": 5.0}, 312),
+    "rf-detr-seg-nano": (
+        {**_VIT_SMALL, "image_size": 312, "patch_size": 12, "num_windows": 1},
+        {"decoder_layers": 4, "num_queries": 100, "class_loss_coefficient": 5.0},
+        312,
+    ),
 }
 
 
 def architecture_config(name: str, *, names: Sequence[str]) -> RfDetrConfig:
     """The config of a released RF-DETR size (:data:`ARCHITECTURES`), class heads for ``names``."""
     backbone, model, _ = ARCHITECTURES[name]
-    base = {"d_model": 256, "num_queries": 300, "decoder_self_attention_heads": 8,
-            "decoder_cross_attention_heads": 16, "decoder_n_points": 2}
-    return RfDetrConfig(backbone_config=RfDetrDinov2Config(**backbone),
-                        **{**base, **model, **label_config(names)})
+    base = {
+        "d_model": 256,
+        "num_queries": 300,
+        "decoder_self_attention_heads": 8,
+        "decoder_cross_attention_heads": 16,
+        "decoder_n_points": 2,
+    }
+    return RfDetrConfig(
+        backbone_config=RfDetrDinov2Config(**backbone), **{**base, **model, **label_config(names)}
+    )
 
 
 def label_config(names: Sequence[str]) -> dict[str, Any]:
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
-            "label2id": {n: i for i, n in enumerate(names)}}
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
 
 
 def _hub_reachable(*, timeout: float = 3.0) -> bool:
@@ -122,21 +158,26 @@ def _offline_error(name: str, revision: str, err: Exception) -> TeacherError:
         f"Face cache, and the hub cannot be reached ({str(err).splitlines()[0]}). Fix: download it "
         f"once where there is network (huggingface-cli download {name} --local-dir "
         f"weights/{name.split('/')[-1]}), copy the folder and set student.model to it in "
-        f"params.yaml, or use student.model: {TINY_RANDOM}.")
+        f"params.yaml, or use student.model: {TINY_RANDOM}."
+    )
 
 
 def _pretrained(name: str, *, revision: str, masks: bool, names: Sequence[str]) -> nn.Module:
     """A hub id or local folder, its class heads resized to ``names`` (cache first, fails fast offline)."""
     cls = model_class(masks)
     local = Path(name).is_dir()
-    kwargs = {"ignore_mismatched_sizes": True, **label_config(names),
-              **({} if local else {"revision": revision})}
+    kwargs = {
+        "ignore_mismatched_sizes": True,
+        **label_config(names),
+        **({} if local else {"revision": revision}),
+    }
     try:
         return cls.from_pretrained(name, local_files_only=True, **kwargs)
     except OSError as err:
         if local:
-            raise TeacherError(f"student.model {name!r}: not an RF-DETR folder written by "
-                               f"save_pretrained ({err})") from err
+            raise TeacherError(
+                f"student.model {name!r}: not an RF-DETR folder written by save_pretrained ({err})"
+            ) from err
         if not _hub_reachable():
             raise _offline_error(name, revision, err) from err
     try:
@@ -154,12 +195,16 @@ def default_resolution(name: str, model: Any) -> int:
     try:
         size = AutoImageProcessor.from_pretrained(name, local_files_only=True).size
     except (OSError, ValueError) as err:
-        raise TeacherError(f"student.model {name!r}: no image processor to read its input size "
-                           f"from ({str(err).splitlines()[0]}); set student.resolution") from err
+        raise TeacherError(
+            f"student.model {name!r}: no image processor to read its input size "
+            f"from ({str(err).splitlines()[0]}); set student.resolution"
+        ) from err
     side = getattr(size, "height", None) or (size.get("height") if isinstance(size, dict) else None)
     if not side:
-        raise TeacherError(f"student.model {name!r}: its image processor has no fixed square size "
-                           f"({size}); set student.resolution in params.yaml")
+        raise TeacherError(
+            f"student.model {name!r}: its image processor has no fixed square size "
+            f"({size}); set student.resolution in params.yaml"
+        )
     return int(side)
 
 
@@ -169,13 +214,16 @@ def check_resolution(model: Any, resolution: int, *, name: str) -> None:
     step = bb.patch_size * bb.num_windows
     if resolution % step:
         lower = max(step, resolution // step * step)
-        raise TeacherError(f"student.resolution {resolution} is not a multiple of {step} (patch size "
-                           f"{bb.patch_size} x {bb.num_windows} windows) for {name!r}; use "
-                           f"{lower} or {lower + step}")
+        raise TeacherError(
+            f"student.resolution {resolution} is not a multiple of {step} (patch size "
+            f"{bb.patch_size} x {bb.num_windows} windows) for {name!r}; use "
+            f"{lower} or {lower + step}"
+        )
 
 
-def build_student(params: StudentParams, *, names: Sequence[str], masks: bool
-                  ) -> tuple[nn.Module, int, str]:
+def build_student(
+    params: StudentParams, *, names: Sequence[str], masks: bool
+) -> tuple[nn.Module, int, str]:
     """The model to train, its input side and the resolved ``student.model``."""
     name = resolve_name(params.model, masks=masks)
     if name == TINY_RANDOM:
@@ -205,13 +253,18 @@ def load_info(model_dir: Path) -> StudentInfo:
     path = Path(model_dir) / INFO_FILE
     try:
         doc = json.loads(path.read_text())
-        return StudentInfo(source=str(doc["source"]), masks=bool(doc["masks"]),
-                           resolution=int(doc["resolution"]),
-                           category_ids=tuple(int(c) for c in doc["category_ids"]),
-                           names=tuple(str(n) for n in doc["names"]))
+        return StudentInfo(
+            source=str(doc["source"]),
+            masks=bool(doc["masks"]),
+            resolution=int(doc["resolution"]),
+            category_ids=tuple(int(c) for c in doc["category_ids"]),
+            names=tuple(str(n) for n in doc["names"]),
+        )
     except FileNotFoundError as e:
-        raise TeacherError(f"{path}: not found; {model_dir} is not a trained student folder "
-                           "(run `dvc repro train_student`, or pass the folder it wrote)") from e
+        raise TeacherError(
+            f"{path}: not found; {model_dir} is not a trained student folder "
+            "(run `dvc repro train_student`, or pass the folder it wrote)"
+        ) from e
     except (ValueError, KeyError, TypeError) as e:
         raise TeacherError(f"{path}: damaged ({e}); re-run `dvc repro train_student`") from e
 
@@ -249,8 +302,9 @@ def load_student(model_dir: str | Path, *, device: torch.device | str = "cpu") -
     try:
         model = model_class(info.masks).from_pretrained(str(model_dir), local_files_only=True)
     except OSError as e:
-        raise TeacherError(f"{model_dir}: cannot load the student weights ({e}); re-run "
-                           "`dvc repro train_student`") from e
+        raise TeacherError(
+            f"{model_dir}: cannot load the student weights ({e}); re-run `dvc repro train_student`"
+        ) from e
     return Student(forward=StudentOutputs(model).to(device).eval(), info=info)
 
 
@@ -265,15 +319,25 @@ def preprocess(images: Sequence[np.ndarray], *, resolution: int) -> Tensor:
     out = []
     for image in images:
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-        x = nn.functional.interpolate(x[None], size=(resolution, resolution), mode="bilinear",
-                                      align_corners=False, antialias=True)[0]
+        x = nn.functional.interpolate(
+            x[None],
+            size=(resolution, resolution),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )[0]
         out.append((x - mean) / std)
     return torch.stack(out) if out else torch.zeros((0, 3, resolution, resolution))
 
 
-def decode(outputs: Sequence[Tensor], *, sizes: Sequence[tuple[int, int]],
-           category_ids: Sequence[int], max_detections: int, score_threshold: float = 0.0
-           ) -> list[Detections]:
+def decode(
+    outputs: Sequence[Tensor],
+    *,
+    sizes: Sequence[tuple[int, int]],
+    category_ids: Sequence[int],
+    max_detections: int,
+    score_threshold: float = 0.0,
+) -> list[Detections]:
     """RF-DETR outputs -> per image ``Detections``: ``boxes`` (N, 4) COCO xywh px, ``scores``,
     ``category_ids`` (+ ``masks`` (N, H, W) bool when the outputs have mask logits).
 
@@ -301,25 +365,43 @@ def decode(outputs: Sequence[Tensor], *, sizes: Sequence[tuple[int, int]],
         xywh[:, 3] = xywh[:, 3].clamp(max=h - xywh[:, 1])
         image_masks = None
         if masks is not None:
-            up = nn.functional.interpolate(masks[i, qi][None], size=(h, w), mode="bilinear",
-                                           align_corners=False)[0] if len(qi) else masks[i, :0, :h, :w]
+            up = (
+                nn.functional.interpolate(
+                    masks[i, qi][None], size=(h, w), mode="bilinear", align_corners=False
+                )[0]
+                if len(qi)
+                else masks[i, :0, :h, :w]
+            )
             image_masks = (up > 0).numpy().reshape(-1, h, w)
-        dets.append(Detections(xywh.numpy(), scores[i][keep].numpy(), cats[label[i][keep].numpy()],
-                               image_masks))
+        dets.append(
+            Detections(
+                xywh.numpy(), scores[i][keep].numpy(), cats[label[i][keep].numpy()], image_masks
+            )
+        )
     return dets
 
 
 @torch.no_grad()
-def predict(student: Student, images: Sequence[np.ndarray], *, max_detections: int,
-            score_threshold: float = 0.0) -> list[Detections]:
+def predict(
+    student: Student,
+    images: Sequence[np.ndarray],
+    *,
+    max_detections: int,
+    score_threshold: float = 0.0,
+) -> list[Detections]:
     """The student on a batch of HxWx3 uint8 images: per image the decoded detections."""
     info = student.info
     device = _device_of(student.forward)
     raw = student.forward(preprocess(images, resolution=info.resolution).to(device))
     outputs = [o.detach().cpu() for o in raw]
     sizes = [(int(im.shape[1]), int(im.shape[0])) for im in images]
-    return decode(outputs, sizes=sizes, category_ids=info.category_ids,
-                  max_detections=max_detections, score_threshold=score_threshold)
+    return decode(
+        outputs,
+        sizes=sizes,
+        category_ids=info.category_ids,
+        max_detections=max_detections,
+        score_threshold=score_threshold,
+    )
 
 
 def _device_of(forward: Any) -> torch.device:
@@ -340,7 +422,9 @@ def fixed_position_embeddings(model: Any, resolution: int) -> Iterator[None]:
     ONNX has no export for. At a fixed input size the interpolation is a constant: computed once
     here, exactly as the model computes it eagerly, so the exported graph gives the same outputs.
     """
-    embeddings: list[Any] = [m for m in model.modules() if type(m).__name__.endswith("Dinov2Embeddings")]
+    embeddings: list[Any] = [
+        m for m in model.modules() if type(m).__name__.endswith("Dinov2Embeddings")
+    ]
     saved = []
     for emb in embeddings:
         n = (resolution // emb.patch_size) ** 2

@@ -41,14 +41,21 @@ def export_onnx(student_dir: str | Path, out_dir: str | Path, *, opset: int = OP
     info = student.info
     out_dir.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(1, 3, info.resolution, info.resolution)
-    names = list(OUTPUTS[:3 if info.masks else 2])
+    names = list(OUTPUTS[: 3 if info.masks else 2])
     target = out_dir / ONNX_FILE
     tmp = target.with_suffix(".onnx.tmp")
     with fixed_position_embeddings(module, info.resolution), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic: sizes are fixed
-        torch.onnx.export(module, (dummy,), str(tmp), dynamo=False, opset_version=opset,
-                          input_names=["pixel_values"], output_names=names,
-                          dynamic_axes={"pixel_values": {0: "batch"}, **{n: {0: "batch"} for n in names}})
+        torch.onnx.export(
+            module,
+            (dummy,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["pixel_values"],
+            output_names=names,
+            dynamic_axes={"pixel_values": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+        )
     tmp.replace(target)
     shutil.copyfile(student_dir / INFO_FILE, out_dir / INFO_FILE)
     return target
@@ -62,10 +69,14 @@ class OnnxStudent:
 
         self.path = Path(path)
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=ort.get_available_providers())
+            self.session = ort.InferenceSession(
+                str(self.path), providers=ort.get_available_providers()
+            )
         except Exception as e:  # onnxruntime raises its own exception types
-            raise TeacherError(f"{self.path}: not a loadable ONNX model ({e}); export it again with "
-                               "`teacher export --student --format onnx`") from e
+            raise TeacherError(
+                f"{self.path}: not a loadable ONNX model ({e}); export it again with "
+                "`teacher export --student --format onnx`"
+            ) from e
 
     def __call__(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
         x = pixel_values.detach().cpu().numpy().astype(np.float32)
@@ -82,5 +93,7 @@ def load_any_student(path: str | Path, *, device: torch.device | str = "cpu") ->
         return Student(forward=OnnxStudent(path / ONNX_FILE), info=load_info(path))
     if path.is_dir():
         return load_student(path, device=device)
-    raise TeacherError(f"{path}: no student here; pass models/student (PyTorch) or a folder "
-                       "written by `teacher export --student --format onnx`")
+    raise TeacherError(
+        f"{path}: no student here; pass models/student (PyTorch) or a folder "
+        "written by `teacher export --student --format onnx`"
+    )

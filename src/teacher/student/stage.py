@@ -27,49 +27,92 @@ from teacher.train.stage import training_parser
 def student_parser(description: str | None) -> argparse.ArgumentParser:
     """``python -m stages.train_student`` arguments; defaults are the paths in dvc.yaml."""
     p = training_parser("train_student", description, teacher="student")
-    p.add_argument("--teacher-labels", type=Path, default=Path("data/teacher_labels.json"),
-                   help="the label stage's COCO file (teachers' detections on the pool)")
-    p.add_argument("--pool", type=Path, required=True, help="folder of the pool images (data.unlabeled)")
+    p.add_argument(
+        "--teacher-labels",
+        type=Path,
+        default=Path("data/teacher_labels.json"),
+        help="the label stage's COCO file (teachers' detections on the pool)",
+    )
+    p.add_argument(
+        "--pool", type=Path, required=True, help="folder of the pool images (data.unlabeled)"
+    )
     return p
 
 
-def pool_note(teacher_images: int, labels: int, *, weight: float, min_score: float, path: Path) -> str:
+def pool_note(
+    teacher_images: int, labels: int, *, weight: float, min_score: float, path: Path
+) -> str:
     """The line saying what the student trains on besides the human labels."""
     if weight == 0:
         return "human labels alone (student.teacher_weight is 0)"
     if teacher_images == 0:
         return f"human labels alone: no unlabeled pool ({path} lists no image; set data.unlabeled)"
-    return (f"human labels + {labels} teacher labels (score >= {min_score:g}) on {teacher_images} "
-            f"pool images, weight {weight:g}")
+    return (
+        f"human labels + {labels} teacher labels (score >= {min_score:g}) on {teacher_images} "
+        f"pool images, weight {weight:g}"
+    )
 
 
 def run_student_stage(args: argparse.Namespace) -> str:
     """Train the student as a stage; returns the line the stage prints."""
     params = load_params(args.params)
     student = params["student"]
-    used = {"seed": params["seed"], **{k: to_dict(params[k]) for k in ("train", "augment", "student")}}
+    used = {
+        "seed": params["seed"],
+        **{k: to_dict(params[k]) for k in ("train", "augment", "student")},
+    }
     policy = resolve_policy(params["augment"], read_json(args.inspect))
     train_coco, val_coco = load_coco(args.train), load_coco(args.val)
     if not Path(args.teacher_labels).is_file():
-        raise TeacherError(f"{args.teacher_labels}: not found; the label stage writes it "
-                           "(`dvc repro label`)")
-    teacher = teacher_source(load_coco(args.teacher_labels), path=args.teacher_labels, pool=args.pool,
-                             categories=categories_by_id(train_coco), min_score=student.min_score,
-                             weight=student.teacher_weight)
-    note = pool_note(len(teacher.coco["images"]), len(teacher.coco["annotations"]),
-                     weight=student.teacher_weight, min_score=student.min_score, path=args.teacher_labels)
+        raise TeacherError(
+            f"{args.teacher_labels}: not found; the label stage writes it (`dvc repro label`)"
+        )
+    teacher = teacher_source(
+        load_coco(args.teacher_labels),
+        path=args.teacher_labels,
+        pool=args.pool,
+        categories=categories_by_id(train_coco),
+        min_score=student.min_score,
+        weight=student.teacher_weight,
+    )
+    note = pool_note(
+        len(teacher.coco["images"]),
+        len(teacher.coco["annotations"]),
+        weight=student.teacher_weight,
+        min_score=student.min_score,
+        path=args.teacher_labels,
+    )
     if is_main_process():
         print(f"train_student: training on {note}")
         shutil.rmtree(args.out, ignore_errors=True)
         shutil.rmtree(args.metrics, ignore_errors=True)  # dvclive starts fresh; resume replays
-    run_id = fingerprint(used, args.train, args.val, args.teacher_labels,
-                         images_digest(args.images, train_coco, val_coco),
-                         images_digest(args.pool, teacher.coco))
-    metrics = launch(train_student, processes=params["train"].processes, kwargs=dict(
-        train_coco=train_coco, val_coco=val_coco, image_root=args.images, teacher=teacher,
-        masks=has_masks(train_coco), student=student, train=params["train"], augment_policy=policy,
-        seed=params["seed"], out_dir=args.out, checkpoint_dir=args.checkpoints,
-        live_dir=args.metrics, fingerprint=run_id))
+    run_id = fingerprint(
+        used,
+        args.train,
+        args.val,
+        args.teacher_labels,
+        images_digest(args.images, train_coco, val_coco),
+        images_digest(args.pool, teacher.coco),
+    )
+    metrics = launch(
+        train_student,
+        processes=params["train"].processes,
+        kwargs=dict(
+            train_coco=train_coco,
+            val_coco=val_coco,
+            image_root=args.images,
+            teacher=teacher,
+            masks=has_masks(train_coco),
+            student=student,
+            train=params["train"],
+            augment_policy=policy,
+            seed=params["seed"],
+            out_dir=args.out,
+            checkpoint_dir=args.checkpoints,
+            live_dir=args.metrics,
+            fingerprint=run_id,
+        ),
+    )
     if is_main_process():
         save_json({**used, "augment_policy": policy, "trained_on": note}, args.out / PARAMS_FILE)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))

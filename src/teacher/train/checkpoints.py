@@ -43,8 +43,9 @@ def training_lock(checkpoint_dir: Path) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise TeacherError(f"{path}: cannot create the training lock ({e.strerror}); make "
-                           f"{path.parent} writable") from e
+        raise TeacherError(
+            f"{path}: cannot create the training lock ({e.strerror}); make {path.parent} writable"
+        ) from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,7 +54,8 @@ def training_lock(checkpoint_dir: Path) -> Iterator[None]:
             raise TeacherError(
                 f"{checkpoint_dir}: another training of this stage is running (process "
                 f"{holder}, lock {path}); wait for it to finish or stop it (kill {holder}), "
-                "then re-run: training resumes from its last checkpoint") from None
+                "then re-run: training resumes from its last checkpoint"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -67,10 +69,13 @@ _EPOCH_DIR = re.compile(r"epoch-(\d{4,})")
 def rng_state() -> dict[str, Any]:
     version, mt, gauss = random.getstate()
     # the legacy tuple (get_state's default); the stubs union it with the dict form
-    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float],
-                                              np.random.get_state())
-    return {"python": [version, list(mt), gauss],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    name, keys, pos, has_gauss, cached = cast(
+        tuple[str, np.ndarray, int, int, float], np.random.get_state()
+    )
+    return {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
 
 
 def set_rng_state(state: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
@@ -83,8 +88,9 @@ def set_rng_state(state: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(tensors["cuda_rng"])
 
 
-def save_checkpoint(checkpoint_dir: Path, *, tensors: dict[str, Any], meta: dict[str, Any],
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    checkpoint_dir: Path, *, tensors: dict[str, Any], meta: dict[str, Any], keep: int = 2
+) -> Path:
     """Write ``epoch-NNNN/{state.pt, meta.json}`` atomically (tmp dir + os.replace); keep ``keep``.
 
     ``tensors`` is torch.save'd (loaded back with weights_only=True); ``meta`` (JSON) records
@@ -102,9 +108,11 @@ def save_checkpoint(checkpoint_dir: Path, *, tensors: dict[str, Any], meta: dict
         os.replace(tmp, final)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TeacherError(f"{checkpoint_dir}: cannot write a checkpoint ({e}); free disk space or "
-                           "make the folder writable, then re-run: training resumes from the "
-                           "last good checkpoint") from e
+        raise TeacherError(
+            f"{checkpoint_dir}: cannot write a checkpoint ({e}); free disk space or "
+            "make the folder writable, then re-run: training resumes from the "
+            "last good checkpoint"
+        ) from e
     for old in _checkpoint_dirs(checkpoint_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -121,13 +129,17 @@ def _checkpoint_dirs(checkpoint_dir: Path) -> list[Path]:
     """Checkpoint folders, newest first."""
     if not checkpoint_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir()
-             if (m := _EPOCH_DIR.fullmatch(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p)
+        for p in checkpoint_dir.iterdir()
+        if (m := _EPOCH_DIR.fullmatch(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def load_checkpoint(checkpoint_dir: Path, *, fingerprint: str,
-                    verbose: bool = True) -> tuple[dict, dict] | None:
+def load_checkpoint(
+    checkpoint_dir: Path, *, fingerprint: str, verbose: bool = True
+) -> tuple[dict, dict] | None:
     """(tensors, meta) of the newest readable checkpoint whose fingerprint matches, else None.
 
     A damaged checkpoint (unreadable JSON, hash mismatch, torch.load failure) is reported and
@@ -137,15 +149,21 @@ def load_checkpoint(checkpoint_dir: Path, *, fingerprint: str,
         try:
             meta = json.loads((path / "meta.json").read_text())
             if meta.get("fingerprint") != fingerprint or meta.get("version") != CHECKPOINT_VERSION:
-                _say(verbose, f"{path}: checkpoint is from other params or data; training from scratch")
+                _say(
+                    verbose,
+                    f"{path}: checkpoint is from other params or data; training from scratch",
+                )
                 return None
             if file_sha256(path / "state.pt") != meta["state_sha256"]:
                 raise ValueError("state.pt does not match the sha256 recorded in meta.json")
             tensors = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
             return tensors, meta
         except Exception as e:  # any damage: fall back to the previous checkpoint
-            _say(verbose, f"{path}: checkpoint is damaged ({type(e).__name__}: {e}); "
-                 "falling back to the previous one")
+            _say(
+                verbose,
+                f"{path}: checkpoint is damaged ({type(e).__name__}: {e}); "
+                "falling back to the previous one",
+            )
     if checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
         _say(verbose, f"{checkpoint_dir}: no usable checkpoint; training from scratch")
     return None

@@ -18,8 +18,13 @@ from torch import nn
 from teacher.errors import TeacherError
 
 
-def launch(fn: Callable[..., Any], *, processes: int, args: tuple = (),
-           kwargs: Mapping[str, Any] | None = None) -> Any:
+def launch(
+    fn: Callable[..., Any],
+    *,
+    processes: int,
+    args: tuple = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> Any:
     """Run ``fn(*args, **kwargs)`` in ``processes`` data-parallel processes (gloo on CPU, nccl on GPUs).
 
     With ``processes`` <= 1, or when already inside a distributed launch (``accelerate launch``,
@@ -33,8 +38,10 @@ def launch(fn: Callable[..., Any], *, processes: int, args: tuple = (),
     import torch.multiprocessing as mp
 
     if torch.cuda.is_available() and torch.cuda.device_count() < processes:
-        raise TeacherError(f"train.processes={processes} but only {torch.cuda.device_count()} "
-                           "GPU(s) are visible; lower train.processes")
+        raise TeacherError(
+            f"train.processes={processes} but only {torch.cuda.device_count()} "
+            "GPU(s) are visible; lower train.processes"
+        )
     # spawn, not fork: a forked child of a process that has run torch ops can deadlock on a
     # lock some thread held at the fork (seen here), and CUDA cannot be forked.
     method = "spawn"
@@ -42,8 +49,13 @@ def launch(fn: Callable[..., Any], *, processes: int, args: tuple = (),
     results = ctx.SimpleQueue()
     port = _free_port()
     try:
-        mp.start_processes(_worker, args=(fn, args, kwargs, processes, port, results), nprocs=processes,
-                           start_method=method, join=True)
+        mp.start_processes(
+            _worker,
+            args=(fn, args, kwargs, processes, port, results),
+            nprocs=processes,
+            start_method=method,
+            join=True,
+        )
     except mp.ProcessRaisedException as e:
         last = str(e).strip().splitlines()[-1]
         if last.startswith("teacher.errors.TeacherError: "):
@@ -66,10 +78,17 @@ def process_rank_and_count() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _worker(rank: int, fn: Callable, args: tuple, kwargs: dict, world: int, port: int,
-            results: Any) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(
+    rank: int, fn: Callable, args: tuple, kwargs: dict, world: int, port: int, results: Any
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     if torch.cuda.is_available():
         torch.cuda.set_device(rank)
     result = fn(*args, **kwargs)
@@ -93,8 +112,9 @@ def broadcast_parameters(params: list[tuple[str, nn.Parameter]], accelerator: An
 def reduced_terms(terms: Mapping[str, Any], acc: Any) -> dict[str, float]:
     """Loss terms as floats, averaged over processes (every process sees the same values)."""
     keys = sorted(terms)
-    stacked = torch.stack([torch.as_tensor(terms[k], device=acc.device).detach().float().reshape(())
-                           for k in keys])
+    stacked = torch.stack(
+        [torch.as_tensor(terms[k], device=acc.device).detach().float().reshape(()) for k in keys]
+    )
     if acc.num_processes > 1:
         torch.distributed.all_reduce(stacked)
         stacked = stacked / acc.num_processes
@@ -112,5 +132,5 @@ def all_reduce_grads(params: list[tuple[str, nn.Parameter]], acc: Any) -> None:
     offset = 0
     for (_, p), g in zip(params, grads, strict=True):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n

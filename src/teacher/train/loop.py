@@ -91,8 +91,9 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def epoch_batches(n: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world: int = 1) -> list[list[int]]:
+def epoch_batches(
+    n: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
     """This process's batches of dataset indexes for ``epoch``: a permutation seeded by (seed, epoch).
 
     The global batch list is the permutation cut into ``batch_size`` chunks (the last may be
@@ -101,7 +102,7 @@ def epoch_batches(n: int, *, batch_size: int, seed: int, epoch: int, rank: int =
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
-    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    batches = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
     pad = (-len(batches)) % world
     batches += batches[:pad]
     return batches[rank::world]
@@ -171,8 +172,17 @@ class _Loop:
         return self.accelerator.is_main_process
 
 
-def fit(task: Task, *, train: TrainParams, seed: int, out_dir: Path, checkpoint_dir: Path,
-        live_dir: Path, fingerprint: str, record: Mapping[str, Any] | None = None) -> dict[str, float]:
+def fit(
+    task: Task,
+    *,
+    train: TrainParams,
+    seed: int,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    live_dir: Path,
+    fingerprint: str,
+    record: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
     """Train ``task.model``; write the best weights with ``task.save`` into ``out_dir``.
 
     Returns the best epoch's ``validate()`` metrics plus ``best_epoch`` (1-based), ``epochs``
@@ -210,11 +220,15 @@ def _start(task: Task, *, train: TrainParams, seed: int) -> _Loop:
     # Accumulation is done here (gradient_accumulation_steps stays 1): the last group of an
     # epoch may be short, and gradients are all-reduced by hand (no DDP wrapper).
     accelerator = Accelerator(
-        mixed_precision=resolve_precision(train.precision), cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])  # main validates alone
+        mixed_precision=resolve_precision(train.precision),
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+    )  # main validates alone
     if train.processes > 1 and accelerator.num_processes == 1:
-        print(f"{task.name}: train.processes={train.processes} but this is a single process; "
-              "the stage must start training through teacher.engine.launch (or accelerate launch)")
+        print(
+            f"{task.name}: train.processes={train.processes} but this is a single process; "
+            "the stage must start training through teacher.engine.launch (or accelerate launch)"
+        )
     seed_everything(seed)
     model = task.model.to(accelerator.device)
     set_train_mode(model)
@@ -226,11 +240,13 @@ def _start(task: Task, *, train: TrainParams, seed: int) -> _Loop:
     if n == 0:
         raise TeacherError(f"{task.name}: the training split is empty; check data/split/train.json")
     steps = _steps_per_epoch(n, train=train, world=accelerator.num_processes)
-    optimizer = accelerator.prepare_optimizer(_adamw(params, train=train, lr_scales=task.lr_scales),
-                                              device_placement=False)
+    optimizer = accelerator.prepare_optimizer(
+        _adamw(params, train=train, lr_scales=task.lr_scales), device_placement=False
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.optimizer,
-        functools.partial(lr_factor, warmup=train.warmup_steps, total=steps * train.epochs))
+        functools.partial(lr_factor, warmup=train.warmup_steps, total=steps * train.epochs),
+    )
     return _Loop(task, train, seed, accelerator, params, optimizer, scheduler, None, steps)
 
 
@@ -245,8 +261,12 @@ def lr_scale(name: str, lr_scales: Mapping[str, float]) -> float:
     return next((float(v) for pattern, v in lr_scales.items() if re.search(pattern, name)), 1.0)
 
 
-def _adamw(params: list[tuple[str, nn.Parameter]], *, train: TrainParams,
-           lr_scales: Mapping[str, float] | None = None) -> torch.optim.AdamW:
+def _adamw(
+    params: list[tuple[str, nn.Parameter]],
+    *,
+    train: TrainParams,
+    lr_scales: Mapping[str, float] | None = None,
+) -> torch.optim.AdamW:
     """AdamW; biases and norm scales (1-D tensors) get no weight decay; ``lr_scales`` multiply
     the lr of the parameters they match. Groups at the plain lr come first (``lr`` is logged
     from group 0)."""
@@ -255,8 +275,16 @@ def _adamw(params: list[tuple[str, nn.Parameter]], *, train: TrainParams,
         groups.setdefault((lr_scale(name, lr_scales or {}), p.ndim > 1), []).append(p)
     order = sorted(groups, key=lambda k: (k[0] != 1.0, k[0], not k[1]))
     return torch.optim.AdamW(
-        [{"params": groups[k], "lr": train.lr * k[0],
-          "weight_decay": train.weight_decay if k[1] else 0.0} for k in order], lr=train.lr)
+        [
+            {
+                "params": groups[k],
+                "lr": train.lr * k[0],
+                "weight_decay": train.weight_decay if k[1] else 0.0,
+            }
+            for k in order
+        ],
+        lr=train.lr,
+    )
 
 
 def _resume(loop: _Loop, *, checkpoint_dir: Path, fingerprint: str) -> RunState:
@@ -285,8 +313,10 @@ def _resume(loop: _Loop, *, checkpoint_dir: Path, fingerprint: str) -> RunState:
 def _load_weights(params: list[tuple[str, nn.Parameter]], state: Mapping[str, Tensor]) -> None:
     missing = [n for n, _ in params if n not in state]
     if missing:
-        raise TeacherError(f"checkpoint lacks trainable parameters {missing[:5]}; delete the "
-                           "checkpoint folder and re-run")
+        raise TeacherError(
+            f"checkpoint lacks trainable parameters {missing[:5]}; delete the "
+            "checkpoint folder and re-run"
+        )
     with torch.no_grad():
         for name, p in params:
             p.copy_(state[name].to(p.device, p.dtype))
@@ -314,14 +344,27 @@ def _train_epoch(loop: _Loop, run: RunState) -> None:
     train, acc = loop.train, loop.accelerator
     if hasattr(loop.task.train_dataset, "set_epoch"):
         loop.task.train_dataset.set_epoch(run.epoch)
-    batches = epoch_batches(len(cast(Sized, loop.task.train_dataset)), batch_size=train.batch_size,
-                            seed=loop.seed, epoch=run.epoch, rank=acc.process_index,
-                            world=acc.num_processes)[:loop.steps_per_epoch * train.grad_accum]
-    loader = DataLoader(loop.task.train_dataset, batch_sampler=batches,
-                        collate_fn=loop.task.collate_fn, num_workers=train.num_workers)
+    batches = epoch_batches(
+        len(cast(Sized, loop.task.train_dataset)),
+        batch_size=train.batch_size,
+        seed=loop.seed,
+        epoch=run.epoch,
+        rank=acc.process_index,
+        world=acc.num_processes,
+    )[: loop.steps_per_epoch * train.grad_accum]
+    loader = DataLoader(
+        loop.task.train_dataset,
+        batch_sampler=batches,
+        collate_fn=loop.task.collate_fn,
+        num_workers=train.num_workers,
+    )
     set_train_mode(loop.task.model)
-    bar = tqdm(total=loop.steps_per_epoch, disable=not loop.main, leave=False,
-               desc=f"{loop.task.name} epoch {run.epoch + 1}/{train.epochs}")
+    bar = tqdm(
+        total=loop.steps_per_epoch,
+        disable=not loop.main,
+        leave=False,
+        desc=f"{loop.task.name} epoch {run.epoch + 1}/{train.epochs}",
+    )
     group: list[dict[str, float]] = []
     for i, batch in enumerate(loader):
         start = i - i % train.grad_accum
@@ -335,7 +378,9 @@ def _train_epoch(loop: _Loop, run: RunState) -> None:
     bar.close()
 
 
-def _micro_step(loop: _Loop, run: RunState, batch: Any, *, scale: float, micro: int) -> dict[str, float]:
+def _micro_step(
+    loop: _Loop, run: RunState, batch: Any, *, scale: float, micro: int
+) -> dict[str, float]:
     """Forward + backward of one micro-batch; returns its loss terms averaged over processes."""
     from accelerate.utils import send_to_device
 
@@ -351,7 +396,8 @@ def _micro_step(loop: _Loop, run: RunState, batch: Any, *, scale: float, micro: 
         raise TeacherError(
             f"{loop.task.name}: non-finite loss at epoch {run.epoch + 1}, optimizer step "
             f"{run.step + 1} (micro-batch {micro + 1}): {shown}. Lower train.lr, raise "
-            "train.warmup_steps, or set train.precision: fp32; check the data for degenerate boxes.")
+            "train.warmup_steps, or set train.precision: fp32; check the data for degenerate boxes."
+        )
     acc.backward(terms["loss"] * scale)
     return values
 
@@ -390,8 +436,10 @@ def _validate(loop: _Loop, run: RunState) -> dict[str, float]:
         torch.distributed.broadcast_object_list(box, src=0)
         metrics = box[0]
     if loop.task.monitor not in metrics:
-        raise TeacherError(f"{loop.task.name}: validate() returned {sorted(metrics)}, "
-                           f"without the monitored key {loop.task.monitor!r}")
+        raise TeacherError(
+            f"{loop.task.name}: validate() returned {sorted(metrics)}, "
+            f"without the monitored key {loop.task.monitor!r}"
+        )
     return metrics
 
 
@@ -420,20 +468,27 @@ def _finish(loop: _Loop, run: RunState, *, out_dir: Path, checkpoint_dir: Path) 
     """Load the best weights, save them with task.save, close the log, drop the checkpoints."""
     if run.best_state:
         _load_weights(loop.params, run.best_state)
-    result = {**run.best_metrics, "best_epoch": run.best_epoch + 1, "epochs": run.epoch,
-              "steps": run.step}
+    result = {
+        **run.best_metrics,
+        "best_epoch": run.best_epoch + 1,
+        "epochs": run.epoch,
+        "steps": run.step,
+    }
     if loop.main:
         from safetensors import SafetensorError
 
         try:
             loop.task.save(loop.task.model, out_dir)
         except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
-            raise TeacherError(f"{out_dir}: cannot write the trained model ({e}); free disk space "
-                               "or make it writable and re-run (training resumes from the "
-                               f"checkpoint in {checkpoint_dir})") from e
+            raise TeacherError(
+                f"{out_dir}: cannot write the trained model ({e}); free disk space "
+                "or make it writable and re-run (training resumes from the "
+                f"checkpoint in {checkpoint_dir})"
+            ) from e
         live = loop.live
-        live.log_metric(f"best/{loop.task.monitor}", run.best if run.best is not None else 0.0,
-                        plot=False)
+        live.log_metric(
+            f"best/{loop.task.monitor}", run.best if run.best is not None else 0.0, plot=False
+        )
         live.log_metric("best/epoch", run.best_epoch + 1, plot=False)
         live.end()
         shutil.rmtree(checkpoint_dir, ignore_errors=True)

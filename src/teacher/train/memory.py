@@ -45,8 +45,10 @@ def run_without_grad(module: nn.Module) -> nn.Module:
     """
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     if trainable:
-        raise TeacherError(f"run_without_grad: {type(module).__name__} has trainable parameters "
-                           f"{trainable[:5]}; only frozen parts may run without autograd")
+        raise TeacherError(
+            f"run_without_grad: {type(module).__name__} has trainable parameters "
+            f"{trainable[:5]}; only frozen parts may run without autograd"
+        )
     forward = module.forward
     module.forward = functools.partial(_no_grad_forward, forward)
     return module

@@ -27,11 +27,15 @@ from teacher.train.distributed import is_main_process, launch
 SHARED_SECTIONS = ("lora", "train", "augment")  # + seed + the teacher's own section (dvc.yaml)
 
 
-def training_parser(stage: str, description: str | None, *, teacher: str,
-                    cache: bool = False) -> argparse.ArgumentParser:
+def training_parser(
+    stage: str, description: str | None, *, teacher: str, cache: bool = False
+) -> argparse.ArgumentParser:
     """The arguments of ``python -m stages.<stage>``; defaults are the paths in dvc.yaml."""
-    p = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"python -m stages.{stage}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--inspect", type=Path, default=Path("data/inspect.json"))
     p.add_argument("--train", type=Path, default=Path("data/split/train.json"))
@@ -41,8 +45,12 @@ def training_parser(stage: str, description: str | None, *, teacher: str,
     p.add_argument("--metrics", type=Path, default=Path(f"metrics/{stage}"))
     p.add_argument("--checkpoints", type=Path, default=Path(f"checkpoints/{stage}"))
     if cache:
-        p.add_argument("--cache", type=Path, default=Path(f"checkpoints/{teacher}_embeddings"),
-                       help="image-embedding cache of decoder-only training")
+        p.add_argument(
+            "--cache",
+            type=Path,
+            default=Path(f"checkpoints/{teacher}_embeddings"),
+            help="image-embedding cache of decoder-only training",
+        )
     return p
 
 
@@ -85,23 +93,40 @@ def run_training_stage(
         if is_main_process():  # a second training of this stage was refused before this
             shutil.rmtree(args.out, ignore_errors=True)
             shutil.rmtree(args.metrics, ignore_errors=True)  # dvclive starts fresh; resume replays
-        run_id = fingerprint(used, args.train, args.val,
-                             images_digest(args.images, train_coco, val_coco))
-        metrics = launch(train_fn, processes=params["train"].processes, kwargs=dict(
-            train_coco=train_coco, val_coco=val_coco, image_root=args.images,
-            lora=params["lora"], train=params["train"], augment_policy=policy,
-            seed=params["seed"], out_dir=args.out, checkpoint_dir=args.checkpoints,
-            live_dir=args.metrics, fingerprint=run_id, **{teacher_kwarg: params[teacher]},
-            **(extra or {}),
-        ))
+        run_id = fingerprint(
+            used, args.train, args.val, images_digest(args.images, train_coco, val_coco)
+        )
+        metrics = launch(
+            train_fn,
+            processes=params["train"].processes,
+            kwargs=dict(
+                train_coco=train_coco,
+                val_coco=val_coco,
+                image_root=args.images,
+                lora=params["lora"],
+                train=params["train"],
+                augment_policy=policy,
+                seed=params["seed"],
+                out_dir=args.out,
+                checkpoint_dir=args.checkpoints,
+                live_dir=args.metrics,
+                fingerprint=run_id,
+                **{teacher_kwarg: params[teacher]},
+                **(extra or {}),
+            ),
+        )
         if is_main_process():
             save_json({**used, "augment_policy": policy}, args.out / PARAMS_FILE)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
     return f"{shown} -> {args.out}"
 
 
-def stage_main(stage: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], str],
-               argv: Sequence[str] | None = None) -> int:
+def stage_main(
+    stage: str,
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], str],
+    argv: Sequence[str] | None = None,
+) -> int:
     """Parse ``argv``, run, print ``<stage>: <line>``; a params or data error is one line on
     stderr and exit code 1."""
     args = parser.parse_args(argv)
