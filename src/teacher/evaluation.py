@@ -345,7 +345,7 @@ def evaluate_test_split(
             images_root,
             teachers,
             keep=keep,
-            text_threshold=dino_params.text_threshold,
+            text_threshold=params.text_threshold,
             multimask=sam_params.multimask,
             batch_size=2,
             gallery_ids=gallery_ids,

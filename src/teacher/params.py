@@ -174,6 +174,7 @@ class SamParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     score_threshold: float = field(default=0.05, metadata=_range(0, 1))  # keep detections scoring at least this for AP (low: AP sweeps all scores)
+    text_threshold: float = field(default=0.05, metadata=_range(0, 1))  # min class-token score of the labeling decode behind segm/* (low, as score_threshold; dino.text_threshold is predict's)
     nms_iou: float = field(default=0.7, metadata=_range(0, 1))  # per-class NMS IoU; 1 disables
     max_detections: int = field(default=100, metadata=_range(1))  # per image, as COCO's AR@100
     gallery_images: int = field(default=6, metadata=_range(0))  # test images drawn with predictions beside ground truth
