@@ -9,7 +9,7 @@ pixels), ``segmentation`` (compressed RLE, ``counts`` a str), ``area`` and ``sco
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -260,26 +260,48 @@ def label_folder(
 
     ``info.unreadable`` lists ``{"file", "reason"}`` of images that were skipped.
     """
+    lm = teachers.label_map
+
+    def detect(images: list[np.ndarray]) -> list[Detections]:
+        return predict_images(
+            teachers, images, keep=keep, text_threshold=text_threshold, multimask=multimask
+        )
+
+    return label_images(
+        folder,
+        detect,
+        categories=list(zip(lm.category_ids, lm.names, strict=True)),
+        description="teacher predictions (Grounded-SAM)",
+        batch_size=batch_size,
+        progress=progress,
+    )
+
+
+def label_images(
+    folder: str | Path,
+    detect: Callable[[list[np.ndarray]], list[Detections]],
+    *,
+    categories: Sequence[tuple[int, str]],
+    description: str,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The COCO document of ``detect`` (a batch of HxWx3 uint8 images -> their detections) over
+    every image under ``folder``: images with the file's size, ``categories`` (id, name),
+    annotations with ``bbox``, ``score``, ``area`` (and RLE ``segmentation`` with masks);
+    ``info.unreadable`` lists ``{"file", "reason"}`` of the images skipped. Large images are read
+    downscaled and their detections scaled back to the file."""
     folder = Path(folder)
     paths = list_images(folder)
     unreadable = Unreadable()
-    lm = teachers.label_map
     doc: dict[str, Any] = {
         "images": [],
         "annotations": [],
-        "categories": [
-            {"id": c, "name": n} for c, n in zip(lm.category_ids, lm.names, strict=True)
-        ],
+        "categories": [{"id": c, "name": n} for c, n in categories],
     }
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
     for batch in read_batches(paths, batch_size=batch_size, unreadable=unreadable):
-        dets = predict_images(
-            teachers,
-            [img for _, img, _ in batch],
-            keep=keep,
-            text_threshold=text_threshold,
-            multimask=multimask,
-        )
+        dets = detect([img for _, img, _ in batch])
         for (path, image, full), det in zip(batch, dets, strict=True):
             image_id = len(doc["images"]) + 1
             doc["images"].append(
@@ -301,7 +323,7 @@ def label_folder(
     bar.update(len(paths) - bar.n)
     bar.close()
     doc["info"] = {
-        "description": "teacher predictions (Grounded-SAM)",
+        "description": description,
         "unreadable": [{"file": f, "reason": r} for f, r in unreadable.items],
     }
     return doc
