@@ -218,8 +218,8 @@ def build_task(
             multimask=sam_params.multimask,
             embeddings=val_cache,
         ),
-        # the model is the PeftModel apply_lora returned
         monitor="val_miou",
+        # the model is the PeftModel apply_lora returned
         save=cast(Callable[[nn.Module, Path], None], save_adapter),
     )
 
