@@ -15,9 +15,11 @@ the scores and the time it took.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import random
+import re
 import time
 from pathlib import Path
 
@@ -218,53 +220,6 @@ def dino_batch(
     return {**pixels, **text, "labels": labels}
 
 
-def proposal_loss(model, out, batch: dict) -> torch.Tensor:
-    """Grounded loss on the encoder's top-k two-stage proposals, with gradients.
-
-    transformers detaches the proposals before its ``_enc`` loss terms, so the proposal heads
-    (``enc_output``, ``encoder_output_bbox_embed``) never learn: harmless when fine-tuning a
-    pretrained model, fatal from random init (the decoder starts from random boxes). This is the
-    intermediate loss of DINO / Grounding DINO's reference code, through the project's criterion.
-    """
-    from transformers.models.grounding_dino.modeling_grounding_dino import (
-        build_label_maps,
-        build_text_mask,
-    )
-
-    from teacher.dino.loss import GroundedImageLoss, GroundingDinoHungarianMatcher
-
-    config = model.config
-    k = config.num_queries
-    top = out.enc_outputs_class.max(-1)[0].topk(k, dim=1)[1]  # (B, Q)
-    logits = out.enc_outputs_class.gather(
-        1, top[..., None].expand(-1, -1, out.enc_outputs_class.shape[-1])
-    )
-    boxes = out.enc_outputs_coord_logits.gather(1, top[..., None].expand(-1, -1, 4)).sigmoid()
-    matcher = GroundingDinoHungarianMatcher(
-        class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
-    )
-    criterion = GroundedImageLoss(
-        matcher=matcher,
-        focal_alpha=config.focal_alpha,
-        losses=["labels", "boxes"],
-        across_processes=False,
-    )
-    terms = criterion(
-        {
-            "logits": logits,
-            "pred_boxes": boxes,
-            "label_maps": build_label_maps(logits, batch["input_ids"]),
-            "text_mask": build_text_mask(logits, batch["attention_mask"]),
-        },
-        batch["labels"],
-    )
-    return (
-        2.0 * terms["loss_ce"]
-        + config.bbox_loss_coefficient * terms["loss_bbox"]
-        + config.giou_loss_coefficient * terms["loss_giou"]
-    )
-
-
 @torch.no_grad()
 def dino_test_map(model, processor, coco: dict, pixels: list[np.ndarray]) -> dict[str, float]:
     """COCO box mAP / mAP@50 on a test set, prompted with all its classes (fixed order)."""
@@ -286,6 +241,26 @@ def dino_test_map(model, processor, coco: dict, pixels: list[np.ndarray]) -> dic
     return {"map": stats["map"], "map_50": stats["map_50"]}
 
 
+# the path from a prompt's words to the text features the class head compares queries with: BERT,
+# the projection to d_model, the encoder's text self-attention layers, and the fusion layers'
+# image-to-text update (its layer scale and output projection)
+TEXT_PATH = re.compile(
+    r"^model\.(text_backbone\.|text_projection\.|encoder\.layers\.\d+\.(text_enhancer_layer\.|"
+    r"fusion_layer\.(text_param|attn\.out_text_proj\.)))"
+)
+
+
+def spread_words(model, *, std: float) -> None:
+    """Word embeddings drawn with a standard deviation of ``std`` (BERT's init: 0.02), so that at
+    the text encoder's output a token's identity outweighs its position and the class names start
+    far apart. With BERT's init they start at a mean cosine of 0.68 and the grounded loss pulls
+    them together (0.99 after 13k steps) before the image side has learnt what tells the shapes
+    apart: the classes never separate. The references start from a pretrained BERT, whose
+    words are far apart from the first step."""
+    with torch.no_grad():
+        model.model.text_backbone.embeddings.word_embeddings.weight.normal_(0.0, std)
+
+
 def pretrain_dino(
     *,
     steps: int,
@@ -296,33 +271,55 @@ def pretrain_dino(
     lr: float,
     log_every: int = 50,
     init: Path | None = None,
+    clip: float = 1.0,
+    arch: dict | None = None,
+    word_std: float = 1.0,
+    text_lr_scale: float = 0.1,
+    lock_text: bool = True,
+    ce_boost: float = 0.0,
 ) -> tuple[dict, dict]:
     """Train the tiny Grounding DINO from random init (or from ``init``'s weights: a second
     phase); returns (state dict, test scores)."""
-    from teacher.dino.model import build_tiny_pretrained, prepare_model
+    from teacher.dino.model import build_tiny_pretrained, prepare_model, set_dropout
     from teacher.params import DinoParams
 
     seed_all(seed)
     model, processor = build_tiny_pretrained(
-        DinoParams(model="tiny-pretrained", **DINO_SIZE), weights=False
+        DinoParams(model="tiny-pretrained", **DINO_SIZE), weights=False, arch=arch
     )
     if init is not None:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(init)))
+    else:
+        spread_words(model, std=word_std)
     model = prepare_model(model).train()
+    set_dropout(model, 0.0)  # as fine-tuning (dino.dropout) and both references
     coco, pixels = synth.make_dataset(synth.PRETRAIN, n_images=n_images, seed=seed)
     by_image = index_by_image(coco)
     data = [
         (img, by_image.get(info["id"], []))
         for info, img in zip(coco["images"], pixels, strict=True)
     ]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    if lock_text:
+        for name, p in model.named_parameters():
+            if TEXT_PATH.search(name):
+                p.requires_grad_(False)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    text = [p for n, p in trainable if n.startswith("model.text_backbone.")]
+    rest = [p for n, p in trainable if not n.startswith("model.text_backbone.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": rest, "scale": 1.0}, {"params": text, "scale": text_lr_scale}],
+        lr=lr,
+        weight_decay=1e-4,
+    )
     rng = np.random.default_rng(seed)
     start, running = time.time(), []
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr=lr, warmup=min(300, steps // 10), total=steps)
+            group["lr"] = group["scale"] * lr_at(
+                step, lr=lr, warmup=min(300, steps // 10), total=steps
+            )
         batch = dino_batch(
             [data[i] for i in rng.choice(len(data), batch_size, replace=False)],
             processor=processor,
@@ -330,10 +327,12 @@ def pretrain_dino(
             rng=rng,
         )
         out = model(**batch)
-        loss = out.loss + proposal_loss(model, out, batch)
+        loss = out.loss  # every decoder layer and the two-stage proposals (teacher.dino.loss)
+        if ce_boost:  # more weight on the classification terms of every layer
+            loss = loss + ce_boost * sum(v for k, v in out.loss_dict.items() if "loss_ce" in k)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         running.append([float(loss.detach())] + [float(out.loss_dict[k]) for k in DINO_TERMS])
         if (step + 1) % log_every == 0:
@@ -360,6 +359,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000, help="pretraining images (in memory)")
     parser.add_argument("--test-images", type=int, default=200)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--arch", type=json.loads, default=None, help="dino: tiny_config keywords")
+    parser.add_argument("--word-std", type=float, default=1.0, help="dino: word embedding init std")
+    parser.add_argument("--text-lr-scale", type=float, default=0.1, help="dino: BERT's lr factor")
+    parser.add_argument(
+        "--train-text",
+        action="store_true",
+        help="dino: train the text path too (locked by default)",
+    )
+    parser.add_argument("--ce-boost", type=float, default=0.0, help="dino: extra weight on loss_ce")
+    parser.add_argument("--clip", type=float, default=1.0, help="dino: gradient norm clip")
     parser.add_argument("--init", type=Path, default=None, help="dino: continue from these weights")
     parser.add_argument("--out", type=Path, default=ROOT / "src" / "teacher" / "weights")
     args = parser.parse_args()
@@ -383,6 +392,12 @@ def main() -> None:
             batch_size=4,
             lr=args.lr or 5e-4,
             init=args.init,
+            clip=args.clip,
+            arch=args.arch,
+            word_std=args.word_std,
+            text_lr_scale=args.text_lr_scale,
+            lock_text=not args.train_text,
+            ce_boost=args.ce_boost,
         )
     elapsed = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
@@ -390,7 +405,7 @@ def main() -> None:
     save_file(
         {k: v.detach().clone().contiguous() for k, v in state.items()},
         str(path),
-        metadata={"seed": str(args.seed), "scores": str(scores)},
+        metadata={"seed": str(args.seed), "scores": str(scores), "args": str(vars(args))},
     )
     print(f"{path}: {path.stat().st_size / 1e6:.2f} MB; held-out test: {scores}")
     print(

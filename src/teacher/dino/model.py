@@ -162,49 +162,67 @@ def tiny_tokenizer(words: tuple[str, ...] = ()) -> BertTokenizerFast:
         )  # vocab_file= is ignored in 5.x
 
 
-def tiny_config(*, vocab_size: int) -> GroundingDinoConfig:
-    """Grounding DINO at toy size: 4-stage Swin, 1-layer BERT, d_model 32, 2 decoder layers."""
+def tiny_config(
+    *,
+    vocab_size: int,
+    embed_dim: int = 16,
+    depths: tuple[int, ...] = (1, 1, 1, 1),
+    swin_heads: tuple[int, ...] = (1, 1, 2, 2),
+    d_model: int = 32,
+    ffn_dim: int = 64,
+    n_points: int = 2,
+    encoder_layers: int = 1,
+    decoder_layers: int = 2,
+) -> GroundingDinoConfig:
+    """Grounding DINO at toy size; the defaults are tiny-random's: 4-stage Swin (``embed_dim``
+    16), 1-layer BERT, d_model 32, 2 decoder layers, 64 queries."""
     backbone = SwinConfig(
-        embed_dim=16,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 2, 2],
+        embed_dim=embed_dim,
+        depths=list(depths),
+        num_heads=list(swin_heads),
         window_size=4,
         out_features=["stage2", "stage3", "stage4"],  # type: ignore[call-arg]  # a backbone-config kwarg the 5.x signature omits; honoured at runtime
         image_size=64,
     )
     text = BertConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=d_model,
         num_hidden_layers=1,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * d_model,
         max_position_embeddings=256,
     )
     return GroundingDinoConfig(
         backbone_config=backbone,
         text_config=text,
-        d_model=32,  # d_model: a multiple of 32
-        encoder_layers=1,
-        decoder_layers=2,  # decoder_layers=1 fails to construct
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
+        d_model=d_model,  # d_model: a multiple of 32
+        encoder_layers=encoder_layers,
+        decoder_layers=decoder_layers,  # decoder_layers=1 fails to construct
+        encoder_ffn_dim=ffn_dim,
+        decoder_ffn_dim=ffn_dim,
         encoder_attention_heads=2,
         decoder_attention_heads=2,
-        encoder_n_points=2,
-        decoder_n_points=2,
+        encoder_n_points=n_points,
+        decoder_n_points=n_points,
         num_queries=64,
         auxiliary_loss=True,
     )
 
 
+# tiny-pretrained's architecture, as tiny_config keywords: tiny-random's. A wider Swin (embed_dim
+# 32: 5.8 MB of weights) learned no faster from random init (scripts/pretrain_tiny.py --arch).
+TINY_PRETRAINED_ARCH: dict[str, Any] = {}
+
+
 def build_tiny_pretrained(
-    params: DinoParams, *, weights: bool = True
+    params: DinoParams, *, weights: bool = True, arch: dict[str, Any] | None = None
 ) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
     """The tiny-pretrained model (tiny-random's architecture, a vocabulary with :data:`TINY_WORDS`,
     the committed safetensors weights) and processor; ``weights=False`` gives it randomly
     initialised (what scripts/pretrain_tiny.py starts from)."""
     tokenizer = tiny_tokenizer(TINY_WORDS)
-    model = GroundingDinoForObjectDetection(tiny_config(vocab_size=len(tokenizer)))
+    arch = TINY_PRETRAINED_ARCH if arch is None else arch
+    model = GroundingDinoForObjectDetection(tiny_config(vocab_size=len(tokenizer), **arch))
     if weights:
         from safetensors.torch import load_file
 
