@@ -341,7 +341,7 @@ def passes(params: Any) -> dict[str, float | None]:
 
     ``adapted`` (scale 1), ``base`` (with ``evaluate.base``), and ``scale/<s>`` for every other
     scale of ``evaluate.adapter_scales``: scale 1 reuses the adapted pass and scale 0 the base
-    pass, whose outputs are the same (tests/test_evaluate.py pins it).
+    pass, whose outputs are the same (tests/test_forgetting.py pins it).
     """
     out: dict[str, float | None] = {"adapted": 1.0}
     if params.base:
