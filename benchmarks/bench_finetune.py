@@ -1,6 +1,7 @@
 """Base vs LoRA vs full fine-tuning of the tiny-pretrained teachers, on the proving ground.
 
     python benchmarks/bench_finetune.py [--seeds 0 1 2] [--train-images 64] [--models sam dino]
+        [--scales 0 0.5 1]
 
 Fine-tuning domain: ``teacher.synth.FINETUNE`` (train images from each seed, a fixed held-out
 test set); retention: the same models on a held-out set of the pretraining domain
@@ -12,6 +13,12 @@ and LoRA's gain as a share of full fine-tuning's; ``--json`` writes the raw runs
 LoRA: the presets' usual targets (SAM: encoder qkv + decoder attention, decoder trained fully;
 DINO: ``dino.lora_targets`` + box heads). Full fine-tuning: every weight of the model trains
 (a LoRA is still attached, its B matrices start at zero: the same starting point).
+
+``--scales``: the forgetting guard's curve (issue 13). Each trained model is also scored with its
+adapter at those scales (``teacher.lora.load_adapter``: LoRA deltas x s, fully trained weights
+blended; for "full" that is WiSE-FT of every weight): both domains, and for DINO the retention of
+the pretraining classes as ``evaluate`` measures it (AP against the base model's detections
+scoring >= 0.15 on the held-out pretraining-domain images, ``teacher.retention``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +66,8 @@ LORA = LoraParams(rank=8, alpha=16.0, dropout=0.0)
 FULL = {"sam": r"image_encoder|prompt_encoder|mask_decoder", "dino": r"model"}  # every weight
 NO_AUGMENT = resolve_policy(AugmentParams(policy="none"), {})
 TEST_SEED, RETENTION_SEED = 777_777, 888_888
+# "confident" for the retention reference: the DINO preset's scores stay below 0.26 (README)
+RETENTION_THRESHOLD = 0.15
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -102,6 +112,65 @@ def dino_map_50(bundle, split: dict[str, Any]) -> float:
     dets = detect(bundle, pixels, label_map, box_threshold=0.0, text_threshold=0.0)
     results = coco_results(dets, [i["id"] for i in coco["images"]])
     return coco_eval(coco, results, iou_type="bbox", per_class=False)["map_50"]
+
+
+def retention_detections(bundle, split: dict[str, Any]) -> dict:
+    """Image id -> DINO's detections of the pretraining classes (evaluate's labeling decode)."""
+    from teacher.dino.labels import build_label_map
+    from teacher.images import load_image
+    from teacher.predict import Filter, Teachers, predict_images
+
+    coco = split["coco"]
+    label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
+    pixels = [load_image(split["images"] / i["file_name"]) for i in coco["images"]]
+    found = predict_images(
+        Teachers(dino=bundle, sam=None, label_map=label_map),
+        pixels,
+        keep=Filter(score_threshold=0.05),
+        text_threshold=0.05,
+    )
+    return dict(zip([i["id"] for i in coco["images"]], found, strict=True))
+
+
+def dino_curve(adapter: Path, data: dict, scales: list[float]) -> dict[float, dict[str, float]]:
+    """Per adapter scale: box mAP@50 on both domains and the retention of the pretraining classes."""
+    from teacher.dino.model import load_dino
+    from teacher.predict import merged
+    from teacher.retention import reference_ground_truth, retention_scores
+
+    rows, found = {}, {}
+    for s in sorted({0.0, *scales}):
+        bundle = merged(load_dino(DINO, adapter_dir=adapter, adapter_scale=s))
+        rows[s] = {
+            "finetune": dino_map_50(bundle, data["test"]),
+            "pretrain": dino_map_50(bundle, data["retention"]),
+        }
+        found[s] = retention_detections(bundle, data["retention"])
+    cats = sorted(data["retention"]["coco"]["categories"], key=lambda c: c["id"])
+    reference = reference_ground_truth(
+        data["retention"]["coco"]["images"],
+        found[0.0],
+        threshold=RETENTION_THRESHOLD,
+        category_ids=[c["id"] for c in cats],
+        names=[c["name"] for c in cats],
+    )
+    for s in rows:
+        rows[s]["retention"] = retention_scores(reference, found[s], max_detections=100)["map"]
+    return {s: rows[s] for s in scales}
+
+
+def sam_curve(adapter: Path, data: dict, scales: list[float]) -> dict[float, dict[str, float]]:
+    """Per adapter scale: mask mIoU from true boxes on both domains."""
+    from teacher.sam.model import load_sam
+
+    out = {}
+    for s in scales:
+        sam = load_sam(SAM, adapter_dir=adapter, adapter_scale=s)
+        out[s] = {
+            "finetune": sam_miou(sam, data["test"]),
+            "pretrain": sam_miou(sam, data["retention"]),
+        }
+    return out
 
 
 def peak_memory_mb() -> float:
@@ -228,6 +297,7 @@ def dino_run(
 
 
 RUNS = {"sam": sam_run, "dino": dino_run}
+CURVES = {"sam": sam_curve, "dino": dino_curve}
 
 
 def child(
@@ -239,19 +309,32 @@ def child(
     train: TrainParams,
     out: Path,
     threads: int,
+    scales: list[float],
 ) -> None:
     torch.set_num_threads(threads)
     start = time.time()
     row = RUNS[name](method, seed=seed, data=data, train=train, out=out)
-    queue.put({**row, "seconds": time.time() - start, "peak_mb": peak_memory_mb()})
+    row = {**row, "seconds": time.time() - start, "peak_mb": peak_memory_mb()}
+    if scales and method != "base":  # after the timing: the curve is not the run's cost
+        row["curve"] = CURVES[name](out / "model", data, scales)
+    queue.put(row)
 
 
 def run_isolated(
-    name: str, method: str, seed: int, data: dict, train: TrainParams, out: Path, threads: int
-) -> dict[str, float]:
+    name: str,
+    method: str,
+    seed: int,
+    data: dict,
+    train: TrainParams,
+    out: Path,
+    threads: int,
+    scales: Sequence[float] = (),
+) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=child, args=(queue, name, method, seed, data, train, out, threads))
+    proc = ctx.Process(
+        target=child, args=(queue, name, method, seed, data, train, out, threads, list(scales))
+    )
     proc.start()
     row = queue.get()
     proc.join()
@@ -309,6 +392,38 @@ def print_table(summary: list[dict]) -> None:
             )
 
 
+def print_curve(runs: list[dict], scales: list[float]) -> None:
+    """The forgetting guard's curve: per (model, method, scale) medians over seeds."""
+    metric = {"sam": "mask mIoU", "dino": "box mAP@50"}
+    print(
+        "\nAdapter scale (medians over seeds; gain and change against the base model; retention: "
+        f"AP against the base DINO's detections of the pretraining classes scoring >= "
+        f"{RETENTION_THRESHOLD}, 1 = nothing forgotten)"
+    )
+    print(
+        "| model | method | scale | fine-tuning domain | gain | pretraining domain | change "
+        "| retention |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name in sorted({r["model"] for r in runs}):
+        base = [r for r in runs if r["model"] == name and r["method"] == "base"]
+        b_fine = statistics.median(r["finetune"] for r in base)
+        b_pre = statistics.median(r["pretrain"] for r in base)
+        for method in ("lora", "full"):
+            rows = [r for r in runs if r["model"] == name and r["method"] == method]
+            for s in scales:
+                points = [r["curve"][s] for r in rows if s in r.get("curve", {})]
+                if not points:
+                    continue
+                med = {k: statistics.median(p[k] for p in points) for k in points[0]}
+                retention = f"{med['retention']:.3f}" if "retention" in med else "-"
+                print(
+                    f"| {name} ({metric[name]}) | {method} | {s:g} | {med['finetune']:.3f} | "
+                    f"{med['finetune'] - b_fine:+.3f} | {med['pretrain']:.3f} | "
+                    f"{med['pretrain'] - b_pre:+.3f} | {retention} |"
+                )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -319,6 +434,13 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--scales",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also score each trained model with its adapter at these scales (e.g. 0 0.5 1)",
+    )
     args = parser.parse_args()
     train = TrainParams(epochs=args.epochs, batch_size=4, lr=args.lr, warmup_steps=5, patience=0)
     runs = []
@@ -362,10 +484,13 @@ def main() -> int:
                         train,
                         root / f"{name}-{method}-{seed}",
                         args.threads,
+                        args.scales,
                     )
                     runs.append({"model": name, "method": method, "seed": seed, **row})
                     print(f"{name} {method} seed {seed}: {row}", flush=True)
     print_table(summarise(runs))
+    if args.scales:
+        print_curve(runs, args.scales)
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
     return 0

@@ -127,6 +127,23 @@ def print_gains(metrics_path: Path) -> None:
             )
 
 
+def print_tradeoff(metrics_path: Path) -> None:
+    """The forgetting guard: per adapter scale, the box gain over the base and the retention of
+    the pretraining classes (metrics/evaluate/plots/tradeoff.json, drawn by `dvc plots show`)."""
+    import json
+
+    rows_path = metrics_path.parent / "plots" / "tradeoff.json"
+    if not rows_path.is_file():
+        return
+    rows = json.loads(rows_path.read_text())
+    if rows:
+        print(
+            "\n  adapter scale   box mAP gain   retention (1 = nothing forgotten, -1 = not measured)"
+        )
+    for row in rows:
+        print(f"  {row['scale']:13g}   {row['gain']:+12.3f}   {row['retention']:9.3f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -153,6 +170,7 @@ def main() -> int:
         f"  teacher labels: {repo / 'data/teacher_labels.json'}; student: {repo / 'models/student'}"
     )
     print_gains(repo / "metrics/evaluate/metrics.json")
+    print_tradeoff(repo / "metrics/evaluate/metrics.json")
     print_student_summary(repo / "metrics/evaluate/metrics.json")
     return 0
 

@@ -24,12 +24,14 @@ def safe_name(name: str) -> str:
 
 
 def save_report(report: Report, out: Path) -> None:
-    """metrics.json, plots/pr/<class>.csv (recall, precision), plots/gallery/<image>.png."""
+    """metrics.json, plots/pr/<class>.csv (recall, precision), plots/gallery/<image>.png,
+    plots/tradeoff.json (per adapter scale: scale, retention, gain)."""
     plots = out / "plots"
     shutil.rmtree(plots, ignore_errors=True)
     (plots / "pr").mkdir(parents=True)
     (plots / "gallery").mkdir(parents=True)
     save_json(report.metrics, out / "metrics.json")
+    save_json(report.tradeoff, plots / "tradeoff.json")
     for name, points in report.curves.items():
         rows = [f"{p['recall']},{p['precision']}" for p in points]
         (plots / "pr" / f"{safe_name(name)}.csv").write_text(

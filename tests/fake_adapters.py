@@ -22,15 +22,21 @@ TINY_DINO = DinoParams(model="tiny-random", shortest_edge=64, longest_edge=96)
 TINY_SAM = SamParams(model="tiny-random")
 
 
-def _perturb(model: torch.nn.Module, *, seed: int, scale: float) -> None:
+def _perturb(model: torch.nn.Module, *, seed: int, scale: float, trained: bool = False) -> None:
+    """Random LoRA weights; with ``trained``, the fully trained parameters moved too."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            elif trained and p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
-def write_dino_adapter(out: Path, categories: list[dict], *, seed: int = 0) -> Path:
+def write_dino_adapter(
+    out: Path, categories: list[dict], *, seed: int = 0, heads: bool = False
+) -> Path:
+    """With ``heads``, the fully trained box heads differ from the base model's too."""
     bundle = load_dino(TINY_DINO)
     peft = apply_lora(
         bundle.model,
@@ -38,7 +44,7 @@ def write_dino_adapter(out: Path, categories: list[dict], *, seed: int = 0) -> P
         targets=TINY_DINO.lora_targets,
         train_modules=HEAD_MODULES,
     )
-    _perturb(peft, seed=seed, scale=0.05)
+    _perturb(peft, seed=seed, scale=0.05, trained=heads)
     save_adapter(peft, out)
     save_labels(
         build_label_map(categories, tokenizer=bundle.processor.tokenizer), out / "labels.json"
@@ -46,11 +52,15 @@ def write_dino_adapter(out: Path, categories: list[dict], *, seed: int = 0) -> P
     return out
 
 
-def write_sam_adapter(out: Path, *, seed: int = 0) -> Path:
+def write_sam_adapter(out: Path, *, seed: int = 0, decoder: bool = False) -> Path:
+    """With ``decoder``, the mask decoder is trained fully (moved) as with sam.train_decoder."""
     peft = apply_lora(
-        load_base_sam("tiny-random"), lora=LoraParams(rank=4), targets=TINY_SAM.lora_targets
+        load_base_sam("tiny-random"),
+        lora=LoraParams(rank=4),
+        targets=TINY_SAM.lora_targets,
+        train_modules="mask_decoder" if decoder else None,
     )
-    _perturb(peft, seed=seed, scale=0.05)
+    _perturb(peft, seed=seed, scale=0.05, trained=decoder)
     save_adapter(peft, out)
     return out
 

@@ -126,7 +126,12 @@ def test_skipped_dino_gives_no_box_metrics(adapters, tmp_path, capsys):
     rc, m, out = _run(
         adapters, tmp_path, dino=skipped, sam=adapters / "models/sam", **{"evaluate.base": False}
     )
-    assert rc == 0 and set(m) == {"mask/miou", "mask/miou/box", "mask/miou/round thing"}
+    assert rc == 0 and set(m) == {
+        "mask/miou",
+        "mask/miou/box",
+        "mask/miou/round thing",
+        *(f"scale/{s}/mask/miou" for s in ("0", "0.5", "1")),  # SAM's adapter scaled alone
+    }
     assert "no dino metrics" in capsys.readouterr().out
     assert list((out / "plots" / "pr").iterdir()) == []
 
@@ -190,14 +195,14 @@ def test_one_sam_encoder_pass_per_image_and_model(adapters):
 
     gt = json.loads((adapters / "test.json").read_text())
     calls = []
-    for adapted in (True, False):
+    for scale in (1.0, None):  # adapted, base
         teachers = load_teachers(
             gt,
             dino_dir=adapters / "models/dino",
             sam_dir=adapters / "models/sam",
             dino_params=TINY_DINO,
             sam_params=TINY_SAM,
-            adapters=adapted,
+            adapter_scale=scale,
         )
         teachers.sam.image_encoder.register_forward_hook(
             lambda m, i, o: calls.append(i[0].shape[0])

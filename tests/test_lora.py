@@ -246,3 +246,76 @@ def test_sam_params_json_list_valued_or_not_json_is_a_clear_error(tmp_path):
         check_adapter_base(tmp_path, "tiny-random")
     (tmp_path / "params.json").write_text("[1]")
     check_adapter_base(tmp_path, "tiny-random")  # no 'sam' section: nothing to compare
+
+
+# --- issue 13: adapter scale ------------------------------------------------------------------
+
+
+def _scaled(tmp_path, scale, *, merge=False, train_modules=("class_embed.0",)):
+    """The saved ``trained()`` adapter loaded at ``scale`` (merged into the weights or not)."""
+    if not (tmp_path / "adapter_config.json").exists():
+        lora_mod.save_adapter(trained(train_modules=list(train_modules)), tmp_path)
+    model = lora_mod.load_adapter(base(), tmp_path, scale=scale).eval()
+    return lora_mod.merge(model) if merge else model
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_scale_0_is_the_base_model_and_1_the_adapter_bitwise(tmp_path, merge):
+    with torch.no_grad():
+        at_0 = _scaled(tmp_path, 0.0, merge=merge)(X)
+        at_1 = _scaled(tmp_path, 1.0, merge=merge)(X)
+        adapter = lora_mod.load_adapter(base(), tmp_path).eval()
+        adapter = lora_mod.merge(adapter) if merge else adapter
+        half = _scaled(tmp_path, 0.5, merge=merge)(X)
+        reference, tuned = base()(X), adapter(X)
+    if merge:  # merged at 0: the base weights exactly, so the base model's own computation
+        assert torch.equal(at_0, reference)
+    else:  # peft's module tree adds LoRA's zero: equal to within rounding
+        torch.testing.assert_close(at_0, reference, rtol=1e-6, atol=1e-7)
+    assert torch.equal(at_1, tuned)
+    low, high = torch.minimum(reference, tuned), torch.maximum(reference, tuned)
+    strictly = (half > low) & (half < high)
+    assert strictly.any(), "scale 0.5 lies strictly between base and adapter nowhere"
+
+
+def test_scale_blends_fully_trained_parameters_and_keeps_ties(tmp_path):
+    inner = _scaled(tmp_path, 0.5, merge=True)
+    tuned = lora_mod.merge(lora_mod.load_adapter(base(), tmp_path))
+    reference = base()
+    expected = 0.5 * reference.class_embed[0].weight + 0.5 * tuned.class_embed[0].weight
+    torch.testing.assert_close(inner.class_embed[0].weight, expected, rtol=0, atol=1e-7)
+    assert inner.class_embed[0] is inner.class_embed[1] is inner.decoder.class_embed[0]
+    at_0 = _scaled(tmp_path, 0.0, merge=True)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(at_0.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
+
+
+def test_scale_of_lora_inside_a_fully_trained_module(tmp_path):
+    at_0 = _scaled(tmp_path, 0.0, merge=True, train_modules=("blocks.1",))
+    reference = base()
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(at_0.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("scale", [-0.5, float("nan"), float("inf"), "half"])
+def test_negative_or_non_finite_scales_are_refused(tmp_path, scale):
+    lora_mod.save_adapter(trained(), tmp_path)
+    with pytest.raises(TeacherError, match="adapter scale .* finite number >= 0"):
+        lora_mod.load_adapter(base(), tmp_path, scale=scale)
+
+
+def test_scale_above_1_extrapolates(tmp_path):
+    with torch.no_grad():
+        tuned = _scaled(tmp_path, 1.0, merge=True)
+        at_2 = _scaled(tmp_path, 2.0, merge=True)
+    reference = base()
+    w = {
+        n: at_2.get_parameter(n) - 2 * tuned.get_parameter(n) + reference.get_parameter(n)
+        for n in ("class_embed.0.weight", "blocks.0.fc1.weight", "conv.weight")
+    }
+    for name, residue in w.items():  # W(2) = 2 W(1) - W(0), LoRA deltas and trained heads alike
+        torch.testing.assert_close(residue, torch.zeros_like(residue), rtol=0, atol=1e-6, msg=name)

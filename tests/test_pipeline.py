@@ -125,6 +125,8 @@ def test_committed_lock_matches_the_sample_data(pipeline):
         ({"validate.min_box_size": 3.0}, {"validate"}),
         ({"lora.rank": 16}, {"train_dino", "train_sam"}),
         ({"evaluate.nms_iou": 0.5}, {"evaluate"}),
+        ({"evaluate.adapter_scales": [0.25, 1.0]}, {"evaluate"}),
+        ({"evaluate.retention_threshold": 0.5}, {"evaluate"}),
         ({"label.score_threshold": 0.3}, {"label"}),
         ({"student.teacher_weight": 0.25}, {"train_student"}),
         ({"student.min_score": 0.5}, {"train_student"}),
@@ -306,6 +308,10 @@ def test_evaluate_writes_dvc_metrics_and_plots(pipeline):
         "base/box/map",
         "base/mask/miou",
         "gain/mask/miou",
+        "retention/box/map",  # the forgetting guard (issue 13)
+        "scale/0.5/box/map",
+        "scale/0.5/segm/map",
+        "scale/0.5/retention/box/map",
     ):
         assert key in m, key
     shown = json.dumps(json.loads(run_in_repo(repo, "dvc", "metrics", "show", "--json").stdout))
@@ -314,6 +320,7 @@ def test_evaluate_writes_dvc_metrics_and_plots(pipeline):
     for declared in (
         "metrics/evaluate/plots/pr/",
         "metrics/evaluate/plots/gallery/",
+        "metrics/evaluate/plots/tradeoff.json",
         "metrics/train_dino/plots/",
         "metrics/train_sam/plots/",
     ):

@@ -29,11 +29,11 @@ from teacher.coco import CocoFormatError, read_json
 pytestmark = pytest.mark.slow
 
 TINY = yaml.safe_load((REPO_ROOT / "scripts" / "tiny-params.yaml").read_text())
-MINIMAL = {  # one optimizer step of 2 images, no base-model evaluation (image sizes: tiny-params')
+MINIMAL = {  # one optimizer step of 2 images, no base-model or scaled-adapter evaluation
     "train": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 2, "warmup_steps": 0},
     "sam": {"max_prompts": 2},
-    "evaluate": {"base": False, "gallery_images": 1},
-}
+    "evaluate": {"base": False, "gallery_images": 1, "adapter_scales": []},
+}  # (image sizes: tiny-params')
 
 TINYCOCO = "super-gradients/tests/data/tinycoco"
 VOC = "review_object_detection_metrics/data/database"

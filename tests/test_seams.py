@@ -29,6 +29,7 @@ LAYERS = [
         "teacher.augment",
         "teacher.lora",
         "teacher.metrics",
+        "teacher.retention",
         "teacher.gallery",
         "teacher.detections",
         "teacher.synth",

@@ -136,6 +136,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _adapter_scale_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--adapter-scale",
+        type=float,
+        default=1.0,
+        help="scale of both adapters, >= 0: 0 = the base models, 1 = as trained (1), between = "
+        "a blend that keeps more of the base models' open vocabulary (README: forgetting guard)",
+    )
+
+
 def _predict_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", help="folder of unlabeled images (searched recursively)")
     p.add_argument(
@@ -172,6 +182,7 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=_positive, default=4, help="images per DINO forward, >= 1 (4)"
     )
     p.add_argument("--boxes-only", action="store_true", help="skip SAM: boxes without masks")
+    _adapter_scale_argument(p)
     p.add_argument(
         "--format",
         choices=("coco", "label-studio"),
@@ -216,6 +227,7 @@ def _predict_run(args: argparse.Namespace) -> int:
         dino_params=dino,
         sam_params=params["sam"],
         segment_masks=not args.boxes_only,
+        adapter_scale=args.adapter_scale,
     )
     keep = Filter(
         score_threshold=dino.box_threshold
@@ -259,6 +271,7 @@ def _predict_run(args: argparse.Namespace) -> int:
             classes=args.classes,
             dino_model=dino.model,
             sam_model=params["sam"].model,
+            adapter_scale=args.adapter_scale,
         )
     else:
         save_coco(doc, args.out)
@@ -316,6 +329,7 @@ def _export_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format", choices=["onnx"], default="onnx", help="student export format (onnx)"
     )
+    _adapter_scale_argument(p)
 
 
 def _export_run(args: argparse.Namespace) -> int:
@@ -327,7 +341,13 @@ def _export_run(args: argparse.Namespace) -> int:
         print(f"export: student -> {export_onnx(args.student, args.out)}")
         return 0
     params = _model_params(args.params)
-    export_all(args.adapters, args.out, dino=params["dino"], sam=params["sam"])
+    export_all(
+        args.adapters,
+        args.out,
+        dino=params["dino"],
+        sam=params["sam"],
+        adapter_scale=args.adapter_scale,
+    )
     return 0
 
 

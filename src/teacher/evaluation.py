@@ -10,7 +10,17 @@ Metric keys (flat, stable; class names from the test split's categories):
 - ``segm/<k>``: Grounded-SAM end to end (DINO's boxes -> SAM's masks), COCO segm metrics, with
   the labeling decode of ``teacher predict`` (thresholds, per-class NMS, cap), as the gallery;
 - ``base/<key>``: the same for the pretrained models without adapters;
-- ``gain/<key>``: ``<key> - base/<key>`` where both are measured (not -1).
+- ``gain/<key>``: ``<key> - base/<key>`` where both are measured (not -1);
+- ``retention/box/map``, ``retention/box/map_50``: the forgetting guard (:mod:`teacher.retention`):
+  the fine-tuned DINO's box AP against the base model's confident detections of other classes
+  (``evaluate.retention_classes``) on the test images, 1.0 = nothing forgotten;
+  ``retention/reference_boxes`` counts those detections;
+- ``retention/true/box/<k>`` (``map``, ``map_50``) and ``base/retention/true/box/<k>``: true box AP on
+  the labelled retention set ``evaluate.retention_data``, when one is given;
+- ``scale/<s>/<key>`` for each adapter scale s of ``evaluate.adapter_scales`` (both teachers'
+  adapters scaled, :func:`teacher.lora.load_adapter`): ``box/map``, ``segm/map``, ``mask/miou``,
+  ``retention/box/map`` (and ``retention/true/box/map``). Scale 1 is the adapted models' pass
+  and scale 0 the base models' (equal outputs, pinned by the tests); other scales get a pass each.
 A teacher whose folder holds only ``SKIPPED`` contributes no keys (and no ``segm``).
 """
 
@@ -29,9 +39,10 @@ from teacher.coco import annotation_mask, has_mask, has_usable_box
 from teacher.detections import Detections
 from teacher.dino.labels import LabelMap
 from teacher.errors import TeacherError
-from teacher.images import load_image
+from teacher.images import load_image, load_image_and_size
 from teacher.metrics import (
     category_names,
+    coco_eval,
     coco_evaluate,
     mean_mask_iou,
     precision_recall,
@@ -44,6 +55,14 @@ from teacher.predict import (
     predict_images,
     segment_detections,
     to_annotations,
+)
+from teacher.retention import KEYS as RETENTION_KEYS
+from teacher.retention import (
+    reference_ground_truth,
+    retention_classes,
+    retention_scores,
+    scale_prefix,
+    tradeoff_rows,
 )
 from teacher.sam.model import prepare_image
 from teacher.sam.scoring import is_sam_instance, score_gt_boxes
@@ -59,6 +78,8 @@ class VariantOutput:
     seconds: float = (
         0.0  # wall time of Grounded-SAM (predict_images) over the split, decoding excluded
     )
+    # image id -> DINO's detections of the retention classes (labeling decode), when asked
+    retention: dict[Any, Detections] | None = None
 
 
 def _by_image(gt: dict) -> dict[Any, list[dict]]:
@@ -101,8 +122,14 @@ def run_variant(
     batch_size: int,
     gallery_ids: Sequence[Any],
     desc: str = "evaluate",
+    retention: LabelMap | None = None,
 ) -> VariantOutput:
-    """Run the loaded teachers over every test image and score them (keys without prefix)."""
+    """Run the loaded teachers over every test image and score them (keys without prefix).
+
+    With ``retention`` (a label map of other classes) DINO also detects those classes in every
+    image (the labeling decode with ``keep``): ``out.retention``, scored later against the base
+    model's (:mod:`teacher.retention`).
+    """
     from tqdm import tqdm
 
     names = category_names(gt)
@@ -113,6 +140,10 @@ def run_variant(
     out = VariantOutput()
     images = gt["images"]
     boxes_only = Teachers(dino=teachers.dino, sam=None, label_map=teachers.label_map)
+    others = None
+    if retention is not None and teachers.dino is not None:
+        others = Teachers(dino=teachers.dino, sam=None, label_map=retention)
+        out.retention = {}
     bar = tqdm(total=len(images), desc=desc, unit="img")
     for start in range(0, len(images), batch_size):
         records = images[start : start + batch_size]
@@ -132,6 +163,9 @@ def run_variant(
                 predict_images(boxes_only, arrays, keep=keep, text_threshold=text_threshold)
             )
             out.seconds += time.perf_counter() - started
+        if others is not None and out.retention is not None:  # the forgetting guard
+            found = predict_images(others, arrays, keep=keep, text_threshold=text_threshold)
+            out.retention.update(zip((r["id"] for r in records), found, strict=True))
         for rec, image, det in zip(records, arrays, dets, strict=True):
             shown = rec["id"] in gallery_ids
             instances = [a for a in anns_of[rec["id"]] if is_sam_instance(a)]
@@ -224,6 +258,8 @@ class Report:
     metrics: dict[str, float]  # flat keys, see the module docstring
     curves: dict[str, list[dict[str, float]]]  # class name -> PR points (adapted DINO, IoU 0.5)
     panels: dict[str, np.ndarray]  # file stem -> HxWx3 gallery image
+    # per adapter scale {scale, retention, gain} (plots/tradeoff.json: teacher.retention)
+    tradeoff: list[dict[str, float]] = field(default_factory=list)
 
 
 def load_teachers(
@@ -233,9 +269,10 @@ def load_teachers(
     sam_dir: Path | None,
     dino_params: Any,
     sam_params: Any,
-    adapters: bool,
+    adapter_scale: float | None,
 ) -> Teachers:
-    """DINO and SAM for one pass: with their adapters merged, or the base models.
+    """DINO and SAM for one pass: with their adapters merged at ``adapter_scale``, or (None)
+    the base models.
 
     A None directory means that teacher is absent (skipped) and is not loaded.
     """
@@ -243,15 +280,18 @@ def load_teachers(
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dino = sam = None
+    scale = 1.0 if adapter_scale is None else adapter_scale
     if dino_dir is not None:
         from teacher.dino.model import load_dino
 
-        dino = merged(load_dino(dino_params, adapter_dir=dino_dir if adapters else None))
+        adapter = dino_dir if adapter_scale is not None else None
+        dino = merged(load_dino(dino_params, adapter_dir=adapter, adapter_scale=scale))
         dino.model.to(device)
     if sam_dir is not None:
         from teacher.sam.model import load_sam
 
-        sam = load_sam(sam_params, adapter_dir=sam_dir if adapters else None).to(device).eval()
+        adapter = sam_dir if adapter_scale is not None else None
+        sam = load_sam(sam_params, adapter_dir=adapter, adapter_scale=scale).to(device).eval()
     return Teachers(dino=dino, sam=sam, label_map=label_map_of(dino_dir, gt))
 
 
@@ -296,6 +336,109 @@ def gallery_panel(
     return side_by_side(panels[0], panels[1], titles=("ground truth", title))
 
 
+def passes(params: Any) -> dict[str, float | None]:
+    """The passes over the test split: name -> adapter scale (None: the base models).
+
+    ``adapted`` (scale 1), ``base`` (with ``evaluate.base``), and ``scale/<s>`` for every other
+    scale of ``evaluate.adapter_scales``: scale 1 reuses the adapted pass and scale 0 the base
+    pass, whose outputs are the same (tests/test_forgetting.py pins it).
+    """
+    out: dict[str, float | None] = {"adapted": 1.0}
+    if params.base:
+        out["base"] = None
+    for scale in params.adapter_scales:
+        if scale != 1.0 and not (scale == 0.0 and params.base):
+            out[scale_prefix(scale)] = scale
+    return out
+
+
+def pass_of(scale: float, runs: dict[str, VariantOutput]) -> str | None:
+    """The name of the pass that scored adapter scale ``scale`` (:func:`passes`)."""
+    if scale == 1.0:
+        name = "adapted"
+    elif scale == 0.0 and "base" in runs:
+        name = "base"
+    else:
+        name = scale_prefix(scale)
+    return name if name in runs else None
+
+
+def retention_label_map(
+    params: Any, *, dataset_names: Sequence[str], tokenizer: Any, log: Callable[[str], None]
+) -> LabelMap | None:
+    """The label map of the retention classes (ids 1..K; long lists chunked), or None (logged)
+    when there is nothing to run: no base pass, or no class left."""
+    if not params.base:
+        log(
+            "evaluate: no retention/... keys: they need the base models' detections (evaluate.base)"
+        )
+        return None
+    names, dropped = retention_classes(params.retention_classes, dataset_names)
+    if dropped:
+        log(f"evaluate: evaluate.retention_classes {dropped} are dataset classes: left out")
+    if not names:
+        log("evaluate: no retention classes left (evaluate.retention_classes): no retention/box")
+        return None
+    from teacher.dino.labels import build_label_map
+
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+    return build_label_map(cats, tokenizer=tokenizer)
+
+
+def load_retention_set(params: Any) -> tuple[dict, Path] | None:
+    """``evaluate.retention_data`` (COCO json) and its image folder, or None when not set."""
+    if params.retention_data is None:
+        return None
+    from teacher.coco import load_coco
+
+    path = Path(params.retention_data)
+    if not path.is_file():
+        raise TeacherError(
+            f"evaluate.retention_data: {path} is not a file; point it at a COCO json of "
+            "labelled images of other classes than the dataset's, or set it to null"
+        )
+    gt = load_coco(path)
+    if not gt["images"] or not gt["categories"]:
+        raise TeacherError(
+            f"evaluate.retention_data: {path} has no images or no categories; a retention set "
+            "needs labelled images of classes to retain"
+        )
+    return gt, Path(params.retention_images) if params.retention_images else path.parent
+
+
+def true_retention(
+    bundle: Any, retention_set: tuple[dict, Path], *, max_detections: int, desc: str
+) -> dict[str, float]:
+    """``retention/true/box/<k>``: DINO's box AP on the labelled retention set, decoded as
+    ``box/*`` (:func:`teacher.dino.detect.score`)."""
+    from tqdm import tqdm
+
+    from teacher.dino.detect import score
+    from teacher.dino.labels import build_label_map
+
+    gt, root = retention_set
+    label_map = build_label_map(gt["categories"], tokenizer=bundle.processor.tokenizer)
+    results: list[dict] = []
+    images = gt["images"]
+    bar = tqdm(total=len(images), desc=desc, unit="img")
+    for start in range(0, len(images), 2):
+        records = images[start : start + 2]
+        loaded = [load_image_and_size(root / r["file_name"]) for r in records]
+        found = score(bundle, [pixels for pixels, _ in loaded], label_map)
+        for rec, (pixels, size), det in zip(records, loaded, found, strict=True):
+            results += to_annotations(
+                det,
+                image_id=rec["id"],
+                first_id=len(results) + 1,
+                size=size,
+                detected_size=(pixels.shape[1], pixels.shape[0]),
+            )
+        bar.update(len(records))
+    bar.close()
+    m = coco_eval(gt, results, iou_type="bbox", per_class=False, max_dets=(1, 10, max_detections))
+    return {f"retention/true/box/{k}": m[k] for k in RETENTION_KEYS}
+
+
 def evaluate_test_split(
     gt: dict,
     images_root: str | Path,
@@ -308,7 +451,8 @@ def evaluate_test_split(
     log: Callable[[str], None] = print,
     student_dir: str | Path | None = None,
 ) -> Report:
-    """Score the adapted teachers (and, with ``params.base``, the base models) on ``gt``.
+    """Score the adapted teachers (and, with ``params.base``, the base models; and the adapters
+    at each of ``params.adapter_scales``) on ``gt``.
 
     ``params`` is the ``evaluate`` section (EvaluateParams); ``dino_params``/``sam_params``
     the model sections. A teacher folder holding ``SKIPPED`` gives no metrics; ``log`` says why.
@@ -327,19 +471,27 @@ def evaluate_test_split(
         max_detections=params.max_detections,
     )
     gallery_ids = [img["id"] for img in gt["images"][: params.gallery_images]]
+    retention_set = load_retention_set(params) if dirs["dino"] is not None else None
+    retention: LabelMap | None = None
     runs: dict[str, VariantOutput] = {}
-    for variant in ("adapted", "base") if params.base else ("adapted",):
+    for variant, scale in passes(params).items():
         if dirs["dino"] is None and dirs["sam"] is None:
             break
-        log(f"evaluate: {variant} models on {len(gt['images'])} test images")
+        which = f"{variant} models" if scale in (None, 1.0) else f"adapters at scale {scale:g}"
+        log(f"evaluate: {which} on {len(gt['images'])} test images")
         teachers = load_teachers(
             gt,
             dino_dir=dirs["dino"],
             sam_dir=dirs["sam"],
             dino_params=dino_params,
             sam_params=sam_params,
-            adapters=variant == "adapted",
+            adapter_scale=scale,
         )
+        if teachers.dino is not None and not runs:  # the first pass: the tokenizer is loaded
+            names = [*teachers.label_map.names, *category_names(gt).values()]
+            retention = retention_label_map(
+                params, dataset_names=names, tokenizer=teachers.dino.processor.tokenizer, log=log
+            )
         runs[variant] = run_variant(
             gt,
             images_root,
@@ -350,7 +502,17 @@ def evaluate_test_split(
             batch_size=2,
             gallery_ids=gallery_ids,
             desc=f"evaluate ({variant})",
+            retention=retention,
         )
+        if retention_set is not None and teachers.dino is not None:
+            runs[variant].metrics.update(
+                true_retention(
+                    teachers.dino,
+                    retention_set,
+                    max_detections=keep.max_detections,
+                    desc=f"retention set ({variant})",
+                )
+            )
         del teachers
     title = ("Grounded-SAM" if dirs["sam"] else "DINO") if dirs["dino"] else "SAM from true boxes"
     report = _report(
@@ -361,10 +523,67 @@ def evaluate_test_split(
         title=title,
         min_score=dino_params.box_threshold if dirs["dino"] else 0.0,
     )
+    report.metrics.update(forgetting_metrics(gt, runs, params=params, retention=retention, log=log))
+    report.tradeoff = tradeoff_rows(report.metrics, params.adapter_scales)
     report.metrics.update(
         student_metrics(gt, images_root, runs, student_dir=student_dir, params=params, log=log)
     )
     return report
+
+
+SCALE_KEYS = ("box/map", "segm/map", "mask/miou", "retention/box/map", "retention/true/box/map")
+
+
+def forgetting_metrics(
+    gt: dict,
+    runs: dict[str, VariantOutput],
+    *,
+    params: Any,
+    retention: LabelMap | None,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """``retention/...`` of the adapted pass and ``scale/<s>/...`` of every adapter scale (see the
+    module docstring); one log line per scale."""
+    out: dict[str, float] = {}
+    scored: dict[str, dict[str, float]] = {name: dict(run.metrics) for name, run in runs.items()}
+    base = runs.get("base")
+    if retention is not None and base is not None and base.retention is not None:
+        reference = reference_ground_truth(
+            gt["images"],
+            base.retention,
+            threshold=params.retention_threshold,
+            category_ids=retention.category_ids,
+            names=retention.names,
+        )
+        out["retention/reference_boxes"] = float(len(reference["annotations"]))
+        if not reference["annotations"]:
+            named = ", ".join(retention.names[:5]) + (", ..." if len(retention.names) > 5 else "")
+            log(
+                "evaluate: retention/box/*: nothing to measure (-1): the base model detects none "
+                f"of the {len(retention.names)} retention classes ({named}) with a score >= "
+                f"{params.retention_threshold:g} on the test images; lower "
+                "evaluate.retention_threshold, or name classes the images show in "
+                "evaluate.retention_classes"
+            )
+        for name, run in runs.items():
+            if run.retention is not None:
+                found = retention_scores(
+                    reference, run.retention, max_detections=params.max_detections
+                )
+                scored[name].update({f"retention/box/{k}": v for k, v in found.items()})
+        out.update({k: v for k, v in scored["adapted"].items() if k.startswith("retention/box/")})
+    base_map = runs["base"].metrics.get("box/map") if "base" in runs else None
+    for scale in params.adapter_scales:
+        scored_by = pass_of(scale, runs)
+        if scored_by is None:
+            continue
+        values = {k: scored[scored_by][k] for k in SCALE_KEYS if k in scored[scored_by]}
+        out.update({f"{scale_prefix(scale)}/{k}": v for k, v in values.items()})
+        shown = [f"{k} {v:.3f}" for k, v in values.items()]
+        if base_map is not None and base_map >= 0 and values.get("box/map", -1.0) >= 0:
+            shown.insert(1, f"(gain {values['box/map'] - base_map:+.3f})")
+        log(f"evaluate: adapter scale {scale:g}: {' '.join(shown) or 'no metrics'}")
+    return out
 
 
 def student_metrics(

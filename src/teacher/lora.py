@@ -11,11 +11,18 @@ one tensor per distinct parameter (tied parameters are stored once, with every a
 recorded in the file's metadata and restored by name on load). They are also written into
 ``adapter_model.safetensors`` under their base-model names (``base_model.model.<name>``), which
 peft passes through to ``load_state_dict``: a plain ``PeftModel.from_pretrained`` loads them too.
+
+Adapter scale (:func:`load_adapter`'s ``scale``, the one place it is applied; evaluate, predict,
+export and serve all load through it): s multiplies every LoRA delta (peft's per-layer
+``scaling``), and a fully trained parameter becomes ``(1 - s) * W_base + s * W_trained``. s = 0 is
+the base model, s = 1 the adapter as trained, values between blend the two (WiSE-FT), above 1
+extrapolate.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -303,10 +310,36 @@ def _get_parameter(base: nn.Module, name: str, path: Path) -> nn.Parameter:
         ) from e
 
 
+def check_adapter_scale(scale: float) -> float:
+    """``scale`` as a float: a finite number >= 0, else a ``TeacherError`` saying what is allowed."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise TeacherError(
+            f"adapter scale {scale!r}: must be a finite number >= 0 (0 = the base model, "
+            "1 = the adapter as trained, between = a blend of the two, above 1 = extrapolated)"
+        )
+    return value
+
+
 def load_adapter(
-    base_model: nn.Module, adapter_dir: Path | str, *, trainable: bool = False
+    base_model: nn.Module,
+    adapter_dir: Path | str,
+    *,
+    trainable: bool = False,
+    scale: float = 1.0,
 ) -> PeftModel:
-    """Load a saved adapter (and its fully trained modules) onto ``base_model``."""
+    """Load a saved adapter (and its fully trained modules) onto ``base_model``.
+
+    ``scale`` (>= 0; see the module docstring) multiplies the LoRA deltas and blends the fully
+    trained parameters with the base model's: 0 gives the base model's outputs, 1 the adapter's.
+    Only an adapter loaded for inference can be scaled.
+    """
+    scale = check_adapter_scale(scale)
+    if trainable and scale != 1.0:
+        raise TeacherError(f"adapter scale {scale:g}: an adapter is trained at scale 1 (internal)")
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         raise TeacherError(
@@ -324,6 +357,7 @@ def load_adapter(
     if not weights.is_file():
         raise _damaged(adapter_dir, "no adapter_model.safetensors")
     saved = read_weights(weights)
+    base_values = trained_base_values(base_model, adapter_dir) if scale != 1.0 else {}
     try:
         model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -342,6 +376,61 @@ def load_adapter(
             "LoRA weights for them: an adapter of another model",
         )
     load_trained_modules(model, adapter_dir, trainable=trainable)
+    if scale != 1.0:
+        scale_adapter(model, scale, base_values=base_values)
+    return model
+
+
+def trained_base_values(base_model: nn.Module, adapter_dir: Path | str) -> dict[str, torch.Tensor]:
+    """Copies of ``base_model``'s own values of the parameters the adapter trained fully, by their
+    names in the wrapped model (every alias), taken before loading the adapter overwrites them."""
+    path = Path(adapter_dir) / TRAINED_MODULES_FILE
+    if not path.exists():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names, raw = list(f.keys()), (f.metadata() or {}).get("aliases", "{}")
+    except Exception as e:  # safetensors' own error types (SafetensorError, ...)
+        raise _damaged(path, f"not a readable safetensors file ({e})") from None
+    aliases = _aliases(path, raw)
+    out = {}
+    for name in names:
+        for alias in aliases.get(name, [name]):
+            # a LoRA target inside a fully trained module: peft moves its weight to base_layer
+            plain = alias.replace(".base_layer.", ".")
+            out[alias] = _get_parameter(base_model, plain, path).detach().clone()
+    return out
+
+
+@torch.no_grad()
+def scale_adapter(
+    model: PeftModel, scale: float, *, base_values: dict[str, torch.Tensor]
+) -> PeftModel:
+    """Scale a loaded adapter in place: every LoRA delta times ``scale`` (peft's
+    ``LoraLayer.scale_layer``), every fully trained parameter ``(1 - scale) * base + scale *
+    trained``, ``base_values`` being the base model's values (:func:`trained_base_values`).
+
+    Exact at the ends: scale 0 restores the base values themselves, scale 1 changes nothing.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    scale = check_adapter_scale(scale)
+    if scale == 1.0:
+        return model
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.scale_layer(scale)
+    base = model.get_base_model()
+    done: set[int] = set()
+    for name, value in base_values.items():
+        param = base.get_parameter(name)
+        if id(param) in done:  # a tied parameter: blended once, under its first name
+            continue
+        done.add(id(param))
+        value = value.to(param.device, param.dtype)
+        param.copy_(value if scale == 0.0 else torch.lerp(value, param, scale))
     return model
 
 

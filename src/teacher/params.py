@@ -178,7 +178,23 @@ class EvaluateParams:
     nms_iou: float = field(default=0.7, metadata=_range(0, 1))  # per-class NMS IoU; 1 disables
     max_detections: int = field(default=100, metadata=_range(1))  # per image, as COCO's AR@100
     gallery_images: int = field(default=6, metadata=_range(0))  # test images drawn with predictions beside ground truth
-    base: bool = True  # also score the pretrained models without adapters (base/..., gain/...)
+    base: bool = True  # also score the pretrained models without adapters (base/..., gain/...); retention needs them
+    retention_classes: tuple[str, ...] | None = None  # class names whose base-model detections on the test images are the forgetting reference (retention/box/*); null = the COCO-80 names; the dataset's own classes are always left out; [] = no retention
+    retention_threshold: float = field(default=0.3, metadata=_range(0, 1))  # a base-model detection of a retention class scoring at least this is a reference box
+    retention_data: str | None = None  # optional labelled retention set (COCO json of other classes): true box AP there for base and fine-tuned (retention/true/...); null = none
+    retention_images: str | None = None  # folder that retention_data's file_name is relative to; null = the json's folder
+    adapter_scales: tuple[float, ...] = (0.0, 0.5, 1.0)  # adapter scales evaluated (scale/<s>/...) and plotted (plots/tradeoff): 0 = base, 1 = as trained; >= 0
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.adapter_scales if not (math.isfinite(s) and s >= 0)]
+        if bad:
+            raise ParamsError(
+                f"evaluate.adapter_scales: {bad} not allowed; each scale must be a finite "
+                "number >= 0 (0 = the base models, 1 = the adapters as trained)"
+            )
+        # floats, each once, in order (-0.0 becomes 0.0: one key per scale)
+        scales = tuple(dict.fromkeys(float(s) + 0.0 for s in self.adapter_scales))
+        object.__setattr__(self, "adapter_scales", scales)
 
 
 @dataclass(frozen=True)
@@ -250,7 +266,7 @@ SECTIONS: dict[str, type] = {
 def _type_name(tp: Any) -> str:
     if get_origin(tp) in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
-    if get_origin(tp) is list:
+    if get_origin(tp) in (list, tuple):  # a tuple field is a YAML list (frozen: kept as a tuple)
         return f"list of {_type_name(get_args(tp)[0])}"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
@@ -261,6 +277,8 @@ def _matches(value: Any, tp: Any) -> bool:
         return any(_matches(value, a) for a in get_args(tp))
     if origin is list:
         return isinstance(value, list) and all(_matches(v, get_args(tp)[0]) for v in value)
+    if origin is tuple:  # tuple[X, ...]: a YAML list, or the tuple default
+        return isinstance(value, (list, tuple)) and all(_matches(v, get_args(tp)[0]) for v in value)
     if origin is Literal:
         return value in get_args(tp)
     if tp is type(None):

@@ -378,19 +378,31 @@ def load_predict_teachers(
     dino_params: Any,
     sam_params: Any,
     segment_masks: bool = True,
+    adapter_scale: float = 1.0,
     log=print,
 ) -> Teachers:
     """DINO (+ adapter) and SAM (+ adapter) on the best device, with the class list to detect.
 
     Classes come from ``classes`` (ids 1..N in order) or, without it, the DINO adapter's
-    ``labels.json``.
+    ``labels.json``. ``adapter_scale`` scales both adapters (:func:`teacher.lora.load_adapter`:
+    0 = the base models, 1 = the adapters as trained).
     """
     from teacher.dino.labels import build_label_map
     from teacher.dino.model import load_dino
+    from teacher.lora import check_adapter_scale
 
+    adapter_scale = check_adapter_scale(adapter_scale)  # before any model is loaded
+    if adapters is None and adapter_scale != 1.0:
+        log(f"predict: adapter scale {adapter_scale:g} has no effect without adapters")
     adapters = Path(adapters) if adapters is not None else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dino = merged(load_dino(dino_params, adapter_dir=adapter_folder(adapters, "dino", log)))
+    dino = merged(
+        load_dino(
+            dino_params,
+            adapter_dir=adapter_folder(adapters, "dino", log),
+            adapter_scale=adapter_scale,
+        )
+    )
     dino.model.to(device)
     if classes:
         cats = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
@@ -406,7 +418,10 @@ def load_predict_teachers(
     if segment_masks:
         from teacher.sam.model import load_sam
 
-        sam = (
-            load_sam(sam_params, adapter_dir=adapter_folder(adapters, "sam", log)).to(device).eval()
+        sam = load_sam(
+            sam_params,
+            adapter_dir=adapter_folder(adapters, "sam", log),
+            adapter_scale=adapter_scale,
         )
+        sam = sam.to(device).eval()
     return Teachers(dino=dino, sam=sam, label_map=label_map)

@@ -377,12 +377,17 @@ def set_dropout(model: nn.Module, p: float) -> int:
 
 
 def load_dino(
-    params: DinoParams, *, adapter_dir: Path | None = None, trainable: bool = False
+    params: DinoParams,
+    *,
+    adapter_dir: Path | None = None,
+    trainable: bool = False,
+    adapter_scale: float = 1.0,
 ) -> DinoBundle:
     """Load ``params.model`` (hub id / folder / tiny-random) and, if given, an adapter folder.
 
-    With ``adapter_dir`` the LoRA adapter and fully trained heads are applied and
-    ``labels.json`` is read into ``bundle.label_map``.
+    With ``adapter_dir`` the LoRA adapter and fully trained heads are applied (at
+    ``adapter_scale``: :func:`teacher.lora.load_adapter`) and ``labels.json`` is read into
+    ``bundle.label_map``.
     """
     if params.model == TINY_RANDOM:
         model, processor = build_tiny_random(params)
@@ -398,7 +403,7 @@ def load_dino(
 
     label_map = load_labels(Path(adapter_dir) / LABELS_FILE)
     return DinoBundle(
-        model=load_adapter(model, adapter_dir, trainable=trainable),
+        model=load_adapter(model, adapter_dir, trainable=trainable, scale=adapter_scale),
         processor=processor,
         label_map=label_map,
     )

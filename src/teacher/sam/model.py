@@ -295,8 +295,11 @@ def load_base_sam(model: str) -> BoxPromptSam:
     return load_state_dict_file(Path(model))
 
 
-def load_sam(params: SamParams, *, adapter_dir: Path | None = None) -> Sam:
-    """SAM for inference: the base model, with the adapter of ``adapter_dir`` merged when given."""
+def load_sam(
+    params: SamParams, *, adapter_dir: Path | None = None, adapter_scale: float = 1.0
+) -> Sam:
+    """SAM for inference: the base model, with the adapter of ``adapter_dir`` merged when given
+    (at ``adapter_scale``: :func:`teacher.lora.load_adapter`)."""
     if adapter_dir is not None:
         check_adapter_base(Path(adapter_dir), params.model)
     sam = load_base_sam(params.model)
@@ -304,7 +307,7 @@ def load_sam(params: SamParams, *, adapter_dir: Path | None = None) -> Sam:
         return sam
     from teacher.lora import load_adapter  # lora imports peft: only when an adapter is used
 
-    return load_adapter(sam, Path(adapter_dir)).merge_and_unload().eval()
+    return load_adapter(sam, Path(adapter_dir), scale=adapter_scale).merge_and_unload().eval()
 
 
 def check_adapter_base(adapter_dir: Path, model: str) -> None:

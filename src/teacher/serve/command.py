@@ -66,6 +66,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="images whose SAM embedding is kept for further clicks (8)",
     )
     p.add_argument("--boxes-only", action="store_true", help="no SAM: boxes only, no smart tools")
+    p.add_argument(
+        "--adapter-scale",
+        type=float,
+        default=1.0,
+        help="scale of both adapters, >= 0: 0 = the base models, 1 = as trained (1), between = "
+        "a blend that keeps more of the base models' open vocabulary (README: forgetting guard)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         segment_masks=not args.boxes_only,
         batch_size=args.batch_size,
         cache_size=args.cache_images,
+        adapter_scale=args.adapter_scale,
     )
     sources = ImageSources(
         local_root=Path(args.local_files_root) if args.local_files_root else None,
@@ -138,6 +146,7 @@ def save_label_studio_tasks(
     classes: str | None,
     dino_model: str,
     sam_model: str,
+    adapter_scale: float = 1.0,
 ) -> None:
     """``teacher predict --format label-studio``: tasks with predictions at ``out``; the
     labeling config (``label_config``, or a default one written beside ``out``) decides the
@@ -173,6 +182,7 @@ def save_label_studio_tasks(
         dino_model=dino_model,
         sam_model=sam_model,
         extra=parse_classes(classes) if classes else [],
+        adapter_scale=adapter_scale,
     )
     tasks, unknown = label_studio_tasks(
         coco,

@@ -32,9 +32,15 @@ ADAPTER_FILES = (
 
 
 def adapters_version(
-    adapters: str | Path | None, *, dino_model: str, sam_model: str, extra: Any = None
+    adapters: str | Path | None,
+    *,
+    dino_model: str,
+    sam_model: str,
+    extra: Any = None,
+    adapter_scale: float = 1.0,
 ) -> str:
-    """``model_version``: a hash of the base model names and every adapter file's content."""
+    """``model_version``: a hash of the base model names, every adapter file's content and the
+    adapter scale (when not 1: the versions of unscaled adapters stay as they were)."""
     files = []
     if adapters is not None:
         files = sorted(
@@ -43,8 +49,9 @@ def adapters_version(
             for p in (Path(adapters) / name).glob("*")
             if p.name in ADAPTER_FILES
         )
+    scaled = () if adapter_scale == 1.0 or not files else ({"adapter_scale": adapter_scale},)
     digest = fingerprint(
-        dino_model, sam_model, [p.parent.name + "/" + p.name for p in files], files, extra
+        dino_model, sam_model, [p.parent.name + "/" + p.name for p in files], files, extra, *scaled
     )
     return f"teacher-{'adapters' if files else 'base'}-{digest[:12]}"
 
@@ -194,15 +201,18 @@ def load_serve_teachers(
     segment_masks: bool = True,
     batch_size: int = 4,
     cache_size: int = 8,
+    adapter_scale: float = 1.0,
     log=print,
 ) -> ServeTeachers:
-    """The models as ``teacher predict`` loads them, and their ``model_version``."""
+    """The models as ``teacher predict`` loads them (adapters at ``adapter_scale``), and their
+    ``model_version``."""
     teachers = load_predict_teachers(
         classes=classes,
         adapters=adapters,
         dino_params=dino_params,
         sam_params=sam_params,
         segment_masks=segment_masks,
+        adapter_scale=adapter_scale,
         log=log,
     )
     version = adapters_version(
@@ -210,6 +220,7 @@ def load_serve_teachers(
         dino_model=dino_params.model,
         sam_model=sam_params.model,
         extra=list(classes or []),
+        adapter_scale=adapter_scale,
     )
     return ServeTeachers(
         teachers,
