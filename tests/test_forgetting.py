@@ -504,3 +504,14 @@ def test_proving_ground_fine_tuning_forgets_and_a_smaller_scale_recovers(tmp_pat
     assert kept[1.0] < 0.9  # fine-tuning lowers retention of the pretraining classes
     assert kept[1.0] < kept[0.5] < kept[0.0]  # scale 0.5 recovers part of it ...
     assert gain[1.0] > 0 and gain[0.5] > 0  # ... and keeps part of the gain
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_the_student_has_no_adapter_to_scale(tmp_path, capsys, command):
+    args = [str(tmp_path)] if command == "predict" else ["--out", str(tmp_path / "out")]
+    args += ["--student", str(tmp_path / "student"), "--adapter-scale", "0.5"]
+    if command == "predict":
+        args += ["--out", str(tmp_path / "x.json")]
+    assert teacher_main([command, *args]) == 1
+    err = capsys.readouterr().err
+    assert "the student (--student) has none" in err and "Traceback" not in err

@@ -140,10 +140,22 @@ def _adapter_scale_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adapter-scale",
         type=float,
-        default=1.0,
+        default=None,
         help="scale of both adapters, >= 0: 0 = the base models, 1 = as trained (1), between = "
         "a blend that keeps more of the base models' open vocabulary (README: forgetting guard)",
     )
+
+
+def _teacher_scale(args: argparse.Namespace) -> float:
+    """``--adapter-scale`` (default 1); refused beside ``--student``, which has no adapters."""
+    if args.student:
+        if args.adapter_scale is not None:
+            raise TeacherError(
+                "--adapter-scale scales the teachers' adapters; the student (--student) has "
+                "none: drop one of the two"
+            )
+        return 1.0
+    return 1.0 if args.adapter_scale is None else args.adapter_scale
 
 
 def _predict_configure(p: argparse.ArgumentParser) -> None:
@@ -218,6 +230,7 @@ def _predict_run(args: argparse.Namespace) -> int:
     )
 
     params = _model_params(args.params)
+    scale = _teacher_scale(args)
     if args.student:
         return _predict_student(args, params)
     dino = params["dino"]
@@ -227,7 +240,7 @@ def _predict_run(args: argparse.Namespace) -> int:
         dino_params=dino,
         sam_params=params["sam"],
         segment_masks=not args.boxes_only,
-        adapter_scale=args.adapter_scale,
+        adapter_scale=scale,
     )
     keep = Filter(
         score_threshold=dino.box_threshold
@@ -271,7 +284,7 @@ def _predict_run(args: argparse.Namespace) -> int:
             classes=args.classes,
             dino_model=dino.model,
             sam_model=params["sam"].model,
-            adapter_scale=args.adapter_scale,
+            adapter_scale=scale,
         )
     else:
         save_coco(doc, args.out)
@@ -335,6 +348,7 @@ def _export_configure(p: argparse.ArgumentParser) -> None:
 def _export_run(args: argparse.Namespace) -> int:
     from teacher.export import export_all
 
+    scale = _teacher_scale(args)
     if args.student:
         from teacher.student.onnx import export_onnx
 
@@ -346,7 +360,7 @@ def _export_run(args: argparse.Namespace) -> int:
         args.out,
         dino=params["dino"],
         sam=params["sam"],
-        adapter_scale=args.adapter_scale,
+        adapter_scale=scale,
     )
     return 0
 
