@@ -356,7 +356,7 @@ def pretrain_dino(
     arch: dict | None = None,
     word_std: float = 1.0,
     lock_text: bool = True,
-    backbone_steps: int = 4000,
+    backbone_steps: int = 3000,
     backbone_lr_scale: float = 0.1,
 ) -> tuple[dict, dict]:
     """Train the tiny Grounding DINO from random init (or from ``init``'s weights: a second
@@ -445,7 +445,7 @@ def main() -> None:
     parser.add_argument("--arch", type=json.loads, default=None, help="dino: tiny_config keywords")
     parser.add_argument("--word-std", type=float, default=1.0, help="dino: word embedding init std")
     parser.add_argument(
-        "--backbone-steps", type=int, default=4000, help="dino: phase 0 steps (crop classifier)"
+        "--backbone-steps", type=int, default=3000, help="dino: phase 0 steps (dense shapes)"
     )
     parser.add_argument(
         "--train-text",
@@ -469,12 +469,12 @@ def main() -> None:
         )
     else:
         state, scores = pretrain_dino(
-            steps=args.steps or 6000,
+            steps=args.steps or 8000,
             seed=args.seed,
             n_images=args.images,
             n_test=args.test_images,
             batch_size=4,
-            lr=args.lr or 5e-4,
+            lr=args.lr or 1e-3,
             init=args.init,
             clip=args.clip,
             arch=args.arch,
