@@ -515,3 +515,26 @@ def test_the_student_has_no_adapter_to_scale(tmp_path, capsys, command):
     assert teacher_main([command, *args]) == 1
     err = capsys.readouterr().err
     assert "the student (--student) has none" in err and "Traceback" not in err
+
+
+def test_the_label_stage_labels_at_label_adapter_scale(world):
+    from teacher.labeling import load_label_teachers
+
+    root = world[0]
+
+    def teachers(scale: float):
+        return load_label_teachers(
+            dino_dir=root / "models" / "dino",
+            sam_dir=root / "models" / "sam",
+            dino=TINY_DINO,
+            sam=TINY_SAM,
+            adapter_scale=scale,
+            log=lambda _: None,
+        )
+
+    at_0, at_1 = teachers(0.0), teachers(1.0)
+    base_dino, base_sam = load_dino(TINY_DINO).model.state_dict(), load_base_sam("tiny-random")
+    assert all(torch.equal(v, base_dino[k]) for k, v in at_0.dino.model.state_dict().items())
+    assert any(not torch.equal(v, base_dino[k]) for k, v in at_1.dino.model.state_dict().items())
+    sam_0 = at_0.sam.state_dict()
+    assert all(torch.equal(sam_0[k], v) for k, v in base_sam.state_dict().items())

@@ -29,12 +29,14 @@ def load_label_teachers(
     sam_dir: Path,
     dino: DinoParams,
     sam: SamParams,
+    adapter_scale: float = 1.0,
     log: Callable[[str], None] = print,
 ) -> Teachers:
     """The fine-tuned teachers of the pipeline: DINO + adapter, and SAM + adapter unless skipped.
 
     Without a trained DINO there is nothing to label with: ``TeacherError`` naming the folder.
-    A skipped SAM (box-only data) means boxes without masks.
+    A skipped SAM (box-only data) means boxes without masks. ``adapter_scale``: both adapters at
+    that scale (:func:`teacher.lora.load_adapter`).
     """
     import torch
 
@@ -52,7 +54,7 @@ def load_label_teachers(
             "`dvc repro train_dino` first"
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bundle = merged(load_dino(dino, adapter_dir=Path(dino_dir)))
+    bundle = merged(load_dino(dino, adapter_dir=Path(dino_dir), adapter_scale=adapter_scale))
     bundle.model.to(device)
     segmenter = None
     reason = skipped_reason(sam_dir)
@@ -61,7 +63,9 @@ def load_label_teachers(
     else:
         from teacher.sam.model import load_sam
 
-        segmenter = load_sam(sam, adapter_dir=Path(sam_dir)).to(device).eval()
+        segmenter = (
+            load_sam(sam, adapter_dir=Path(sam_dir), adapter_scale=adapter_scale).to(device).eval()
+        )
     return Teachers(dino=bundle, sam=segmenter, label_map=bundle.label_map)
 
 
@@ -100,7 +104,16 @@ def label_pool(
                 "unreadable": [],
             },
         }
-    teachers = load_label_teachers(dino_dir=dino_dir, sam_dir=sam_dir, dino=dino, sam=sam, log=log)
+    if label.adapter_scale != 1.0:
+        log(f"label: teachers' adapters at scale {label.adapter_scale:g} (label.adapter_scale)")
+    teachers = load_label_teachers(
+        dino_dir=dino_dir,
+        sam_dir=sam_dir,
+        dino=dino,
+        sam=sam,
+        adapter_scale=label.adapter_scale,
+        log=log,
+    )
     keep = Filter(
         score_threshold=label.score_threshold,
         nms_iou=label.nms_iou,

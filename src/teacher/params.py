@@ -203,6 +203,7 @@ class LabelParams:
     nms_iou: float = field(default=0.7, metadata=_range(0, 1))  # per-class NMS IoU; 1 disables
     max_detections: int = field(default=100, metadata=_range(1))  # per image
     batch_size: int = field(default=4, metadata=_range(1))  # images per Grounding DINO forward
+    adapter_scale: float = field(default=1.0, metadata=_range(0))  # both teachers' adapters at this scale (0 = base models, 1 = as trained); pick it from evaluate's tradeoff plot
 
 
 @dataclass(frozen=True)
