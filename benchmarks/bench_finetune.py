@@ -249,13 +249,12 @@ def dino_run(
     from teacher.lora import apply_lora
     from teacher.train.loop import fit, seed_everything
 
+    bundle = load_dino(DINO)
     if method == "base":
-        bundle = load_dino(DINO)
         return {
             "finetune": dino_map_50(bundle, data["test"]),
             "pretrain": dino_map_50(bundle, data["retention"]),
         }
-    bundle = load_dino(DINO)
     label_map = build_label_map(
         data["train"]["coco"]["categories"], tokenizer=bundle.processor.tokenizer
     )
