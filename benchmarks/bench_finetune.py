@@ -432,6 +432,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--scales",
@@ -474,7 +475,7 @@ def main() -> int:
             )
             data = {**fixed, "train": train_split, "val": val_split}
             for name in args.models:
-                for method in ("lora", "full"):
+                for method in args.methods:
                     row = run_isolated(
                         name,
                         method,

@@ -1,5 +1,8 @@
-"""Learning tests on the proving ground: the tiny-pretrained SAM, fine-tuned by the project's own
-training code on the shifted fine-tuning domain of teacher.synth."""
+"""Learning tests on the proving ground: the tiny-pretrained teachers, fine-tuned by the project's
+own training code on the shifted fine-tuning domain of teacher.synth, scored on held-out images.
+
+Margins are set below the smallest gain measured over five seeds (benchmarks/bench_finetune.py
+settings; numbers beside each test), so they hold for any seed, not only the one a test runs."""
 
 from __future__ import annotations
 
@@ -9,7 +12,15 @@ import pytest
 
 from teacher import synth
 from teacher.augment import resolve_policy
-from teacher.params import AugmentParams, LoraParams, SamParams, TrainParams
+from teacher.coco import subset_coco
+from teacher.dino import task as dino_task
+from teacher.dino.detect import coco_results, detect
+from teacher.dino.labels import build_label_map
+from teacher.dino.model import TINY_PRETRAINED as DINO_TINY_PRETRAINED
+from teacher.dino.model import load_dino
+from teacher.images import load_image
+from teacher.metrics import coco_eval
+from teacher.params import AugmentParams, DinoParams, LoraParams, SamParams, TrainParams
 from teacher.sam import task as sam_task
 from teacher.sam.model import TINY_PRETRAINED, load_base_sam, load_sam
 
@@ -85,3 +96,59 @@ def test_sam_finetuning_learns_the_domain(finetune_domain, tmp_path, one_thread)
 
 
 TRAIN_MARGIN = 0.02
+
+
+# --- Grounding DINO --------------------------------------------------------------------------
+
+DINO = DinoParams(model=DINO_TINY_PRETRAINED, shortest_edge=128, longest_edge=160)
+DINO_TRAIN = TrainParams(epochs=6, batch_size=4, lr=1e-3, warmup_steps=5, patience=0)
+# LoRA + heads, 64 training images, 6 epochs, 48 held-out images: this test's box mAP@50 over
+# seeds 0-4 went 0.003 -> 0.048, 0.042, 0.039, 0.059, 0.022 (gains +0.019 to +0.056; the
+# benchmark's runs, another process layout, +0.019 to +0.039). Half the smallest gain:
+DINO_GAIN_MARGIN = 0.010
+DINO_TEST_SEED = 777_777  # benchmarks/bench_finetune.py's held-out fine-tuning-domain seed
+
+
+def _box_map_50(bundle, coco: dict, images: Path) -> float:
+    label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
+    pixels = [load_image(images / i["file_name"]) for i in coco["images"]]
+    dets = detect(bundle, pixels, label_map, box_threshold=0.0, text_threshold=0.0)
+    results = coco_results(dets, [i["id"] for i in coco["images"]])
+    return coco_eval(coco, results, iou_type="bbox", per_class=False)["map_50"]
+
+
+@pytest.fixture(scope="module")
+def dino_held_out(tmp_path_factory) -> dict:
+    """48 held-out fine-tuning-domain images and the base preset's box mAP@50 on them."""
+    root = tmp_path_factory.mktemp("dino_held_out")
+    coco, pixels = synth.make_dataset(synth.FINETUNE, n_images=48, seed=DINO_TEST_SEED)
+    synth.save_dataset(coco, pixels, root)
+    split = {"coco": coco, "images": root / "images"}
+    return {**split, "base": _box_map_50(load_dino(DINO), coco, split["images"])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dino_finetuning_gains_on_held_out_images(dino_held_out, tmp_path, one_thread, seed):
+    """LoRA + heads on 64 fine-tuning-domain images (from ``seed``, training seeded alike) lifts
+    held-out box mAP@50 by at least DINO_GAIN_MARGIN: the pretrained detector learns the new
+    class names and appearance from the project's own training loop and losses."""
+    both, pixels = synth.make_dataset(synth.FINETUNE, n_images=80, seed=seed)
+    synth.save_dataset(both, pixels, tmp_path / "data")
+    ids = [i["id"] for i in both["images"]]
+    dino_task.train_dino(
+        train_coco=subset_coco(both, ids[:64]),
+        val_coco=subset_coco(both, ids[64:]),
+        image_root=tmp_path / "data/images",
+        dino=DINO,
+        lora=LoraParams(rank=8, alpha=16.0, dropout=0.0),
+        train=DINO_TRAIN,
+        augment_policy=NO_AUGMENT,
+        seed=seed,
+        **_out(tmp_path),
+    )
+    tuned = load_dino(DINO, adapter_dir=tmp_path / "model")
+    after = _box_map_50(tuned, dino_held_out["coco"], dino_held_out["images"])
+    print(f"DINO held-out box mAP@50 {dino_held_out['base']:.3f} -> {after:.3f} (seed {seed})")
+    assert dino_held_out["base"] <= 0.05  # the domain is new to the preset
+    assert after >= dino_held_out["base"] + DINO_GAIN_MARGIN
