@@ -39,14 +39,12 @@ SAM = SamParams(  # as benchmarks/bench_finetune.py: the pretraining loss (BCE +
 
 
 @pytest.fixture(scope="module")
-def finetune_domain(tmp_path_factory) -> dict:
-    """Train (48 images) and val (24, another seed) splits of the fine-tuning domain on disk."""
-    root = tmp_path_factory.mktemp("finetune")
-    train, train_px = synth.make_dataset(synth.FINETUNE, n_images=48, seed=1)
-    val, val_px = synth.make_dataset(synth.FINETUNE, n_images=24, seed=2)
-    synth.save_dataset(train, train_px, root / "train")
-    synth.save_dataset(val, val_px, root / "val")
-    return {"root": root, "train": train, "val": val}
+def sam_held_out(tmp_path_factory) -> dict:
+    """24 held-out fine-tuning-domain images on disk."""
+    root = tmp_path_factory.mktemp("sam_held_out")
+    coco, pixels = synth.make_dataset(synth.FINETUNE, n_images=24, seed=2)
+    synth.save_dataset(coco, pixels, root)
+    return {"coco": coco, "images": root / "images"}
 
 
 def _out(tmp: Path) -> dict:
@@ -58,44 +56,51 @@ def _out(tmp: Path) -> dict:
     }
 
 
-@pytest.mark.slow
-def test_sam_finetuning_learns_the_domain(finetune_domain, tmp_path, one_thread):
-    """LoRA (encoder + decoder attention, decoder trained) on 48 fine-tuning-domain images: the
-    training images' mIoU rises and held-out images of the domain do not get worse.
+# LoRA (encoder qkv + decoder attention, decoder trained), 48 training images, 6 epochs: over
+# seeds 0-4 this test's training-image mIoU rose by +0.063 to +0.073 and held-out mIoU (base
+# 0.675) by +0.004 to +0.034. Margins: half the smallest training gain; held out, no worse than
+# the base less 0.005 (the smallest held-out gain is within noise of zero).
+SAM_TRAIN_MARGIN = 0.03
+SAM_HELD_OUT_TOLERANCE = 0.005
 
-    Weak on purpose, and why: the tiny SAM's 64x64 masks bound what fine-tuning can add on
-    this domain (benchmarks/bench_finetune.py: held-out gains of +0.001 to +0.02 over seeds), so a
-    held-out margin that holds across seeds does not exist yet (issue #12, README).
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sam_finetuning_learns_the_domain(sam_held_out, tmp_path, one_thread, seed):
+    """LoRA on 48 fine-tuning-domain images (from ``seed``, training seeded alike): the training
+    images' mIoU rises by SAM_TRAIN_MARGIN and held-out images of the domain do not get worse.
+
+    Held out, this is a non-regression bound, not a gain: the tiny SAM's 64x64 masks bound what
+    fine-tuning can add on this domain (held-out gains of +0.004 to +0.034 over seeds 0-4), so
+    no positive held-out margin holds across seeds (issue #12, README).
     """
-    d = finetune_domain
+    train, pixels = synth.make_dataset(synth.FINETUNE, n_images=48, seed=100 + seed)
+    synth.save_dataset(train, pixels, tmp_path / "train")
+    images = tmp_path / "train/images"
     base = load_base_sam(TINY_PRETRAINED)
-    before_train = sam_task.validate_miou(
-        base, d["train"], d["root"] / "train/images", multimask=False
-    )
-    before_val = sam_task.validate_miou(base, d["val"], d["root"] / "val/images", multimask=False)
+    before_train = sam_task.validate_miou(base, train, images, multimask=False)["val_miou"]
+    held = sam_held_out
+    before_val = sam_task.validate_miou(base, held["coco"], held["images"], multimask=False)
     result = sam_task.train_sam(
-        train_coco=d["train"],
-        val_coco=d["train"],  # best epoch by training-set mIoU: val images live elsewhere
-        image_root=d["root"] / "train/images",
+        train_coco=train,
+        val_coco=train,  # best epoch by training-set mIoU: the held-out images stay unseen
+        image_root=images,
         sam_params=SAM,
         lora=LoraParams(rank=8, alpha=16.0, dropout=0.0),
         train=TrainParams(epochs=6, batch_size=4, lr=1e-3, warmup_steps=5, patience=0),
         augment_policy=NO_AUGMENT,
-        seed=0,
+        seed=seed,
         cache_dir=tmp_path / "cache",
         **_out(tmp_path),
     )
     tuned = load_sam(SAM, adapter_dir=tmp_path / "model")
-    after_val = sam_task.validate_miou(tuned, d["val"], d["root"] / "val/images", multimask=False)
+    after_val = sam_task.validate_miou(tuned, held["coco"], held["images"], multimask=False)
     print(
-        f"SAM train mIoU {before_train['val_miou']:.3f} -> {result['val_miou']:.3f}, "
-        f"val {before_val['val_miou']:.3f} -> {after_val['val_miou']:.3f}"
+        f"SAM train mIoU {before_train:.3f} -> {result['val_miou']:.3f}, held-out "
+        f"{before_val['val_miou']:.3f} -> {after_val['val_miou']:.3f} (seed {seed})"
     )
-    assert result["val_miou"] >= before_train["val_miou"] + TRAIN_MARGIN
-    assert after_val["val_miou"] >= before_val["val_miou"] - 0.01
-
-
-TRAIN_MARGIN = 0.02
+    assert result["val_miou"] >= before_train + SAM_TRAIN_MARGIN
+    assert after_val["val_miou"] >= before_val["val_miou"] - SAM_HELD_OUT_TOLERANCE
 
 
 # --- Grounding DINO --------------------------------------------------------------------------
@@ -103,9 +108,9 @@ TRAIN_MARGIN = 0.02
 DINO = DinoParams(model=DINO_TINY_PRETRAINED, shortest_edge=128, longest_edge=160)
 DINO_TRAIN = TrainParams(epochs=6, batch_size=4, lr=1e-3, warmup_steps=5, patience=0)
 # LoRA + heads, 64 training images, 6 epochs, 48 held-out images: this test's box mAP@50 over
-# seeds 0-4 went 0.003 -> 0.048, 0.042, 0.039, 0.059, 0.022 (gains +0.019 to +0.056; the
-# benchmark's runs, another process layout, +0.019 to +0.039). Half the smallest gain:
-DINO_GAIN_MARGIN = 0.010
+# seeds 0-4 went 0.002 -> 0.046, 0.054, 0.062, 0.062, 0.041 (gains +0.039 to +0.060). Half the
+# smallest gain:
+DINO_GAIN_MARGIN = 0.020
 DINO_TEST_SEED = 777_777  # benchmarks/bench_finetune.py's held-out fine-tuning-domain seed
 
 
