@@ -91,7 +91,9 @@ def sam_step_loss(
     total = 0.0
     for emb, s in zip(embeddings, batch, strict=True):
         h, w = s["hw"]
-        boxes = jitter_boxes_xyxy(s["xyxy"], fraction=jitter, rng=rng, width=w, height=h)
+        boxes = jitter_boxes_xyxy(  # 20 px: SAM's cap; this world's boxes stay far below it
+            s["xyxy"], fraction=jitter, max_shift=20.0, rng=rng, width=w, height=h
+        )
         boxes = torch.as_tensor(boxes_xyxy_to_input(boxes, (h, w), size=size), dtype=torch.float32)
         for multimask in (False, True):
             logits, iou = decode_boxes(sam, emb, boxes, multimask=multimask)

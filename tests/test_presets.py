@@ -102,3 +102,34 @@ def test_demo_params_select_the_presets_and_parse():
     )
     assert parse_section("dino", params["dino"]).model == TINY_PRETRAINED
     assert parse_section("sam", params["sam"]).model == TINY_PRETRAINED
+
+
+def test_pretraining_script_runs_and_repeats_per_seed(one_thread):
+    """scripts/pretrain_tiny.py at toy length: both phases of the DINO pretraining (dense shapes,
+    then the detector) and the SAM pretraining run, change the weights, score the held-out set,
+    and repeat bit for bit with the same seed (the same computation twice)."""
+    from pretrain_tiny import pretrain_dino, pretrain_sam
+
+    from teacher.dino.model import build_tiny_pretrained
+
+    def dino() -> tuple[dict, dict]:
+        return pretrain_dino(
+            steps=2, seed=5, n_images=16, n_test=2, batch_size=2, lr=1e-3, backbone_steps=2
+        )
+
+    state, scores = dino()
+    again, _ = dino()
+    assert set(scores) == {"map", "map_50"}
+    fresh = build_tiny_pretrained(DINO, weights=False)[0].state_dict()
+    assert set(state) == set(fresh)
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    swin = [k for k in state if k.startswith("model.backbone.") and k.endswith("weight")]
+    loaded = load_dino(DINO).model.state_dict()  # the committed preset: a different init
+    assert any(not torch.equal(state[k], loaded[k]) for k in swin)
+
+    sam_state, sam_scores = pretrain_sam(
+        steps=2, seed=5, n_images=8, n_test=2, batch_size=2, lr=1e-3
+    )
+    assert set(sam_scores) == {"miou_multimask_false", "miou_multimask_true"}
+    assert all(0.0 <= v <= 1.0 for v in sam_scores.values())
+    assert set(sam_state) == set(load_base_sam(TINY_PRETRAINED).state_dict())
