@@ -101,17 +101,12 @@ def sam_miou(model, split: dict[str, Any]) -> float:
 
 
 def dino_map_50(bundle, split: dict[str, Any]) -> float:
-    from teacher.dino.detect import coco_results, detect
-    from teacher.dino.labels import build_label_map
+    from teacher.dino.detect import labeling_box_map
     from teacher.images import load_image
-    from teacher.metrics import coco_eval
 
     coco = split["coco"]
-    label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
     pixels = [load_image(split["images"] / i["file_name"]) for i in coco["images"]]
-    dets = detect(bundle, pixels, label_map, box_threshold=0.0, text_threshold=0.0)
-    results = coco_results(dets, [i["id"] for i in coco["images"]])
-    return coco_eval(coco, results, iou_type="bbox", per_class=False)["map_50"]
+    return labeling_box_map(bundle, pixels, coco)["map_50"]
 
 
 def retention_detections(bundle, split: dict[str, Any]) -> dict:

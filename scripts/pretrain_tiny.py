@@ -225,21 +225,10 @@ def dino_batch(
 @torch.no_grad()
 def dino_test_map(model, processor, coco: dict, pixels: list[np.ndarray]) -> dict[str, float]:
     """COCO box mAP / mAP@50 on a test set, prompted with all its classes (fixed order)."""
-    from teacher.dino.detect import coco_results, detect
-    from teacher.dino.labels import build_label_map
+    from teacher.dino.detect import labeling_box_map
     from teacher.dino.model import DinoBundle
-    from teacher.metrics import coco_eval
 
-    label_map = build_label_map(coco["categories"], tokenizer=processor.tokenizer)
-    dets = detect(
-        DinoBundle(model=model, processor=processor),
-        pixels,
-        label_map,
-        box_threshold=0.0,
-        text_threshold=0.0,
-    )
-    results = coco_results(dets, [i["id"] for i in coco["images"]])
-    stats = coco_eval(coco, results, iou_type="bbox", per_class=False)
+    stats = labeling_box_map(DinoBundle(model=model, processor=processor), pixels, coco)
     return {"map": stats["map"], "map_50": stats["map_50"]}
 
 
@@ -306,6 +295,8 @@ def pretrain_backbone(
     encoder = model.model.backbone.conv_encoder
     n_classes = 1 + max(a["category_id"] for _, anns in data for a in anns)
     levels = (0, 1)
+    weight = torch.ones(n_classes)
+    weight[0] = background_weight
     heads = torch.nn.ModuleList()
     optimizer = None
     start, running = time.time(), []
@@ -330,8 +321,6 @@ def pretrain_backbone(
         if optimizer is None:
             heads.extend(torch.nn.Conv2d(features[i][0].shape[1], n_classes, 1) for i in levels)
             optimizer = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=lr)
-            weight = torch.ones(n_classes)
-            weight[0] = background_weight
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr=lr, warmup=min(200, steps // 10), total=steps)
         loss, hits, shapes = 0.0, 0, 0

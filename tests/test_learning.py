@@ -14,12 +14,10 @@ from teacher import synth
 from teacher.augment import resolve_policy
 from teacher.coco import subset_coco
 from teacher.dino import task as dino_task
-from teacher.dino.detect import coco_results, detect
-from teacher.dino.labels import build_label_map
+from teacher.dino.detect import labeling_box_map
 from teacher.dino.model import TINY_PRETRAINED as DINO_TINY_PRETRAINED
 from teacher.dino.model import load_dino
 from teacher.images import load_image
-from teacher.metrics import coco_eval
 from teacher.params import AugmentParams, DinoParams, LoraParams, SamParams, TrainParams
 from teacher.sam import task as sam_task
 from teacher.sam.model import TINY_PRETRAINED, load_base_sam, load_sam
@@ -115,11 +113,8 @@ DINO_TEST_SEED = 777_777  # benchmarks/bench_finetune.py's held-out fine-tuning-
 
 
 def _box_map_50(bundle, coco: dict, images: Path) -> float:
-    label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
     pixels = [load_image(images / i["file_name"]) for i in coco["images"]]
-    dets = detect(bundle, pixels, label_map, box_threshold=0.0, text_threshold=0.0)
-    results = coco_results(dets, [i["id"] for i in coco["images"]])
-    return coco_eval(coco, results, iou_type="bbox", per_class=False)["map_50"]
+    return labeling_box_map(bundle, pixels, coco)["map_50"]
 
 
 @pytest.fixture(scope="module")

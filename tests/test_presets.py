@@ -13,10 +13,9 @@ import torch
 
 from teacher import synth
 from teacher.coco import annotation_mask, index_by_image
-from teacher.dino.detect import coco_results, detect
-from teacher.dino.labels import build_label_map
+from teacher.dino.detect import labeling_box_map
 from teacher.dino.model import TINY_PRETRAINED, TINY_PRETRAINED_WEIGHTS, TINY_WORDS, load_dino
-from teacher.metrics import coco_eval, mask_iou
+from teacher.metrics import mask_iou
 from teacher.params import DinoParams
 from teacher.sam.model import TINY_PRETRAINED_WEIGHTS as SAM_WEIGHTS
 from teacher.sam.model import load_base_sam, segment
@@ -27,11 +26,7 @@ HELD_OUT = 123_456  # a seed scripts/pretrain_tiny.py does not train on
 
 def box_map_50(world: synth.World, *, n_images: int, seed: int = HELD_OUT) -> float:
     coco, pixels = synth.make_dataset(world, n_images=n_images, seed=seed)
-    bundle = load_dino(DINO)
-    label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
-    dets = detect(bundle, pixels, label_map, box_threshold=0.0, text_threshold=0.0)
-    results = coco_results(dets, [i["id"] for i in coco["images"]])
-    return coco_eval(coco, results, iou_type="bbox", per_class=False)["map_50"]
+    return labeling_box_map(load_dino(DINO), pixels, coco)["map_50"]
 
 
 def sam_miou(world: synth.World, *, n_images: int, seed: int = HELD_OUT) -> float:
@@ -112,20 +107,22 @@ def test_pretraining_script_runs_and_repeats_per_seed(one_thread):
 
     from teacher.dino.model import build_tiny_pretrained
 
-    def dino() -> tuple[dict, dict]:
+    def dino(steps: int = 2) -> tuple[dict, dict]:
         return pretrain_dino(
-            steps=2, seed=5, n_images=16, n_test=2, batch_size=2, lr=1e-3, backbone_steps=2
+            steps=steps, seed=5, n_images=16, n_test=2, batch_size=2, lr=1e-3, backbone_steps=steps
         )
 
     state, scores = dino()
     again, _ = dino()
+    initial, _ = dino(steps=0)  # the seed's initial weights
     assert set(scores) == {"map", "map_50"}
     fresh = build_tiny_pretrained(DINO, weights=False)[0].state_dict()
     assert set(state) == set(fresh)
     assert all(torch.equal(state[k], again[k]) for k in state)
     swin = [k for k in state if k.startswith("model.backbone.") and k.endswith("weight")]
-    loaded = load_dino(DINO).model.state_dict()  # the committed preset: a different init
-    assert any(not torch.equal(state[k], loaded[k]) for k in swin)
+    assert any(not torch.equal(state[k], initial[k]) for k in swin)  # phase 0 trained it
+    heads = [k for k in state if k.startswith("model.decoder.") and k.endswith("weight")]
+    assert any(not torch.equal(state[k], initial[k]) for k in heads)  # so did the detector phase
 
     sam_state, sam_scores = pretrain_sam(
         steps=2, seed=5, n_images=8, n_test=2, batch_size=2, lr=1e-3

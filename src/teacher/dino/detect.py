@@ -251,6 +251,20 @@ def _detect_batch(
     ]
 
 
+def labeling_box_map(bundle: DinoBundle, images: list[np.ndarray], coco: dict) -> dict[str, float]:
+    """COCO box AP (``map``, ``map_50``, ...) of the labeling decode with no thresholds, prompted
+    with every category of ``coco``, on ``images`` (``coco``'s images, in order): the proving
+    ground's detector score (scripts/pretrain_tiny.py, benchmarks/bench_finetune.py, the preset and
+    learning tests)."""
+    from teacher.dino.labels import build_label_map
+    from teacher.metrics import coco_eval
+
+    label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
+    dets = detect(bundle, images, label_map, box_threshold=0.0, text_threshold=0.0)
+    results = coco_results(dets, [i["id"] for i in coco["images"]])
+    return coco_eval(coco, results, iou_type="bbox", per_class=False)
+
+
 def coco_results(detections: list[Detections], image_ids: list) -> list[dict]:
     """Detections of :func:`detect` as a COCO results list (``bbox`` xywh pixels)."""
     return [
