@@ -54,6 +54,24 @@ def test_every_class_name_is_one_token():
         assert tokenizer.tokenize(name) == [name]
 
 
+def test_pretraining_architecture_options_reach_the_swin():
+    """scripts/pretrain_tiny.py --arch: the window size and depths it tries are the Swin's."""
+    from teacher.dino.model import build_tiny_pretrained
+
+    model, processor = build_tiny_pretrained(
+        DINO, weights=False, arch={"window_size": 8, "depths": (1, 2, 1, 1)}
+    )
+    stages = model.model.backbone.conv_encoder.model.swin.encoder.layers
+    assert [len(s.blocks) for s in stages] == [1, 2, 1, 1]
+    assert stages[1].blocks[1].shift_size == 4  # the second block of a stage shifts its windows
+    assert stages[0].blocks[0].window_size == 8
+    enc = processor(
+        images=np.zeros((128, 160, 3), np.uint8), text="ring . cross .", return_tensors="pt"
+    )
+    with torch.no_grad():
+        assert model(**enc).pred_boxes.shape == (1, 64, 4)
+
+
 def test_presets_load_the_committed_weights():
     from safetensors.torch import load_file
 
