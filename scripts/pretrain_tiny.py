@@ -391,6 +391,9 @@ def dense_accuracy(
     return hits / max(shapes, 1)
 
 
+BACKBONE = "model.backbone.conv_encoder."  # the Swin's weights in the detector's state dict
+
+
 def pretrain_dino(
     *,
     steps: int,
@@ -401,6 +404,7 @@ def pretrain_dino(
     lr: float,
     log_every: int = 50,
     init: Path | None = None,
+    init_backbone: Path | None = None,
     clip: float = 1.0,
     arch: dict | None = None,
     word_std: float = 1.0,
@@ -424,6 +428,15 @@ def pretrain_dino(
         model.load_state_dict(load_file(str(init)))
     else:
         spread_words(model, std=word_std)
+    if init_backbone is not None:  # another run's Swin (the same --arch Swin): phase 0 skipped
+        from safetensors.torch import load_file
+
+        swin = {k: v for k, v in load_file(str(init_backbone)).items() if k.startswith(BACKBONE)}
+        missing = [k for k in model.state_dict() if k.startswith(BACKBONE) and k not in swin]
+        if not swin or missing:
+            raise SystemExit(f"--init-backbone {init_backbone}: no Swin of this --arch in it")
+        model.load_state_dict(swin, strict=False)
+        backbone_steps = 0
     model = prepare_model(model).train()
     set_dropout(model, 0.0)  # as fine-tuning (dino.dropout) and both references
     coco, pixels = synth.make_dataset(synth.PRETRAIN, n_images=n_images, seed=seed)
@@ -527,6 +540,12 @@ def main() -> None:
     )
     parser.add_argument("--clip", type=float, default=1.0, help="dino: gradient norm clip")
     parser.add_argument("--init", type=Path, default=None, help="dino: continue from these weights")
+    parser.add_argument(
+        "--init-backbone",
+        type=Path,
+        default=None,
+        help="dino: start from this file's Swin (phase 0 skipped), the rest from random init",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "src" / "teacher" / "weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -549,6 +568,7 @@ def main() -> None:
             batch_size=4,
             lr=args.lr or 1e-3,
             init=args.init,
+            init_backbone=args.init_backbone,
             clip=args.clip,
             arch=args.arch,
             word_std=args.word_std,

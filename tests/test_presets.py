@@ -142,6 +142,17 @@ def test_pretraining_script_runs_and_repeats_per_seed(one_thread):
     heads = [k for k in state if k.startswith("model.decoder.") and k.endswith("weight")]
     assert any(not torch.equal(state[k], initial[k]) for k in heads)  # so did the detector phase
 
+    # --init-backbone: the committed Swin under a wider detector, phase 0 skipped
+    from safetensors.torch import load_file
+
+    wide, _ = pretrain_dino(
+        steps=0, seed=5, n_images=16, n_test=2, batch_size=2, lr=1e-3,
+        arch={"d_model": 64}, init_backbone=TINY_PRETRAINED_WEIGHTS,
+    )  # fmt: skip
+    committed = load_file(str(TINY_PRETRAINED_WEIGHTS))
+    assert all(torch.equal(wide[k], committed[k]) for k in swin)
+    assert wide["model.input_proj_vision.0.0.weight"].shape[0] == 64
+
     sam_state, sam_scores = pretrain_sam(
         steps=2, seed=5, n_images=8, n_test=2, batch_size=2, lr=1e-3
     )
