@@ -212,9 +212,9 @@ def tiny_config(
 
 # tiny-pretrained's architecture, as tiny_config keywords: tiny-random's. A wider Swin (embed_dim
 # 32: 5.8 MB of weights) learned no faster from random init, and windows of 8 (with or without
-# two blocks per stage) scored no higher held out, and a wider detector (d_model 64, 2 + 3 layers,
-# 4 points: 3.9 MB) 0.192 against 0.175 after one detector phase (scripts/pretrain_tiny.py --arch;
-# README, "Proving ground").
+# two blocks per stage) scored no higher held out. A wider detector (d_model 64, 2 + 3 layers,
+# 4 points: 3.9 MB) is the lead: 0.226 against 0.189 after both detector phases
+# (scripts/pretrain_tiny.py --arch; README, "Proving ground"), not yet the preset.
 TINY_PRETRAINED_ARCH: dict[str, Any] = {}
 
 
