@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from teacher import synth
 from teacher.boxes import xywh_to_xyxy
@@ -324,9 +324,7 @@ def pretrain_backbone(
             loss = loss + torch.nn.functional.cross_entropy(
                 logits, level_labels, weight=weight, ignore_index=-100
             )
-            on_shape = level_labels > 0
-            hits += int((logits.argmax(1) == level_labels)[on_shape].sum())
-            shapes += int(on_shape.sum())
+            hits, shapes = shape_hits(logits, level_labels, hits, shapes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -385,10 +383,17 @@ def dense_accuracy(
             encoder, processor, [img for img, _ in chunk], [class_map(*d) for d in chunk]
         )
         for head, fmap, level_labels in zip(heads, features, labels, strict=True):
-            on_shape = level_labels > 0
-            hits += int((head(fmap).argmax(1) == level_labels)[on_shape].sum())
-            shapes += int(on_shape.sum())
+            hits, shapes = shape_hits(head(fmap), level_labels, hits, shapes)
     return hits / max(shapes, 1)
+
+
+def shape_hits(
+    logits: torch.Tensor, labels: torch.Tensor, hits: int, shapes: int
+) -> tuple[int, int]:
+    """``hits`` and ``shapes`` plus this level's shape positions classified right, and its shape
+    positions (background and padding are not counted)."""
+    on_shape = labels > 0
+    return hits + int((logits.argmax(1) == labels)[on_shape].sum()), shapes + int(on_shape.sum())
 
 
 BACKBONE = "model.backbone.conv_encoder."  # the Swin's weights in the detector's state dict
@@ -423,14 +428,10 @@ def pretrain_dino(
         DinoParams(model="tiny-pretrained", **DINO_SIZE), weights=False, arch=arch
     )
     if init is not None:
-        from safetensors.torch import load_file
-
         model.load_state_dict(load_file(str(init)))
     else:
         spread_words(model, std=word_std)
     if init_backbone is not None:  # another run's Swin (the same --arch Swin): phase 0 skipped
-        from safetensors.torch import load_file
-
         swin = {k: v for k, v in load_file(str(init_backbone)).items() if k.startswith(BACKBONE)}
         missing = [k for k in model.state_dict() if k.startswith(BACKBONE) and k not in swin]
         if not swin or missing:
