@@ -4,8 +4,8 @@
         --train data/split/train.json --val data/split/val.json --images data/sample/images \
         --out models/dino --metrics metrics/train_dino --checkpoints checkpoints/train_dino
 
-Writes ``models/dino/`` (adapter_model.safetensors, adapter_config.json,
-trained_modules.safetensors when dino.train_heads, labels.json, params.json) and dvclive's
+Writes ``models/dino/`` (adapter_model.safetensors: LoRA and, when dino.train_heads, the heads;
+adapter_config.json, labels.json, params.json) and dvclive's
 ``metrics/train_dino/`` (metrics.json with the chosen augmentation policy, plots). Re-running
 after an interruption resumes from the last epoch checkpoint.
 """

@@ -8,8 +8,7 @@
 When data/inspect.json says the data has no instance masks (or the train split has none),
 writes only ``models/sam/SKIPPED`` (the reason) and ``metrics/train_sam/metrics.json``
 (``{"skipped": true}``), and exits 0. Otherwise models/sam gets the adapter
-(adapter_model.safetensors, adapter_config.json, and trained_modules.safetensors when the
-decoder trains fully) and params.json (the params used).
+(adapter_model.safetensors: LoRA and, when it trains fully, the decoder; adapter_config.json) and params.json (the params used).
 """
 
 from __future__ import annotations

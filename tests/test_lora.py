@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from teacher import lora as lora_mod
@@ -104,11 +107,9 @@ def test_save_reload_identical_and_heads_stay_tied(tmp_path):
     out = model(X)
     assert not torch.allclose(out, base()(X))
     lora_mod.save_adapter(model, tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} >= {
-        "adapter_model.safetensors",
-        "adapter_config.json",
-        "trained_modules.safetensors",
-    }
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= names
+    assert "trained_modules.safetensors" not in names  # the head once, in peft's file
     reloaded = lora_mod.load_adapter(base(), tmp_path)
     torch.testing.assert_close(
         reloaded(X), out, rtol=1e-5, atol=1e-6
@@ -126,6 +127,41 @@ def test_aliases_restored_by_name_when_the_base_is_untied(tmp_path):
     untied.class_embed[1] = nn.Linear(8, 3)  # a base built without the tie
     reloaded = lora_mod.load_adapter(untied, tmp_path).get_base_model()
     assert torch.equal(reloaded.class_embed[1].weight, reloaded.class_embed[0].weight)
+
+
+def test_trained_parameters_are_stored_once_in_peft_file(tmp_path):
+    model = trained(train_modules=["blocks.1"])
+    lora_mod.save_adapter(model, tmp_path)
+    stored = load_file(str(tmp_path / "adapter_model.safetensors"))
+    full = [n for n in stored if "lora_" not in n]
+    expected = {f"base_model.model.{n}" for n in lora_mod.trained_parameters(model)}
+    assert set(full) == expected and full  # once each, under the base-model name
+    size = sum(t.numel() * t.element_size() for t in stored.values())
+    assert (tmp_path / "adapter_model.safetensors").stat().st_size < size + 16_384  # + header
+
+
+def test_a_folder_of_the_older_layout_loads_the_same(tmp_path):
+    """Folders written before the trained tensors were stored once also hold them in
+    trained_modules.safetensors (the aliases in its "aliases" metadata): still read."""
+    from safetensors.torch import save_file
+
+    model = trained()
+    lora_mod.save_adapter(model, tmp_path)
+    groups = lora_mod.trained_parameters(model)
+    inner = model.get_base_model()
+    save_file(
+        {n: inner.get_parameter(n).detach().contiguous() for n in groups},
+        str(tmp_path / "trained_modules.safetensors"),
+        metadata={"aliases": json.dumps(groups)},
+    )
+    for scale in (1.0, 0.5):
+        older = lora_mod.load_adapter(base(), tmp_path, scale=scale)
+        (tmp_path / "trained_modules.safetensors").rename(tmp_path / "aside")
+        newer = lora_mod.load_adapter(base(), tmp_path, scale=scale)
+        (tmp_path / "aside").rename(tmp_path / "trained_modules.safetensors")
+        torch.testing.assert_close(older(X), newer(X), rtol=0, atol=0)  # the same tensors
+    inner = older.get_base_model()
+    assert inner.class_embed[0] is inner.class_embed[1] is inner.decoder.class_embed[0]
 
 
 def test_lora_inside_a_fully_trained_module_is_kept(tmp_path):
@@ -210,13 +246,17 @@ def _rewrite(path, change, metadata=None):
         ),
         (
             lambda d: _rewrite(
-                d / "trained_modules.safetensors", lambda t: t, metadata={"aliases": "[1, 2]"}
+                d / "adapter_model.safetensors",
+                lambda t: t,
+                metadata={lora_mod.TRAINED_ALIASES_KEY: "[1, 2]"},
             ),
             "'aliases' metadata is not a mapping",
         ),
         (
             lambda d: _rewrite(
-                d / "trained_modules.safetensors", lambda t: t, metadata={"aliases": "{"}
+                d / "adapter_model.safetensors",
+                lambda t: t,
+                metadata={lora_mod.TRAINED_ALIASES_KEY: "{"},
             ),
             "'aliases' metadata is not JSON",
         ),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from segment_anything import SamPredictor
 
 from teacher.augment import sample_rng
@@ -281,7 +282,8 @@ def test_lora_parity_fresh_saved_merged(shapes, tmp_path):
     trained = _logits(model, image, boxes)
     assert not torch.allclose(trained, base)
     save_adapter(model, tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "trained_modules.safetensors").exists()
+    stored = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert any(k.startswith("base_model.model.mask_decoder.") and "lora_" not in k for k in stored)
 
     from teacher.lora import load_adapter
 

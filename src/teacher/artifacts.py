@@ -1,8 +1,8 @@
 """The layout of an adapter folder (``models/dino``, ``models/sam``): one owner for its file names.
 
-A trained folder holds peft's ``adapter_model.safetensors`` + ``adapter_config.json``,
-:data:`TRAINED_MODULES_FILE` when modules train fully, :data:`PARAMS_FILE` (the params used)
-and, for Grounding DINO, :data:`LABELS_FILE` (class names ↔ prompt indexes). A folder whose
+A trained folder holds peft's ``adapter_model.safetensors`` (LoRA and, when modules train
+fully, their parameters: ``teacher.lora``) + ``adapter_config.json``, :data:`PARAMS_FILE` (the
+params used) and, for Grounding DINO, :data:`LABELS_FILE` (class names ↔ prompt indexes). A folder whose
 teacher the data cannot train holds only :data:`SKIPPED_FILE`, a one-line reason.
 """
 
@@ -14,7 +14,9 @@ from pathlib import Path
 SKIPPED_FILE = "SKIPPED"
 PARAMS_FILE = "params.json"
 LABELS_FILE = "labels.json"
-TRAINED_MODULES_FILE = "trained_modules.safetensors"
+TRAINED_MODULES_FILE = (
+    "trained_modules.safetensors"  # older folders' second copy: read, not written
+)
 
 
 def skipped_reason(model_dir: str | Path) -> str | None:

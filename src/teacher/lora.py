@@ -6,11 +6,13 @@ names (exact, or a suffix after a dot, as peft matches).
 
 Fully trained modules (``train_modules``, e.g. detection heads or SAM's mask decoder) are not
 put in peft's ``modules_to_save`` (peft silently drops LoRA targets inside those). Their
-parameters are marked trainable and saved beside the adapter in ``trained_modules.safetensors``,
-one tensor per distinct parameter (tied parameters are stored once, with every alias name
-recorded in the file's metadata and restored by name on load). They are also written into
-``adapter_model.safetensors`` under their base-model names (``base_model.model.<name>``), which
-peft passes through to ``load_state_dict``: a plain ``PeftModel.from_pretrained`` loads them too.
+parameters are marked trainable and saved once, in peft's ``adapter_model.safetensors`` under
+their base-model names (``base_model.model.<name>``), which peft passes through to
+``load_state_dict``: a plain ``PeftModel.from_pretrained`` loads them too. One tensor per
+distinct parameter: tied parameters are stored under their first name, every alias name is
+recorded in the file's metadata (:data:`TRAINED_ALIASES_KEY`) and restored by name on load.
+Folders written before held them a second time in ``trained_modules.safetensors``
+(:data:`teacher.artifacts.TRAINED_MODULES_FILE`); such a file is still read when present.
 
 Adapter scale (:func:`load_adapter`'s ``scale``, the one place it is applied; evaluate, predict,
 export and serve all load through it): s multiplies every LoRA delta (peft's per-layer
@@ -38,6 +40,7 @@ from teacher.params import LoraParams, lora_pattern
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"  # peft's file name (safe_serialization)
 PEFT_PREFIX = "base_model.model."  # what peft prefixes base-model names with in that file
+TRAINED_ALIASES_KEY = "teacher_trained_aliases"  # that file's metadata: trained name -> aliases
 LORA_TAG = "lora_"  # peft's LoRA parameter names contain lora_A / lora_B / lora_embedding_*
 _LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
@@ -206,50 +209,74 @@ def trained_parameters(model: nn.Module) -> dict[str, list[str]]:
 
 
 def save_adapter(model: PeftModel, out_dir: Path | str) -> None:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (+ trained modules) to out_dir."""
+    """Write ``adapter_model.safetensors`` (LoRA and the fully trained parameters) and
+    ``adapter_config.json`` to out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / TRAINED_MODULES_FILE).unlink(missing_ok=True)  # an older layout's second copy
     groups = trained_parameters(model)
-    path = out_dir / TRAINED_MODULES_FILE
     if not groups:
-        path.unlink(missing_ok=True)
         return
     base = model.get_base_model()
     tensors = {n: base.get_parameter(n).detach().cpu().contiguous().clone() for n in groups}
-    save_file(tensors, str(path), metadata={"aliases": json.dumps(groups)})
-    _add_to_peft_file(out_dir / PEFT_WEIGHTS_FILE, tensors)
+    _add_to_peft_file(out_dir / PEFT_WEIGHTS_FILE, tensors, aliases=groups)
 
 
-def _add_to_peft_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Put fully trained tensors into peft's weights file under ``base_model.model.<name>``.
+def _add_to_peft_file(
+    path: Path, tensors: dict[str, torch.Tensor], *, aliases: dict[str, list[str]]
+) -> None:
+    """Put fully trained tensors into peft's weights file under ``base_model.model.<name>``, and
+    their alias names into its metadata.
 
     peft's ``set_peft_model_state_dict`` passes keys that are no adapter parameter through to
     ``load_state_dict``, so plain ``PeftModel.from_pretrained`` restores them (one name per tied
     tensor suffices: its aliases share the parameter).
     """
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    metadata = _metadata(path)
     weights = load_file(str(path))
     weights.update({f"{PEFT_PREFIX}{n}": t for n, t in tensors.items()})
-    save_file(weights, str(path), metadata=metadata)
+    save_file(weights, str(path), metadata={**metadata, TRAINED_ALIASES_KEY: json.dumps(aliases)})
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata; an unreadable file is a ``TeacherError`` naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors' own error types (SafetensorError, ...)
+        raise _damaged(path, f"not a readable safetensors file ({e})") from None
+
+
+def trained_tensors(
+    adapter_dir: Path | str,
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], Path]:
+    """An adapter folder's fully trained tensors by base-model name, their alias names, and the
+    file they were read from: peft's weights file, or ``trained_modules.safetensors`` in a folder
+    written before the trained tensors were stored once (its copy is the one read)."""
+    adapter_dir = Path(adapter_dir)
+    legacy = adapter_dir / TRAINED_MODULES_FILE
+    if legacy.exists():
+        tensors, raw = read_weights(legacy), _metadata(legacy).get("aliases", "{}")
+        return tensors, _aliases(legacy, raw), legacy
+    path = adapter_dir / PEFT_WEIGHTS_FILE
+    tensors = {
+        n.removeprefix(PEFT_PREFIX): t
+        for n, t in read_weights(path).items()
+        if n.startswith(PEFT_PREFIX) and LORA_TAG not in n
+    }
+    return tensors, _aliases(path, _metadata(path).get(TRAINED_ALIASES_KEY, "{}")), path
 
 
 def load_trained_modules(
     model: nn.Module, adapter_dir: Path | str, *, trainable: bool = False
 ) -> int:
-    """Copy ``trained_modules.safetensors`` (if present) into ``model`` by name; returns tensors read."""
-    path = Path(adapter_dir) / TRAINED_MODULES_FILE
-    if not path.exists():
-        return 0
+    """Copy the folder's fully trained tensors (:func:`trained_tensors`) into ``model`` by name,
+    every alias; returns tensors read."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    from safetensors import safe_open
-
-    tensors = read_weights(path)
-    with safe_open(str(path), framework="pt") as f:
-        aliases = _aliases(path, (f.metadata() or {}).get("aliases", "{}"))
+    tensors, aliases, path = trained_tensors(adapter_dir)
     for name, tensor in tensors.items():
         for alias in aliases.get(name, [name]):
             param = _get_parameter(base, alias, path)
@@ -384,19 +411,9 @@ def load_adapter(
 def trained_base_values(base_model: nn.Module, adapter_dir: Path | str) -> dict[str, torch.Tensor]:
     """Copies of ``base_model``'s own values of the parameters the adapter trained fully, by their
     names in the wrapped model (every alias), taken before loading the adapter overwrites them."""
-    path = Path(adapter_dir) / TRAINED_MODULES_FILE
-    if not path.exists():
-        return {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names, raw = list(f.keys()), (f.metadata() or {}).get("aliases", "{}")
-    except Exception as e:  # safetensors' own error types (SafetensorError, ...)
-        raise _damaged(path, f"not a readable safetensors file ({e})") from None
-    aliases = _aliases(path, raw)
+    tensors, aliases, path = trained_tensors(adapter_dir)
     out = {}
-    for name in names:
+    for name in tensors:
         for alias in aliases.get(name, [name]):
             # a LoRA target inside a fully trained module: peft moves its weight to base_layer
             plain = alias.replace(".base_layer.", ".")

@@ -226,8 +226,8 @@ def train_dino(
 ) -> dict[str, float]:
     """Fine-tune Grounding DINO (``dino.model``) with LoRA; the best adapter goes to ``out_dir``.
 
-    Writes ``adapter_model.safetensors``, ``adapter_config.json``, ``trained_modules.safetensors``
-    (heads, when trained) and ``labels.json``; dvclive logs in ``live_dir`` with the
+    Writes ``adapter_model.safetensors`` (LoRA and the heads, when trained),
+    ``adapter_config.json`` and ``labels.json``; dvclive logs in ``live_dir`` with the
     augmentation policy in its summary. Returns the best epoch's metrics from the training loop.
     Module-level and picklable arguments: runs under ``teacher.train.distributed.launch`` for several processes.
     """
