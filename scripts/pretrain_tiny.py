@@ -2,6 +2,7 @@
 
     python scripts/pretrain_tiny.py sam  [--steps N] [--seed S] [--threads T] [--out DIR]
     python scripts/pretrain_tiny.py dino [--steps N] [--seed S] [--threads T] [--out DIR]
+    python scripts/pretrain_tiny.py dino --probe WEIGHTS [--arch JSON] [--seed S]
 
 Full training of every weight (not LoRA) of the tiny architectures (``teacher.sam`` /
 ``teacher.dino``) on images of ``teacher.synth.PRETRAIN``, generated in memory from the seed;
@@ -9,7 +10,8 @@ a held-out test set (another seed) is scored at the end: SAM mean mask IoU from 
 Grounding DINO COCO box mAP@50 prompted with the pretraining classes. Deterministic per seed
 on one machine (fixed thread count, seeded generator, data and initialisation). Writes
 ``<out>/{sam,dino}-tiny-pretrained.safetensors`` (default ``src/teacher/weights``) and prints
-the scores and the time it took.
+the scores and the time it took. ``--probe`` trains nothing: it scores a DINO weights file on the
+held-out set and prints where its box AP is lost (:func:`dino_probe`).
 """
 
 from __future__ import annotations
@@ -230,6 +232,81 @@ def dino_test_map(model, processor, coco: dict, pixels: list[np.ndarray]) -> dic
 
     stats = labeling_box_map(DinoBundle(model=model, processor=processor), pixels, coco)
     return {"map": stats["map"], "map_50": stats["map_50"]}
+
+
+@torch.no_grad()
+def dino_probe(model, processor, coco: dict, pixels: list[np.ndarray]) -> dict[str, float]:
+    """Where a detector's held-out box AP is lost (the labeling decode, no thresholds, prompted
+    with every class as :func:`dino_test_map`). Shares of the test set's objects or predictions:
+
+    - ``map_50``: the score; ``agnostic_map_50``: the same predictions with every class made one
+      (what the boxes and their ranking alone are worth); ``nms_map_50``: after per-class NMS at
+      IoU 0.5 (what duplicates cost);
+    - ``covered_50`` / ``covered_75``: objects that some prediction overlaps at IoU >= 0.5 / 0.75;
+    - ``top_near_50``: objects whose highest-scoring overlapping prediction (IoU > 0.1) is at
+      IoU >= 0.5;
+    - ``top_k_hit`` / ``top_k_loose`` / ``top_k_background``: of each image's k best predictions
+      (k = its objects), those at IoU >= 0.5 with an object, in 0.1-0.5, below 0.1.
+    """
+    import copy
+
+    import torchvision
+
+    from teacher.dino.detect import coco_results, detect
+    from teacher.dino.labels import build_label_map
+    from teacher.dino.model import DinoBundle
+    from teacher.metrics import coco_eval
+
+    label_map = build_label_map(coco["categories"], tokenizer=processor.tokenizer)
+    found = detect(
+        DinoBundle(model=model, processor=processor),
+        pixels,
+        label_map,
+        box_threshold=0.0,
+        text_threshold=0.0,
+    )
+    image_ids = [i["id"] for i in coco["images"]]
+    results = coco_results(found, image_ids)
+    one = copy.deepcopy(coco)
+    one["categories"] = [{"id": 1, "name": "object"}]
+    for a in one["annotations"]:
+        a["category_id"] = 1
+    by_image = index_by_image(coco)
+    covered, top_near, top_k, kept = [], [], [], []
+    for image_id, det in zip(image_ids, found, strict=True):
+        boxes = torch.as_tensor(xywh_to_xyxy(np.asarray(det.boxes, np.float64).reshape(-1, 4)))
+        scores = torch.as_tensor(np.asarray(det.scores, np.float64))
+        keep = torchvision.ops.batched_nms(
+            boxes, scores, torch.as_tensor(np.asarray(det.category_ids)), 0.5
+        )
+        kept += coco_results([det.take(keep.numpy())], [image_id])
+        anns = by_image.get(image_id, [])
+        if not anns or not len(boxes):
+            covered += [0.0] * len(anns)
+            continue
+        truth = torch.as_tensor(xywh_to_xyxy(np.asarray([a["bbox"] for a in anns], np.float64)))
+        iou = torchvision.ops.box_iou(truth, boxes)  # (objects, predictions)
+        covered += iou.max(1).values.tolist()
+        for row in iou:
+            near = torch.nonzero(row > 0.1).flatten()
+            if len(near):
+                top_near.append(float(row[near[scores[near].argmax()]]))
+        best = scores.argsort(descending=True)[: len(anns)]
+        top_k += iou[:, best].max(0).values.tolist()
+    hit, near_hit, k = np.asarray(covered), np.asarray(top_near), np.asarray(top_k)
+    return {
+        "map_50": coco_eval(coco, results, iou_type="bbox", per_class=False)["map_50"],
+        "agnostic_map_50": coco_eval(
+            one, [{**r, "category_id": 1} for r in results], iou_type="bbox", per_class=False
+        )["map_50"],
+        "nms_map_50": coco_eval(coco, kept, iou_type="bbox", per_class=False)["map_50"],
+        "covered_50": float((hit >= 0.5).mean()),
+        "covered_75": float((hit >= 0.75).mean()),
+        "top_near_50": float((near_hit >= 0.5).sum() / len(hit)),
+        "top_k_hit": float((k >= 0.5).mean()),
+        "top_k_loose": float(((k >= 0.1) & (k < 0.5)).mean()),
+        "top_k_background": float((k < 0.1).mean()),
+    }
 
 
 # the path from a prompt's words to the text features the class head compares queries with: BERT,
@@ -506,6 +583,22 @@ def pretrain_dino(
     return model.state_dict(), dino_test_map(model, processor, test, test_pixels)
 
 
+def probe_file(path: Path, *, arch: dict | None, seed: int, n: int) -> dict[str, float]:
+    """:func:`dino_probe` of a weights file on ``n`` held-out images of ``seed``'s test set."""
+    from teacher.dino.model import build_tiny_pretrained
+    from teacher.params import DinoParams
+
+    model, processor = build_tiny_pretrained(
+        DinoParams(model="tiny-pretrained", **DINO_SIZE), weights=False, arch=arch
+    )
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (OSError, RuntimeError) as e:
+        raise SystemExit(f"--probe {path}: not DINO weights of this --arch ({e})") from None
+    test, pixels = synth.make_dataset(synth.PRETRAIN, n_images=n, seed=seed + TEST_SEED_OFFSET)
+    return dino_probe(model.eval(), processor, test, pixels)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -548,8 +641,22 @@ def main() -> None:
         help="dino: start from this file's Swin (phase 0 skipped), the rest from random init",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "src" / "teacher" / "weights")
+    parser.add_argument(
+        "--probe",
+        type=Path,
+        default=None,
+        help="dino: train nothing; score these weights (of --arch) on the held-out set of --seed "
+        "and print where the box AP is lost",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.probe is not None:
+        if args.model != "dino":
+            parser.error("--probe is for dino")
+        print(
+            json.dumps(probe_file(args.probe, arch=args.arch, seed=args.seed, n=args.test_images))
+        )
+        return
     start = time.time()
     if args.model == "sam":
         state, scores = pretrain_sam(

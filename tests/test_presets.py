@@ -159,3 +159,20 @@ def test_pretraining_script_runs_and_repeats_per_seed(one_thread):
     assert set(sam_scores) == {"miou_multimask_false", "miou_multimask_true"}
     assert all(0.0 <= v <= 1.0 for v in sam_scores.values())
     assert set(sam_state) == set(load_base_sam(TINY_PRETRAINED).state_dict())
+
+
+def test_the_probe_splits_the_committed_detector_score(one_thread):
+    """scripts/pretrain_tiny.py --probe: its map_50 is the proving ground's score of the same
+    weights and images; its shares are consistent with one another (an object whose best-scoring
+    overlapping prediction hits it is covered; each image's k best predictions fall in exactly
+    one of the three bins)."""
+    from pretrain_tiny import TEST_SEED_OFFSET, probe_file
+
+    probe = probe_file(TINY_PRETRAINED_WEIGHTS, arch=None, seed=HELD_OUT - TEST_SEED_OFFSET, n=24)
+    assert probe["map_50"] == pytest.approx(box_map_50(synth.PRETRAIN, n_images=24), abs=1e-9)
+    assert all(0.0 <= v <= 1.0 for v in probe.values())
+    assert probe["top_near_50"] <= probe["covered_50"]
+    assert probe["covered_75"] <= probe["covered_50"]
+    shares = probe["top_k_hit"] + probe["top_k_loose"] + probe["top_k_background"]
+    assert shares == pytest.approx(1.0)
+    assert probe["agnostic_map_50"] > probe["map_50"]  # naming the shape costs this preset AP
