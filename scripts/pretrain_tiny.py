@@ -3,6 +3,7 @@
     python scripts/pretrain_tiny.py sam  [--steps N] [--seed S] [--threads T] [--out DIR]
     python scripts/pretrain_tiny.py dino [--steps N] [--seed S] [--threads T] [--out DIR]
     python scripts/pretrain_tiny.py dino --probe WEIGHTS [--arch JSON] [--seed S]
+    python scripts/pretrain_tiny.py sam  --probe WEIGHTS [--seed S]
 
 Full training of every weight (not LoRA) of the tiny architectures (``teacher.sam`` /
 ``teacher.dino``) on images of ``teacher.synth.PRETRAIN``, generated in memory from the seed;
@@ -10,8 +11,9 @@ a held-out test set (another seed) is scored at the end: SAM mean mask IoU from 
 Grounding DINO COCO box mAP@50 prompted with the pretraining classes. Deterministic per seed
 on one machine (fixed thread count, seeded generator, data and initialisation). Writes
 ``<out>/{sam,dino}-tiny-pretrained.safetensors`` (default ``src/teacher/weights``) and prints
-the scores and the time it took. ``--probe`` trains nothing: it scores a DINO weights file on the
-held-out set and prints where its box AP is lost (:func:`dino_probe`).
+the scores and the time it took. ``--probe`` trains nothing: it scores a weights file on the held-out
+set and prints where DINO's box AP is lost (:func:`dino_probe`), or SAM's mask IoU beside the
+best its low-res masks allow, on both domains (:func:`sam_probe`).
 """
 
 from __future__ import annotations
@@ -128,6 +130,47 @@ def sam_test_miou(sam, coco: dict, pixels: list[np.ndarray], *, multimask: bool)
         gt = np.stack([annotation_mask(a, *img.shape[:2]) for a in anns])
         ious.extend(mask_iou(masks, gt).tolist())
     return float(np.mean(ious))
+
+
+SMALL = 400  # px²: objects below this are "small" in the probes' split
+
+
+@torch.no_grad()
+def sam_probe(sam, coco: dict, pixels: list[np.ndarray]) -> dict[str, float]:
+    """A SAM's mask IoU from true boxes (single mask) beside the best its low-res masks allow:
+    each object's true mask put through the model's own frames (resized to the input, area-
+    averaged to the decoder's 4g x 4g grid, upscaled and thresholded as its logits are), overall
+    and for objects under / over :data:`SMALL` px²."""
+    import torch.nn.functional as F
+
+    from teacher.sam.data import masks_to_input
+    from teacher.sam.model import input_size, resized_shape, segment
+
+    size, by_image = input_size(sam), index_by_image(coco)
+    grid = 4 * sam.prompt_encoder.image_embedding_size[0]
+    model, ceiling, areas = [], [], []
+    for info, img in zip(coco["images"], pixels, strict=True):
+        anns = by_image.get(info["id"], [])
+        if not anns:
+            continue
+        h, w = img.shape[:2]
+        truth = np.stack([annotation_mask(a, h, w) for a in anns])
+        masks, _ = segment(sam, img, np.asarray([a["bbox"] for a in anns]), multimask=False)
+        model += mask_iou(masks, truth).tolist()
+        low = F.interpolate(masks_to_input(truth, size=size).float()[:, None], grid, mode="area")
+        best = sam.postprocess_masks(low - 0.5, resized_shape(h, w, size=size), (h, w))[:, 0] > 0
+        ceiling += mask_iou(best.numpy(), truth).tolist()
+        areas += truth.sum((1, 2)).tolist()
+    got, top, small = np.asarray(model), np.asarray(ceiling), np.asarray(areas) < SMALL
+    return {
+        "miou": float(got.mean()),
+        "ceiling": float(top.mean()),
+        "miou_small": float(got[small].mean()) if small.any() else float("nan"),
+        "ceiling_small": float(top[small].mean()) if small.any() else float("nan"),
+        "miou_large": float(got[~small].mean()) if (~small).any() else float("nan"),
+        "ceiling_large": float(top[~small].mean()) if (~small).any() else float("nan"),
+        "small_share": float(small.mean()),
+    }
 
 
 def pretrain_sam(
@@ -599,6 +642,22 @@ def probe_file(path: Path, *, arch: dict | None, seed: int, n: int) -> dict[str,
     return dino_probe(model.eval(), processor, test, pixels)
 
 
+def probe_sam_file(path: Path, *, seed: int, n: int) -> dict[str, dict[str, float]]:
+    """:func:`sam_probe` of a SAM weights file on ``n`` held-out images of each domain."""
+    from teacher.sam.model import ARCHITECTURES, TINY_PRETRAINED, build_sam
+
+    sam = build_sam(ARCHITECTURES[TINY_PRETRAINED])
+    try:
+        sam.load_state_dict(load_file(str(path)))
+    except (OSError, RuntimeError) as e:
+        raise SystemExit(f"--probe {path}: not tiny SAM weights ({e})") from None
+    out = {}
+    for name, world in synth.WORLDS.items():
+        test, pixels = synth.make_dataset(world, n_images=n, seed=seed + TEST_SEED_OFFSET)
+        out[name] = sam_probe(sam.eval(), test, pixels)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -645,17 +704,17 @@ def main() -> None:
         "--probe",
         type=Path,
         default=None,
-        help="dino: train nothing; score these weights (of --arch) on the held-out set of --seed "
-        "and print where the box AP is lost",
+        help="train nothing; score these weights (dino: of --arch) on the held-out set of --seed "
+        "and print where DINO's box AP is lost, or SAM's mIoU beside its masks' ceiling",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.probe is not None:
-        if args.model != "dino":
-            parser.error("--probe is for dino")
-        print(
-            json.dumps(probe_file(args.probe, arch=args.arch, seed=args.seed, n=args.test_images))
-        )
+        if args.model == "sam":
+            print(json.dumps(probe_sam_file(args.probe, seed=args.seed, n=args.test_images)))
+        else:
+            probe = probe_file(args.probe, arch=args.arch, seed=args.seed, n=args.test_images)
+            print(json.dumps(probe))
         return
     start = time.time()
     if args.model == "sam":

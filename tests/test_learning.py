@@ -25,8 +25,8 @@ from teacher.sam.model import TINY_PRETRAINED, load_base_sam, load_sam
 NO_AUGMENT = resolve_policy(AugmentParams(policy="none"), {})
 SAM = SamParams(  # as benchmarks/bench_finetune.py: the pretraining loss (BCE + dice)
     model=TINY_PRETRAINED,
-    lora_targets="sam-encoder-qkv+sam-decoder-attention",
-    train_decoder=True,
+    lora_targets="sam-encoder-qkv+sam-decoder-linear",
+    train_decoder=False,
     multimask=False,
     box_jitter=0.05,
     focal_weight=2.0,
@@ -54,24 +54,21 @@ def _out(tmp: Path) -> dict:
     }
 
 
-# LoRA (encoder qkv + decoder attention, decoder trained), 48 training images, 6 epochs: over
-# seeds 0-4 this test's training-image mIoU rose by +0.063 to +0.073 and held-out mIoU (base
-# 0.675) by +0.004 to +0.034. Margins: half the smallest training gain; held out, no worse than
-# the base less 0.005 (the smallest held-out gain is within noise of zero).
-SAM_TRAIN_MARGIN = 0.03
-SAM_HELD_OUT_TOLERANCE = 0.005
+# LoRA on the encoder's qkv and every linear layer of the decoder, 48 training images, 6 epochs:
+# over seeds 0-4 this test's training-image mIoU rose by +0.040 to +0.054 and held-out mIoU (base
+# 0.675) by +0.010 to +0.024. Margins: half the smallest gain of each. (The recipe before, LoRA
+# on the decoder's attention with the decoder trained fully, fitted the training images more,
+# +0.063 to +0.073, and moved held-out ones by +0.004 to +0.034: no held-out margin held.)
+SAM_TRAIN_MARGIN = 0.020
+SAM_HELD_OUT_MARGIN = 0.005
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sam_finetuning_learns_the_domain(sam_held_out, tmp_path, one_thread, seed):
     """LoRA on 48 fine-tuning-domain images (from ``seed``, training seeded alike): the training
-    images' mIoU rises by SAM_TRAIN_MARGIN and held-out images of the domain do not get worse.
-
-    Held out, this is a non-regression bound, not a gain: the tiny SAM's 64x64 masks bound what
-    fine-tuning can add on this domain (held-out gains of +0.004 to +0.034 over seeds 0-4), so
-    no positive held-out margin holds across seeds (issue #12, README).
-    """
+    images' mIoU rises by SAM_TRAIN_MARGIN and held-out images of the domain (never trained on,
+    nor used to pick the epoch) by SAM_HELD_OUT_MARGIN."""
     train, pixels = synth.make_dataset(synth.FINETUNE, n_images=48, seed=100 + seed)
     synth.save_dataset(train, pixels, tmp_path / "train")
     images = tmp_path / "train/images"
@@ -98,7 +95,7 @@ def test_sam_finetuning_learns_the_domain(sam_held_out, tmp_path, one_thread, se
         f"{before_val['val_miou']:.3f} -> {after_val['val_miou']:.3f} (seed {seed})"
     )
     assert result["val_miou"] >= before_train + SAM_TRAIN_MARGIN
-    assert after_val["val_miou"] >= before_val["val_miou"] - SAM_HELD_OUT_TOLERANCE
+    assert after_val["val_miou"] >= before_val["val_miou"] + SAM_HELD_OUT_MARGIN
 
 
 # --- Grounding DINO --------------------------------------------------------------------------

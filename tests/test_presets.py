@@ -176,3 +176,17 @@ def test_the_probe_splits_the_committed_detector_score(one_thread):
     shares = probe["top_k_hit"] + probe["top_k_loose"] + probe["top_k_background"]
     assert shares == pytest.approx(1.0)
     assert probe["agnostic_map_50"] > probe["map_50"]  # naming the shape costs this preset AP
+
+
+def test_the_sam_probe_scores_as_the_bar_and_sets_the_ceiling_above(one_thread):
+    """scripts/pretrain_tiny.py sam --probe: its mIoU is the bar's measure on the same images, and
+    the true masks through the model's 64x64 frames (its ceiling) score far above the preset."""
+    from pretrain_tiny import TEST_SEED_OFFSET, probe_sam_file
+
+    probe = probe_sam_file(SAM_WEIGHTS, seed=HELD_OUT - TEST_SEED_OFFSET, n=12)
+    assert probe["pretrain"]["miou"] == pytest.approx(
+        sam_miou(synth.PRETRAIN, n_images=12), abs=1e-9
+    )
+    for scores in probe.values():
+        assert scores["ceiling"] > scores["miou"] + 0.05
+        assert 0.0 < scores["small_share"] < 1.0

@@ -140,6 +140,9 @@ LORA_PRESETS: dict[str, str] = {
     "sam-encoder-qkv": r"image_encoder\.blocks\.\d+\.attn\.qkv",  # SAM image encoder attention
     # SAM mask decoder attention only: decoder-only mode (image embeddings cached once)
     "sam-decoder-attention": r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)",
+    # every linear layer of the mask decoder: its attention (the final token-to-image one too),
+    # MLPs, mask hypernetworks and IoU head (decoder-only mode on its own, as the one above)
+    "sam-decoder-linear": r"mask_decoder\.(transformer\..*_proj|transformer\.layers\.\d+\.mlp\.lin[12]|output_hypernetworks_mlps\.\d+\.layers\.\d+|iou_prediction_head\.layers\.\d+)",
 }
 
 
@@ -157,7 +160,7 @@ def lora_pattern(targets: str | Sequence[str]) -> str | list[str]:
 @dataclass(frozen=True)
 class SamParams:
     model: str = "vit_b"  # vit_b, vit_l, vit_h (Meta's checkpoints, cached + sha256-checked), a local .pth, or tiny-random
-    lora_targets: str | list[str] = "sam-encoder-qkv"  # preset names joined by "+" (sam-encoder-qkv, sam-decoder-attention: decoder-only mode, embeddings cached), a regex (full match) or a list of names
+    lora_targets: str | list[str] = "sam-encoder-qkv"  # preset names joined by "+" (sam-encoder-qkv, sam-decoder-attention or sam-decoder-linear: decoder-only mode, embeddings cached), a regex (full match) or a list of names
     train_decoder: bool = False  # train the mask decoder fully (saved beside the adapter)
     box_jitter: float = field(default=0.1, metadata=_range(0, 1))  # training box noise, fraction of the box's width/height per side
     box_jitter_max: float = field(default=20.0, metadata=_range(0))  # ... and at most this many pixels of the model's input frame (SAM paper: 10 %, max 20 px)
