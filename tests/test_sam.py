@@ -685,3 +685,17 @@ def test_damaged_embedding_cache_repairs_itself(shapes, tmp_path, caplog):
     first.write_bytes(b"\xff" * 16)  # an oversized header length
     cache_sam_embeddings(sam, coco, root, tmp_path / "cache")
     torch.testing.assert_close(load_file(str(first))["embedding"], good[1])
+
+
+def test_the_decoder_linear_preset_is_every_linear_layer_of_the_decoder():
+    """sam-decoder-linear: attention (the final token-to-image one too), MLPs, mask hypernetworks
+    and IoU head; nothing outside the decoder (decoder-only mode on its own)."""
+    import re
+
+    from teacher.params import lora_pattern
+
+    pattern = lora_pattern("sam-decoder-linear")
+    linear = {n for n, m in S.build_tiny_random().named_modules() if isinstance(m, torch.nn.Linear)}
+    decoder = {n for n in linear if n.startswith("mask_decoder.")}
+    assert len(decoder) > 40
+    assert {n for n in linear if re.fullmatch(pattern, n)} == decoder
