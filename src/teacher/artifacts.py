@@ -1,7 +1,8 @@
 """The layout of an adapter folder (``models/dino``, ``models/sam``): one owner for its file names.
 
 A trained folder holds peft's ``adapter_model.safetensors`` (LoRA and, when modules train
-fully, their parameters: ``teacher.lora``) + ``adapter_config.json``, :data:`PARAMS_FILE` (the
+fully, their parameters: ``teacher.lora``, with :data:`TRAINED_ALIASES_FILE`) +
+``adapter_config.json``, :data:`PARAMS_FILE` (the
 params used) and, for Grounding DINO, :data:`LABELS_FILE` (class names ↔ prompt indexes). A folder whose
 teacher the data cannot train holds only :data:`SKIPPED_FILE`, a one-line reason.
 """
@@ -14,9 +15,9 @@ from pathlib import Path
 SKIPPED_FILE = "SKIPPED"
 PARAMS_FILE = "params.json"
 LABELS_FILE = "labels.json"
-TRAINED_MODULES_FILE = (
-    "trained_modules.safetensors"  # older folders' second copy: read, not written
-)
+TRAINED_ALIASES_FILE = "trained_modules.json"  # the fully trained tensors' tied alias names
+# older folders' second copy of the fully trained tensors: read, not written
+TRAINED_MODULES_FILE = "trained_modules.safetensors"
 
 
 def skipped_reason(model_dir: str | Path) -> str | None:

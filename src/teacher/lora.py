@@ -10,7 +10,10 @@ parameters are marked trainable and saved once, in peft's ``adapter_model.safete
 their base-model names (``base_model.model.<name>``), which peft passes through to
 ``load_state_dict``: a plain ``PeftModel.from_pretrained`` loads them too. One tensor per
 distinct parameter: tied parameters are stored under their first name, every alias name is
-recorded in the file's metadata (:data:`TRAINED_ALIASES_KEY`) and restored by name on load.
+recorded in ``trained_modules.json`` (:data:`teacher.artifacts.TRAINED_ALIASES_FILE`) and
+restored by name on load. Not in the weights file's metadata: safetensors writes a metadata
+map of two or more keys in hash order, which changes from process to process, and an adapter
+must be the same bytes however often training was interrupted and resumed.
 Folders written before held them a second time in ``trained_modules.safetensors``
 (:data:`teacher.artifacts.TRAINED_MODULES_FILE`); such a file is still read when present.
 
@@ -34,13 +37,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from teacher.artifacts import TRAINED_MODULES_FILE
+from teacher.artifacts import TRAINED_ALIASES_FILE, TRAINED_MODULES_FILE
 from teacher.errors import TeacherError
 from teacher.params import LoraParams, lora_pattern
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"  # peft's file name (safe_serialization)
 PEFT_PREFIX = "base_model.model."  # what peft prefixes base-model names with in that file
-TRAINED_ALIASES_KEY = "teacher_trained_aliases"  # that file's metadata: trained name -> aliases
 LORA_TAG = "lora_"  # peft's LoRA parameter names contain lora_A / lora_B / lora_embedding_*
 _LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
@@ -215,28 +217,28 @@ def save_adapter(model: PeftModel, out_dir: Path | str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     (out_dir / TRAINED_MODULES_FILE).unlink(missing_ok=True)  # an older layout's second copy
+    aliases = out_dir / TRAINED_ALIASES_FILE
     groups = trained_parameters(model)
     if not groups:
+        aliases.unlink(missing_ok=True)
         return
     base = model.get_base_model()
     tensors = {n: base.get_parameter(n).detach().cpu().contiguous().clone() for n in groups}
-    _add_to_peft_file(out_dir / PEFT_WEIGHTS_FILE, tensors, aliases=groups)
+    _add_to_peft_file(out_dir / PEFT_WEIGHTS_FILE, tensors)
+    aliases.write_text(json.dumps({"aliases": groups}, indent=1) + "\n", encoding="utf-8")
 
 
-def _add_to_peft_file(
-    path: Path, tensors: dict[str, torch.Tensor], *, aliases: dict[str, list[str]]
-) -> None:
-    """Put fully trained tensors into peft's weights file under ``base_model.model.<name>``, and
-    their alias names into its metadata.
+def _add_to_peft_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Put fully trained tensors into peft's weights file under ``base_model.model.<name>``.
 
     peft's ``set_peft_model_state_dict`` passes keys that are no adapter parameter through to
     ``load_state_dict``, so plain ``PeftModel.from_pretrained`` restores them (one name per tied
     tensor suffices: its aliases share the parameter).
     """
-    metadata = _metadata(path)
+    metadata = _metadata(path)  # peft's one key ("format"): one key keeps the bytes the same
     weights = load_file(str(path))
     weights.update({f"{PEFT_PREFIX}{n}": t for n, t in tensors.items()})
-    save_file(weights, str(path), metadata={**metadata, TRAINED_ALIASES_KEY: json.dumps(aliases)})
+    save_file(weights, str(path), metadata=metadata)
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -254,8 +256,9 @@ def trained_tensors(
     adapter_dir: Path | str,
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], Path]:
     """An adapter folder's fully trained tensors by base-model name, their alias names, and the
-    file they were read from: peft's weights file, or ``trained_modules.safetensors`` in a folder
-    written before the trained tensors were stored once (its copy is the one read)."""
+    file they were read from: peft's weights file (aliases from ``trained_modules.json``), or
+    ``trained_modules.safetensors`` in a folder written before the trained tensors were stored
+    once (its copy and its "aliases" metadata are the ones read)."""
     adapter_dir = Path(adapter_dir)
     legacy = adapter_dir / TRAINED_MODULES_FILE
     if legacy.exists():
@@ -267,7 +270,20 @@ def trained_tensors(
         for n, t in read_weights(path).items()
         if n.startswith(PEFT_PREFIX) and LORA_TAG not in n
     }
-    return tensors, _aliases(path, _metadata(path).get(TRAINED_ALIASES_KEY, "{}")), path
+    return tensors, _read_aliases(adapter_dir / TRAINED_ALIASES_FILE), path
+
+
+def _read_aliases(path: Path) -> dict[str, list[str]]:
+    """The aliases in ``trained_modules.json`` ({} when absent: each name is its own)."""
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _damaged(path, "its 'aliases' metadata is not JSON") from None
+    if not isinstance(doc, dict) or "aliases" not in doc:
+        raise _damaged(path, "its 'aliases' metadata is not a mapping of names to name lists")
+    return _aliases(path, json.dumps(doc["aliases"]))
 
 
 def load_trained_modules(

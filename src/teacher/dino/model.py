@@ -213,8 +213,10 @@ def tiny_config(
 # tiny-pretrained's architecture, as tiny_config keywords: tiny-random's. A wider Swin (embed_dim
 # 32: 5.8 MB of weights) learned no faster from random init, and windows of 8 (with or without
 # two blocks per stage) scored no higher held out. A wider detector (d_model 64, 2 + 3 layers,
-# 4 points: 3.9 MB) is the lead: 0.226 against 0.189 after both detector phases
-# (scripts/pretrain_tiny.py --arch; README, "Proving ground"), not yet the preset.
+# 4 points: 3.9 MB) scored 0.226 against 0.189 after both detector phases but gained less in
+# `make demo` (+0.133 against +0.197); a third phase (0.229) or 6 decoder layers (0.183 after
+# one phase, against 0.192) added nothing (scripts/pretrain_tiny.py --arch; README, "Proving
+# ground").
 TINY_PRETRAINED_ARCH: dict[str, Any] = {}
 
 

@@ -26,6 +26,7 @@ from teacher.serve.protocol import Found, Prompts
 ADAPTER_FILES = (
     "adapter_model.safetensors",
     "adapter_config.json",
+    "trained_modules.json",
     "trained_modules.safetensors",  # folders written before trained modules were stored once
     "labels.json",
 )
