@@ -25,6 +25,7 @@ import platform
 import random
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,19 +59,27 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
 # --- SAM ---------------------------------------------------------------------------------------
 
 
+def objects(
+    coco: dict, pixels: list[np.ndarray]
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image with objects: the image, its xywh boxes (N, 4) and true masks (N, H, W)."""
+    by_image = index_by_image(coco)
+    for info, img in zip(coco["images"], pixels, strict=True):
+        anns = by_image.get(info["id"], [])
+        if anns:
+            masks = np.stack([annotation_mask(a, *img.shape[:2]) for a in anns])
+            yield img, np.asarray([a["bbox"] for a in anns], np.float64), masks
+
+
 def sam_samples(coco: dict, pixels: list[np.ndarray], *, size: int) -> list[dict]:
     """Per image with objects: resized image tensor, xyxy boxes (input frame), masks (N, S, S)."""
     from teacher.sam.data import masks_to_input
     from teacher.sam.model import image_to_tensor, resize_image
 
-    by_image, out = index_by_image(coco), []
-    for info, img in zip(coco["images"], pixels, strict=True):
-        anns = by_image.get(info["id"], [])
-        if not anns:
-            continue
+    out = []
+    for img, boxes, masks in objects(coco, pixels):
         h, w = img.shape[:2]
-        masks = np.stack([annotation_mask(a, h, w) for a in anns])
-        xyxy = xywh_to_xyxy(np.asarray([a["bbox"] for a in anns], np.float64))
+        xyxy = xywh_to_xyxy(boxes)
         out.append(
             {
                 "image": image_to_tensor(resize_image(img, size=size)),
@@ -121,14 +130,10 @@ def sam_test_miou(sam, coco: dict, pixels: list[np.ndarray], *, multimask: bool)
     """Mean mask IoU over the test set's instances, prompted with their true boxes."""
     from teacher.sam.model import segment
 
-    by_image, ious = index_by_image(coco), []
-    for info, img in zip(coco["images"], pixels, strict=True):
-        anns = by_image.get(info["id"], [])
-        if not anns:
-            continue
-        masks, _ = segment(sam, img, np.asarray([a["bbox"] for a in anns]), multimask=multimask)
-        gt = np.stack([annotation_mask(a, *img.shape[:2]) for a in anns])
-        ious.extend(mask_iou(masks, gt).tolist())
+    ious = []
+    for img, boxes, truth in objects(coco, pixels):
+        masks, _ = segment(sam, img, boxes, multimask=multimask)
+        ious.extend(mask_iou(masks, truth).tolist())
     return float(np.mean(ious))
 
 
@@ -146,16 +151,12 @@ def sam_probe(sam, coco: dict, pixels: list[np.ndarray]) -> dict[str, float]:
     from teacher.sam.data import masks_to_input
     from teacher.sam.model import input_size, resized_shape, segment
 
-    size, by_image = input_size(sam), index_by_image(coco)
+    size = input_size(sam)
     grid = 4 * sam.prompt_encoder.image_embedding_size[0]
     model, ceiling, areas = [], [], []
-    for info, img in zip(coco["images"], pixels, strict=True):
-        anns = by_image.get(info["id"], [])
-        if not anns:
-            continue
+    for img, boxes, truth in objects(coco, pixels):
         h, w = img.shape[:2]
-        truth = np.stack([annotation_mask(a, h, w) for a in anns])
-        masks, _ = segment(sam, img, np.asarray([a["bbox"] for a in anns]), multimask=False)
+        masks, _ = segment(sam, img, boxes, multimask=False)
         model += mask_iou(masks, truth).tolist()
         low = F.interpolate(masks_to_input(truth, size=size).float()[:, None], grid, mode="area")
         best = sam.postprocess_masks(low - 0.5, resized_shape(h, w, size=size), (h, w))[:, 0] > 0
