@@ -296,21 +296,12 @@ def dino_probe(model, processor, coco: dict, pixels: list[np.ndarray]) -> dict[s
 
     import torchvision
 
-    from teacher.dino.detect import coco_results, detect
-    from teacher.dino.labels import build_label_map
+    from teacher.dino.detect import coco_results, labeling_detections
     from teacher.dino.model import DinoBundle
     from teacher.metrics import coco_eval
 
-    label_map = build_label_map(coco["categories"], tokenizer=processor.tokenizer)
-    found = detect(
-        DinoBundle(model=model, processor=processor),
-        pixels,
-        label_map,
-        box_threshold=0.0,
-        text_threshold=0.0,
-    )
+    found, results = labeling_detections(DinoBundle(model=model, processor=processor), pixels, coco)
     image_ids = [i["id"] for i in coco["images"]]
-    results = coco_results(found, image_ids)
     one = copy.deepcopy(coco)
     one["categories"] = [{"id": 1, "name": "object"}]
     for a in one["annotations"]:

@@ -2,9 +2,9 @@
 
 A trained folder holds peft's ``adapter_model.safetensors`` (LoRA and, when modules train
 fully, their parameters: ``teacher.lora``, with :data:`TRAINED_ALIASES_FILE`) +
-``adapter_config.json``, :data:`PARAMS_FILE` (the
-params used) and, for Grounding DINO, :data:`LABELS_FILE` (class names ↔ prompt indexes). A folder whose
-teacher the data cannot train holds only :data:`SKIPPED_FILE`, a one-line reason.
+``adapter_config.json``, :data:`PARAMS_FILE` (the params used) and, for Grounding DINO,
+:data:`LABELS_FILE` (class names ↔ prompt indexes). A folder whose teacher the data cannot train
+holds only :data:`SKIPPED_FILE`, a one-line reason.
 """
 
 from __future__ import annotations

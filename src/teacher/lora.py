@@ -31,6 +31,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -253,46 +254,50 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 def trained_tensors(
-    adapter_dir: Path | str,
+    adapter_dir: Path | str, *, weights: dict[str, torch.Tensor] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], Path]:
     """An adapter folder's fully trained tensors by base-model name, their alias names, and the
-    file they were read from: peft's weights file (aliases from ``trained_modules.json``), or
-    ``trained_modules.safetensors`` in a folder written before the trained tensors were stored
-    once (its copy and its "aliases" metadata are the ones read)."""
+    file they were read from: peft's weights file (``weights``, when the caller has read it
+    already; aliases from ``trained_modules.json``), or ``trained_modules.safetensors`` in a
+    folder written before the trained tensors were stored once (its copy and its "aliases"
+    metadata are the ones read)."""
     adapter_dir = Path(adapter_dir)
     legacy = adapter_dir / TRAINED_MODULES_FILE
     if legacy.exists():
-        tensors, raw = read_weights(legacy), _metadata(legacy).get("aliases", "{}")
-        return tensors, _aliases(legacy, raw), legacy
+        raw = _metadata(legacy).get("aliases", "{}")
+        return read_weights(legacy), _aliases(legacy, _json(legacy, raw)), legacy
     path = adapter_dir / PEFT_WEIGHTS_FILE
     tensors = {
         n.removeprefix(PEFT_PREFIX): t
-        for n, t in read_weights(path).items()
+        for n, t in (read_weights(path) if weights is None else weights).items()
         if n.startswith(PEFT_PREFIX) and LORA_TAG not in n
     }
-    return tensors, _read_aliases(adapter_dir / TRAINED_ALIASES_FILE), path
+    aliases = adapter_dir / TRAINED_ALIASES_FILE
+    if not aliases.is_file():
+        return tensors, {}, path  # no tied parameters: each name is its own
+    doc = _json(aliases, aliases.read_bytes())
+    return tensors, _aliases(aliases, doc.get("aliases") if isinstance(doc, dict) else None), path
 
 
-def _read_aliases(path: Path) -> dict[str, list[str]]:
-    """The aliases in ``trained_modules.json`` ({} when absent: each name is its own)."""
-    if not path.is_file():
-        return {}
+def _json(path: Path, raw: str | bytes) -> Any:
+    """``raw`` parsed as JSON; anything else is a ``TeacherError`` naming ``path``."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise _damaged(path, "its 'aliases' metadata is not JSON") from None
-    if not isinstance(doc, dict) or "aliases" not in doc:
-        raise _damaged(path, "its 'aliases' metadata is not a mapping of names to name lists")
-    return _aliases(path, json.dumps(doc["aliases"]))
 
 
 def load_trained_modules(
-    model: nn.Module, adapter_dir: Path | str, *, trainable: bool = False
+    model: nn.Module,
+    adapter_dir: Path | str,
+    *,
+    trainable: bool = False,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> int:
     """Copy the folder's fully trained tensors (:func:`trained_tensors`) into ``model`` by name,
     every alias; returns tensors read."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    tensors, aliases, path = trained_tensors(adapter_dir)
+    tensors, aliases, path = trained_tensors(adapter_dir, weights=weights)
     for name, tensor in tensors.items():
         for alias in aliases.get(name, [name]):
             param = _get_parameter(base, alias, path)
@@ -309,12 +314,9 @@ def _damaged(path: Path, why: str) -> TeacherError:
     )
 
 
-def _aliases(path: Path, raw: str) -> dict[str, list[str]]:
-    """The alias metadata of a trained-modules file: {name: [names]}; damage is an error."""
-    try:
-        aliases = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise _damaged(path, "its 'aliases' metadata is not JSON") from None
+def _aliases(path: Path, aliases: Any) -> dict[str, list[str]]:
+    """Parsed alias metadata of a trained-modules file, checked: {name: [names]}; damage is an
+    error."""
     if not (
         isinstance(aliases, dict)
         and all(
@@ -400,7 +402,9 @@ def load_adapter(
     if not weights.is_file():
         raise _damaged(adapter_dir, "no adapter_model.safetensors")
     saved = read_weights(weights)
-    base_values = trained_base_values(base_model, adapter_dir) if scale != 1.0 else {}
+    base_values = (
+        trained_base_values(base_model, adapter_dir, weights=saved) if scale != 1.0 else {}
+    )
     try:
         model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -418,16 +422,21 @@ def load_adapter(
             f"it holds {lora_saved} LoRA tensors but the model has {loaded} "
             "LoRA weights for them: an adapter of another model",
         )
-    load_trained_modules(model, adapter_dir, trainable=trainable)
+    load_trained_modules(model, adapter_dir, trainable=trainable, weights=saved)
     if scale != 1.0:
         scale_adapter(model, scale, base_values=base_values)
     return model
 
 
-def trained_base_values(base_model: nn.Module, adapter_dir: Path | str) -> dict[str, torch.Tensor]:
+def trained_base_values(
+    base_model: nn.Module,
+    adapter_dir: Path | str,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Copies of ``base_model``'s own values of the parameters the adapter trained fully, by their
     names in the wrapped model (every alias), taken before loading the adapter overwrites them."""
-    tensors, aliases, path = trained_tensors(adapter_dir)
+    tensors, aliases, path = trained_tensors(adapter_dir, weights=weights)
     out = {}
     for name in tensors:
         for alias in aliases.get(name, [name]):

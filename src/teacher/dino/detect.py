@@ -251,17 +251,25 @@ def _detect_batch(
     ]
 
 
-def labeling_box_map(bundle: DinoBundle, images: list[np.ndarray], coco: dict) -> dict[str, float]:
-    """COCO box AP (``map``, ``map_50``, ...) of the labeling decode with no thresholds, prompted
-    with every category of ``coco``, on ``images`` (``coco``'s images, in order): the proving
-    ground's detector score (scripts/pretrain_tiny.py, benchmarks/bench_finetune.py, the preset and
-    learning tests)."""
+def labeling_detections(
+    bundle: DinoBundle, images: list[np.ndarray], coco: dict
+) -> tuple[list[Detections], list[dict]]:
+    """The labeling decode with no thresholds, prompted with every category of ``coco``, on
+    ``images`` (``coco``'s images, in order): per-image detections and their COCO results."""
     from teacher.dino.labels import build_label_map
-    from teacher.metrics import coco_eval
 
     label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
     dets = detect(bundle, images, label_map, box_threshold=0.0, text_threshold=0.0)
-    results = coco_results(dets, [i["id"] for i in coco["images"]])
+    return dets, coco_results(dets, [i["id"] for i in coco["images"]])
+
+
+def labeling_box_map(bundle: DinoBundle, images: list[np.ndarray], coco: dict) -> dict[str, float]:
+    """COCO box AP (``map``, ``map_50``, ...) of :func:`labeling_detections`: the proving
+    ground's detector score (scripts/pretrain_tiny.py, benchmarks/bench_finetune.py, the preset and
+    learning tests)."""
+    from teacher.metrics import coco_eval
+
+    _, results = labeling_detections(bundle, images, coco)
     return coco_eval(coco, results, iou_type="bbox", per_class=False)
 
 
