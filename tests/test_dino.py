@@ -206,6 +206,75 @@ def test_loss_matches_transformers_where_its_targets_are_right(bundle):
             torch.testing.assert_close(ours[k], stock[k], msg=k)
 
 
+def rtdetr_vfl(logits, pred_boxes, targets, indices, num_boxes, *, alpha=0.75, gamma=2.0):
+    """RT-DETR's ``loss_labels_vfl`` (``rtdetr_pytorch/src/zoo/rtdetr/rtdetr_criterion.py``),
+    transcribed with torchvision's box ops: classes are logit columns, no text tokens."""
+    import torchvision
+
+    num_classes = logits.shape[-1]
+    batch = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(indices)])
+    idx = (batch, torch.cat([s for s, _ in indices]))
+    src = torchvision.ops.box_convert(pred_boxes[idx], "cxcywh", "xyxy")
+    tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices, strict=True)])
+    ious = torch.diag(
+        torchvision.ops.box_iou(src, torchvision.ops.box_convert(tgt, "cxcywh", "xyxy"))
+    )
+    classes = torch.full(logits.shape[:2], num_classes, dtype=torch.int64)
+    classes[idx] = torch.cat(
+        [t["class_labels"][j] for t, (_, j) in zip(targets, indices, strict=True)]
+    )
+    target = torch.nn.functional.one_hot(classes, num_classes=num_classes + 1)[..., :-1]
+    score = torch.zeros(logits.shape[:2])
+    score[idx] = ious.detach()
+    target_score = score[..., None] * target
+    weight = alpha * logits.sigmoid().detach().pow(gamma) * (1 - target) + target_score
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, target_score, weight=weight, reduction="none"
+    )
+    return loss.mean(1).sum() * logits.shape[1] / num_boxes
+
+
+def test_varifocal_class_term_matches_rtdetr():
+    """``quality=True`` (pretraining only) is RT-DETR's varifocal loss, read over the prompt's
+    tokens: with one token per class, the same as RT-DETR's over class columns; its gradient
+    moves logits of other classes' tokens and of unmatched queries down only."""
+    gen = torch.Generator().manual_seed(0)
+    batch, queries, classes = 2, 6, 3
+    logits = torch.randn(batch, queries, 256, generator=gen, requires_grad=True)
+    pred_boxes = torch.rand(batch, queries, 4, generator=gen) * 0.5 + 0.25
+    text_mask = torch.zeros(batch, queries, 256, dtype=torch.bool)
+    text_mask[..., :classes] = True
+    label_maps = tuple(torch.eye(classes, 256, dtype=torch.bool) for _ in range(batch))
+    targets = [
+        {
+            "class_labels": torch.tensor([2, 0]),
+            "boxes": torch.tensor([[0.4, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.3]]),
+        },
+        {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2]])},
+    ]
+    indices = [(torch.tensor([4, 1]), torch.tensor([0, 1])), (torch.tensor([3]), torch.tensor([0]))]
+    outputs = {
+        "logits": logits,
+        "pred_boxes": pred_boxes,
+        "label_maps": label_maps,
+        "text_mask": text_mask,
+    }
+    ours = GroundedImageLoss(matcher=None, focal_alpha=0.25, losses=[], quality=True).loss_labels(
+        outputs, targets, indices, num_boxes=3.0
+    )["loss_ce"]
+    theirs = rtdetr_vfl(logits[..., :classes], pred_boxes, targets, indices, 3.0)
+    torch.testing.assert_close(ours, theirs)
+    focal = GroundedImageLoss(matcher=None, focal_alpha=0.25, losses=[]).loss_labels(
+        outputs, targets, indices, num_boxes=3.0
+    )["loss_ce"]
+    assert not torch.allclose(ours, focal)  # the flag changes the term
+    (grad,) = torch.autograd.grad(ours, logits)
+    assert (grad[..., classes:] == 0).all()  # tokens outside the prompt get nothing
+    positive = torch.zeros(batch, queries, classes, dtype=torch.bool)
+    positive[0, 4, 2] = positive[0, 1, 0] = positive[1, 3, 1] = True
+    assert (grad[..., :classes][~positive] >= 0).all()  # negatives are only pushed down
+
+
 def test_loss_accepts_an_image_without_boxes(bundle):
     empty = box_targets(np.zeros((0, 4)), np.zeros((0,), np.int64), width=80, height=60)
     out = bundle.model(

@@ -17,6 +17,11 @@ tests/test_dino_recipe.py against independent implementations):
   model return them as ``encoder_logits`` / ``encoder_pred_boxes``. transformers scores the
   learned query embeddings against the pre-encoder text instead: image-independent, a constant
   under our freezing. Same matcher and weights as the decoder terms (OGD ``interm_loss_coef`` 1).
+
+``quality=True`` (``scripts/pretrain_tiny.py --varifocal``; never in fine-tuning, which follows
+the references' focal loss) replaces the class term with RT-DETR's varifocal loss: a matched
+query's class tokens are trained towards its box's IoU with the object instead of 1, so scores
+rank boxes by fit (:func:`varifocal_loss`).
 """
 
 from __future__ import annotations
@@ -26,11 +31,34 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import nn
-from transformers.loss.loss_for_object_detection import _set_aux_loss
+from transformers.image_transforms import center_to_corners_format
+from transformers.loss.loss_for_object_detection import _set_aux_loss, box_iou
 from transformers.loss.loss_grounding_dino import (
     GroundingDinoHungarianMatcher,
     GroundingDinoImageLoss,
 )
+
+
+def varifocal_loss(
+    logits: torch.Tensor,
+    onehot: torch.Tensor,
+    target_score: torch.Tensor,
+    num_boxes: float,
+    *,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """Varifocal loss (Zhang et al., VarifocalNet, CVPR 2021) as RT-DETR computes it for DETR
+    queries (``rtdetr_pytorch/src/zoo/rtdetr/rtdetr_criterion.py``, ``loss_labels_vfl``, alpha
+    0.75, gamma 2): BCE towards ``target_score`` (a positive's IoU, 0 elsewhere), weighted by
+    the target on positives and ``alpha * p ** gamma`` on negatives (``p`` detached), summed
+    over every logit and divided by ``num_boxes``. ``onehot`` marks the positives."""
+    prob = logits.sigmoid().detach()
+    weight = alpha * prob.pow(gamma) * (1 - onehot) + target_score
+    loss = nn.functional.binary_cross_entropy_with_logits(
+        logits, target_score, weight=weight, reduction="none"
+    )
+    return loss.sum() / num_boxes
 
 
 class GroundedImageLoss(GroundingDinoImageLoss):
@@ -38,14 +66,41 @@ class GroundedImageLoss(GroundingDinoImageLoss):
 
     The box count that normalises the loss is averaged over processes (as transformers does)
     only when ``across_processes``: evaluation runs on the main process alone and must not wait
-    in a collective the other processes never join.
+    in a collective the other processes never join. ``quality``: the class term is
+    :func:`varifocal_loss` towards each matched box's IoU (pretraining only, module docstring).
     """
 
     def __init__(
-        self, *, matcher, focal_alpha: float, losses: list[str], across_processes: bool = True
+        self,
+        *,
+        matcher,
+        focal_alpha: float,
+        losses: list[str],
+        across_processes: bool = True,
+        quality: bool = False,
     ):
         super().__init__(matcher, focal_alpha, losses)
         self.across_processes = across_processes
+        self.quality = quality
+
+    def loss_labels(self, outputs, targets, indices, num_boxes):
+        if not self.quality:
+            return super().loss_labels(outputs, targets, indices, num_boxes)
+        onehot = self._get_target_classes_one_hot(outputs, targets, indices).float()
+        idx = self._get_source_permutation_idx(indices)
+        matched = outputs["pred_boxes"][idx].detach()
+        truth = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices, strict=True)])
+        iou, _ = box_iou(center_to_corners_format(matched), center_to_corners_format(truth))
+        score = torch.zeros(onehot.shape[:2], dtype=onehot.dtype, device=onehot.device)
+        score[idx] = torch.diag(iou).to(onehot.dtype)
+        mask = outputs["text_mask"]
+        loss = varifocal_loss(
+            torch.masked_select(outputs["logits"], mask),
+            torch.masked_select(onehot, mask),
+            torch.masked_select(onehot * score[..., None], mask),
+            num_boxes,
+        )
+        return {"loss_ce": loss}
 
     def _get_target_classes_one_hot(self, outputs, targets, indices):
         logits, label_maps = outputs["logits"], outputs["label_maps"]
@@ -141,9 +196,11 @@ def grounded_loss(
     encoder_pred_boxes=None,
     *,
     across_processes: bool = True,
+    quality: bool = False,
 ):
     """``GroundingDinoForObjectDetectionLoss`` (transformers 5.x) with the three changes of the
     module docstring; same signature, terms and weights; returns ``(loss, loss_dict, auxiliary_outputs)``.
+    ``quality``: the class terms are :func:`varifocal_loss` (pretraining only).
     """
     matcher = GroundingDinoHungarianMatcher(
         class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
@@ -153,6 +210,7 @@ def grounded_loss(
         focal_alpha=config.focal_alpha,
         losses=["labels", "boxes", "cardinality"],
         across_processes=across_processes,
+        quality=quality,
     ).to(device)
     outputs = {
         "logits": logits,
