@@ -188,14 +188,21 @@ def pretrain_sam(
     lr: float,
     log_every: int = 50,
     device: str = "cpu",
+    init: Path | None = None,
+    world: synth.World = synth.PRETRAIN,
 ) -> tuple[dict, dict]:
-    """Train the tiny SAM from random init on ``device``; returns (state dict on the CPU, test
-    scores)."""
+    """Train the tiny SAM from random init (or from ``init``'s weights) on ``world``'s images
+    on ``device``; returns (state dict on the CPU, scores on ``world``'s held-out set). With
+    ``init`` the preset and ``world`` :data:`synth.FINETUNE` this measures what the
+    architecture can gain on the fine-tuning domain given plenty of data (README)."""
     from teacher.sam.model import ARCHITECTURES, TINY_PRETRAINED, build_sam, input_size
 
     seed_all(seed)
-    sam = build_sam(ARCHITECTURES[TINY_PRETRAINED]).to(device).train()
-    coco, pixels = synth.make_dataset(synth.PRETRAIN, n_images=n_images, seed=seed)
+    sam = build_sam(ARCHITECTURES[TINY_PRETRAINED])
+    if init is not None:
+        sam.load_state_dict(load_file(str(init)))
+    sam = sam.to(device).train()
+    coco, pixels = synth.make_dataset(world, n_images=n_images, seed=seed)
     samples = sam_samples(coco, pixels, size=input_size(sam))
     optimizer = torch.optim.AdamW(sam.parameters(), lr=lr, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
@@ -217,9 +224,7 @@ def pretrain_sam(
                 flush=True,
             )
     sam.eval()
-    test, test_pixels = synth.make_dataset(
-        synth.PRETRAIN, n_images=n_test, seed=seed + TEST_SEED_OFFSET
-    )
+    test, test_pixels = synth.make_dataset(world, n_images=n_test, seed=seed + TEST_SEED_OFFSET)
     scores = {
         f"miou_multimask_{m}".lower(): sam_test_miou(sam, test, test_pixels, multimask=m)
         for m in (False, True)
@@ -399,6 +404,7 @@ def pretrain_backbone(
     rng: np.random.Generator,
     batch_size: int = 8,
     background_weight: float = 1.0,
+    levels: int = 2,
     log_every: int = 250,
     held_out: list[tuple[np.ndarray, list[dict]]] | None = None,
 ) -> None:
@@ -440,7 +446,7 @@ def pretrain_backbone(
         maps = [class_map(*data[i]) for i in pick]
         if rng.random() < 0.5:
             images, maps = [i[:, ::-1] for i in images], [m[:, ::-1] for m in maps]
-        features, labels = dense_levels(encoder, processor, images, maps)
+        features, labels = dense_levels(encoder, processor, images, maps, levels=levels)
         if optimizer is None:
             heads.extend(torch.nn.Conv2d(f.shape[1], n_classes, 1) for f in features)
             heads.to(features[0].device)
@@ -465,16 +471,17 @@ def pretrain_backbone(
                 f"shape positions classified right {accuracy:.0%}"
             )
             if held_out and ((step + 1) % (4 * log_every) == 0 or step + 1 == steps):
-                line += f", held out {dense_accuracy(encoder, heads, processor, held_out):.0%}"
+                held = dense_accuracy(encoder, heads, processor, held_out, levels=levels)
+                line += f", held out {held:.0%}"
             print(f"{line} ({time.time() - start:.0f} s)", flush=True)
 
 
 def dense_levels(
-    encoder, processor, images: list[np.ndarray], maps: list[np.ndarray]
+    encoder, processor, images: list[np.ndarray], maps: list[np.ndarray], *, levels: int = 2
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Phase 0's inputs: the Swin's stride-8 and stride-16 feature maps of ``images`` and, per
-    level, the class at each position's centre (``maps`` resized as the processor resized the
-    images; -100 on padding)."""
+    """Phase 0's inputs: the Swin's ``levels`` finest feature maps of ``images`` (2: strides 8
+    and 16; 3: and 32) and, per level, the class at each position's centre (``maps`` resized as
+    the processor resized the images; -100 on padding)."""
     import torch.nn.functional as F
 
     enc = processor.image_processor(
@@ -492,7 +499,7 @@ def dense_levels(
     target = target.to(device)
     features = encoder(pixels, mask)
     out_features, out_labels = [], []
-    for i in (0, 1):  # strides 8 and 16
+    for i in range(levels):  # strides 8, 16, 32
         fmap = features[i][0]
         stride = pixels.shape[-1] // fmap.shape[-1]
         labels = target[:, stride // 2 :: stride, stride // 2 :: stride]
@@ -504,14 +511,24 @@ def dense_levels(
 
 @torch.no_grad()
 def dense_accuracy(
-    encoder, heads, processor, data: list[tuple[np.ndarray, list[dict]]], batch_size: int = 8
+    encoder,
+    heads,
+    processor,
+    data: list[tuple[np.ndarray, list[dict]]],
+    batch_size: int = 8,
+    *,
+    levels: int = 2,
 ) -> float:
     """Phase 0's score on held-out images: the share of shape positions classified right."""
     hits = shapes = 0
     for k in range(0, len(data), batch_size):
         chunk = data[k : k + batch_size]
         features, labels = dense_levels(
-            encoder, processor, [img for img, _ in chunk], [class_map(*d) for d in chunk]
+            encoder,
+            processor,
+            [img for img, _ in chunk],
+            [class_map(*d) for d in chunk],
+            levels=levels,
         )
         for head, fmap, level_labels in zip(heads, features, labels, strict=True):
             hits, shapes = shape_hits(head(fmap), level_labels, hits, shapes)
@@ -549,6 +566,7 @@ def pretrain_dino(
     backbone_lr_scale: float = 0.1,
     background_weight: float = 1.0,
     varifocal: bool = False,
+    dense_levels: int = 2,
     device: str = "cpu",
 ) -> tuple[dict, dict]:
     """Train the tiny Grounding DINO from random init (or from ``init``'s weights: a second
@@ -600,6 +618,7 @@ def pretrain_dino(
             rng=np.random.default_rng(seed),
             batch_size=2 * batch_size,
             background_weight=background_weight,
+            levels=dense_levels,
             held_out=[
                 (img, test_by_image.get(info["id"], []))
                 for info, img in zip(test["images"][:100], test_pixels, strict=False)
@@ -721,13 +740,26 @@ def main() -> None:
         default=1.0,
         help="dino: phase 0's loss weight of background positions (shapes: 1)",
     )
+    parser.add_argument(
+        "--dense-levels",
+        type=int,
+        default=2,
+        choices=(2, 3),
+        help="dino: phase 0 classifies the Swin's 2 finest levels (strides 8, 16) or 3 (and 32)",
+    )
     parser.add_argument("--clip", type=float, default=1.0, help="dino: gradient norm clip")
     parser.add_argument(
         "--varifocal",
         action="store_true",
         help="dino: class terms trained towards each matched box's IoU (varifocal loss)",
     )
-    parser.add_argument("--init", type=Path, default=None, help="dino: continue from these weights")
+    parser.add_argument("--init", type=Path, default=None, help="continue from these weights")
+    parser.add_argument(
+        "--world",
+        choices=sorted(synth.WORLDS),
+        default="pretrain",
+        help="sam: the domain trained and scored on (finetune: what fine-tuning could gain)",
+    )
     parser.add_argument(
         "--init-backbone",
         type=Path,
@@ -765,6 +797,8 @@ def main() -> None:
             batch_size=args.batch_size,
             lr=args.lr or 1e-3,
             device=device,
+            init=args.init,
+            world=synth.WORLDS[args.world],
         )
     else:
         state, scores = pretrain_dino(
@@ -784,6 +818,7 @@ def main() -> None:
             backbone_lr_scale=args.backbone_lr_scale,
             background_weight=args.background_weight,
             varifocal=args.varifocal,
+            dense_levels=args.dense_levels,
             device=device,
         )
     elapsed = time.time() - start

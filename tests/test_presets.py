@@ -162,6 +162,17 @@ def test_pretraining_script_runs_and_repeats_per_seed(one_thread):
     assert all(0.0 <= v <= 1.0 for v in sam_scores.values())
     assert set(sam_state) == set(load_base_sam(TINY_PRETRAINED).state_dict())
 
+    # sam --init --world finetune: the preset trained on on the fine-tuning domain
+    tuned, _ = pretrain_sam(
+        steps=1, seed=5, n_images=8, n_test=2, batch_size=2, lr=1e-3,
+        init=SAM_WEIGHTS, world=synth.FINETUNE,
+    )  # fmt: skip
+    preset = load_file(str(SAM_WEIGHTS))
+    assert set(tuned) == set(preset)
+    assert any(not torch.equal(tuned[k], preset[k]) for k in preset)  # it trained
+    # one AdamW step (at most about lr per weight) from the preset, not from a fresh init
+    assert max(float((tuned[k] - preset[k]).abs().max()) for k in preset) <= 2e-3
+
 
 @pytest.mark.parametrize(
     "device",
