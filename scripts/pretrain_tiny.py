@@ -432,6 +432,10 @@ def pretrain_backbone(
     steps they scored 0.159 and 0.172 held out, against 0.175 for the committed architecture.
     ``held_out`` images are scored every fourth log line and at the end (train and held-out
     accuracy stay within 2 points: this phase underfits, it does not overfit).
+
+    Nor does teaching the stride-32 level (``levels=3``, ``--dense-levels 3``): its windows see
+    whole objects, yet after the same 12 000 + 8000 steps the detector scored 0.115 held out,
+    against 0.175 with the two finest levels (2352 s on 1 thread beside other jobs).
     """
     encoder = model.model.backbone.conv_encoder
     n_classes = 1 + max(a["category_id"] for _, anns in data for a in anns)
