@@ -10,7 +10,7 @@ Full training of every weight (not LoRA) of the tiny architectures (``teacher.sa
 a held-out test set (another seed) is scored at the end: SAM mean mask IoU from true boxes,
 Grounding DINO COCO box mAP@50 prompted with the pretraining classes. Deterministic per seed
 on one machine (fixed thread count, seeded generator, data and initialisation; on a GPU,
-``--device cuda``, the same up to the last bits of its kernels). Writes
+``--device cuda``, close but not bit for bit: its kernels are not deterministic). Writes
 ``<out>/{sam,dino}-tiny-pretrained.safetensors`` (default ``src/teacher/weights``) and prints
 the scores and the time it took. ``--probe`` trains nothing: it scores a weights file on the held-out
 set and prints where DINO's box AP is lost (:func:`dino_probe`), or SAM's mask IoU beside the
@@ -570,15 +570,15 @@ def pretrain_dino(
     backbone_lr_scale: float = 0.1,
     background_weight: float = 1.0,
     varifocal: bool = False,
-    dense_levels: int = 2,
+    phase0_levels: int = 2,
     device: str = "cpu",
 ) -> tuple[dict, dict]:
     """Train the tiny Grounding DINO from random init (or from ``init``'s weights: a second
     phase) on ``device``; returns (state dict on the CPU, test scores). Phase 0's batch is twice
-    ``batch_size``. ``varifocal``: the detector phase's class terms
-    train each matched query towards its box's IoU (``teacher.dino.loss.varifocal_loss``), so
-    that scores rank boxes by fit; the probe found the best-scoring box on an object loose for
-    almost half of the objects."""
+    ``batch_size`` and it classifies the Swin's ``phase0_levels`` finest levels. ``varifocal``:
+    the detector phase's class terms train each matched query towards its box's IoU
+    (``teacher.dino.loss.varifocal_loss``), so that scores rank boxes by fit (the probe found
+    the best-scoring box on an object loose for almost half of the objects)."""
     from teacher.dino.loss import grounded_loss
     from teacher.dino.model import build_tiny_pretrained, prepare_model, set_dropout
     from teacher.params import DinoParams
@@ -622,7 +622,7 @@ def pretrain_dino(
             rng=np.random.default_rng(seed),
             batch_size=2 * batch_size,
             background_weight=background_weight,
-            levels=dense_levels,
+            levels=phase0_levels,
             held_out=[
                 (img, test_by_image.get(info["id"], []))
                 for info, img in zip(test["images"][:100], test_pixels, strict=False)
@@ -822,7 +822,7 @@ def main() -> None:
             backbone_lr_scale=args.backbone_lr_scale,
             background_weight=args.background_weight,
             varifocal=args.varifocal,
-            dense_levels=args.dense_levels,
+            phase0_levels=args.dense_levels,
             device=device,
         )
     elapsed = time.time() - start
