@@ -1,7 +1,9 @@
 """Pretrain the ``tiny-pretrained`` presets from random init on the synthetic pretraining domain.
 
-    python scripts/pretrain_tiny.py sam  [--steps N] [--seed S] [--threads T] [--device D] [--out DIR]
-    python scripts/pretrain_tiny.py dino [--steps N] [--seed S] [--threads T] [--device D] [--out DIR]
+    python scripts/pretrain_tiny.py sam  [--steps N] [--seed S] [--threads T] [--device D]
+                                         [--batch-size B] [--init W --world finetune] [--out DIR]
+    python scripts/pretrain_tiny.py dino [--steps N] [--seed S] [--threads T] [--device D]
+                                         [--batch-size B] [--varifocal] [--dense-levels 3] [--out DIR]
     python scripts/pretrain_tiny.py dino --probe WEIGHTS [--arch JSON] [--seed S]
     python scripts/pretrain_tiny.py sam  --probe WEIGHTS [--seed S]
 
@@ -10,7 +12,8 @@ Full training of every weight (not LoRA) of the tiny architectures (``teacher.sa
 a held-out test set (another seed) is scored at the end: SAM mean mask IoU from true boxes,
 Grounding DINO COCO box mAP@50 prompted with the pretraining classes. Deterministic per seed
 on one machine (fixed thread count, seeded generator, data and initialisation; on a GPU,
-``--device cuda``, close but not bit for bit: its kernels are not deterministic). Writes
+``--device cuda``, close but not bit for bit: its kernels are not deterministic, and float32
+matrix products there run in TF32). Writes
 ``<out>/{sam,dino}-tiny-pretrained.safetensors`` (default ``src/teacher/weights``) and prints
 the scores and the time it took. ``--probe`` trains nothing: it scores a weights file on the held-out
 set and prints where DINO's box AP is lost (:func:`dino_probe`), or SAM's mask IoU beside the
@@ -409,7 +412,7 @@ def pretrain_backbone(
     held_out: list[tuple[np.ndarray, list[dict]]] | None = None,
 ) -> None:
     """Phase 0: the image backbone (Swin) learns to tell the shapes apart where they are: every
-    position of its two finest output levels (strides 8 and 16) is classified as the shape
+    position of its ``levels`` finest output levels (2: strides 8 and 16) is classified as the shape
     visible there or background (a 1x1 linear head per level, thrown away afterwards).
 
     The detector's grounded loss alone never taught it that from random init: after 13 000 steps
@@ -783,7 +786,12 @@ def main() -> None:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.startswith("cuda"):  # TF32 matrix products: the GPU's fast float32 path
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.model == "sam" and (args.varifocal or args.dense_levels != 2):
+        parser.error("--varifocal and --dense-levels are for dino")
+    if args.model == "dino" and args.world != "pretrain":
+        parser.error("--world is for sam (dino pretrains on the pretraining domain)")
     if args.probe is not None:
         if args.model == "sam":
             print(json.dumps(probe_sam_file(args.probe, seed=args.seed, n=args.test_images)))

@@ -21,7 +21,8 @@ tests/test_dino_recipe.py against independent implementations):
 ``quality=True`` (``scripts/pretrain_tiny.py --varifocal``; never in fine-tuning, which follows
 the references' focal loss) replaces the class term with RT-DETR's varifocal loss: a matched
 query's class tokens are trained towards its box's IoU with the object instead of 1, so scores
-rank boxes by fit (:func:`varifocal_loss`).
+rank boxes by fit (:func:`varifocal_loss`). Only the term is RT-DETR's: it keeps Grounding DINO's
+class-term weight (2, against RT-DETR's 1 for ``loss_vfl``) and matcher costs.
 """
 
 from __future__ import annotations
