@@ -18,17 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from teacher.artifacts import LABELS_FILE, TRAINED_ALIASES_FILE, TRAINED_MODULES_FILE
 from teacher.digest import fingerprint
+from teacher.lora import PEFT_WEIGHTS_FILE
 from teacher.predict import Filter, Teachers, load_predict_teachers, predict_images
 from teacher.sam.model import PreparedImage, prepare_image
 from teacher.serve.protocol import Found, Prompts
 
 ADAPTER_FILES = (
-    "adapter_model.safetensors",
+    PEFT_WEIGHTS_FILE,
     "adapter_config.json",
-    "trained_modules.json",
-    "trained_modules.safetensors",  # folders written before trained modules were stored once
-    "labels.json",
+    TRAINED_ALIASES_FILE,
+    TRAINED_MODULES_FILE,  # folders written before trained modules were stored once
+    LABELS_FILE,
 )
 
 
