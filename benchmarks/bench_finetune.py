@@ -1,7 +1,7 @@
 """Base vs LoRA vs full fine-tuning of the tiny-pretrained teachers, on the proving ground.
 
     python benchmarks/bench_finetune.py [--seeds 0 1 2] [--train-images 64] [--models sam dino]
-        [--scales 0 0.5 1]
+        [--scales 0 0.5 1] [--denoise 100]
 
 Fine-tuning domain: ``teacher.synth.FINETUNE`` (train images from each seed, a fixed held-out
 test set); retention: the same models on a held-out set of the pretraining domain
@@ -24,6 +24,7 @@ scoring >= 0.15 on the held-out pretraining-domain images, ``teacher.retention``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import resource
@@ -239,7 +240,7 @@ def sam_run(
 
 
 def dino_run(
-    method: str, *, seed: int, data: dict, train: TrainParams, out: Path
+    method: str, *, seed: int, data: dict, train: TrainParams, out: Path, denoise: int = 0
 ) -> dict[str, float]:
     from teacher.dino import task as dino_task
     from teacher.dino.labels import build_label_map
@@ -257,14 +258,16 @@ def dino_run(
         data["train"]["coco"]["categories"], tokenizer=bundle.processor.tokenizer
     )
     seed_everything(seed)
+    dino = dataclasses.replace(DINO, denoise_queries=denoise)
     if method == "lora":
         model = dino_task.wrap_for_training(
-            bundle.model, dino=DINO, lora=LORA, activation_checkpointing=False
+            bundle.model, dino=dino, lora=LORA, activation_checkpointing=False
         )
     else:
         model = apply_lora(
             bundle.model, lora=LORA, targets=DINO.lora_targets, train_modules=FULL["dino"]
         )
+        model = dino_task.with_denoising(model, dino)
     task = dino_task.build_task(
         model,
         processor=bundle.processor,
@@ -307,10 +310,12 @@ def child(
     out: Path,
     threads: int,
     scales: list[float],
+    denoise: int,
 ) -> None:
     torch.set_num_threads(threads)
     start = time.time()
-    row = RUNS[name](method, seed=seed, data=data, train=train, out=out)
+    extra = {"denoise": denoise} if name == "dino" else {}
+    row = RUNS[name](method, seed=seed, data=data, train=train, out=out, **extra)
     row = {**row, "seconds": time.time() - start, "peak_mb": peak_memory_mb()}
     if scales and method != "base":  # after the timing: the curve is not the run's cost
         row["curve"] = CURVES[name](out / "model", data, scales)
@@ -326,11 +331,13 @@ def run_isolated(
     out: Path,
     threads: int,
     scales: Sequence[float] = (),
+    denoise: int = 0,
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(
-        target=child, args=(queue, name, method, seed, data, train, out, threads, list(scales))
+        target=child,
+        args=(queue, name, method, seed, data, train, out, threads, list(scales), denoise),
     )
     proc.start()
     row = queue.get()
@@ -439,6 +446,12 @@ def main() -> int:
         default=[],
         help="also score each trained model with its adapter at these scales (e.g. 0 0.5 1)",
     )
+    parser.add_argument(
+        "--denoise",
+        type=int,
+        default=0,
+        help="dino: contrastive denoising queries per training image (dino.denoise_queries)",
+    )
     args = parser.parse_args()
     train = TrainParams(epochs=args.epochs, batch_size=4, lr=args.lr, warmup_steps=5, patience=0)
     runs = []
@@ -483,6 +496,7 @@ def main() -> int:
                         root / f"{name}-{method}-{seed}",
                         args.threads,
                         args.scales,
+                        args.denoise,
                     )
                     runs.append({"model": name, "method": method, "seed": seed, **row})
                     print(f"{name} {method} seed {seed}: {row}", flush=True)

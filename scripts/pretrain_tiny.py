@@ -30,6 +30,7 @@ import random
 import re
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -575,13 +576,17 @@ def pretrain_dino(
     varifocal: bool = False,
     phase0_levels: int = 2,
     device: str = "cpu",
+    denoise: int = 0,
 ) -> tuple[dict, dict]:
     """Train the tiny Grounding DINO from random init (or from ``init``'s weights: a second
     phase) on ``device``; returns (state dict on the CPU, test scores). Phase 0's batch is twice
     ``batch_size`` and it classifies the Swin's ``phase0_levels`` finest levels. ``varifocal``:
     the detector phase's class terms train each matched query towards its box's IoU
     (``teacher.dino.loss.varifocal_loss``), so that scores rank boxes by fit (the probe found
-    the best-scoring box on an object loose for almost half of the objects)."""
+    the best-scoring box on an object loose for almost half of the objects). ``denoise`` > 0:
+    the detector phase adds up to that many contrastive denoising queries per image
+    (``teacher.dino.denoising``, MM-Grounding-DINO's CDN; their label embedding is not saved)."""
+    from teacher.dino.denoising import Denoiser
     from teacher.dino.loss import grounded_loss
     from teacher.dino.model import build_tiny_pretrained, prepare_model, set_dropout
     from teacher.params import DinoParams
@@ -635,9 +640,11 @@ def pretrain_dino(
         for name, p in model.named_parameters():
             if TEXT_PATH.search(name):
                 p.requires_grad_(False)
+    denoiser = Denoiser(model, max_queries=denoise).to(device) if denoise else None
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     backbone = [p for n, p in trainable if n.startswith("model.backbone.")]
     rest = [p for n, p in trainable if not n.startswith("model.backbone.")]
+    rest += list(denoiser.parameters()) if denoiser is not None else []
     optimizer = torch.optim.AdamW(
         [{"params": rest, "scale": 1.0}, {"params": backbone, "scale": backbone_lr_scale}],
         lr=lr,
@@ -657,13 +664,16 @@ def pretrain_dino(
             rng=rng,
             device=device,
         )
-        out = model(**batch)
+        with denoiser.training_on(batch["labels"]) if denoiser else nullcontext():
+            out = model(**batch)
         loss = out.loss  # every decoder layer and the two-stage proposals (teacher.dino.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
-        running.append([float(loss.detach())] + [float(out.loss_dict[k]) for k in DINO_TERMS])
+        running.append(
+            [float(loss.detach())] + [float(out.loss_dict[k].detach()) for k in DINO_TERMS]
+        )
         if (step + 1) % log_every == 0:
             means = np.mean(running[-log_every:], axis=0)
             terms = " ".join(
@@ -760,6 +770,13 @@ def main() -> None:
         action="store_true",
         help="dino: class terms trained towards each matched box's IoU (varifocal loss)",
     )
+    parser.add_argument(
+        "--denoise",
+        type=int,
+        default=0,
+        help="dino: contrastive denoising queries per image in the detector phase (0: none; "
+        "MM-Grounding-DINO: 100)",
+    )
     parser.add_argument("--init", type=Path, default=None, help="continue from these weights")
     parser.add_argument(
         "--world",
@@ -788,8 +805,8 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):  # TF32 matrix products: the GPU's fast float32 path
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.model == "sam" and (args.varifocal or args.dense_levels != 2):
-        parser.error("--varifocal and --dense-levels are for dino")
+    if args.model == "sam" and (args.varifocal or args.dense_levels != 2 or args.denoise):
+        parser.error("--varifocal, --dense-levels and --denoise are for dino")
     if args.model == "dino" and args.world != "pretrain":
         parser.error("--world is for sam (dino pretrains on the pretraining domain)")
     if args.probe is not None:
@@ -832,6 +849,7 @@ def main() -> None:
             varifocal=args.varifocal,
             phase0_levels=args.dense_levels,
             device=device,
+            denoise=args.denoise,
         )
     elapsed = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)

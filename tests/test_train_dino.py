@@ -130,10 +130,19 @@ def test_tiny_random_overfits_four_sample_images(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("denoise", [0, 10], ids=["matching", "denoising"])
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch, denoise):
+    """Also with denoising queries: their random boxes and labels come from the torch RNG the
+    checkpoint restores, and their label embedding is a trained weight it restores."""
     two = sample_images(2)
     train = TrainParams(epochs=3, batch_size=2, lr=1e-3, warmup_steps=1, patience=0)
-    whole = run_training(tmp_path / "whole", train_coco=repeated(two, 2), val_coco=two, train=train)
+    dino = dataclasses.replace(DINO, denoise_queries=denoise)
+    whole = run_training(
+        tmp_path / "whole", train_coco=repeated(two, 2), val_coco=two, train=train, dino=dino
+    )
+    if denoise:
+        steps = tsv(tmp_path / "whole/live/plots/metrics/train/loss_ce_dn.tsv", "loss_ce_dn")
+        assert len(steps) == 3 * 2 and all(v > 0 for v in steps)
 
     evaluate, calls = dino_task.validate_detection, []
 
@@ -145,11 +154,13 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dino_task, "validate_detection", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        run_training(tmp_path / "resumed", train_coco=repeated(two, 2), val_coco=two, train=train)
+        run_training(
+            tmp_path / "resumed", train_coco=repeated(two, 2), val_coco=two, train=train, dino=dino
+        )
     assert (tmp_path / "resumed/checkpoints").is_dir()
     monkeypatch.setattr(dino_task, "validate_detection", evaluate)
     resumed = run_training(
-        tmp_path / "resumed", train_coco=repeated(two, 2), val_coco=two, train=train
+        tmp_path / "resumed", train_coco=repeated(two, 2), val_coco=two, train=train, dino=dino
     )
 
     assert resumed == whole
@@ -158,6 +169,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
         for run in ("whole", "resumed")
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("denoiser" in k for k in a)  # a training tool: never in the adapter
     for key in ("train/loss", "val_map"):
         path = f"live/plots/metrics/{key}.tsv"
         assert tsv(tmp_path / "whole" / path, key.split("/")[-1]) == tsv(

@@ -128,6 +128,7 @@ class DinoParams:
     clip_norm: float = field(default=0.1, metadata=_range(0))  # DINO's max grad norm, replaces train.clip_norm (both references: 0.1); 0 disables
     dropout: float = field(default=0.0, metadata=_range(0, 1))  # dropout of encoder/decoder layers while fine-tuning (both references: 0.0; the hub config: 0.1)
     negatives: int = field(default=0, metadata=_range(0))  # absent class names added to each training prompt (seeded; 0 = the prompt chunk as is)
+    denoise_queries: int = field(default=0, metadata=_range(0))  # contrastive denoising queries per training image (MM-Grounding-DINO: 100; Open-GroundingDino: 0 = none)
     shortest_edge: int = field(default=800, metadata=_range(32))  # image processor resize: shorter side
     longest_edge: int = field(default=1333, metadata=_range(32))  # image processor resize: cap on the longer side
     box_threshold: float = field(default=0.25, metadata=_range(0, 1))  # labeling (predict): min box score

@@ -39,6 +39,8 @@ from transformers.loss.loss_grounding_dino import (
     GroundingDinoImageLoss,
 )
 
+from teacher.dino.denoising import DenoisingQueries
+
 
 def varifocal_loss(
     logits: torch.Tensor,
@@ -198,11 +200,29 @@ def grounded_loss(
     *,
     across_processes: bool = True,
     quality: bool = False,
+    denoising: DenoisingQueries | None = None,
 ):
     """``GroundingDinoForObjectDetectionLoss`` (transformers 5.x) with the three changes of the
     module docstring; same signature, terms and weights; returns ``(loss, loss_dict, auxiliary_outputs)``.
-    ``quality``: the class terms are :func:`varifocal_loss` (pretraining only).
+    ``quality``: the class terms are :func:`varifocal_loss` (pretraining only). ``denoising``:
+    the first ``denoising.count`` queries are contrastive denoising queries
+    (:mod:`teacher.dino.denoising`): they get their own terms (``loss_ce_dn``, ``loss_ce_dn_0``
+    ...) on fixed pairs, and the matching terms see the other queries only.
     """
+    dn: dict[str, Any] = {}
+    if denoising is not None:
+        k = denoising.count
+        dn = {
+            "logits": logits[:, :k],
+            "pred_boxes": pred_boxes[:, :k],
+            "text_mask": text_mask[:, :k],
+        }
+        logits, pred_boxes, text_mask = logits[:, k:], pred_boxes[:, k:], text_mask[:, k:]
+        if outputs_class is not None:
+            dn["layers"] = list(
+                zip(outputs_class[:-1, :, :k], outputs_coord[:-1, :, :k], strict=True)
+            )
+            outputs_class, outputs_coord = outputs_class[:, :, k:], outputs_coord[:, :, k:]
     matcher = GroundingDinoHungarianMatcher(
         class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
     )
@@ -242,5 +262,21 @@ def grounded_loss(
     base = {k: v for k, v in weights.items() if not k.endswith("_enc")}
     for i in range(len(auxiliary)):
         weights.update({f"{k}_{i}": v for k, v in base.items()})
+    if denoising is not None:
+        pairs = [(i.to(device), j.to(device)) for i, j in denoising.indices(labels)]
+        positives = criterion._num_boxes(labels, device) * denoising.groups
+        layers = [("_dn", dn["logits"], dn["pred_boxes"])]
+        layers += [(f"_dn_{i}", c, b) for i, (c, b) in enumerate(dn.get("layers", []))]
+        for suffix, layer_logits, layer_boxes in layers:
+            out = {
+                "logits": layer_logits,
+                "pred_boxes": layer_boxes,
+                "label_maps": label_maps,
+                "text_mask": dn["text_mask"],
+            }
+            for term in ("labels", "boxes"):
+                found = criterion.get_loss(term, out, labels, pairs, positives)
+                loss_dict.update({f"{k}{suffix}": v for k, v in found.items()})
+            weights.update({f"{k}{suffix}": v for k, v in base.items()})
     loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
     return loss, loss_dict, auxiliary

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from teacher.artifacts import LABELS_FILE
 from teacher.augment import build_transform
 from teacher.dino.data import DinoDataset, collate_dino
+from teacher.dino.denoising import Denoiser
 from teacher.dino.detect import REFERENCE_TOP_K, coco_results, decode_reference, merge_detections
 from teacher.dino.labels import LabelMap, build_label_map, save_labels
 from teacher.dino.loss import grounded_loss
@@ -49,6 +50,9 @@ LOGGED_TERMS = (
     "loss_ce_enc",
     "loss_bbox_enc",
     "loss_giou_enc",
+    "loss_ce_dn",  # dino.denoise_queries > 0
+    "loss_bbox_dn",
+    "loss_giou_dn",
 )
 # Open-GroundingDino lr_linear_proj_names (ref_point_head, sampling_offsets): dino.offsets_lr_scale
 OFFSET_PARAMS = r"sampling_offsets|reference_points_head"
@@ -64,7 +68,9 @@ def wrap_for_training(
     model: nn.Module, *, dino: DinoParams, lora: LoraParams, activation_checkpointing: bool
 ) -> nn.Module:
     """Dropout as ``dino.dropout``; LoRA (+ fully trained heads); frozen towers without autograd;
-    optional checkpointing."""
+    optional checkpointing; ``dino.denoise_queries`` > 0: contrastive denoising queries in every
+    training step (:mod:`teacher.dino.denoising`; their label embedding trains as ``denoiser.*``
+    and is not saved with the adapter)."""
     set_dropout(model, dino.dropout)
     model = apply_lora(
         model,
@@ -77,6 +83,15 @@ def wrap_for_training(
         run_without_grad(base.get_submodule(name))
     if activation_checkpointing:
         checkpoint_layers([*base.model.encoder.layers, *base.model.decoder.layers])
+    return with_denoising(model, dino)
+
+
+def with_denoising(model: nn.Module, dino: DinoParams) -> nn.Module:
+    """``model`` (LoRA-wrapped) with ``dino.denoise_queries`` contrastive denoising queries in
+    its training steps (:func:`training_step`), when > 0."""
+    if dino.denoise_queries:
+        denoiser = Denoiser(_base(model), max_queries=dino.denoise_queries)
+        model.add_module("denoiser", denoiser)
     return model
 
 
@@ -89,7 +104,9 @@ def training_step(model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
     """Forward with targets; the grounded loss and its main terms."""
     device = next(model.parameters()).device
     labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
-    out = model(**model_inputs(batch, device), labels=labels)
+    denoiser = model._modules.get("denoiser")  # dino.denoise_queries (wrap_for_training)
+    with denoiser.training_on(labels) if isinstance(denoiser, Denoiser) else nullcontext():
+        out = model(**model_inputs(batch, device), labels=labels)
     return {
         "loss": out.loss,
         **{k: out.loss_dict[k].detach() for k in LOGGED_TERMS if k in out.loss_dict},
