@@ -46,6 +46,25 @@ def test_every_field_has_a_comment_and_the_yaml_round_trips_to_the_defaults():
     assert loaded["seed"] == 0
 
 
+@dataclasses.dataclass
+class _Commented:
+    a: int = 1  # a's own comment
+    b: int = 2  # b's own comment
+    # c's comment,
+    # on two lines
+    c: int = 3
+
+
+def test_a_field_commented_above_does_not_take_the_fields_before_it():
+    """dino.lora_targets once read "hub id, ... to pin LoRA targets, ..." in params.yaml: the
+    trailing comments of model and revision were taken as lines of its own."""
+    assert field_comments(_Commented) == {
+        "a": "a's own comment",
+        "b": "b's own comment",
+        "c": "c's comment, on two lines",
+    }
+
+
 def test_absent_sections_get_defaults_and_values_are_typed(tmp_path):
     params = load_params(
         write(tmp_path, "train:\n  lr: 1\n  epochs: 3\nsam:\n  lora_targets: [a, b]\n")

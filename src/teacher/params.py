@@ -341,13 +341,20 @@ def field_comments(cls: type) -> dict[str, str]:
         for node in typing.cast(ast.ClassDef, ast.parse(source).body[0]).body
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
     }
-    comments = {
-        tok.start[0]: tok.string.lstrip("# ").rstrip()
+    tokens = [
+        tok
         for tok in tokenize.generate_tokens(io.StringIO(source).readline)
         if tok.type == tokenize.COMMENT
+    ]
+    comments = {tok.start[0]: tok.string.lstrip("# ").rstrip() for tok in tokens}
+    # only comment lines count above a field: not the previous field's trailing comment
+    whole = {
+        tok.start[0]: comments[tok.start[0]]
+        for tok in tokens
+        if tok.line.lstrip().startswith("#")
     }
     return {
-        name: comments.get(line) or _comment_above(comments, line) for name, line in lines.items()
+        name: comments.get(line) or _comment_above(whole, line) for name, line in lines.items()
     }
 
 
