@@ -3,7 +3,10 @@
     python scripts/make_sample.py [--out data/sample]
 
 72 small JPEG images (128-256 px) of circles, squares, triangles and stars of varied size,
-color and overlap on plain, gradient, striped and noisy backgrounds; a few grayscale images,
+color and overlap on plain, gradient, striped and noisy backgrounds, drawn as outlines (a rim a
+quarter of the shape's radius wide, the background inside; the shape stays opaque, and its
+mask is the whole shape): an appearance the proving ground's pretrained SAM never saw, so
+fine-tuning has something to learn; a few grayscale images,
 two stored rotated with an EXIF orientation tag, a few with no objects. Instance masks are the
 visible part of each shape: polygons where a shape is unoccluded, RLE (compressed or
 uncompressed) where it is occluded or picked at random; a few ``iscrowd`` regions (clusters
@@ -19,7 +22,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from teacher.coco import (
     annotation_rle,
@@ -106,6 +109,20 @@ def make_objects(rng: np.random.Generator, w: int, h: int) -> list[dict]:
     return objects
 
 
+RIM = 0.25  # outline width, as a share of the shape's equivalent radius
+
+
+def rim_width(mask: np.ndarray) -> int:
+    """Pixels of an outline: RIM x the radius of a disc of the shape's area, at least 1."""
+    return max(1, round(RIM * math.sqrt(mask.sum() / math.pi)))
+
+
+def eroded(mask: np.ndarray, k: int) -> np.ndarray:
+    """``mask`` shrunk by ``k`` pixels (a (2k+1)-square minimum filter)."""
+    img = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(2 * k + 1))
+    return np.asarray(img) > 0
+
+
 def crowd_cluster(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, list[tuple]]:
     """A cluster of small circles: one iscrowd region (mask) and the dots to paint."""
     cx, cy = rng.uniform(30, w - 30), rng.uniform(30, h - 30)
@@ -157,6 +174,13 @@ def render_image(rng: np.random.Generator, image_id: int, first_ann_id: int) -> 
             draw.polygon(shape_points("circle", x, y, r, 0.0), fill=color)
     for obj in objects:
         draw.polygon(obj["points"], fill=obj["color"])
+        # outlined: the inside shows the background again, the object stays opaque (what it
+        # covers stays hidden, as its annotation says). Filled shapes are all the pretrained
+        # SAM saw: its masks of these hug the rim (module docstring)
+        inside = eroded(obj["mask"], rim_width(obj["mask"]))
+        painted = np.asarray(canvas)
+        canvas.paste(Image.fromarray(np.where(inside[..., None], pixels, painted)))
+        draw = ImageDraw.Draw(canvas)
     anns = []
     for k, obj in enumerate(objects):
         later = np.zeros((h, w), bool)
