@@ -349,13 +349,9 @@ def field_comments(cls: type) -> dict[str, str]:
     comments = {tok.start[0]: tok.string.lstrip("# ").rstrip() for tok in tokens}
     # only comment lines count above a field: not the previous field's trailing comment
     whole = {
-        tok.start[0]: comments[tok.start[0]]
-        for tok in tokens
-        if tok.line.lstrip().startswith("#")
+        tok.start[0]: comments[tok.start[0]] for tok in tokens if tok.line.lstrip().startswith("#")
     }
-    return {
-        name: comments.get(line) or _comment_above(whole, line) for name, line in lines.items()
-    }
+    return {name: comments.get(line) or _comment_above(whole, line) for name, line in lines.items()}
 
 
 def _comment_above(comments: dict[int, str], line: int) -> str:
