@@ -212,7 +212,9 @@ def test_mask_hides_denoising_from_matching_and_groups_from_each_other():
 
 def test_no_objects_no_queries():
     empty = targets_of([[], []], [[], []])
-    assert build_queries(empty, nn.Embedding(256, 4), matching=3) is None
+    q = build_queries(empty, nn.Embedding(256, 4), matching=3)
+    assert (q.count, q.groups) == (0, 1) and q.labels.shape == (2, 0, 4)
+    assert q.boxes.shape == (2, 0, 4) and not q.mask.any() and q.mask.shape == (3, 3)
 
 
 # --- in the model ----------------------------------------------------------------------------------
@@ -271,8 +273,8 @@ def test_denoising_terms_match_mmdetection_and_train_the_label_embedding():
     denoiser = Denoiser(model, max_queries=10)
     with denoiser.training_on(labels) as q:
         out = model(**inputs, labels=labels)
-    assert q is not None
     k = q.count
+    assert torch.equal(out.init_reference_points[:, :k], q.boxes)  # the first layer's references
     maps = build_label_maps(out.logits, inputs["input_ids"])
     text_mask = build_text_mask(out.logits, inputs["attention_mask"])[:, :k]
     meta = {"num_denoising_queries": k, "num_denoising_groups": q.groups}
@@ -298,6 +300,15 @@ def test_denoising_terms_match_mmdetection_and_train_the_label_embedding():
         torch.testing.assert_close(out.loss_dict[f"loss_ce{suffix}"], ce, msg=suffix)
         torch.testing.assert_close(out.loss_dict[f"loss_bbox{suffix}"], l1, msg=suffix)
         torch.testing.assert_close(out.loss_dict[f"loss_giou{suffix}"], giou, msg=suffix)
+    # the total counts every denoising term at its matching term's weight (2 / 5 / 2)
+    weight = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    expected = sum(
+        v * weight[name]
+        for key, v in out.loss_dict.items()
+        for name in weight
+        if key == name or key.startswith(name + "_")
+    )
+    torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     assert denoiser.embedding.weight.grad is not None
     assert denoiser.embedding.weight.grad.abs().sum() > 0
@@ -321,3 +332,24 @@ def test_query_count_is_restored_when_the_forward_fails():
     hook.remove()
     assert seen == [matching + 2 * 2 * 5]
     assert model.config.num_queries == matching
+
+
+def test_a_batch_without_objects_has_the_same_terms_at_zero():
+    """Every step logs (and, across processes, reduces) the same keys: a batch whose images have
+    no objects gets the denoising terms too, at zero, and trains as usual."""
+    bundle = load_dino(PARAMS)
+    model = bundle.model.eval()
+    inputs, labels = _batch(bundle)
+    empty = [box_targets(np.zeros((0, 4)), np.zeros((0,), np.int64), width=80, height=60)] * 2
+    denoiser = Denoiser(model, max_queries=10)
+    with denoiser.training_on(labels):
+        full = model(**inputs, labels=labels)
+    with denoiser.training_on(empty) as q:
+        none = model(**inputs, labels=empty)
+    assert q.count == 0
+    assert none.loss_dict.keys() == full.loss_dict.keys()
+    for key in none.loss_dict:
+        if "_dn" in key:
+            assert float(none.loss_dict[key].detach()) == 0.0, key
+    assert torch.isfinite(none.loss)
+    none.loss.backward()

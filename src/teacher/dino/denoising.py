@@ -98,17 +98,16 @@ def build_queries(
     max_queries: int = 100,
     label_noise: float = 0.5,
     box_noise: float = 1.0,
-) -> DenoisingQueries | None:
+) -> DenoisingQueries:
     """The denoising queries of a batch (``targets``: ``class_labels`` and ``boxes`` cxcywh in
-    [0, 1] per image); None when no image has an object. Random draws in MMDetection's order
-    (labels, then box signs and magnitudes) from torch's global generator."""
+    [0, 1] per image). Random draws in MMDetection's order (labels, then box signs and
+    magnitudes) from torch's global generator. A batch without objects gets none (count 0,
+    one group, as MMDetection): its loss terms are zero, the same keys as any other step's."""
     counts = [len(t["class_labels"]) for t in targets]
     most = max(counts, default=0)
-    if most == 0:
-        return None
-    groups = max(1, max_queries // most)
-    labels = torch.cat([t["class_labels"] for t in targets])
-    xyxy = _cxcywh_to_xyxy(torch.cat([t["boxes"] for t in targets]).float())
+    groups = max(1, max_queries // most) if most else 1
+    labels = torch.cat([t["class_labels"] for t in targets]).long()
+    xyxy = _cxcywh_to_xyxy(torch.cat([t["boxes"] for t in targets]).float().reshape(-1, 4))
     total = len(labels)
     device = xyxy.device
 
@@ -206,8 +205,7 @@ class Denoiser(nn.Module):
         )
         previous_loss, matching = model.loss_function, config.num_queries
         self._queries = queries
-        if queries is not None:
-            model.loss_function = _with_denoising(previous_loss, queries)
+        model.loss_function = _with_denoising(previous_loss, queries)
         try:
             yield queries
         finally:

@@ -120,7 +120,11 @@ class GroundedImageLoss(GroundingDinoImageLoss):
         return onehot
 
     def _num_boxes(self, targets, device) -> float:
-        n = torch.tensor([float(sum(len(t["class_labels"]) for t in targets))], device=device)
+        return self.mean_count(sum(len(t["class_labels"]) for t in targets), device)
+
+    def mean_count(self, count: int, device) -> float:
+        """``count`` averaged over processes (``across_processes``), at least 1: a normaliser."""
+        n = torch.tensor([float(count)], device=device)
         dist = torch.distributed
         if self.across_processes and dist.is_available() and dist.is_initialized():
             dist.all_reduce(n)
@@ -207,7 +211,10 @@ def grounded_loss(
     ``quality``: the class terms are :func:`varifocal_loss` (pretraining only). ``denoising``:
     the first ``denoising.count`` queries are contrastive denoising queries
     (:mod:`teacher.dino.denoising`): they get their own terms (``loss_ce_dn``, ``loss_ce_dn_0``
-    ...) on fixed pairs, and the matching terms see the other queries only.
+    ...) on fixed pairs, and the matching terms see the other queries only. A batch without
+    objects has no denoising queries but the same terms, zero, so every step logs and reduces
+    the same keys. With ``quality`` their class terms are varifocal too (pretraining only; no
+    reference combines the two).
     """
     dn: dict[str, Any] = {}
     if denoising is not None:
@@ -264,7 +271,9 @@ def grounded_loss(
         weights.update({f"{k}_{i}": v for k, v in base.items()})
     if denoising is not None:
         pairs = [(i.to(device), j.to(device)) for i, j in denoising.indices(labels)]
-        positives = criterion._num_boxes(labels, device) * denoising.groups
+        # MMDetection's avg_factor: this process's positive queries, averaged over processes
+        # (sync_cls_avg_factor); groups differ between processes, so the product is averaged
+        positives = criterion.mean_count(sum(len(i) for i, _ in pairs), device)
         layers = [("_dn", dn["logits"], dn["pred_boxes"])]
         layers += [(f"_dn_{i}", c, b) for i, (c, b) in enumerate(dn.get("layers", []))]
         for suffix, layer_logits, layer_boxes in layers:
