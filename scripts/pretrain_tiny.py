@@ -640,7 +640,7 @@ def pretrain_dino(
         for name, p in model.named_parameters():
             if TEXT_PATH.search(name):
                 p.requires_grad_(False)
-    denoiser = Denoiser(model, max_queries=denoise).to(device) if denoise else None
+    denoiser = Denoiser(model, max_queries=denoise) if denoise else None  # on the model's device
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     backbone = [p for n, p in trainable if n.startswith("model.backbone.")]
     rest = [p for n, p in trainable if not n.startswith("model.backbone.")]

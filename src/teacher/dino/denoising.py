@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from teacher.boxes import cxcywh_norm_to_xyxy, xyxy_to_cxcywh_norm
+
 LABEL_ROWS = 256  # MM-Grounding-DINO's bbox_head num_classes: the text length
 MASKED = True
 
@@ -80,16 +82,6 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def _cxcywh_to_xyxy(b: Tensor) -> Tensor:
-    cx, cy, w, h = b.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-
-
-def _xyxy_to_cxcywh(b: Tensor) -> Tensor:
-    x0, y0, x1, y1 = b.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
-
-
 def build_queries(
     targets: list[dict[str, Tensor]],
     embedding: nn.Embedding,
@@ -107,7 +99,9 @@ def build_queries(
     most = max(counts, default=0)
     groups = max(1, max_queries // most) if most else 1
     labels = torch.cat([t["class_labels"] for t in targets]).long()
-    xyxy = _cxcywh_to_xyxy(torch.cat([t["boxes"] for t in targets]).float().reshape(-1, 4))
+    xyxy = cxcywh_norm_to_xyxy(  # in [0, 1]: MMDetection noises the normalised corners
+        torch.cat([t["boxes"] for t in targets]).float().reshape(-1, 4), width=1, height=1
+    )
     total = len(labels)
     device = xyxy.device
 
@@ -126,9 +120,9 @@ def build_queries(
     part = torch.rand_like(boxes)
     part[negative] += 1.0
     part *= sign
-    whwh = _xyxy_to_cxcywh(boxes)[:, 2:].repeat(1, 2)
+    whwh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
     boxes = (boxes + part * whwh * box_noise / 2).clamp(min=0.0, max=1.0)
-    box_queries = inverse_sigmoid(_xyxy_to_cxcywh(boxes))
+    box_queries = inverse_sigmoid(xyxy_to_cxcywh_norm(boxes, width=1, height=1))
 
     # into (image, slot): group k's positives at [2k n, 2k n + n), negatives after them
     image = torch.cat([torch.full((c,), i, dtype=torch.int64) for i, c in enumerate(counts)])
@@ -181,7 +175,8 @@ class Denoiser(nn.Module):
     ):
         super().__init__()
         inner: Any = model.model  # GroundingDinoModel
-        self.embedding = nn.Embedding(LABEL_ROWS, int(inner.config.d_model))
+        device = next(model.parameters()).device
+        self.embedding = nn.Embedding(LABEL_ROWS, int(inner.config.d_model), device=device)
         self.max_queries, self.label_noise, self.box_noise = max_queries, label_noise, box_noise
         self._model = [model]  # a list: not a submodule (its weights are the model's own)
         self._queries: DenoisingQueries | None = None
@@ -194,7 +189,6 @@ class Denoiser(nn.Module):
         """Within: the model's forwards carry the denoising queries of ``labels``."""
         model: Any = self._model[0]
         config = model.config
-        self.embedding.to(next(model.parameters()).device)
         queries = build_queries(
             labels,
             self.embedding,
