@@ -3,7 +3,8 @@
     python scripts/pretrain_tiny.py sam  [--steps N] [--seed S] [--threads T] [--device D]
                                          [--batch-size B] [--init W --world finetune] [--out DIR]
     python scripts/pretrain_tiny.py dino [--steps N] [--seed S] [--threads T] [--device D]
-                                         [--batch-size B] [--varifocal] [--dense-levels 3] [--out DIR]
+                                         [--batch-size B] [--varifocal] [--dense-levels 3]
+                                         [--init-scheme reference] [--out DIR]
     python scripts/pretrain_tiny.py dino --probe WEIGHTS [--arch JSON] [--seed S]
     python scripts/pretrain_tiny.py sam  --probe WEIGHTS [--seed S]
 
