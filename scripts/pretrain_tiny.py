@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from teacher import synth
 from teacher.boxes import xywh_to_xyxy
@@ -413,14 +414,13 @@ def reference_init(model) -> None:
     transformers, and the reference's draw did not score higher. What was looked for: in the
     committed preset the decoder's box MLP is dead (31 of 32 second-layer units never active) and
     refines nothing (every decoder layer returns the two-stage proposals' boxes within 0.001, and
-    the proposals', first and last layers' box losses are equal), and two thirds of the decoder's
-    feed-forward units are dead too. Under the reference's draw the box MLP died the same way, and the
-    fresh detector on the committed Swin scored 0.131 held out against 0.144 (README, "Proving
+    the proposals', first and last layers' box losses are equal), and two thirds of the
+    decoder's feed-forward units are dead too. Under the reference's draw the box MLP died the
+    same way, and the fresh detector on the committed Swin scored 0.131 held out against 0.144 (README, "Proving
     ground"). A pretrained checkpoint is unaffected either way: its weights replace the draw. One
     departure: transformers splits the attention projections that ``nn.MultiheadAttention``
     keeps in one (3d, d) matrix into three (d, d) ones, each drawn Xavier for its own shape (a
     bound √2 wider)."""
-    from torch import nn
     from transformers.models.grounding_dino import modeling_grounding_dino as gd
 
     m = model.model
@@ -457,8 +457,6 @@ def deformable_reset(module) -> None:
     """The reference's ``MultiScaleDeformableAttention._reset_parameters`` (Deformable DETR): head
     h's sampling offsets point along angle 2πh/heads, point i at i + 1 times that direction,
     attention weights zero, value and output projections Xavier-uniform with zero biases."""
-    from torch import nn
-
     heads, levels, points = module.n_heads, module.n_levels, module.n_points
     thetas = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
     grid = torch.stack([thetas.cos(), thetas.sin()], -1)
