@@ -119,6 +119,32 @@ def test_demo_params_select_the_presets_and_parse():
     assert parse_section("sam", params["sam"]).model == TINY_PRETRAINED
 
 
+def test_demo_gain_table_summarises_seeds(tmp_path):
+    """`scripts/demo.py --seeds`: each seed's gains, then min / median / max per column; a seed
+    without a key shows '-' and is left out of that column's summary; the seed lands in the
+    copy's params.yaml as a top-level value."""
+    import yaml
+    from demo import TINY, gain_table, make_copy
+
+    runs = {
+        0: {"gain/box/map_50": 0.231, "gain/mask/miou": 0.124},
+        1: {"gain/box/map_50": 0.117, "gain/mask/miou": 0.090},
+        2: {"gain/box/map_50": 0.110},
+    }
+    lines = gain_table(runs)
+    assert lines[0].split() == ["seed", "gain", "box/map_50", "gain", "mask/miou"]
+    assert lines[1].split() == ["0", "+0.231", "+0.124"]
+    assert lines[3].split() == ["2", "+0.110", "-"]
+    assert lines[4].split() == ["min", "+0.110", "+0.090"]
+    assert lines[5].split() == ["median", "+0.117", "+0.107"]  # (0.124 + 0.090) / 2
+    assert lines[6].split() == ["max", "+0.231", "+0.124"]
+    assert len({len(line) for line in lines}) == 1  # the columns line up
+
+    repo = make_copy(tmp_path / "seed-3", overlays=(TINY, {"seed": 3}))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["seed"] == 3 and params["dino"]["model"] == "tiny-random"
+
+
 def test_pretraining_script_runs_and_repeats_per_seed(one_thread):
     """scripts/pretrain_tiny.py at toy length: both phases of the DINO pretraining (dense shapes,
     then the detector) and the SAM pretraining run, change the weights, score the held-out set,
