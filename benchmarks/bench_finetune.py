@@ -56,7 +56,7 @@ SAM = SamParams(  # the loss scripts/pretrain_tiny.py pretrained with: BCE (foca
     model=TINY,
     # LoRA on the encoder's qkv and every linear layer of the decoder, no weight trained fully:
     # 114 % of full fine-tuning's gain (64 images, seeds 0-2), where training the decoder fully
-    # beside LoRA on its attention gave 68 % and forgot more (README, "Proving ground")
+    # beside LoRA on its attention gave 68 % and forgot more (docs/PROVING_GROUND.md)
     lora_targets="sam-encoder-qkv+sam-decoder-linear",
     train_decoder=False,
     multimask=False,

@@ -417,7 +417,7 @@ def reference_init(model) -> None:
     the proposals', first and last layers' box losses are equal), and two thirds of the
     decoder's feed-forward units are dead too. Under the reference's draw the box MLP died the
     same way, and the fresh detector on the committed Swin scored 0.131 held out against 0.144
-    (README, "Proving ground"). A pretrained checkpoint is unaffected either way: its weights
+    (docs/PROVING_GROUND.md). A pretrained checkpoint is unaffected either way: its weights
     replace the draw. One departure: transformers splits the attention projections that
     ``nn.MultiheadAttention`` keeps in one (3d, d) matrix into three (d, d) ones, each drawn
     Xavier for its own shape (a bound √2 wider)."""

@@ -430,8 +430,9 @@ def test_serve_takes_the_scale_and_its_model_version_names_it(world):
 PRESET = dataclasses.replace(
     TINY_DINO, model="tiny-pretrained", shortest_edge=128, longest_edge=160
 )
-# "Confident" for the committed DINO preset, few of whose scores reach 0.3 (max 0.42; README,
-# "Proving ground"): its ~430 best detections of the pretraining classes on 32 held-out images.
+# "Confident" for the committed DINO preset, few of whose scores reach 0.3 (max 0.42;
+# docs/PROVING_GROUND.md): its ~430 best detections of the pretraining classes on 32 held-out
+# images.
 PROVING_THRESHOLD = 0.15
 
 

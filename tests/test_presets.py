@@ -92,7 +92,7 @@ def test_sam_segments_the_pretraining_domain(one_thread):
 @pytest.mark.xfail(
     strict=True,
     reason="bar not reached: the committed DINO preset (12 000 backbone + 14 000 detector CPU "
-    "steps) scores box mAP@50 0.17-0.25 on held-out pretraining images; README, 'Proving ground'",
+    "steps) scores box mAP@50 0.17-0.25 on held-out pretraining images; docs/PROVING_GROUND.md",
 )
 def test_dino_detects_the_pretraining_domain(one_thread):
     assert box_map_50(synth.PRETRAIN, n_images=40) >= 0.5

@@ -215,8 +215,9 @@ def tiny_config(
 # two blocks per stage) scored no higher held out. A wider detector (d_model 64, 2 + 3 layers,
 # 4 points: 3.9 MB) scored 0.226 against 0.189 after both detector phases but gained less in
 # `make demo` (+0.133 against +0.197); a third phase (0.229) or 6 decoder layers (0.183 after
-# one phase, against 0.192) added nothing (scripts/pretrain_tiny.py --arch; README, "Proving
-# ground"). Three encoder layers (the proposals the boxes come from: the decoder refines none)
+# one phase, against 0.192) added nothing (scripts/pretrain_tiny.py --arch;
+# docs/PROVING_GROUND.md). Three encoder layers (the proposals the boxes come from: the decoder
+# refines none)
 # scored 0.262 held out after three phases (mean of three 200-image sets; this preset 0.171) at
 # 2.14 MB, but gained a median +0.086 box mAP@50 over three `make demo` seeds against this
 # preset's +0.117 (scripts/demo.py --seeds).
