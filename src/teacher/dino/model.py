@@ -217,11 +217,10 @@ def tiny_config(
 # `make demo` (+0.133 against +0.197); a third phase (0.229) or 6 decoder layers (0.183 after
 # one phase, against 0.192) added nothing (scripts/pretrain_tiny.py --arch;
 # docs/PROVING_GROUND.md). Three encoder layers (the proposals the boxes come from: the decoder
-# refines none)
-# scored 0.299 held out after four phases (mean of three 200-image sets; this preset 0.171) at
-# 2.14 MB, but gained a median +0.086 box mAP@50 over three `make demo` seeds against this
-# preset's +0.117 (scripts/demo.py --seeds), and its LoRA gain in bench_finetune was 68 % of full
-# fine-tuning's (this preset: 173 %).
+# refines none) scored 0.299 held out after four phases (mean of three 200-image sets; this
+# preset 0.171) at 2.14 MB, but gained a median +0.086 box mAP@50 over three `make demo` seeds
+# against this preset's +0.117 (scripts/demo.py --seeds), and its LoRA gain in bench_finetune
+# was 68 % of full fine-tuning's (this preset: 173 %).
 TINY_PRETRAINED_ARCH: dict[str, Any] = {}
 
 
