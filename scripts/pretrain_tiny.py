@@ -317,7 +317,11 @@ def dino_probe(model, processor, coco: dict, pixels: list[np.ndarray]) -> dict[s
     - ``top_near_50``: objects whose highest-scoring overlapping prediction (IoU > 0.1) is at
       IoU >= 0.5;
     - ``top_k_hit`` / ``top_k_loose`` / ``top_k_background``: of each image's k best predictions
-      (k = its objects), those at IoU >= 0.5 with an object, in 0.1-0.5, below 0.1.
+      (k = its objects), those at IoU >= 0.5 with an object, in 0.1-0.5, below 0.1;
+    - ``unoccluded_map_50``: the score with partly hidden objects ignored (COCO's ``iscrowd``: no
+      credit, no penalty), what occlusion costs;
+    - ``named_right``: objects whose highest-scoring prediction at IoU >= 0.5 names their class
+      (of the objects that have one).
     """
     import copy
 
@@ -334,7 +338,7 @@ def dino_probe(model, processor, coco: dict, pixels: list[np.ndarray]) -> dict[s
     for a in one["annotations"]:
         a["category_id"] = 1
     by_image = index_by_image(coco)
-    covered, top_near, top_k, kept = [], [], [], []
+    covered, top_near, top_k, kept, named = [], [], [], [], []
     for image_id, det in zip(image_ids, found, strict=True):
         boxes = torch.as_tensor(xywh_to_xyxy(np.asarray(det.boxes, np.float64).reshape(-1, 4)))
         scores = torch.as_tensor(np.asarray(det.scores, np.float64))
@@ -349,13 +353,20 @@ def dino_probe(model, processor, coco: dict, pixels: list[np.ndarray]) -> dict[s
         truth = torch.as_tensor(xywh_to_xyxy(np.asarray([a["bbox"] for a in anns], np.float64)))
         iou = torchvision.ops.box_iou(truth, boxes)  # (objects, predictions)
         covered += iou.max(1).values.tolist()
-        for row in iou:
+        for ann, row in zip(anns, iou, strict=True):
             near = torch.nonzero(row > 0.1).flatten()
             if len(near):
                 top_near.append(float(row[near[scores[near].argmax()]]))
+            hits = torch.nonzero(row >= 0.5).flatten()
+            if len(hits):
+                best_hit = int(hits[scores[hits].argmax()])
+                named.append(float(det.category_ids[best_hit] == ann["category_id"]))
         best = scores.argsort(descending=True)[: len(anns)]
         top_k += iou[:, best].max(0).values.tolist()
     hit, near_hit, k = np.asarray(covered), np.asarray(top_near), np.asarray(top_k)
+    visible = copy.deepcopy(coco)
+    for a in visible["annotations"]:
+        a["iscrowd"] = int(bool(a.get("attributes", {}).get("occluded")))
     return {
         "map_50": coco_eval(coco, results, iou_type="bbox", per_class=False)["map_50"],
         "agnostic_map_50": coco_eval(
@@ -368,6 +379,10 @@ def dino_probe(model, processor, coco: dict, pixels: list[np.ndarray]) -> dict[s
         "top_k_hit": float((k >= 0.5).mean()),
         "top_k_loose": float(((k >= 0.1) & (k < 0.5)).mean()),
         "top_k_background": float((k < 0.1).mean()),
+        "unoccluded_map_50": coco_eval(visible, results, iou_type="bbox", per_class=False)[
+            "map_50"
+        ],
+        "named_right": float(np.mean(named)) if named else 0.0,
     }
 
 
