@@ -3,33 +3,49 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# torch and torchvision pinned to the releases pip finds on local disk on the dev machines;
-# elsewhere pip downloads the same versions from PyPI.
-TORCH := torch==2.14.1 torchvision==0.29.1
+# Every install comes from a committed lock: exact versions and hashes of every package, direct
+# and transitive (`make lock` writes them; docs/CONTRIBUTING.md says when). Plain pip installs
+# them, so the dev machines' local wheels (torch) still serve.
+LOCK := requirements/main.txt
 # Label Studio for the end-to-end test of `teacher serve`, in its own venv: its pins (Django,
 # numpy < 2.3, opencv 4.12, ...) clash with ours. Without PyPI it is not installed and
 # tests/test_serve_label_studio.py skips, saying so.
 LS_VENV := .venv-ls
-LABEL_STUDIO := label-studio==1.23.2
-LS_STAMP := $(LS_VENV)/.installed-$(LABEL_STUDIO)
+LS_LOCK := requirements/label-studio.txt
+LS_STAMP := $(LS_VENV)/.installed-label-studio
+# Is what is installed the lock? One line naming the package if not; the stamp goes, so the
+# next make reinstalls from the lock.
+CHECK = $(BIN)/python -m teacher.environment
 
-.PHONY: install label-studio run demo test test-fast lint format bench params clean
+.PHONY: install label-studio lock run demo test test-fast lint format bench params clean
 
 install: $(STAMP)
+	@$(CHECK) $(LOCK) || { rm -f $(STAMP); exit 1; }
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-label-studio: $(LS_STAMP)
+label-studio: install $(LS_STAMP)
+	@test ! -f $(LS_STAMP) || $(CHECK) $(LS_LOCK) --venv $(LS_VENV) || { rm -f $(LS_STAMP); exit 1; }
 
-$(LS_STAMP):
+$(LS_STAMP): $(LS_LOCK)
+	rm -f $(LS_STAMP)
 	( test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV) ) && \
-	$(LS_VENV)/bin/python -m pip install --quiet $(LABEL_STUDIO) && touch $(LS_STAMP) || \
-	echo "$(LABEL_STUDIO) could not be installed into $(LS_VENV): the Label Studio end-to-end test will skip"
+	$(LS_VENV)/bin/python -m pip install --quiet --require-hashes -r $(LS_LOCK) && touch $(LS_STAMP) || \
+	echo "Label Studio could not be installed into $(LS_VENV) from $(LS_LOCK): the Label Studio end-to-end test will skip"
+
+# Regenerate both locks from pyproject.toml, requirements/main.in and requirements/label-studio.in
+# (newest versions inside their bounds, for every platform), with uv in a throwaway venv. Then
+# `make test` on the new lock before committing it.
+lock:
+	test -x .venv-lock/bin/uv || ( $(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install --quiet uv==0.13.10 )
+	.venv-lock/bin/uv pip compile --quiet --universal --generate-hashes --custom-compile-command "make lock" \
+		pyproject.toml requirements/main.in --extra dev -o $(LOCK)
+	.venv-lock/bin/uv pip compile --quiet --universal --generate-hashes --custom-compile-command "make lock" \
+		--python-version 3.10 requirements/label-studio.in -o $(LS_LOCK)
 
 # stage commands call `python`: the venv's bin goes first on PATH
 run: install
@@ -65,4 +81,4 @@ params: install
 	$(BIN)/python -m teacher.params > params.yaml
 
 clean:
-	rm -rf $(VENV) $(LS_VENV)
+	rm -rf $(VENV) $(LS_VENV) .venv-lock

@@ -1,8 +1,9 @@
-"""End to end with a real Label Studio (PyPI `label-studio`, pinned in the Makefile, in its own
-virtual environment `.venv-ls/` because its pins clash with ours): create a project with a
-labeling config, import tasks (local files and an upload), connect `teacher serve` as its ML
-backend, ask for predictions, read them back through Label Studio's API; a smart-tool click;
-and importing the tasks `teacher predict --format label-studio` writes.
+"""End to end with a real Label Studio (PyPI `label-studio`, locked in
+requirements/label-studio.txt, in its own virtual environment `.venv-ls/` because its pins clash
+with ours): create a project with a labeling config, import tasks (local files and an upload),
+connect `teacher serve` as its ML backend, ask for predictions, read them back through Label
+Studio's API; a smart-tool click; and importing the tasks `teacher predict --format
+label-studio` writes.
 
 Label Studio and the server bind 127.0.0.1 only, Label Studio's data dir is temporary (a copy of
 a migrated template kept in `.venv-ls/template-data/`, made on the first run).
@@ -47,8 +48,13 @@ def ls_env(data: Path, files: Path) -> dict[str, str]:
         "LOCAL_FILES_DOCUMENT_ROOT": str(files),
         "ML_BLOCK_LOCAL_IP": "false",
         "SSRF_PROTECTION_ENABLED": "false",
+        # Nothing phones home, and a broken telemetry client cannot stop it from starting:
+        # an empty DSN skips sentry_sdk.init (core/utils/sentry.py), for the server and the pages
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
         "LATEST_VERSION_CHECK": "false",
         "COLLECT_ANALYTICS": "false",
+        "FEATURE_FLAGS_OFFLINE": "true",
         "PYTHONPATH": "",
     }
 
