@@ -15,7 +15,7 @@ LS_LOCK := requirements/label-studio.txt
 LS_STAMP := $(LS_VENV)/.installed-label-studio
 # Is what is installed the lock? One line naming the package if not; the stamp goes, so the
 # next make reinstalls from the lock.
-CHECK = $(BIN)/python -m teacher.environment
+CHECK = $(BIN)/python -m teacher.core.environment
 
 .PHONY: install label-studio lock run demo test test-fast lint format bench params clean
 
@@ -76,9 +76,9 @@ format: install
 bench: install
 	for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
-# params.yaml from the defaults and comments in src/teacher/params.py
+# params.yaml from the defaults and comments in src/teacher/core/params.py
 params: install
-	$(BIN)/python -m teacher.params > params.yaml
+	$(BIN)/python -m teacher.core.params > params.yaml
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) .venv-lock

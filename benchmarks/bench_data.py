@@ -26,7 +26,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from teacher.coco import mask_to_rle  # noqa: E402
+from teacher.coco.io import mask_to_rle  # noqa: E402
 
 SIZES = [(64, 48), (48, 64), (80, 60), (60, 80)]  # (w, h) of the generated JPEGs
 

@@ -34,6 +34,7 @@ def build(mode: str, *, preset: str, checkpointing: bool = True):
     import torch
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
 
+    from teacher.core.params import DinoParams, LoraParams
     from teacher.dino.data import box_targets
     from teacher.dino.model import (
         build_processor,
@@ -41,7 +42,6 @@ def build(mode: str, *, preset: str, checkpointing: bool = True):
         tiny_config,
         tiny_tokenizer,
     )
-    from teacher.params import DinoParams, LoraParams
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()  # bert-base-uncased ids; the prompt's ids fit BERT's vocabulary
@@ -73,7 +73,7 @@ def build(mode: str, *, preset: str, checkpointing: bool = True):
 
 
 def adapter_bytes(model) -> int:
-    from teacher.lora import save_adapter
+    from teacher.train.lora import save_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(model, Path(tmp))

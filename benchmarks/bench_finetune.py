@@ -3,9 +3,9 @@
     python benchmarks/bench_finetune.py [--seeds 0 1 2] [--train-images 64] [--models sam dino]
         [--scales 0 0.5 1] [--denoise 100]
 
-Fine-tuning domain: ``teacher.synth.FINETUNE`` (train images from each seed, a fixed held-out
+Fine-tuning domain: ``teacher.dataset.synth.FINETUNE`` (train images from each seed, a fixed held-out
 test set); retention: the same models on a held-out set of the pretraining domain
-(``teacher.synth.PRETRAIN``), where fine-tuning can only lose. Each run uses the project's own
+(``teacher.dataset.synth.PRETRAIN``), where fine-tuning can only lose. Each run uses the project's own
 training code (task builders + ``teacher.train.loop.fit``) in a child process, so its peak memory
 (max RSS on CPU, max allocated on CUDA) is its own. Prints one table (min / median over seeds)
 and LoRA's gain as a share of full fine-tuning's; ``--json`` writes the raw runs.
@@ -15,10 +15,10 @@ LoRA: SAM: encoder qkv + every linear layer of the decoder (``make demo``'s); DI
 (a LoRA is still attached, its B matrices start at zero: the same starting point).
 
 ``--scales``: the forgetting guard's curve (issue 13). Each trained model is also scored with its
-adapter at those scales (``teacher.lora.load_adapter``: LoRA deltas x s, fully trained weights
+adapter at those scales (``teacher.train.lora.load_adapter``: LoRA deltas x s, fully trained weights
 blended; for "full" that is WiSE-FT of every weight): both domains, and for DINO the retention of
 the pretraining classes as ``evaluate`` measures it (AP against the base model's detections
-scoring >= 0.15 on the held-out pretraining-domain images, ``teacher.retention``).
+scoring >= 0.15 on the held-out pretraining-domain images, ``teacher.evaluation.retention``).
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from teacher import synth
-from teacher.augment import resolve_policy
-from teacher.params import (
+from teacher.core.params import (
     AugmentParams,
     DinoParams,
     LoraParams,
@@ -49,6 +47,8 @@ from teacher.params import (
     TrainParams,
     lora_pattern,
 )
+from teacher.dataset import synth
+from teacher.dataset.augment import resolve_policy
 
 TINY = "tiny-pretrained"
 DINO = DinoParams(model=TINY, shortest_edge=128, longest_edge=160)
@@ -85,7 +85,7 @@ def write_world(world: synth.World, *, n_images: int, seed: int, out: Path) -> d
 
 def train_val(*, n_train: int, n_val: int, seed: int, out: Path) -> tuple[dict, dict]:
     """Train and val splits of the fine-tuning domain from one seed, images in one folder."""
-    from teacher.coco import subset_coco
+    from teacher.coco.io import subset_coco
 
     both = write_world(synth.FINETUNE, n_images=n_train + n_val, seed=seed, out=out)
     ids = [i["id"] for i in both["coco"]["images"]]
@@ -105,8 +105,8 @@ def sam_miou(model, split: dict[str, Any]) -> float:
 
 
 def dino_map_50(bundle, split: dict[str, Any]) -> float:
+    from teacher.coco.images import load_image
     from teacher.dino.detect import labeling_box_map
-    from teacher.images import load_image
 
     coco = split["coco"]
     pixels = [load_image(split["images"] / i["file_name"]) for i in coco["images"]]
@@ -115,9 +115,9 @@ def dino_map_50(bundle, split: dict[str, Any]) -> float:
 
 def retention_detections(bundle, split: dict[str, Any]) -> dict:
     """Image id -> DINO's detections of the pretraining classes (evaluate's labeling decode)."""
+    from teacher.coco.images import load_image
     from teacher.dino.labels import build_label_map
-    from teacher.images import load_image
-    from teacher.predict import Filter, Teachers, predict_images
+    from teacher.inference.predict import Filter, Teachers, predict_images
 
     coco = split["coco"]
     label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
@@ -134,8 +134,8 @@ def retention_detections(bundle, split: dict[str, Any]) -> dict:
 def dino_curve(adapter: Path, data: dict, scales: list[float]) -> dict[float, dict[str, float]]:
     """Per adapter scale: box mAP@50 on both domains and the retention of the pretraining classes."""
     from teacher.dino.model import load_dino
-    from teacher.predict import merged
-    from teacher.retention import reference_ground_truth, retention_scores
+    from teacher.evaluation.retention import reference_ground_truth, retention_scores
+    from teacher.inference.predict import merged
 
     rows, found = {}, {}
     for s in sorted({0.0, *scales}):
@@ -188,10 +188,10 @@ def folder_mb(path: Path) -> float:
 def sam_run(
     method: str, *, seed: int, data: dict, train: TrainParams, out: Path
 ) -> dict[str, float]:
-    from teacher.lora import apply_lora
     from teacher.sam import task as sam_task
     from teacher.sam.model import load_base_sam, load_sam
     from teacher.train.loop import fit
+    from teacher.train.lora import apply_lora
 
     if method == "base":
         sam = load_base_sam(TINY)
@@ -245,8 +245,8 @@ def dino_run(
     from teacher.dino import task as dino_task
     from teacher.dino.labels import build_label_map
     from teacher.dino.model import load_dino
-    from teacher.lora import apply_lora
     from teacher.train.loop import fit, seed_everything
+    from teacher.train.lora import apply_lora
 
     bundle = load_dino(DINO)
     if method == "base":

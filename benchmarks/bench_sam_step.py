@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
-DECODER_ATTN = "sam-decoder-attention"  # teacher.params.LORA_PRESETS
+DECODER_ATTN = "sam-decoder-attention"  # teacher.core.params.LORA_PRESETS
 
 
 def device() -> str:
@@ -50,7 +50,7 @@ def build_vit_b(mode: str):
     """vit_b (``BENCH_SAM_ARCH``) with random weights, for ``mode``: full | lora | lora_ckpt | decoder."""
     import torch
 
-    from teacher.params import LoraParams, SamParams
+    from teacher.core.params import LoraParams, SamParams
     from teacher.sam.model import ARCHITECTURES, build_sam
     from teacher.sam.task import wrap_for_training
 
@@ -106,7 +106,7 @@ def train_steps(model, batches, *, lr: float = 1e-4) -> list[float]:
     """Seconds of each optimizer step (forward, backward, AdamW) over ``batches``."""
     import torch
 
-    from teacher.params import SamParams
+    from teacher.core.params import SamParams
     from teacher.sam.task import training_step
 
     dev = device()
@@ -128,8 +128,8 @@ def train_steps(model, batches, *, lr: float = 1e-4) -> list[float]:
 
 
 def worker_step(mode: str, *, steps: int, prompts: int) -> dict:
-    from teacher.lora import count_parameters
     from teacher.sam.model import input_size, unwrap
+    from teacher.train.lora import count_parameters
 
     model = build_vit_b(mode)
     trainable, total = count_parameters(model)
@@ -149,7 +149,7 @@ def worker_epoch(mode: str, *, images: int, cache_dir: str) -> dict:
     """One decoder-only epoch over the sample images: cached embeddings or encoder in the loop."""
     from torch.utils.data import DataLoader
 
-    from teacher.coco import load_coco, subset_coco
+    from teacher.coco.io import load_coco, subset_coco
     from teacher.sam.data import SamDataset, cache_sam_embeddings, collate_sam
     from teacher.sam.model import input_size, unwrap
 
@@ -185,7 +185,7 @@ def worker_epoch(mode: str, *, images: int, cache_dir: str) -> dict:
 
 
 def adapter_size_kb() -> float:
-    from teacher.lora import save_adapter
+    from teacher.train.lora import save_adapter
 
     model = build_vit_b("lora")
     with tempfile.TemporaryDirectory() as tmp:

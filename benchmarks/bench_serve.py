@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from teacher.core.params import DinoParams
 from teacher.dino.labels import build_label_map
 from teacher.dino.model import DinoBundle, build_processor, load_dino, prepare_model, tiny_tokenizer
-from teacher.params import DinoParams
-from teacher.predict import Filter, Teachers
+from teacher.inference.predict import Filter, Teachers
 from teacher.sam.model import ARCHITECTURES, build_sam, build_tiny_random
 from teacher.serve.app import create_app
 from teacher.serve.backend import Backend

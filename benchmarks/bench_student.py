@@ -28,10 +28,10 @@ def make_images(n: int, *, height: int, width: int, seed: int = 0) -> list[np.nd
 def build_teachers(device: torch.device):
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
 
+    from teacher.core.params import DinoParams
     from teacher.dino.labels import build_label_map
     from teacher.dino.model import DinoBundle, build_processor, prepare_model, tiny_tokenizer
-    from teacher.params import DinoParams
-    from teacher.predict import Teachers
+    from teacher.inference.predict import Teachers
     from teacher.sam.model import ARCHITECTURES, build_sam
 
     torch.manual_seed(0)
@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from teacher.predict import Filter, predict_images
+    from teacher.inference.predict import Filter, predict_images
     from teacher.student.model import predict
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

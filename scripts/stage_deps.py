@@ -2,19 +2,20 @@
 
     .venv/bin/python scripts/stage_deps.py      # then review `git diff dvc.yaml`
 
-The import closure is tests/test_seams.py's (the test that fails when they differ); other
+The import closure is teacher.core.imports' (tests/test_seams.py fails when they differ); other
 deps, params and outs are left as they are.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
+from teacher.core.imports import closure, module_file, stage_deps
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import test_seams as seams  # noqa: E402
+SRC = ROOT / "src"
+LEFT_OUT = {"teacher.core.params", "teacher.core.errors"}  # see the comment at the top of dvc.yaml
 
 DEP = re.compile(r"^      - src/teacher/.*\.py$")
 STAGE = re.compile(r"^  (\w+):")
@@ -22,7 +23,7 @@ STAGE = re.compile(r"^  (\w+):")
 
 def main() -> None:
     path = ROOT / "dvc.yaml"
-    deps = seams.stage_deps()
+    deps = stage_deps(ROOT)
     out, stage, lines, i = [], None, path.read_text().split("\n"), 0
     while i < len(lines):
         if (m := STAGE.match(lines[i])) and m.group(1) in deps:
@@ -30,8 +31,8 @@ def main() -> None:
         if stage and DEP.match(lines[i]):
             while i < len(lines) and DEP.match(lines[i]):
                 i += 1
-            modules = sorted(seams.closure(deps[stage][0]) - seams.LEFT_OUT)
-            out += [f"      - {seams.module_file(m).relative_to(ROOT)}" for m in modules]
+            modules = sorted(closure(deps[stage][0], src=SRC) - LEFT_OUT)
+            out += [f"      - {module_file(m, src=SRC).relative_to(ROOT)}" for m in modules]
             continue
         out.append(lines[i])
         i += 1

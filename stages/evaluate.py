@@ -11,11 +11,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from teacher.coco import load_coco, save_json
-from teacher.errors import TeacherError
-from teacher.evaluation import Report, evaluate_test_split
-from teacher.gallery import save_panel
-from teacher.params import ParamsError, load_params
+from teacher.coco.io import load_coco, save_json
+from teacher.core.errors import TeacherError
+from teacher.core.params import ParamsError, load_params
+from teacher.evaluation.gallery import save_panel
+from teacher.evaluation.report import Report, evaluate_test_split
 
 
 def safe_name(name: str) -> str:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from teacher.coco import CocoFormatError, read_json, save_json
-from teacher.errors import TeacherError
-from teacher.inspection import inspect_dataset
-from teacher.params import ParamsError, load_params
+from teacher.coco.io import CocoFormatError, read_json, save_json
+from teacher.core.errors import TeacherError
+from teacher.core.params import ParamsError, load_params
+from teacher.dataset.inspection import inspect_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,10 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from teacher.coco import save_coco
-from teacher.errors import TeacherError
-from teacher.labeling import label_pool
-from teacher.params import ParamsError, load_params
+from teacher.coco.io import save_coco
+from teacher.core.errors import TeacherError
+from teacher.core.params import ParamsError, load_params
+from teacher.inference.labeling import label_pool
 
 
 def run(args: argparse.Namespace) -> str:

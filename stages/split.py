@@ -9,10 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from teacher.coco import load_coco, save_coco
-from teacher.errors import TeacherError
-from teacher.params import ParamsError, load_params, to_dict
-from teacher.splitting import split_coco
+from teacher.coco.io import load_coco, save_coco
+from teacher.core.errors import TeacherError
+from teacher.core.params import ParamsError, load_params, to_dict
+from teacher.dataset.splitting import split_coco
 
 
 def main(argv: list[str] | None = None) -> int:

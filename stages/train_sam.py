@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from teacher.coco import load_coco
+from teacher.coco.io import load_coco
 from teacher.sam.task import train_sam, untrainable_reason
 from teacher.train.stage import run_training_stage, stage_main, training_parser
 

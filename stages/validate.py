@@ -14,10 +14,15 @@ import json
 import sys
 from pathlib import Path
 
-from teacher.checks import summary_text, validate_file, validate_options, validation_report
-from teacher.coco import save_coco, save_json
-from teacher.errors import TeacherError
-from teacher.params import ParamsError, load_params
+from teacher.coco.io import save_coco, save_json
+from teacher.core.errors import TeacherError
+from teacher.core.params import ParamsError, load_params
+from teacher.dataset.validation import (
+    summary_text,
+    validate_file,
+    validate_options,
+    validation_report,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,10 @@ if str(REPO_ROOT) not in sys.path:  # `stages` importable however pytest is star
     sys.path.insert(0, str(REPO_ROOT))
 VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests (.venv/bin)
 REALWORLD = REPO_ROOT.parent / "shared" / "realworld"
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from demo import copy_checkout  # noqa: E402  (the demo's copy: tracked files, no outputs)
+TINY_PARAMS = REPO_ROOT / "scripts" / "tiny-params.yaml"  # tiny models over params.yaml
+DEMO_PARAMS = REPO_ROOT / "scripts" / "demo-params.yaml"  # the demo's, over TINY_PARAMS
+
+from teacher.proving.demo import copy_checkout  # noqa: E402  (tracked files, no outputs)
 
 
 def make_repo_copy(dest: Path, root: Path = REPO_ROOT) -> Path:

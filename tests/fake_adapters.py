@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from teacher.core.params import DinoParams, LoraParams, SamParams
 from teacher.dino.labels import build_label_map, save_labels
 from teacher.dino.model import HEAD_MODULES, load_dino
-from teacher.lora import apply_lora, save_adapter
-from teacher.params import DinoParams, LoraParams, SamParams
 from teacher.sam.model import load_base_sam
+from teacher.train.lora import apply_lora, save_adapter
 
 TINY_DINO = DinoParams(model="tiny-random", shortest_edge=64, longest_edge=96)
 TINY_SAM = SamParams(model="tiny-random")

@@ -13,93 +13,43 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import REPO_ROOT
 
+from teacher.core import imports
+
 SRC = REPO_ROOT / "src"
-LEFT_OUT = {"teacher.params", "teacher.errors"}  # see the comment at the top of dvc.yaml
+LEFT_OUT = {"teacher.core.params", "teacher.core.errors"}  # see the comment at the top of dvc.yaml
 # Lower layers first; a module may import its own layer's modules or lower ones only.
 LAYERS = [
-    {"teacher.errors", "teacher.params", "teacher.digest", "teacher.artifacts"},
-    {"teacher.boxes", "teacher.coco", "teacher.images"},
-    {
-        "teacher.inspection",
-        "teacher.checks",
-        "teacher.splitting",
-        "teacher.augment",
-        "teacher.lora",
-        "teacher.metrics",
-        "teacher.retention",
-        "teacher.gallery",
-        "teacher.detections",
-        "teacher.synth",
-    },
+    {"teacher.core"},
+    {"teacher.coco"},
+    {"teacher.dataset"},
     {"teacher.train"},
     {"teacher.dino", "teacher.sam", "teacher.student"},
-    {"teacher.predict", "teacher.export", "teacher.labeling", "teacher.student_predict"},
-    {"teacher.serve"},
-    {"teacher.evaluation"},
+    {"teacher.inference", "teacher.proving"},
+    {"teacher.serve", "teacher.evaluation"},
     {"teacher.cli"},
 ]
 
 
 def module_file(name: str) -> Path:
-    path = SRC.joinpath(*name.split("."))
-    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    return imports.module_file(name, src=SRC)
 
 
 def imports_of(path: Path) -> set[str]:
-    """``teacher`` modules imported anywhere in ``path`` (top level or inside functions)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if (
-            isinstance(node, ast.ImportFrom)
-            and node.module
-            and node.module.split(".")[0] == "teacher"
-        ):
-            for alias in node.names:  # `from teacher.train import loop` imports a module
-                sub = f"{node.module}.{alias.name}"
-                found.add(sub if module_file(sub).is_file() else node.module)
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == "teacher"}
-    return {
-        m for m in found if module_file(m).is_file() and not module_file(m).name == "__init__.py"
-    }
+    return imports.imports_of(path, src=SRC)
 
 
 def closure(path: Path) -> set[str]:
-    seen: set[str] = set()
-    todo = list(imports_of(path))
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo += imports_of(module_file(name))
-    return seen
+    return imports.closure(path, src=SRC)
 
 
 def library_modules() -> list[str]:
-    return sorted(
-        ".".join(p.relative_to(SRC).with_suffix("").parts)
-        for p in SRC.rglob("*.py")
-        if p.name != "__init__.py"
-    )
+    return imports.library_modules(src=SRC)
 
 
 def stage_deps() -> dict[str, tuple[Path, set[str]]]:
-    """stage -> (its script, the teacher modules in its dvc.yaml deps)."""
-    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-    out = {}
-    for name, stage in stages.items():
-        deps = [d for d in stage.get("deps", []) if isinstance(d, str)]
-        script = next(REPO_ROOT / d for d in deps if d.startswith("stages/"))
-        mods = {
-            ".".join(Path(d).relative_to("src").with_suffix("").parts)
-            for d in deps
-            if d.startswith("src/teacher/") and d.endswith(".py")
-        }
-        out[name] = (script, mods)
-    return out
+    return imports.stage_deps(REPO_ROOT)
 
 
 @pytest.mark.parametrize("stage", sorted(stage_deps()))

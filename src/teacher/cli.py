@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from teacher.errors import TeacherError
-from teacher.params import ParamsError, ValidateParams, load_params
+from teacher.core.errors import TeacherError
+from teacher.core.params import ParamsError, ValidateParams, load_params
 from teacher.serve.command import configure as _serve_configure
 from teacher.serve.command import run as _serve_run
 
@@ -66,10 +66,15 @@ def refuse_overwrite(inputs: dict[str, str | None], outputs: dict[str, str | Non
 
 
 def _validate_run(args: argparse.Namespace) -> int:
-    from teacher.checks import summary_text, validate_file, validate_options, validation_report
-    from teacher.coco import save_coco, save_json
-    from teacher.params import SplitParams
-    from teacher.splitting import split_size_warning
+    from teacher.coco.io import save_coco, save_json
+    from teacher.core.params import SplitParams
+    from teacher.dataset.splitting import split_size_warning
+    from teacher.dataset.validation import (
+        summary_text,
+        validate_file,
+        validate_options,
+        validation_report,
+    )
 
     refuse_overwrite(
         {"the annotations": args.annotations}, {"--out": args.out, "--report": args.report}
@@ -107,7 +112,7 @@ def _validate_run(args: argparse.Namespace) -> int:
 
 def _model_params(path: str) -> dict:
     """params.yaml's sections (defaults when the file is absent)."""
-    from teacher.params import SECTIONS
+    from teacher.core.params import SECTIONS
 
     if Path(path).is_file():
         return load_params(path)
@@ -220,8 +225,8 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_run(args: argparse.Namespace) -> int:
-    from teacher.coco import save_coco
-    from teacher.predict import (
+    from teacher.coco.io import save_coco
+    from teacher.inference.predict import (
         IMAGE_SUFFIXES,
         Filter,
         label_folder,
@@ -297,10 +302,10 @@ def _predict_run(args: argparse.Namespace) -> int:
 
 def _predict_student(args: argparse.Namespace, params: dict) -> int:
     """``teacher predict --student``: the student (PyTorch or ONNX) labels the folder."""
-    from teacher.coco import save_coco
-    from teacher.predict import Filter
+    from teacher.coco.io import save_coco
+    from teacher.inference.predict import Filter
+    from teacher.inference.student import label_with_student
     from teacher.student.onnx import load_any_student
-    from teacher.student_predict import label_with_student
 
     student = load_any_student(args.student)
     keep = Filter(
@@ -346,7 +351,7 @@ def _export_configure(p: argparse.ArgumentParser) -> None:
 
 
 def _export_run(args: argparse.Namespace) -> int:
-    from teacher.export import export_all
+    from teacher.inference.export import export_all
 
     scale = _teacher_scale(args)
     if args.student:
@@ -403,7 +408,7 @@ def _prune_cache_run(args: argparse.Namespace) -> int:
         )
     current = None
     if args.annotations:
-        from teacher.coco import load_coco
+        from teacher.coco.io import load_coco
         from teacher.sam.data import embedding_folder, embedding_paths
         from teacher.sam.model import load_base_sam
 

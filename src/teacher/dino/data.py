@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from teacher.augment import sample_rng
-from teacher.boxes import xywh_to_cxcywh_norm
-from teacher.coco import has_usable_box, index_by_image, is_crowd
+from teacher.coco.boxes import xywh_to_cxcywh_norm
+from teacher.coco.images import image_path, load_image
+from teacher.coco.io import has_usable_box, index_by_image, is_crowd
+from teacher.dataset.augment import sample_rng
 from teacher.dino.labels import MAX_TEXT_TOKENS, LabelMap, prompt_text
-from teacher.images import image_path, load_image
 
 NEGATIVE = -1  # item "chunk" of a negative item: a prompt naming none of the image's objects
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from teacher.boxes import cxcywh_norm_to_xyxy, xyxy_to_cxcywh_norm
+from teacher.coco.boxes import cxcywh_norm_to_xyxy, xyxy_to_cxcywh_norm
 
 LABEL_ROWS = 256  # MM-Grounding-DINO's bbox_head num_classes: the text length
 MASKED = True

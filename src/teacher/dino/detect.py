@@ -8,7 +8,7 @@ Two decodes of the same outputs:
   (query, class) pairs of an image are kept, no threshold, no NMS. ``box/*``, ``base/box/*`` and
   validation mAP use it (:func:`score`), so they compare with published figures.
 - :func:`decode` is the labeling decode of ``teacher predict``, the gallery and Grounded-SAM:
-  one class per query (its best token), box and text thresholds; ``teacher.predict`` then applies
+  one class per query (its best token), box and text thresholds; ``teacher.inference.predict`` then applies
   per-class NMS and a cap.
 """
 
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps
 
-from teacher.boxes import clip_xywh, cxcywh_norm_to_xywh
-from teacher.detections import Detections
+from teacher.coco.boxes import clip_xywh, cxcywh_norm_to_xywh
+from teacher.coco.detections import Detections
 from teacher.dino.labels import LabelMap
 from teacher.dino.model import DinoBundle, padded_for
 
@@ -267,7 +267,7 @@ def labeling_box_map(bundle: DinoBundle, images: list[np.ndarray], coco: dict) -
     """COCO box AP (``map``, ``map_50``, ...) of :func:`labeling_detections`: the proving
     ground's detector score (scripts/pretrain_tiny.py, benchmarks/bench_finetune.py, the preset and
     learning tests)."""
-    from teacher.metrics import coco_eval
+    from teacher.coco.metrics import coco_eval
 
     _, results = labeling_detections(bundle, images, coco)
     return coco_eval(coco, results, iou_type="bbox", per_class=False)

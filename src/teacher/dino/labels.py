@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teacher.coco import clean_name  # the one cleaning rule, shared with validation
-from teacher.errors import TeacherError
+from teacher.coco.io import clean_name  # the one cleaning rule, shared with validation
+from teacher.core.errors import TeacherError
 
 MAX_TEXT_TOKENS = 256  # Grounding DINO's text encoder limit (config.max_text_len)
 PROGRESS_FROM = 10_000  # class lists this long show a progress bar while they are built

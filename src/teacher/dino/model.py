@@ -32,15 +32,15 @@ from transformers import (  # type: ignore[attr-defined]  # BertTokenizerFast: a
     SwinConfig,
 )
 
-from teacher.artifacts import LABELS_FILE
+from teacher.core.artifacts import LABELS_FILE
+from teacher.core.errors import TeacherError
+from teacher.core.params import DinoParams
 from teacher.dino.labels import LabelMap, load_labels
 from teacher.dino.loss import grounded_loss, install_proposal_outputs
-from teacher.errors import TeacherError
-from teacher.params import DinoParams
 
 TINY_RANDOM = "tiny-random"
 TINY_SEED = 20240607  # fixed: train and evaluate build identical tiny-random base weights
-# the tiny architecture pretrained on teacher.synth's pretraining domain by scripts/pretrain_tiny.py
+# the tiny architecture pretrained on teacher.dataset.synth's pretraining domain by scripts/pretrain_tiny.py
 TINY_PRETRAINED = "tiny-pretrained"
 TINY_PRETRAINED_WEIGHTS = (
     Path(__file__).resolve().parent.parent / "weights" / "dino-tiny-pretrained.safetensors"
@@ -396,7 +396,7 @@ def load_dino(
     """Load ``params.model`` (hub id / folder / tiny-random) and, if given, an adapter folder.
 
     With ``adapter_dir`` the LoRA adapter and fully trained heads are applied (at
-    ``adapter_scale``: :func:`teacher.lora.load_adapter`) and ``labels.json`` is read into
+    ``adapter_scale``: :func:`teacher.train.lora.load_adapter`) and ``labels.json`` is read into
     ``bundle.label_map``.
     """
     if params.model == TINY_RANDOM:
@@ -409,7 +409,7 @@ def load_dino(
     model = prepare_model(model)
     if adapter_dir is None:
         return DinoBundle(model=model, processor=processor)
-    from teacher.lora import load_adapter  # peft import only when an adapter is used
+    from teacher.train.lora import load_adapter  # peft import only when an adapter is used
 
     label_map = load_labels(Path(adapter_dir) / LABELS_FILE)
     return DinoBundle(

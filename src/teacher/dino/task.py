@@ -25,18 +25,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from teacher.artifacts import LABELS_FILE
-from teacher.augment import build_transform
+from teacher.coco.metrics import coco_eval
+from teacher.core.artifacts import LABELS_FILE
+from teacher.core.params import DinoParams, LoraParams, TrainParams
+from teacher.dataset.augment import build_transform
 from teacher.dino.data import DinoDataset, collate_dino
 from teacher.dino.denoising import Denoiser
 from teacher.dino.detect import REFERENCE_TOP_K, coco_results, decode_reference, merge_detections
 from teacher.dino.labels import LabelMap, build_label_map, save_labels
 from teacher.dino.loss import grounded_loss
 from teacher.dino.model import HEAD_MODULES, frozen_towers, load_dino, set_dropout
-from teacher.lora import apply_lora, save_adapter
-from teacher.metrics import coco_eval
-from teacher.params import DinoParams, LoraParams, TrainParams
 from teacher.train.loop import Task, fit, seed_everything
+from teacher.train.lora import apply_lora, save_adapter
 from teacher.train.memory import checkpoint_layers, run_without_grad
 
 if TYPE_CHECKING:

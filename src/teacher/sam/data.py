@@ -25,12 +25,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from teacher.augment import sample_rng
-from teacher.boxes import xywh_to_xyxy
-from teacher.coco import annotation_mask, images_by_id, index_by_image
-from teacher.digest import file_sha256
-from teacher.errors import TeacherError
-from teacher.images import image_path, load_image
+from teacher.coco.boxes import xywh_to_xyxy
+from teacher.coco.images import image_path, load_image
+from teacher.coco.io import annotation_mask, images_by_id, index_by_image
+from teacher.core.digest import file_sha256
+from teacher.core.errors import TeacherError
+from teacher.dataset.augment import sample_rng
 from teacher.sam.model import (
     boxes_xyxy_to_input,
     encoder_fingerprint,

@@ -33,15 +33,15 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor, nn
 
-from teacher.artifacts import PARAMS_FILE
-from teacher.boxes import xywh_to_xyxy
-from teacher.digest import file_sha256
-from teacher.errors import TeacherError
-from teacher.params import SamParams
+from teacher.coco.boxes import xywh_to_xyxy
+from teacher.core.artifacts import PARAMS_FILE
+from teacher.core.digest import file_sha256
+from teacher.core.errors import TeacherError
+from teacher.core.params import SamParams
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 0  # fixed: train_sam and evaluate must build identical base weights
-# the tiny architecture pretrained on teacher.synth's pretraining domain by scripts/pretrain_tiny.py
+# the tiny architecture pretrained on teacher.dataset.synth's pretraining domain by scripts/pretrain_tiny.py
 TINY_PRETRAINED = "tiny-pretrained"
 TINY_PRETRAINED_WEIGHTS = (
     Path(__file__).resolve().parent.parent / "weights" / "sam-tiny-pretrained.safetensors"
@@ -299,13 +299,13 @@ def load_sam(
     params: SamParams, *, adapter_dir: Path | None = None, adapter_scale: float = 1.0
 ) -> Sam:
     """SAM for inference: the base model, with the adapter of ``adapter_dir`` merged when given
-    (at ``adapter_scale``: :func:`teacher.lora.load_adapter`)."""
+    (at ``adapter_scale``: :func:`teacher.train.lora.load_adapter`)."""
     if adapter_dir is not None:
         check_adapter_base(Path(adapter_dir), params.model)
     sam = load_base_sam(params.model)
     if adapter_dir is None:
         return sam
-    from teacher.lora import load_adapter  # lora imports peft: only when an adapter is used
+    from teacher.train.lora import load_adapter  # lora imports peft: only when an adapter is used
 
     return load_adapter(sam, Path(adapter_dir), scale=adapter_scale).merge_and_unload().eval()
 

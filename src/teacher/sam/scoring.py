@@ -4,8 +4,8 @@ Which annotations SAM learns and is scored on (:func:`is_sam_instance`), their b
 (:func:`instance_boxes_xywh`), and the one scoring path of training's validation
 (``val_miou``) and the test split's ``mask/miou``: each instance is prompted with its box (or
 its mask's extent when it has none), the IoU is
-:func:`teacher.metrics.mask_iou` at the original image size, and a mean over no instance is
-:data:`teacher.metrics.NOTHING_TO_MEASURE`. Ground-truth masks are decoded and predicted
+:func:`teacher.coco.metrics.mask_iou` at the original image size, and a mean over no instance is
+:data:`teacher.coco.metrics.NOTHING_TO_MEASURE`. Ground-truth masks are decoded and predicted
 ``chunk`` instances at a time, so an image with 200 objects needs the memory of ``chunk``.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from teacher.coco import annotation_mask, has_mask, has_usable_box, is_crowd
-from teacher.detections import Detections
-from teacher.metrics import mask_iou
+from teacher.coco.detections import Detections
+from teacher.coco.io import annotation_mask, has_mask, has_usable_box, is_crowd
+from teacher.coco.metrics import mask_iou
 from teacher.sam.model import SAM_CHUNK, PreparedImage
 
 

@@ -19,19 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from teacher.augment import build_transform
-from teacher.coco import images_by_id
-from teacher.errors import TeacherError
-from teacher.images import image_path, load_image
-from teacher.lora import apply_lora, save_adapter
-from teacher.metrics import mean_mask_iou
-from teacher.params import LoraParams, SamParams, TrainParams
+from teacher.coco.images import image_path, load_image
+from teacher.coco.io import images_by_id
+from teacher.coco.metrics import mean_mask_iou
+from teacher.core.errors import TeacherError
+from teacher.core.params import LoraParams, SamParams, TrainParams
+from teacher.dataset.augment import build_transform
 from teacher.sam.data import SamDataset, cache_split_embeddings, collate_sam, sam_instances
 from teacher.sam.losses import sam_loss
 from teacher.sam.model import input_size, load_base_sam, prepare_image, unwrap
 from teacher.sam.scoring import score_gt_boxes
 from teacher.train.distributed import process_rank_and_count
 from teacher.train.loop import Task, fit
+from teacher.train.lora import apply_lora, save_adapter
 from teacher.train.memory import checkpoint_layers
 
 log = logging.getLogger(__name__)

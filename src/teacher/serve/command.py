@@ -10,7 +10,7 @@ from pathlib import Path
 
 def model_params(path: str) -> dict:
     """params.yaml's sections (defaults when the file is absent), as ``teacher predict``."""
-    from teacher.params import SECTIONS, load_params
+    from teacher.core.params import SECTIONS, load_params
 
     return load_params(path) if Path(path).is_file() else {n: c() for n, c in SECTIONS.items()}
 
@@ -76,7 +76,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from teacher.predict import Filter, parse_classes
+    from teacher.inference.predict import Filter, parse_classes
     from teacher.serve.app import run_server
     from teacher.serve.backend import Backend
     from teacher.serve.sources import ImageSources
@@ -153,9 +153,9 @@ def save_label_studio_tasks(
     regions; image URLs are ``image_url_prefix`` (default: local files of ``images``) + path."""
     import sys
 
-    from teacher.coco import save_json
-    from teacher.errors import TeacherError
-    from teacher.predict import parse_classes
+    from teacher.coco.io import save_json
+    from teacher.core.errors import TeacherError
+    from teacher.inference.predict import parse_classes
     from teacher.serve.label_config import LabelConfigError, parse_label_config
     from teacher.serve.tasks import default_label_config, label_studio_tasks
     from teacher.serve.teachers import adapters_version

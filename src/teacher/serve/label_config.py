@@ -13,7 +13,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from teacher.errors import TeacherError
+from teacher.core.errors import TeacherError
 
 REGION_CONTROLS = {  # XML tag -> result type (the key of the label list in a result's value)
     "rectanglelabels": "rectanglelabels",

@@ -13,7 +13,7 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from teacher.coco import annotation_mask, categories_by_id, images_by_id, index_by_image
+from teacher.coco.io import annotation_mask, categories_by_id, images_by_id, index_by_image
 from teacher.serve.label_config import LabelConfig
 from teacher.serve.protocol import Found, task_prediction
 

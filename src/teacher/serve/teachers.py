@@ -1,5 +1,5 @@
 """The teachers as the server uses them: the ONE module of ``teacher.serve`` that calls into
-``teacher.predict`` and ``teacher.sam`` (adapt it here when their APIs change).
+``teacher.inference.predict`` and ``teacher.sam`` (adapt it here when their APIs change).
 
 ``ServeTeachers.detect`` runs Grounded-SAM on a batch of images (as ``teacher predict``);
 ``ServeTeachers.segment`` answers the smart tools' clicks with SAM, reusing the image
@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from teacher.artifacts import LABELS_FILE, TRAINED_ALIASES_FILE, TRAINED_MODULES_FILE
-from teacher.digest import fingerprint
-from teacher.lora import PEFT_WEIGHTS_FILE
-from teacher.predict import Filter, Teachers, load_predict_teachers, predict_images
+from teacher.core.artifacts import LABELS_FILE, TRAINED_ALIASES_FILE, TRAINED_MODULES_FILE
+from teacher.core.digest import fingerprint
+from teacher.inference.predict import Filter, Teachers, load_predict_teachers, predict_images
 from teacher.sam.model import PreparedImage, prepare_image
 from teacher.serve.protocol import Found, Prompts
+from teacher.train.lora import PEFT_WEIGHTS_FILE
 
 ADAPTER_FILES = (
     PEFT_WEIGHTS_FILE,

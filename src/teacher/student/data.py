@@ -1,6 +1,6 @@
 """Student training data: human and teacher-labeled images as RF-DETR targets, built with our COCO code.
 
-Targets come from :mod:`teacher.coco`, not from the RF-DETR image processor's annotation helper:
+Targets come from :mod:`teacher.coco.io`, not from the RF-DETR image processor's annotation helper:
 in transformers 5.24 that helper filters crowd annotations out of the labels but not out of the
 masks (labels and masks then pair up wrongly whenever an image has a crowd region) and reads
 polygons only (a compressed-RLE mask fails). Here every instance keeps its own mask: polygons,
@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from teacher.augment import sample_rng
-from teacher.boxes import xywh_to_cxcywh_norm
-from teacher.coco import annotation_mask, index_by_image, mask_kind
-from teacher.errors import TeacherError
-from teacher.images import image_path, load_image
+from teacher.coco.boxes import xywh_to_cxcywh_norm
+from teacher.coco.images import image_path, load_image
+from teacher.coco.io import annotation_mask, index_by_image, mask_kind
+from teacher.core.errors import TeacherError
+from teacher.dataset.augment import sample_rng
 from teacher.student.model import preprocess
 
 HUMAN, TEACHER = "human", "teacher"

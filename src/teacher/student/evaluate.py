@@ -1,7 +1,7 @@
 """The student on the test split: COCO box (and mask) AP and latency, keys ``student/...``.
 
 Keys: ``student/box/<k>`` and, for a segmenting student, ``student/segm/<k>`` (``<k>`` as in
-:func:`teacher.metrics.summarize`), and ``student/ms_per_image``: wall time of the student's
+:func:`teacher.coco.metrics.summarize`), and ``student/ms_per_image``: wall time of the student's
 preprocessing, forward and decoding per test image (image decoding from disk excluded), the
 same measure the evaluate stage takes of the teachers (``teacher/ms_per_image``).
 """
@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from teacher.coco import mask_kind, mask_to_rle
-from teacher.detections import Detections
-from teacher.images import image_path, load_image
-from teacher.metrics import category_names, coco_evaluate, summarize
+from teacher.coco.detections import Detections
+from teacher.coco.images import image_path, load_image
+from teacher.coco.io import mask_kind, mask_to_rle
+from teacher.coco.metrics import category_names, coco_evaluate, summarize
 from teacher.student.model import load_student, predict
 
 

@@ -33,9 +33,9 @@ from transformers import (
     RfDetrForObjectDetection,
 )
 
-from teacher.detections import Detections
-from teacher.errors import TeacherError
-from teacher.params import StudentParams
+from teacher.coco.detections import Detections
+from teacher.core.errors import TeacherError
+from teacher.core.params import StudentParams
 
 TINY_RANDOM = "tiny-random"
 AUTO = "auto"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from teacher.errors import TeacherError
+from teacher.core.errors import TeacherError
 from teacher.student.model import (
     INFO_FILE,
     Student,

@@ -12,12 +12,12 @@ import argparse
 import shutil
 from pathlib import Path
 
-from teacher.artifacts import PARAMS_FILE
-from teacher.augment import resolve_policy
-from teacher.coco import categories_by_id, load_coco, read_json, save_json
-from teacher.digest import fingerprint, images_digest
-from teacher.errors import TeacherError
-from teacher.params import load_params, to_dict
+from teacher.coco.io import categories_by_id, load_coco, read_json, save_json
+from teacher.core.artifacts import PARAMS_FILE
+from teacher.core.digest import fingerprint, images_digest
+from teacher.core.errors import TeacherError
+from teacher.core.params import load_params, to_dict
+from teacher.dataset.augment import resolve_policy
 from teacher.student.data import has_masks, teacher_source
 from teacher.student.task import train_student
 from teacher.train.distributed import is_main_process, launch
@@ -76,8 +76,8 @@ def run_student_stage(args: argparse.Namespace) -> str:
         weight=student.teacher_weight,
     )
     note = pool_note(
-        len(teacher.coco["images"]),
-        len(teacher.coco["annotations"]),
+        len(teacher.coco.io["images"]),
+        len(teacher.coco.io["annotations"]),
         weight=student.teacher_weight,
         min_score=student.min_score,
         path=args.teacher_labels,
@@ -92,7 +92,7 @@ def run_student_stage(args: argparse.Namespace) -> str:
         args.val,
         args.teacher_labels,
         images_digest(args.images, train_coco, val_coco),
-        images_digest(args.pool, teacher.coco),
+        images_digest(args.pool, teacher.coco.io),
     )
     metrics = launch(
         train_student,

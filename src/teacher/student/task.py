@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from teacher.augment import build_transform
-from teacher.metrics import coco_eval
-from teacher.params import StudentParams, TrainParams
+from teacher.coco.metrics import coco_eval
+from teacher.core.params import StudentParams, TrainParams
+from teacher.dataset.augment import build_transform
 from teacher.student.data import (
     HUMAN,
     Source,
@@ -219,7 +219,7 @@ def train_student(
         names=tuple(names),
     )
     sources = [Source(HUMAN, train_coco, Path(image_root), 1.0)]
-    if teacher is not None and teacher.weight > 0 and teacher.coco["images"]:
+    if teacher is not None and teacher.weight > 0 and teacher.coco.io["images"]:
         sources.append(teacher)
     task = build_task(
         model,

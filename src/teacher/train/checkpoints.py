@@ -20,8 +20,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from teacher.digest import file_sha256
-from teacher.errors import TeacherError
+from teacher.core.digest import file_sha256
+from teacher.core.errors import TeacherError
 
 CHECKPOINT_VERSION = 1
 

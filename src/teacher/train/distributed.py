@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from teacher.errors import TeacherError
+from teacher.core.errors import TeacherError
 
 
 def launch(
@@ -58,8 +58,8 @@ def launch(
         )
     except mp.ProcessRaisedException as e:
         last = str(e).strip().splitlines()[-1]
-        if last.startswith("teacher.errors.TeacherError: "):
-            raise TeacherError(last.removeprefix("teacher.errors.TeacherError: ")) from None
+        if last.startswith("teacher.core.errors.TeacherError: "):
+            raise TeacherError(last.removeprefix("teacher.core.errors.TeacherError: ")) from None
         raise
     return results.get() if not results.empty() else None
 

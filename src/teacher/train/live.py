@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from teacher.errors import TeacherError
+from teacher.core.errors import TeacherError
 
 
 def open_live(live_dir: Path, history: dict[str, list], record: Mapping[str, Any] | None) -> Any:

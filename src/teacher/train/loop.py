@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from teacher.errors import TeacherError
-from teacher.params import TrainParams
+from teacher.core.errors import TeacherError
+from teacher.core.params import TrainParams
 from teacher.train.checkpoints import (
     CHECKPOINT_VERSION,
     load_checkpoint,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from teacher.errors import TeacherError
+from teacher.core.errors import TeacherError
 
 
 def checkpoint_layers(layers: Iterable[nn.Module]) -> int:

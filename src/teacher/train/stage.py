@@ -15,12 +15,12 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from teacher.artifacts import PARAMS_FILE, write_skipped
-from teacher.augment import resolve_policy
-from teacher.coco import load_coco, read_json, save_json
-from teacher.digest import fingerprint, images_digest
-from teacher.errors import TeacherError
-from teacher.params import ParamsError, load_params, to_dict
+from teacher.coco.io import load_coco, read_json, save_json
+from teacher.core.artifacts import PARAMS_FILE, write_skipped
+from teacher.core.digest import fingerprint, images_digest
+from teacher.core.errors import TeacherError
+from teacher.core.params import ParamsError, load_params, to_dict
+from teacher.dataset.augment import resolve_policy
 from teacher.train.checkpoints import training_lock
 from teacher.train.distributed import is_main_process, launch
 

@@ -1,0 +1,1 @@
+"""COCO at rest: reading and writing, boxes, images (decode, limits), detections, metrics (pycocotools)."""

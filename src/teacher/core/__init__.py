@@ -1,0 +1,1 @@
+"""Below everything: errors, params (every default once), digests, artifact names, the lock check."""

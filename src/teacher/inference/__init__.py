@@ -1,0 +1,1 @@
+"""The teachers at work: Grounded-SAM predict, labeling a pool, export, and labeling with a student."""

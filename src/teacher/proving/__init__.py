@@ -1,0 +1,1 @@
+"""The proving ground: pretraining the tiny presets on the synthetic world, and the demo's helpers."""

@@ -1,0 +1,465 @@
+"""`teacher serve` as a real process on localhost, over HTTP: Label Studio's ML backend protocol
+(health, setup, batched predict with per-task errors, smart-tool clicks reusing SAM's image
+embedding, webhook), auth, limits, 4xx; and `teacher predict --format label-studio`."""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from fake_adapters import (
+    TINY_DINO,
+    TINY_SAM,
+    write_dino_adapter,
+    write_sam_adapter,
+    write_tiny_coco,
+)
+
+from teacher.cli import main as teacher_main
+from teacher.serve import brush
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-15"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CONFIG = """<View>
+  <Image name="img" value="$image"/>
+  <RectangleLabels name="box" toName="img"><Label value="box"/><Label value="giraffe"/></RectangleLabels>
+  <BrushLabels name="mask" toName="img"><Label value="box"/></BrushLabels>
+  <KeyPointLabels name="kp" toName="img" smart="true"><Label value="box" smart="true"/></KeyPointLabels>
+</View>"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_params(path: Path) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "dino": {
+                    "model": "tiny-random",
+                    "shortest_edge": TINY_DINO.shortest_edge,
+                    "longest_edge": TINY_DINO.longest_edge,
+                    "box_threshold": 0.0,
+                    "text_threshold": 0.0,
+                },
+                "sam": {"model": TINY_SAM.model},
+            }
+        )
+    )
+    return path
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} not up after {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Adapters (classes 'box', 'round thing'), images, params: what `dvc repro` leaves."""
+    root = tmp_path_factory.mktemp("serve")
+    gt = write_tiny_coco(root / "files" / "images", n_images=4)
+    write_dino_adapter(root / "models" / "dino", gt["categories"])
+    write_sam_adapter(root / "models" / "sam")
+    (root / "outside.png").write_bytes((root / "files" / "images" / "img_0.png").read_bytes())
+    return {"root": root, "params": write_params(root / "params.yaml"), "coco": gt}
+
+
+@pytest.fixture(scope="module")
+def image_http(world):
+    """A plain http server for the images (http task URLs)."""
+    handler = partial(SimpleHTTPRequestHandler, directory=str(world["root"] / "files"))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def start_server(world, *extra: str, token: str | None = TOKEN, env: dict | None = None):
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")},
+        "PYTHONPATH": str(REPO / "src"),
+        "TEACHER_SERVE_TOKEN": token or "",
+        **(env or {}),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "teacher.cli",
+            "serve",
+            "--adapters",
+            str(world["root"] / "models"),
+            "--params",
+            str(world["params"]),
+            "--port",
+            str(port),
+            "--local-files-root",
+            str(world["root"] / "files"),
+            "--max-detections",
+            "3",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, proc, timeout_s=120)
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    proc, url = start_server(world, "--max-tasks", "8")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def post(url, path, body, headers=AUTH, **kw):
+    return httpx.post(url + path, json=body, headers=headers, timeout=120, **kw)
+
+
+def task(i, name, key="image"):
+    return {"id": i, "data": {key: name}}
+
+
+def local(name):
+    return f"/data/local-files/?d=images/{name}"
+
+
+def test_health_is_open_and_names_the_model(server):
+    body = httpx.get(server + "/health", timeout=10).json()
+    assert body["status"] == "UP" and body["model_version"].startswith("teacher-adapters-")
+    assert body["classes"] == ["box", "round thing"] and body["sam"] is True
+
+
+def test_routes_need_the_token_bearer_or_basic(server):
+    body = {"tasks": [task(1, local("img_0.png"))], "label_config": CONFIG}
+    assert post(server, "/predict", body, headers={}).status_code == 401
+    assert (
+        post(server, "/predict", body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    )
+    basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+    assert (
+        post(server, "/predict", body, headers={"Authorization": f"Basic {basic}"}).status_code
+        == 200
+    )
+    assert (
+        post(server, "/setup", {"project": "1.1", "schema": CONFIG}, headers={}).status_code == 401
+    )
+
+
+def test_setup_reports_classes_without_labels_and_labels_without_classes(server):
+    r = post(server, "/setup", {"project": "7.1700000000", "schema": CONFIG})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == httpx.get(server + "/health").json()["model_version"]
+    assert body["unknown_classes"] == {"box": ["round thing"], "mask": ["round thing"]}
+    assert body["labels_without_class"] == {"box": ["giraffe"]}
+    # the project's config is remembered: predict without label_config
+    r = post(
+        server, "/predict", {"tasks": [task(1, local("img_0.png"))], "project": "7.1700000000"}
+    )
+    assert r.status_code == 200 and len(r.json()["results"]) == 1
+
+
+def test_predict_batches_tasks_and_fails_only_the_bad_ones(server, image_http):
+    tasks = [
+        task(1, local("img_0.png")),
+        task(2, "/data/local-files/?d=../outside.png"),
+        task(3, local("img_1.png")),
+        task(4, local("img_2.png"), key="other"),
+        task(5, f"{image_http}/images/img_3.png"),
+        task(6, f"{image_http}/images/missing.png"),
+        task(7, local("img_2.png")),
+    ]
+    r = post(server, "/predict", {"tasks": tasks, "label_config": CONFIG, "project": "3.1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    results = body["results"]
+    assert len(results) == len(tasks)
+    errors = {e["task"]: e["error"] for e in body["errors"]}
+    assert sorted(errors) == [2, 4, 6]
+    assert "leaves the local-files root" in errors[2] and "data.image" in errors[4]
+    assert "HTTP 404" in errors[6]
+    assert all(results[i] == [] for i in (1, 3, 5))
+    assert body["unknown_classes"] == ["round thing"]
+    n_regions = 0  # 'round thing' detections have no label here: some task may have none
+    for pred in (results[i] for i in (0, 2, 4, 6)):
+        assert pred["model_version"] == body["model_version"]
+        rects = [r for r in pred["result"] if r["type"] == "rectanglelabels"]
+        brushes = [r for r in pred["result"] if r["type"] == "brushlabels"]
+        assert len(brushes) <= len(rects)  # a mask per box unless SAM's is empty
+        n_regions += len(rects)
+        for r in pred["result"]:
+            assert (r["from_name"], r["to_name"]) in (("box", "img"), ("mask", "img"))
+            assert (r["original_width"], r["original_height"]) == (64, 48) and 0 <= r["score"] <= 1
+        for r in rects:
+            v = r["value"]
+            assert v["rectanglelabels"] == ["box"]
+            assert 0 <= v["x"] <= 100 and 0 <= v["y"] <= 100 and v["x"] + v["width"] <= 100.01
+        for r in brushes:
+            assert r["value"]["format"] == "rle"
+            assert brush.rle_to_mask(r["value"]["rle"], height=48, width=64).any()
+        scores = [r["score"] for r in pred["result"]]
+        assert pred["score"] == pytest.approx(np.mean(scores) if scores else 0.0, abs=1e-3)
+    assert n_regions > 0
+
+
+def click(x, y, *, positive=True, label="box"):
+    return {
+        "type": "keypointlabels",
+        "from_name": "kp",
+        "to_name": "img",
+        "original_width": 64,
+        "original_height": 48,
+        "is_positive": positive,
+        "value": {"x": x, "y": y, "width": 1, "keypointlabels": [label]},
+    }
+
+
+def test_smart_clicks_give_a_mask_and_reuse_the_embedding(server):
+    before = httpx.get(server + "/health").json()["images_embedded"]
+    t = task(11, local("img_3.png"))
+    for ctx in (
+        {"result": [click(25, 30)]},
+        {"result": [click(25, 30), click(70, 60, positive=False)]},
+        {
+            "result": [
+                {
+                    "type": "rectanglelabels",
+                    "from_name": "box",
+                    "to_name": "img",
+                    "original_width": 64,
+                    "original_height": 48,
+                    "value": {
+                        "x": 10,
+                        "y": 10,
+                        "width": 40,
+                        "height": 40,
+                        "rectanglelabels": ["box"],
+                    },
+                }
+            ]
+        },
+    ):
+        r = post(
+            server, "/predict", {"tasks": [t], "label_config": CONFIG, "params": {"context": ctx}}
+        )
+        assert r.status_code == 200, r.text
+        (pred,) = r.json()["results"]
+        (region,) = pred["result"]
+        assert region["type"] == "brushlabels" and region["from_name"] == "mask"
+        assert region["value"]["brushlabels"] == ["box"]
+        assert brush.rle_to_mask(region["value"]["rle"], height=48, width=64).shape == (48, 64)
+    assert httpx.get(server + "/health").json()["images_embedded"] == before + 1  # once per image
+
+
+@pytest.mark.parametrize(
+    "body, status, match",
+    [
+        ({"label_config": CONFIG}, 422, "tasks"),
+        ({"tasks": "nope", "label_config": CONFIG}, 422, "tasks"),
+        ({"tasks": [task(1, local("img_0.png"))], "label_config": "<View"}, 400, "not valid XML"),
+        ({"tasks": [task(1, local("img_0.png"))]}, 400, "no label_config"),
+        ({"tasks": [task(1, local("img_0.png"))] * 9, "label_config": CONFIG}, 400, "at most 8"),
+        (
+            {
+                "tasks": [task(1, local("img_0.png"))],
+                "label_config": '<View><Image name="i" value="$image"/></View>',
+            },
+            400,
+            "nothing to predict",
+        ),
+        (
+            {
+                "tasks": [task(1, local("img_0.png"))] * 2,
+                "label_config": CONFIG,
+                "params": {"context": {"result": [click(1, 1)]}},
+            },
+            400,
+            "one task",
+        ),
+        (
+            {
+                "tasks": [task(1, local("nope.png"))],
+                "label_config": CONFIG,
+                "params": {"context": {"result": [click(1, 1)]}},
+            },
+            400,
+            "cannot read",
+        ),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(server, body, status, match):
+    r = post(server, "/predict", body)
+    assert r.status_code == status, r.text
+    assert match in r.json()["error"]
+
+
+def test_not_json_and_oversized_bodies(server):
+    r = httpx.post(
+        server + "/predict",
+        content=b"{not json",
+        headers={**AUTH, "content-type": "application/json"},
+    )
+    assert r.status_code == 422 and "invalid request" in r.json()["error"]
+    r = httpx.post(server + "/predict", content=b"x" * (21 * 2**20), headers=AUTH)
+    assert r.status_code == 413
+
+
+def test_webhook_is_acknowledged(server):
+    r = post(server, "/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 1}}, headers={})
+    assert r.status_code == 200 and r.json()["status"] == "ignored"
+
+
+def test_binds_localhost_by_default(server):
+    port = server.rsplit(":", 1)[1]
+    listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+    lines = [line for line in listening.splitlines() if f":{port} " in line]
+    assert lines and all("127.0.0.1:" in line for line in lines), listening
+
+
+def test_boxes_only_without_token(world):
+    """In process (FastAPI's test client): no SAM, no token configured -> open, boxes only."""
+    from fastapi.testclient import TestClient
+
+    from teacher.inference.predict import Filter
+    from teacher.serve.app import create_app
+    from teacher.serve.backend import Backend
+    from teacher.serve.sources import ImageSources
+    from teacher.serve.teachers import load_serve_teachers
+
+    teachers = load_serve_teachers(
+        adapters=world["root"] / "models",
+        classes=None,
+        dino_params=TINY_DINO,
+        sam_params=TINY_SAM,
+        keep=Filter(score_threshold=0.0, max_detections=2),
+        text_threshold=0.0,
+        segment_masks=False,
+        log=lambda *_: None,
+    )
+    backend = Backend(teachers=teachers, sources=ImageSources(local_root=world["root"] / "files"))
+    client = TestClient(create_app(backend, token=None))
+    r = client.post(
+        "/predict", json={"tasks": [task(1, local("img_0.png"))], "label_config": CONFIG}
+    )
+    assert r.status_code == 200
+    assert {x["type"] for x in r.json()["results"][0]["result"]} <= {"rectanglelabels"}
+    r = client.post(
+        "/predict",
+        json={
+            "tasks": [task(1, local("img_0.png"))],
+            "label_config": CONFIG,
+            "params": {"context": {"result": [click(1, 1)]}},
+        },
+    )
+    assert r.status_code == 400 and "--boxes-only" in r.json()["error"]
+
+
+def test_predict_format_label_studio_writes_importable_tasks(world, server, tmp_path, monkeypatch):
+    monkeypatch.chdir(world["root"] / "files")
+    out = tmp_path / "tasks.json"
+    rc = teacher_main(
+        [
+            "predict",
+            "images",
+            "--adapters",
+            str(world["root"] / "models"),
+            "--params",
+            str(world["params"]),
+            "--out",
+            str(out),
+            "--format",
+            "label-studio",
+            "--max-detections",
+            "2",
+        ]
+    )
+    assert rc == 0
+    tasks = json.loads(out.read_text())
+    assert [t["data"]["image"] for t in tasks] == [local(f"img_{i}.png") for i in range(4)]
+    config = (tmp_path / "tasks.label_config.xml").read_text()
+    assert '<BrushLabels name="mask" toName="image">' in config and 'value="round thing"' in config
+    for t in tasks:
+        (pred,) = t["predictions"]
+        assert pred["model_version"].startswith("teacher-adapters-")
+        assert {r["type"] for r in pred["result"]} <= {"rectanglelabels", "brushlabels"}
+        assert len([r for r in pred["result"] if r["type"] == "rectanglelabels"]) == 2
+    assert pred["model_version"] == httpx.get(server + "/health").json()["model_version"]
+
+
+def test_predict_format_label_studio_with_a_given_config(world, tmp_path, capsys):
+    config = tmp_path / "config.xml"
+    config.write_text(
+        '<View><Image name="photo" value="$img"/><PolygonLabels name="poly" '
+        'toName="photo"><Label value="Box"/></PolygonLabels></View>'
+    )
+    out = tmp_path / "tasks.json"
+    args = [
+        "predict",
+        str(world["root"] / "files" / "images"),
+        "--adapters",
+        str(world["root"] / "models"),
+        "--params",
+        str(world["params"]),
+        "--out",
+        str(out),
+        "--format",
+        "label-studio",
+        "--max-detections",
+        "3",
+        "--image-url-prefix",
+        "https://files.example/",
+    ]
+    assert teacher_main([*args, "--label-config", str(tmp_path / "absent.xml")]) == 1
+    assert "absent.xml: no such file" in capsys.readouterr().err
+    assert teacher_main([*args, "--label-config", str(config)]) == 0
+    assert "round thing" in capsys.readouterr().err  # no label for it: said, not dropped silently
+    tasks = json.loads(out.read_text())
+    assert tasks[0]["data"] == {"img": "https://files.example/img_0.png"}
+    regions = [r for t in tasks for r in t["predictions"][0]["result"]]
+    assert regions
+    assert {(r["type"], r["from_name"], r["to_name"]) for r in regions} <= {
+        ("polygonlabels", "poly", "photo")
+    }
+    assert all(
+        r["value"]["polygonlabels"] == ["Box"] and len(r["value"]["points"]) >= 3 for r in regions
+    )
