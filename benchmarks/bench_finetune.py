@@ -160,7 +160,7 @@ def dino_curve(adapter: Path, data: dict, scales: list[float]) -> dict[float, di
 
 def sam_curve(adapter: Path, data: dict, scales: list[float]) -> dict[float, dict[str, float]]:
     """Per adapter scale: mask mIoU from true boxes on both domains."""
-    from teacher.sam.model import load_sam
+    from teacher.sam.build import load_sam
 
     out = {}
     for s in scales:
@@ -189,7 +189,7 @@ def sam_run(
     method: str, *, seed: int, data: dict, train: TrainParams, out: Path
 ) -> dict[str, float]:
     from teacher.sam import task as sam_task
-    from teacher.sam.model import load_base_sam, load_sam
+    from teacher.sam.build import load_base_sam, load_sam
     from teacher.train.loop import fit
     from teacher.train.lora import apply_lora
 

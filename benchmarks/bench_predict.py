@@ -19,7 +19,7 @@ from teacher.core.params import DinoParams
 from teacher.dino.labels import build_label_map
 from teacher.dino.model import load_dino
 from teacher.inference.predict import Filter, Teachers, predict_images
-from teacher.sam.model import ARCHITECTURES, build_sam, build_tiny_random
+from teacher.sam.build import ARCHITECTURES, build_sam, build_tiny_random
 
 CLASSES = [{"id": i + 1, "name": n} for i, n in enumerate(["cat", "dog", "car", "person"])]
 

@@ -70,12 +70,13 @@ def run_one(n: int, chunk: int) -> dict:
     import numpy as np
     import torch
 
-    from teacher.sam.model import ARCHITECTURES, prepare_image
+    from teacher.sam.build import ARCHITECTURES
+    from teacher.sam.predictor import prepare_image
     from teacher.sam.scoring import score_gt_boxes
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from teacher.sam.model import build_sam
+    from teacher.sam.build import build_sam
 
     sam = build_sam(ARCHITECTURES[ARCH]).to(device)
     rng = np.random.default_rng(0)
@@ -106,12 +107,12 @@ def main() -> int:
         "--chunk",
         type=int,
         default=None,
-        help="boxes per decoder call (default: teacher.sam.model.SAM_CHUNK)",
+        help="boxes per decoder call (default: teacher.sam.predictor.SAM_CHUNK)",
     )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one count
     args = parser.parse_args()
     if args.chunk is None:
-        from teacher.sam.model import SAM_CHUNK
+        from teacher.sam.predictor import SAM_CHUNK
 
         args.chunk = SAM_CHUNK
     if args.one is not None:

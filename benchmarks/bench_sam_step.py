@@ -3,7 +3,7 @@ the encoder in the loop; the LoRA adapter's size.
 
 The real ``vit_b`` architecture (segment-anything's builder arguments) with random weights (no
 download), a 1024x1024 input, 8 box prompts, batch 1, SAM's loss (multimask, best of 3:
-``sam.multimask: true``, as the figures in the README were measured). Every
+``sam.multimask: true``, as the figures in docs/BENCHMARKS.md were measured). Every
 measurement runs in its own process, so its peak memory is its own:
 
     python benchmarks/bench_sam_step.py                    # everything, the tables
@@ -51,7 +51,7 @@ def build_vit_b(mode: str):
     import torch
 
     from teacher.core.params import LoraParams, SamParams
-    from teacher.sam.model import ARCHITECTURES, build_sam
+    from teacher.sam.build import ARCHITECTURES, build_sam
     from teacher.sam.task import wrap_for_training
 
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ from teacher.core.params import DinoParams
 from teacher.dino.labels import build_label_map
 from teacher.dino.model import DinoBundle, build_processor, load_dino, prepare_model, tiny_tokenizer
 from teacher.inference.predict import Filter, Teachers
-from teacher.sam.model import ARCHITECTURES, build_sam, build_tiny_random
+from teacher.sam.build import ARCHITECTURES, build_sam, build_tiny_random
 from teacher.serve.app import create_app
 from teacher.serve.backend import Backend
 from teacher.serve.sources import ImageSources

@@ -32,7 +32,7 @@ def build_teachers(device: torch.device):
     from teacher.dino.labels import build_label_map
     from teacher.dino.model import DinoBundle, build_processor, prepare_model, tiny_tokenizer
     from teacher.inference.predict import Teachers
-    from teacher.sam.model import ARCHITECTURES, build_sam
+    from teacher.sam.build import ARCHITECTURES, build_sam
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()  # bert-base-uncased ids; the prompt's ids fit BERT's vocabulary

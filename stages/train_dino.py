@@ -23,9 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     return stage_main(
         "train_dino",
         parser,
-        lambda args: run_training_stage(
-            args, teacher="dino", train_fn=train_dino, teacher_kwarg="dino"
-        ),
+        lambda args: run_training_stage(args, teacher="dino", train_fn=train_dino),
         argv,
     )
 

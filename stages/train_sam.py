@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
             args,
             teacher="sam",
             train_fn=train_sam,
-            teacher_kwarg="sam_params",
             extra={"cache_dir": args.cache},
             skip=lambda facts, train: (
                 untrainable_reason(facts) or untrainable_reason(facts, train_coco=load_coco(train))

@@ -17,12 +17,8 @@ from pathlib import Path
 from teacher.coco.io import save_coco, save_json
 from teacher.core.errors import TeacherError
 from teacher.core.params import ParamsError, load_params
-from teacher.dataset.validation import (
-    summary_text,
-    validate_file,
-    validate_options,
-    validation_report,
-)
+from teacher.dataset.validation.report import summary_text, validation_report
+from teacher.dataset.validation.validator import validate_file, validate_options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ ignored files of this checkout, in ``tmp_path/"repo"``); ``run_in_repo(repo, *cm
 command there with this checkout's ``.venv/bin`` first on PATH and the copy's ``src`` first on
 PYTHONPATH, so the copy's code is what runs. ``set_params(repo, {"split.train": 0.5})`` edits
 the copy's params.yaml. ``REPO_ROOT`` is this checkout, ``REALWORLD`` the shared conformance
-data (may be absent).
+data (may be absent), ``STAT_KEYS`` the 12 COCO summary metrics' keys.
 """
 
 from __future__ import annotations
@@ -32,6 +32,22 @@ VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests (.ve
 REALWORLD = REPO_ROOT.parent / "shared" / "realworld"
 TINY_PARAMS = REPO_ROOT / "scripts" / "tiny-params.yaml"  # tiny models over params.yaml
 DEMO_PARAMS = REPO_ROOT / "scripts" / "demo-params.yaml"  # the demo's, over TINY_PARAMS
+# teacher.coco.metrics' summary keys: pycocotools' 12 stats, in its order (written out here, so
+# a test of the metrics does not check them against themselves)
+STAT_KEYS = [
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+]
 
 from teacher.proving.demo import copy_checkout  # noqa: E402  (tracked files, no outputs)
 

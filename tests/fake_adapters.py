@@ -7,19 +7,32 @@ weight so that adapted and base models differ and merge/export tests can fail.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from teacher.core.params import DinoParams, LoraParams, SamParams
 from teacher.dino.labels import build_label_map, save_labels
 from teacher.dino.model import HEAD_MODULES, load_dino
-from teacher.sam.model import load_base_sam
+from teacher.sam.build import load_base_sam
 from teacher.train.lora import apply_lora, save_adapter
 
 TINY_DINO = DinoParams(model="tiny-random", shortest_edge=64, longest_edge=96)
 TINY_SAM = SamParams(model="tiny-random")
+
+
+def write_tiny_params(path: Path, **dino: Any) -> Path:
+    """A params.yaml at ``path`` naming TINY_DINO and TINY_SAM (``dino`` adds dino keys)."""
+    tiny = {
+        "model": TINY_DINO.model,
+        "shortest_edge": TINY_DINO.shortest_edge,
+        "longest_edge": TINY_DINO.longest_edge,
+    }
+    path.write_text(yaml.safe_dump({"dino": {**tiny, **dino}, "sam": {"model": TINY_SAM.model}}))
+    return path
 
 
 def _perturb(model: torch.nn.Module, *, seed: int, scale: float, trained: bool = False) -> None:

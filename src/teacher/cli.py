@@ -69,12 +69,8 @@ def _validate_run(args: argparse.Namespace) -> int:
     from teacher.coco.io import save_coco, save_json
     from teacher.core.params import SplitParams
     from teacher.dataset.splitting import split_size_warning
-    from teacher.dataset.validation import (
-        summary_text,
-        validate_file,
-        validate_options,
-        validation_report,
-    )
+    from teacher.dataset.validation.report import summary_text, validation_report
+    from teacher.dataset.validation.validator import validate_file, validate_options
 
     refuse_overwrite(
         {"the annotations": args.annotations}, {"--out": args.out, "--report": args.report}
@@ -147,7 +143,7 @@ def _adapter_scale_argument(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="scale of both adapters, >= 0: 0 = the base models, 1 = as trained (1), between = "
-        "a blend that keeps more of the base models' open vocabulary (README: forgetting guard)",
+        "a blend that keeps more of the base models' open vocabulary (docs/METRICS.md: the forgetting guard)",
     )
 
 
@@ -228,7 +224,7 @@ def _predict_run(args: argparse.Namespace) -> int:
     from teacher.coco.io import save_coco
     from teacher.inference.predict import (
         IMAGE_SUFFIXES,
-        Filter,
+        filter_from_args,
         label_folder,
         load_predict_teachers,
         parse_classes,
@@ -247,13 +243,7 @@ def _predict_run(args: argparse.Namespace) -> int:
         segment_masks=not args.boxes_only,
         adapter_scale=scale,
     )
-    keep = Filter(
-        score_threshold=dino.box_threshold
-        if args.score_threshold is None
-        else args.score_threshold,
-        nms_iou=args.nms_iou,
-        max_detections=args.max_detections,
-    )
+    keep = filter_from_args(args, default_score=dino.box_threshold)
     text = dino.text_threshold if args.text_threshold is None else args.text_threshold
     doc = label_folder(
         teachers,
@@ -303,18 +293,12 @@ def _predict_run(args: argparse.Namespace) -> int:
 def _predict_student(args: argparse.Namespace, params: dict) -> int:
     """``teacher predict --student``: the student (PyTorch or ONNX) labels the folder."""
     from teacher.coco.io import save_coco
-    from teacher.inference.predict import Filter
+    from teacher.inference.predict import filter_from_args
     from teacher.inference.student import label_with_student
     from teacher.student.onnx import load_any_student
 
     student = load_any_student(args.student)
-    keep = Filter(
-        score_threshold=params["student"].score_threshold
-        if args.score_threshold is None
-        else args.score_threshold,
-        nms_iou=args.nms_iou,
-        max_detections=args.max_detections,
-    )
+    keep = filter_from_args(args, default_score=params["student"].score_threshold)
     doc = label_with_student(student, args.images, keep=keep, batch_size=args.batch_size)
     save_coco(doc, args.out)
     for item in doc["info"]["unreadable"]:
@@ -409,8 +393,8 @@ def _prune_cache_run(args: argparse.Namespace) -> int:
     current = None
     if args.annotations:
         from teacher.coco.io import load_coco
+        from teacher.sam.build import load_base_sam
         from teacher.sam.data import embedding_folder, embedding_paths
-        from teacher.sam.model import load_base_sam
 
         folder = embedding_folder(load_base_sam(sam_params.model), args.cache)
         current = embedding_paths(folder, load_coco(args.annotations), args.images).values()

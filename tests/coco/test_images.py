@@ -20,7 +20,8 @@ from teacher.coco.images import (
 )
 from teacher.core.errors import TeacherError
 from teacher.dataset.inspection import color_facts
-from teacher.dataset.validation import file_probe, validate_coco
+from teacher.dataset.validation.images import file_probe
+from teacher.dataset.validation.validator import validate_coco
 
 
 def _jpeg(path: Path, h: int = 60, w: int = 80) -> Path:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import STAT_KEYS
 from pycocotools import mask as mask_utils
 
 from teacher.coco.metrics import (
@@ -13,21 +14,6 @@ from teacher.coco.metrics import (
     precision_recall,
 )
 from teacher.core.errors import TeacherError
-
-STAT_KEYS = [
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-]
 
 
 def _gt(image_id=1, ann_ids=(1, 2)):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import STAT_KEYS
 
 from teacher.coco.metrics import coco_eval
 
@@ -16,20 +17,6 @@ ROOT = Path(__file__).resolve().parents[2] / ".." / "shared" / "realworld"
 pytestmark = pytest.mark.skipif(
     not ROOT.is_dir(), reason=f"reference cases not found at {ROOT.resolve()} (../shared/realworld)"
 )
-KEYS = [
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-]
 FCE_DICT_KEYS = [
     "AP_all",
     "AP_50",
@@ -55,7 +42,7 @@ def _load(rel: str):
 
 
 def _stats(metrics: dict) -> np.ndarray:
-    return np.array([metrics[k] for k in KEYS])
+    return np.array([metrics[k] for k in STAT_KEYS])
 
 
 def _fce_case(name: str) -> dict:
@@ -133,7 +120,7 @@ def test_r8_r9_torchmetrics_class_metrics(kind):
     dt = _load(f"{base}/map_{kind}_results_coco.json")
     expected = _load(f"{base}/map_{kind}_inputs_and_expected.json")["expected"]
     m = coco_eval(gt, dt, iou_type=kind)
-    np.testing.assert_allclose(_stats(m), [expected[k] for k in KEYS], atol=1e-2)
+    np.testing.assert_allclose(_stats(m), [expected[k] for k in STAT_KEYS], atol=1e-2)
     names = [str(c) for c in expected["classes"]]
     np.testing.assert_allclose([m[f"map/{n}"] for n in names], expected["map_per_class"], atol=1e-2)
     np.testing.assert_allclose(

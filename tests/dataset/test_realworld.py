@@ -14,7 +14,7 @@ import pytest
 from teacher.coco.io import CocoFormatError, read_json
 from teacher.dataset.inspection import inspect_dataset
 from teacher.dataset.splitting import split_coco
-from teacher.dataset.validation import validate_file
+from teacher.dataset.validation.validator import validate_file
 
 CLEAN = [  # (annotation file, image root or None when the images are not shipped)
     (

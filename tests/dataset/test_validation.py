@@ -5,13 +5,9 @@ import copy
 import pytest
 
 from teacher.coco.io import mask_to_rle, mask_to_uncompressed_rle
-from teacher.dataset.validation import (
-    RULES,
-    summary_text,
-    validate_coco,
-    validate_file,
-    validation_report,
-)
+from teacher.dataset.validation.registry import RULES
+from teacher.dataset.validation.report import summary_text, validation_report
+from teacher.dataset.validation.validator import validate_coco, validate_file
 
 SQUARE = [[10, 10, 30, 10, 30, 30, 10, 30]]  # 20x20 polygon -> area 400, bbox [10,10,20,20]
 
@@ -246,7 +242,7 @@ def test_area_recomputed_when_missing_or_wrong_but_not_for_small_noise():
 
 
 def test_polygon_area_is_geometric_as_coco():
-    from teacher.dataset.validation import polygon_area
+    from teacher.dataset.validation.geometry import polygon_area
 
     assert polygon_area([[0, 0, 3, 0, 3, 2]]) == 3.0
     data = clean()
@@ -481,7 +477,7 @@ def test_non_ascii_rle_counts_are_invalid_segmentation():
 
 
 def test_a_5000_character_file_name_is_named(tmp_path):
-    from teacher.dataset.validation import file_probe
+    from teacher.dataset.validation.images import file_probe
 
     data = clean()
     data["images"][0]["file_name"] = "x" * 5000 + ".jpg"

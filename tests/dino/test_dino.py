@@ -184,7 +184,7 @@ def test_batch_of_3_loss_equals_the_per_image_losses(bundle):
 
 def test_loss_matches_transformers_where_its_targets_are_right(bundle):
     """One prompt for the whole batch: the stock loss builds the right targets; every decoder
-    term agrees (the ``_enc`` terms differ on purpose: tests/test_dino_recipe.py)."""
+    term agrees (the ``_enc`` terms differ on purpose: tests/dino/test_dino_recipe.py)."""
     from transformers.loss.loss_grounding_dino import GroundingDinoForObjectDetectionLoss
 
     model = bundle.model.eval()

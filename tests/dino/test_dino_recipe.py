@@ -365,7 +365,7 @@ def test_plain_peft_from_pretrained_loads_the_trained_heads_exactly(tmp_path):
     raw, _ = build_tiny_random(PARAMS)
     raw.get_input_embeddings = lambda: (
         raw.model.text_backbone.get_input_embeddings()
-    )  # as the README says
+    )  # as docs/GROUNDING_DINO.md says
     plain = PeftModel.from_pretrained(raw, str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**inputs).logits, trained, rtol=0, atol=1e-6)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import set_params
+from conftest import STAT_KEYS, set_params
 from fake_adapters import (
     TINY_DINO,
     TINY_SAM,
@@ -19,20 +19,6 @@ from fake_adapters import (
 from stages.evaluate import main as evaluate_main
 from teacher.evaluation.report import gains
 
-STATS = [
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-]
 TINY_PARAMS = {
     "dino.model": "tiny-random",
     "dino.shortest_edge": TINY_DINO.shortest_edge,
@@ -89,7 +75,7 @@ def test_stage_writes_every_metric_family_and_plots(adapters, tmp_path):
     )
     assert rc == 0
     for family in ("box", "segm", "base/box", "base/segm"):
-        assert all(f"{family}/{k}" in m for k in STATS), family
+        assert all(f"{family}/{k}" in m for k in STAT_KEYS), family
         assert {f"{family}/map/box", f"{family}/map/round thing"} <= set(m)
     for prefix in ("", "base/"):
         assert {

@@ -44,7 +44,8 @@ from teacher.evaluation.retention import (
     tradeoff_rows,
 )
 from teacher.inference.predict import Filter, merged
-from teacher.sam.model import load_base_sam, load_sam, segment
+from teacher.sam.build import load_base_sam, load_sam
+from teacher.sam.predictor import segment
 
 RETENTION = ["ring", "cross", "box"]  # "box" is a class of the tiny data: left out
 
@@ -253,13 +254,13 @@ def test_evaluate_writes_retention_scale_keys_and_the_tradeoff_plot(world, tmp_p
 def test_nothing_to_measure_is_minus_1_and_said():
     """No confident base detection of any retention class: -1 (the project's rule), logged."""
     from teacher.dino.labels import LabelMap
-    from teacher.evaluation.report import VariantOutput, forgetting_metrics
+    from teacher.evaluation.report import ADAPTED, BASE, Pass, VariantOutput, forgetting_metrics
 
     faint = {1: _det([[10, 10, 20, 20]], [0.2], [1]), 2: Detections.empty()}
     runs = {
-        "adapted": VariantOutput(metrics={"box/map": 0.3}, retention=faint),
-        "base": VariantOutput(metrics={"box/map": 0.2}, retention=faint),
-        "scale/0.5": VariantOutput(metrics={"box/map": 0.25}, retention=faint),
+        ADAPTED: VariantOutput(metrics={"box/map": 0.3}, retention=faint),
+        BASE: VariantOutput(metrics={"box/map": 0.2}, retention=faint),
+        Pass("scaled", 0.5): VariantOutput(metrics={"box/map": 0.25}, retention=faint),
     }
     lines: list[str] = []
     m = forgetting_metrics(

@@ -25,7 +25,8 @@ from teacher.dino.detect import detect
 from teacher.dino.labels import load_labels
 from teacher.dino.model import load_dino
 from teacher.inference.export import export_all
-from teacher.sam.model import load_base_sam, load_sam, segment
+from teacher.sam.build import load_base_sam, load_sam
+from teacher.sam.predictor import segment
 from teacher.train.lora import load_adapter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,7 +89,8 @@ def test_exported_models_load_and_predict_without_peft(exported):
         from teacher.coco.images import load_image
         from teacher.dino.labels import load_labels
         from teacher.core.params import DinoParams, SamParams
-        from teacher.sam.model import load_sam, segment
+        from teacher.sam.build import load_sam
+        from teacher.sam.predictor import segment
         image = load_image({str(root / "images" / "img_0.png")!r})
         bundle = load_dino(DinoParams(model={str(written["dino"])!r}, shortest_edge=64, longest_edge=96))
         det = detect(bundle, [image], load_labels({str(written["dino"] / "labels.json")!r}),

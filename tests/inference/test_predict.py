@@ -5,13 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from fake_adapters import (
     TINY_DINO,
     TINY_SAM,
     write_dino_adapter,
     write_sam_adapter,
     write_tiny_coco,
+    write_tiny_params,
 )
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -97,7 +97,7 @@ def test_sam_embeds_each_image_once_for_all_its_boxes(tmp_path):
     from teacher.dino.labels import build_label_map
     from teacher.dino.model import load_dino
     from teacher.inference.predict import Teachers
-    from teacher.sam.model import load_sam
+    from teacher.sam.build import load_sam
 
     gt = write_tiny_coco(tmp_path, n_images=2)
     dino = load_dino(TINY_DINO)
@@ -125,20 +125,7 @@ def test_sam_embeds_each_image_once_for_all_its_boxes(tmp_path):
 
 
 def _params(tmp_path):
-    path = tmp_path / "params.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "dino": {
-                    "model": "tiny-random",
-                    "shortest_edge": TINY_DINO.shortest_edge,
-                    "longest_edge": TINY_DINO.longest_edge,
-                },
-                "sam": {"model": TINY_SAM.model},
-            }
-        )
-    )
-    return path
+    return write_tiny_params(tmp_path / "params.yaml")
 
 
 def test_cli_predict_folder_round_trips_through_pycocotools(tmp_path, capsys):
@@ -269,7 +256,8 @@ def test_predict_on_sample_images_round_trips(tmp_path):
 
 def test_chunked_segmentation_equals_one_call(tmp_path):
     from teacher.inference.predict import segment_detections
-    from teacher.sam.model import load_sam, segment
+    from teacher.sam.build import load_sam
+    from teacher.sam.predictor import segment
 
     gt = write_tiny_coco(tmp_path, n_images=1)
     image = load_image(tmp_path / gt["images"][0]["file_name"])
@@ -391,7 +379,7 @@ def _tiny_teachers(sam: bool = False):
     from teacher.dino.labels import build_label_map
     from teacher.dino.model import load_dino
     from teacher.inference.predict import Teachers
-    from teacher.sam.model import load_sam
+    from teacher.sam.build import load_sam
 
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from teacher.dino.detect import labeling_box_map
 from teacher.dino.model import TINY_PRETRAINED as DINO_TINY_PRETRAINED
 from teacher.dino.model import load_dino
 from teacher.sam import task as sam_task
-from teacher.sam.model import TINY_PRETRAINED, load_base_sam, load_sam
+from teacher.sam.build import TINY_PRETRAINED, load_base_sam, load_sam
 
 NO_AUGMENT = resolve_policy(AugmentParams(policy="none"), {})
 SAM = SamParams(  # as benchmarks/bench_finetune.py: the pretraining loss (BCE + dice)
@@ -80,7 +80,7 @@ def test_sam_finetuning_learns_the_domain(sam_held_out, tmp_path, one_thread, se
         train_coco=train,
         val_coco=train,  # best epoch by training-set mIoU: the held-out images stay unseen
         image_root=images,
-        sam_params=SAM,
+        sam=SAM,
         lora=LoraParams(rank=8, alpha=16.0, dropout=0.0),
         train=TrainParams(epochs=6, batch_size=4, lr=1e-3, warmup_steps=5, patience=0),
         augment_policy=NO_AUGMENT,

@@ -19,8 +19,9 @@ from teacher.core.params import DinoParams
 from teacher.dataset import synth
 from teacher.dino.detect import labeling_box_map
 from teacher.dino.model import TINY_PRETRAINED, TINY_PRETRAINED_WEIGHTS, TINY_WORDS, load_dino
-from teacher.sam.model import TINY_PRETRAINED_WEIGHTS as SAM_WEIGHTS
-from teacher.sam.model import load_base_sam, segment
+from teacher.sam.build import TINY_PRETRAINED_WEIGHTS as SAM_WEIGHTS
+from teacher.sam.build import load_base_sam
+from teacher.sam.predictor import segment
 
 DINO = DinoParams(model=TINY_PRETRAINED, shortest_edge=128, longest_edge=160)
 HELD_OUT = 123_456  # a seed scripts/pretrain_tiny.py does not train on

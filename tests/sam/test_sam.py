@@ -19,7 +19,9 @@ from teacher.coco.io import mask_to_rle
 from teacher.core.errors import TeacherError
 from teacher.core.params import LoraParams, SamParams
 from teacher.dataset.augment import sample_rng
-from teacher.sam import model as S
+from teacher.sam import build as B
+from teacher.sam import model as M
+from teacher.sam import predictor as P
 from teacher.sam.data import (
     SamDataset,
     cache_sam_embeddings,
@@ -108,29 +110,29 @@ def shapes(tmp_path: Path) -> tuple[dict, Path]:
 
 def test_tiny_random_is_deterministic_and_independent_of_global_seed():
     torch.manual_seed(123)
-    a = S.build_tiny_random()
+    a = B.build_tiny_random()
     torch.manual_seed(456)
-    b = S.build_tiny_random()
+    b = B.build_tiny_random()
     assert all(
         torch.equal(x, y)
         for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
     assert not a.training  # eval mode, as segment-anything's registry returns models
-    assert S.input_size(a) == 128
+    assert M.input_size(a) == 128
 
 
 def test_local_pth_loads_weights_only(tmp_path: Path):
-    sam = S.build_tiny_random()
+    sam = B.build_tiny_random()
     with torch.no_grad():
         sam.mask_decoder.iou_token.weight.add_(1.0)  # differs from the preset
     torch.save(sam.state_dict(), tmp_path / "sam.pth")
-    loaded = S.load_base_sam(str(tmp_path / "sam.pth"))
+    loaded = B.load_base_sam(str(tmp_path / "sam.pth"))
     assert torch.equal(loaded.mask_decoder.iou_token.weight, sam.mask_decoder.iou_token.weight)
     torch.save({"not": "a state dict"}, tmp_path / "bad.pth")
     with pytest.raises(TeacherError, match="not a segment-anything SAM state dict"):
-        S.load_base_sam(str(tmp_path / "bad.pth"))
+        B.load_base_sam(str(tmp_path / "bad.pth"))
     with pytest.raises(TeacherError, match="no such file"):
-        S.load_base_sam(str(tmp_path / "missing.pth"))
+        B.load_base_sam(str(tmp_path / "missing.pth"))
 
 
 def test_official_checkpoint_offline_names_url_and_place(tmp_path, monkeypatch):
@@ -141,11 +143,11 @@ def test_official_checkpoint_offline_names_url_and_place(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(TeacherError) as err:
-        S.load_base_sam("vit_b")
+        B.load_base_sam("vit_b")
     message = str(err.value)
     assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in message
     assert str(tmp_path / "teacher" / "sam" / "sam_vit_b_01ec64.pth") in message
-    assert S.TINY_RANDOM in message
+    assert B.TINY_RANDOM in message
 
 
 def test_official_checkpoint_with_wrong_hash_is_refused(tmp_path, monkeypatch):
@@ -154,7 +156,7 @@ def test_official_checkpoint_with_wrong_hash_is_refused(tmp_path, monkeypatch):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"truncated download")
     with pytest.raises(TeacherError, match="sha256 .* does not match"):
-        S.load_base_sam("vit_l")
+        B.load_base_sam("vit_l")
 
 
 def test_architecture_inferred_from_state_dict_shapes():
@@ -163,7 +165,7 @@ def test_architecture_inferred_from_state_dict_shapes():
         "image_encoder.pos_embed": torch.zeros(1, 64, 64, 768),
         **{f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(12)},
     }
-    assert S.infer_architecture(sd, "x.pth") == S.ARCHITECTURES["vit_b"]
+    assert B.infer_architecture(sd, "x.pth") == B.ARCHITECTURES["vit_b"]
 
 
 # --- forward: parity with segment-anything's SamPredictor -----------------------------------
@@ -174,8 +176,8 @@ def test_segment_matches_sam_predictor(shapes, multimask):
     coco, root = shapes
     image = np.asarray(Image.open(root / "im0.png").convert("RGB"))
     boxes_xywh = np.array([[20.0, 24, 32, 32], [76, 20, 40, 40], [5, 5, 100, 80]])
-    sam = S.build_tiny_random()
-    masks, scores = S.segment(sam, image, boxes_xywh, multimask=multimask)
+    sam = B.build_tiny_random()
+    masks, scores = P.segment(sam, image, boxes_xywh, multimask=multimask)
 
     predictor = SamPredictor(sam)
     predictor.set_image(image)
@@ -199,11 +201,11 @@ def test_box_prompts_default_to_the_single_mask_output(shapes):
     coco, root = shapes
     image = np.asarray(Image.open(root / "im0.png").convert("RGB"))
     boxes = np.array([[20.0, 24, 32, 32], [76, 20, 40, 40]])
-    sam = S.build_tiny_random()
+    sam = B.build_tiny_random()
     assert SamParams().multimask is False
     predictor = SamPredictor(sam)
     predictor.set_image(image)
-    for box, mask in zip(boxes, S.segment(sam, image, boxes)[0], strict=True):
+    for box, mask in zip(boxes, P.segment(sam, image, boxes)[0], strict=True):
         ref, _, _ = predictor.predict(box=np.r_[box[:2], box[:2] + box[2:]], multimask_output=False)
         assert (mask != ref[0]).mean() <= 1e-3
 
@@ -211,10 +213,10 @@ def test_box_prompts_default_to_the_single_mask_output(shapes):
 def test_prepared_image_embeds_once_and_answers_prompts_in_chunks(shapes):
     coco, root = shapes
     image = np.asarray(Image.open(root / "im1.png").convert("RGB"))
-    sam = S.build_tiny_random()
+    sam = B.build_tiny_random()
     calls = []
     sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(1))
-    prepared = S.prepare_image(sam, image)
+    prepared = P.prepare_image(sam, image)
     rng = np.random.default_rng(0)
     boxes = np.concatenate([rng.uniform(0, 60, (7, 2)), rng.uniform(4, 60, (7, 2))], axis=1)
     whole, whole_scores = prepared.predict(boxes, chunk=16)
@@ -225,13 +227,13 @@ def test_prepared_image_embeds_once_and_answers_prompts_in_chunks(shapes):
     assert chunked.shape == (7, 96, 128)
     assert (chunked != whole).mean() <= 1e-3  # batch of 3 vs 7: another code path, a tolerance
     np.testing.assert_allclose(chunked_scores, whole_scores, rtol=1e-5, atol=1e-6)
-    again = S.prepare_image(sam, image, embedding=prepared.embedding)  # e.g. from the cache
+    again = P.prepare_image(sam, image, embedding=prepared.embedding)  # e.g. from the cache
     assert calls == [1] and again.input_size == prepared.input_size
 
 
 def test_segment_of_no_boxes_is_empty():
-    masks, scores = S.segment(
-        S.build_tiny_random(), np.zeros((20, 30, 3), np.uint8), np.zeros((0, 4))
+    masks, scores = P.segment(
+        B.build_tiny_random(), np.zeros((20, 30, 3), np.uint8), np.zeros((0, 4))
     )
     assert masks.shape == (0, 20, 30) and scores.shape == (0,)
 
@@ -240,14 +242,14 @@ def test_segment_of_no_boxes_is_empty():
 
 
 def _logits(model: torch.nn.Module, image: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
-    sam = S.unwrap(model)
+    sam = M.unwrap(model)
     with torch.no_grad():
-        size = S.input_size(sam)
-        resized = S.resize_image(image, size=size)
+        size = M.input_size(sam)
+        resized = M.resize_image(image, size=size)
         xyxy = torch.as_tensor(
-            S.boxes_xyxy_to_input(boxes, image.shape[:2], size=size), dtype=torch.float32
+            M.boxes_xyxy_to_input(boxes, image.shape[:2], size=size), dtype=torch.float32
         )
-        ((low_res, iou),) = model(boxes=[xyxy], multimask=True, images=[S.image_to_tensor(resized)])
+        ((low_res, iou),) = model(boxes=[xyxy], multimask=True, images=[M.image_to_tensor(resized)])
     return torch.cat([low_res.flatten(), iou.flatten()])
 
 
@@ -263,12 +265,12 @@ def test_lora_parity_fresh_saved_merged(shapes, tmp_path):
     coco, root = shapes
     image = np.asarray(Image.open(root / "im1.png").convert("RGB"))
     boxes = np.array([[20.0, 30, 60, 70], [70, 20, 120, 70]])
-    base = _logits(S.build_tiny_random(), image, boxes)
+    base = _logits(B.build_tiny_random(), image, boxes)
     params = SamParams(
-        model=S.TINY_RANDOM, lora_targets=f"{ENCODER_QKV}+{DECODER_ATTN}", train_decoder=True
+        model=B.TINY_RANDOM, lora_targets=f"{ENCODER_QKV}+{DECODER_ATTN}", train_decoder=True
     )
     model = wrap_for_training(
-        S.build_tiny_random(),
+        B.build_tiny_random(),
         sam_params=params,
         lora=LoraParams(dropout=0.0),
         activation_checkpointing=False,
@@ -287,17 +289,17 @@ def test_lora_parity_fresh_saved_merged(shapes, tmp_path):
 
     from teacher.train.lora import load_adapter
 
-    reloaded = load_adapter(S.build_tiny_random(), tmp_path / "adapter").eval()
+    reloaded = load_adapter(B.build_tiny_random(), tmp_path / "adapter").eval()
     torch.testing.assert_close(
         _logits(reloaded, image, boxes), trained, rtol=1e-5, atol=1e-6
     )  # reload: another module tree
-    merged = S.load_sam(params, adapter_dir=tmp_path / "adapter")
-    assert isinstance(merged, S.BoxPromptSam)
+    merged = B.load_sam(params, adapter_dir=tmp_path / "adapter")
+    assert isinstance(merged, M.BoxPromptSam)
     torch.testing.assert_close(_logits(merged, image, boxes), trained, rtol=1e-4, atol=1e-4)
 
     (tmp_path / "adapter" / "params.json").write_text('{"sam": {"model": "vit_l"}}')
     with pytest.raises(TeacherError, match="trained on sam.model=vit_l"):
-        S.load_sam(params, adapter_dir=tmp_path / "adapter")
+        B.load_sam(params, adapter_dir=tmp_path / "adapter")
 
 
 # --- training data --------------------------------------------------------------------------
@@ -420,7 +422,7 @@ def test_box_from_mask_when_annotation_has_none():
 
 def test_embedding_cache_is_reused_and_matches_encoder(shapes, tmp_path):
     coco, root = shapes
-    sam = S.build_tiny_random()
+    sam = B.build_tiny_random()
     cache = tmp_path / "cache"
     files = cache_sam_embeddings(sam, coco, root, cache)
     assert sorted(files) == [1, 2] and all(p.exists() for p in files.values())
@@ -433,14 +435,14 @@ def test_embedding_cache_is_reused_and_matches_encoder(shapes, tmp_path):
     cached = ds[0]["embedding"]
     image = np.asarray(Image.open(root / "im0.png").convert("RGB"))
     with torch.no_grad():
-        live = S.embed_images(sam, [S.image_to_tensor(S.resize_image(image, size=128))])[0]
+        live = M.embed_images(sam, [M.image_to_tensor(M.resize_image(image, size=128))])[0]
     torch.testing.assert_close(cached, live)
     other = _other_encoder(2)  # another encoder: other cache entries
     assert set(cache_sam_embeddings(other, coco, root, cache).values()).isdisjoint(files.values())
 
 
-def _other_encoder(factor: float) -> S.BoxPromptSam:
-    sam = S.build_tiny_random()
+def _other_encoder(factor: float) -> M.BoxPromptSam:
+    sam = B.build_tiny_random()
     with torch.no_grad():
         sam.image_encoder.neck[0].weight.mul_(factor)
     return sam
@@ -461,7 +463,7 @@ def test_embedding_cache_is_bounded_least_recently_used_first(shapes, tmp_path):
     train = {**coco, "annotations": [a for a in coco["annotations"] if a["image_id"] == 1]}
     val = {**coco, "annotations": [a for a in coco["annotations"] if a["image_id"] == 2]}
     maps = cache_split_embeddings(
-        S.build_tiny_random(), [train, val], root, cache, max_bytes=3 * entry
+        B.build_tiny_random(), [train, val], root, cache, max_bytes=3 * entry
     )
     new = {**maps[0], **maps[1]}
     assert all(p.exists() for p in new.values())  # in use: never evicted
@@ -486,17 +488,17 @@ def test_decoder_only_cache_checks_the_image_size_against_the_record(shapes, tmp
         TeacherError,
         match=r"image 2 \(im1.png\): the image is 128x96 px but its COCO record says 128x100",
     ):
-        cache_sam_embeddings(S.build_tiny_random(), wrong, root, tmp_path / "c1")
-    files = cache_sam_embeddings(S.build_tiny_random(), coco, root, tmp_path / "c2")
+        cache_sam_embeddings(B.build_tiny_random(), wrong, root, tmp_path / "c1")
+    files = cache_sam_embeddings(B.build_tiny_random(), coco, root, tmp_path / "c2")
     with pytest.raises(TeacherError, match="record says 128x100 .cached in"):  # reused entries too
-        cache_sam_embeddings(S.build_tiny_random(), wrong, root, tmp_path / "c2")
+        cache_sam_embeddings(B.build_tiny_random(), wrong, root, tmp_path / "c2")
     from safetensors.torch import load_file, save_file
 
     from teacher.sam.data import cached_size
 
     save_file(load_file(files[2]), files[2])  # an entry of an older version: no size recorded
     assert cached_size(files[2]) == (-1, -1)
-    cache_sam_embeddings(S.build_tiny_random(), coco, root, tmp_path / "c2")
+    cache_sam_embeddings(B.build_tiny_random(), coco, root, tmp_path / "c2")
     assert cached_size(files[2]) == (96, 128)  # embedded again, not trusted
 
 
@@ -504,7 +506,7 @@ def test_processes_share_the_embedding_cache_each_building_its_share(shapes, tmp
     from concurrent.futures import ThreadPoolExecutor
 
     coco, root = shapes
-    models = [S.build_tiny_random(), S.build_tiny_random()]
+    models = [B.build_tiny_random(), B.build_tiny_random()]
     calls: list[list[int]] = [[], []]
     for rank, model in enumerate(models):
         model.image_encoder.register_forward_hook(lambda m, i, o, r=rank: calls[r].append(1))
@@ -525,7 +527,7 @@ def test_validation_miou_uses_the_test_rule_for_nothing_to_measure(shapes):
     from teacher.sam.task import validate_miou
 
     coco, root = shapes
-    sam = S.build_tiny_random()
+    sam = B.build_tiny_random()
     none = {**coco, "annotations": [a for a in coco["annotations"] if a["iscrowd"]]}
     assert validate_miou(sam, none, root, multimask=False) == {
         "val_miou": -1.0,
@@ -540,9 +542,9 @@ def test_validation_miou_uses_the_test_rule_for_nothing_to_measure(shapes):
 
 def test_encoder_lora_trains_with_activation_checkpointing(shapes):
     coco, root = shapes
-    params = SamParams(model=S.TINY_RANDOM, lora_targets=ENCODER_QKV, max_prompts=2, multimask=True)
+    params = SamParams(model=B.TINY_RANDOM, lora_targets=ENCODER_QKV, max_prompts=2, multimask=True)
     model = wrap_for_training(
-        S.build_tiny_random(),
+        B.build_tiny_random(),
         sam_params=params,
         lora=LoraParams(dropout=0.0),
         activation_checkpointing=True,
@@ -569,15 +571,15 @@ def test_encoder_lora_trains_with_activation_checkpointing(shapes):
 
 def test_decoder_only_mode_runs_encoder_without_grad(shapes):
     coco, root = shapes
-    params = SamParams(model=S.TINY_RANDOM, lora_targets=DECODER_ATTN, train_decoder=True)
+    params = SamParams(model=B.TINY_RANDOM, lora_targets=DECODER_ATTN, train_decoder=True)
     model = wrap_for_training(
-        S.build_tiny_random(), sam_params=params, lora=LoraParams(), activation_checkpointing=True
+        B.build_tiny_random(), sam_params=params, lora=LoraParams(), activation_checkpointing=True
     )
     assert not encoder_trains(model)
     ds = SamDataset(coco, root, image_size=128, max_prompts=2, box_jitter=0.0, seed=0)
     model.train()
     seen = []
-    S.unwrap(model).image_encoder.register_forward_hook(
+    M.unwrap(model).image_encoder.register_forward_hook(
         lambda m, i, o: seen.append(o.requires_grad)
     )
     loss = training_step(model, collate_sam([ds[0]]), sam_params=params)["loss"]
@@ -589,7 +591,7 @@ def test_decoder_only_mode_runs_encoder_without_grad(shapes):
 
 def test_apply_lora_rejects_targets_matching_nothing():
     with pytest.raises(TeacherError, match="matches no module"):
-        apply_lora(S.build_tiny_random(), lora=LoraParams(), targets=r"nothing\.here")
+        apply_lora(B.build_tiny_random(), lora=LoraParams(), targets=r"nothing\.here")
 
 
 def test_cli_prune_cache_removes_stale_entries_then_bounds_size(shapes, tmp_path, capsys):
@@ -603,9 +605,9 @@ def test_cli_prune_cache_removes_stale_entries_then_bounds_size(shapes, tmp_path
     coco, root = shapes
     cache = tmp_path / "cache"
     old = cache_sam_embeddings(_other_encoder(3), coco, root, cache)  # an old encoder
-    current = cache_sam_embeddings(S.build_tiny_random(), coco, root, cache)
+    current = cache_sam_embeddings(B.build_tiny_random(), coco, root, cache)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"sam": {"model": S.TINY_RANDOM}}))
+    params.write_text(yaml.safe_dump({"sam": {"model": B.TINY_RANDOM}}))
     one = copy.deepcopy(coco)
     one["annotations"] = [a for a in one["annotations"] if a["image_id"] == 1]  # image 2 removed
     (tmp_path / "now.json").write_text(json.dumps(one))
@@ -638,7 +640,7 @@ def _cache_share(coco: dict, root: Path, cache: Path, out: Path) -> None:
     from teacher.train.distributed import process_rank_and_count
 
     rank, world = process_rank_and_count()
-    sam, calls = S.build_tiny_random(), []
+    sam, calls = B.build_tiny_random(), []
     sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(1))
     files = cache_sam_embeddings(sam, coco, root, cache, rank=rank, world=world, timeout_s=120)
     (out / f"rank{rank}.json").write_text(
@@ -671,7 +673,7 @@ def test_damaged_embedding_cache_repairs_itself(shapes, tmp_path, caplog):
 
     caplog.set_level(logging.WARNING, logger="teacher.sam.data")
     coco, root = shapes
-    sam = S.build_tiny_random()
+    sam = B.build_tiny_random()
     files = cache_sam_embeddings(sam, coco, root, tmp_path / "cache")
     good = {k: load_file(str(p))["embedding"].clone() for k, p in files.items()}
     first, second = files[1], files[2]
@@ -695,7 +697,7 @@ def test_the_decoder_linear_preset_is_every_linear_layer_of_the_decoder():
     from teacher.core.params import lora_pattern
 
     pattern = lora_pattern("sam-decoder-linear")
-    linear = {n for n, m in S.build_tiny_random().named_modules() if isinstance(m, torch.nn.Linear)}
+    linear = {n for n, m in B.build_tiny_random().named_modules() if isinstance(m, torch.nn.Linear)}
     decoder = {n for n in linear if n.startswith("mask_decoder.")}
     assert len(decoder) > 40
     assert {n for n in linear if re.fullmatch(pattern, n)} == decoder

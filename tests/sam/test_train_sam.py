@@ -19,7 +19,7 @@ from teacher.dataset.augment import resolve_policy
 from teacher.dataset.inspection import dataset_facts
 from teacher.dataset.splitting import split_coco
 from teacher.sam import task as sam_task
-from teacher.sam.model import TINY_RANDOM, build_tiny_random, load_sam
+from teacher.sam.build import TINY_RANDOM, build_tiny_random, load_sam
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 BOXES_ONLY = Path(
@@ -47,7 +47,7 @@ def run_training(
         train_coco=splits["train"],
         val_coco=splits["val"],
         image_root=SAMPLE / "images",
-        sam_params=sam,
+        sam=sam,
         lora=LoraParams(rank=8, alpha=16.0, dropout=0.0),
         train=train,
         augment_policy=resolve_policy(AugmentParams(policy=policy), {}),

@@ -4,33 +4,20 @@ embedding, webhook), auth, limits, 4xx; and `teacher predict --format label-stud
 
 import base64
 import json
-import os
-import socket
 import subprocess
-import sys
 import threading
-import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import yaml
-from fake_adapters import (
-    TINY_DINO,
-    TINY_SAM,
-    write_dino_adapter,
-    write_sam_adapter,
-    write_tiny_coco,
-)
+from fake_adapters import TINY_DINO, TINY_SAM
+from serve_world import TOKEN, make_world, predict_args, start_server
 
 from teacher.cli import main as teacher_main
 from teacher.serve import brush
 
-REPO = Path(__file__).resolve().parents[2]
-TOKEN = "test-token-15"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CONFIG = """<View>
   <Image name="img" value="$image"/>
@@ -40,53 +27,10 @@ CONFIG = """<View>
 </View>"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_params(path: Path) -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "dino": {
-                    "model": "tiny-random",
-                    "shortest_edge": TINY_DINO.shortest_edge,
-                    "longest_edge": TINY_DINO.longest_edge,
-                    "box_threshold": 0.0,
-                    "text_threshold": 0.0,
-                },
-                "sam": {"model": TINY_SAM.model},
-            }
-        )
-    )
-    return path
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, *, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} not up after {timeout_s} s")
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Adapters (classes 'box', 'round thing'), images, params: what `dvc repro` leaves."""
-    root = tmp_path_factory.mktemp("serve")
-    gt = write_tiny_coco(root / "files" / "images", n_images=4)
-    write_dino_adapter(root / "models" / "dino", gt["categories"])
-    write_sam_adapter(root / "models" / "sam")
-    (root / "outside.png").write_bytes((root / "files" / "images" / "img_0.png").read_bytes())
-    return {"root": root, "params": write_params(root / "params.yaml"), "coco": gt}
+    """The adapters, images and params of serve_world.make_world, once for this module."""
+    return make_world(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -98,46 +42,6 @@ def image_http(world):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
-
-
-def start_server(world, *extra: str, token: str | None = TOKEN, env: dict | None = None):
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")},
-        "PYTHONPATH": str(REPO / "src"),
-        "TEACHER_SERVE_TOKEN": token or "",
-        **(env or {}),
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "teacher.cli",
-            "serve",
-            "--adapters",
-            str(world["root"] / "models"),
-            "--params",
-            str(world["params"]),
-            "--port",
-            str(port),
-            "--local-files-root",
-            str(world["root"] / "files"),
-            "--max-detections",
-            "3",
-            *extra,
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, proc, timeout_s=120)
-    except AssertionError:
-        proc.kill()
-        raise
-    return proc, url
 
 
 @pytest.fixture(scope="module")
@@ -397,22 +301,7 @@ def test_boxes_only_without_token(world):
 def test_predict_format_label_studio_writes_importable_tasks(world, server, tmp_path, monkeypatch):
     monkeypatch.chdir(world["root"] / "files")
     out = tmp_path / "tasks.json"
-    rc = teacher_main(
-        [
-            "predict",
-            "images",
-            "--adapters",
-            str(world["root"] / "models"),
-            "--params",
-            str(world["params"]),
-            "--out",
-            str(out),
-            "--format",
-            "label-studio",
-            "--max-detections",
-            "2",
-        ]
-    )
+    rc = teacher_main(predict_args(world, "images", out, max_detections=2))
     assert rc == 0
     tasks = json.loads(out.read_text())
     assert [t["data"]["image"] for t in tasks] == [local(f"img_{i}.png") for i in range(4)]
@@ -434,18 +323,7 @@ def test_predict_format_label_studio_with_a_given_config(world, tmp_path, capsys
     )
     out = tmp_path / "tasks.json"
     args = [
-        "predict",
-        str(world["root"] / "files" / "images"),
-        "--adapters",
-        str(world["root"] / "models"),
-        "--params",
-        str(world["params"]),
-        "--out",
-        str(out),
-        "--format",
-        "label-studio",
-        "--max-detections",
-        "3",
+        *predict_args(world, world["root"] / "files" / "images", out, max_detections=3),
         "--image-url-prefix",
         "https://files.example/",
     ]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serve import free_port, start_server, world  # noqa: F401 - fixture reused
+from serve_world import free_port, make_world, predict_args, start_server
 
 from teacher.cli import main as teacher_main
 from teacher.serve import brush
@@ -37,6 +37,12 @@ LS_CONFIG = """<View>
 </View>"""
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The adapters, images and params of serve_world.make_world, once for this module."""
+    return make_world(tmp_path_factory.mktemp("serve"))
 
 
 def ls_env(data: Path, files: Path) -> dict[str, str]:
@@ -114,7 +120,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def label_studio(world, tmp_path_factory):  # noqa: F811
+def label_studio(world, tmp_path_factory):
     if not any(LS_VENV.glob(".installed-label-studio*")):
         pytest.skip(
             f"Label Studio is not installed in {LS_VENV} (`make label-studio` installs it;"
@@ -137,7 +143,7 @@ def label_studio(world, tmp_path_factory):  # noqa: F811
     stop(proc)
 
 
-def test_predictions_show_in_label_studio(world, label_studio):  # noqa: F811
+def test_predictions_show_in_label_studio(world, label_studio):
     started = time.monotonic()
     ls = httpx.Client(
         base_url=label_studio, headers={"Authorization": f"Token {LS_TOKEN}"}, timeout=120
@@ -216,32 +222,14 @@ def test_predictions_show_in_label_studio(world, label_studio):  # noqa: F811
 
 
 def test_predict_format_label_studio_imports_with_predictions(
-    world,  # noqa: F811 (the fixture imported from test_serve)
+    world,
     label_studio,
     tmp_path,
     monkeypatch,
 ):
     monkeypatch.chdir(world["root"] / "files")
     out = tmp_path / "tasks.json"
-    assert (
-        teacher_main(
-            [
-                "predict",
-                "images",
-                "--adapters",
-                str(world["root"] / "models"),
-                "--params",
-                str(world["params"]),
-                "--out",
-                str(out),
-                "--format",
-                "label-studio",
-                "--max-detections",
-                "2",
-            ]
-        )
-        == 0
-    )
+    assert teacher_main(predict_args(world, "images", out, max_detections=2)) == 0
     ls = httpx.Client(
         base_url=label_studio, headers={"Authorization": f"Token {LS_TOKEN}"}, timeout=120
     )

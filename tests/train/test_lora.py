@@ -142,7 +142,7 @@ def test_trained_parameters_are_stored_once_in_peft_file(tmp_path):
 
 
 def test_an_adapter_is_the_same_bytes_every_time_it_is_saved(tmp_path):
-    """Resumed training must end byte-identical (tests/test_pipeline.py): no file of the folder
+    """Resumed training must end byte-identical (tests/pipeline/test_pipeline.py): no file of the folder
     may hold a map that safetensors writes in hash order (two or more metadata keys)."""
     model = trained()
     for k in range(4):
@@ -279,7 +279,7 @@ def test_a_rank_no_layer_can_hold_is_refused_before_allocating():
 
 
 def test_sam_params_json_list_valued_or_not_json_is_a_clear_error(tmp_path):
-    from teacher.sam.model import check_adapter_base
+    from teacher.sam.build import check_adapter_base
 
     (tmp_path / "params.json").write_text('{"sam": [1]}')
     with pytest.raises(TeacherError, match="params.json: 'sam' is not a mapping"):

@@ -33,7 +33,8 @@ from teacher.core.errors import TeacherError
 REQUIRED_KEYS = ("images", "annotations", "categories")
 FAR = 10  # image sizes outside the image beyond which a coordinate is absurd, not a sloppy vertex
 _PROMPT_DELIMITERS = re.compile(r"[.?]")  # '.' and '?' delimit labels in a Grounding DINO prompt
-_SPECIAL_TOKENS = re.compile(r"\[(CLS|SEP|PAD|MASK|UNK)\]", re.IGNORECASE)  # BERT's special tokens
+SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]")  # BERT's special tokens
+_SPECIAL_TOKENS = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)), re.IGNORECASE)
 MASK_KINDS = ("polygon", "rle_compressed", "rle_uncompressed", "none", "invalid")
 
 

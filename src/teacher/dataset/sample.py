@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -30,7 +31,7 @@ from teacher.coco.io import (
     save_coco,
 )
 
-CATEGORIES = [
+CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 2, "name": "square", "supercategory": "shape"},
     {"id": 3, "name": "triangle", "supercategory": "shape"},
@@ -69,7 +70,7 @@ def background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     yy, xx = np.mgrid[0:h, 0:w]
     if style == 0:
-        t = np.zeros((h, w))
+        t: np.ndarray = np.zeros((h, w))
     elif style == 1:
         t = (xx + yy) / (w + h)
     elif style == 2:
@@ -139,7 +140,7 @@ def annotation(obj: dict, visible: np.ndarray, *, ann_id: int, image_id: int, ki
     rle = mask_to_rle(visible)
     area, bbox = rle_area_bbox({"size": rle["size"], "counts": rle["counts"].encode()})
     if kind == "polygon":  # area and bbox as pycocotools rasterises the polygon
-        seg = [[v for p in obj["points"] for v in p]]
+        seg: Any = [[v for p in obj["points"] for v in p]]
         h, w = visible.shape
         area, bbox = rle_area_bbox(annotation_rle({"id": ann_id, "segmentation": seg}, h, w))
     elif kind == "rle_uncompressed":
@@ -179,7 +180,7 @@ def render_image(rng: np.random.Generator, image_id: int, first_ann_id: int) -> 
         painted = np.asarray(canvas)
         canvas.paste(Image.fromarray(np.where(inside[..., None], pixels, painted)))
         draw = ImageDraw.Draw(canvas)
-    anns = []
+    anns: list[dict] = []
     for k, obj in enumerate(objects):
         later = np.zeros((h, w), bool)
         for other in objects[k + 1 :]:
@@ -224,7 +225,8 @@ def make_sample(out: Path, *, seed: int = 0) -> dict:
     if (out / "images").exists():
         shutil.rmtree(out / "images")
     (out / "images").mkdir(parents=True)
-    images, anns = [], []
+    images: list[dict] = []
+    anns: list[dict] = []
     for image_id in range(1, N_IMAGES + 1):
         pixels, image_anns = render_image(rng, image_id, len(anns) + 1)
         name = f"{image_id:04d}.jpg"

@@ -13,7 +13,7 @@ transformers' Grounding DINO has no denoising part: :class:`Denoiser` adds it wi
 
 What follows MMDetection (``mmdet/models/layers/transformer/dino_layers.py``,
 ``CdnQueryGenerator``; ``mmdet/models/dense_heads/grounding_dino_head.py``,
-``_get_dn_targets_single``), pinned in tests/test_dino_denoising.py against a transcription:
+``_get_dn_targets_single``), pinned in tests/dino/test_dino_denoising.py against a transcription:
 
 - label queries: a learnt embedding of the object's class index in its prompt (256 rows, the
   text length); each query's label is replaced by a random one with probability

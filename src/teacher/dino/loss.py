@@ -1,8 +1,8 @@
 """Grounding DINO's grounded training loss, adapted from transformers
 (``transformers/loss/loss_grounding_dino.py``, ``GroundingDinoForObjectDetectionLoss``, 5.x).
 
-What differs from the original, and why (each pinned in tests/test_dino.py and
-tests/test_dino_recipe.py against independent implementations):
+What differs from the original, and why (each pinned in tests/dino/test_dino.py and
+tests/dino/test_dino_recipe.py against independent implementations):
 
 - One-hot offset: transformers offsets image i's class labels by *that image's* label-map
   length instead of the running total, so in any batch of 2+ images whose prompts differ

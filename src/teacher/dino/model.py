@@ -11,8 +11,6 @@ undetached (:func:`teacher.dino.loss.install_proposal_outputs`), which that loss
 from __future__ import annotations
 
 import math
-import os
-import socket
 import string
 import tempfile
 import types
@@ -34,6 +32,7 @@ from transformers import (  # type: ignore[attr-defined]  # BertTokenizerFast: a
 
 from teacher.core.artifacts import LABELS_FILE
 from teacher.core.errors import TeacherError
+from teacher.core.hub import hub_reachable
 from teacher.core.params import DinoParams
 from teacher.dino.labels import LabelMap, load_labels
 from teacher.dino.loss import grounded_loss, install_proposal_outputs
@@ -225,7 +224,7 @@ TINY_PRETRAINED_ARCH: dict[str, Any] = {}
 
 
 def build_tiny_pretrained(
-    params: DinoParams, *, weights: bool = True, arch: dict[str, Any] | None = None
+    dino: DinoParams, *, weights: bool = True, arch: dict[str, Any] | None = None
 ) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
     """The tiny-pretrained model (tiny-random's architecture, a vocabulary with :data:`TINY_WORDS`,
     the committed safetensors weights) and processor; ``weights=False`` gives it randomly
@@ -242,19 +241,19 @@ def build_tiny_pretrained(
                 "from git or run `python scripts/pretrain_tiny.py dino`"
             )
         model.load_state_dict(load_file(str(TINY_PRETRAINED_WEIGHTS)))
-    return model.eval(), build_processor(tokenizer, params=params)
+    return model.eval(), build_processor(tokenizer, dino=dino)
 
 
-def build_processor(tokenizer, *, params: DinoParams) -> GroundingDinoProcessor:
-    """Processor resizing to ``params.shortest_edge`` / ``params.longest_edge``."""
-    size = {"shortest_edge": params.shortest_edge, "longest_edge": params.longest_edge}
+def build_processor(tokenizer, *, dino: DinoParams) -> GroundingDinoProcessor:
+    """Processor resizing to ``dino.shortest_edge`` / ``dino.longest_edge``."""
+    size = {"shortest_edge": dino.shortest_edge, "longest_edge": dino.longest_edge}
     return GroundingDinoProcessor(
         image_processor=GroundingDinoImageProcessor(size=size), tokenizer=tokenizer
     )
 
 
 def build_tiny_random(
-    params: DinoParams,
+    dino: DinoParams,
 ) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
     """The tiny-random model and processor; identical weights on every call (fixed seed)."""
     tokenizer = tiny_tokenizer()
@@ -262,58 +261,47 @@ def build_tiny_random(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = GroundingDinoForObjectDetection(config)
-    return model, build_processor(tokenizer, params=params)
+    return model, build_processor(tokenizer, dino=dino)
 
 
-def _hub_reachable(*, timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _offline_error(params: DinoParams, err: Exception) -> TeacherError:
+def _offline_error(dino: DinoParams, err: Exception) -> TeacherError:
     return TeacherError(
-        f"dino.model {params.model!r} (revision {params.revision!r}) is not a local folder, not in "
+        f"dino.model {dino.model!r} (revision {dino.revision!r}) is not a local folder, not in "
         f"the Hugging Face cache, and the hub cannot be reached ({str(err).splitlines()[0]}). "
         f"Fix: download it once "
         f'where there is network (python -c "from transformers import AutoProcessor, '
-        f"GroundingDinoForObjectDetection as M; M.from_pretrained('{params.model}'); "
-        f"AutoProcessor.from_pretrained('{params.model}')\"), or set dino.model in params.yaml "
+        f"GroundingDinoForObjectDetection as M; M.from_pretrained('{dino.model}'); "
+        f"AutoProcessor.from_pretrained('{dino.model}')\"), or set dino.model in params.yaml "
         f"to a local folder written by save_pretrained, or use dino.model: {TINY_RANDOM}."
     )
 
 
 def load_pretrained(
-    params: DinoParams,
+    dino: DinoParams,
 ) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
     """Model and processor from a local folder or the hub (cache first; fails fast offline)."""
-    local = Path(params.model).is_dir()
-    kwargs = {} if local else {"revision": params.revision}
+    local = Path(dino.model).is_dir()
+    kwargs = {} if local else {"revision": dino.revision}
     try:
-        return _from_pretrained(params, local_files_only=True, **kwargs)
+        return _from_pretrained(dino, local_files_only=True, **kwargs)
     except OSError as err:
         if local:
             raise TeacherError(
-                f"dino.model {params.model!r}: not a Grounding DINO folder "
+                f"dino.model {dino.model!r}: not a Grounding DINO folder "
                 f"written by save_pretrained ({err})"
             ) from err
-        if not _hub_reachable():
-            raise _offline_error(params, err) from err
+        if not hub_reachable():
+            raise _offline_error(dino, err) from err
     try:
-        return _from_pretrained(params, local_files_only=False, **kwargs)
+        return _from_pretrained(dino, local_files_only=False, **kwargs)
     except OSError as err:
-        raise _offline_error(params, err) from err
+        raise _offline_error(dino, err) from err
 
 
-def _from_pretrained(params: DinoParams, **kwargs):
-    model = GroundingDinoForObjectDetection.from_pretrained(params.model, **kwargs)
-    processor = GroundingDinoProcessor.from_pretrained(params.model, **kwargs)
-    size = {"shortest_edge": params.shortest_edge, "longest_edge": params.longest_edge}
+def _from_pretrained(dino: DinoParams, **kwargs):
+    model = GroundingDinoForObjectDetection.from_pretrained(dino.model, **kwargs)
+    processor = GroundingDinoProcessor.from_pretrained(dino.model, **kwargs)
+    size = {"shortest_edge": dino.shortest_edge, "longest_edge": dino.longest_edge}
     processor.image_processor.size = size  # resize from params, not the hub default
     return model, processor
 
@@ -323,17 +311,17 @@ def _positions(side: int) -> int:
     return sum(math.ceil(side / s) ** 2 for s in (8, 16, 32, 64))
 
 
-def check_image_size(model: GroundingDinoForObjectDetection, params: DinoParams) -> None:
+def check_image_size(model: GroundingDinoForObjectDetection, dino: DinoParams) -> None:
     """Fail early when images resized to ``dino.shortest_edge`` give the encoder fewer feature
     positions than the model has queries (its top-k proposal selection would crash)."""
-    queries, need = model.config.num_queries, params.shortest_edge
+    queries, need = model.config.num_queries, dino.shortest_edge
     if _positions(need) >= queries:
         return
     while _positions(need) < queries:
         need += 8
     raise TeacherError(
-        f"dino.shortest_edge {params.shortest_edge} is too small for "
-        f"{params.model!r}: its {queries} queries need images of at least {need} px; "
+        f"dino.shortest_edge {dino.shortest_edge} is too small for "
+        f"{dino.model!r}: its {queries} queries need images of at least {need} px; "
         "raise dino.shortest_edge in params.yaml"
     )
 
@@ -387,25 +375,25 @@ def set_dropout(model: nn.Module, p: float) -> int:
 
 
 def load_dino(
-    params: DinoParams,
+    dino: DinoParams,
     *,
     adapter_dir: Path | None = None,
     trainable: bool = False,
     adapter_scale: float = 1.0,
 ) -> DinoBundle:
-    """Load ``params.model`` (hub id / folder / tiny-random) and, if given, an adapter folder.
+    """Load ``dino.model`` (hub id / folder / tiny-random) and, if given, an adapter folder.
 
     With ``adapter_dir`` the LoRA adapter and fully trained heads are applied (at
     ``adapter_scale``: :func:`teacher.train.lora.load_adapter`) and ``labels.json`` is read into
     ``bundle.label_map``.
     """
-    if params.model == TINY_RANDOM:
-        model, processor = build_tiny_random(params)
-    elif params.model == TINY_PRETRAINED:
-        model, processor = build_tiny_pretrained(params)
+    if dino.model == TINY_RANDOM:
+        model, processor = build_tiny_random(dino)
+    elif dino.model == TINY_PRETRAINED:
+        model, processor = build_tiny_pretrained(dino)
     else:
-        model, processor = load_pretrained(params)
-    check_image_size(model, params)
+        model, processor = load_pretrained(dino)
+    check_image_size(model, dino)
     model = prepare_model(model)
     if adapter_dir is None:
         return DinoBundle(model=model, processor=processor)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -47,6 +47,7 @@ from teacher.coco.metrics import (
 )
 from teacher.core.artifacts import LABELS_FILE, SKIPPED_FILE, skipped_reason
 from teacher.core.errors import TeacherError
+from teacher.core.params import DinoParams, EvaluateParams, SamParams
 from teacher.dino.labels import LabelMap
 from teacher.evaluation.retention import KEYS as RETENTION_KEYS
 from teacher.evaluation.retention import (
@@ -64,8 +65,11 @@ from teacher.inference.predict import (
     segment_detections,
     to_annotations,
 )
-from teacher.sam.model import prepare_image
+from teacher.sam.predictor import prepare_image
 from teacher.sam.scoring import is_sam_instance, score_gt_boxes
+
+if TYPE_CHECKING:
+    from teacher.dino.model import DinoBundle
 
 
 @dataclass
@@ -111,6 +115,18 @@ def segm_ground_truth(gt: dict) -> dict:
     return {**gt, "annotations": anns}
 
 
+@dataclass
+class _Collected:
+    """What a pass collects image by image: ``out`` (all but its metrics), and the COCO results
+    and IoUs that :func:`_scores` turns into its metrics."""
+
+    out: VariantOutput = field(default_factory=VariantOutput)  # gallery, seconds, retention
+    results: list[dict] = field(default_factory=list)  # labeling decode (Grounded-SAM, gallery)
+    box_results: list[dict] = field(default_factory=list)  # reference protocol (box/*)
+    ious: list[np.ndarray] = field(default_factory=list)  # per image: SAM from the true boxes
+    cats: list[int] = field(default_factory=list)  # the category of each of those IoUs
+
+
 def run_variant(
     gt: dict,
     images_root: Path,
@@ -132,92 +148,126 @@ def run_variant(
     """
     from tqdm import tqdm
 
-    names = category_names(gt)
     anns_of = _by_image(gt)
-    results: list[dict] = []  # labeling decode (Grounded-SAM, gallery)
-    box_results: list[dict] = []  # reference protocol (box/*)
-    ious, cats = [], []
-    out = VariantOutput()
-    images = gt["images"]
-    boxes_only = Teachers(dino=teachers.dino, sam=None, label_map=teachers.label_map)
-    others = None
+    found = _Collected()
+    out = found.out
     if retention is not None and teachers.dino is not None:
-        others = Teachers(dino=teachers.dino, sam=None, label_map=retention)
         out.retention = {}
+    images = gt["images"]
     bar = tqdm(total=len(images), desc=desc, unit="img")
     for start in range(0, len(images), batch_size):
         records = images[start : start + batch_size]
         arrays = [load_image(images_root / r["file_name"]) for r in records]
-        dets: list[Detections | None] = [None] * len(records)
-        if teachers.dino is not None:  # box/*: the reference protocol; Grounded-SAM: below
-            from teacher.dino.detect import score
-
-            for rec, scored in zip(
-                records, score(teachers.dino, arrays, teachers.label_map), strict=True
-            ):
-                box_results += to_annotations(
-                    scored, image_id=rec["id"], first_id=len(box_results) + 1
-                )
-            started = time.perf_counter()  # DINO's labeling decode on the batch; SAM per image
-            dets = list(
-                predict_images(boxes_only, arrays, keep=keep, text_threshold=text_threshold)
-            )
-            out.seconds += time.perf_counter() - started
-        if others is not None and out.retention is not None:  # the forgetting guard
-            found = predict_images(others, arrays, keep=keep, text_threshold=text_threshold)
-            out.retention.update(zip((r["id"] for r in records), found, strict=True))
+        dets = _detect_batch(
+            teachers, records, arrays, found, keep=keep, text_threshold=text_threshold
+        )
+        if out.retention is not None and retention is not None:  # the forgetting guard
+            others = Teachers(dino=teachers.dino, sam=None, label_map=retention)
+            seen = predict_images(others, arrays, keep=keep, text_threshold=text_threshold)
+            out.retention.update(zip((r["id"] for r in records), seen, strict=True))
         for rec, image, det in zip(records, arrays, dets, strict=True):
-            shown = rec["id"] in gallery_ids
             instances = [a for a in anns_of[rec["id"]] if is_sam_instance(a)]
-            started = time.perf_counter()
-            prepared = None  # one encoder pass, shared by Grounded-SAM and the true-box mIoU
-            if teachers.sam is not None and (instances or (det is not None and len(det))):
-                prepared = prepare_image(teachers.sam, image)
-            encoder = time.perf_counter() - started
-            if det is not None:
-                started = time.perf_counter()
-                if teachers.sam is not None:
-                    det = segment_detections(
-                        teachers.sam, image, det, multimask=multimask, prepared=prepared
-                    )
-                out.seconds += time.perf_counter() - started + (encoder if len(det) else 0.0)
-                results += to_annotations(det, image_id=rec["id"], first_id=len(results) + 1)
-                if shown:
-                    out.shown[rec["id"]] = det
-            if prepared is not None and instances:
-                iou, truth = score_gt_boxes(
-                    prepared,
-                    instances,
-                    multimask=multimask,
-                    keep_masks=shown and teachers.dino is None,
-                )
-                ious.append(iou)
-                cats += truth.category_ids.tolist()
-                if shown and teachers.dino is None:
-                    out.shown[rec["id"]] = truth
+            shown = rec["id"] in gallery_ids
+            _segment_image(
+                teachers, rec["id"], image, det, instances, found, multimask=multimask, shown=shown
+            )
         bar.update(len(records))
     bar.close()
-    if teachers.dino is not None:
-        evaluator = coco_evaluate(
-            gt, box_results, iou_type="bbox", max_dets=(1, 10, keep.max_detections)
+    out.metrics, out.curves = _scores(gt, teachers, found, max_detections=keep.max_detections)
+    return out
+
+
+def _detect_batch(
+    teachers: Teachers,
+    records: Sequence[dict],
+    arrays: list[np.ndarray],
+    found: _Collected,
+    *,
+    keep: Filter,
+    text_threshold: float,
+) -> list[Detections | None]:
+    """DINO on one batch of images: the reference protocol's detections go to
+    ``found.box_results`` (box/*); the labeling decode's (timed into ``found.out.seconds``) are
+    returned, one per image, for Grounded-SAM. All None without DINO."""
+    if teachers.dino is None:
+        return [None] * len(records)
+    from teacher.dino.detect import score
+
+    for rec, scored in zip(records, score(teachers.dino, arrays, teachers.label_map), strict=True):
+        found.box_results += to_annotations(
+            scored, image_id=rec["id"], first_id=len(found.box_results) + 1
         )
-        out.metrics.update({f"box/{k}": v for k, v in summarize(evaluator, names=names).items()})
-        out.curves = precision_recall(evaluator, names=names, iou=0.5)
+    boxes_only = Teachers(dino=teachers.dino, sam=None, label_map=teachers.label_map)
+    started = time.perf_counter()  # DINO's labeling decode on the batch; SAM per image
+    dets: list[Detections | None] = list(
+        predict_images(boxes_only, arrays, keep=keep, text_threshold=text_threshold)
+    )
+    found.out.seconds += time.perf_counter() - started
+    return dets
+
+
+def _segment_image(
+    teachers: Teachers,
+    image_id: Any,
+    image: np.ndarray,
+    det: Detections | None,
+    instances: list[dict],
+    found: _Collected,
+    *,
+    multimask: bool,
+    shown: bool,
+) -> None:
+    """SAM on one image, one encoder pass shared by Grounded-SAM (DINO's ``det`` -> masks, timed
+    into ``found.out.seconds``, to ``found.results``) and the mask IoU from the true boxes of
+    ``instances`` (to ``found.ious``). ``shown``: a gallery image, kept in ``found.out.shown``."""
+    out = found.out
+    started = time.perf_counter()
+    prepared = None
+    if teachers.sam is not None and (instances or (det is not None and len(det))):
+        prepared = prepare_image(teachers.sam, image)
+    encoder = time.perf_counter() - started
+    if det is not None:
+        started = time.perf_counter()
+        if teachers.sam is not None:
+            det = segment_detections(
+                teachers.sam, image, det, multimask=multimask, prepared=prepared
+            )
+        out.seconds += time.perf_counter() - started + (encoder if len(det) else 0.0)
+        found.results += to_annotations(det, image_id=image_id, first_id=len(found.results) + 1)
+        if shown:
+            out.shown[image_id] = det
+    if prepared is not None and instances:
+        sam_alone = shown and teachers.dino is None  # the gallery shows SAM from true boxes
+        iou, truth = score_gt_boxes(prepared, instances, multimask=multimask, keep_masks=sam_alone)
+        found.ious.append(iou)
+        found.cats += truth.category_ids.tolist()
+        if sam_alone:
+            out.shown[image_id] = truth
+
+
+def _scores(
+    gt: dict, teachers: Teachers, found: _Collected, *, max_detections: int
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """A pass's metrics (``box/*``, ``segm/*``, ``mask/*``: the teachers it ran) and its PR rows
+    at IoU 0.5 (boxes), from what :func:`run_variant` collected."""
+    names = category_names(gt)
+    max_dets = (1, 10, max_detections)
+    metrics: dict[str, float] = {}
+    curves: list[dict[str, Any]] = []
+    if teachers.dino is not None:
+        evaluator = coco_evaluate(gt, found.box_results, iou_type="bbox", max_dets=max_dets)
+        metrics.update({f"box/{k}": v for k, v in summarize(evaluator, names=names).items()})
+        curves = precision_recall(evaluator, names=names, iou=0.5)
         if teachers.sam is not None:
             evaluator = coco_evaluate(
-                segm_ground_truth(gt),
-                results,
-                iou_type="segm",
-                max_dets=(1, 10, keep.max_detections),
+                segm_ground_truth(gt), found.results, iou_type="segm", max_dets=max_dets
             )
-            out.metrics.update(
-                {f"segm/{k}": v for k, v in summarize(evaluator, names=names).items()}
-            )
+            metrics.update({f"segm/{k}": v for k, v in summarize(evaluator, names=names).items()})
     if teachers.sam is not None:
-        all_ious = np.concatenate(ious) if ious else np.zeros((0,))
-        mm = mean_mask_iou(all_ious, cats, names=names)
-        out.metrics.update({f"mask/{k.removeprefix('mask_')}": v for k, v in mm.items()})
-    return out
+        all_ious = np.concatenate(found.ious) if found.ious else np.zeros((0,))
+        mm = mean_mask_iou(all_ious, found.cats, names=names)
+        metrics.update({f"mask/{k.removeprefix('mask_')}": v for k, v in mm.items()})
+    return metrics, curves
 
 
 def gains(adapted: dict[str, float], base: dict[str, float]) -> dict[str, float]:
@@ -267,8 +317,8 @@ def load_teachers(
     *,
     dino_dir: Path | None,
     sam_dir: Path | None,
-    dino_params: Any,
-    sam_params: Any,
+    dino_params: DinoParams,
+    sam_params: SamParams,
     adapter_scale: float | None,
 ) -> Teachers:
     """DINO and SAM for one pass: with their adapters merged at ``adapter_scale``, or (None)
@@ -288,7 +338,7 @@ def load_teachers(
         dino = merged(load_dino(dino_params, adapter_dir=adapter, adapter_scale=scale))
         dino.model.to(device)
     if sam_dir is not None:
-        from teacher.sam.model import load_sam
+        from teacher.sam.build import load_sam
 
         adapter = sam_dir if adapter_scale is not None else None
         sam = load_sam(sam_params, adapter_dir=adapter, adapter_scale=scale).to(device).eval()
@@ -336,35 +386,66 @@ def gallery_panel(
     return side_by_side(panels[0], panels[1], titles=("ground truth", title))
 
 
-def passes(params: Any) -> dict[str, float | None]:
-    """The passes over the test split: name -> adapter scale (None: the base models).
+@dataclass(frozen=True)
+class Pass:
+    """One pass over the test split: the models it loads and the adapter scale it scores."""
 
-    ``adapted`` (scale 1), ``base`` (with ``evaluate.base``), and ``scale/<s>`` for every other
+    kind: Literal["adapted", "base", "scaled"]  # adapters as trained, none, or scaled
+    scale: float  # the adapter scale whose ``scale/<s>/...`` keys it gives (base: 0, adapted: 1)
+
+    @property
+    def name(self) -> str:
+        """``adapted``, ``base`` or, a scaled pass, ``scale/<s>`` (its keys' prefix): logs, bars."""
+        return scale_prefix(self.scale) if self.kind == "scaled" else self.kind
+
+    @property
+    def adapter_scale(self) -> float | None:
+        """The scale the adapters are merged at (:func:`load_teachers`); None: no adapters."""
+        return None if self.kind == "base" else self.scale
+
+    @property
+    def title(self) -> str:
+        """What the pass runs, for the log."""
+        if self.kind == "scaled":
+            return f"adapters at scale {self.scale:g}"
+        return f"{self.kind} models"
+
+    @classmethod
+    def scoring(cls, scale: float, *, base: bool) -> Pass:
+        """The pass whose metrics are adapter scale ``scale``'s: scale 1 is the adapted pass, and
+        scale 0 the base pass when there is one (``base``); any other scale its own pass."""
+        if scale == 1.0:
+            return ADAPTED
+        if scale == 0.0 and base:
+            return BASE
+        return cls("scaled", scale)
+
+
+ADAPTED = Pass("adapted", 1.0)
+BASE = Pass("base", 0.0)
+
+
+def passes(params: EvaluateParams) -> list[Pass]:
+    """The passes over the test split, in order, each once.
+
+    ``adapted`` (scale 1), ``base`` (with ``evaluate.base``), and a scaled pass for every other
     scale of ``evaluate.adapter_scales``: scale 1 reuses the adapted pass and scale 0 the base
-    pass, whose outputs are the same (tests/test_forgetting.py pins it).
+    pass, whose outputs are the same (tests/evaluation/test_forgetting.py pins it).
     """
-    out: dict[str, float | None] = {"adapted": 1.0}
-    if params.base:
-        out["base"] = None
+    out = [ADAPTED, BASE] if params.base else [ADAPTED]
     for scale in params.adapter_scales:
-        if scale != 1.0 and not (scale == 0.0 and params.base):
-            out[scale_prefix(scale)] = scale
+        scored_by = Pass.scoring(scale, base=params.base)
+        if scored_by not in out:
+            out.append(scored_by)
     return out
 
 
-def pass_of(scale: float, runs: dict[str, VariantOutput]) -> str | None:
-    """The name of the pass that scored adapter scale ``scale`` (:func:`passes`)."""
-    if scale == 1.0:
-        name = "adapted"
-    elif scale == 0.0 and "base" in runs:
-        name = "base"
-    else:
-        name = scale_prefix(scale)
-    return name if name in runs else None
-
-
 def retention_label_map(
-    params: Any, *, dataset_names: Sequence[str], tokenizer: Any, log: Callable[[str], None]
+    params: EvaluateParams,
+    *,
+    dataset_names: Sequence[str],
+    tokenizer: Any,
+    log: Callable[[str], None],
 ) -> LabelMap | None:
     """The label map of the retention classes (ids 1..K; long lists chunked), or None (logged)
     when there is nothing to run: no base pass, or no class left."""
@@ -385,7 +466,7 @@ def retention_label_map(
     return build_label_map(cats, tokenizer=tokenizer)
 
 
-def load_retention_set(params: Any) -> tuple[dict, Path] | None:
+def load_retention_set(params: EvaluateParams) -> tuple[dict, Path] | None:
     """``evaluate.retention_data`` (COCO json) and its image folder, or None when not set."""
     if params.retention_data is None:
         return None
@@ -407,7 +488,7 @@ def load_retention_set(params: Any) -> tuple[dict, Path] | None:
 
 
 def true_retention(
-    bundle: Any, retention_set: tuple[dict, Path], *, max_detections: int, desc: str
+    bundle: DinoBundle, retention_set: tuple[dict, Path], *, max_detections: int, desc: str
 ) -> dict[str, float]:
     """``retention/true/box/<k>``: DINO's box AP on the labelled retention set, decoded as
     ``box/*`` (:func:`teacher.dino.detect.score`)."""
@@ -445,84 +526,36 @@ def evaluate_test_split(
     *,
     dino_dir: str | Path,
     sam_dir: str | Path,
-    dino_params: Any,
-    sam_params: Any,
-    params: Any,
+    dino_params: DinoParams,
+    sam_params: SamParams,
+    params: EvaluateParams,
     log: Callable[[str], None] = print,
     student_dir: str | Path | None = None,
 ) -> Report:
     """Score the adapted teachers (and, with ``params.base``, the base models; and the adapters
     at each of ``params.adapter_scales``) on ``gt``.
 
-    ``params`` is the ``evaluate`` section (EvaluateParams); ``dino_params``/``sam_params``
-    the model sections. A teacher folder holding ``SKIPPED`` gives no metrics; ``log`` says why.
+    ``params`` is the ``evaluate`` section; ``dino_params``/``sam_params`` the model sections. A
+    teacher folder holding ``SKIPPED`` gives no metrics; ``log`` says why.
     """
     images_root = Path(images_root)
-    dirs: dict[str, Path | None] = {"dino": Path(dino_dir), "sam": Path(sam_dir)}
-    for name, folder in list(dirs.items()):
-        assert folder is not None  # all set just above
-        reason = skipped_reason(folder)
-        if reason is not None:
-            log(f"evaluate: no {name} metrics: {folder}/{SKIPPED_FILE} says: {reason}")
-            dirs[name] = None
-    keep = Filter(
-        score_threshold=params.score_threshold,
-        nms_iou=params.nms_iou,
-        max_detections=params.max_detections,
-    )
+    dino = trained_dir(Path(dino_dir), name="dino", log=log)
+    sam = trained_dir(Path(sam_dir), name="sam", log=log)
     gallery_ids = [img["id"] for img in gt["images"][: params.gallery_images]]
-    retention_set = load_retention_set(params) if dirs["dino"] is not None else None
-    retention: LabelMap | None = None
-    runs: dict[str, VariantOutput] = {}
-    for variant, scale in passes(params).items():
-        if dirs["dino"] is None and dirs["sam"] is None:
-            break
-        which = f"{variant} models" if scale in (None, 1.0) else f"adapters at scale {scale:g}"
-        log(f"evaluate: {which} on {len(gt['images'])} test images")
-        teachers = load_teachers(
-            gt,
-            dino_dir=dirs["dino"],
-            sam_dir=dirs["sam"],
-            dino_params=dino_params,
-            sam_params=sam_params,
-            adapter_scale=scale,
-        )
-        if teachers.dino is not None and not runs:  # the first pass: the tokenizer is loaded
-            names = [*teachers.label_map.names, *category_names(gt).values()]
-            retention = retention_label_map(
-                params, dataset_names=names, tokenizer=teachers.dino.processor.tokenizer, log=log
-            )
-        runs[variant] = run_variant(
-            gt,
-            images_root,
-            teachers,
-            keep=keep,
-            text_threshold=params.text_threshold,
-            multimask=sam_params.multimask,
-            batch_size=2,
-            gallery_ids=gallery_ids,
-            desc=f"evaluate ({variant})",
-            retention=retention,
-        )
-        if retention_set is not None and teachers.dino is not None:
-            runs[variant].metrics.update(
-                true_retention(
-                    teachers.dino,
-                    retention_set,
-                    max_detections=keep.max_detections,
-                    desc=f"retention set ({variant})",
-                )
-            )
-        del teachers
-    title = ("Grounded-SAM" if dirs["sam"] else "DINO") if dirs["dino"] else "SAM from true boxes"
-    report = _report(
+    runs, retention = run_passes(
         gt,
         images_root,
-        runs,
-        gallery_ids,
-        title=title,
-        min_score=dino_params.box_threshold if dirs["dino"] else 0.0,
+        dino_dir=dino,
+        sam_dir=sam,
+        dino_params=dino_params,
+        sam_params=sam_params,
+        params=params,
+        gallery_ids=gallery_ids,
+        log=log,
     )
+    title = ("Grounded-SAM" if sam else "DINO") if dino else "SAM from true boxes"
+    min_score = dino_params.box_threshold if dino else 0.0
+    report = _report(gt, images_root, runs, gallery_ids, title=title, min_score=min_score)
     report.metrics.update(forgetting_metrics(gt, runs, params=params, retention=retention, log=log))
     report.tradeoff = tradeoff_rows(report.metrics, params.adapter_scales)
     report.metrics.update(
@@ -531,22 +564,124 @@ def evaluate_test_split(
     return report
 
 
+def trained_dir(folder: Path, *, name: str, log: Callable[[str], None]) -> Path | None:
+    """``folder``, or None (logged) when it holds ``SKIPPED``: that teacher gives no metrics."""
+    reason = skipped_reason(folder)
+    if reason is None:
+        return folder
+    log(f"evaluate: no {name} metrics: {folder}/{SKIPPED_FILE} says: {reason}")
+    return None
+
+
+def run_passes(
+    gt: dict,
+    images_root: Path,
+    *,
+    dino_dir: Path | None,
+    sam_dir: Path | None,
+    dino_params: DinoParams,
+    sam_params: SamParams,
+    params: EvaluateParams,
+    gallery_ids: Sequence[Any],
+    log: Callable[[str], None],
+) -> tuple[dict[Pass, VariantOutput], LabelMap | None]:
+    """Every pass of :func:`passes` over ``gt`` (none when both teachers are absent), and the
+    label map of the retention classes the passes detected (None: none)."""
+    if dino_dir is None and sam_dir is None:
+        return {}, None
+    retention_set = load_retention_set(params) if dino_dir is not None else None
+    retention: LabelMap | None = None
+    runs: dict[Pass, VariantOutput] = {}
+    for variant in passes(params):
+        log(f"evaluate: {variant.title} on {len(gt['images'])} test images")
+        teachers = load_teachers(
+            gt,
+            dino_dir=dino_dir,
+            sam_dir=sam_dir,
+            dino_params=dino_params,
+            sam_params=sam_params,
+            adapter_scale=variant.adapter_scale,
+        )
+        if teachers.dino is not None and not runs:  # the first pass: the tokenizer is loaded
+            names = [*teachers.label_map.names, *category_names(gt).values()]
+            retention = retention_label_map(
+                params, dataset_names=names, tokenizer=teachers.dino.processor.tokenizer, log=log
+            )
+        runs[variant] = score_pass(
+            gt,
+            images_root,
+            teachers,
+            name=variant.name,
+            params=params,
+            multimask=sam_params.multimask,
+            gallery_ids=gallery_ids,
+            retention=retention,
+            retention_set=retention_set,
+        )
+        del teachers
+    return runs, retention
+
+
+def score_pass(
+    gt: dict,
+    images_root: Path,
+    teachers: Teachers,
+    *,
+    name: str,
+    params: EvaluateParams,
+    multimask: bool,
+    gallery_ids: Sequence[Any],
+    retention: LabelMap | None,
+    retention_set: tuple[dict, Path] | None,
+) -> VariantOutput:
+    """One pass of the loaded ``teachers`` (called ``name``): :func:`run_variant` with the
+    ``evaluate`` section's decode, and DINO's true box AP on the labelled retention set
+    (``retention/true/box/*``) when there is one."""
+    keep = Filter(
+        score_threshold=params.score_threshold,
+        nms_iou=params.nms_iou,
+        max_detections=params.max_detections,
+    )
+    out = run_variant(
+        gt,
+        images_root,
+        teachers,
+        keep=keep,
+        text_threshold=params.text_threshold,
+        multimask=multimask,
+        batch_size=2,
+        gallery_ids=gallery_ids,
+        desc=f"evaluate ({name})",
+        retention=retention,
+    )
+    if retention_set is not None and teachers.dino is not None:
+        out.metrics.update(
+            true_retention(
+                teachers.dino,
+                retention_set,
+                max_detections=keep.max_detections,
+                desc=f"retention set ({name})",
+            )
+        )
+    return out
+
+
 SCALE_KEYS = ("box/map", "segm/map", "mask/miou", "retention/box/map", "retention/true/box/map")
 
 
 def forgetting_metrics(
     gt: dict,
-    runs: dict[str, VariantOutput],
+    runs: dict[Pass, VariantOutput],
     *,
-    params: Any,
+    params: EvaluateParams,
     retention: LabelMap | None,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """``retention/...`` of the adapted pass and ``scale/<s>/...`` of every adapter scale (see the
     module docstring); one log line per scale."""
     out: dict[str, float] = {}
-    scored: dict[str, dict[str, float]] = {name: dict(run.metrics) for name, run in runs.items()}
-    base = runs.get("base")
+    scored = {variant: dict(output.metrics) for variant, output in runs.items()}
+    base = runs.get(BASE)
     if retention is not None and base is not None and base.retention is not None:
         reference = reference_ground_truth(
             gt["images"],
@@ -557,27 +692,45 @@ def forgetting_metrics(
         )
         out["retention/reference_boxes"] = float(len(reference["annotations"]))
         if not reference["annotations"]:
-            named = ", ".join(retention.names[:5]) + (", ..." if len(retention.names) > 5 else "")
-            log(
-                "evaluate: retention/box/*: nothing to measure (-1): the base model detects none "
-                f"of the {len(retention.names)} retention classes ({named}) with a score >= "
-                f"{params.retention_threshold:g} on the test images; lower "
-                "evaluate.retention_threshold, or name classes the images show in "
-                "evaluate.retention_classes"
-            )
-        for name, run in runs.items():
-            if run.retention is not None:
+            log(nothing_to_measure(retention, threshold=params.retention_threshold))
+        for variant, output in runs.items():
+            if output.retention is not None:
                 found = retention_scores(
-                    reference, run.retention, max_detections=params.max_detections
+                    reference, output.retention, max_detections=params.max_detections
                 )
-                scored[name].update({f"retention/box/{k}": v for k, v in found.items()})
-        out.update({k: v for k, v in scored["adapted"].items() if k.startswith("retention/box/")})
-    base_map = runs["base"].metrics.get("box/map") if "base" in runs else None
-    for scale in params.adapter_scales:
-        scored_by = pass_of(scale, runs)
-        if scored_by is None:
+                scored[variant].update({f"retention/box/{k}": v for k, v in found.items()})
+        out.update({k: v for k, v in scored[ADAPTED].items() if k.startswith("retention/box/")})
+    out.update(scale_metrics(scored, params.adapter_scales, log=log))
+    return out
+
+
+def nothing_to_measure(retention: LabelMap, *, threshold: float) -> str:
+    """The log line when the base model detects no retention class confidently: what to change."""
+    named = ", ".join(retention.names[:5]) + (", ..." if len(retention.names) > 5 else "")
+    return (
+        "evaluate: retention/box/*: nothing to measure (-1): the base model detects none "
+        f"of the {len(retention.names)} retention classes ({named}) with a score >= "
+        f"{threshold:g} on the test images; lower "
+        "evaluate.retention_threshold, or name classes the images show in "
+        "evaluate.retention_classes"
+    )
+
+
+def scale_metrics(
+    scored: dict[Pass, dict[str, float]],
+    scales: Sequence[float],
+    *,
+    log: Callable[[str], None],
+) -> dict[str, float]:
+    """``scale/<s>/<key>`` (:data:`SCALE_KEYS`) for every adapter scale s in ``scales`` from the
+    metrics of the pass that scored it (``scored``, retention included); one log line each."""
+    out: dict[str, float] = {}
+    base_map = scored[BASE].get("box/map") if BASE in scored else None
+    for scale in scales:
+        metrics = scored.get(Pass.scoring(scale, base=BASE in scored))
+        if metrics is None:
             continue
-        values = {k: scored[scored_by][k] for k in SCALE_KEYS if k in scored[scored_by]}
+        values = {k: metrics[k] for k in SCALE_KEYS if k in metrics}
         out.update({f"{scale_prefix(scale)}/{k}": v for k, v in values.items()})
         shown = [f"{k} {v:.3f}" for k, v in values.items()]
         if base_map is not None and base_map >= 0 and values.get("box/map", -1.0) >= 0:
@@ -589,10 +742,10 @@ def forgetting_metrics(
 def student_metrics(
     gt: dict,
     images_root: Path,
-    runs: dict[str, VariantOutput],
+    runs: dict[Pass, VariantOutput],
     *,
     student_dir: str | Path | None,
-    params: Any,
+    params: EvaluateParams,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """``student/...`` (teacher.student.evaluate) and ``teacher/ms_per_image`` (the adapted
@@ -609,15 +762,15 @@ def student_metrics(
         max_detections=params.max_detections,
         log=log,
     )
-    if "adapted" in runs and runs["adapted"].seconds > 0:
-        out["teacher/ms_per_image"] = 1000.0 * runs["adapted"].seconds / max(len(gt["images"]), 1)
+    if ADAPTED in runs and runs[ADAPTED].seconds > 0:
+        out["teacher/ms_per_image"] = 1000.0 * runs[ADAPTED].seconds / max(len(gt["images"]), 1)
     return out
 
 
 def _report(
     gt: dict,
     images_root: Path,
-    runs: dict[str, VariantOutput],
+    runs: dict[Pass, VariantOutput],
     gallery_ids: Sequence[Any],
     *,
     title: str,
@@ -627,11 +780,11 @@ def _report(
 
     The gallery shows detections scoring at least ``min_score`` (what ``teacher predict`` keeps).
     """
-    adapted = runs.get("adapted", VariantOutput())
+    adapted = runs.get(ADAPTED, VariantOutput())
     metrics = dict(adapted.metrics)
-    if "base" in runs:
-        metrics.update({f"base/{k}": v for k, v in runs["base"].metrics.items()})
-        metrics.update(gains(adapted.metrics, runs["base"].metrics))
+    if BASE in runs:
+        metrics.update({f"base/{k}": v for k, v in runs[BASE].metrics.items()})
+        metrics.update(gains(adapted.metrics, runs[BASE].metrics))
     curves: dict[str, list[dict[str, float]]] = {}
     for row in adapted.curves:
         curves.setdefault(row["class"], []).append(

@@ -29,15 +29,15 @@ if TYPE_CHECKING:
 
 
 def export_dino(
-    params: DinoParams, adapter_dir: str | Path, out_dir: str | Path, *, adapter_scale: float = 1.0
+    dino: DinoParams, adapter_dir: str | Path, out_dir: str | Path, *, adapter_scale: float = 1.0
 ) -> Path:
-    """Base DINO of ``params`` + the adapter of ``adapter_dir`` (at ``adapter_scale``), merged,
+    """Base DINO of ``dino`` + the adapter of ``adapter_dir`` (at ``adapter_scale``), merged,
     saved to ``out_dir``."""
     from teacher.dino.model import load_dino
     from teacher.train.lora import merge
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    bundle = load_dino(params, adapter_dir=adapter_dir, adapter_scale=adapter_scale)
+    bundle = load_dino(dino, adapter_dir=adapter_dir, adapter_scale=adapter_scale)
     model: Any = merge(cast("PeftModel", bundle.model))  # adapter_dir given: a PeftModel
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -51,7 +51,7 @@ def export_sam(
 ) -> Path:
     """Base SAM of ``params`` + the adapter of ``adapter_dir`` (at ``adapter_scale``), merged, as
     a state dict file."""
-    from teacher.sam.model import load_sam
+    from teacher.sam.build import load_sam
 
     out_path = Path(out_path)
     # merged by load_sam

@@ -61,7 +61,7 @@ def load_label_teachers(
     if reason is not None:
         log(f"label: boxes only: {Path(sam_dir) / SKIPPED_FILE} says: {reason}")
     else:
-        from teacher.sam.model import load_sam
+        from teacher.sam.build import load_sam
 
         segmenter = (
             load_sam(sam, adapter_dir=Path(sam_dir), adapter_scale=adapter_scale).to(device).eval()

@@ -9,6 +9,7 @@ pixels), ``segmentation`` (compressed RLE, ``counts`` a str), ``area`` and ``sco
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from teacher.coco.io import mask_to_rle
 from teacher.core.artifacts import SKIPPED_FILE, skipped_reason
 from teacher.core.errors import TeacherError
 from teacher.dino.labels import LabelMap
-from teacher.sam.model import SAM_CHUNK  # boxes SAM decodes and upscales at a time
+from teacher.sam.predictor import SAM_CHUNK  # boxes SAM decodes and upscales at a time
 
 RAW_PER_KEPT = 4  # DINO candidates per kept detection, before per-class NMS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -48,6 +49,16 @@ class Filter:
     score_threshold: float = 0.25  # keep scores >= this
     nms_iou: float = 0.7  # per-class NMS IoU; >= 1 disables
     max_detections: int = 100  # per image, highest scores first
+
+
+def filter_from_args(args: argparse.Namespace, *, default_score: float) -> Filter:
+    """A command line's Filter: ``--score-threshold`` (``default_score`` when not given, e.g.
+    ``dino.box_threshold``), ``--nms-iou`` and ``--max-detections``."""
+    return Filter(
+        score_threshold=default_score if args.score_threshold is None else args.score_threshold,
+        nms_iou=args.nms_iou,
+        max_detections=args.max_detections,
+    )
 
 
 @dataclass
@@ -154,11 +165,11 @@ def segment_detections(
 ) -> Detections:
     """``det`` plus ``masks`` (N, H, W) bool from SAM.
 
-    The image is embedded once (or ``prepared``, a :class:`teacher.sam.model.PreparedImage`
+    The image is embedded once (or ``prepared``, a :class:`teacher.sam.predictor.PreparedImage`
     of it, is reused), and not at all when there is no box; the boxes are decoded ``chunk`` at
     a time, which bounds the full-size float logits in memory (chunk x H x W).
     """
-    from teacher.sam.model import prepare_image
+    from teacher.sam.predictor import prepare_image
 
     if len(det) == 0:
         return det.with_masks(np.zeros((0, *image.shape[:2]), bool))
@@ -416,7 +427,7 @@ def load_predict_teachers(
         )
     sam = None
     if segment_masks:
-        from teacher.sam.model import load_sam
+        from teacher.sam.build import load_sam
 
         sam = load_sam(
             sam_params,

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,14 +93,14 @@ def sam_step_loss(
 
     size = input_size(sam)
     embeddings = embed_images(sam, [s["image"] for s in batch])
-    total = 0.0
+    total: Any = 0.0  # a tensor once the first term is added
     for emb, s in zip(embeddings, batch, strict=True):
         h, w = s["hw"]
-        boxes = jitter_boxes_xyxy(  # 20 px: SAM's cap; this world's boxes stay far below it
+        jittered = jitter_boxes_xyxy(  # 20 px: SAM's cap; this world's boxes stay far below it
             s["xyxy"], fraction=jitter, max_shift=20.0, rng=rng, width=w, height=h
         )
         boxes = torch.as_tensor(
-            boxes_xyxy_to_input(boxes, (h, w), size=size), dtype=torch.float32, device=sam.device
+            boxes_xyxy_to_input(jittered, (h, w), size=size), dtype=torch.float32, device=sam.device
         )
         for multimask in (False, True):
             logits, iou = decode_boxes(sam, emb, boxes, multimask=multimask)
@@ -121,7 +122,7 @@ def sam_step_loss(
 @torch.no_grad()
 def sam_test_miou(sam, coco: dict, pixels: list[np.ndarray], *, multimask: bool) -> float:
     """Mean mask IoU over the test set's instances, prompted with their true boxes."""
-    from teacher.sam.model import segment
+    from teacher.sam.predictor import segment
 
     ious = []
     for img, boxes, truth in objects(coco, pixels):
@@ -142,7 +143,8 @@ def sam_probe(sam, coco: dict, pixels: list[np.ndarray]) -> dict[str, float]:
     import torch.nn.functional as F
 
     from teacher.sam.data import masks_to_input
-    from teacher.sam.model import input_size, resized_shape, segment
+    from teacher.sam.model import input_size, resized_shape
+    from teacher.sam.predictor import segment
 
     size = input_size(sam)
     grid = 4 * sam.prompt_encoder.image_embedding_size[0]
@@ -184,7 +186,8 @@ def pretrain_sam(
     on ``device``; returns (state dict on the CPU, scores on ``world``'s held-out set). With
     ``init`` the preset and ``world`` :data:`synth.FINETUNE` this measures what the
     architecture can gain on the fine-tuning domain given plenty of data (README)."""
-    from teacher.sam.model import ARCHITECTURES, TINY_PRETRAINED, build_sam, input_size
+    from teacher.sam.build import ARCHITECTURES, TINY_PRETRAINED, build_sam
+    from teacher.sam.model import input_size
 
     seed_all(seed)
     sam = build_sam(ARCHITECTURES[TINY_PRETRAINED])
@@ -229,7 +232,10 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # --- Grounding DINO ----------------------------------------------------------------------------
 
 DINO_TERMS = ("loss_ce", "loss_bbox", "loss_giou")  # last decoder layer's, logged
-DINO_SIZE = {"shortest_edge": 128, "longest_edge": 160}  # as scripts/tiny-params.yaml
+DINO_SIZE: dict[str, Any] = {
+    "shortest_edge": 128,
+    "longest_edge": 160,
+}  # as scripts/tiny-params.yaml
 
 
 def dino_prompt(
@@ -541,7 +547,8 @@ def pretrain_backbone(
             optimizer = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=lr)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr=lr, warmup=min(200, steps // 10), total=steps)
-        loss, hits, shapes = 0.0, 0, 0
+        loss: Any = 0.0  # a tensor once the first level is added
+        hits, shapes = 0, 0
         for head, fmap, level_labels in zip(heads, features, labels, strict=True):
             logits = head(fmap)
             loss = loss + torch.nn.functional.cross_entropy(
@@ -691,7 +698,7 @@ def pretrain_dino(
             raise SystemExit(f"--init-backbone {init_backbone}: no Swin of this --arch in it")
         model.load_state_dict(swin, strict=False)
         backbone_steps = 0
-    model = prepare_model(model).to(device).train()
+    model = prepare_model(model).to(device).train()  # type: ignore[arg-type]  # transformers types .to oddly
     if varifocal:
         model.loss_function = partial(grounded_loss, quality=True)
     set_dropout(model, 0.0)  # as fine-tuning (dino.dropout) and both references
@@ -787,7 +794,7 @@ def probe_file(path: Path, *, arch: dict | None, seed: int, n: int) -> dict[str,
 
 def probe_sam_file(path: Path, *, seed: int, n: int) -> dict[str, dict[str, float]]:
     """:func:`sam_probe` of a SAM weights file on ``n`` held-out images of each domain."""
-    from teacher.sam.model import ARCHITECTURES, TINY_PRETRAINED, build_sam
+    from teacher.sam.build import ARCHITECTURES, TINY_PRETRAINED, build_sam
 
     sam = build_sam(ARCHITECTURES[TINY_PRETRAINED])
     try:

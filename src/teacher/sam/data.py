@@ -35,11 +35,11 @@ from teacher.sam.model import (
     boxes_xyxy_to_input,
     encoder_fingerprint,
     image_to_tensor,
-    prepare_image,
     resize_image,
     resized_shape,
     unwrap,
 )
+from teacher.sam.predictor import prepare_image
 from teacher.sam.scoring import instance_boxes_xywh, is_sam_instance
 
 log = logging.getLogger(__name__)

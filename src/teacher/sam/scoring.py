@@ -19,7 +19,7 @@ import numpy as np
 from teacher.coco.detections import Detections
 from teacher.coco.io import annotation_mask, has_mask, has_usable_box, is_crowd
 from teacher.coco.metrics import mask_iou
-from teacher.sam.model import SAM_CHUNK, PreparedImage
+from teacher.sam.predictor import SAM_CHUNK, PreparedImage
 
 
 def is_sam_instance(ann: dict[str, Any]) -> bool:

@@ -25,9 +25,11 @@ from teacher.coco.metrics import mean_mask_iou
 from teacher.core.errors import TeacherError
 from teacher.core.params import LoraParams, SamParams, TrainParams
 from teacher.dataset.augment import build_transform
+from teacher.sam.build import load_base_sam
 from teacher.sam.data import SamDataset, cache_split_embeddings, collate_sam, sam_instances
 from teacher.sam.losses import sam_loss
-from teacher.sam.model import input_size, load_base_sam, prepare_image, unwrap
+from teacher.sam.model import input_size, unwrap
+from teacher.sam.predictor import prepare_image
 from teacher.sam.scoring import score_gt_boxes
 from teacher.train.distributed import process_rank_and_count
 from teacher.train.loop import Task, fit
@@ -229,7 +231,7 @@ def train_sam(
     train_coco: dict[str, Any],
     val_coco: dict[str, Any],
     image_root: Path,
-    sam_params: SamParams,
+    sam: SamParams,
     lora: LoraParams,
     train: TrainParams,
     augment_policy: dict[str, Any],
@@ -247,8 +249,8 @@ def train_sam(
     with torch.random.fork_rng(devices=[]):  # LoRA's random init follows `seed`, nothing else
         torch.manual_seed(seed)
         model = wrap_for_training(
-            load_base_sam(sam_params.model),
-            sam_params=sam_params,
+            load_base_sam(sam.model),
+            sam_params=sam,
             lora=lora,
             activation_checkpointing=train.activation_checkpointing,
         )
@@ -257,7 +259,7 @@ def train_sam(
         train_coco=train_coco,
         val_coco=val_coco,
         image_root=image_root,
-        sam_params=sam_params,
+        sam_params=sam,
         augment_policy=augment_policy,
         seed=seed,
         cache_dir=cache_dir,

@@ -2,7 +2,7 @@
 
 Adapted from label_studio_sdk.converter.brush (``encode_rle`` / ``mask2rle`` / ``decode_rle``,
 Apache-2.0), same bytes; the SDK is not a dependency because its pins (numpy < 2.3, opencv
-4.12) clash with ours. ``tests/test_serve_protocol.py`` pins this encoder against the SDK's
+4.12) clash with ours. ``tests/serve/test_serve_protocol.py`` pins this encoder against the SDK's
 decoder, run in Label Studio's own virtual environment.
 
 Format: the image as RGBA bytes (H*W*4, each mask pixel repeated over the 4 channels, 0 or

@@ -71,12 +71,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         help="scale of both adapters, >= 0: 0 = the base models, 1 = as trained (1), between = "
-        "a blend that keeps more of the base models' open vocabulary (README: forgetting guard)",
+        "a blend that keeps more of the base models' open vocabulary (docs/METRICS.md: the forgetting guard)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from teacher.inference.predict import Filter, parse_classes
+    from teacher.inference.predict import filter_from_args, parse_classes
     from teacher.serve.app import run_server
     from teacher.serve.backend import Backend
     from teacher.serve.sources import ImageSources
@@ -84,13 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = model_params(args.params)
     dino = params["dino"]
-    keep = Filter(
-        score_threshold=dino.box_threshold
-        if args.score_threshold is None
-        else args.score_threshold,
-        nms_iou=args.nms_iou,
-        max_detections=args.max_detections,
-    )
+    keep = filter_from_args(args, default_score=dino.box_threshold)
     teachers = load_serve_teachers(
         adapters=args.adapters,
         classes=parse_classes(args.classes) if args.classes else None,

@@ -21,7 +21,7 @@ import torch
 from teacher.core.artifacts import LABELS_FILE, TRAINED_ALIASES_FILE, TRAINED_MODULES_FILE
 from teacher.core.digest import fingerprint
 from teacher.inference.predict import Filter, Teachers, load_predict_teachers, predict_images
-from teacher.sam.model import PreparedImage, prepare_image
+from teacher.sam.predictor import PreparedImage, prepare_image
 from teacher.serve.protocol import Found, Prompts
 from teacher.train.lora import PEFT_WEIGHTS_FILE
 

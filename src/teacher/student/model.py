@@ -15,8 +15,6 @@ resize does not change them. A trained student folder holds the transformers wei
 from __future__ import annotations
 
 import json
-import os
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -35,6 +33,7 @@ from transformers import (
 
 from teacher.coco.detections import Detections
 from teacher.core.errors import TeacherError
+from teacher.core.hub import hub_reachable
 from teacher.core.params import StudentParams
 
 TINY_RANDOM = "tiny-random"
@@ -141,17 +140,6 @@ def label_config(names: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def _hub_reachable(*, timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _offline_error(name: str, revision: str, err: Exception) -> TeacherError:
     return TeacherError(
         f"student.model {name!r} (revision {revision!r}) is not a local folder, not in the Hugging "
@@ -178,7 +166,7 @@ def _pretrained(name: str, *, revision: str, masks: bool, names: Sequence[str]) 
             raise TeacherError(
                 f"student.model {name!r}: not an RF-DETR folder written by save_pretrained ({err})"
             ) from err
-        if not _hub_reachable():
+        if not hub_reachable():
             raise _offline_error(name, revision, err) from err
     try:
         return cls.from_pretrained(name, local_files_only=False, **kwargs)

@@ -76,8 +76,8 @@ def run_student_stage(args: argparse.Namespace) -> str:
         weight=student.teacher_weight,
     )
     note = pool_note(
-        len(teacher.coco.io["images"]),
-        len(teacher.coco.io["annotations"]),
+        len(teacher.coco["images"]),
+        len(teacher.coco["annotations"]),
         weight=student.teacher_weight,
         min_score=student.min_score,
         path=args.teacher_labels,
@@ -92,7 +92,7 @@ def run_student_stage(args: argparse.Namespace) -> str:
         args.val,
         args.teacher_labels,
         images_digest(args.images, train_coco, val_coco),
-        images_digest(args.pool, teacher.coco.io),
+        images_digest(args.pool, teacher.coco),
     )
     metrics = launch(
         train_student,

@@ -219,7 +219,7 @@ def train_student(
         names=tuple(names),
     )
     sources = [Source(HUMAN, train_coco, Path(image_root), 1.0)]
-    if teacher is not None and teacher.weight > 0 and teacher.coco.io["images"]:
+    if teacher is not None and teacher.weight > 0 and teacher.coco["images"]:
         sources.append(teacher)
     task = build_task(
         model,

@@ -68,7 +68,6 @@ def run_training_stage(
     *,
     teacher: str,
     train_fn: Callable[..., dict[str, Any]],
-    teacher_kwarg: str,
     extra: dict[str, Any] | None = None,
     skip: Callable[[dict, Path], str | None] | None = None,
 ) -> str:
@@ -76,8 +75,9 @@ def run_training_stage(
 
     ``train_fn`` (module-level: it may run in spawned processes) gets the splits, image root,
     ``lora``/``train`` params, augmentation policy, seed, output folders and fingerprint, its
-    own params section as ``teacher_kwarg`` and ``extra``. ``skip(facts, train_path)`` may
-    return a reason the data cannot train this teacher: then only a SKIPPED note is written.
+    own params section by the section's name (``teacher``: ``dino=``, ``sam=``) and ``extra``.
+    ``skip(facts, train_path)`` may return a reason the data cannot train this teacher: then
+    only a SKIPPED note is written.
     """
     params = load_params(args.params)
     facts = read_json(args.inspect)
@@ -111,7 +111,7 @@ def run_training_stage(
                 checkpoint_dir=args.checkpoints,
                 live_dir=args.metrics,
                 fingerprint=run_id,
-                **{teacher_kwarg: params[teacher]},
+                **{teacher: params[teacher]},
                 **(extra or {}),
             ),
         )

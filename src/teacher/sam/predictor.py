@@ -1,0 +1,138 @@
+"""Prompt a prepared image, as segment-anything's ``predictor.py``.
+
+:func:`prepare_image` runs the image encoder once (``SamPredictor.set_image``); the immutable
+:class:`PreparedImage` answers any number of box prompts (COCO xywh, original pixels) against
+that embedding; :func:`segment` does both for one image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from torch import Tensor, nn
+
+from teacher.coco.boxes import xywh_to_xyxy
+from teacher.sam.model import (
+    boxes_xyxy_to_input,
+    decode_boxes,
+    embed_images,
+    image_to_tensor,
+    input_size,
+    resize_image,
+    resized_shape,
+    select_best,
+    unwrap,
+)
+
+SAM_CHUNK = 16  # box prompts decoded and upscaled at a time: bounds the (chunk, H, W) float logits
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image ready for box prompts: segment-anything's ``SamPredictor.set_image`` state.
+
+    The encoder ran once (:func:`prepare_image`); :meth:`predict` answers any number of box
+    prompts against the embedding, ``chunk`` boxes per decoder call, so the full-size float
+    logits in memory are (chunk, H, W) however many boxes an image has.
+    """
+
+    sam: Sam  # the (unwrapped) model whose encoder computed ``embedding``
+    embedding: Tensor  # (C, g, g) on the model's device
+    original_size: tuple[int, int]  # (H, W) of the image as given
+    input_size: tuple[int, int]  # (h, w) after ResizeLongestSide, before padding
+
+    def boxes_to_input(self, boxes_xywh: np.ndarray) -> Tensor:
+        """(N, 4) COCO xywh in original pixels -> (N, 4) float32 xyxy in the input frame."""
+        xyxy = xywh_to_xyxy(np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4))
+        size = input_size(self.sam)
+        return torch.as_tensor(
+            boxes_xyxy_to_input(xyxy, self.original_size, size=size),
+            dtype=torch.float32,
+            device=self.embedding.device,
+        )
+
+    @torch.no_grad()
+    def predict_chunks(
+        self, boxes_xywh: np.ndarray, *, multimask: bool = False, chunk: int = SAM_CHUNK
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Masks bool (n, H, W) and predicted IoU float32 (n,) of consecutive chunks of at most
+        ``chunk`` boxes (COCO xywh, original pixels); multimask: the best of 3 by predicted IoU."""
+        boxes = self.boxes_to_input(boxes_xywh)
+        for start in range(0, len(boxes), chunk):
+            low_res, scores = decode_boxes(
+                self.sam, self.embedding, boxes[start : start + chunk], multimask=multimask
+            )
+            best, best_scores = select_best(low_res, scores)  # before upscaling: 1 mask per box
+            logits = self.sam.postprocess_masks(best[:, None], self.input_size, self.original_size)
+            yield (
+                (logits[:, 0] > self.sam.mask_threshold).cpu().numpy(),
+                best_scores.float().cpu().numpy(),
+            )
+
+    def predict(
+        self, boxes_xywh: np.ndarray, *, multimask: bool = False, chunk: int = SAM_CHUNK
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Masks bool (N, H, W) and predicted IoU float32 (N,) of all boxes (see predict_chunks)."""
+        parts = list(self.predict_chunks(boxes_xywh, multimask=multimask, chunk=chunk))
+        if not parts:
+            return np.zeros((0, *self.original_size), bool), np.zeros((0,), np.float32)
+        return np.concatenate([m for m, _ in parts]), np.concatenate([s for _, s in parts])
+
+
+@torch.no_grad()
+def prepare_image(
+    model: nn.Module,
+    image: np.ndarray | None = None,
+    *,
+    embedding: Tensor | None = None,
+    original_size: tuple[int, int] | None = None,
+) -> PreparedImage:
+    """Run the image encoder once on ``image`` (HxWx3 uint8 RGB), as ``SamPredictor.set_image``.
+
+    Or wrap an ``embedding`` (C, g, g) computed before (the decoder-only cache) of an image of
+    ``original_size`` (H, W): then the image is not needed.
+    """
+    sam = unwrap(model)
+    size = input_size(sam)
+    if embedding is None:
+        if image is None:
+            raise ValueError("prepare_image: pass an image, or an embedding and its original_size")
+        original_size = (int(image.shape[0]), int(image.shape[1]))
+        embedding = embed_images(sam, [image_to_tensor(resize_image(image, size=size))])[0]
+    elif original_size is None:
+        if image is None:
+            raise ValueError("prepare_image: an embedding needs the image's original_size")
+        original_size = (int(image.shape[0]), int(image.shape[1]))
+    resized = resized_shape(*original_size, size=size)
+    return PreparedImage(
+        sam=sam,
+        embedding=embedding.to(sam.device),
+        original_size=(int(original_size[0]), int(original_size[1])),
+        input_size=(int(resized[0]), int(resized[1])),
+    )
+
+
+def segment(
+    model: nn.Module,
+    image: np.ndarray,
+    boxes_xywh: np.ndarray,
+    *,
+    multimask: bool = False,
+    embedding: Tensor | None = None,
+    chunk: int = SAM_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of the objects in ``boxes_xywh`` (COCO xywh, absolute pixels) of one image.
+
+    image: HxWx3 uint8 RGB. One embedding (``embedding`` (C, g, g) when already computed), the
+    boxes decoded ``chunk`` at a time. multimask: False (default) uses SAM's single-mask output,
+    what a box prompt calls for; True keeps the best of three by predicted IoU.
+    Returns masks bool (N, H, W) and predicted IoU float32 (N,). No boxes: no encoder pass.
+    """
+    if len(np.asarray(boxes_xywh).reshape(-1, 4)) == 0:
+        return np.zeros((0, *image.shape[:2]), bool), np.zeros((0,), np.float32)
+    prepared = prepare_image(model, image, embedding=embedding)
+    return prepared.predict(boxes_xywh, multimask=multimask, chunk=chunk)
