@@ -1,10 +1,14 @@
 """Stage ``label``: the fine-tuned teachers (Grounded-SAM) label the unlabeled pool.
 
     python -m stages.label --params params.yaml --pool data/sample/unlabeled \
-        --dino models/dino --sam models/sam --out data/teacher_labels.json
+        --dino models/dino --sam models/sam --shards data/label_shards \
+        --out data/teacher_labels.json
 
 Writes ``data/teacher_labels.json``: COCO with per detection a box, an RLE mask (when SAM was
-trained) and a score; thresholds from the ``label`` section. Unreadable images are listed on
+trained) and a score; thresholds from the ``label`` section. Labeled in shards of
+``label.shard_size`` images, kept in ``--shards`` (a DVC output that persists between runs): a
+rerun after a crash labels only what no shard holds. ``label.processes`` processes share the
+work; inside ``accelerate launch`` / torchrun every rank does. Unreadable images are listed on
 stderr and in ``info.unreadable``, and skipped. A pool folder without images gives a file
 without images: the student then trains on the human labels alone.
 """
@@ -15,28 +19,30 @@ import argparse
 import sys
 from pathlib import Path
 
-from teacher.coco.io import save_coco
 from teacher.core.errors import TeacherError
 from teacher.core.params import ParamsError, load_params
 from teacher.inference.labeling import label_pool
 
 
-def run(args: argparse.Namespace) -> str:
+def run(args: argparse.Namespace) -> str | None:
     params = load_params(args.params)
-    doc = label_pool(
+    done = label_pool(
         args.pool,
         dino_dir=args.dino,
         sam_dir=args.sam,
         label=params["label"],
         dino=params["dino"],
         sam=params["sam"],
+        out=args.out,
+        shard_dir=args.shards,
     )
-    save_coco(doc, args.out)
-    for item in doc["info"]["unreadable"]:
+    if done is None:  # another rank of a distributed launch: the main process reports
+        return None
+    for item in done["unreadable"]:
         print(f"label: skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
     return (
-        f"{len(doc['annotations'])} detections on {len(doc['images'])} images "
-        f"({len(doc['info']['unreadable'])} unreadable skipped) -> {args.out}"
+        f"{done['annotations']} detections on {done['images']} images "
+        f"({len(done['unreadable'])} unreadable skipped) -> {args.out}"
     )
 
 
@@ -52,10 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--dino", type=Path, default=Path("models/dino"))
     p.add_argument("--sam", type=Path, default=Path("models/sam"))
+    p.add_argument(
+        "--shards", type=Path, default=Path("data/label_shards"), help="finished shards (resume)"
+    )
     p.add_argument("--out", type=Path, default=Path("data/teacher_labels.json"))
     args = p.parse_args(argv)
     try:
-        print(f"label: {run(args)}")
+        summary = run(args)
+        if summary is not None:
+            print(f"label: {summary}")
     except (ParamsError, TeacherError) as e:
         print(f"label: {e}", file=sys.stderr)
         return 1

@@ -34,6 +34,7 @@ ALLOWED = {
     "export",
     "dvc",  # DVC's own command line; the params it sets are tested by the pipeline tests
     "huggingface-cli",
+    "torchrun",  # the distributed launcher; tests/inference/test_labeling.py runs its `-m stages.label`
     "label-studio",
     ".venv-ls/bin/label-studio",
 }

@@ -13,11 +13,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from teacher.core.errors import TeacherError
 from teacher.core.params import ParamsError, ValidateParams, load_params
 from teacher.serve.command import configure as _serve_configure
 from teacher.serve.command import run as _serve_run
+
+if TYPE_CHECKING:
+    from teacher.inference.job import Labeled
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,26 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
         "the folder (default /data/local-files/?d=<folder>/)",
     )
     p.add_argument(
+        "--processes",
+        type=_positive,
+        default=1,
+        help="data-parallel processes on this machine, >= 1 (one per GPU; on CPU each takes its "
+        "share of the cores); inside accelerate launch / torchrun every rank takes part",
+    )
+    p.add_argument(
+        "--shard-size", type=_positive, default=1000, help="images per shard, >= 1 (1000)"
+    )
+    p.add_argument(
+        "--shards",
+        help="folder of finished shards (default: OUT.shards beside --out); removed when done",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the shards an interrupted run left (made with the same settings); "
+        "without it, a run starts over",
+    )
+    p.add_argument(
         "--student",
         help="label with a trained student instead of the teachers: "
         "models/student (PyTorch) or a `teacher export --student` folder (ONNX); "
@@ -221,55 +245,46 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_run(args: argparse.Namespace) -> int:
-    from teacher.coco.io import save_coco
-    from teacher.inference.predict import (
-        IMAGE_SUFFIXES,
-        filter_from_args,
-        label_folder,
-        load_predict_teachers,
-        parse_classes,
-    )
+    from functools import partial
+
+    from teacher.core.digest import folder_digest
+    from teacher.inference.predict import filter_from_args, parse_classes, predict_detector
 
     params = _model_params(args.params)
     scale = _teacher_scale(args)
     if args.student:
         return _predict_student(args, params)
-    dino = params["dino"]
-    teachers = load_predict_teachers(
-        classes=parse_classes(args.classes) if args.classes else None,
-        adapters=args.adapters,
-        dino_params=dino,
-        sam_params=params["sam"],
-        segment_masks=not args.boxes_only,
-        adapter_scale=scale,
-    )
+    dino, sam = params["dino"], params["sam"]
+    classes = parse_classes(args.classes) if args.classes else None
     keep = filter_from_args(args, default_score=dino.box_threshold)
     text = dino.text_threshold if args.text_threshold is None else args.text_threshold
-    doc = label_folder(
-        teachers,
-        args.images,
+    loader = partial(
+        predict_detector,
+        classes=classes,
+        adapters=args.adapters,
+        dino=dino,
+        sam=sam,
+        segment_masks=not args.boxes_only,
+        adapter_scale=scale,
         keep=keep,
         text_threshold=text,
-        batch_size=args.batch_size,
-        multimask=params["sam"].multimask,
     )
-    for item in doc["info"]["unreadable"]:
-        print(f"skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
-    if not doc["images"]:
-        unread = len(doc["info"]["unreadable"])
-        raise TeacherError(
-            f"{args.images}: no image could be read ({unread} unreadable, listed "
-            f"above), nothing written to {args.out}; pass a folder of PNG/JPEG/"
-            "TIFF images"
-            if unread
-            else f"{args.images}: no image files found "
-            f"(suffixes {', '.join(IMAGE_SUFFIXES)}); nothing written"
-        )
+    settings = {
+        "classes": classes,
+        "adapters": folder_digest(args.adapters) if args.adapters else None,
+        "models": [dino.model, dino.revision, dino.shortest_edge, dino.longest_edge, sam.model],
+        "filter": [keep.score_threshold, keep.nms_iou, keep.max_detections, text],
+        "masks": [not args.boxes_only, sam.multimask],
+        "adapter_scale": scale,
+    }
+    done = _run_predict_job(args, loader, settings)
+    if done is None:  # another rank of a distributed launch: the main process writes
+        return 0
     if args.format == "label-studio":
         from teacher.serve.command import save_label_studio_tasks
 
-        save_label_studio_tasks(
-            doc,
+        summary = save_label_studio_tasks(
+            done,
             out=args.out,
             images=args.images,
             label_config=args.label_config,
@@ -278,36 +293,94 @@ def _predict_run(args: argparse.Namespace) -> int:
             adapters=args.adapters,
             classes=args.classes,
             dino_model=dino.model,
-            sam_model=params["sam"].model,
+            sam_model=sam.model,
             adapter_scale=scale,
         )
     else:
-        save_coco(doc, args.out)
-    print(
-        f"wrote {args.out}: {len(doc['images'])} images, {len(doc['annotations'])} detections"
-        f" ({len(doc['info']['unreadable'])} unreadable images skipped)"
-    )
+        summary = _write_predictions(args, done)
+    _predict_summary(args, done, summary)
     return 0
 
 
 def _predict_student(args: argparse.Namespace, params: dict) -> int:
     """``teacher predict --student``: the student (PyTorch or ONNX) labels the folder."""
-    from teacher.coco.io import save_coco
+    from functools import partial
+
+    from teacher.core.digest import file_sha256, folder_digest
     from teacher.inference.predict import filter_from_args
-    from teacher.inference.student import label_with_student
+    from teacher.inference.student import student_detector
     from teacher.student.onnx import load_any_student
 
-    student = load_any_student(args.student)
+    load_any_student(args.student)  # a wrong path is said now, not in every process
     keep = filter_from_args(args, default_score=params["student"].score_threshold)
-    doc = label_with_student(student, args.images, keep=keep, batch_size=args.batch_size)
-    save_coco(doc, args.out)
-    for item in doc["info"]["unreadable"]:
-        print(f"skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
-    print(
-        f"wrote {args.out}: {len(doc['images'])} images, {len(doc['annotations'])} detections"
-        f" ({len(doc['info']['unreadable'])} unreadable images skipped)"
-    )
+    path = Path(args.student)
+    settings = {
+        "student": file_sha256(path) if path.is_file() else folder_digest(path),
+        "filter": [keep.score_threshold, keep.nms_iou, keep.max_detections],
+    }
+    done = _run_predict_job(args, partial(student_detector, path=path, keep=keep), settings)
+    if done is None:
+        return 0
+    _predict_summary(args, done, _write_predictions(args, done))
     return 0
+
+
+def _run_predict_job(args: argparse.Namespace, loader: Any, settings: dict) -> Labeled | None:
+    """The labeling job of `teacher predict`: shards in ``--shards`` (kept after a crash, reused
+    with ``--resume``), ``--processes`` processes; the job's result once every shard is done."""
+    from teacher.core.digest import code_digest
+    from teacher.inference.job import Job, clear_shards, run_job
+    from teacher.inference.predict import list_images
+
+    list_images(args.images)  # not a folder: said before anything loads
+    shard_dir = (
+        Path(args.shards)
+        if args.shards
+        else Path(args.out).with_name(Path(args.out).name + ".shards")
+    )
+    if not args.resume:
+        clear_shards(shard_dir)
+    job = Job(
+        folder=Path(args.images),
+        shard_dir=shard_dir,
+        loader=loader,
+        settings={**settings, "batch_size": args.batch_size, "code": code_digest()},
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        processes=args.processes,
+    )
+    return run_job(job)
+
+
+def _write_predictions(args: argparse.Namespace, done: Labeled) -> dict:
+    """The merged COCO document at ``--out``; nothing is left there when no image was read."""
+    from teacher.inference.shards import ordered_records, write_merged
+
+    out = Path(args.out)
+    summary = write_merged(
+        out,
+        lambda: ordered_records(done.shards, done.images),
+        categories=[{"id": c, "name": n} for c, n in done.categories],
+        info={"description": done.description},
+    )
+    if summary["images"] == 0:
+        out.unlink()
+    return summary
+
+
+def _predict_summary(args: argparse.Namespace, done: Labeled, summary: dict) -> None:
+    """Unreadable images on stderr; exit non-zero (TeacherError) when no image was read."""
+    from teacher.inference.job import clear_shards, no_image_error
+
+    for item in summary["unreadable"]:
+        print(f"skipped unreadable image {item['file']}: {item['reason']}", file=sys.stderr)
+    if summary["images"] == 0:
+        raise no_image_error(Path(args.images), len(summary["unreadable"]))
+    clear_shards(done.shard_dir)
+    print(
+        f"wrote {args.out}: {summary['images']} images, {summary['annotations']} detections"
+        f" ({len(summary['unreadable'])} unreadable images skipped)"
+    )
 
 
 # --- export --------------------------------------------------------------------------------

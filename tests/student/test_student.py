@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fake_adapters import (
-    TINY_DINO,
-    TINY_SAM,
-    write_dino_adapter,
-    write_sam_adapter,
     write_tiny_coco,
 )
 
@@ -26,10 +23,11 @@ from teacher.coco.io import (
     save_coco,
 )
 from teacher.core.errors import TeacherError
-from teacher.core.params import LabelParams, StudentParams, TrainParams
-from teacher.inference.labeling import label_pool
+from teacher.core.params import StudentParams, TrainParams
+from teacher.inference.job import Job, run_job
 from teacher.inference.predict import Filter
-from teacher.inference.student import label_with_student
+from teacher.inference.shards import ordered_records, write_merged
+from teacher.inference.student import student_detector
 from teacher.student.data import (
     HUMAN,
     Source,
@@ -467,85 +465,29 @@ def test_predict_student_from_a_wrong_folder_says_what_to_pass(tmp_path, capsys)
 
 def test_the_pytorch_student_labels_like_the_library(trained, tmp_path):
     root, _, _ = trained
-    doc = label_with_student(
-        load_student(root / "student"),
-        root / "images",
-        keep=Filter(score_threshold=0.0, nms_iou=1.0, max_detections=3),
-        progress=False,
-    )
-    assert len(doc["images"]) == 4 and len(doc["annotations"]) == 12
-
-
-# --- the label stage's library ---------------------------------------------------------------------
-
-
-def test_an_empty_pool_gives_no_teacher_labels(tmp_path):
-    (tmp_path / "pool").mkdir()
-    doc = label_pool(
-        tmp_path / "pool",
-        dino_dir=tmp_path / "dino",
-        sam_dir=tmp_path / "sam",
-        label=LabelParams(),
-        dino=TINY_DINO,
-        sam=TINY_SAM,
-        log=lambda s: None,
-    )
-    assert doc["images"] == [] and doc["annotations"] == []
-
-
-def test_a_missing_pool_folder_names_the_param(tmp_path):
-    with pytest.raises(TeacherError, match="data.unlabeled .*not a folder"):
-        label_pool(
-            tmp_path / "nope",
-            dino_dir=tmp_path,
-            sam_dir=tmp_path,
-            label=LabelParams(),
-            dino=TINY_DINO,
-            sam=TINY_SAM,
+    done = run_job(
+        Job(
+            folder=root / "images",
+            shard_dir=tmp_path / "shards",
+            loader=partial(
+                student_detector,
+                path=root / "student",
+                keep=Filter(score_threshold=0.0, nms_iou=1.0, max_detections=3),
+            ),
+            settings={},
+            progress=False,
         )
-
-
-def test_the_teachers_label_the_pool_with_boxes_masks_scores_and_skip_unreadable(tmp_path):
-    coco = write_tiny_coco(tmp_path / "pool", n_images=2)
-    (tmp_path / "pool" / "broken.png").write_bytes(b"\x89PNG broken")
-    write_dino_adapter(tmp_path / "models/dino", coco["categories"])
-    write_sam_adapter(tmp_path / "models/sam")
-    doc = label_pool(
-        tmp_path / "pool",
-        dino_dir=tmp_path / "models/dino",
-        sam_dir=tmp_path / "models/sam",
-        label=LabelParams(score_threshold=0.0),
-        dino=TINY_DINO,
-        sam=TINY_SAM,
-        progress=False,
     )
-    assert len(doc["images"]) == 2 and doc["info"]["unreadable"][0]["file"].endswith("broken.png")
-    assert doc["annotations"] and all(
-        {"score", "bbox", "segmentation"} <= set(a) for a in doc["annotations"]
+    assert done is not None
+    counts = write_merged(
+        tmp_path / "o.json",
+        lambda: ordered_records(done.shards, done.images),
+        categories=[{"id": c, "name": n} for c, n in done.categories],
+        info={},
     )
-    save_coco(doc, tmp_path / "labels.json")
-    src = teacher_source(
-        load_coco(tmp_path / "labels.json"),
-        path=tmp_path / "labels.json",
-        pool=tmp_path / "pool",
-        categories={1: {}, 5: {}},
-        min_score=0.0,
-        weight=1.0,
-    )
-    assert len(src.coco["annotations"]) == len(doc["annotations"])
-
-
-def test_without_a_dino_adapter_the_label_stage_says_run_train_dino(tmp_path):
-    write_tiny_coco(tmp_path / "pool", n_images=1)
-    with pytest.raises(TeacherError, match="dvc repro train_dino"):
-        label_pool(
-            tmp_path / "pool",
-            dino_dir=tmp_path / "dino",
-            sam_dir=tmp_path / "sam",
-            label=LabelParams(),
-            dino=TINY_DINO,
-            sam=TINY_SAM,
-        )
+    doc = load_coco(tmp_path / "o.json")
+    assert counts["images"] == len(doc["images"]) == 4
+    assert counts["annotations"] == len(doc["annotations"]) == 12
 
 
 def test_student_outputs_module_returns_masks_only_when_segmenting():

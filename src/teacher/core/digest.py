@@ -60,3 +60,18 @@ def images_digest(root: Path | str, *cocos: Mapping[str, Any]) -> str:
         path = root / name
         entries.append([name, file_sha256(path) if path.is_file() else "missing"])
     return fingerprint(entries)
+
+
+def folder_digest(folder: Path | str, *, pattern: str = "*") -> str:
+    """sha256 over (relative path, content sha256) of every file under ``folder`` matching
+    ``pattern``; ``"missing"`` when there is no such folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "missing"
+    files = sorted(p for p in folder.rglob(pattern) if p.is_file())
+    return fingerprint([[p.relative_to(folder).as_posix(), file_sha256(p)] for p in files])
+
+
+def code_digest() -> str:
+    """The ``teacher`` package's source, as one hash: what made an artifact, for reuse checks."""
+    return folder_digest(Path(__file__).resolve().parents[1], pattern="*.py")

@@ -208,6 +208,8 @@ class LabelParams:
     max_detections: int = field(default=100, metadata=_range(1))  # per image
     batch_size: int = field(default=4, metadata=_range(1))  # images per Grounding DINO forward
     adapter_scale: float = field(default=1.0, metadata=_range(0))  # both teachers' adapters at this scale (0 = base models, 1 = as trained); pick it from evaluate's tradeoff plot
+    processes: int = field(default=1, metadata=_range(1))  # data-parallel labeling processes on this machine (one per GPU; on CPU each takes its share of the cores); accelerate launch / torchrun runs one per rank instead
+    shard_size: int = field(default=1000, metadata=_range(1))  # images per shard: each is written when done, and a rerun after a crash labels only the shards not written
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torchvision.ops import batched_nms
-from tqdm import tqdm
 
 from teacher.coco.boxes import clip_xywh, xywh_to_xyxy
 from teacher.coco.detections import Detections
@@ -59,6 +59,17 @@ def filter_from_args(args: argparse.Namespace, *, default_score: float) -> Filte
         nms_iou=args.nms_iou,
         max_detections=args.max_detections,
     )
+
+
+@dataclass
+class Detector:
+    """What labels a pool (:mod:`teacher.inference.job`): ``detect`` (a batch of HxWx3 uint8
+    images -> their detections), the categories (id, name) its detections use, and a
+    description for the document's ``info``."""
+
+    detect: Callable[[list[np.ndarray]], list[Detections]]
+    categories: list[tuple[int, str]]
+    description: str
 
 
 @dataclass
@@ -257,89 +268,6 @@ def read_batches(
         yield batch
 
 
-def label_folder(
-    teachers: Teachers,
-    folder: str | Path,
-    *,
-    keep: Filter,
-    text_threshold: float,
-    batch_size: int = 4,
-    multimask: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Auto-label every image under ``folder``: a COCO dataset with the teachers' detections.
-
-    ``info.unreadable`` lists ``{"file", "reason"}`` of images that were skipped.
-    """
-    lm = teachers.label_map
-
-    def detect(images: list[np.ndarray]) -> list[Detections]:
-        return predict_images(
-            teachers, images, keep=keep, text_threshold=text_threshold, multimask=multimask
-        )
-
-    return label_images(
-        folder,
-        detect,
-        categories=list(zip(lm.category_ids, lm.names, strict=True)),
-        description="teacher predictions (Grounded-SAM)",
-        batch_size=batch_size,
-        progress=progress,
-    )
-
-
-def label_images(
-    folder: str | Path,
-    detect: Callable[[list[np.ndarray]], list[Detections]],
-    *,
-    categories: Sequence[tuple[int, str]],
-    description: str,
-    batch_size: int = 4,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The COCO document of ``detect`` (a batch of HxWx3 uint8 images -> their detections) over
-    every image under ``folder``: images with the file's size, ``categories`` (id, name),
-    annotations with ``bbox``, ``score``, ``area`` (and RLE ``segmentation`` with masks);
-    ``info.unreadable`` lists ``{"file", "reason"}`` of the images skipped. Large images are read
-    downscaled and their detections scaled back to the file."""
-    folder = Path(folder)
-    paths = list_images(folder)
-    unreadable = Unreadable()
-    doc: dict[str, Any] = {
-        "images": [],
-        "annotations": [],
-        "categories": [{"id": c, "name": n} for c, n in categories],
-    }
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
-    for batch in read_batches(paths, batch_size=batch_size, unreadable=unreadable):
-        dets = detect([img for _, img, _ in batch])
-        for (path, image, full), det in zip(batch, dets, strict=True):
-            image_id = len(doc["images"]) + 1
-            doc["images"].append(
-                {
-                    "id": image_id,
-                    "file_name": path.relative_to(folder).as_posix(),
-                    "height": int(full[1]),
-                    "width": int(full[0]),
-                }
-            )
-            doc["annotations"] += to_annotations(
-                det,
-                image_id=image_id,
-                first_id=len(doc["annotations"]) + 1,
-                size=full,
-                detected_size=(image.shape[1], image.shape[0]),
-            )
-        bar.update(len(batch))
-    bar.update(len(paths) - bar.n)
-    bar.close()
-    doc["info"] = {
-        "description": description,
-        "unreadable": [{"file": f, "reason": r} for f, r in unreadable.items],
-    }
-    return doc
-
-
 # --- loading for `teacher predict` -------------------------------------------------------------
 
 
@@ -390,9 +318,11 @@ def load_predict_teachers(
     sam_params: Any,
     segment_masks: bool = True,
     adapter_scale: float = 1.0,
+    device: Any = None,
     log=print,
 ) -> Teachers:
-    """DINO (+ adapter) and SAM (+ adapter) on the best device, with the class list to detect.
+    """DINO (+ adapter) and SAM (+ adapter) on ``device`` (default: a GPU when there is one),
+    with the class list to detect.
 
     Classes come from ``classes`` (ids 1..N in order) or, without it, the DINO adapter's
     ``labels.json``. ``adapter_scale`` scales both adapters (:func:`teacher.train.lora.load_adapter`:
@@ -406,7 +336,7 @@ def load_predict_teachers(
     if adapters is None and adapter_scale != 1.0:
         log(f"predict: adapter scale {adapter_scale:g} has no effect without adapters")
     adapters = Path(adapters) if adapters is not None else None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dino = merged(
         load_dino(
             dino_params,
@@ -436,3 +366,41 @@ def load_predict_teachers(
         )
         sam = sam.to(device).eval()
     return Teachers(dino=dino, sam=sam, label_map=label_map)
+
+
+def predict_detector(
+    device: Any,
+    *,
+    classes: Sequence[str] | None,
+    adapters: str | Path | None,
+    dino: Any,
+    sam: Any,
+    segment_masks: bool,
+    adapter_scale: float,
+    keep: Filter,
+    text_threshold: float,
+    log=print,
+) -> Detector:
+    """``teacher predict``'s Grounded-SAM as a labeling job's detector, loaded on ``device``."""
+    teachers = load_predict_teachers(
+        classes=classes,
+        adapters=adapters,
+        dino_params=dino,
+        sam_params=sam,
+        segment_masks=segment_masks,
+        adapter_scale=adapter_scale,
+        device=device,
+        log=log,
+    )
+    lm = teachers.label_map
+    return Detector(
+        partial(
+            predict_images,
+            teachers,
+            keep=keep,
+            text_threshold=text_threshold,
+            multimask=sam.multimask,
+        ),
+        categories=list(zip(lm.category_ids, lm.names, strict=True)),
+        description="teacher predictions (Grounded-SAM)",
+    )

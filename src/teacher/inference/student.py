@@ -1,8 +1,8 @@
 """``teacher predict --student``: a trained student (PyTorch or ONNX) labels a folder of images.
 
-The COCO document is the one ``teacher predict`` writes for the teachers
-(:func:`teacher.inference.predict.label_images`): images with sizes, categories, per detection ``bbox``
-(xywh px), ``score``, ``area`` and, for a segmenting student, ``segmentation`` (compressed RLE);
+The same labeling job as the teachers' (:mod:`teacher.inference.job`), so the COCO document is
+the one ``teacher predict`` writes: images with sizes, categories, per detection ``bbox`` (xywh
+px), ``score``, ``area`` and, for a segmenting student, ``segmentation`` (compressed RLE);
 ``info.unreadable`` lists the images skipped.
 """
 
@@ -14,19 +14,15 @@ from typing import Any
 import numpy as np
 
 from teacher.coco.detections import Detections
-from teacher.inference.predict import Filter, label_images, select
-from teacher.student.model import Student, predict
+from teacher.inference.predict import Detector, Filter, select
 
 
-def label_with_student(
-    student: Student,
-    folder: str | Path,
-    *,
-    keep: Filter,
-    batch_size: int = 4,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Auto-label every image under ``folder`` with a student (PyTorch or ONNX): a COCO dict."""
+def student_detector(device: Any, *, path: str | Path, keep: Filter) -> Detector:
+    """The student at ``path`` (PyTorch folder or ONNX export) as a labeling job's detector."""
+    from teacher.student.model import predict
+    from teacher.student.onnx import load_any_student
+
+    student = load_any_student(path, device=device)
     info = student.info
 
     def detect(images: list[np.ndarray]) -> list[Detections]:
@@ -38,11 +34,8 @@ def label_with_student(
         )  # spares for the per-class NMS
         return [select(det, keep) for det in dets]
 
-    return label_images(
-        folder,
+    return Detector(
         detect,
         categories=list(zip(info.category_ids, info.names, strict=True)),
         description=f"student predictions ({info.source})",
-        batch_size=batch_size,
-        progress=progress,
     )

@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from teacher.inference.job import Labeled
 
 
 def model_params(path: str) -> dict:
@@ -129,7 +133,7 @@ def local_files_prefix(folder: str | Path) -> str:
 
 
 def save_label_studio_tasks(
-    coco: dict,
+    done: Labeled,
     *,
     out: str | Path,
     images: str | Path,
@@ -141,17 +145,18 @@ def save_label_studio_tasks(
     dino_model: str,
     sam_model: str,
     adapter_scale: float = 1.0,
-) -> None:
+) -> dict[str, Any]:
     """``teacher predict --format label-studio``: tasks with predictions at ``out``; the
     labeling config (``label_config``, or a default one written beside ``out``) decides the
-    regions; image URLs are ``image_url_prefix`` (default: local files of ``images``) + path."""
+    regions; image URLs are ``image_url_prefix`` (default: local files of ``images``) + path.
+    Streamed from the job's shards; returns what ``write_label_studio_tasks`` returns."""
     import sys
 
-    from teacher.coco.io import save_json
     from teacher.core.errors import TeacherError
     from teacher.inference.predict import parse_classes
+    from teacher.inference.shards import ordered_records
     from teacher.serve.label_config import LabelConfigError, parse_label_config
-    from teacher.serve.tasks import default_label_config, label_studio_tasks
+    from teacher.serve.tasks import default_label_config, write_label_studio_tasks
     from teacher.serve.teachers import adapters_version
 
     out = Path(out)
@@ -163,7 +168,7 @@ def save_label_studio_tasks(
             )
         xml = Path(label_config).read_text()
     else:
-        xml = default_label_config([c["name"] for c in coco["categories"]], masks=masks)
+        xml = default_label_config([name for _, name in done.categories], masks=masks)
         config_path = out.with_name(out.stem + ".label_config.xml")
         config_path.write_text(xml)
         print(f"wrote {config_path}: the labeling config to paste into the Label Studio project")
@@ -178,16 +183,20 @@ def save_label_studio_tasks(
         extra=parse_classes(classes) if classes else [],
         adapter_scale=adapter_scale,
     )
-    tasks, unknown = label_studio_tasks(
-        coco,
+    summary = write_label_studio_tasks(
+        ordered_records(done.shards, done.images),
+        out,
         config,
+        categories=[{"id": c, "name": n} for c, n in done.categories],
         url_prefix=image_url_prefix or local_files_prefix(images),
         model_version=version,
     )
-    if unknown:
+    if summary["unknown"]:
         print(
             f"classes with no label in the labeling config (their detections are left out): "
-            f"{', '.join(unknown)}",
+            f"{', '.join(summary['unknown'])}",
             file=sys.stderr,
         )
-    save_json(tasks, out)
+    if summary["images"] == 0:
+        out.unlink()
+    return summary

@@ -1,5 +1,5 @@
-"""``teacher predict --format label-studio``: the COCO predictions of ``label_folder`` as
-Label Studio tasks with predictions, ready to import (Project > Import, or the API).
+"""``teacher predict --format label-studio``: a labeling job's predictions as Label Studio
+tasks with predictions, ready to import (Project > Import, or the API), streamed to the file.
 
 Each image becomes ``{"data": {"image": <url>}, "predictions": [{model_version, score,
 result}]}``; ``<url>`` is ``url_prefix`` + the file's path under the labeled folder (default
@@ -8,12 +8,17 @@ prefix: Label Studio's local-files storage, ``/data/local-files/?d=<folder>/``).
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from teacher.coco.io import annotation_mask, categories_by_id, images_by_id, index_by_image
+from teacher.coco.io import annotation_mask
+from teacher.core.errors import TeacherError
 from teacher.serve.label_config import LabelConfig
 from teacher.serve.protocol import Found, task_prediction
 
@@ -44,19 +49,66 @@ def coco_found(image: dict, anns: list[dict], names: dict[int, str]) -> Found:
     )
 
 
-def label_studio_tasks(
-    coco: dict[str, Any], config: LabelConfig, *, url_prefix: str, model_version: str
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Tasks with predictions for every image of ``coco``; and the class names the config has
-    no label for (their detections are left out: report them)."""
-    names = {cid: c["name"] for cid, c in categories_by_id(coco).items()}
-    keys = sorted({c.value for c in config.controls}) or ["image"]
-    tasks, unknown = [], set()
-    images = images_by_id(coco)
-    for image_id, anns in index_by_image(coco).items():
-        image = images[image_id]
-        found = coco_found(image, anns, names)
-        pred, missing = task_prediction({keys[0]: found}, config, model_version=model_version)
-        unknown |= set(missing)
-        tasks.append({"data": {keys[0]: url_prefix + image["file_name"]}, "predictions": [pred]})
-    return tasks, sorted(unknown)
+def label_studio_task(
+    record: dict[str, Any],
+    config: LabelConfig,
+    names: dict[int, str],
+    *,
+    url_prefix: str,
+    model_version: str,
+) -> tuple[dict[str, Any], list[str]]:
+    """One image's task with its prediction (``record``: ``file_name``, ``width``, ``height``
+    and its ``annotations``); and the class names the config has no label for (their
+    detections are left out: report them)."""
+    key = sorted({c.value for c in config.controls} or {"image"})[0]
+    found = coco_found(record, record["annotations"], names)
+    pred, missing = task_prediction({key: found}, config, model_version=model_version)
+    return {"data": {key: url_prefix + record["file_name"]}, "predictions": [pred]}, missing
+
+
+def write_label_studio_tasks(
+    records: Iterator[dict[str, Any]],
+    out: Path,
+    config: LabelConfig,
+    *,
+    categories: list[dict[str, Any]],
+    url_prefix: str,
+    model_version: str,
+) -> dict[str, Any]:
+    """Stream the tasks of ``records`` (a labeling job's, in order) to ``out`` as a JSON list,
+    one task per line, atomically. Returns the counts, the unreadable images (``{"file",
+    "reason"}``) and the class names the config has no label for."""
+    names = {int(c["id"]): str(c["name"]) for c in categories}
+    unknown: set[str] = set()
+    unreadable: list[dict[str, str]] = []
+    n_images = n_regions = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write("[")
+            for record in records:
+                if "unreadable" in record:
+                    unreadable.append({"file": record["path"], "reason": record["unreadable"]})
+                    continue
+                task, missing = label_studio_task(
+                    record, config, names, url_prefix=url_prefix, model_version=model_version
+                )
+                unknown |= set(missing)
+                f.write(("\n" if n_images == 0 else ",\n") + json.dumps(task, sort_keys=True))
+                n_images += 1
+                n_regions += len(record["annotations"])
+            f.write("\n]\n")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TeacherError(f"{out}: cannot write ({e.strerror or e}); free disk space") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {
+        "images": n_images,
+        "annotations": n_regions,
+        "unreadable": unreadable,
+        "unknown": sorted(unknown),
+    }

@@ -9,6 +9,7 @@ compressed and uncompressed RLE decode through pycocotools; crowd regions are le
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,13 @@ from torch.utils.data import Dataset
 
 from teacher.coco.boxes import xywh_to_cxcywh_norm
 from teacher.coco.images import image_path, load_image
-from teacher.coco.io import annotation_mask, index_by_image, mask_kind
+from teacher.coco.io import (
+    annotation_mask,
+    coco_format_problem,
+    index_by_image,
+    load_coco,
+    mask_kind,
+)
 from teacher.core.errors import TeacherError
 from teacher.dataset.augment import sample_rng
 from teacher.student.model import preprocess
@@ -113,6 +120,57 @@ class Source:
     coco: dict[str, Any]
     image_root: Path
     weight: float
+    labels_file: Path | None = None  # where masks left on disk are read (load_teacher_labels)
+
+
+MASK_AT = "segmentation_at"  # (offset, length) in the labels file of an annotation with a mask
+
+
+def load_teacher_labels(path: Path) -> dict[str, Any]:
+    """The teacher labels file with every annotation's mask left on disk: such an annotation
+    holds ``MASK_AT`` (where its line is) instead of ``segmentation``, and
+    :func:`with_mask` reads it back when its image is loaded. Every process of the student's
+    training then holds boxes and scores only, not the pool's RLE masks.
+
+    Streams the layout ``teacher.coco.io.dumps_coco`` writes (one record per line, what the
+    label stage writes); any other JSON is read whole, masks included. An annotation whose mask
+    is not one COCO knows keeps it, so :func:`teacher_label_problems` names it."""
+    doc: dict[str, Any] = {}
+    key = None
+    offset = 0
+    with Path(path).open("rb") as f:
+        for raw in f:
+            line = raw.decode("utf-8").rstrip("\n")
+            if line.startswith(' "') and line.endswith(": ["):
+                key = json.loads(line.strip()[:-3])
+                doc[key] = []
+            elif line.startswith("  {") and key is not None:
+                text = line.strip().removesuffix(",")
+                record = json.loads(text)
+                if key == "annotations" and mask_kind(record) not in ("none", "invalid"):
+                    start = offset + len(raw) - len(raw.lstrip())
+                    del record["segmentation"]
+                    record[MASK_AT] = [start, len(text.encode("utf-8"))]
+                doc[key].append(record)
+            elif line.startswith(" ]"):
+                key = None
+            elif line.startswith(' "'):  # ` "key": value` on one line
+                name, _, value = line.strip().removesuffix(",").partition(": ")
+                doc[json.loads(name)] = json.loads(value)
+            elif line not in ("{", "}"):
+                return load_coco(path)  # not our layout: the whole document
+            offset += len(raw)
+    return doc if not coco_format_problem(doc) else load_coco(path)
+
+
+def with_mask(ann: dict[str, Any], labels_file: Path | None) -> dict[str, Any]:
+    """``ann`` with its ``segmentation`` read back from ``labels_file`` when it was left there."""
+    if labels_file is None or MASK_AT not in ann:
+        return ann
+    start, length = ann[MASK_AT]
+    with Path(labels_file).open("rb") as f:
+        f.seek(start)
+        return json.loads(f.read(length))
 
 
 class StudentDataset(Dataset):
@@ -148,6 +206,8 @@ class StudentDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         source, record, anns = self.items[index]
+        if self.masks:
+            anns = [with_mask(a, source.labels_file) for a in anns]
         image = load_image(image_path(source.image_root, record["file_name"]))
         h, w = image.shape[:2]
         boxes, labels, masks = instance_targets(
@@ -294,4 +354,4 @@ def teacher_source(
             "trained on this split write it again"
         )
     kept = [a for a in doc["annotations"] if a["score"] >= min_score]
-    return Source(TEACHER, {**doc, "annotations": kept}, Path(pool), weight)
+    return Source(TEACHER, {**doc, "annotations": kept}, Path(pool), weight, Path(path))

@@ -18,7 +18,7 @@ from teacher.core.digest import fingerprint, images_digest
 from teacher.core.errors import TeacherError
 from teacher.core.params import load_params, to_dict
 from teacher.dataset.augment import resolve_policy
-from teacher.student.data import has_masks, teacher_source
+from teacher.student.data import has_masks, load_teacher_labels, teacher_source
 from teacher.student.task import train_student
 from teacher.train.distributed import is_main_process, launch
 from teacher.train.stage import training_parser
@@ -68,7 +68,7 @@ def run_student_stage(args: argparse.Namespace) -> str:
             f"{args.teacher_labels}: not found; the label stage writes it (`dvc repro label`)"
         )
     teacher = teacher_source(
-        load_coco(args.teacher_labels),
+        load_teacher_labels(args.teacher_labels),
         path=args.teacher_labels,
         pool=args.pool,
         categories=categories_by_id(train_coco),
