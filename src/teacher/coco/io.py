@@ -21,9 +21,10 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -135,10 +136,12 @@ def current_umask() -> int:
     return mask
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file).
-    A read-only folder or a full disk is a ``TeacherError`` naming the path; an existing
-    file at ``path`` is left as it was."""
+@contextmanager
+def atomic_text_file(path: str | Path) -> Iterator[TextIO]:
+    """A text file opened for writing that appears at ``path`` only when the block ends: it is
+    written to a temporary file beside it and renamed into place, so nothing half written is
+    ever at ``path``. A read-only folder or a full disk is a ``TeacherError`` naming the path;
+    an existing file at ``path`` is left as it was."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +154,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 is not the user's choice
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            yield f
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -161,6 +164,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` at once (:func:`atomic_text_file`)."""
+    with atomic_text_file(path) as f:
+        f.write(text)
 
 
 def save_coco(data: dict[str, Any], path: str | Path) -> None:

@@ -26,7 +26,7 @@ from teacher.inference.predict import (
     Teachers,
     list_images,
     merged,
-    predict_images,
+    teachers_detector,
 )
 from teacher.inference.shards import ordered_records, write_merged
 
@@ -111,16 +111,11 @@ def pool_detector(
         nms_iou=label.nms_iou,
         max_detections=label.max_detections,
     )
-    lm = teachers.label_map
-    return Detector(
-        partial(
-            predict_images,
-            teachers,
-            keep=keep,
-            text_threshold=dino.text_threshold,
-            multimask=sam.multimask,
-        ),
-        categories=list(zip(lm.category_ids, lm.names, strict=True)),
+    return teachers_detector(
+        teachers,
+        keep=keep,
+        text_threshold=dino.text_threshold,
+        multimask=sam.multimask,
         description=DESCRIPTION,
     )
 

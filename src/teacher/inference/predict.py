@@ -392,15 +392,24 @@ def predict_detector(
         device=device,
         log=log,
     )
+    return teachers_detector(
+        teachers,
+        keep=keep,
+        text_threshold=text_threshold,
+        multimask=sam.multimask,
+        description="teacher predictions (Grounded-SAM)",
+    )
+
+
+def teachers_detector(
+    teachers: Teachers, *, keep: Filter, text_threshold: float, multimask: bool, description: str
+) -> Detector:
+    """Grounded-SAM (:func:`predict_images`) over loaded teachers, as a labeling job's detector."""
     lm = teachers.label_map
     return Detector(
         partial(
-            predict_images,
-            teachers,
-            keep=keep,
-            text_threshold=text_threshold,
-            multimask=sam.multimask,
+            predict_images, teachers, keep=keep, text_threshold=text_threshold, multimask=multimask
         ),
         categories=list(zip(lm.category_ids, lm.names, strict=True)),
-        description="teacher predictions (Grounded-SAM)",
+        description=description,
     )

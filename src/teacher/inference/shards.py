@@ -23,16 +23,14 @@ every planned shard file, showing one progress bar for all processes, then merge
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from teacher.coco.io import dumps_coco, write_text_atomic
+from teacher.coco.io import atomic_text_file, dumps_coco, write_text_atomic
 from teacher.core.digest import file_sha256, fingerprint
-from teacher.core.errors import TeacherError
 
 SHARD_GLOB = "shard-*.jsonl"
 FORMAT = 1  # the shard layout; a shard of another format is discarded
@@ -228,28 +226,18 @@ def write_merged(
     ``out`` atomically, byte for byte what :func:`teacher.coco.io.save_coco` writes for the same
     document, holding one record at a time. ``info`` gains ``unreadable``. Returns the counts of
     images and annotations, and the unreadable images (``{"file", "reason"}``)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     unreadable: list[dict[str, str]] = []
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write("{\n")
-            n_anns = _write_list(f, "annotations", _annotations(records(), unreadable))
-            f.write(",\n")
-            _write_list(f, "categories", iter(categories))
-            f.write(",\n")
-            n_images = _write_list(f, "images", _images(records()))
-            f.write(",\n")
-            doc_info = {**info, "unreadable": unreadable}
-            f.write(dumps_coco({"info": doc_info})[2:-3])  # ` "info": {...}`
-            f.write("\n}\n")
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TeacherError(f"{out}: cannot write ({e.strerror or e}); free disk space") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_text_file(out) as f:
+        f.write("{\n")
+        n_anns = _write_list(f, "annotations", _annotations(records(), unreadable))
+        f.write(",\n")
+        _write_list(f, "categories", iter(categories))
+        f.write(",\n")
+        n_images = _write_list(f, "images", _images(records()))
+        f.write(",\n")
+        doc_info = {**info, "unreadable": unreadable}
+        f.write(dumps_coco({"info": doc_info})[2:-3])  # ` "info": {...}`
+        f.write("\n}\n")
     return {"images": n_images, "annotations": n_anns, "unreadable": unreadable}
 
 

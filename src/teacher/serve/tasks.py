@@ -9,7 +9,6 @@ prefix: Label Studio's local-files storage, ``/data/local-files/?d=<folder>/``).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,7 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from teacher.coco.io import annotation_mask
-from teacher.core.errors import TeacherError
+from teacher.coco.io import annotation_mask, atomic_text_file
 from teacher.serve.label_config import LabelConfig
 from teacher.serve.protocol import Found, task_prediction
 
@@ -82,30 +80,20 @@ def write_label_studio_tasks(
     unknown: set[str] = set()
     unreadable: list[dict[str, str]] = []
     n_images = n_regions = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write("[")
-            for record in records:
-                if "unreadable" in record:
-                    unreadable.append({"file": record["path"], "reason": record["unreadable"]})
-                    continue
-                task, missing = label_studio_task(
-                    record, config, names, url_prefix=url_prefix, model_version=model_version
-                )
-                unknown |= set(missing)
-                f.write(("\n" if n_images == 0 else ",\n") + json.dumps(task, sort_keys=True))
-                n_images += 1
-                n_regions += len(record["annotations"])
-            f.write("\n]\n")
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TeacherError(f"{out}: cannot write ({e.strerror or e}); free disk space") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_text_file(out) as f:
+        f.write("[")
+        for record in records:
+            if "unreadable" in record:
+                unreadable.append({"file": record["path"], "reason": record["unreadable"]})
+                continue
+            task, missing = label_studio_task(
+                record, config, names, url_prefix=url_prefix, model_version=model_version
+            )
+            unknown |= set(missing)
+            f.write(("\n" if n_images == 0 else ",\n") + json.dumps(task, sort_keys=True))
+            n_images += 1
+            n_regions += len(record["annotations"])
+        f.write("\n]\n")
     return {
         "images": n_images,
         "annotations": n_regions,
