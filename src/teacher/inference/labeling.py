@@ -27,6 +27,7 @@ from teacher.inference.predict import (
     list_images,
     merged,
     predict_images,
+    working_edge,
 )
 from teacher.inference.shards import ordered_records, write_merged
 
@@ -122,6 +123,7 @@ def pool_detector(
         ),
         categories=list(zip(lm.category_ids, lm.names, strict=True)),
         description=DESCRIPTION,
+        max_edge=working_edge(teachers),
     )
 
 
