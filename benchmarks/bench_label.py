@@ -38,7 +38,9 @@ def write_pool(root: Path, n: int) -> Path:
     """``n`` scenes in folders of ``CHUNK`` (one seed each), under ``root/pool-n``."""
     pool = root / f"pool-{n}"
     for start in range(0, n, CHUNK):
-        coco, pixels = synth.make_dataset(synth.PRETRAIN, n_images=min(CHUNK, n - start), seed=start)
+        coco, pixels = synth.make_dataset(
+            synth.PRETRAIN, n_images=min(CHUNK, n - start), seed=start
+        )
         synth.save_dataset(coco, pixels, pool / f"part-{start // CHUNK:04d}")
     return pool
 
@@ -79,20 +81,27 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        print(f"writing pools of {args.small}, {args.speed} and {args.large} images ...", flush=True)
+        print(
+            f"writing pools of {args.small}, {args.speed} and {args.large} images ...", flush=True
+        )
         pools = {n: write_pool(root, n) for n in sorted({40, args.small, args.speed, args.large})}
         rows = []
         for n in (args.small, args.large):  # memory first: ru_maxrss only grows
             r = run(pools[n], root / f"mem-{n}.json", processes=1, shard_size=args.shard_size)
             rows.append((f"{n} images, 1 process", r))
-            print(f"  {rows[-1][0]}: {r['seconds']:.0f} s, peak RSS {r['peak_mib']:.0f} MiB", flush=True)
+            print(
+                f"  {rows[-1][0]}: {r['seconds']:.0f} s, peak RSS {r['peak_mib']:.0f} MiB",
+                flush=True,
+            )
         fixed = {
             k: run(pools[40], root / f"fixed-{k}.json", processes=k, shard_size=10)["seconds"]
             for k in (1, 2)
         }
         rate = {}
         for k in (1, 2):
-            r = run(pools[args.speed], root / f"speed-{k}.json", processes=k, shard_size=args.shard_size)
+            r = run(
+                pools[args.speed], root / f"speed-{k}.json", processes=k, shard_size=args.shard_size
+            )
             rate[k] = (args.speed - 40) / max(r["seconds"] - fixed[k], 1e-9)
             print(f"  {args.speed} images, {k} process(es): {r['seconds']:.1f} s", flush=True)
         small, large = rows[0][1], rows[1][1]
@@ -105,7 +114,9 @@ def main() -> int:
         print(f"| images/s, 2 processes | {rate[2]:.1f} |")
         print(f"| speed-up (bar >= 1.6) | {rate[2] / rate[1]:.2f}x |")
         per_image = large["bytes"] / args.large
-        print(f"| output, {args.large} images | {large['bytes'] / 2**20:.1f} MiB ({per_image:.0f} B/image) |")
+        print(
+            f"| output, {args.large} images | {large['bytes'] / 2**20:.1f} MiB ({per_image:.0f} B/image) |"
+        )
         print(
             "\nEstimate, not a measurement: 1M images on 8 GPUs. The output would be "
             f"{per_image * 1e6 / 2**30:.1f} GiB at this density of detections (it grows with "

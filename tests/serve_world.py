@@ -1,6 +1,7 @@
 """The serve tests' world: adapters, images and params as `dvc repro` leaves them, `teacher serve`
-started over it as a real process on localhost, and the `teacher predict` argv over it. A test
-module makes the world once:
+started over it as a real process on localhost, and the `teacher predict` argv over it; and the
+hostile peers of the limits tests (an image server that never answers, raw chunked bodies, the
+server's RSS). A test module makes the world once:
 
     @pytest.fixture(scope="module")
     def world(tmp_path_factory):
@@ -10,10 +11,16 @@ module makes the world once:
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -79,9 +86,12 @@ def wait_until_up(url: str, proc: subprocess.Popen, *, timeout_s: float) -> None
     raise AssertionError(f"{url} not up after {timeout_s} s")
 
 
-def start_server(world, *extra: str, token: str | None = TOKEN, env: dict | None = None):
-    """`teacher serve` over ``world`` (``extra`` arguments appended) on a free port; returns
-    ``(process, url)`` once its /health answers."""
+def start_server(
+    world, *extra: str, token: str | None = TOKEN, env: dict | None = None, adapters: bool = True
+):
+    """`teacher serve` over ``world`` (``extra`` arguments appended; without ``adapters``, the
+    base models and no classes) on a free port; returns ``(process, url)`` once its /health
+    answers."""
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")},
@@ -95,7 +105,7 @@ def start_server(world, *extra: str, token: str | None = TOKEN, env: dict | None
             "-m",
             "teacher.cli",
             "serve",
-            *model_args(world),
+            *(model_args(world) if adapters else ["--params", str(world["params"])]),
             "--port",
             str(port),
             "--local-files-root",
@@ -116,3 +126,99 @@ def start_server(world, *extra: str, token: str | None = TOKEN, env: dict | None
         proc.kill()
         raise
     return proc, url
+
+
+@contextmanager
+def hanging_server():
+    """An http URL on 127.0.0.1 whose server accepts connections and never answers (a thread);
+    its connections are closed on exit."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=512)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:  # closed on exit
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def send_chunked(
+    url: str, path: str, headers: dict[str, str], *, total: int, chunk: int = 2**16
+) -> tuple[int, bytes]:
+    """POST ``total`` bytes to ``path`` as a chunked body over a raw socket (small send buffer,
+    so that the count is close to what the server took), stopping as soon as the server answers
+    or closes. Returns (body bytes sent, the first bytes of the answer, b"" if none)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2**16)
+        head = [f"POST {path} HTTP/1.1", f"Host: {host}", "Transfer-Encoding: chunked"]
+        head += ["Content-Type: application/json", *(f"{k}: {v}" for k, v in headers.items())]
+        s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        piece = b"%x\r\n" % chunk + b"x" * chunk + b"\r\n"
+        sent, deadline = 0, time.monotonic() + 60
+        while sent < total and time.monotonic() < deadline:
+            if select.select([s], [], [], 0)[0]:  # an answer (or a close) came
+                break
+            try:
+                s.sendall(piece)
+            except OSError:
+                break
+            sent += chunk
+        try:
+            if sent >= total:
+                s.sendall(b"0\r\n\r\n")
+            return sent, s.recv(4096)
+        except OSError:
+            return sent, b""
+
+
+@contextmanager
+def static_files(folder: Path):
+    """An http URL on 127.0.0.1 serving the files of ``folder`` (a thread), for http task URLs."""
+    handler = partial(SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The highest resident memory process ``pid`` has had, in MiB (Linux /proc VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def drain_output(proc: subprocess.Popen) -> deque[str]:
+    """Read the server's output in a thread, keeping the last 200 lines: a server that logs much
+    (access lines, refused requests) would otherwise block on the full pipe and stop serving."""
+    tail: deque[str] = deque(maxlen=200)
+
+    def read() -> None:
+        for line in proc.stdout:
+            tail.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return tail

@@ -388,7 +388,11 @@ def _predict_summary(args: argparse.Namespace, done: Labeled, summary: dict) -> 
 
 def _export_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", default="models", help="folder holding dino/ and sam/ (models)")
-    p.add_argument("--out", required=True, help="folder for dino/ (save_pretrained) and sam.pth")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="new or empty folder for dino/ (save_pretrained) and sam.pth (see --force)",
+    )
     p.add_argument(
         "--params", default="params.yaml", help="its dino and sam sections name the base models"
     )
@@ -404,17 +408,25 @@ def _export_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format", choices=["onnx"], default="onnx", help="student export format (onnx)"
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty --out folder whole, once the new export is complete "
+        "(without it, a non-empty --out is refused)",
+    )
     _adapter_scale_argument(p)
 
 
 def _export_run(args: argparse.Namespace) -> int:
-    from teacher.inference.export import export_all
+    from teacher.inference.export import export_all, replaced_folder
 
     scale = _teacher_scale(args)
     if args.student:
         from teacher.student.onnx import export_onnx
 
-        print(f"export: student -> {export_onnx(args.student, args.out)}")
+        with replaced_folder(args.out, force=args.force, keep=[Path(args.student)]) as new:
+            written = export_onnx(args.student, new)
+        print(f"export: student -> {Path(args.out) / written.name}")
         return 0
     params = _model_params(args.params)
     export_all(
@@ -423,6 +435,7 @@ def _export_run(args: argparse.Namespace) -> int:
         dino=params["dino"],
         sam=params["sam"],
         adapter_scale=scale,
+        force=args.force,
     )
     return 0
 

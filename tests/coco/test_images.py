@@ -1,5 +1,6 @@
 """teacher.coco.images: the decoder chain, the 8-bit RGB conversion, the pixel limits (issue 16.1)."""
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -12,11 +13,15 @@ from PIL import Image
 from teacher.coco.images import (
     MAX_DECODE_PIXELS,
     decoded_size,
+    display_path,
     downscale_factor,
+    file_problem,
     load_image,
     load_image_and_size,
     read_image_size,
+    resize_mask,
     to_rgb8,
+    working_size,
 )
 from teacher.core.errors import TeacherError
 from teacher.dataset.inspection import color_facts
@@ -196,3 +201,81 @@ def test_every_failure_names_the_file(tmp_path):
         load_image(tmp_path / "junk.jpg")
     with pytest.raises(TeacherError, match="gone.jpg: image file not found"):
         load_image(tmp_path / "gone.jpg")
+
+
+# --- the working size (issue 34.1) and files that are no images (34.5, 34.7) ----------------
+
+
+def _exif_jpeg(path: Path, pixels: np.ndarray, orientation: int) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, quality=95, exif=exif.tobytes())
+    return path
+
+
+def _images(folder: Path, w: int, h: int) -> list[Path]:
+    """One image of each kind the reader treats apart (w x h as stored): 1-bit, palette, 16-bit
+    gray, RGB PNG, EXIF-rotated JPEG; smooth content, so that resampling orders agree."""
+    yy, xx = np.mgrid[:h, :w]
+    ramp = (xx * 255 // max(1, w - 1)).astype(np.uint8)
+    rgb = np.stack([ramp, (yy * 255 // max(1, h - 1)).astype(np.uint8), 255 - ramp], axis=2)
+    block = (xx > w // 4) & (xx < w // 2) & (yy > h // 3)
+    Image.fromarray(block).convert("1").save(folder / "bits.png")
+    Image.fromarray(rgb).quantize(64).save(folder / "palette.png")
+    Image.fromarray((xx * 60_000 // max(1, w - 1)).astype(np.uint16)).save(folder / "gray16.png")
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    return [
+        *(folder / n for n in ("bits.png", "palette.png", "gray16.png", "rgb.png")),
+        _exif_jpeg(folder / "rotated.jpg", rgb, 6),
+    ]
+
+
+def test_images_within_the_working_size_decode_exactly_as_without_it(tmp_path):
+    for path in _images(tmp_path, 300, 200):
+        plain, full = load_image_and_size(path)
+        at_edge, full_at_edge = load_image_and_size(path, max_edge=300)
+        assert full_at_edge == full and np.array_equal(at_edge, plain), path.name
+
+
+def test_larger_images_decode_straight_to_the_working_size(tmp_path):
+    for path in _images(tmp_path, 1800, 1200):
+        pixels, full = load_image_and_size(path, max_edge=300)
+        assert full == ((1200, 1800) if path.suffix == ".jpg" else (1800, 1200)), path.name
+        assert pixels.shape == (*working_size(*full, max_edge=300)[::-1], 3), path.name
+        assert max(pixels.shape[:2]) == 300
+        whole = load_image(path)  # decoded at full size, then brought to the same size
+        reference = np.asarray(Image.fromarray(whole).resize(pixels.shape[1::-1], Image.BOX))
+        diff = np.abs(pixels.astype(int) - reference.astype(int)).mean()
+        assert diff < 3, (path.name, diff)
+
+
+def test_the_working_size_keeps_the_aspect_and_never_grows():
+    assert working_size(8900, 8900, max_edge=1333) == (1333, 1333)
+    assert working_size(20_000, 30, max_edge=1333) == (1333, 2)
+    assert working_size(30, 20_000, max_edge=1333) == (2, 1333)
+    assert working_size(5, 20_000, max_edge=1333) == (1, 1333)  # never 0 wide
+    assert working_size(1333, 800, max_edge=1333) == (1333, 800)
+    assert decoded_size(8900, 8900, max_edge=1333) == (1333, 1333)
+
+
+def test_a_mask_reaches_the_files_size_by_nearest_neighbour():
+    small = np.zeros((4, 6), bool)
+    small[1:3, 2:5] = True
+    full = resize_mask(small, (12, 8))
+    assert full.shape == (8, 12) and full.dtype == bool and full.sum() == small.sum() * 4
+    assert resize_mask(small, (6, 4)) is small
+
+
+def test_fifos_folders_and_names_that_are_not_utf8_are_named_without_opening(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "dir.png").mkdir()
+    _jpeg(tmp_path / "ok.jpg")
+    assert "a FIFO (named pipe), not a regular file" in file_problem(tmp_path / "pipe.png")
+    assert "a folder, not a regular file" in file_problem(tmp_path / "dir.png")
+    assert file_problem(tmp_path / "gone.png") == "image file not found"
+    assert file_problem(tmp_path / "ok.jpg", name="ok.jpg") is None
+    bad = os.fsdecode(b"bad\xff.jpg")  # a lone surrogate, as os.listdir gives it
+    assert file_problem(tmp_path / "ok.jpg", name=bad).startswith("file name is not UTF-8")
+    assert display_path(tmp_path / bad).endswith("bad\\xff.jpg")
+    with pytest.raises(TeacherError, match=r"pipe\.png: a FIFO"):  # refused, not read (hang)
+        load_image(tmp_path / "pipe.png")

@@ -93,6 +93,13 @@ def test_absent_sections_get_defaults_and_values_are_typed(tmp_path):
             "validate:\n  on_error: ignore\n",
             r"validate.on_error: 'ignore' is not one of 'fail', 'drop'",
         ),
+        ("evaluate:\n  adapter_scales: []\n", r"adapter_scales: 0 scales; give 1 to 16.*\[1.0\]"),
+        (
+            "evaluate:\n  adapter_scales: [" + ", ".join(["0.5"] * 100_000) + "]\n",
+            r"adapter_scales: 100000 scales; give 1 to 16",
+        ),
+        ("evaluate:\n  adapter_scales: [0.5, -1]\n", r"adapter_scales: \[-1\] not allowed"),
+        ("evaluate:\n  adapter_scales: [.nan]\n", r"adapter_scales: \[nan\] not allowed"),
         ("seed: -1\n", r"seed: expected a non-negative integer"),
         ("train: 3\n", r"train: expected a mapping of keys"),
         ("- a\n- b\n", r"expected a mapping of sections"),
@@ -130,3 +137,13 @@ def test_demo_overlay_keys_exist_in_the_schema():
     for section, values in overlay.items():
         names = {f.name for f in dataclasses.fields(SECTIONS[section])}
         assert set(values) <= names, (section, set(values) - names)
+
+
+def test_adapter_scales_take_one_to_sixteen_scales(tmp_path):
+    sixteen = [round(0.1 * i, 1) for i in range(16)]
+    scales = load_params(write(tmp_path, f"evaluate:\n  adapter_scales: {sixteen}\n"))
+    assert scales["evaluate"].adapter_scales == tuple(sixteen)
+    one = load_params(write(tmp_path, "evaluate:\n  adapter_scales: [1.0]\n"))
+    assert one["evaluate"].adapter_scales == (1.0,)
+    with pytest.raises(ParamsError, match="17 scales; give 1 to 16"):
+        load_params(write(tmp_path, f"evaluate:\n  adapter_scales: {[*sixteen, 2.0]}\n"))

@@ -1,6 +1,7 @@
 """`teacher export`: merged full models predict what the adapters predict, without peft."""
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -136,3 +137,72 @@ def test_cli_export_leaves_out_a_skipped_teacher(tmp_path, capsys):
 def test_export_without_adapters_is_an_error(tmp_path):
     with pytest.raises(TeacherError, match="no dino/ or sam/ adapter"):
         export_all(tmp_path, tmp_path / "out", dino=TINY_DINO, sam=TINY_SAM)
+
+
+# --- the --out folder -------------------------------------------------------------------------
+
+
+def _old_export(out: Path) -> dict[Path, bytes]:
+    """A folder as an earlier export left it; returns its files' bytes."""
+    (out / "dino").mkdir(parents=True)
+    (out / "dino" / "old_only.json").write_text("{}")
+    (out / "sam.pth").write_bytes(b"the old sam")
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_export_refuses_a_non_empty_out_and_writes_nothing(exported, tmp_path):
+    root = exported[0]
+    before = _old_export(tmp_path / "out")
+    with pytest.raises(TeacherError, match=r"out is not empty \(dino, sam.pth\).*--force"):
+        export_all(root / "models", tmp_path / "out", dino=TINY_DINO, sam=TINY_SAM)
+    assert _files(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+
+
+def test_force_replaces_the_old_export_whole(exported, tmp_path):
+    root, written, _, _ = exported
+    _old_export(tmp_path / "out")
+    got = export_all(root / "models", tmp_path / "out", dino=TINY_DINO, sam=TINY_SAM, force=True)
+    assert got == {"dino": tmp_path / "out" / "dino", "sam": tmp_path / "out" / "sam.pth"}
+    assert not (tmp_path / "out" / "dino" / "old_only.json").exists()  # no old file mixed in
+    assert sorted(p.name for p in (tmp_path / "out" / "dino").iterdir()) == sorted(
+        p.name for p in written["dino"].iterdir()
+    )
+    assert (tmp_path / "out" / "sam.pth").read_bytes() != b"the old sam"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # old copy and staging gone
+
+
+def test_a_failed_forced_export_leaves_the_old_folder_as_it_was(exported, tmp_path):
+    root = exported[0]
+    adapters = tmp_path / "models"
+    shutil.copytree(root / "models", adapters)
+    (adapters / "sam" / "adapter_model.safetensors").write_bytes(
+        b"truncated"
+    )  # dino exports, sam fails
+    before = _old_export(tmp_path / "out")
+    with pytest.raises(Exception):  # noqa: B017 - whatever the damaged file raises
+        export_all(adapters, tmp_path / "out", dino=TINY_DINO, sam=TINY_SAM, force=True)
+    assert _files(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "out"]
+
+
+def test_cli_export_out_needs_force_and_never_the_adapters_folder(exported, tmp_path, capsys):
+    root = exported[0]
+    _old_export(tmp_path / "out")
+    params = tmp_path / "params.yaml"
+    params.write_text("dino:\n  model: tiny-random\nsam:\n  model: tiny-random\n")
+    args = ["export", "--adapters", str(root / "models"), "--params", str(params), "--out"]
+    assert teacher_main([*args, str(tmp_path / "out")]) == 1
+    assert "is not empty" in capsys.readouterr().err
+    assert teacher_main([*args, str(root / "models"), "--force"]) == 1
+    assert "which replacing it would delete" in capsys.readouterr().err
+    assert (root / "models" / "dino" / "adapter_config.json").exists()
+    student = ["export", "--student", str(tmp_path / "no-student"), "--out", str(tmp_path / "out")]
+    assert teacher_main(student) == 1  # refused before the student is looked for
+    assert "is not empty" in capsys.readouterr().err
+    assert teacher_main([*args, str(tmp_path / "out"), "--force"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dino", "sam.pth"]

@@ -32,7 +32,7 @@ TINY = yaml.safe_load((REPO_ROOT / "scripts" / "tiny-params.yaml").read_text())
 MINIMAL = {  # one optimizer step of 2 images, no base-model or scaled-adapter evaluation
     "train": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 2, "warmup_steps": 0},
     "sam": {"max_prompts": 2},
-    "evaluate": {"base": False, "gallery_images": 1, "adapter_scales": []},
+    "evaluate": {"base": False, "gallery_images": 1, "adapter_scales": [1.0]},  # 1: no extra pass
 }  # (image sizes: tiny-params')
 
 TINYCOCO = "super-gradients/tests/data/tinycoco"

@@ -196,6 +196,34 @@ def test_smart_clicks_give_a_mask_and_reuse_the_embedding(server):
 
 
 @pytest.mark.parametrize(
+    "clicks, match",
+    [
+        ([click(25, 30)] * 10_000, "10000 keypoints and rectangles in one context; at most 64"),
+        ([click(float("nan"), 30)], "value.x = nan is not a finite number"),
+        ([click(25, float("inf"))], "value.y = inf is not a finite number"),
+        ([click(25, 130)], "value.y = 130 is off the image"),
+        ([click(25, 30, label="giraffe")], "label 'giraffe' is not a label of 'kp' (['box'])"),
+    ],
+)
+def test_bad_smart_clicks_get_400_saying_what_was_wrong(server, clicks, match):
+    before = httpx.get(server + "/health").json()["images_embedded"]
+    body = {
+        "tasks": [task(12, local("img_2.png"))],
+        "label_config": CONFIG,
+        "params": {"context": {"result": clicks}},
+    }
+    r = httpx.post(  # json.dumps writes NaN and Infinity as Python's json reads them
+        server + "/predict",
+        content=json.dumps(body),
+        headers={**AUTH, "content-type": "application/json"},
+        timeout=120,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("params.context: ") and match in r.json()["error"]
+    assert httpx.get(server + "/health").json()["images_embedded"] == before  # refused first
+
+
+@pytest.mark.parametrize(
     "body, status, match",
     [
         ({"label_config": CONFIG}, 422, "tasks"),

@@ -12,8 +12,15 @@ import pytest
 from PIL import Image
 
 from teacher.serve import brush
-from teacher.serve.label_config import LabelConfigError, match_labels, parse_label_config
+from teacher.serve.label_config import (
+    MAX_CONFIG_CLASSES,
+    LabelConfigError,
+    config_classes,
+    match_labels,
+    parse_label_config,
+)
 from teacher.serve.protocol import (
+    MAX_CLICKS,
     ContextError,
     Found,
     context_prompts,
@@ -136,6 +143,43 @@ def test_bad_configs_say_what_is_wrong(xml, match):
         parse_label_config(xml)
 
 
+def test_config_classes_are_the_region_labels_once_each_as_written():
+    # the KeyPointLabels' labels are clicks, never prompts
+    assert config_classes(parse_label_config(CONFIG)) == ["Cat", "Dog", "Bird"]
+    config = parse_label_config(
+        '<View><Image name="i" value="$image"/><RectangleLabels name="r" toName="i">'
+        '<Label value="St. Bernard"/><Label value="round_thing"/></RectangleLabels>'
+        '<BrushLabels name="b" toName="i"><Label value="st bernard"/><Label value="Round thing"/>'
+        '<Label value="Cat"/></BrushLabels></View>'
+    )
+    assert config_classes(config) == ["St. Bernard", "round_thing", "Cat"]
+
+
+def _rectangle_labels(*labels):
+    tags = "".join(f'<Label value="{label}"/>' for label in labels)
+    return (
+        f'<View><Image name="i" value="$image"/><RectangleLabels name="r" toName="i">{tags}'
+        "</RectangleLabels></View>"
+    )
+
+
+@pytest.mark.parametrize(
+    "xml, match",
+    [
+        (_rectangle_labels(), r"have no <Label value=\"...\"/>: the server was started without"),
+        ('<View><Image name="i" value="$image"/></View>', "nothing to predict"),
+        (_rectangle_labels("cat", ". ?"), r"<Label value='. \?'> of 'r' has no words"),
+        (
+            _rectangle_labels(*(f"class {i}" for i in range(MAX_CONFIG_CLASSES + 1))),
+            f"{MAX_CONFIG_CLASSES + 1} labels; at most {MAX_CONFIG_CLASSES}.*--classes",
+        ),
+    ],
+)
+def test_configs_without_usable_classes_say_what_to_add(xml, match):
+    with pytest.raises(LabelConfigError, match=match):
+        config_classes(parse_label_config(xml))
+
+
 # --- results -----------------------------------------------------------------------------
 
 
@@ -199,7 +243,7 @@ def _click(kind, value, **extra):
     return {
         "type": kind,
         "to_name": "img",
-        "from_name": "kp",
+        "from_name": "kp" if kind == "keypointlabels" else "box",
         "original_width": 200,
         "original_height": 100,
         "value": value,
@@ -224,13 +268,81 @@ def test_context_prompts_points_and_box():
             ),
         ]
     }
-    to_name, p = context_prompts(ctx)
+    config = parse_label_config(CONFIG)
+    to_name, p = context_prompts(ctx, config)
     assert to_name == "img" and p.label == "Cat" and (p.width, p.height) == (200, 100)
     assert p.points.tolist() == [[100, 50], [20, 20]] and p.point_labels.tolist() == [1, 0]
     assert p.box_xyxy.tolist() == [20, 10, 120, 60]
-    assert context_prompts({}) is None and context_prompts({"result": []}) is None
+    assert context_prompts({}, config) is None and context_prompts({"result": []}, config) is None
     with pytest.raises(ContextError, match="original_width"):
-        context_prompts({"result": [{"type": "keypointlabels", "value": {"x": 1, "y": 1}}]})
+        context_prompts(
+            {"result": [{"type": "keypointlabels", "to_name": "img", "value": {"x": 1, "y": 1}}]},
+            config,
+        )
+    with pytest.raises(ContextError, match="to_name None: send the name of the <Image>"):
+        context_prompts({"result": [{"type": "keypointlabels", "value": {"x": 1}}]}, config)
+
+
+def _keypoint(x=50.0, y=50.0, label="Cat", **extra):
+    return _click("keypointlabels", {"x": x, "y": y, "keypointlabels": [label]}, **extra)
+
+
+def _rectangle(x=10.0, y=10.0, w=50.0, h=50.0, label="Cat"):
+    value = {"x": x, "y": y, "width": w, "height": h, "rectanglelabels": [label]}
+    return _click("rectanglelabels", value)
+
+
+@pytest.mark.parametrize(
+    "results, match",
+    [
+        (
+            [_keypoint()] * (MAX_CLICKS + 1),
+            f"65 keypoints and rectangles in one context; at most {MAX_CLICKS}",
+        ),
+        (
+            [_keypoint(x=float("nan"))],
+            r"result\[0\] \(keypointlabels\): value.x = nan is not a finite",
+        ),
+        ([_keypoint(), _keypoint(y=float("inf"))], r"result\[1\] .*value.y = inf is not a finite"),
+        ([_rectangle(w=float("-inf"))], r"value.width = -inf is not a finite"),
+        ([_keypoint(x="50")], r"value.x = '50' is not a finite number"),
+        ([_keypoint(x=101)], r"value.x = 101 is off the image: .*0..100"),
+        ([_keypoint(y=-3)], r"value.y = -3 is off the image"),
+        ([_rectangle(x=80, w=30)], r"x \+ width = 110.*leave the image"),
+        ([_keypoint(original_width=float("nan"))], r"original_width = nan is not a finite"),
+        ([_keypoint(original_height=0)], r"original size \(200.0, 0.0\) is not a positive"),
+        (
+            [_keypoint(), _keypoint(original_width=100)],
+            r"several original sizes \[\(100, 100\), \(200, 100\)\]",
+        ),
+        (
+            [_keypoint(label="Giraffe")],
+            r"label 'Giraffe' is not a label of 'kp' \(\['Cat'\]\); add it",
+        ),
+        (
+            [_rectangle(label="Cat "), _keypoint()],
+            r"result\[0\] .*label 'Cat ' is not a label of 'box'",
+        ),
+        (
+            [_keypoint(from_name="nope")],
+            r"from_name 'nope' names no keypointlabels control .*\['kp'\]",
+        ),
+        ([{**_keypoint(), "value": [1, 2]}], r"no value with x, y"),
+    ],
+)
+def test_bad_clicks_say_what_is_wrong_and_the_fix(results, match):
+    with pytest.raises(ContextError, match=match):
+        context_prompts({"result": results}, parse_label_config(CONFIG))
+
+
+def test_clicks_at_the_cap_and_on_the_edge_are_taken():
+    config = parse_label_config(CONFIG)
+    _, p = context_prompts({"result": [_keypoint(0, 100)] * MAX_CLICKS}, config)
+    assert p.points.shape == (MAX_CLICKS, 2) and p.points[0].tolist() == [0, 100]
+    _, p = context_prompts({"result": [_rectangle(x=60, w=40.005)]}, config)  # rounding slack
+    assert p.box_xyxy.tolist() == [120, 10, 200, 60]
+    with pytest.raises(ContextError, match="expected {'result'"):
+        context_prompts({"result": "clicks"}, config)
 
 
 def test_interactive_prediction_is_a_brush_with_the_clicked_label():
@@ -263,8 +375,9 @@ def test_local_files_stay_under_the_root(tmp_path):
     (tmp_path / "secret.png").write_bytes(b"x")
     (root / "link.png").symlink_to(tmp_path / "secret.png")
     sources = ImageSources(local_root=root)
-    assert load_task_image("/data/local-files/?d=a/x.png", sources).shape == (6, 8, 3)
-    assert load_task_image("/data/local-files/?d=a%2Fx.png", sources).shape == (6, 8, 3)
+    image = load_task_image("/data/local-files/?d=a/x.png", sources)
+    assert image.pixels.shape == (6, 8, 3) and image.size == (8, 6)
+    assert load_task_image("/data/local-files/?d=a%2Fx.png", sources).pixels.shape == (6, 8, 3)
     for bad in (
         "/data/local-files/?d=../secret.png",
         "/data/local-files/?d=a/../../secret.png",
@@ -273,7 +386,9 @@ def test_local_files_stay_under_the_root(tmp_path):
     ):
         with pytest.raises(ImageSourceError, match="leaves the local-files root"):
             load_task_image(bad, sources)
-    with pytest.raises(ImageSourceError, match="root/etc/passwd: cannot read"):  # stays in root
+    with pytest.raises(  # stays in the root; the message names the path under it, not the server's
+        ImageSourceError, match=r"^etc/passwd \(under the local-files root\): cannot read"
+    ):
         load_task_image("/data/local-files/?d=/etc/passwd", sources)
 
 
@@ -330,7 +445,7 @@ def test_uploads_with_a_personal_access_token():
         image = load_task_image(
             "/data/upload/1/x.png", ImageSources(ls_url=url, api_key=FakeLabelStudio.PAT)
         )
-        assert image.shape == (4, 5, 3)
+        assert image.pixels.shape == (4, 5, 3)
         with pytest.raises(ImageSourceError, match="refused the personal access token"):
             load_task_image("/data/upload/1/x.png", ImageSources(ls_url=url, api_key="x.y.z"))
         with pytest.raises(ImageSourceError, match="HTTP 401"):  # a legacy token it refuses
@@ -360,18 +475,19 @@ class StubTeachers:
     """ServeTeachers' interface: one 'cat' box per image; an all-white image breaks the model."""
 
     model_version, class_names, has_sam, embeddings_computed = "v", ["cat"], False, 0
+    classes_per_call = False
 
     def __init__(self):
         self.calls = []
 
-    def detect(self, images):
+    def detect(self, images, *, classes=None):
         self.calls.append(len(images))
-        if any(img.min() == 255 for img in images):
+        if any(img.pixels.min() == 255 for img in images):  # sources.TaskImage
             raise RuntimeError("model broke")
         return [
             Found(
-                width=img.shape[1],
-                height=img.shape[0],
+                width=img.size[0],
+                height=img.size[1],
                 boxes_xywh=np.array([[1, 1, 2, 2.0]]),
                 scores=np.array([0.5]),
                 names=["cat"],

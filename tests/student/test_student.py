@@ -17,6 +17,7 @@ from teacher.cli import main as teacher_main
 from teacher.coco.images import load_image
 from teacher.coco.io import (
     annotation_mask,
+    dumps_coco,
     load_coco,
     mask_to_rle,
     mask_to_uncompressed_rle,
@@ -30,12 +31,15 @@ from teacher.inference.shards import ordered_records, write_merged
 from teacher.inference.student import student_detector
 from teacher.student.data import (
     HUMAN,
+    MASK_AT,
     Source,
     StudentDataset,
     collate_student,
     has_masks,
     instance_targets,
+    load_teacher_labels,
     model_targets,
+    teacher_label_problems,
     teacher_source,
 )
 from teacher.student.evaluate import evaluate_student
@@ -204,6 +208,27 @@ def test_teacher_labels_below_min_score_are_left_out():
         ),
         (lambda d: d["annotations"][0].update(bbox=[1, 2]), "annotation 1: bbox [1, 2]"),
         (lambda d: d["annotations"][0].update(image_id=5), "annotation 1: image_id 5"),
+        (
+            lambda d: d["annotations"][0].update(bbox=[float("nan"), 5, 10, 10]),
+            "annotation 1: bbox [nan, 5, 10, 10]: NaN or Infinity in bbox or polygon",
+        ),
+        (
+            lambda d: d["annotations"][1].update(bbox=[5, 5, float("inf"), 10]),
+            "annotation 2: bbox [5, 5, inf, 10]: NaN or Infinity",
+        ),
+        (
+            lambda d: d["annotations"][0].update(bbox=[1e6, 5, 10, 10]),
+            "annotation 1: bbox [1000000.0, 5, 10, 10]: bbox or polygon reaches more than 10 "
+            "image sizes outside its image",
+        ),
+        (
+            lambda d: d["annotations"][0].update(bbox=[5, -400, 10, 10]),
+            "[coordinates_far_outside]",
+        ),
+        (
+            lambda d: d["annotations"][0].update(segmentation=[[1, 1, 9, 1, 9, float("nan")]]),
+            "[non_finite_coordinates]",
+        ),
     ],
 )
 def test_bad_teacher_labels_name_the_file_the_record_and_the_fix(edit, said):
@@ -220,6 +245,23 @@ def test_bad_teacher_labels_name_the_file_the_record_and_the_fix(edit, said):
         )
     assert "data/teacher_labels.json" in str(e.value) and said in str(e.value)
     assert "dvc repro label" in str(e.value)
+
+
+def test_nan_teacher_boxes_on_disk_stop_before_training_with_the_rule(tmp_path):
+    """json writes NaN and Infinity and reads them back: the labels file as the student loads
+    it (masks left on disk) is refused before instance_targets would fail on the NaN."""
+    doc = _teacher_doc()
+    doc["annotations"][0]["bbox"] = [float("nan"), 5, 10, 10]
+    doc["annotations"][1]["bbox"] = [5, 5, float("inf"), 10]
+    doc["annotations"][1]["segmentation"] = mask_to_rle(np.ones((20, 30), bool))
+    path = tmp_path / "teacher_labels.json"
+    path.write_text(dumps_coco(doc))
+    loaded = load_teacher_labels(path)
+    assert MASK_AT in loaded["annotations"][1]
+    problems = teacher_label_problems(loaded, categories={2: {}})
+    assert [p.split(":")[0] for p in problems] == ["annotation 1", "annotation 2"]
+    assert all("[non_finite_coordinates]" in p for p in problems)
+    assert teacher_label_problems(_teacher_doc(), categories={2: {}}) == []
 
 
 def test_without_a_pool_the_stage_says_human_labels_alone():

@@ -18,21 +18,46 @@ Pixel limits (explicit, not PIL's decompression-bomb guard):
   that brings width x height under it (:func:`downscale_factor`); validate rescales the
   annotations of such images in its copy, ``teacher predict`` scales its detections back.
 - :data:`MAX_DECODE_PIXELS`: larger images are refused with a message naming the file.
+
+Working size (``max_edge``): the teachers never look at more than their input size (Grounding
+DINO resizes to at most ``dino.longest_edge``, SAM to 1024), so ``teacher predict``, ``label``
+and ``teacher serve`` decode an image whose longest side is over it straight to that side
+(:func:`working_size`), and scale the detections back to the file's size. The memory of a
+decode is then bounded by the file's pixels in its own mode, not by what follows: a JPEG is
+drafted (decoded at 1/2, 1/4 or 1/8 scale), any other image is decoded in its own mode (1 byte a
+pixel for a 1-bit or gray image, at most 4) and reduced there (:meth:`PIL.Image.Image.reduce`,
+a box average; 1-bit, palette and 16-bit images are first converted to a mode it takes, at most
+4 bytes a pixel), and only the reduced image becomes RGB. Smaller images decode as before. The
+fallback decoders (tifffile, OpenCV) hold the whole image; their pixels are shrunk before the
+conversion to 8 bits, whose float copy would take 24 bytes a pixel.
+
+Only regular files are read (:func:`file_problem`): a FIFO would block the reader forever.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from teacher.core.errors import TeacherError
 
 ORIENTATION_TAG = 0x0112  # EXIF Orientation; 5..8 mean the stored image is transposed
 _TRANSPOSED = (5, 6, 7, 8)
+_TRANSPOSE = {  # EXIF orientation -> the transpose that displays it (as ImageOps.exif_transpose)
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 MAX_PIXELS = 100_000_000  # width x height above which an image is downscaled on decode
 MAX_DECODE_PIXELS = 1 << 30  # width x height above which an image is refused (~1.07 GP)
@@ -40,7 +65,51 @@ _TRUNCATED = ("truncated", "broken data stream", "premature end")
 Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS  # PIL's guard at our limit (its error at 2x)
 
 
+def file_kind(mode: int) -> str | None:
+    """What a file of ``st_mode`` is when it is not a regular file (``"a FIFO"``...); None for a
+    regular file."""
+    for test, kind in (
+        (stat.S_ISREG, None),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def file_problem(path: str | Path, *, name: str | None = None) -> str | None:
+    """Why ``path`` is not read as an image, found without opening it; None when it may be.
+
+    ``name``, when given, is the file's name as it is to be recorded (a COCO ``file_name``): it
+    must be UTF-8, as strict JSON readers require. The file must exist and be a regular file
+    (symlinks followed): a FIFO would block the reader forever, a device never end.
+    """
+    if name is not None and name != name.encode("utf-8", "replace").decode("utf-8"):
+        return "file name is not UTF-8; rename it (e.g. convmv -f latin1 -t utf8)"
+    try:
+        kind = file_kind(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return "image file not found"
+    except OSError as e:
+        return f"cannot read ({e.strerror or e})"
+    if kind is not None:
+        return f"{kind}, not a regular file: only image files are read; remove it"
+    return None
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` as valid UTF-8 text for reports (bytes of a non-UTF-8 name shown as ``\\xff``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _open(path: Path) -> Image.Image:
+    problem = file_problem(path)
+    if problem:
+        raise TeacherError(f"{display_path(path)}: {problem}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -146,38 +215,85 @@ def to_rgb8(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def decoded_size(width: int, height: int, *, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """``(width, height)`` of the array :func:`load_image` returns for an image of that size."""
+def working_size(width: int, height: int, *, max_edge: int) -> tuple[int, int]:
+    """``(width, height)`` scaled so that the longest side is ``max_edge`` (aspect kept, each
+    side at least 1); unchanged when it is already at most that."""
+    longest = max(width, height)
+    if longest <= max_edge:
+        return width, height
+    scale = max_edge / longest
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def decoded_size(
+    width: int, height: int, *, max_pixels: int = MAX_PIXELS, max_edge: int | None = None
+) -> tuple[int, int]:
+    """``(width, height)`` of the array :func:`load_image` returns for an image of that size:
+    the :func:`working_size` when ``max_edge`` is given, else within ``max_pixels``."""
+    if max_edge is not None:
+        width, height = working_size(width, height, max_edge=max_edge)
     k = downscale_factor(width, height, max_pixels=max_pixels)
     return (width, height) if k == 1 else (math.ceil(width / k), math.ceil(height / k))
 
 
-def _pil_pixels(path: Path, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """PIL's pixels (JPEGs drafted at reduced scale when too large) and the full size."""
+# Modes Image.reduce refuses (or would average meaninglessly: palette indexes) -> the mode they
+# are reduced in: 1 byte a pixel for 1-bit, 4 for 16-bit (as 32-bit) and palette (as RGBA)
+_REDUCE_AS = {"1": "L", "P": "RGBA", "PA": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I"}
+
+
+def reduced(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``img`` (loaded) box-averaged in its own mode by the largest integer factor that keeps it
+    at least ``size`` = (width, height) (both as stored); ``img`` itself when that factor is 1."""
+    factor = min(img.width // max(1, size[0]), img.height // max(1, size[1]))
+    if factor < 2:
+        return img
+    if img.mode in _REDUCE_AS:
+        img = img.convert(_REDUCE_AS[img.mode])  # the one full-size copy: at most 4 bytes a pixel
+    return img.reduce(factor)
+
+
+def pil_pixels(
+    img: Image.Image, *, max_pixels: int = MAX_PIXELS, max_edge: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """An opened PIL image's pixels, EXIF orientation applied, at least its :func:`decoded_size`
+    (JPEGs drafted, others :func:`reduced` in their own mode) and at most the file's size: RGB
+    uint8, or the 16/32-bit gray and float pixels as they are (for :func:`to_rgb8`); and the
+    file's (width, height) as displayed."""
+    stored = img.size
+    want = decoded_size(*stored, max_pixels=max_pixels, max_edge=max_edge)
+    if want != stored and img.format == "JPEG":
+        img.draft(img.mode, want)
+    img.load()
+    try:  # as ImageOps.exif_transpose reads it (EXIF, XMP or TIFF tags), from the file's image
+        orientation = int(img.getexif().get(ORIENTATION_TAG, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels as stored
+        orientation = 1
+    img = reduced(img, want)
+    if orientation in _TRANSPOSE:
+        img = img.transpose(_TRANSPOSE[orientation])
+    full = stored[::-1] if orientation in _TRANSPOSED else stored
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return np.asarray(img), full
+    return np.asarray(img.convert("RGB")), full
+
+
+def _pil_pixels(
+    path: Path, max_pixels: int, max_edge: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """PIL's pixels and the full size (:func:`pil_pixels`)."""
     with _open(path) as img:
         if img.format == "TIFF" and img.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
             bits = getattr(img, "tag_v2", {}).get(258, (8,))
             if max(bits if isinstance(bits, tuple) else (bits,)) > 8:
                 raise ValueError(f"{bits}-bit samples: PIL would keep only the high byte")
         full = img.size
-        if exif_orientation(img) in _TRANSPOSED:
-            full = full[::-1]
         if full[0] * full[1] > MAX_DECODE_PIXELS:
             raise TeacherError(
                 f"{path}: image too large to decode ({full[0]}x{full[1]} pixels, "
                 f"more than {MAX_DECODE_PIXELS:,}); split it into tiles or "
                 "downscale it"
             )
-        want = decoded_size(*img.size, max_pixels=max_pixels)
-        if want != img.size and img.format == "JPEG":
-            img.draft(img.mode, want)
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.asarray(img)
-        else:
-            arr = np.asarray(img.convert("RGB"))
-    return arr, full
+        return pil_pixels(img, max_pixels=max_pixels, max_edge=max_edge)
 
 
 def _cv2_pixels(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
@@ -215,6 +331,42 @@ def _fit(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
 
 
+def _shrunk(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A fallback decoder's pixels brought near ``size`` = (width, height) before
+    :func:`to_rgb8` (whose float copy takes 24 bytes a pixel): area-averaged by OpenCV where it
+    takes the dtype, else every k-th pixel (a view)."""
+    factor = min(arr.shape[1] // max(1, size[0]), arr.shape[0] // max(1, size[1]))
+    if factor < 2:
+        return arr
+    target = (arr.shape[1] // factor, arr.shape[0] // factor)
+    try:
+        import cv2
+
+        return cv2.resize(arr, target, interpolation=cv2.INTER_AREA)
+    except Exception:  # noqa: BLE001 - no OpenCV, or a dtype / band count it does not take
+        return arr[::factor, ::factor]
+
+
+def to_rgb_size(
+    arr: np.ndarray, full: tuple[int, int], *, max_pixels: int = MAX_PIXELS, max_edge: int | None
+) -> np.ndarray:
+    """A decoder's pixels of an image of ``full`` = (width, height) -> HxWx3 uint8 RGB at its
+    :func:`decoded_size` (writable)."""
+    size = decoded_size(*full, max_pixels=max_pixels, max_edge=max_edge)
+    rgb = _fit(to_rgb8(_shrunk(arr, size)), size)
+    return rgb if rgb.flags.writeable else rgb.copy()
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``mask`` (h, w) bool at ``size`` = (width, height), nearest neighbour; ``mask`` itself at
+    its own size. How a mask made on a downscaled copy reaches the file's size: one mask at a
+    time (a full-size mask takes a byte a pixel)."""
+    if (mask.shape[1], mask.shape[0]) == size:
+        return mask
+    small = Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255)
+    return np.asarray(small.resize(size, Image.Resampling.NEAREST)) > 127
+
+
 def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an image: ``HxWx3 uint8`` RGB with EXIF orientation applied; larger than
     ``max_pixels``, downscaled to :func:`decoded_size`.
@@ -227,20 +379,24 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 def load_image_and_size(
-    path: str | Path, *, max_pixels: int = MAX_PIXELS
+    path: str | Path, *, max_pixels: int = MAX_PIXELS, max_edge: int | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`load_image` and the file's full ``(width, height)`` (larger than the array's
-    when the image was downscaled)."""
-    return _decode(Path(path), max_pixels=max_pixels)
+    when the image was downscaled). With ``max_edge``, an image whose longest side is over it
+    is decoded straight to its :func:`working_size` (see the module docstring)."""
+    return _decode(Path(path), max_pixels=max_pixels, max_edge=max_edge)
 
 
-def _decode(path: Path, *, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _decode(
+    path: Path, *, max_pixels: int, max_edge: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`load_image`'s array and the file's full (width, height)."""
-    if not path.is_file():
-        raise TeacherError(f"{path}: image file not found")
+    problem = file_problem(path)
+    if problem:
+        raise TeacherError(f"{display_path(path)}: {problem}")
     reasons = []
     for name, decode in (
-        ("PIL", lambda: _pil_pixels(path, max_pixels)),
+        ("PIL", lambda: _pil_pixels(path, max_pixels, max_edge)),
         ("tifffile", lambda: _tifffile_pixels(path)),
         ("OpenCV", lambda: _cv2_pixels(path)),
     ):
@@ -267,8 +423,7 @@ def _decode(path: Path, *, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]
                 "downscale it"
             )
         try:
-            rgb = _fit(to_rgb8(arr), decoded_size(*full, max_pixels=max_pixels))
-            return (rgb if rgb.flags.writeable else rgb.copy()), full
+            return to_rgb_size(arr, full, max_pixels=max_pixels, max_edge=max_edge), full
         except ValueError as e:
             reasons.append(f"{name}: {e}")
     raise TeacherError(

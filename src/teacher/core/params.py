@@ -175,6 +175,9 @@ class SamParams:
     embedding_cache_gib: float = field(default=32.0, metadata=_range(0))  # bound of the decoder-only embedding cache (4 MiB per image for vit_*), least recently used evicted; `teacher prune-cache`
 
 
+MAX_ADAPTER_SCALES = 16  # evaluate.adapter_scales: each scale not 0 or 1 is a pass over the test split
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     score_threshold: float = field(default=0.05, metadata=_range(0, 1))  # keep detections scoring at least this for AP (low: AP sweeps all scores)
@@ -187,9 +190,16 @@ class EvaluateParams:
     retention_threshold: float = field(default=0.3, metadata=_range(0, 1))  # a base-model detection of a retention class scoring at least this is a reference box
     retention_data: str | None = None  # optional labelled retention set (COCO json of other classes): true box AP there for base and fine-tuned (retention/true/...); null = none
     retention_images: str | None = None  # folder that retention_data's file_name is relative to; null = the json's folder
-    adapter_scales: tuple[float, ...] = (0.0, 0.5, 1.0)  # adapter scales evaluated (scale/<s>/...) and plotted (plots/tradeoff): 0 = base, 1 = as trained; >= 0
+    adapter_scales: tuple[float, ...] = (0.0, 0.5, 1.0)  # adapter scales evaluated (scale/<s>/...) and plotted (plots/tradeoff): 0 = base, 1 = as trained; 1 to 16 scales, each >= 0; [1.0] = no extra pass
 
     def __post_init__(self) -> None:
+        n = len(self.adapter_scales)
+        if not 1 <= n <= MAX_ADAPTER_SCALES:
+            raise ParamsError(
+                f"evaluate.adapter_scales: {n} scales; give 1 to {MAX_ADAPTER_SCALES} (each is "
+                "a pass over the test split). [1.0] scores the adapters as trained only: it "
+                "reuses the adapted pass and costs nothing"
+            )
         bad = [s for s in self.adapter_scales if not (math.isfinite(s) and s >= 0)]
         if bad:
             raise ParamsError(

@@ -9,12 +9,18 @@
 Neither needs peft to load or predict. ``adapter_scale`` (``teacher export --adapter-scale``)
 exports the adapters at that scale (:func:`teacher.train.lora.load_adapter`: 0 = the base models,
 1 = the adapters as trained).
+
+The export is written into a new folder beside ``<out>`` and renamed to ``<out>`` once complete
+(:func:`replaced_folder`): a non-empty ``<out>`` is refused unless ``force``, which replaces it
+whole, never file by file.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -71,39 +77,98 @@ def export_all(
     dino: DinoParams,
     sam: SamParams,
     adapter_scale: float = 1.0,
+    force: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
     """Export every trained teacher under ``adapters`` (``dino/``, ``sam/``) into ``out``, its
     adapter at ``adapter_scale``.
 
-    Skipped teachers (a ``SKIPPED`` note) are reported through ``log`` and left out.
+    Skipped teachers (a ``SKIPPED`` note) are reported through ``log`` and left out. A non-empty
+    ``out`` is refused unless ``force`` (:func:`replaced_folder`).
     """
     from teacher.train.lora import check_adapter_scale
 
     scale = check_adapter_scale(adapter_scale)  # before any model is loaded
     adapters, out = Path(adapters), Path(out)
-    jobs = {
-        "dino": (
-            adapters / "dino",
-            lambda d: export_dino(dino, d, out / "dino", adapter_scale=scale),
-        ),
-        "sam": (
-            adapters / "sam",
-            lambda d: export_sam(sam, d, out / "sam.pth", adapter_scale=scale),
-        ),
-    }
-    written = {}
-    for name, (folder, job) in jobs.items():
-        reason = skipped_reason(folder)
-        if reason is not None:
-            log(f"export: {name} not exported: {folder / SKIPPED_FILE} says: {reason}")
-        elif (folder / "adapter_config.json").exists():
-            written[name] = job(folder)
-            at = f" (adapter scale {scale:g})" if scale != 1.0 else ""
-            log(f"export: {name} -> {written[name]}{at}")
-    if not written:
-        raise TeacherError(
-            f"{adapters}: no dino/ or sam/ adapter to export; run `dvc repro` "
-            "first, or pass --adapters pointing at the folder holding them"
-        )
+    with replaced_folder(out, force=force, keep=[adapters]) as new:
+        jobs = {
+            "dino": (
+                adapters / "dino",
+                lambda d: export_dino(dino, d, new / "dino", adapter_scale=scale),
+            ),
+            "sam": (
+                adapters / "sam",
+                lambda d: export_sam(sam, d, new / "sam.pth", adapter_scale=scale),
+            ),
+        }
+        written = {}
+        for name, (folder, job) in jobs.items():
+            reason = skipped_reason(folder)
+            if reason is not None:
+                log(f"export: {name} not exported: {folder / SKIPPED_FILE} says: {reason}")
+            elif (folder / "adapter_config.json").exists():
+                written[name] = out / job(folder).relative_to(new)
+        if not written:
+            raise TeacherError(
+                f"{adapters}: no dino/ or sam/ adapter to export; run `dvc repro` "
+                "first, or pass --adapters pointing at the folder holding them"
+            )
+    at = f" (adapter scale {scale:g})" if scale != 1.0 else ""
+    for name, path in written.items():
+        log(f"export: {name} -> {path}{at}")
     return written
+
+
+def export_target_problem(out: Path, *, force: bool, keep: Sequence[Path] = ()) -> str | None:
+    """Why ``out`` cannot take an export (what to do included); None when it can.
+
+    A file, a folder holding what the export reads (``keep``) or the working directory, and
+    (without ``force``) a non-empty folder are refused."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; name a folder"
+    target = out.resolve()
+    for inside in [*keep, Path.cwd()]:
+        if target == inside.resolve() or target in inside.resolve().parents:
+            return (
+                f"--out {out} holds {inside}, which replacing it would delete; "
+                "choose another folder"
+            )
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not force:
+        shown = ", ".join(held[:5]) + (f", ... ({len(held)} in all)" if len(held) > 5 else "")
+        return (
+            f"--out {out} is not empty ({shown}); choose another folder, or pass --force "
+            "to replace it whole once the new export is complete"
+        )
+    return None
+
+
+@contextmanager
+def replaced_folder(
+    out: str | Path, *, force: bool = False, keep: Sequence[Path] = ()
+) -> Iterator[Path]:
+    """A new empty folder beside ``out`` to write an export into, renamed to ``out`` when the
+    block completes (an old ``out`` is moved aside first and removed after). When the block
+    raises, the new folder is removed and ``out`` stays as it was.
+
+    Raises ``TeacherError`` before anything is written when :func:`export_target_problem`
+    names a problem."""
+    out = Path(out)
+    problem = export_target_problem(out, force=force, keep=keep)
+    if problem:
+        raise TeacherError(problem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}"
+    new, old = stem.with_name(stem.name + ".partial"), stem.with_name(stem.name + ".old")
+    new.mkdir()  # the umask's mode, as out itself would get
+    try:
+        yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    if old.is_symlink():  # out was a link to a folder: the link is replaced, its target kept
+        old.unlink()
+    shutil.rmtree(old, ignore_errors=True)

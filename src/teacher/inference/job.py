@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from teacher.coco.images import display_path
 from teacher.core.errors import TeacherError
 from teacher.inference.predict import (
     Detector,
@@ -167,8 +168,13 @@ def label_shard(job: Job, shard: Shard, detector: Detector) -> tuple[list[dict],
     """One shard's image records, in shard order, and how many of them were unreadable."""
     by_path = {job.folder / im.file_name: im for im in shard.images}
     records: dict[str, dict] = {}
-    unreadable = Unreadable()
-    for batch in read_batches(list(by_path), batch_size=job.batch_size, unreadable=unreadable):
+    unreadable = Unreadable([(str(p), im.problem) for p, im in by_path.items() if im.problem])
+    for batch in read_batches(
+        [p for p, im in by_path.items() if not im.problem],
+        batch_size=job.batch_size,
+        unreadable=unreadable,
+        max_edge=detector.max_edge,
+    ):
         dets = detector.detect([pixels for _, pixels, _ in batch])
         for (path, pixels, full), det in zip(batch, dets, strict=True):
             im = by_path[path]
@@ -187,8 +193,8 @@ def label_shard(job: Job, shard: Shard, detector: Detector) -> tuple[list[dict],
         records[im.file_name] = {
             "file_name": im.file_name,
             "sha256": im.sha256,
-            "path": path_text,
-            "unreadable": reason,
+            "path": display_path(path_text),
+            "unreadable": display_path(reason),  # valid UTF-8 whatever the file names
         }
     return [records[im.file_name] for im in shard.images], len(unreadable.items)
 

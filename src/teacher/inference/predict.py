@@ -22,7 +22,7 @@ from torchvision.ops import batched_nms
 
 from teacher.coco.boxes import clip_xywh, xywh_to_xyxy
 from teacher.coco.detections import Detections
-from teacher.coco.images import load_image_and_size
+from teacher.coco.images import load_image_and_size, resize_mask
 from teacher.coco.io import mask_to_rle
 from teacher.core.artifacts import SKIPPED_FILE, skipped_reason
 from teacher.core.errors import TeacherError
@@ -70,6 +70,7 @@ class Detector:
     detect: Callable[[list[np.ndarray]], list[Detections]]
     categories: list[tuple[int, str]]
     description: str
+    max_edge: int | None = None  # longest image side it uses; larger images are decoded to it
 
 
 @dataclass
@@ -110,20 +111,6 @@ def clip_detections(det: Detections, *, width: int, height: int) -> Detections:
     return replace(det, boxes=clip_xywh(det.boxes, width=width, height=height))
 
 
-def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``mask`` (H, W) bool at ``size`` = (width, height), nearest neighbour."""
-    if (mask.shape[1], mask.shape[0]) == size:
-        return mask
-    from PIL import Image
-
-    return (
-        np.asarray(
-            Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
-        )
-        > 127
-    )
-
-
 def to_annotations(
     det: Detections,
     *,
@@ -137,7 +124,8 @@ def to_annotations(
     ``masks`` (N, H, W) bool when present become compressed RLE with their pixel ``area``;
     without masks the area is the box's. When the detections were made on a downscaled copy
     (images over ``teacher.coco.images.MAX_PIXELS``) of ``detected_size`` = (width, height), they
-    are scaled back to the file's ``size``: boxes scaled, masks resized one at a time.
+    are scaled back to the file's ``size``: boxes scaled, masks resized one at a time. The
+    same for images over the teachers' :func:`working_edge`.
     """
     anns = []
     masks = det.masks
@@ -158,7 +146,7 @@ def to_annotations(
             "area": bbox[2] * bbox[3],
         }
         if masks is not None:
-            mask = masks[i] if size is None else _resized_mask(masks[i], size)
+            mask = masks[i] if size is None else resize_mask(masks[i], size)
             ann["segmentation"] = mask_to_rle(mask)
             ann["area"] = int(mask.sum())
         anns.append(ann)
@@ -239,25 +227,46 @@ def predict_images(
     return out
 
 
+def working_edge(teachers: Teachers) -> int | None:
+    """The longest image side the teachers look at: Grounding DINO's processor resizes to at
+    most ``dino.longest_edge`` (1333 by default), SAM to its input size (1024). An image with a
+    longer side is decoded straight to it (:func:`teacher.coco.images.working_size`): the
+    teachers see the same resolution, memory no longer grows with the file's pixels, and the
+    detections are scaled back to the file's size (:func:`to_annotations`)."""
+    edges = []
+    if teachers.dino is not None:
+        edges.append(int(teachers.dino.processor.image_processor.size["longest_edge"]))
+    if teachers.sam is not None:
+        from teacher.sam.model import input_size, unwrap
+
+        edges.append(int(input_size(unwrap(teachers.sam))))
+    return max(edges, default=None)
+
+
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, by suffix), sorted by relative path."""
+    """Files under ``folder`` with an image suffix (recursively), sorted by relative path.
+
+    Whatever is not a folder is listed, FIFOs, sockets and dangling links too, so that the job
+    reports them unreadable (:func:`teacher.coco.images.file_problem`, checked without opening
+    them) instead of leaving them out silently or blocking on them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TeacherError(f"{folder}: not a folder of images; pass the folder to label")
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
     )
 
 
 def read_batches(
-    paths: Sequence[Path], *, batch_size: int, unreadable: Unreadable
+    paths: Sequence[Path], *, batch_size: int, unreadable: Unreadable, max_edge: int | None = None
 ) -> Iterator[list[tuple[Path, np.ndarray, tuple[int, int]]]]:
-    """Decoded images (path, pixels, the file's full (width, height)) in batches; unreadable
-    ones go to ``unreadable`` and are skipped."""
+    """Decoded images (path, pixels, the file's full (width, height)) in batches, larger ones
+    decoded to ``max_edge`` (:func:`working_edge`); unreadable ones go to ``unreadable`` and are
+    skipped."""
     batch: list[tuple[Path, np.ndarray, tuple[int, int]]] = []
     for path in paths:
         try:
-            batch.append((path, *load_image_and_size(path)))
+            batch.append((path, *load_image_and_size(path, max_edge=max_edge)))
         except TeacherError as e:
             unreadable.items.append((str(path), str(e)))
             continue
@@ -319,13 +328,16 @@ def load_predict_teachers(
     segment_masks: bool = True,
     adapter_scale: float = 1.0,
     device: Any = None,
+    classes_per_call: bool = False,
     log=print,
 ) -> Teachers:
     """DINO (+ adapter) and SAM (+ adapter) on ``device`` (default: a GPU when there is one),
     with the class list to detect.
 
     Classes come from ``classes`` (ids 1..N in order) or, without it, the DINO adapter's
-    ``labels.json``. ``adapter_scale`` scales both adapters (:func:`teacher.train.lora.load_adapter`:
+    ``labels.json``; with neither, an error, or with ``classes_per_call`` an empty label map (the
+    caller brings the classes of each call: ``teacher serve`` from the labeling config).
+    ``adapter_scale`` scales both adapters (:func:`teacher.train.lora.load_adapter`:
     0 = the base models, 1 = the adapters as trained).
     """
     from teacher.dino.labels import build_label_map
@@ -350,6 +362,8 @@ def load_predict_teachers(
         label_map = build_label_map(cats, tokenizer=dino.processor.tokenizer)
     elif dino.label_map is not None:
         label_map = dino.label_map
+    elif classes_per_call:
+        label_map = LabelMap(category_ids=(), names=(), chunks=())
     else:
         raise TeacherError(
             'no classes to detect: pass --classes "cat,dog" or --adapters with '
@@ -412,4 +426,5 @@ def teachers_detector(
         ),
         categories=list(zip(lm.category_ids, lm.names, strict=True)),
         description=description,
+        max_edge=working_edge(teachers),
     )

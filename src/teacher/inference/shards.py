@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from teacher.coco.images import file_problem
 from teacher.coco.io import atomic_text_file, dumps_coco, write_text_atomic
 from teacher.core.digest import file_sha256, fingerprint
 
@@ -38,10 +39,13 @@ FORMAT = 1  # the shard layout; a shard of another format is discarded
 
 @dataclass(frozen=True)
 class PoolImage:
-    """One image of the pool: its path relative to the pool (posix) and its content hash."""
+    """One image of the pool: its path relative to the pool (posix) and its content hash; or,
+    for a file that is not read (``problem``: not a regular file, a name that is not UTF-8), an
+    empty hash: it is reported unreadable without being opened."""
 
     file_name: str
     sha256: str
+    problem: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -61,8 +65,14 @@ class Shard:
 
 
 def pool_images(folder: Path, paths: Sequence[Path]) -> list[PoolImage]:
-    """The pool's images (``paths`` under ``folder``) with their content hashes, in order."""
-    return [PoolImage(p.relative_to(folder).as_posix(), file_sha256(p)) for p in paths]
+    """The pool's images (``paths`` under ``folder``) with their content hashes, in order; a
+    file :func:`teacher.coco.images.file_problem` refuses is not opened (a FIFO would block)."""
+    images = []
+    for p in paths:
+        name = p.relative_to(folder).as_posix()
+        problem = file_problem(p, name=name)
+        images.append(PoolImage(name, "" if problem else file_sha256(p), problem))
+    return images
 
 
 def plan_shards(

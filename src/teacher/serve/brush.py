@@ -28,36 +28,62 @@ def runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.diff(np.append(-1, ends)), values[ends]
 
 
-def run_bits(length: int, value: int) -> str:
-    """The bits of one run (lengths over 2**16 are split as the SDK splits them)."""
-    if length == 1:
-        return f"000000{value:08b}"
-    out = ""
-    for cls, bits in enumerate(RUN_CLASSES):
-        if cls < len(RUN_CLASSES) - 1 and length <= 2**bits:
-            return f"1{cls:02b}{length - 1:0{bits}b}{value:08b}"
-    while length > 2**16:
-        out += f"111{2**16 - 1:016b}{value:08b}"
-        length -= 2**16
-    return out + f"111{length - 1:016b}{value:08b}"
+def run_codes(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each run's bit field as an integer and its bit count, as the SDK codes it: a run of one
+    value ``000000 v``; up to 256 values ``1 cc n v`` in the narrowest class; longer runs in
+    class 3, split into pieces of 2**16 values and the rest."""
+    n, v = np.asarray(lengths, np.int64), np.asarray(values, np.int64)
+    split = 2 ** RUN_CLASSES[-1]
+    long = n > 2 ** RUN_CLASSES[-2]
+    pieces = np.where(long, -(-n // split), 1)
+    run = np.repeat(np.arange(len(n)), pieces)
+    k = np.arange(len(run)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # piece in its run
+    n, v, long = n[run], v[run], long[run]
+    piece = np.where(long, np.where(k == pieces[run] - 1, n - k * split, split), n)
+    cls = np.where(long, 3, np.searchsorted(2 ** np.array(RUN_CLASSES[:-1]), n))
+    width = np.array(RUN_CLASSES)[cls]
+    coded = (1 << (width + 10)) | (cls << (width + 8)) | ((piece - 1) << 8) | v
+    return np.where(n == 1, v, coded), np.where(n == 1, 14, width + 11)
+
+
+def pack_bits(codes: np.ndarray, counts: np.ndarray) -> list[int]:
+    """Bit fields (``codes``, ``counts`` bits each, most significant first) one after another,
+    zero-padded as the SDK pads (always: a whole 0 byte when aligned), as bytes 0..255."""
+    ends = np.cumsum(counts)
+    bits = np.zeros(int(ends[-1]) // 8 * 8 + 8 if len(ends) else 8, np.uint8)
+    for b in range(int(counts.max(initial=0))):  # bit b of each field that has one
+        has = counts > b
+        bits[ends[has] - 1 - b] = (codes[has] >> b) & 1
+    return np.packbits(bits).tolist()
 
 
 def encode_rle(values: np.ndarray) -> list[int]:
     """Label Studio RLE bytes of a flat uint8 array (the RGBA bytes of the brush image)."""
     values = np.asarray(values).ravel()
-    head = f"{len(values):032b}{WORD_BITS - 1:05b}" + "".join(f"{b - 1:04b}" for b in RUN_CLASSES)
-    lengths, vals = runs(values)
-    bits = head + "".join(run_bits(int(n), int(v)) for n, v in zip(lengths, vals, strict=True))
-    bits += "0" * (8 - len(bits) % 8)  # as the SDK: always pads, a whole 0 byte when aligned
-    return [int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)]
+    return encode_runs(len(values), *runs(values))
+
+
+def encode_runs(total: int, lengths: np.ndarray, values: np.ndarray) -> list[int]:
+    """Label Studio RLE bytes of ``total`` values given as runs (lengths, values 0..255)."""
+    head = [total, WORD_BITS - 1, *(b - 1 for b in RUN_CLASSES)]
+    codes, counts = run_codes(lengths, values)
+    return pack_bits(
+        np.concatenate([np.array(head, np.int64), codes]),
+        np.concatenate([np.array([32, 5, 4, 4, 4, 4], np.int64), counts]),
+    )
 
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """HxW bool mask -> Label Studio brush ``rle`` (RGBA, 255 where the mask is set)."""
-    mask = np.asarray(mask)
+    """HxW bool mask -> Label Studio brush ``rle`` (RGBA, 255 where the mask is set).
+
+    Each pixel is 4 equal bytes, so the runs of the bytes are the mask's runs, 4 times as long:
+    counted on the mask, they take a byte a pixel, not the 8 of the RGBA bytes and their diff.
+    """
+    mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ValueError(f"mask must be HxW, got shape {mask.shape}")
-    return encode_rle(np.repeat(mask.astype(bool).ravel().astype(np.uint8) * 255, 4))
+    lengths, values = runs(mask.ravel())
+    return encode_runs(4 * mask.size, 4 * lengths, values.astype(np.uint8) * 255)
 
 
 def decode_rle(rle: list[int]) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="folder holding the trained dino/ and sam/ adapters "
         "(models/); without it, the base models",
     )
-    p.add_argument("--classes", help="comma-separated class names; default: the DINO adapter's")
+    p.add_argument(
+        "--classes",
+        help="comma-separated class names; default: the DINO adapter's, else the labels of "
+        "each project's labeling config (its RectangleLabels, BrushLabels, PolygonLabels)",
+    )
     p.add_argument(
         "--params",
         default="params.yaml",
@@ -58,6 +63,19 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=1000,
         help="tasks per /predict call (1000; Label Studio sends a whole selection)",
     )
+    p.add_argument(
+        "--call-timeout",
+        type=positive(float),
+        default=60,
+        help="seconds per /predict call: tasks not done by then get an error, Label Studio "
+        "asks again later (60; below Label Studio's own timeout, 100)",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=positive(int),
+        default=4,
+        help="/predict calls at once; more get HTTP 429 with Retry-After (4)",
+    )
     p.add_argument("--score-threshold", type=float, help="default dino.box_threshold")
     p.add_argument("--text-threshold", type=float, help="default dino.text_threshold")
     p.add_argument("--nms-iou", type=float, default=0.7, help="per-class NMS IoU (0.7)")
@@ -82,7 +100,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from teacher.inference.predict import filter_from_args, parse_classes
     from teacher.serve.app import run_server
-    from teacher.serve.backend import Backend
+    from teacher.serve.backend import CLASSES_FROM_CONFIG, Backend
     from teacher.serve.sources import ImageSources
     from teacher.serve.teachers import load_serve_teachers
 
@@ -108,17 +126,43 @@ def run(args: argparse.Namespace) -> int:
         max_bytes=int(args.max_image_mb * 2**20),
         timeout_s=args.fetch_timeout,
         allow_http=not args.no_http,
+        max_edge=teachers.working_edge,  # larger images are decoded straight to it
     )
-    backend = Backend(teachers=teachers, sources=sources, max_tasks=args.max_tasks)
+    backend = Backend(
+        teachers=teachers,
+        sources=sources,
+        max_tasks=args.max_tasks,
+        call_timeout_s=args.call_timeout,
+    )
     print(
-        f"teacher serve: {teachers.model_version}, classes {teachers.class_names}, "
+        f"teacher serve: {teachers.model_version}, "
+        f"classes {teachers.class_names or CLASSES_FROM_CONFIG}, "
         f"http://{args.host}:{args.port}",
         flush=True,
     )
     run_server(
-        backend, host=args.host, port=args.port, token=os.environ.get("TEACHER_SERVE_TOKEN") or None
+        backend,
+        host=args.host,
+        port=args.port,
+        token=os.environ.get("TEACHER_SERVE_TOKEN") or None,
+        max_concurrent=args.max_concurrent,
     )
     return 0
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """argparse type: a number of ``kind`` above 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+
+    return parse
 
 
 def local_files_prefix(folder: str | Path) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
+from teacher.coco.io import clean_name
 from teacher.core.errors import TeacherError
 
 REGION_CONTROLS = {  # XML tag -> result type (the key of the label list in a result's value)
@@ -22,6 +23,9 @@ REGION_CONTROLS = {  # XML tag -> result type (the key of the label list in a re
     "keypointlabels": "keypointlabels",
 }
 PREDICTED = ("rectanglelabels", "brushlabels", "polygonlabels")  # what pre-labeling fills
+# Classes a labeling config may prompt with (`teacher serve` without --classes): about 60 short
+# names fill one 256-token prompt, and every prompt is one more DINO forward per image.
+MAX_CONFIG_CLASSES = 512
 
 
 class LabelConfigError(TeacherError):
@@ -95,6 +99,41 @@ def parse_label_config(xml: str) -> LabelConfig:
             )
         )
     return LabelConfig(controls=tuple(controls))
+
+
+def config_classes(config: LabelConfig) -> list[str]:
+    """The labels of the controls pre-labeling fills (RectangleLabels, BrushLabels,
+    PolygonLabels), in config order, each once (as :func:`key` compares them): the classes to
+    prompt with when the server has none of its own. ``LabelConfigError`` when there is none
+    or more than ``MAX_CONFIG_CLASSES``."""
+    controls = config.of_type(*PREDICTED)
+    if not controls:
+        raise LabelConfigError(
+            "the labeling config has no RectangleLabels, BrushLabels or PolygonLabels on an "
+            "<Image>: nothing to predict"
+        )
+    labels: dict[str, str] = {}  # the prompt text, compared as key() does -> the label
+    for control in controls:
+        for label in control.labels:
+            if not clean_name(label):
+                raise LabelConfigError(
+                    f"<Label value={label!r}> of {control.name!r} has no words once '.' and '?' "
+                    "(prompt delimiters) are removed: rename it to prompt the teachers with it"
+                )
+            labels.setdefault(key(clean_name(label)), label)
+    if not labels:
+        raise LabelConfigError(
+            "the labeling config's RectangleLabels, BrushLabels and PolygonLabels have no "
+            '<Label value="..."/>: the server was started without --classes and prompts with '
+            "the config's labels; add a Label per class"
+        )
+    if len(labels) > MAX_CONFIG_CLASSES:
+        raise LabelConfigError(
+            f"the labeling config has {len(labels)} labels; at most {MAX_CONFIG_CLASSES} "
+            "prompt the teachers (each ~60 is one more forward per image): start "
+            "`teacher serve --classes` with the ones to pre-label"
+        )
+    return list(labels.values())
 
 
 def match_labels(class_names: list[str], control: Control) -> tuple[dict[str, str], list[str]]:

@@ -11,28 +11,40 @@ share the region ``id`` (Label Studio then shows them as one object).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from teacher.coco.images import resize_mask
 from teacher.serve.brush import mask_to_rle
 from teacher.serve.label_config import PREDICTED, Control, LabelConfig, match_labels
 
 ROUND = 4  # decimals of percent coordinates and scores
+CLICK_TYPES = ("keypointlabels", "rectanglelabels")  # smart-tool results that are SAM prompts
+# Keypoints and rectangles in one smart-tool context. An annotator outlines one object with a
+# few clicks; every point is a token of SAM's prompt encoder and decoder, and 10 000 of them
+# took the server from 1.0 to 4.0 GB RSS on an 80x64 image.
+MAX_CLICKS = 64
+EDGE_SLACK = 0.01  # percent past the image's edge taken as the edge (Label Studio's rounding)
 
 
 @dataclass
 class Found:
-    """The teachers' detections on one image (pixels, the image as decoded)."""
+    """The teachers' detections on one image, in pixels of the image file (its width, height:
+    Label Studio's original size)."""
 
     width: int
     height: int
     boxes_xywh: np.ndarray  # (N, 4) COCO xywh, absolute pixels
     scores: np.ndarray  # (N,) float
     names: list[str]  # (N,) class names
-    masks: np.ndarray | None = None  # (N, H, W) bool, when SAM ran
+    # (N, h, w) bool, when SAM ran, or a sequence of N masks made as they are read: (h, w) is
+    # the file's size or, for an image decoded at the teachers' working size, smaller (a
+    # brush gets the mask at the file's size, one at a time)
+    masks: np.ndarray | Sequence[np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,15 +126,16 @@ def region_value(control: Control, found: Found, i: int) -> dict | None:
     """The ``value`` of detection ``i`` for ``control``; None where it cannot say (no mask)."""
     if control.type == "rectanglelabels":
         return percent_rectangle(found.boxes_xywh[i], width=found.width, height=found.height)
-    if found.masks is None or not found.masks[i].any():
+    mask = None if found.masks is None else found.masks[i]
+    if mask is None or not mask.any():
         return None
-    if control.type == "brushlabels":
-        return {"format": "rle", "rle": mask_to_rle(found.masks[i])}
-    outline = mask_polygon(found.masks[i])
+    if control.type == "brushlabels":  # Label Studio's brush is at the file's size
+        return {"format": "rle", "rle": mask_to_rle(resize_mask(mask, (found.width, found.height)))}
+    outline = mask_polygon(mask)  # percent of the mask's size: the same at any size
     if outline is None:
         return None
     return {
-        "points": percent_points(outline, width=found.width, height=found.height),
+        "points": percent_points(outline, width=mask.shape[1], height=mask.shape[0]),
         "closed": True,
     }
 
@@ -185,51 +198,140 @@ class ContextError(ValueError):
     """A smart-tool context that cannot be read (the message says which field)."""
 
 
-def context_prompts(context: Mapping[str, Any]) -> tuple[str, Prompts] | None:
+def context_prompts(context: Mapping[str, Any], config: LabelConfig) -> tuple[str, Prompts] | None:
     """The clicks in a ``context`` of Label Studio's smart tools: the image's ``to_name`` and the
     prompts; None when the context has no keypoint or rectangle.
 
     Keypoints (``keypointlabels``, ``is_positive``) become point prompts; a rectangle
-    (``rectanglelabels``) a box prompt (the last one wins).
+    (``rectanglelabels``) a box prompt (the last one wins). ``ContextError`` for more than
+    ``MAX_CLICKS`` clicks, clicks on several images, a size or coordinate that is not a finite
+    number on the image, or a label that the clicked control of ``config`` does not offer.
     """
+    results = (context or {}).get("result") if isinstance(context or {}, Mapping) else False
+    if not isinstance(results, list | None):
+        raise ContextError("expected {'result': [the smart tool's results]}")
     items = [
-        r
-        for r in (context or {}).get("result") or []
-        if r.get("type") in ("keypointlabels", "rectanglelabels")
+        (i, r)
+        for i, r in enumerate(results or [])
+        if isinstance(r, Mapping) and r.get("type") in CLICK_TYPES
     ]
     if not items:
         return None
-    to_names = {r.get("to_name") for r in items}
+    if len(items) > MAX_CLICKS:
+        raise ContextError(
+            f"{len(items)} keypoints and rectangles in one context; at most {MAX_CLICKS} "
+            "(SAM outlines one object from a few clicks): undo some, or start a new region"
+        )
+    to_names = {r.get("to_name") for _, r in items}
     if len(to_names) != 1:
         raise ContextError(f"context clicks on several images {sorted(map(str, to_names))}")
-    points, labels, box, label = [], [], None, None
-    try:
-        width, height = int(items[0]["original_width"]), int(items[0]["original_height"])
-        for r in items:
-            v = r["value"]
-            x, y = float(v["x"]) * width / 100, float(v["y"]) * height / 100
-            label = (v.get(r["type"]) or [label])[0]
-            if r["type"] == "keypointlabels":
-                points.append([x, y])
-                labels.append(1 if r.get("is_positive", True) else 0)
-            else:
-                w, h = float(v["width"]) * width / 100, float(v["height"]) * height / 100
-                box = np.array([x, y, x + w, y + h])
-    except (KeyError, TypeError, ValueError) as e:
+    to_name = to_names.pop()
+    if not isinstance(to_name, str):
+        raise ContextError(f"to_name {to_name!r}: send the name of the <Image> clicked")
+    clicks = [read_click(r, config, where=f"result[{i}] ({r['type']})") for i, r in items]
+    sizes = {c.size for c in clicks}
+    if len(sizes) != 1:
         raise ContextError(
-            f"context result without {e}: need original_width/height and value "
-            "x, y (and width, height for a rectangle)"
-        ) from e
-    if width <= 0 or height <= 0:
-        raise ContextError(f"context original size {width}x{height} is not positive")
-    return to_names.pop(), Prompts(
+            f"the clicks give several original sizes {sorted(sizes)} for one image; "
+            "send original_width/height of the image as Label Studio shows it"
+        )
+    (width, height), labels = sizes.pop(), [c.label for c in clicks if c.label is not None]
+    points = [c for c in clicks if c.kind == "keypointlabels"]
+    boxes = [c.xyxy for c in clicks if c.kind == "rectanglelabels"]
+    return to_name, Prompts(
         width=width,
         height=height,
-        points=np.array(points, np.float64).reshape(-1, 2),
-        point_labels=np.array(labels, np.int64),
-        box_xyxy=box,
-        label=label,
+        points=np.array([c.xyxy[:2] for c in points], np.float64).reshape(-1, 2),
+        point_labels=np.array([int(c.positive) for c in points], np.int64),
+        box_xyxy=np.array(boxes[-1]) if boxes else None,
+        label=labels[-1] if labels else None,
     )
+
+
+@dataclass(frozen=True)
+class Click:
+    """One smart-tool result, checked: where it is in pixels of the original image."""
+
+    kind: str  # keypointlabels | rectanglelabels
+    size: tuple[int, int]  # original width, height
+    xyxy: tuple[float, ...]  # (x, y) of a keypoint, (x0, y0, x1, y1) of a rectangle; pixels
+    positive: bool  # keypoints: a positive click (is_positive)
+    label: str | None  # the label chosen, one of the clicked control's
+
+
+def read_click(r: Mapping[str, Any], config: LabelConfig, *, where: str) -> Click:
+    """A context result as a ``Click``; ``ContextError`` starting with ``where`` naming the field
+    that is wrong and what to send instead."""
+    size = tuple(_number(r, k, where=where) for k in ("original_width", "original_height"))
+    if not all(v >= 1 and v.is_integer() for v in size):
+        raise ContextError(f"{where}: original size {size} is not a positive whole number")
+    value = r.get("value")
+    if not isinstance(value, Mapping):
+        raise ContextError(f"{where}: no value with x, y (percent of the image)")
+    x, y = (_percent(value, k, where=where) for k in ("x", "y"))
+    corners: tuple[float, ...] = (x, y)
+    if r["type"] == "rectanglelabels":
+        w, h = (_percent(value, k, where=where) for k in ("width", "height"))
+        if x + w > 100 + EDGE_SLACK or y + h > 100 + EDGE_SLACK:
+            raise ContextError(
+                f"{where}: x + width = {x + w:g}, y + height = {y + h:g} leave the image: "
+                "a rectangle's percent coordinates end at 100"
+            )
+        corners = (x, y, min(x + w, 100.0), min(y + h, 100.0))
+    width, height = int(size[0]), int(size[1])
+    scale = (width / 100, height / 100) * (len(corners) // 2)
+    return Click(
+        kind=r["type"],
+        size=(width, height),
+        xyxy=tuple(min(max(v, 0.0), 100.0) * s for v, s in zip(corners, scale, strict=True)),
+        positive=bool(r.get("is_positive", True)),
+        label=_click_label(r, value, config, where=where),
+    )
+
+
+def _number(mapping: Mapping[str, Any], key: str, *, where: str, field: str = "") -> float:
+    """``mapping[key]`` as a finite float; ``ContextError`` naming ``field`` otherwise."""
+    v = mapping.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ContextError(
+            f"{where}: {field or key} = {v!r} is not a finite number; send it as Label Studio does"
+        )
+    return float(v)
+
+
+def _percent(value: Mapping[str, Any], key: str, *, where: str) -> float:
+    """``value[key]``, a percent coordinate or extent on the image (0..100)."""
+    v = _number(value, key, where=where, field=f"value.{key}")
+    if not -EDGE_SLACK <= v <= 100 + EDGE_SLACK:
+        raise ContextError(
+            f"{where}: value.{key} = {v:g} is off the image: coordinates are percent of the "
+            "image, 0..100; click on the image"
+        )
+    return v
+
+
+def _click_label(
+    r: Mapping[str, Any], value: Mapping[str, Any], config: LabelConfig, *, where: str
+) -> str | None:
+    """The label the annotator chose, checked against the control ``from_name`` names; None
+    when the result carries no label."""
+    chosen = value.get(r["type"])
+    if not chosen:
+        return None
+    control = next((c for c in config.of_type(r["type"]) if c.name == r.get("from_name")), None)
+    names = [c.name for c in config.of_type(r["type"])]
+    if control is None:
+        raise ContextError(
+            f"{where}: from_name {r.get('from_name')!r} names no {r['type']} control of the "
+            f"labeling config ({names or 'none'}); send the config the clicks were made with"
+        )
+    label = chosen[0] if isinstance(chosen, list) else chosen
+    if label not in control.labels:
+        raise ContextError(
+            f"{where}: label {label!r} is not a label of {control.name!r} "
+            f"({list(control.labels)}); add it to the labeling config or pick one of those"
+        )
+    return label
 
 
 def interactive_prediction(

@@ -9,9 +9,9 @@ prefix: Label Studio's local-files storage, ``/data/local-files/?d=<folder>/``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
@@ -33,6 +33,28 @@ def default_label_config(names: list[str], *, masks: bool) -> str:
     return xml + "</View>\n"
 
 
+class AnnotationMasks(Sequence[np.ndarray]):
+    """The masks of an image's annotations, each decoded from its RLE when read: one full-size
+    mask in memory at a time, not all of them (a byte a pixel each)."""
+
+    def __init__(self, anns: list[dict], *, height: int, width: int) -> None:
+        self.anns, self.height, self.width = anns, height, width
+
+    def __len__(self) -> int:
+        return len(self.anns)
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, i: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        return annotation_mask(self.anns[i], self.height, self.width)
+
+
 def coco_found(image: dict, anns: list[dict], names: dict[int, str]) -> Found:
     """One image's COCO results (bbox, score, optional RLE segmentation) as ``Found``."""
     h, w = int(image["height"]), int(image["width"])
@@ -43,7 +65,7 @@ def coco_found(image: dict, anns: list[dict], names: dict[int, str]) -> Found:
         boxes_xywh=np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4),
         scores=np.array([a.get("score", 1.0) for a in anns], np.float64),
         names=[names[a["category_id"]] for a in anns],
-        masks=np.stack([annotation_mask(a, h, w) for a in anns]) if with_masks else None,
+        masks=AnnotationMasks(anns, height=h, width=w) if with_masks else None,
     )
 
 

@@ -25,12 +25,14 @@ from teacher.coco.images import image_path, load_image
 from teacher.coco.io import (
     annotation_mask,
     coco_format_problem,
+    geometry_problem,
     index_by_image,
     load_coco,
     mask_kind,
 )
 from teacher.core.errors import TeacherError
 from teacher.dataset.augment import sample_rng
+from teacher.dataset.validation.registry import RULES
 from teacher.student.model import preprocess
 
 HUMAN, TEACHER = "human", "teacher"
@@ -294,9 +296,13 @@ def collate_student(items: list[dict[str, Any]], *, resolution: int) -> dict[str
 
 
 def teacher_label_problems(doc: Mapping[str, Any], *, categories: Mapping[int, Any]) -> list[str]:
-    """What in a teacher-labels COCO dict the student cannot train on (one line per record)."""
+    """What in a teacher-labels COCO dict the student cannot train on (one line per record).
+
+    Boxes (and polygons still in memory) go through validate's geometry rules
+    (``non_finite_coordinates``, ``coordinates_far_outside``), as human labels do."""
     problems = []
     image_ids = {img.get("id") for img in doc["images"]}
+    sizes = {img.get("id"): (img.get("width"), img.get("height")) for img in doc["images"]}
     for img in doc["images"]:
         if (
             not isinstance(img.get("file_name"), str)
@@ -327,7 +333,23 @@ def teacher_label_problems(doc: Mapping[str, Any], *, categories: Mapping[int, A
             problems.append(f"{where}: bbox {bbox!r} is not [x, y, width, height]")
         elif mask_kind(ann) == "invalid":
             problems.append(f"{where}: segmentation is neither polygons nor RLE")
+        elif problem := _geometry_problem(ann, sizes[ann["image_id"]]):
+            problems.append(f"{where}: bbox {bbox!r}: {problem}")
     return problems
+
+
+def _geometry_problem(ann: Mapping[str, Any], size: tuple[Any, Any]) -> str | None:
+    """validate's geometry rule that ``ann`` breaks in an image of ``size`` (width, height),
+    as ``"<message> (<detail>) [<rule>]"``; None when its numbers are sane or the size unknown
+    (that image's own problem is listed)."""
+    width, height = size
+    if not (isinstance(width, int) and isinstance(height, int)) or width <= 0 or height <= 0:
+        return None
+    found = geometry_problem(dict(ann), width=width, height=height)
+    if found is None:
+        return None
+    rule, detail = found
+    return f"{RULES[rule].message} ({detail}) [{rule}]"
 
 
 def teacher_source(
