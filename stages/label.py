@@ -1,13 +1,14 @@
 """Stage ``label``: the fine-tuned teachers (Grounded-SAM) label the unlabeled pool.
 
     python -m stages.label --params params.yaml --pool data/sample/unlabeled \
-        --dino models/dino --sam models/sam --shards data/label_shards \
+        --dino models/dino --sam models/sam --shards checkpoints/label_shards \
         --out data/teacher_labels.json
 
 Writes ``data/teacher_labels.json``: COCO with per detection a box, an RLE mask (when SAM was
 trained) and a score; thresholds from the ``label`` section. Labeled in shards of
-``label.shard_size`` images, kept in ``--shards`` (a DVC output that persists between runs): a
-rerun after a crash labels only what no shard holds. ``label.processes`` processes share the
+``label.shard_size`` images, kept in ``--shards`` (under ``checkpoints/``, like the training
+stages' checkpoints: not a DVC output, so DVC never deletes it): a rerun after a crash labels only
+what no shard holds. ``label.processes`` processes share the
 work; inside ``accelerate launch`` / torchrun every rank does. Unreadable images are listed on
 stderr and in ``info.unreadable``, and skipped. A pool folder without images gives a file
 without images: the student then trains on the human labels alone.
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dino", type=Path, default=Path("models/dino"))
     p.add_argument("--sam", type=Path, default=Path("models/sam"))
     p.add_argument(
-        "--shards", type=Path, default=Path("data/label_shards"), help="finished shards (resume)"
+        "--shards",
+        type=Path,
+        default=Path("checkpoints/label_shards"),
+        help="finished shards (resume)",
     )
     p.add_argument("--out", type=Path, default=Path("data/teacher_labels.json"))
     args = p.parse_args(argv)
