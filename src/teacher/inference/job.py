@@ -85,8 +85,6 @@ def run_job(job: Job) -> Labeled | None:
     job.shard_dir.mkdir(parents=True, exist_ok=True)
     if process_rank_and_count()[1] > 1:  # every rank of a distributed launch is here
         return _take_part(job, None)
-    for stale in job.shard_dir.glob("progress-*.json"):
-        stale.unlink()
     plan = make_plan(job)  # here, so that its log lines come from this process
     if job.processes <= 1:
         return _take_part(job, plan)
@@ -135,6 +133,8 @@ def _take_part(job: Job, plan: Plan | None) -> Labeled | None:
 def make_plan(job: Job) -> Plan:
     """List and hash the pool, keep the shards of earlier runs made the same way, and cut the
     rest into new shards (said in the log: what is reused, what discarded)."""
+    for stale in job.shard_dir.glob("progress-*.json"):  # an interrupted run's counts
+        stale.unlink()  # (the other processes start labeling only once they have the plan)
     paths = list_images(job.folder)
     images = pool_images(job.folder, paths)
     existing = scan_shards(job.shard_dir, job.settings)
