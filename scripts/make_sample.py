@@ -2,16 +2,7 @@
 
     python scripts/make_sample.py [--out data/sample]
 
-72 small JPEG images (128-256 px) of circles, squares, triangles and stars of varied size,
-color and overlap on plain, gradient, striped and noisy backgrounds, drawn as outlines (a rim a
-quarter of the shape's radius wide, the background inside; the shape stays opaque, and its
-mask is the whole shape): an appearance the proving ground's pretrained SAM never saw, so
-fine-tuning has something to learn; a few grayscale images,
-two stored rotated with an EXIF orientation tag, a few with no objects. Instance masks are the
-visible part of each shape: polygons where a shape is unoccluded, RLE (compressed or
-uncompressed) where it is occluded or picked at random; a few ``iscrowd`` regions (clusters
-of small dots) as uncompressed RLE, as COCO stores them. ``unlabeled/``: 24 more images of the
-same world without annotations, the pool the teachers label for the student.
+What it draws and why: ``teacher.dataset.sample``.
 """
 
 from __future__ import annotations

@@ -222,3 +222,25 @@ def drain_output(proc: subprocess.Popen) -> deque[str]:
 
     threading.Thread(target=read, daemon=True).start()
     return tail
+
+
+def boxes_only_backend(world: dict, *, local_root: Path | None = None):
+    """In process: the world's adapters as the server loads them, boxes only (no SAM)."""
+    from fake_adapters import TINY_DINO, TINY_SAM
+
+    from teacher.inference.predict import Filter
+    from teacher.serve.backend import Backend
+    from teacher.serve.sources import ImageSources
+    from teacher.serve.teachers import load_serve_teachers
+
+    teachers = load_serve_teachers(
+        adapters=world["root"] / "models",
+        classes=None,
+        dino_params=TINY_DINO,
+        sam_params=TINY_SAM,
+        keep=Filter(score_threshold=0.0, max_detections=2),
+        text_threshold=0.0,
+        segment_masks=False,
+        log=lambda *_: None,
+    )
+    return Backend(teachers=teachers, sources=ImageSources(local_root=local_root))

@@ -12,8 +12,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import numpy as np
 import pytest
-from fake_adapters import TINY_DINO, TINY_SAM
-from serve_world import TOKEN, make_world, predict_args, start_server
+from serve_world import TOKEN, boxes_only_backend, make_world, predict_args, start_server
 
 from teacher.cli import main as teacher_main
 from teacher.serve import brush
@@ -292,23 +291,9 @@ def test_boxes_only_without_token(world):
     """In process (FastAPI's test client): no SAM, no token configured -> open, boxes only."""
     from fastapi.testclient import TestClient
 
-    from teacher.inference.predict import Filter
     from teacher.serve.app import create_app
-    from teacher.serve.backend import Backend
-    from teacher.serve.sources import ImageSources
-    from teacher.serve.teachers import load_serve_teachers
 
-    teachers = load_serve_teachers(
-        adapters=world["root"] / "models",
-        classes=None,
-        dino_params=TINY_DINO,
-        sam_params=TINY_SAM,
-        keep=Filter(score_threshold=0.0, max_detections=2),
-        text_threshold=0.0,
-        segment_masks=False,
-        log=lambda *_: None,
-    )
-    backend = Backend(teachers=teachers, sources=ImageSources(local_root=world["root"] / "files"))
+    backend = boxes_only_backend(world, local_root=world["root"] / "files")
     client = TestClient(create_app(backend, token=None))
     r = client.post(
         "/predict", json={"tasks": [task(1, local("img_0.png"))], "label_config": CONFIG}

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from fake_adapters import TINY_DINO, TINY_SAM
 from serve_world import (
     TOKEN,
+    boxes_only_backend,
     drain_output,
     hanging_server,
     make_world,
@@ -167,23 +167,9 @@ def test_an_unforeseen_error_is_a_json_500_without_its_message(world):
     """In process: the real app, and a route added here that fails as nothing in it should."""
     from fastapi.testclient import TestClient
 
-    from teacher.inference.predict import Filter
     from teacher.serve.app import create_app
-    from teacher.serve.backend import Backend
-    from teacher.serve.sources import ImageSources
-    from teacher.serve.teachers import load_serve_teachers
 
-    teachers = load_serve_teachers(
-        adapters=world["root"] / "models",
-        classes=None,
-        dino_params=TINY_DINO,
-        sam_params=TINY_SAM,
-        keep=Filter(score_threshold=0.0, max_detections=2),
-        text_threshold=0.0,
-        segment_masks=False,
-        log=lambda *_: None,
-    )
-    app = create_app(Backend(teachers=teachers, sources=ImageSources()), token=TOKEN)
+    app = create_app(boxes_only_backend(world), token=TOKEN)
 
     @app.get("/fails")
     def fails():
