@@ -157,9 +157,13 @@ def test_shares_are_accelerates_split_between_processes():
         items = [Shard((PoolImage(str(i), ""),)) for i in range(n)]
         for processes in (1, 2, 3, 8):
             for rank in range(processes):
+                mine = share_of(items, rank=rank, processes=processes)
+                if rank >= n > 0:  # a process with no shard of its own labels nothing (accelerate
+                    assert mine == []  # before 1.x hands it the last input again)
+                    continue
                 state = SimpleNamespace(num_processes=processes, process_index=rank)
                 with PartialState.split_between_processes(state, items) as theirs:
-                    assert share_of(items, rank=rank, processes=processes) == list(theirs)
+                    assert mine == list(theirs)
 
 
 def test_a_truncated_shard_is_not_read(tmp_path):
