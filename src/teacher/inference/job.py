@@ -8,7 +8,6 @@ where they run). The shard files and the merge are :mod:`teacher.inference.shard
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from teacher.inference.predict import (
     to_annotations,
 )
 from teacher.inference.shards import (
+    SHARD_GLOB,
     PoolImage,
     Shard,
     plan_shards,
@@ -249,28 +249,24 @@ def _refresh(bar: tqdm | None, job: Job) -> None:
 
 def _remove_unused(folder: Path, *, keep: Sequence[Path]) -> None:
     """After a complete run: shards this run does not use (other settings, removed images'
-    shards wholly gone) and progress files are removed; what it uses stays for the next run."""
+    shards wholly gone), progress files and temporary files of writes that never finished are
+    removed; what it uses stays for the next run."""
     kept = {p.name for p in keep}
-    for path in folder.glob("shard-*.jsonl"):
+    for path in [
+        *folder.glob(SHARD_GLOB),
+        *folder.glob("progress-*.json"),
+        *folder.glob(".shard-*"),
+    ]:
         if path.name not in kept:
-            path.unlink()
-    for path in folder.glob("progress-*.json"):
-        path.unlink()
-    for tmp in folder.glob(".shard-*"):  # temporary files of writes that never finished
-        tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
 
 
 def clear_shards(folder: Path) -> None:
     """Start over: remove a shard folder this code made (only its own files)."""
     if folder.is_dir():
-        for path in [
-            *folder.glob("shard-*.jsonl"),
-            *folder.glob("progress-*.json"),
-            *folder.glob(".shard-*"),
-        ]:
-            path.unlink()
+        _remove_unused(folder, keep=())
         if not any(folder.iterdir()):
-            shutil.rmtree(folder)
+            folder.rmdir()
 
 
 def no_image_error(folder: Path, unreadable: int) -> TeacherError:

@@ -108,17 +108,24 @@ def write_shard(folder: Path, shard: Shard, settings: Mapping[str, Any], records
     return path
 
 
-def read_header(path: Path) -> dict[str, Any] | None:
-    """A shard's header, or None when the file is not a whole shard of this format."""
+def read_shard(path: Path) -> tuple[dict[str, Any], list[tuple[str, str]]] | None:
+    """A shard's header and its images' keys (file name, sha256), read in one pass; None when
+    the file is not a whole shard of this format."""
     try:
         with path.open(encoding="utf-8") as f:
             header = json.loads(f.readline())
-            count = sum(1 for _ in f)
-    except (OSError, ValueError):
+            keys = [(r["file_name"], r["sha256"]) for r in map(json.loads, f)]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         return None
-    return header if header.get("images") == count else None
+    return (header, keys) if header.get("images") == len(keys) else None
+
+
+def read_header(path: Path) -> dict[str, Any] | None:
+    """A shard's header, or None when the file is not a whole shard of this format."""
+    shard = read_shard(path)
+    return None if shard is None else shard[0]
 
 
 def iter_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -143,10 +150,11 @@ def scan_shards(folder: Path, settings: Mapping[str, Any]) -> Existing:
     never read again by this run; the next successful run removes them)."""
     existing = Existing([], set(), [])
     for path in sorted(folder.glob(SHARD_GLOB)):
-        header = read_header(path)
-        if header is None:
+        shard = read_shard(path)
+        if shard is None:
             existing.discarded.append(f"{path.name}: not a whole shard")
             continue
+        header, keys = shard
         changed = sorted(
             k
             for k in {*settings, *header["settings"]}
@@ -156,7 +164,7 @@ def scan_shards(folder: Path, settings: Mapping[str, Any]) -> Existing:
             existing.discarded.append(f"{path.name}: made with other {', '.join(changed)}")
             continue
         existing.shards.append(path)
-        existing.done |= {(r["file_name"], r["sha256"]) for r in iter_records(path)}
+        existing.done |= set(keys)
     return existing
 
 
