@@ -453,7 +453,8 @@ def test_the_student_reads_teacher_labels_with_masks_left_on_disk(tmp_path):
         for doc in (lazy, whole)
     ]
     a, b = (StudentDataset([s], label_of={1: 0, 5: 1}, masks=True, seed=0)[1] for s in sources)
-    assert a["masks"].any() and np.array_equal(a["masks"], b["masks"])
+    a_masks, b_masks = a["instances"].masks, b["instances"].masks
+    assert a_masks.any() and np.array_equal(a_masks, b_masks)
     # any other layout of the same document is read whole
     (tmp_path / "indented.json").write_text(json.dumps(whole, indent=2))
     assert load_teacher_labels(tmp_path / "indented.json") == whole

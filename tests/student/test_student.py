@@ -30,8 +30,8 @@ from teacher.inference.predict import Filter
 from teacher.inference.shards import ordered_records, write_merged
 from teacher.inference.student import student_detector
 from teacher.student.data import (
-    HUMAN,
     MASK_AT,
+    Instances,
     Source,
     StudentDataset,
     collate_student,
@@ -43,6 +43,7 @@ from teacher.student.data import (
     teacher_source,
 )
 from teacher.student.evaluate import evaluate_student
+from teacher.student.loss import use_student_loss
 from teacher.student.model import (
     StudentOutputs,
     build_student,
@@ -104,9 +105,11 @@ def _crowd_anns():
 
 def test_targets_keep_masks_aligned_with_labels_when_a_crowd_region_is_present():
     m1, m2, _ = _masks()
-    boxes, labels, masks = instance_targets(
+    inst = instance_targets(
         _crowd_anns(), height=20, width=30, label_of={1: 0, 2: 1, 3: 2}, masks=True
     )
+    boxes, labels, masks = inst.boxes, inst.labels, inst.masks
+    assert inst.has_mask.all() and not inst.ignore.any() and (inst.weight == 1).all()
     assert labels.tolist() == [1, 2]  # the crowd region (category 1) is out, with its mask
     assert boxes.tolist() == [[3, 2, 6, 6], [15, 10, 13, 8]]
     assert np.array_equal(masks[0], m1) and np.array_equal(masks[1], m2)
@@ -122,7 +125,7 @@ def test_targets_read_compressed_rle_and_polygons_like_coco():
     }
     rle = {**ann, "segmentation": mask_to_rle(annotation_mask(ann, 20, 30))}
     for a in (ann, rle):
-        _, _, masks = instance_targets([a], height=20, width=30, label_of={2: 0}, masks=True)
+        masks = instance_targets([a], height=20, width=30, label_of={2: 0}, masks=True).masks
         assert np.array_equal(masks[0], annotation_mask(ann, 20, 30))
 
 
@@ -152,24 +155,44 @@ def test_the_rf_detr_processor_helper_fails_on_both_cases_we_handle():
 
 def test_model_targets_normalise_boxes_and_resize_masks_to_the_input():
     m1, m2, _ = _masks()
-    t = model_targets(
+    inst = Instances(
         np.array([[3, 2, 6, 6]], np.float32),
         np.array([1]),
         m1[None],
-        width=30,
-        height=20,
-        resolution=64,
+        np.array([True]),
+        np.array([0.7], np.float32),
+        np.array([False]),
     )
+    t = model_targets(inst, width=30, height=20, resolution=64, image_weight=0.5)
+    assert t["weight"].tolist() == pytest.approx([0.7]) and float(t["image_weight"]) == 0.5
+    assert t["has_mask"].tolist() == [True] and t["ignore"].tolist() == [False]
     assert t["boxes"][0].tolist() == pytest.approx([6 / 30, 5 / 20, 6 / 30, 6 / 20])
     assert t["class_labels"].tolist() == [1] and t["masks"].shape == (1, 64, 64)
     assert not has_masks({"annotations": [{"bbox": [0, 0, 1, 1], "segmentation": []}]})
     assert has_masks({"annotations": _crowd_anns()})
 
 
-def test_box_only_instances_in_segmentation_data_get_their_filled_box():
+def test_box_only_instances_in_segmentation_data_get_their_filled_box_for_matching_only():
     ann = {"id": 1, "category_id": 1, "bbox": [2, 3, 4, 5], "iscrowd": 0}
-    _, _, masks = instance_targets([ann], height=10, width=10, label_of={1: 0}, masks=True)
-    assert masks[0].sum() == 20 and masks[0][3:8, 2:6].all()
+    inst = instance_targets([ann], height=10, width=10, label_of={1: 0}, masks=True)
+    assert inst.masks[0].sum() == 20 and inst.masks[0][3:8, 2:6].all()
+    assert inst.has_mask.tolist() == [False]  # the loss gives it no mask term
+
+
+def test_teacher_labels_are_weighted_by_score_and_uncertain_ones_are_ignore_regions():
+    anns = [
+        {"id": i, "category_id": 1, "bbox": [1, 1, 4, 4], "iscrowd": 0, "score": s}
+        for i, s in enumerate((0.9, 0.25, 0.5))
+    ]
+    inst = instance_targets(anns, height=10, width=10, label_of={1: 0}, masks=False, min_score=0.3)
+    assert inst.weight.tolist() == pytest.approx([0.9, 0.25, 0.5])
+    assert inst.ignore.tolist() == [False, True, False]
+    flat = instance_targets(
+        anns, height=10, width=10, label_of={1: 0}, masks=False, min_score=0.3, score_weight=False
+    )
+    assert flat.weight.tolist() == [1, 1, 1] and flat.ignore.tolist() == [False, True, False]
+    human = instance_targets(anns, height=10, width=10, label_of={1: 0}, masks=False)
+    assert human.weight.tolist() == [1, 1, 1] and not human.ignore.any()
 
 
 # --- the teachers' labels ---------------------------------------------------------------------------
@@ -390,26 +413,6 @@ def test_training_writes_a_loadable_student_and_logs_the_pool(trained):
     assert set(det.category_ids.tolist()) <= {1, 5}
 
 
-def test_the_step_weighs_each_source_by_its_weight_and_share(tmp_path):
-    model, _, _ = build_student(TINY, names=["box", "round thing"], masks=False)
-    model.eval()  # no dropout: the same forward twice gives the same loss
-    base = tmp_path / "images"
-    coco = write_tiny_coco(base, n_images=2)
-    label_of = {1: 0, 5: 1}
-    items = StudentDataset(
-        [Source(HUMAN, coco, base, 1.0), Source("teacher", coco, base, 0.25)],
-        label_of=label_of,
-        masks=False,
-        seed=0,
-    )
-    batch = collate_student([items[0], items[2]], resolution=64)
-    torch.manual_seed(0)
-    mixed = training_step(model, batch, terms=("loss_ce",))["loss"]
-    torch.manual_seed(0)
-    alone = model(pixel_values=batch["pixel_values"][:1], labels=batch["labels"][:1]).loss
-    assert float(mixed) == pytest.approx(0.5 * float(alone) + 0.25 * 0.5 * float(alone), rel=1e-5)
-
-
 def test_evaluation_reports_student_keys_and_latency(trained):
     root, coco, _ = trained
     m = evaluate_student(
@@ -572,8 +575,9 @@ def test_the_train_student_stage_without_teacher_labels_says_run_label(tmp_path,
 
 def test_a_batch_without_any_instance_trains_a_segmenting_student(tmp_path):
     """Pool images the teachers found nothing on: transformers' mask loss returns empty tensors
-    there (an empty total loss); the step turns them into zeros and the loss stays a scalar."""
+    there (an empty total loss); ours gives zeros on the graph and the loss stays a scalar."""
     model, _, _ = build_student(TINY, names=["box", "round thing"], masks=True)
+    use_student_loss(model, masks=True)
     coco = write_tiny_coco(tmp_path / "images", n_images=2)
     empty = {**coco, "annotations": []}
     items = StudentDataset(
@@ -591,8 +595,8 @@ def test_a_batch_without_any_instance_trains_a_segmenting_student(tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_the_student_without_hanging(tmp_path):
     """gloo, 2 processes, batch 1 each: one process may see a teacher image while the other sees a
-    human one (a different number of forwards per step) and one pool image has no instance; the
-    loss has no collective inside (rf_detr_loss_fixes), so the step does not hang."""
+    human one and one pool image has no instance; the loss has no collective inside
+    (teacher.student.loss normalises by this process's boxes), so the step does not hang."""
     import subprocess
 
     from teacher.train.distributed import launch

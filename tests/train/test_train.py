@@ -508,3 +508,79 @@ def test_a_second_training_of_the_same_stage_is_refused(tmp_path):
         assert other.returncode != 0 and "another training" in other.stderr
     with training_lock(ckpt):  # released when the holder ends
         pass
+
+
+# ------------------------------------------------------------------ EMA of the weights (Task.ema)
+
+
+class RfDetrModelEma:
+    """rf-detr's ModelEma (rfdetr/util/utils.py), as written there: the reference."""
+
+    def __init__(self, model, decay=0.9997, tau=0):
+        import copy
+
+        self.module = copy.deepcopy(model)
+        self.decay, self.tau, self.updates = decay, tau, 1
+
+    def _get_decay(self):
+        return (
+            self.decay if self.tau == 0 else self.decay * (1 - math.exp(-self.updates / self.tau))
+        )
+
+    def update(self, model):
+        decay = self._get_decay()
+        with torch.no_grad():
+            for ema_v, model_v in zip(
+                self.module.state_dict().values(), model.state_dict().values(), strict=True
+            ):
+                ema_v.copy_(decay * ema_v + (1.0 - decay) * model_v)
+        self.updates += 1
+
+
+def test_ema_follows_rf_detr_model_ema_step_by_step():
+    model = toy_model()
+    params = loop.trainable_parameters(model)
+    ours = loop.Ema(params, decay=0.993, tau=100)
+    ref = RfDetrModelEma(model, decay=0.993, tau=100)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        with torch.no_grad():
+            for _, p in params:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        ours.update(params)
+        ref.update(model)
+    ref_state = dict(ref.module.named_parameters())
+    for name, _ in params:
+        assert torch.allclose(ours.shadow[name], ref_state[name], rtol=1e-5, atol=1e-6), name
+    assert ours.updates == 250
+
+
+def ema_task(**kw) -> Task:
+    return dataclasses.replace(make_task(**kw), ema=(0.9, 3))
+
+
+def test_validation_keeps_the_better_of_the_ema_and_the_trained_weights(tmp_path):
+    result = run_fit(tmp_path, ema_task())
+    epochs = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert "ema_val_score" in epochs and "regular_val_score" in epochs
+    model = toy_model()
+    model.load_state_dict(weights(tmp_path))
+    model.eval()
+    # the saved weights are the ones that scored the best epoch, EMA or not
+    assert evaluate(model)["val_score"] == pytest.approx(result["val_score"], rel=1e-6)
+    assert result["val_score"] == max(result["ema_val_score"], result["regular_val_score"])
+
+
+def test_resume_with_ema_equals_uninterrupted_run(tmp_path):
+    run_fit(tmp_path / "full", ema_task())
+    part = tmp_path / "part"
+    with pytest.raises(Interrupt):  # two validations per epoch: trained, then EMA weights
+        run_fit(part, ema_task(evaluate_fn=interrupting_evaluate(5)))
+    import shutil
+
+    shutil.rmtree(part / "live")
+    run_fit(part, ema_task())
+    for k, v in weights(tmp_path / "full").items():
+        assert torch.equal(weights(part)[k], v), k
+    full = json.loads((tmp_path / "full" / "live" / "metrics.json").read_text())
+    assert json.loads((part / "live" / "metrics.json").read_text()) == full

@@ -31,6 +31,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from teacher.coco.io import has_mask, has_usable_box
 from teacher.core.errors import TeacherError
 
 # The one "nothing to measure" value of every metric here (training validation included):
@@ -292,3 +293,25 @@ def mean_mask_iou(
     for cat_id in sorted(set(cats.tolist())):
         out[f"mask_miou/{names.get(cat_id, str(cat_id))}"] = float(ious[cats == cat_id].mean())
     return out
+
+
+def segm_ground_truth(gt: dict) -> dict:
+    """The ground truth for mask AP: an object without a mask becomes an ignore region.
+
+    A box-only object (no mask, not crowd) is kept as a crowd region covering its box: in
+    pycocotools a detection matched to it is ignored, neither a true nor a false positive, and
+    its IoU is the share of the detected mask inside the box (crowd semantics), so a correct
+    mask of the object matches it. Deleting such objects instead would count every detection
+    of them as a false positive. Objects with neither mask nor usable box are left out.
+    """
+    sizes = {img["id"]: (int(img["height"]), int(img["width"])) for img in gt["images"]}
+    anns = []
+    for a in gt["annotations"]:
+        if has_mask(a):
+            anns.append(a)
+        elif has_usable_box(a):
+            h, w = sizes[a["image_id"]]
+            x, y, bw, bh = (float(v) for v in a["bbox"])
+            region = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]  # the box as a polygon
+            anns.append({**a, "iscrowd": 1, "segmentation": region, "area": bw * bh})
+    return {**gt, "annotations": anns}

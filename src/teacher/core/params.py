@@ -231,7 +231,15 @@ class StudentParams:
     min_score: float = field(default=0.3, metadata=_range(0, 1))  # teacher detections scoring below this are not used as labels
     score_threshold: float = field(default=0.3, metadata=_range(0, 1))  # teacher predict --student: min detection score
     max_detections: int = field(default=100, metadata=_range(1))  # per image, highest scores first
-    lr: float | None = field(default=None, metadata=_range(0, lo_open=True))  # peak AdamW learning rate of the student (all weights train); null = train.lr
+    lr: float | None = field(default=None, metadata=_range(0, lo_open=True))  # peak AdamW learning rate of the heads and projector (rf-detr: 1e-4); the decoder trains at lr x component_decay; null = train.lr
+    lr_encoder: float | None = field(default=None, metadata=_range(0, lo_open=True))  # the ViT backbone's peak lr before layer decay (rf-detr: 1.5e-4); null = 1.5 x student.lr
+    layer_decay: float = field(default=0.8, metadata=_range(0, 1, lo_open=True))  # backbone lr x this per ViT layer below the top (rf-detr's lr_vit_layer_decay)
+    component_decay: float = field(default=0.7, metadata=_range(0, 1, lo_open=True))  # decoder lr x this, backbone lr x its square (rf-detr's lr_component_decay)
+    clip_norm: float = field(default=0.1, metadata=_range(0))  # the student's max grad norm, replaces train.clip_norm (rf-detr: 0.1); 0 disables
+    ema_decay: float = field(default=0.993, metadata=_range(0, 1))  # EMA of the weights (rf-detr: 0.993); validation keeps the better of EMA and trained weights; 0 = no EMA
+    ema_tau: float = field(default=100, metadata=_range(0))  # EMA warm-up in optimizer steps: decay x (1 - exp(-step / tau)) (rf-detr: 100); 0 = no warm-up
+    ignore_score: float = field(default=0.2, metadata=_range(0, 1))  # teacher detections scoring in [ignore_score, min_score) are ignore regions: neither object nor background for the student; = min_score: none
+    score_weight: bool = True  # weigh each teacher label's class loss by the teacher's score (false: every kept label at weight 1)
 
 
 # fmt: on

@@ -36,13 +36,14 @@ import numpy as np
 
 from teacher.coco.detections import Detections
 from teacher.coco.images import load_image, load_image_and_size
-from teacher.coco.io import annotation_mask, has_mask, has_usable_box
+from teacher.coco.io import annotation_mask, has_mask
 from teacher.coco.metrics import (
     category_names,
     coco_eval,
     coco_evaluate,
     mean_mask_iou,
     precision_recall,
+    segm_ground_truth,
     summarize,
 )
 from teacher.core.artifacts import LABELS_FILE, SKIPPED_FILE, skipped_reason
@@ -91,28 +92,6 @@ def _by_image(gt: dict) -> dict[Any, list[dict]]:
     for ann in gt["annotations"]:
         out.setdefault(ann["image_id"], []).append(ann)
     return out
-
-
-def segm_ground_truth(gt: dict) -> dict:
-    """The ground truth for mask AP: an object without a mask becomes an ignore region.
-
-    A box-only object (no mask, not crowd) is kept as a crowd region covering its box: in
-    pycocotools a detection matched to it is ignored, neither a true nor a false positive, and
-    its IoU is the share of the detected mask inside the box (crowd semantics), so a correct
-    mask of the object matches it. Deleting such objects instead would count every detection
-    of them as a false positive. Objects with neither mask nor usable box are left out.
-    """
-    sizes = {img["id"]: (int(img["height"]), int(img["width"])) for img in gt["images"]}
-    anns = []
-    for a in gt["annotations"]:
-        if has_mask(a):
-            anns.append(a)
-        elif has_usable_box(a):
-            h, w = sizes[a["image_id"]]
-            x, y, bw, bh = (float(v) for v in a["bbox"])
-            region = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]  # the box as a polygon
-            anns.append({**a, "iscrowd": 1, "segmentation": region, "area": bw * bh})
-    return {**gt, "annotations": anns}
 
 
 @dataclass

@@ -9,6 +9,7 @@ compressed and uncompressed RLE decode through pycocotools; crowd regions are le
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from teacher.coco.io import (
     load_coco,
     mask_kind,
 )
+from teacher.core.digest import file_sha256
 from teacher.core.errors import TeacherError
 from teacher.dataset.augment import sample_rng
 from teacher.dataset.validation.registry import RULES
@@ -51,6 +53,36 @@ def has_masks(coco: Mapping[str, Any]) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Instances:
+    """The instances of one image the loss sees, aligned row by row.
+
+    ``boxes`` (n, 4) float32 COCO xywh px; ``labels`` (n,) int64 label indexes; ``masks``
+    (n, H, W) bool or None (boxes-only data); ``has_mask`` (n,) bool: the instance brought its
+    own mask (a box-only one in segmentation data carries its filled box, for the matcher only,
+    and gets no mask loss); ``weight`` (n,) float32: the weight of its class loss (1 for a human
+    label, the teacher's score for a teacher label); ``ignore`` (n,) bool: an uncertain teacher
+    detection, an ignore region (:mod:`teacher.student.loss`).
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray | None
+    has_mask: np.ndarray
+    weight: np.ndarray
+    ignore: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, rows: Sequence[int], *, boxes: np.ndarray, masks: np.ndarray | None):
+        """The ``rows`` kept (in that order) with their new ``boxes`` and ``masks``."""
+        idx = np.asarray(rows, dtype=np.int64)
+        return Instances(
+            boxes, self.labels[idx], masks, self.has_mask[idx], self.weight[idx], self.ignore[idx]
+        )
+
+
 def instance_targets(
     anns: Sequence[dict[str, Any]],
     *,
@@ -58,13 +90,17 @@ def instance_targets(
     width: int,
     label_of: Mapping[int, int],
     masks: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The instances of one image the loss sees: ``boxes`` (n, 4) float32 COCO xywh px,
-    ``labels`` (n,) int64 label indexes and, with ``masks``, ``masks`` (n, H, W) bool.
+    min_score: float | None = None,
+    score_weight: bool = True,
+) -> Instances:
+    """The instances of one image the loss sees (:class:`Instances`).
 
     Crowd regions, boxes without area and categories outside ``label_of`` are left out, each
-    with its own mask, so boxes, labels and masks stay aligned. An instance without a mask in
-    segmentation data gets its filled box as the mask.
+    with its own mask, so every row stays aligned. An instance without a mask in segmentation
+    data gets its filled box as the mask and ``has_mask`` False. With ``min_score`` (teacher
+    labels) each annotation's class loss weighs by its ``score`` and one scoring below
+    ``min_score`` is an ignore region (``score_weight`` False: weight 1, the score only picks);
+    without (human labels) every weight is 1.
     """
     kept = [
         a
@@ -77,36 +113,43 @@ def instance_targets(
     ]
     boxes = np.array([a["bbox"] for a in kept], dtype=np.float32).reshape(-1, 4)
     labels = np.array([label_of[int(a["category_id"])] for a in kept], dtype=np.int64)
-    if not masks:
-        return boxes, labels, None
-    out = np.zeros((len(kept), height, width), dtype=bool)
-    for i, ann in enumerate(kept):
-        if mask_kind(ann) in ("none", "invalid"):
-            x, y, w, h = (int(round(v)) for v in ann["bbox"])
-            out[i, max(y, 0) : y + h, max(x, 0) : x + w] = True
-        else:
-            out[i] = annotation_mask(ann, height, width)
-    return boxes, labels, out
+    scores = np.array(
+        [1.0 if min_score is None else float(a["score"]) for a in kept], dtype=np.float32
+    )
+    weight = scores if score_weight else np.ones_like(scores)
+    own = np.array([mask_kind(a) not in ("none", "invalid") for a in kept], dtype=bool)
+    out = None
+    if masks:
+        out = np.zeros((len(kept), height, width), dtype=bool)
+        for i, ann in enumerate(kept):
+            if own[i]:
+                out[i] = annotation_mask(ann, height, width)
+            else:
+                x, y, w, h = (int(round(v)) for v in ann["bbox"])
+                out[i, max(y, 0) : y + h, max(x, 0) : x + w] = True
+    ignore = scores < (min_score or 0.0)
+    return Instances(boxes, labels, out, own & masks, weight, ignore)
 
 
 def model_targets(
-    boxes: np.ndarray,
-    labels: np.ndarray,
-    masks: np.ndarray | None,
-    *,
-    width: int,
-    height: int,
-    resolution: int,
+    inst: Instances, *, width: int, height: int, resolution: int, image_weight: float = 1.0
 ) -> dict[str, Tensor]:
-    """One image's RF-DETR target: ``class_labels`` (n,), ``boxes`` (n, 4) cxcywh in [0, 1] and,
-    with masks, ``masks`` (n, R, R) float (nearest resize to the model's input side)."""
+    """One image's RF-DETR target: ``class_labels`` (n,), ``boxes`` (n, 4) cxcywh in [0, 1],
+    with masks ``masks`` (n, R, R) float (nearest resize to the model's input side), and what
+    :mod:`teacher.student.loss` reads besides: ``weight``, ``ignore``, ``has_mask`` (n,) and
+    ``image_weight`` (the source's loss weight)."""
     norm = xywh_to_cxcywh_norm(
-        np.asarray(boxes, np.float32).reshape(-1, 4), width=width, height=height
+        np.asarray(inst.boxes, np.float32).reshape(-1, 4), width=width, height=height
     )
     target = {
-        "class_labels": torch.as_tensor(labels, dtype=torch.long),
+        "class_labels": torch.as_tensor(inst.labels, dtype=torch.long),
         "boxes": torch.as_tensor(np.clip(norm, 0.0, 1.0), dtype=torch.float32),
+        "weight": torch.as_tensor(inst.weight, dtype=torch.float32),
+        "ignore": torch.as_tensor(inst.ignore, dtype=torch.bool),
+        "has_mask": torch.as_tensor(inst.has_mask, dtype=torch.bool),
+        "image_weight": torch.tensor(float(image_weight)),
     }
+    masks = inst.masks
     if masks is not None:
         m = torch.as_tensor(np.asarray(masks, dtype=np.float32)).reshape(-1, 1, height, width)
         m = torch.nn.functional.interpolate(m, size=(resolution, resolution), mode="nearest")
@@ -123,6 +166,8 @@ class Source:
     image_root: Path
     weight: float
     labels_file: Path | None = None  # where masks left on disk are read (load_teacher_labels)
+    min_score: float | None = None  # teacher labels: below it an ignore region; None: human
+    score_weight: bool = True  # teacher labels: class loss weighed by the score
 
 
 MASK_AT = "segmentation_at"  # (offset, length) in the labels file of an annotation with a mask
@@ -178,8 +223,8 @@ def with_mask(ann: dict[str, Any], labels_file: Path | None) -> dict[str, Any]:
 class StudentDataset(Dataset):
     """Images of every source, with their instances.
 
-    Items: ``image`` HxWx3 uint8 (augmented), ``boxes`` (n, 4) xywh px in it, ``labels`` (n,),
-    ``masks`` (n, H, W) bool or None, ``weight`` (the source's), ``source``, ``image_id``.
+    Items: ``image`` HxWx3 uint8 (augmented), ``instances`` (:class:`Instances`, boxes in px of
+    the augmented image), ``weight`` (the source's), ``source``, ``image_id``.
     Augmentation is seeded by (seed, epoch, index).
     """
 
@@ -212,19 +257,21 @@ class StudentDataset(Dataset):
             anns = [with_mask(a, source.labels_file) for a in anns]
         image = load_image(image_path(source.image_root, record["file_name"]))
         h, w = image.shape[:2]
-        boxes, labels, masks = instance_targets(
-            anns, height=h, width=w, label_of=self.label_of, masks=self.masks
+        inst = instance_targets(
+            anns,
+            height=h,
+            width=w,
+            label_of=self.label_of,
+            masks=self.masks,
+            min_score=source.min_score,
+            score_weight=source.score_weight,
         )
         if self.transform is not None:
             seed = int(sample_rng(self.seed, self.epoch, index).integers(2**31))
-            image, boxes, labels, masks = augment(
-                self.transform, image, boxes, labels, masks, seed=seed
-            )
+            image, inst = augment(self.transform, image, inst, seed=seed)
         return {
             "image": image,
-            "boxes": boxes,
-            "labels": labels,
-            "masks": masks,
+            "instances": inst,
             "weight": source.weight,
             "source": source.name,
             "image_id": record["id"],
@@ -232,18 +279,13 @@ class StudentDataset(Dataset):
 
 
 def augment(
-    transform: Callable,
-    image: np.ndarray,
-    boxes: np.ndarray,
-    labels: np.ndarray,
-    masks: np.ndarray | None,
-    *,
-    seed: int,
-):
-    """An ``augment.build_transform`` pipeline (seeded) on an image, its boxes and masks; the
-    instances cropped away are dropped from all three."""
+    transform: Callable, image: np.ndarray, inst: Instances, *, seed: int
+) -> tuple[np.ndarray, Instances]:
+    """An ``augment.build_transform`` pipeline (seeded) on an image and its instances; the
+    instances cropped away are dropped from every row."""
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
+    boxes, labels, masks = inst.boxes, inst.labels, inst.masks
     # OpenCV warps uint8, not bool
     extra = (
         {"masks": [m.astype(np.uint8) for m in masks]} if masks is not None and len(masks) else {}
@@ -257,7 +299,6 @@ def augment(
     )
     kept = [int(i) for i in out["ann_index"]]
     boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-    labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
     if masks is not None:
         h, w = out["image"].shape[:2]
         masks = (
@@ -265,7 +306,7 @@ def augment(
             if kept
             else np.zeros((0, h, w), dtype=bool)
         )
-    return out["image"], boxes, labels, masks
+    return out["image"], inst.take(kept, boxes=boxes, masks=masks)
 
 
 def collate_student(items: list[dict[str, Any]], *, resolution: int) -> dict[str, Any]:
@@ -273,12 +314,11 @@ def collate_student(items: list[dict[str, Any]], *, resolution: int) -> dict[str
     ``sources``, ``image_ids``, ``sizes`` (width, height) of the images as fed."""
     labels = [
         model_targets(
-            it["boxes"],
-            it["labels"],
-            it["masks"],
+            it["instances"],
             width=it["image"].shape[1],
             height=it["image"].shape[0],
             resolution=resolution,
+            image_weight=it["weight"],
         )
         for it in items
     ]
@@ -352,6 +392,37 @@ def _geometry_problem(ann: Mapping[str, Any], size: tuple[Any, Any]) -> str | No
     return f"{RULES[rule].message} ({detail}) [{rule}]"
 
 
+def drop_known_images(
+    source: Source, human: Sequence[tuple[str, Mapping[str, Any], Path]]
+) -> tuple[Source, list[str]]:
+    """``source`` without the pool images whose bytes equal an image of a human split
+    (sha256), and one line per image dropped. ``human``: (split name, COCO dict, image root).
+
+    A pool image that is also a train, val or test image would inflate the student's test AP
+    and steer early stopping on val; it is never trained on as a teacher label."""
+    known: dict[str, str] = {}
+    for split, coco, root in human:
+        for img in coco["images"]:
+            path = image_path(root, img["file_name"])
+            if path.is_file():
+                known.setdefault(file_sha256(path), f"{split} image {img['file_name']}")
+    dropped, lines = set(), []
+    for img in source.coco["images"]:
+        path = image_path(source.image_root, img["file_name"])
+        match = known.get(file_sha256(path)) if path.is_file() else None
+        if match:
+            dropped.add(img["id"])
+            lines.append(f"pool image {img['file_name']} is {match} (same bytes): left out")
+    if not dropped:
+        return source, lines
+    coco = {
+        **source.coco,
+        "images": [i for i in source.coco["images"] if i["id"] not in dropped],
+        "annotations": [a for a in source.coco["annotations"] if a["image_id"] not in dropped],
+    }
+    return dataclasses.replace(source, coco=coco), lines
+
+
 def teacher_source(
     doc: dict[str, Any],
     *,
@@ -360,12 +431,23 @@ def teacher_source(
     categories: Mapping[int, Any],
     min_score: float,
     weight: float,
+    ignore_score: float | None = None,
+    score_weight: bool = True,
 ) -> Source:
-    """The teachers' labels as a training source: detections scoring at least ``min_score``.
+    """The teachers' labels as a training source: detections scoring at least ``min_score`` are
+    targets; those scoring in [``ignore_score``, ``min_score``) are ignore regions (None: the
+    same as ``min_score``, none); lower ones are dropped.
 
     Raises ``TeacherError`` naming the file, the first offending records and the fix when the
     labels do not fit the human split (unknown categories, missing scores, broken boxes).
     """
+    ignore_score = min_score if ignore_score is None else ignore_score
+    if ignore_score > min_score:
+        raise TeacherError(
+            f"student.ignore_score {ignore_score:g} is above student.min_score {min_score:g}: "
+            "detections between the two are ignore regions; set ignore_score <= min_score "
+            "(equal: no ignore regions)"
+        )
     problems = teacher_label_problems(doc, categories=categories)
     if problems:
         shown = "; ".join(problems[:5]) + (
@@ -375,5 +457,13 @@ def teacher_source(
             f"{path}: {shown}. Fix: re-run `dvc repro label` so the teachers "
             "trained on this split write it again"
         )
-    kept = [a for a in doc["annotations"] if a["score"] >= min_score]
-    return Source(TEACHER, {**doc, "annotations": kept}, Path(pool), weight, Path(path))
+    kept = [a for a in doc["annotations"] if a["score"] >= ignore_score]
+    return Source(
+        TEACHER,
+        {**doc, "annotations": kept},
+        Path(pool),
+        weight,
+        Path(path),
+        min_score=min_score,
+        score_weight=score_weight,
+    )

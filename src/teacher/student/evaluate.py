@@ -1,7 +1,9 @@
 """The student on the test split: COCO box (and mask) AP and latency, keys ``student/...``.
 
 Keys: ``student/box/<k>`` and, for a segmenting student, ``student/segm/<k>`` (``<k>`` as in
-:func:`teacher.coco.metrics.summarize`), and ``student/ms_per_image``: wall time of the student's
+:func:`teacher.coco.metrics.summarize`), scored exactly as the teachers' ``box/*`` and ``segm/*``
+(the same ``evaluate.score_threshold`` and ``max_detections``; box-only objects are ignore
+regions for mask AP, :func:`teacher.coco.metrics.segm_ground_truth`), and ``student/ms_per_image``: wall time of the student's
 preprocessing, forward and decoding per test image (image decoding from disk excluded), the
 same measure the evaluate stage takes of the teachers (``teacher/ms_per_image``).
 """
@@ -17,8 +19,8 @@ import torch
 
 from teacher.coco.detections import Detections
 from teacher.coco.images import image_path, load_image
-from teacher.coco.io import mask_kind, mask_to_rle
-from teacher.coco.metrics import category_names, coco_evaluate, summarize
+from teacher.coco.io import mask_to_rle
+from teacher.coco.metrics import category_names, coco_evaluate, segm_ground_truth, summarize
 from teacher.student.model import load_student, predict
 
 
@@ -77,18 +79,14 @@ def evaluate_student(
             coco_evaluate(gt, results, iou_type="bbox", max_dets=dets_cap), names=names
         ).items()
     }
-    if student.info.masks:
-        with_masks = {
-            **gt,
-            "annotations": [
-                a for a in gt["annotations"] if mask_kind(a) not in ("none", "invalid")
-            ],
-        }
+    if student.info.masks:  # box-only objects are ignore regions, as in the teachers' segm/*
         metrics.update(
             {
                 f"student/segm/{k}": v
                 for k, v in summarize(
-                    coco_evaluate(with_masks, results, iou_type="segm", max_dets=dets_cap),
+                    coco_evaluate(
+                        segm_ground_truth(gt), results, iou_type="segm", max_dets=dets_cap
+                    ),
                     names=names,
                 ).items()
             }

@@ -70,7 +70,9 @@ def resolve_name(model: str, *, masks: bool) -> str:
 def tiny_config(*, names: Sequence[str]) -> RfDetrConfig:
     """RF-DETR at toy size: 4-layer ViT (32 wide, patch 8, 2x2 windows), 2 decoder layers, 30 queries."""
     backbone = RfDetrDinov2Config(
-        hidden_size=32,  # type: ignore[call-arg]  # out_features: a kwarg of __post_init__ num_hidden_layers=4, num_attention_heads=2,
+        hidden_size=32,  # type: ignore[call-arg]  # out_features: a kwarg of __post_init__
+        num_hidden_layers=4,
+        num_attention_heads=2,
         mlp_ratio=2,
         patch_size=8,
         image_size=TINY_RESOLUTION,
@@ -89,6 +91,7 @@ def tiny_config(*, names: Sequence[str]) -> RfDetrConfig:
         group_detr=3,
         c2f_num_blocks=1,
         intermediate_size=64,
+        **FINE_TUNING,
         **label_config(names),
     )
 
@@ -132,6 +135,11 @@ def architecture_config(name: str, *, names: Sequence[str]) -> RfDetrConfig:
     )
 
 
+# rf-detr fine-tunes without dropout (main.py: --dropout 0, --drop_path 0); transformers'
+# RfDetrConfig defaults to dropout 0.1 in the decoder. Applied to every student we build or load.
+FINE_TUNING: dict[str, Any] = {"dropout": 0.0}
+
+
 def label_config(names: Sequence[str]) -> dict[str, Any]:
     return {
         "num_labels": len(names),
@@ -150,17 +158,42 @@ def _offline_error(name: str, revision: str, err: Exception) -> TeacherError:
     )
 
 
+def class_heads(model: nn.Module) -> list[nn.Linear]:
+    """The class heads of an RF-DETR: the decoder's ``class_embed`` and one
+    ``enc_out_class_embed`` per query group (two-stage proposals)."""
+    inner: Any = model.model
+    det: Any = inner if hasattr(inner, "class_embed") else model  # seg wraps detection
+    return [det.class_embed, *det.model.enc_out_class_embed]
+
+
+def reinitialize_class_heads(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """``model``'s class heads resized to ``names`` from its pretrained rows, as rf-detr's
+    ``reinitialize_detection_head``: the rows are repeated until there are enough, and the
+    first ``len(names)`` kept (weights and biases), not drawn at random. A pretrained head then
+    starts with its calibrated background bias and features that already separate objects."""
+    k = len(names)
+    with torch.no_grad():
+        for head in class_heads(model):
+            n = head.weight.shape[0]
+            repeats = -(-k // n)
+            head.weight = nn.Parameter(head.weight.data.repeat(repeats, 1)[:k].clone())
+            head.bias = nn.Parameter(head.bias.data.repeat(repeats)[:k].clone())
+            head.out_features = k
+    for key, value in label_config(names).items():
+        setattr(model.config, key, value)
+    return model
+
+
 def _pretrained(name: str, *, revision: str, masks: bool, names: Sequence[str]) -> nn.Module:
-    """A hub id or local folder, its class heads resized to ``names`` (cache first, fails fast offline)."""
+    """A hub id or local folder, its class heads resized to ``names`` from the pretrained rows
+    (:func:`reinitialize_class_heads`; cache first, fails fast offline)."""
     cls = model_class(masks)
     local = Path(name).is_dir()
-    kwargs = {
-        "ignore_mismatched_sizes": True,
-        **label_config(names),
-        **({} if local else {"revision": revision}),
-    }
+    kwargs = {**FINE_TUNING, **({} if local else {"revision": revision})}
     try:
-        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+        return reinitialize_class_heads(
+            cls.from_pretrained(name, local_files_only=True, **kwargs), names
+        )
     except OSError as err:
         if local:
             raise TeacherError(
@@ -169,7 +202,9 @@ def _pretrained(name: str, *, revision: str, masks: bool, names: Sequence[str]) 
         if not hub_reachable():
             raise _offline_error(name, revision, err) from err
     try:
-        return cls.from_pretrained(name, local_files_only=False, **kwargs)
+        return reinitialize_class_heads(
+            cls.from_pretrained(name, local_files_only=False, **kwargs), names
+        )
     except OSError as err:
         raise _offline_error(name, revision, err) from err
 
@@ -178,6 +213,8 @@ def default_resolution(name: str, model: Any) -> int:
     """The input side a model was trained at: tiny-random 64; else its image processor's size."""
     if name == TINY_RANDOM:
         return TINY_RESOLUTION
+    if (Path(name) / INFO_FILE).is_file():  # a student folder (a trained one, tiny-pretrained)
+        return load_info(Path(name)).resolution
     from transformers import AutoImageProcessor
 
     try:
@@ -353,20 +390,33 @@ def decode(
         xywh[:, 3] = xywh[:, 3].clamp(max=h - xywh[:, 1])
         image_masks = None
         if masks is not None:
-            up = (
-                nn.functional.interpolate(
-                    masks[i, qi][None], size=(h, w), mode="bilinear", align_corners=False
-                )[0]
-                if len(qi)
-                else masks[i, :0, :h, :w]
-            )
-            image_masks = (up > 0).numpy().reshape(-1, h, w)
+            image_masks = upsample_masks(masks[i, qi], height=h, width=w)
         dets.append(
             Detections(
                 xywh.numpy(), scores[i][keep].numpy(), cats[label[i][keep].numpy()], image_masks
             )
         )
     return dets
+
+
+MASK_CHUNK_PIXELS = 1 << 25  # float32 pixels upsampled at once (128 MiB), as SAM's scoring
+
+
+def upsample_masks(logits: Tensor, *, height: int, width: int) -> np.ndarray:
+    """(N, r, r) mask logits -> (N, height, width) bool: bilinear upsampling, threshold at 0,
+    a few masks at a time so that the float image-size copies stay under
+    :data:`MASK_CHUNK_PIXELS` (100 masks of a 4000x3000 image would take 4.8 GB at once)."""
+    out = np.zeros((len(logits), height, width), dtype=bool)
+    step = max(1, MASK_CHUNK_PIXELS // max(height * width, 1))
+    for start in range(0, len(logits), step):
+        up = nn.functional.interpolate(
+            logits[start : start + step][None].float(),
+            size=(height, width),
+            mode="bilinear",
+            align_corners=False,
+        )[0]
+        out[start : start + step] = (up > 0).numpy()
+    return out
 
 
 @torch.no_grad()

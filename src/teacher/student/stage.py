@@ -18,7 +18,12 @@ from teacher.core.digest import fingerprint, images_digest
 from teacher.core.errors import TeacherError
 from teacher.core.params import load_params, to_dict
 from teacher.dataset.augment import resolve_policy
-from teacher.student.data import has_masks, load_teacher_labels, teacher_source
+from teacher.student.data import (
+    drop_known_images,
+    has_masks,
+    load_teacher_labels,
+    teacher_source,
+)
 from teacher.student.task import train_student
 from teacher.train.distributed import is_main_process, launch
 from teacher.train.stage import training_parser
@@ -36,20 +41,40 @@ def student_parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument(
         "--pool", type=Path, required=True, help="folder of the pool images (data.unlabeled)"
     )
+    p.add_argument(
+        "--test",
+        type=Path,
+        default=Path("data/split/test.json"),
+        help="the test split: pool images equal to one of its images are left out",
+    )
     return p
 
 
 def pool_note(
-    teacher_images: int, labels: int, *, weight: float, min_score: float, path: Path
+    teacher_images: int,
+    labels: int,
+    *,
+    weight: float,
+    min_score: float,
+    path: Path,
+    ignored: int = 0,
+    overlap: int = 0,
 ) -> str:
     """The line saying what the student trains on besides the human labels."""
     if weight == 0:
         return "human labels alone (student.teacher_weight is 0)"
     if teacher_images == 0:
+        if overlap:
+            return (
+                f"human labels alone: every pool image of {path} ({overlap}) is also an image "
+                "of the human splits"
+            )
         return f"human labels alone: no unlabeled pool ({path} lists no image; set data.unlabeled)"
     return (
         f"human labels + {labels} teacher labels (score >= {min_score:g}) on {teacher_images} "
         f"pool images, weight {weight:g}"
+        + (f", {ignored} uncertain detections as ignore regions" if ignored else "")
+        + (f"; {overlap} pool images left out (equal to human-split images)" if overlap else "")
     )
 
 
@@ -74,13 +99,24 @@ def run_student_stage(args: argparse.Namespace) -> str:
         categories=categories_by_id(train_coco),
         min_score=student.min_score,
         weight=student.teacher_weight,
+        ignore_score=student.ignore_score,
+        score_weight=student.score_weight,
     )
+    splits = [("train", train_coco), ("val", val_coco), ("test", load_coco(args.test))]
+    teacher, overlap = drop_known_images(
+        teacher, [(name, coco, Path(args.images)) for name, coco in splits]
+    )
+    if overlap and is_main_process():
+        shown = overlap[:10] + ([f"... ({len(overlap)} in all)"] if len(overlap) > 10 else [])
+        print("train_student: " + "\ntrain_student: ".join(shown))
     note = pool_note(
         len(teacher.coco["images"]),
-        len(teacher.coco["annotations"]),
+        sum(a["score"] >= student.min_score for a in teacher.coco["annotations"]),
         weight=student.teacher_weight,
         min_score=student.min_score,
         path=args.teacher_labels,
+        ignored=sum(a["score"] < student.min_score for a in teacher.coco["annotations"]),
+        overlap=len(overlap),
     )
     if is_main_process():
         print(f"train_student: training on {note}")
@@ -115,5 +151,5 @@ def run_student_stage(args: argparse.Namespace) -> str:
     )
     if is_main_process():
         save_json({**used, "augment_policy": policy, "trained_on": note}, args.out / PARAMS_FILE)
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-    return f"{shown} -> {args.out}"
+    done = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+    return f"{done} -> {args.out}"

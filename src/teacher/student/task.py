@@ -1,16 +1,19 @@
 """Training the student: the ``Task`` for RF-DETR and the one call of train_student.
 
 Every weight trains (RF-DETR is small), through the shared loop (:func:`teacher.train.loop.fit`):
-resume, early stopping on val box mAP, dvclive, several processes. A batch mixing human and
-teacher-labeled images runs one forward per source and weighs each source's loss by its weight
-(``student.teacher_weight`` for the teachers' labels, 1 for human ones) and its share of the batch.
+resume, early stopping on val box mAP, dvclive, several processes. rf-detr's fine-tuning recipe
+(``rfdetr/main.py``, ``config.py``, ``util/get_param_dicts.py``): layer-wise learning rates
+(:func:`rf_detr_param_groups`), an EMA of the weights kept when it validates better, gradient
+clipping at 0.1, no dropout, class heads started from the pretrained rows
+(:func:`teacher.student.model.reinitialize_class_heads`). A batch runs one forward; each image's
+loss counts at its source's weight (``student.teacher_weight`` for the teachers' labels, 1 for
+human ones), teacher labels as evidence (:mod:`teacher.student.loss`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from teacher.coco.metrics import coco_eval
+from teacher.coco.metrics import coco_eval, segm_ground_truth
 from teacher.core.params import StudentParams, TrainParams
 from teacher.dataset.augment import build_transform
 from teacher.student.data import (
@@ -29,6 +32,7 @@ from teacher.student.data import (
     collate_student,
     label_index,
 )
+from teacher.student.loss import use_student_loss
 from teacher.student.model import (
     StudentInfo,
     StudentOutputs,
@@ -42,67 +46,15 @@ BOX_TERMS = ("loss_ce", "loss_bbox", "loss_giou")  # last decoder layer's terms,
 MASK_TERMS = ("loss_mask_ce", "loss_mask_dice")
 
 
-@contextmanager
-def rf_detr_loss_fixes() -> Iterator[None]:
-    """Within: two fixes to transformers 5.24's RF-DETR losses, for training on our batches.
-
-    - The box count the loss normalises by is this process's (no collective): a step runs one
-      forward per source present in its share of the batch, which differs between processes,
-      so the all-reduce inside the loss would hang. The loop still averages the gradients.
-    - A forward whose images hold no instance at all (a pool image the teachers found nothing
-      on) makes ``loss_masks`` return empty tensors instead of zeros, which turns the summed
-      loss into an empty tensor; here they are zero scalars (still on the graph).
-    """
-    from transformers.loss import loss_lw_detr, loss_rf_detr
-
-    saved = (
-        loss_lw_detr._is_torch_distributed_initialized,
-        loss_rf_detr._is_torch_distributed_initialized,
-        loss_rf_detr.RfDetrImageLoss.loss_masks,
-    )
-    stock_masks = saved[2]
-
-    def loss_masks(self, outputs, targets, indices, num_boxes):
-        terms = stock_masks(self, outputs, targets, indices, num_boxes)
-        return {k: v if v.numel() == 1 else v.sum() * 0.0 for k, v in terms.items()}
-
-    loss_lw_detr._is_torch_distributed_initialized = (
-        loss_rf_detr._is_torch_distributed_initialized
-    ) = lambda: False
-    loss_rf_detr.RfDetrImageLoss.loss_masks = loss_masks
-    try:
-        yield
-    finally:
-        (
-            loss_lw_detr._is_torch_distributed_initialized,
-            loss_rf_detr._is_torch_distributed_initialized,
-            loss_rf_detr.RfDetrImageLoss.loss_masks,
-        ) = saved
-
-
 def training_step(
     model: nn.Module, batch: dict[str, Any], *, terms: tuple[str, ...]
 ) -> dict[str, Tensor]:
-    """Weighted loss of a batch: one forward per loss weight, each weighted by its batch share."""
-    with rf_detr_loss_fixes():
-        return _weighted_loss(model, batch, terms=terms)
-
-
-def _weighted_loss(
-    model: nn.Module, batch: dict[str, Any], *, terms: tuple[str, ...]
-) -> dict[str, Tensor]:
+    """The batch's loss (:mod:`teacher.student.loss`: one forward, every image at its source's
+    weight) and the last decoder layer's ``terms`` for the log."""
     device = next(model.parameters()).device
-    weights = batch["weights"].tolist()
-    total: dict[str, Tensor] = {}
-    for w in sorted(set(weights)):
-        idx = [i for i, v in enumerate(weights) if v == w]
-        labels = [{k: v.to(device) for k, v in batch["labels"][i].items()} for i in idx]
-        out = model(pixel_values=batch["pixel_values"][idx].to(device), labels=labels)
-        share = w * len(idx) / len(weights)
-        parts = {"loss": out.loss, **{k: out.loss_dict[k].detach() for k in terms}}
-        for k, v in parts.items():
-            total[k] = total.get(k, 0.0) + share * v
-    return total
+    labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
+    out = model(pixel_values=batch["pixel_values"].to(device), labels=labels)
+    return {"loss": out.loss, **{k: out.loss_dict[k].detach() for k in terms}}
 
 
 @torch.no_grad()
@@ -133,15 +85,68 @@ def validate_student(
     model.train(was_training)
     stats = coco_eval(coco, results, iou_type="bbox", per_class=False)
     out = {"val_map": stats["map"], "val_map_50": stats["map_50"]}
-    if masks:
-        with_masks = {
-            **coco,
-            "annotations": [a for a in coco["annotations"] if a.get("segmentation")],
-        }
-        out["val_segm_map"] = coco_eval(with_masks, results, iou_type="segm", per_class=False)[
-            "map"
-        ]
+    if masks:  # box-only objects are ignore regions, as in the test scores
+        out["val_segm_map"] = coco_eval(
+            segm_ground_truth(coco), results, iou_type="segm", per_class=False
+        )["map"]
     return out
+
+
+def _backbone_layer(name: str, num_layers: int) -> int:
+    """rf-detr's ``get_dinov2_lr_decay_rate`` layer id: 0 for the embeddings, ``i + 1`` for ViT
+    block ``i``, ``num_layers + 1`` for the rest of the backbone (its last norm)."""
+    if "embeddings" in name:
+        return 0
+    found = re.search(r"\.layer\.(\d+)\.", name)
+    return int(found.group(1)) + 1 if found else num_layers + 1
+
+
+BACKBONE = re.compile(r"(^|\.)backbone\.backbone\.")  # the DINOv2 ViT (rf-detr: backbone.0.encoder)
+DECODER = re.compile(r"(^|\.)model\.decoder\.")  # rf-detr: transformer.decoder
+# rf-detr's get_dinov2_weight_decay_rate: none on these backbone parameters ("gamma" is its
+# name for the layer scales transformers calls layer_scale*.lambda1)
+NO_DECAY = ("gamma", "layer_scale", "pos_embed", "rel_pos", "bias", "norm", "embeddings")
+
+
+def rf_detr_param_groups(
+    params: list[tuple[str, nn.Parameter]],
+    train: TrainParams,
+    *,
+    num_layers: int,
+    lr_encoder: float,
+    layer_decay: float,
+    component_decay: float,
+) -> list[dict[str, Any]]:
+    """AdamW groups as rf-detr's ``get_param_dict`` (util/get_param_dicts.py, backbone.py):
+
+    - the ViT backbone at ``lr_encoder x layer_decay ** (num_layers + 1 - layer_id) x
+      component_decay ** 2`` (:func:`_backbone_layer`), no weight decay on :data:`NO_DECAY`;
+    - the decoder at ``train.lr x component_decay``;
+    - everything else (projector, query embeddings, heads, two-stage proposals, mask head) at
+      ``train.lr``; both with ``train.weight_decay`` on every tensor, biases included, as rf-detr.
+
+    ``num_layers``: rf-detr's ``out_feature_indexes[-1] + 1`` (13 for nano: its top block
+    trains at 0.8 ** 2 of lr_encoder, as in rf-detr). Groups of equal settings are merged; the
+    heads' group comes first (the loop logs group 0's lr)."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in params:
+        if BACKBONE.search(name):
+            layer = _backbone_layer(name, num_layers)
+            lr = lr_encoder * layer_decay ** (num_layers + 1 - layer) * component_decay**2
+            wd = 0.0 if any(k in name for k in NO_DECAY) else train.weight_decay
+        elif DECODER.search(name):
+            lr, wd = train.lr * component_decay, train.weight_decay
+        else:
+            lr, wd = train.lr, train.weight_decay
+        groups.setdefault((lr, wd), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] != train.lr, -k[0], -k[1]))
+    return [{"params": groups[k], "lr": k[0], "weight_decay": k[1]} for k in order]
+
+
+def num_vit_layers(config: Any) -> int:
+    """rf-detr's ``out_feature_indexes[-1] + 1`` from transformers' ``out_features`` (stageN)."""
+    stages = [int(s.removeprefix("stage")) for s in config.backbone_config.out_features]
+    return max(stages) + 1
 
 
 def build_task(
@@ -154,8 +159,11 @@ def build_task(
     augment_policy: dict[str, Any],
     seed: int,
     batch_size: int,
+    student: StudentParams | None = None,
 ) -> Task:
-    """The training Task: augmented human + teacher images, weighted step, val mAP, save."""
+    """The training Task: augmented human + teacher images, weighted step, val mAP, save;
+    rf-detr's parameter groups and EMA (``student``'s settings)."""
+    student = student or StudentParams()
     label_of = dict(zip(info.category_ids, range(len(info.category_ids)), strict=True))
     dataset = StudentDataset(
         sources,
@@ -185,6 +193,27 @@ def build_task(
         ),
         monitor="val_map",
         save=partial(save_student, info=info),
+        param_groups=partial(
+            _student_groups, num_layers=num_vit_layers(model.config), student=student
+        ),
+        ema=(student.ema_decay, student.ema_tau) if student.ema_decay > 0 else None,
+    )
+
+
+def _student_groups(
+    params: list[tuple[str, nn.Parameter]],
+    train: TrainParams,
+    *,
+    num_layers: int,
+    student: StudentParams,
+) -> list[dict[str, Any]]:
+    return rf_detr_param_groups(
+        params,
+        train,
+        num_layers=num_layers,
+        lr_encoder=student.lr_encoder or 1.5 * train.lr,
+        layer_decay=student.layer_decay,
+        component_decay=student.component_decay,
     )
 
 
@@ -211,6 +240,7 @@ def train_student(
     names = [str(c["name"]) for c in cats]
     seed_everything(seed)
     model, resolution, source = build_student(student, names=names, masks=masks)
+    use_student_loss(model, masks=masks)
     info = StudentInfo(
         source=source,
         masks=masks,
@@ -230,9 +260,12 @@ def train_student(
         augment_policy=augment_policy,
         seed=seed,
         batch_size=train.batch_size,
+        student=student,
     )
-    if student.lr is not None:
-        train = dataclasses.replace(train, lr=student.lr)
+    # rf-detr trains batch 4 x 4 accumulation for 100 epochs (no early stopping by default);
+    # the student keeps the pipeline's train.* (batch, accumulation, epochs, patience) so one
+    # setting sizes every stage for the user's machine. Its lr and clipping are rf-detr's.
+    train = dataclasses.replace(train, lr=student.lr or train.lr, clip_norm=student.clip_norm)
     n_teacher = len(sources[1].coco["images"]) if len(sources) > 1 else 0
     summary = {
         "model": source,

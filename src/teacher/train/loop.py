@@ -65,6 +65,34 @@ class Task:
     # learning-rate multipliers: a parameter whose name matches the regex (re.search) trains at
     # train.lr x the value (the first match counts); every other parameter at train.lr
     lr_scales: Mapping[str, float] = field(default_factory=dict)
+    # the AdamW parameter groups ({"params", "lr", "weight_decay"}) instead of lr_scales' rule
+    param_groups: Callable[[list[tuple[str, nn.Parameter]], TrainParams], list[dict]] | None = None
+    # an exponential moving average of the weights: (decay, warm-up tau) as rf-detr's ModelEma;
+    # validation scores both the EMA and the trained weights and keeps the better
+    ema: tuple[float, float] | None = None
+
+
+class Ema:
+    """rf-detr's ``ModelEma`` (util/utils.py) over the trainable parameters: after optimizer
+    step ``u`` (1, 2, ...) ``ema = d * ema + (1 - d) * weights`` with
+    ``d = decay * (1 - exp(-u / tau))`` (``tau`` 0: ``d = decay``), so the early steps follow
+    the weights and the average settles as training does. Frozen weights and buffers are the
+    same in both (they do not change), so only the trainable ones are averaged."""
+
+    def __init__(self, params: list[tuple[str, nn.Parameter]], *, decay: float, tau: float):
+        self.decay, self.tau, self.updates = decay, tau, 0
+        self.shadow = {n: p.detach().clone() for n, p in params}
+
+    def factor(self) -> float:
+        u = self.updates + 1
+        return self.decay * (1 - math.exp(-u / self.tau)) if self.tau else self.decay
+
+    @torch.no_grad()
+    def update(self, params: list[tuple[str, nn.Parameter]]) -> None:
+        d = self.factor()
+        for name, p in params:
+            self.shadow[name].mul_(d).add_(p.detach(), alpha=1.0 - d)
+        self.updates += 1
 
 
 def resolve_precision(precision: str) -> str:
@@ -151,6 +179,7 @@ class RunState:
     stopped: bool = False  # early stopping fired
     history: dict[str, list] = field(default_factory=lambda: {"steps": [], "epochs": []})
     best_state: dict[str, Tensor] | None = field(default=None, repr=False)  # in state.pt, not JSON
+    ema_updates: int = 0  # optimizer steps the EMA has averaged (Task.ema)
 
 
 @dataclass
@@ -166,6 +195,7 @@ class _Loop:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     live: Any  # dvclive.Live on the main process, else None
     steps_per_epoch: int
+    ema: Ema | None = None
 
     @property
     def main(self) -> bool:
@@ -240,14 +270,19 @@ def _start(task: Task, *, train: TrainParams, seed: int) -> _Loop:
     if n == 0:
         raise TeacherError(f"{task.name}: the training split is empty; check data/split/train.json")
     steps = _steps_per_epoch(n, train=train, world=accelerator.num_processes)
+    groups = task.param_groups(params, train) if task.param_groups else None
     optimizer = accelerator.prepare_optimizer(
-        _adamw(params, train=train, lr_scales=task.lr_scales), device_placement=False
+        torch.optim.AdamW(groups, lr=train.lr)
+        if groups
+        else _adamw(params, train=train, lr_scales=task.lr_scales),
+        device_placement=False,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.optimizer,
         functools.partial(lr_factor, warmup=train.warmup_steps, total=steps * train.epochs),
     )
-    return _Loop(task, train, seed, accelerator, params, optimizer, scheduler, None, steps)
+    ema = Ema(params, decay=task.ema[0], tau=task.ema[1]) if task.ema else None
+    return _Loop(task, train, seed, accelerator, params, optimizer, scheduler, None, steps, ema)
 
 
 def _steps_per_epoch(n: int, *, train: TrainParams, world: int) -> int:
@@ -305,6 +340,9 @@ def _resume(loop: _Loop, *, checkpoint_dir: Path, fingerprint: str) -> RunState:
         loop.accelerator.scaler.load_state_dict(tensors["scaler"])
     set_rng_state(meta["rng"], tensors)
     run = RunState(**meta["run"], best_state=tensors.get("best_model") or None)
+    if loop.ema is not None and tensors.get("ema"):
+        _load_weights(list(loop.ema.shadow.items()), tensors["ema"])  # type: ignore[arg-type]
+        loop.ema.updates = run.ema_updates
     if loop.main:
         print(f"{loop.task.name}: resuming after epoch {run.epoch} (step {run.step})")
     return run
@@ -326,6 +364,9 @@ def _snapshot(loop: _Loop, run: RunState, fp: str) -> tuple[dict, dict]:
     tensors = {
         "model": {n: p.detach().cpu().clone() for n, p in loop.params},
         "best_model": run.best_state or {},
+        "ema": {n: t.detach().cpu().clone() for n, t in loop.ema.shadow.items()}
+        if loop.ema
+        else {},
         "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict(),
         "scaler": loop.accelerator.scaler.state_dict() if loop.accelerator.scaler else {},
@@ -413,6 +454,9 @@ def _optimizer_step(loop: _Loop, run: RunState, group: list[dict[str, float]]) -
     if not loop.optimizer.step_was_skipped:
         loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
+    if loop.ema is not None:
+        loop.ema.update(loop.params)
+        run.ema_updates = loop.ema.updates
     run.step += 1
     logged: dict[str, Any] = {k: sum(g[k] for g in group) / len(group) for k in group[0]}
     logged["lr"] = lr
@@ -430,6 +474,8 @@ def _validate(loop: _Loop, run: RunState) -> dict[str, float]:
         loop.task.model.eval()
         with torch.no_grad():
             metrics = {k: float(v) for k, v in loop.task.validate(loop.task.model).items()}
+            if loop.ema is not None:
+                metrics = _with_ema(loop, metrics)
         set_train_mode(loop.task.model)
     if loop.accelerator.num_processes > 1:
         box = [metrics]
@@ -443,13 +489,47 @@ def _validate(loop: _Loop, run: RunState) -> dict[str, float]:
     return metrics
 
 
+def _with_ema(loop: _Loop, regular: dict[str, float]) -> dict[str, float]:
+    """The EMA weights validated too; the better of the two (on ``task.monitor``) gives the
+    epoch's metrics, with ``ema`` 1 when it is the EMA's, as rf-detr keeps the better of its
+    regular and EMA checkpoints. Both monitored values are kept (``regular_*``, ``ema_*``)."""
+    assert loop.ema is not None
+    key = loop.task.monitor
+    saved = {n: p.detach().clone() for n, p in loop.params}
+    _load_weights(loop.params, loop.ema.shadow)
+    try:
+        averaged = {k: float(v) for k, v in loop.task.validate(loop.task.model).items()}
+    finally:
+        _load_weights(loop.params, saved)
+
+    def score(m: dict[str, float]) -> float:
+        v = m.get(key, -math.inf)
+        return v if math.isfinite(v) else -math.inf
+
+    use_ema = score(averaged) > score(regular)
+    chosen = averaged if use_ema else regular
+    return {
+        **chosen,
+        "ema": float(use_ema),
+        f"regular_{key}": regular.get(key, math.nan),
+        f"ema_{key}": averaged.get(key, math.nan),
+    }
+
+
+def _current_weights(loop: _Loop, metrics: dict[str, float]) -> dict[str, Tensor]:
+    """The weights that scored ``metrics``: the EMA's when they won the epoch, else the model's."""
+    if loop.ema is not None and metrics.get("ema") == 1.0:
+        return {n: t.detach().cpu().clone() for n, t in loop.ema.shadow.items()}
+    return {n: p.detach().cpu().clone() for n, p in loop.params}
+
+
 def _update_best(loop: _Loop, run: RunState, metrics: dict[str, float]) -> None:
     """Record the epoch; keep the best weights; decide early stopping."""
     value = metrics[loop.task.monitor]
     value = value if math.isfinite(value) else -math.inf
     if run.best is None or value > run.best:
         run.best, run.best_epoch, run.best_metrics, run.bad_epochs = value, run.epoch, metrics, 0
-        run.best_state = {n: p.detach().cpu().clone() for n, p in loop.params}
+        run.best_state = _current_weights(loop, metrics)
     else:
         run.bad_epochs += 1
     run.epoch += 1
