@@ -17,7 +17,7 @@ LS_STAMP := $(LS_VENV)/.installed-label-studio
 # next make reinstalls from the lock.
 CHECK = $(BIN)/python -m teacher.core.environment
 
-.PHONY: install label-studio lock test-lowest run demo test test-fast lint format bench params clean
+.PHONY: install label-studio lock test-lowest run demo test test-fast lint format bench bench-gpu params clean
 
 install: $(STAMP)
 	@$(CHECK) $(LOCK) || { rm -f $(STAMP); exit 1; }
@@ -88,6 +88,11 @@ format: install
 # every benchmark at its default (CPU-sized) settings; each prints its own table
 bench: install
 	for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+# what only a GPU measures (real architectures, random weights, capped at --budget 450 s): one
+# table, also written to gpu_check.json. Without CUDA: the tiny CPU dry run (docs/BENCHMARKS.md)
+bench-gpu: install
+	$(BIN)/python scripts/gpu_check.py
 
 # params.yaml from the defaults and comments in src/teacher/core/params.py
 params: install

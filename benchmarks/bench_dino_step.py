@@ -49,7 +49,7 @@ def build(mode: str, *, preset: str, checkpointing: bool = True):
         tiny_config(vocab_size=len(tokenizer)) if preset == "tiny-random" else GroundingDinoConfig()
     )  # the defaults are grounding-dino-tiny's architecture
     model = prepare_model(GroundingDinoForObjectDetection(config))
-    processor = build_processor(tokenizer, params=DinoParams())  # 800 / 1333
+    processor = build_processor(tokenizer, dino=DinoParams())  # 800 / 1333
     if mode == "lora":
         from teacher.dino.task import wrap_for_training
 

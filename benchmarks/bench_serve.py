@@ -50,9 +50,7 @@ def real_size_dino(params: DinoParams) -> DinoBundle:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     model = GroundingDinoForObjectDetection(GroundingDinoConfig())
-    return DinoBundle(
-        model=prepare_model(model), processor=build_processor(tokenizer, params=params)
-    )
+    return DinoBundle(model=prepare_model(model), processor=build_processor(tokenizer, dino=params))
 
 
 def build_backend(arch: str, root: Path, *, detections: int) -> Backend:

@@ -37,7 +37,7 @@ def build_teachers(device: torch.device):
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()  # bert-base-uncased ids; the prompt's ids fit BERT's vocabulary
     dino = prepare_model(GroundingDinoForObjectDetection(GroundingDinoConfig())).eval().to(device)
-    bundle = DinoBundle(model=dino, processor=build_processor(tokenizer, params=DinoParams()))
+    bundle = DinoBundle(model=dino, processor=build_processor(tokenizer, dino=DinoParams()))
     sam = build_sam(ARCHITECTURES["vit_b"]).to(device).eval()
     return Teachers(dino=bundle, sam=sam, label_map=build_label_map(CLASSES, tokenizer=tokenizer))
 
