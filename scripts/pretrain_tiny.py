@@ -7,15 +7,17 @@
                                          [--init-scheme reference] [--out DIR]
     python scripts/pretrain_tiny.py dino --probe WEIGHTS [--arch JSON] [--seed S]
     python scripts/pretrain_tiny.py sam  --probe WEIGHTS [--seed S]
+    python scripts/pretrain_tiny.py student [--steps N] [--seed S] [--threads T] [--batch-size B]
 
 Full training of every weight (not LoRA) of the tiny architectures (``teacher.sam`` /
 ``teacher.dino``) on images of ``teacher.dataset.synth.PRETRAIN``, generated in memory from the seed;
 a held-out test set (another seed) is scored at the end: SAM mean mask IoU from true boxes,
-Grounding DINO COCO box mAP@50 prompted with the pretraining classes. Deterministic per seed
+Grounding DINO COCO box mAP@50 prompted with the pretraining classes, the student (RF-DETR,
+``teacher.proving.student``) COCO box mAP@50 and mask mAP. Deterministic per seed
 on one machine (fixed thread count, seeded generator, data and initialisation; on a GPU,
 ``--device cuda``, close but not bit for bit: its kernels are not deterministic, and float32
 matrix products there run in TF32). Writes
-``<out>/{sam,dino}-tiny-pretrained.safetensors`` (default ``src/teacher/weights``) and prints
+``<out>/{sam,dino,student}-tiny-pretrained.safetensors`` (default ``src/teacher/weights``) and prints
 the scores and the time it took. ``--probe`` trains nothing: it scores a weights file on the held-out
 set and prints where DINO's box AP is lost, or SAM's mask IoU beside the best its low-res
 masks allow, on both domains. The code lives in ``teacher.proving.pretrain``.
@@ -47,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("model", choices=("sam", "dino"))
+    parser.add_argument("model", choices=("sam", "dino", "student"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -156,7 +158,19 @@ def main() -> None:
             print(json.dumps(probe))
         return
     start = time.time()
-    if args.model == "sam":
+    if args.model == "student":
+        from teacher.proving.student import pretrain_student
+
+        state, scores = pretrain_student(
+            steps=3000 if args.steps is None else args.steps,
+            seed=args.seed,
+            n_images=args.images,
+            n_test=args.test_images,
+            batch_size=args.batch_size,
+            lr=args.lr or 1e-3,
+            device=device,
+        )
+    elif args.model == "sam":
         state, scores = pretrain_sam(
             steps=3000 if args.steps is None else args.steps,
             seed=args.seed,

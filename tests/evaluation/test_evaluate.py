@@ -136,8 +136,7 @@ def test_missing_adapter_is_a_clear_error(adapters, tmp_path, capsys):
 def test_box_only_objects_are_ignore_regions_in_mask_ap():
     """Half of a class has no mask: a perfect model scores 1.0 (deleting them gave ~0.6)."""
     from teacher.coco.io import mask_to_rle
-    from teacher.coco.metrics import coco_eval
-    from teacher.coco.metrics import segm_ground_truth
+    from teacher.coco.metrics import coco_eval, segm_ground_truth
 
     h, w = 60, 80
     images, anns, results = [], [], []

@@ -120,6 +120,7 @@ def test_demo_params_select_the_presets_and_parse():
     )
     assert parse_section("dino", params["dino"]).model == TINY_PRETRAINED
     assert parse_section("sam", params["sam"]).model == TINY_PRETRAINED
+    assert parse_section("student", params["student"]).model == TINY_PRETRAINED
 
 
 def test_demo_gain_table_summarises_seeds(tmp_path):

@@ -2,8 +2,10 @@
 
 ``student.model`` names a hub id (``auto``: the smallest RF-DETR for the data kind,
 ``Roboflow/rf-detr-seg-nano`` when the data has instance masks, ``Roboflow/rf-detr-nano``
-otherwise), a local ``save_pretrained`` folder, or ``tiny-random``: the same architecture at toy
-size built in code with a fixed seed (no download). ``RfDetrForInstanceSegmentation`` when the
+otherwise), a local ``save_pretrained`` folder, ``tiny-random``: the same architecture at toy
+size built in code with a fixed seed (no download), or ``tiny-pretrained``: a small RF-DETR
+pretrained here on the synthetic pretraining domain (committed, our stand-in for a
+COCO-pretrained checkpoint). ``RfDetrForInstanceSegmentation`` when the
 data has masks, ``RfDetrForObjectDetection`` otherwise.
 
 Input: every image is resized (aspect not kept, as RF-DETR trains) to a square of
@@ -37,6 +39,13 @@ from teacher.core.hub import hub_reachable
 from teacher.core.params import StudentParams
 
 TINY_RANDOM = "tiny-random"
+TINY_PRETRAINED = "tiny-pretrained"
+TINY_PRETRAINED_WEIGHTS = (
+    Path(__file__).resolve().parent.parent / "weights" / "student-tiny-pretrained.safetensors"
+)
+TINY_PRETRAINED_RESOLUTION = 128
+# the synthetic pretraining domain's classes (teacher.dataset.synth.PRETRAIN), its class rows
+TINY_PRETRAINED_CLASSES = ("ring", "cross", "hexagon", "diamond", "pentagon", "arrow")
 AUTO = "auto"
 TINY_SEED = 20240614  # fixed: every stage builds identical tiny-random initial weights
 TINY_RESOLUTION = 64
@@ -94,6 +103,56 @@ def tiny_config(*, names: Sequence[str]) -> RfDetrConfig:
         **FINE_TUNING,
         **label_config(names),
     )
+
+
+def tiny_pretrained_config(*, names: Sequence[str]) -> RfDetrConfig:
+    """The ``tiny-pretrained`` student: RF-DETR at small size (4-layer ViT 64 wide, patch 8,
+    2x2 windows, 128 px input; 2 decoder layers 64 wide, 30 queries), pretrained by
+    ``scripts/pretrain_tiny.py student`` (:mod:`teacher.proving.student`)."""
+    backbone = RfDetrDinov2Config(
+        hidden_size=64,  # type: ignore[call-arg]  # out_features: a kwarg of __post_init__
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        mlp_ratio=2,
+        patch_size=8,
+        image_size=TINY_PRETRAINED_RESOLUTION,
+        num_windows=2,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    return RfDetrConfig(
+        backbone_config=backbone,
+        d_model=64,
+        decoder_ffn_dim=128,
+        decoder_layers=2,
+        decoder_self_attention_heads=4,
+        decoder_cross_attention_heads=4,
+        decoder_n_points=2,
+        num_queries=30,
+        group_detr=3,
+        c2f_num_blocks=1,
+        intermediate_size=128,
+        **FINE_TUNING,
+        **label_config(names),
+    )
+
+
+def tiny_pretrained(*, masks: bool, names: Sequence[str]) -> nn.Module:
+    """The committed ``tiny-pretrained`` weights (a segmenting RF-DETR; without masks its
+    detector inside), class heads resized to ``names`` from the pretrained rows."""
+    from safetensors.torch import load_file
+
+    if not TINY_PRETRAINED_WEIGHTS.is_file():
+        raise TeacherError(
+            f"student.model={TINY_PRETRAINED}: {TINY_PRETRAINED_WEIGHTS} is missing; restore it "
+            "from git (git checkout -- src/teacher/weights) or remake it with "
+            "`python scripts/pretrain_tiny.py student`"
+        )
+    state = load_file(str(TINY_PRETRAINED_WEIGHTS))
+    if not masks:  # RfDetrForInstanceSegmentation holds the detector as .model
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    model = model_class(masks)(tiny_pretrained_config(names=TINY_PRETRAINED_CLASSES))
+    model.load_state_dict(state)
+    return reinitialize_class_heads(model, names)
 
 
 # The released RF-DETR architectures the pipeline defaults to, as transformers' conversion script
@@ -213,6 +272,8 @@ def default_resolution(name: str, model: Any) -> int:
     """The input side a model was trained at: tiny-random 64; else its image processor's size."""
     if name == TINY_RANDOM:
         return TINY_RESOLUTION
+    if name == TINY_PRETRAINED:
+        return TINY_PRETRAINED_RESOLUTION
     if (Path(name) / INFO_FILE).is_file():  # a student folder (a trained one, tiny-pretrained)
         return load_info(Path(name)).resolution
     from transformers import AutoImageProcessor
@@ -255,6 +316,8 @@ def build_student(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             model = model_class(masks)(tiny_config(names=names))
+    elif name == TINY_PRETRAINED:
+        model = tiny_pretrained(masks=masks, names=names)
     else:
         model = _pretrained(name, revision=params.revision, masks=masks, names=names)
     resolution = params.resolution or default_resolution(name, model)
