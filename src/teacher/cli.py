@@ -19,6 +19,8 @@ from teacher.core.errors import TeacherError
 from teacher.core.params import ParamsError, ValidateParams, load_params
 from teacher.serve.command import configure as _serve_configure
 from teacher.serve.command import run as _serve_run
+from teacher.serve.project import configure as _ls_setup_configure
+from teacher.serve.project import run as _ls_setup_run
 
 if TYPE_CHECKING:
     from teacher.inference.job import Labeled
@@ -508,6 +510,12 @@ COMMANDS: dict[str, Command] = {
         "serve the teachers to Label Studio (ML backend: pre-labels, smart tools)",
         _serve_configure,
         _serve_run,
+    ),
+    "label-studio-setup": Command(
+        "a Label Studio project over a folder of images: labeling config, local storage, "
+        "tasks, the model connected",
+        _ls_setup_configure,
+        _ls_setup_run,
     ),
     "export": Command(
         "merge the adapters into full DINO (save_pretrained) and SAM (.pth) models",

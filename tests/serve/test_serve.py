@@ -160,6 +160,7 @@ def click(x, y, *, positive=True, label="box"):
 def test_smart_clicks_give_a_mask_and_reuse_the_embedding(server):
     before = httpx.get(server + "/health").json()["images_embedded"]
     t = task(11, local("img_3.png"))
+    ids = set()
     for ctx in (
         {"result": [click(25, 30)]},
         {"result": [click(25, 30), click(70, 60, positive=False)]},
@@ -191,7 +192,40 @@ def test_smart_clicks_give_a_mask_and_reuse_the_embedding(server):
         assert region["type"] == "brushlabels" and region["from_name"] == "mask"
         assert region["value"]["brushlabels"] == ["box"]
         assert brush.rle_to_mask(region["value"]["rle"], height=48, width=64).shape == (48, 64)
+        ids.add(region["id"])
     assert httpx.get(server + "/health").json()["images_embedded"] == before + 1  # once per image
+    # Label Studio puts an accepted answer in place of the region with its id: one id per answer
+    assert len(ids) == 3
+
+
+class NoObjectTeachers:
+    """Teachers whose SAM finds nothing wherever one clicks."""
+
+    has_sam = True
+    model_version = "teacher-test"
+
+    def segment(self, key, load, prompts):
+        return np.zeros((prompts.height, prompts.width), bool), 0.02
+
+
+def test_a_click_that_yields_no_mask_says_why():
+    from teacher.serve.backend import Backend
+    from teacher.serve.sources import ImageSources
+
+    backend = Backend(teachers=NoObjectTeachers(), sources=ImageSources())
+    reply = backend.predict(
+        tasks=[task(5, local("img_1.png"))],
+        label_config=CONFIG,
+        project=None,
+        context={"result": [click(25, 30), click(70, 60, positive=False)]},
+    )
+    (pred,) = reply["results"]
+    assert pred["result"] == [] and pred["model_version"] == "teacher-test"
+    (error,) = reply["errors"]
+    assert error["index"] == 0 and error["task"] == 5
+    assert error["error"].startswith(
+        "no mask: SAM found no object at the 1 positive and 1 negative"
+    )
 
 
 @pytest.mark.parametrize(

@@ -208,7 +208,12 @@ def test_task_prediction_fills_every_control_and_reports_unknown():
     rect = by_type["rectanglelabels"][0]
     assert rect["value"]["rectanglelabels"] == ["Cat"] and rect["from_name"] == "box"
     assert rect["to_name"] == "img" and rect["original_width"] == 30 and rect["score"] == 0.9
-    assert by_type["brushlabels"][0]["id"] == rect["id"]  # one object: box and mask together
+    # one region per result (Label Studio merges results of one id into one region of the first
+    # one's type: the mask's pixels were lost); the mask and polygon name their box as parent
+    assert len({r["id"] for r in pred["result"]}) == len(pred["result"])
+    for kind in ("brushlabels", "polygonlabels"):
+        assert by_type[kind][0]["parentID"] == rect["id"] and by_type[kind][0]["id"] != rect["id"]
+    assert "parentID" not in rect
     mask = brush.rle_to_mask(by_type["brushlabels"][0]["value"]["rle"], height=20, width=30)
     assert (mask == masks()[0]).all()
     pts = np.array(by_type["polygonlabels"][0]["value"]["points"])
@@ -348,10 +353,16 @@ def test_clicks_at_the_cap_and_on_the_edge_are_taken():
 def test_interactive_prediction_is_a_brush_with_the_clicked_label():
     config = parse_label_config(CONFIG)
     pred = interactive_prediction(
-        masks()[1], 0.8, controls=config.of_type("brushlabels"), label="Dog", model_version="v"
+        masks()[1],
+        0.8,
+        controls=config.of_type("brushlabels"),
+        label="Dog",
+        model_version="v",
+        id_prefix="smart1-",
     )
     (r,) = pred["result"]
     assert r["type"] == "brushlabels" and r["value"]["brushlabels"] == ["Dog"]
+    assert r["id"] == "smart1-0" and "parentID" not in r
     assert (brush.rle_to_mask(r["value"]["rle"], height=20, width=30) == masks()[1]).all()
 
 

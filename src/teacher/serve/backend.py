@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ from teacher.serve.label_config import (
 from teacher.serve.protocol import (
     ContextError,
     Found,
+    Prompts,
     context_prompts,
     interactive_prediction,
     task_prediction,
@@ -354,9 +356,31 @@ class Backend:
         except ImageSourceError as e:
             raise RequestError(f"task {tasks[0].get('id')}: {e}") from e
         pred = interactive_prediction(
-            mask, score, controls=controls, label=prompts.label, model_version=self.version
+            mask,
+            score,
+            controls=controls,
+            label=prompts.label,
+            model_version=self.version,
+            id_prefix=f"smart{secrets.token_hex(4)}-",  # one per answer (see the function)
         )
-        return {"results": [pred], "model_version": self.version, "errors": []}
+        errors = []
+        if not pred["result"]:
+            why = no_mask_reason(prompts)
+            log.warning("task %s: smart tool: %s", task_id(tasks[0]), why)
+            errors.append({"index": 0, "task": task_id(tasks[0]), "error": why})
+        return {"results": [pred], "model_version": self.version, "errors": errors}
+
+
+def no_mask_reason(prompts: Prompts) -> str:
+    """Why SAM's answer to ``prompts`` holds no region, and what to click instead."""
+    positive = int(prompts.point_labels.sum())
+    clicks = f"{positive} positive and {len(prompts.point_labels) - positive} negative clicks"
+    if prompts.box_xyxy is not None:
+        clicks += " and a box"
+    return (
+        f"no mask: SAM found no object at the {clicks}; click inside the object (a positive "
+        "click), or draw a box around it"
+    )
 
 
 def task_id(task: Any) -> str | int | None:

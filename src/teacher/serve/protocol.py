@@ -5,8 +5,14 @@ a region is ``{"id", "from_name", "to_name", "type", "original_width", "original
 "image_rotation", "score", "value"}`` with coordinates in percent of the image:
 ``rectanglelabels``: ``x, y, width, height, rotation`` (top-left corner);
 ``brushlabels``: ``format: "rle", rle: [bytes]`` (``teacher.serve.brush``);
-``polygonlabels``: ``points: [[x, y], ...]``. A rectangle and the mask of the same detection
-share the region ``id`` (Label Studio then shows them as one object).
+``polygonlabels``: ``points: [[x, y], ...]``.
+
+Every result has its own ``id``: Label Studio makes one region of the results that share an
+``id`` (a region's extra results are its per-region labels), of the first result's type, so a
+box and a mask under one id became one rectangle that dropped the mask's pixels and was saved as
+a ``brushlabels`` result without ``rle``. The mask (or polygon) of a detection names its box in
+``parentID``, Label Studio's link between regions: its region list shows the mask under its box,
+and an annotation keeps the link.
 """
 
 from __future__ import annotations
@@ -107,9 +113,11 @@ def region(
     width: int,
     height: int,
     region_id: str,
+    parent_id: str | None = None,
 ) -> dict[str, Any]:
-    """One Label Studio result of ``control`` (its label list filled with ``label``)."""
-    return {
+    """One Label Studio result of ``control`` (its label list filled with ``label``), linked to
+    the region ``parent_id`` when given."""
+    result = {
         "id": region_id,
         "from_name": control.name,
         "to_name": control.to_name,
@@ -120,6 +128,7 @@ def region(
         "score": round(float(score), ROUND),
         "value": {**value, control.type: [label]},
     }
+    return result if parent_id is None else {**result, "parentID": parent_id}
 
 
 def region_value(control: Control, found: Found, i: int) -> dict | None:
@@ -143,25 +152,35 @@ def region_value(control: Control, found: Found, i: int) -> dict | None:
 def image_regions(
     found: Found, controls: list[Control], *, id_prefix: str
 ) -> tuple[list[dict], set[str]]:
-    """Regions of one image's detections for the controls on it; and the unknown class names."""
+    """Regions of one image's detections for the controls on it; and the unknown class names.
+
+    Detection ``i`` gets the id ``<id_prefix><i>`` in the first control that has a region for it
+    (the boxes, in the usual config) and ``<id_prefix><i>c<k>`` in the k-th control; each region
+    after the first names that first one its ``parentID``.
+    """
     results, unknown = [], set()
-    for control in controls:
+    first: dict[int, str] = {}  # detection -> the id of its first region
+    for k, control in enumerate(controls):
         mapping, missing = match_labels(sorted(set(found.names)), control)
         unknown |= set(missing)
         for i, name in enumerate(found.names):
             value = region_value(control, found, i) if name in mapping else None
-            if value is not None:
-                results.append(
-                    region(
-                        control,
-                        value=value,
-                        label=mapping[name],
-                        score=found.scores[i],
-                        width=found.width,
-                        height=found.height,
-                        region_id=f"{id_prefix}{i}",
-                    )
+            if value is None:
+                continue
+            region_id = f"{id_prefix}{i}" if i not in first else f"{id_prefix}{i}c{k}"
+            results.append(
+                region(
+                    control,
+                    value=value,
+                    label=mapping[name],
+                    score=found.scores[i],
+                    width=found.width,
+                    height=found.height,
+                    region_id=region_id,
+                    parent_id=first.get(i),
                 )
+            )
+            first.setdefault(i, region_id)
     return results, unknown
 
 
@@ -341,10 +360,14 @@ def interactive_prediction(
     controls: list[Control],
     label: str | None,
     model_version: str,
+    id_prefix: str,
 ) -> dict[str, Any]:
     """The smart tool's answer: the mask as a brush region (or polygon) with the chosen label.
 
     The label is the one clicked when the control offers it, else the control's first label.
+    Region ids are ``<id_prefix><k>`` for the k-th control: the prefix must differ from one
+    answer to the next, as Label Studio puts an accepted answer in place of the region of the
+    same id (a second click would replace the first object's mask).
     """
     height, width = mask.shape
     found = Found(
@@ -355,7 +378,7 @@ def interactive_prediction(
         names=["_"],
         masks=mask[None],
     )
-    results = []
+    results: list[dict[str, Any]] = []
     for control in controls:
         chosen = label if label in control.labels else (control.labels or ("",))[0]
         value = region_value(control, found, 0)
@@ -368,7 +391,7 @@ def interactive_prediction(
                     score=score,
                     width=width,
                     height=height,
-                    region_id="smart0",
+                    region_id=f"{id_prefix}{len(results)}",
                 )
             )
     return prediction(results, model_version=model_version)

@@ -21,8 +21,9 @@ from teacher.serve.label_config import LabelConfig
 from teacher.serve.protocol import Found, task_prediction
 
 
-def default_label_config(names: list[str], *, masks: bool) -> str:
-    """A labeling config for the classes: boxes (``label``), and brush masks (``mask``)."""
+def default_label_config(names: list[str], *, masks: bool, smart: bool = False) -> str:
+    """A labeling config for the classes: boxes (``label``), brush masks (``mask``) with
+    ``masks``, and with ``smart`` the smart keypoint tool (``click``: SAM's mask for a click)."""
     labels = "".join(f"\n    <Label value={quoteattr(n)}/>" for n in names)
     xml = (
         f'<View>\n  <Image name="image" value="$image" zoom="true"/>\n'
@@ -30,6 +31,12 @@ def default_label_config(names: list[str], *, masks: bool) -> str:
     )
     if masks:
         xml += f'  <BrushLabels name="mask" toName="image">{labels}\n  </BrushLabels>\n'
+    if smart:
+        smart_labels = labels.replace("/>", ' smart="true"/>')
+        xml += (
+            f'  <KeyPointLabels name="click" toName="image" smart="true">{smart_labels}\n'
+            "  </KeyPointLabels>\n"
+        )
     return xml + "</View>\n"
 
 
