@@ -1,7 +1,8 @@
 """Base vs LoRA vs full fine-tuning of the tiny-pretrained teachers, on the proving ground.
 
     python benchmarks/bench_finetune.py [--seeds 0 1 2] [--train-images 64] [--models sam dino]
-        [--scales 0 0.5 1] [--denoise 100]
+        [--scales 0 0.5 1] [--denoise 100] [--train-scale-min 1 --train-crop 0]
+        [--input-proj lora|full|off]
 
 Fine-tuning domain: ``teacher.dataset.synth.FINETUNE`` (train images from each seed, a fixed held-out
 test set); retention: the same models on a held-out set of the pretraining domain
@@ -13,6 +14,11 @@ and LoRA's gain as a share of full fine-tuning's; ``--json`` writes the raw runs
 LoRA: SAM: encoder qkv + every linear layer of the decoder (``make demo``'s); DINO:
 ``dino.lora_targets`` + box heads. Full fine-tuning: every weight of the model trains
 (a LoRA is still attached, its B matrices start at zero: the same starting point).
+
+``--train-scale-min`` / ``--train-crop``: DINO's training scales (``dino.train_scale_min`` /
+``dino.train_crop``; ``1`` / ``0``: one scale, no crop). ``--input-proj``: what trains in DINO's
+``input_proj_vision`` (issue #35): ``lora`` (LoRA on its convolutions: ``dino.lora_targets``),
+``full`` (trained fully with the box heads, no LoRA there) or ``off`` (frozen, as before #35).
 
 ``--scales``: the forgetting guard's curve (issue 13). Each trained model is also scored with its
 adapter at those scales (``teacher.train.lora.load_adapter``: LoRA deltas x s, fully trained weights
@@ -49,6 +55,7 @@ from teacher.core.params import (
 )
 from teacher.dataset import synth
 from teacher.dataset.augment import resolve_policy
+from teacher.dino.scales import train_scales
 
 TINY = "tiny-pretrained"
 DINO = DinoParams(model=TINY, shortest_edge=128, longest_edge=160)
@@ -239,8 +246,29 @@ def sam_run(
     }
 
 
+INPUT_PROJ_LORA = r"|model\.input_proj_vision\.\d+\.0"  # in dino.lora_targets: its convolutions
+INPUT_PROJ_FULL = r"|model\.input_proj_vision"
+
+
+def dino_params(overrides: dict[str, Any]) -> DinoParams:
+    """The benchmark's DINO with ``overrides`` (DinoParams fields, and ``input_proj``)."""
+    overrides = dict(overrides)
+    input_proj = overrides.pop("input_proj", "lora")
+    dino = dataclasses.replace(DINO, **overrides)
+    if input_proj != "lora":  # no LoRA on input_proj_vision
+        targets = str(dino.lora_targets).replace(INPUT_PROJ_LORA, "")
+        dino = dataclasses.replace(dino, lora_targets=targets)
+    return dino
+
+
 def dino_run(
-    method: str, *, seed: int, data: dict, train: TrainParams, out: Path, denoise: int = 0
+    method: str,
+    *,
+    seed: int,
+    data: dict,
+    train: TrainParams,
+    out: Path,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     from teacher.dino import task as dino_task
     from teacher.dino.labels import build_label_map
@@ -258,7 +286,9 @@ def dino_run(
         data["train"]["coco"]["categories"], tokenizer=bundle.processor.tokenizer
     )
     seed_everything(seed)
-    dino = dataclasses.replace(DINO, denoise_queries=denoise)
+    dino = dino_params(overrides or {})
+    if (overrides or {}).get("input_proj") == "full":
+        dino_task.HEAD_MODULES += INPUT_PROJ_FULL  # this child process only
     if method == "lora":
         model = dino_task.wrap_for_training(
             bundle.model, dino=dino, lora=LORA, activation_checkpointing=False
@@ -278,6 +308,7 @@ def dino_run(
         augment_policy=NO_AUGMENT,
         seed=seed,
         batch_size=train.batch_size,
+        scales=train_scales(dino),
     )
     fit(
         task,
@@ -288,7 +319,7 @@ def dino_run(
         live_dir=out / "live",
         fingerprint=f"bench-{method}-{seed}",
     )
-    tuned = load_dino(DINO, adapter_dir=out / "model")
+    tuned = load_dino(dino, adapter_dir=out / "model")
     return {
         "finetune": dino_map_50(tuned, data["test"]),
         "pretrain": dino_map_50(tuned, data["retention"]),
@@ -310,11 +341,11 @@ def child(
     out: Path,
     threads: int,
     scales: list[float],
-    denoise: int,
+    overrides: dict[str, Any],
 ) -> None:
     torch.set_num_threads(threads)
     start = time.time()
-    extra = {"denoise": denoise} if name == "dino" else {}
+    extra = {"overrides": overrides} if name == "dino" else {}
     row = RUNS[name](method, seed=seed, data=data, train=train, out=out, **extra)
     row = {**row, "seconds": time.time() - start, "peak_mb": peak_memory_mb()}
     if scales and method != "base":  # after the timing: the curve is not the run's cost
@@ -331,13 +362,13 @@ def run_isolated(
     out: Path,
     threads: int,
     scales: Sequence[float] = (),
-    denoise: int = 0,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(
         target=child,
-        args=(queue, name, method, seed, data, train, out, threads, list(scales), denoise),
+        args=(queue, name, method, seed, data, train, out, threads, list(scales), overrides or {}),
     )
     proc.start()
     row = queue.get()
@@ -452,6 +483,21 @@ def main() -> int:
         default=0,
         help="dino: contrastive denoising queries per training image (dino.denoise_queries)",
     )
+    parser.add_argument(
+        "--train-scale-min",
+        type=float,
+        default=DINO.train_scale_min,
+        help="dino.train_scale_min (1 = one training scale)",
+    )
+    parser.add_argument(
+        "--train-crop", type=float, default=DINO.train_crop, help="dino.train_crop (0 = no crop)"
+    )
+    parser.add_argument(
+        "--input-proj",
+        choices=["off", "lora", "full"],
+        default="lora",
+        help="dino: what trains in input_proj_vision",
+    )
     args = parser.parse_args()
     train = TrainParams(epochs=args.epochs, batch_size=4, lr=args.lr, warmup_steps=5, patience=0)
     runs = []
@@ -496,7 +542,12 @@ def main() -> int:
                         root / f"{name}-{method}-{seed}",
                         args.threads,
                         args.scales,
-                        args.denoise,
+                        {
+                            "denoise_queries": args.denoise,
+                            "train_scale_min": args.train_scale_min,
+                            "train_crop": args.train_crop,
+                            "input_proj": args.input_proj,
+                        },
                     )
                     runs.append({"model": name, "method": method, "seed": seed, **row})
                     print(f"{name} {method} seed {seed}: {row}", flush=True)

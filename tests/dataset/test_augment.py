@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import albumentations as A
 import numpy as np
 import pytest
+import torch
 
 from teacher.core.errors import TeacherError
 from teacher.core.params import AugmentParams
-from teacher.dataset.augment import build_transform, resolve_policy
+from teacher.dataset.augment import (
+    REFERENCE_BOXES,
+    VISIBLE_BOXES,
+    bbox_params,
+    build_transform,
+    resolve_policy,
+)
 
 FACTS = {  # the shape of data/inspect.json (teacher.dataset.inspection)
     "grayscale": False,
@@ -127,3 +135,53 @@ def test_eval_transform_is_identity():
     out = t(image=image, masks=masks, bboxes=boxes, labels=[0, 1, 2], ann_index=[0, 1, 2])
     assert np.array_equal(out["image"], image)
     np.testing.assert_allclose(out["bboxes"], boxes, atol=1e-4)  # float32 round trip
+
+
+def ogd_crop_boxes(boxes_xyxy: torch.Tensor, region: tuple[int, int, int, int]):
+    """Open-GroundingDino ``datasets/transforms.py`` ``crop()``, its box part, transcribed:
+    ``region`` = (top, left, height, width); boxes xyxy; a box is kept when its clipped area is
+    positive."""
+    i, j, h, w = region
+    max_size = torch.as_tensor([w, h], dtype=torch.float32)
+    cropped_boxes = boxes_xyxy - torch.as_tensor([j, i, j, i])
+    cropped_boxes = torch.min(cropped_boxes.reshape(-1, 2, 2), max_size)
+    cropped_boxes = cropped_boxes.clamp(min=0)
+    keep = torch.all(cropped_boxes[:, 1, :] > cropped_boxes[:, 0, :], dim=1)
+    return cropped_boxes.reshape(-1, 4)[keep], keep
+
+
+def test_reference_boxes_keep_every_clipped_box_as_open_groundingdino():
+    rng = np.random.default_rng(0)
+    image = np.zeros((90, 120, 3), np.uint8)
+    for _ in range(20):
+        xy = rng.integers(-10, 110, (12, 2))
+        wh = rng.integers(1, 40, (12, 2))
+        boxes = np.concatenate([xy, wh], 1).astype(np.float64)
+        inside = np.clip(boxes[:, :2], 0, [119, 89])  # COCO boxes start inside the image
+        boxes = np.concatenate([inside, np.minimum(boxes[:, 2:], [120, 90] - inside)], 1)
+        top, left = int(rng.integers(0, 40)), int(rng.integers(0, 60))
+        h, w = int(rng.integers(20, 90 - top + 1)), int(rng.integers(20, 120 - left + 1))
+        crop = A.Compose(
+            [A.Crop(x_min=left, y_min=top, x_max=left + w, y_max=top + h)],
+            bbox_params=bbox_params(REFERENCE_BOXES),
+        )
+        out = crop(image=image, bboxes=boxes, labels=list(range(12)), ann_index=list(range(12)))
+        xyxy = torch.as_tensor(np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1))
+        want, keep = ogd_crop_boxes(xyxy.float(), (top, left, h, w))
+        got = np.asarray(out["bboxes"], np.float64).reshape(-1, 4)
+        assert [int(i) for i in out["ann_index"]] == np.flatnonzero(keep.numpy()).tolist()
+        got_xyxy = np.concatenate([got[:, :2], got[:, :2] + got[:, 2:]], 1)
+        np.testing.assert_allclose(got_xyxy, want.numpy(), atol=1e-3)
+
+
+def test_visible_boxes_drop_a_box_mostly_cropped_away_and_reference_boxes_keep_it():
+    image = np.zeros((100, 100, 3), np.uint8)
+    box = np.array([[0.0, 40.0, 20.0, 20.0]])  # 10 % of it is left after the crop below
+    for boxes, kept in ((VISIBLE_BOXES, 0), (REFERENCE_BOXES, 1)):
+        crop = A.Compose(
+            [A.Crop(x_min=18, y_min=0, x_max=100, y_max=100)], bbox_params=bbox_params(boxes)
+        )
+        out = crop(image=image, bboxes=box, labels=[0], ann_index=[0])
+        assert len(out["bboxes"]) == kept
+    default = build_transform(resolve_policy(AugmentParams(policy="none"), {}), train=True)
+    assert default.processors["bboxes"].params.min_visibility == VISIBLE_BOXES.min_visibility

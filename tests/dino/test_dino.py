@@ -444,3 +444,17 @@ def test_frozen_towers_run_without_autograd_and_checkpointing_keeps_gradients():
 def test_too_small_images_for_the_queries_fail_early():
     with pytest.raises(TeacherError, match="shortest_edge 40 is too small"):
         load_dino(DinoParams(model="tiny-random", shortest_edge=40, longest_edge=60))
+
+
+@pytest.mark.parametrize("shape", [(62, 69), (69, 62), (118, 132), (1, 200), (200, 3), (40, 40)])
+def test_small_near_square_images_are_padded_to_two_coarsest_positions(shape):
+    """At a training size under 65 px (dino.train_scale_min x a small shortest_edge) a
+    near-square image used to be padded side after side forever: its resized sides never passed
+    64 px, so the coarsest level kept one position."""
+    from teacher.dino.model import encoder_levels, pad_for_queries
+
+    image = np.zeros((*shape, 3), np.uint8)
+    out = pad_for_queries(image, num_queries=64, shortest_edge=57, longest_edge=120)
+    levels = encoder_levels(*out.shape[:2], shortest_edge=57, longest_edge=120)
+    assert sum(levels) >= 64 and levels[-1] >= 2
+    assert np.array_equal(out[: shape[0], : shape[1]], image)  # padded at the bottom / right

@@ -16,6 +16,7 @@ from fake_adapters import write_tiny_coco
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import generalized_box_iou
 from transformers import GroundingDinoForObjectDetection
+from transformers.loss.loss_grounding_dino import GroundingDinoHungarianMatcher
 from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps
 
 from teacher.core.params import DinoParams, LoraParams, TrainParams
@@ -190,6 +191,19 @@ def test_every_loss_term_trains_something_so_the_total_holds_no_constant(trained
             assert head and all(g is not None and g.abs().sum() > 0 for g in head)
 
 
+def test_input_projection_trains_while_the_swin_runs_frozen(trained_forward):
+    from teacher.dino.model import frozen_towers
+
+    model, _, _, out = trained_forward
+    assert "model.backbone" in frozen_towers(model)  # the Swin: no LoRA, no autograd
+    named = [(n, p) for n, p in model.named_parameters() if "input_proj_vision" in n]
+    assert named and all(p.requires_grad == ("lora_" in n) for n, p in named)
+    lora = [(n, p) for n, p in named if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, [p for _, p in lora], retain_graph=True)
+    # lora_B (zero at the start: lora_A gets its gradient through it once it moves)
+    assert all(g.abs().sum() > 0 for (n, _), g in zip(lora, grads, strict=True) if "lora_B" in n)
+
+
 # --- 3. what LoRA reaches, and at which learning rate -----------------------------------------
 
 
@@ -210,6 +224,10 @@ def test_default_lora_reaches_ffns_text_projection_and_offsets_train_at_their_ow
         "model.text_projection",
         "decoder.reference_points_head.layers.0",
         "decoder.layers.0.encoder_attn.sampling_offsets",
+        # both references train input_proj (Open-GroundingDino get_param_dicts: not in
+        # lr_backbone_names; MM-Grounding-DINO: the neck, no lr_mult): the first place image
+        # features adapt while the Swin is frozen. LoRA on each level's convolution here.
+        *(f"model.input_proj_vision.{level}.0" for level in range(4)),
     ):
         assert any(n.endswith(part) for n in wrapped), part
     assert not any("text_backbone" in n or "backbone.conv_encoder" in n for n in wrapped)
@@ -385,3 +403,176 @@ def test_params_defaults_follow_the_references():
     d = DinoParams()
     assert (d.clip_norm, d.dropout, d.offsets_lr_scale) == (0.1, 0.0, 0.1)
     assert dataclasses.replace(TrainParams(), clip_norm=d.clip_norm).clip_norm == 0.1
+
+
+# --- 7. the stock `_enc` terms we replace, and the loss in float32 (issue #35) ----------------
+
+
+def test_stock_enc_class_term_reaches_only_the_text_projection():
+    """transformers' own ``_enc`` terms score the learned query embeddings against the text
+    projection's output: no image in them, and the only weights their class term trains are the
+    LoRA on ``text_projection``; its box terms (the detached proposals) train nothing."""
+    import types
+
+    from teacher.dino.model import HEAD_MODULES, _text_input_embeddings
+    from teacher.train.lora import apply_lora
+
+    bundle = load_dino(PARAMS)
+    torch.manual_seed(0)
+    stock = GroundingDinoForObjectDetection(tiny_config(vocab_size=len(tiny_tokenizer())))
+    # as prepare_model, without our loss and proposal outputs: transformers' loss as shipped
+    stock.get_input_embeddings = types.MethodType(_text_input_embeddings, stock)
+    model = apply_lora(stock, lora=LORA, targets=PARAMS.lora_targets, train_modules=HEAD_MODULES)
+    model.eval()
+    out = model(**_inputs(bundle.processor, _images(2), [PROMPT] * 2), labels=LABELS)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def reached(term: str) -> set[str]:
+        if not out.loss_dict[term].requires_grad:  # a constant to every weight
+            return set()
+        grads = torch.autograd.grad(
+            out.loss_dict[term], [p for _, p in named], retain_graph=True, allow_unused=True
+        )
+        return {n for (n, _), g in zip(named, grads, strict=True) if g is not None and g.any()}
+
+    ce = reached("loss_ce_enc")
+    assert ce and all("model.text_projection.lora_" in n for n in ce), ce
+    assert not reached("loss_bbox_enc") and not reached("loss_giou_enc")
+
+
+def test_matcher_and_loss_run_in_float32_under_bf16_autocast(monkeypatch):
+    """Both references train in fp32, so their matcher and loss do: under our bf16 autocast the
+    matcher sees float32 inputs with autocast off (inside it, a matmul would otherwise run in
+    bf16), matches as the plain fp32 matcher does on them, and the loss equals the one computed
+    outside autocast."""
+    from teacher.dino import loss as loss_module
+
+    matched = []
+
+    class Recording(loss_module.GroundingDinoHungarianMatcher):
+        def forward(self, outputs, targets):
+            indices = super().forward(outputs, targets)
+            snapshot = {
+                k: v.detach().clone() if torch.is_tensor(v) else v for k, v in outputs.items()
+            }
+            matched.append((snapshot, torch.is_autocast_enabled("cpu"), indices))
+            return indices
+
+    monkeypatch.setattr(loss_module, "GroundingDinoHungarianMatcher", Recording)
+    bundle = load_dino(PARAMS)
+    model = bundle.model.eval()
+    seen = {}
+
+    def recording_loss(logits, labels, device, pred_boxes, config, label_maps, text_mask, **kw):
+        seen.update(logits=logits, pred_boxes=pred_boxes, args=(labels, device), kw=kw)
+        seen.update(config=config, label_maps=label_maps, text_mask=text_mask)
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        return loss_module.grounded_loss(
+            logits, labels, device, pred_boxes, config, label_maps, text_mask, **kw
+        )
+
+    model.loss_function = recording_loss
+    inputs = _inputs(bundle.processor, _images(2), [PROMPT] * 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs, labels=LABELS)
+    assert seen["autocast"]  # the model's forward, and without our guard the loss, in bf16
+    assert matched and all(
+        o["logits"].dtype == o["pred_boxes"].dtype == torch.float32 and not autocast
+        for o, autocast, _ in matched
+    )
+    plain = GroundingDinoHungarianMatcher(  # transformers' own, not the recording one
+        class_cost=model.config.class_cost,
+        bbox_cost=model.config.bbox_cost,
+        giou_cost=model.config.giou_cost,
+    )
+    for outputs, _, indices in matched:
+        for (i, j), (pi, pj) in zip(indices, plain(outputs, LABELS), strict=True):
+            assert torch.equal(i, pi) and torch.equal(j, pj)
+    kw = {k: v.detach() if torch.is_tensor(v) else v for k, v in seen["kw"].items()}
+    loss, _, _ = loss_module.grounded_loss(
+        seen["logits"].detach(),
+        *seen["args"],
+        seen["pred_boxes"].detach(),
+        seen["config"],
+        seen["label_maps"],
+        seen["text_mask"],
+        **kw,
+    )
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss.detach(), loss, rtol=0, atol=0)
+
+
+# --- 8. every loss term logged (issue #35) -----------------------------------------------------
+
+
+def test_training_step_returns_every_weighted_term_and_they_sum_to_the_loss():
+    from teacher.dino.task import training_step
+
+    bundle = load_dino(PARAMS)
+    dino = dataclasses.replace(PARAMS, denoise_queries=6)
+    model = wrap_for_training(bundle.model, dino=dino, lora=LORA, activation_checkpointing=False)
+    batch = {**_inputs(bundle.processor, _images(2), [PROMPT] * 2), "labels": LABELS}
+    terms = training_step(model, batch)
+    layers = model.get_base_model().config.decoder_layers  # the last one has no suffix
+    suffixes = ["", *(f"_{i}" for i in range(layers - 1)), "_enc", "_dn"]
+    suffixes += [f"_dn_{i}" for i in range(layers - 1)]
+    assert set(terms) == {"loss"} | {
+        f"loss_{t}{s}" for t in ("ce", "bbox", "giou") for s in suffixes
+    }
+    weight = {"ce": 2.0, "bbox": 5.0, "giou": 2.0}  # transformers' weights, the references'
+    total = sum(weight[k.split("_")[1]] * v for k, v in terms.items() if k != "loss")
+    torch.testing.assert_close(total, terms["loss"].detach())
+
+
+# --- 9. validation batches one image size, as test-time scoring (issue #35) --------------------
+
+
+def test_validation_batches_hold_one_size_and_score_as_one_image_at_a_time(tmp_path):
+    from teacher.dino.task import build_task
+
+    small = write_tiny_coco(tmp_path / "a", n_images=3, size=(48, 64))
+    tall = write_tiny_coco(tmp_path / "b", n_images=3, size=(70, 40))
+    for folder, doc, offset in (("a", small, 0), ("b", tall, 100)):
+        for im in doc["images"]:
+            im["file_name"], im["id"] = f"{folder}/{im['file_name']}", im["id"] + offset
+        for a in doc["annotations"]:
+            a["image_id"], a["id"] = a["image_id"] + offset, a["id"] + offset
+    coco = {**small, "images": [], "annotations": small["annotations"] + tall["annotations"]}
+    coco["images"] = [
+        im for pair in zip(small["images"], tall["images"], strict=True) for im in pair
+    ]
+    bundle = load_dino(PARAMS)
+    model = wrap_for_training(bundle.model, dino=PARAMS, lora=LORA, activation_checkpointing=False)
+    model.eval()
+    lm = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
+
+    def task(batch_size):
+        return build_task(
+            model,
+            processor=bundle.processor,
+            label_map=lm,
+            train_coco=coco,
+            val_coco=coco,
+            image_root=tmp_path,
+            augment_policy={
+                "hflip": 0,
+                "scale_min": 1,
+                "scale_max": 1,
+                "crop": 0,
+                "color_jitter": 0,
+            },
+            seed=0,
+            batch_size=batch_size,
+        )
+
+    four, one = task(4), task(1)
+    loader = four.validate.keywords["loader"]
+    for batch in loader:
+        assert len({tuple(m.shape) for m in batch["pixel_mask"]}) == 1
+        assert int(batch["pixel_mask"].all(-1).all(-1).sum()) == len(
+            batch["image_ids"]
+        )  # no padding
+    assert max(len(b["image_ids"]) for b in loader) > 1
+    batched, alone = four.validate(model), one.validate(model)
+    assert batched["val_map"] == pytest.approx(alone["val_map"], abs=1e-6)
+    assert batched["val_map_50"] == pytest.approx(alone["val_map_50"], abs=1e-6)

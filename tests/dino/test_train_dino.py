@@ -106,10 +106,13 @@ def test_tiny_random_overfits_four_sample_images(tmp_path):
         val_coco=four,
         train=train,
         rank=32,
-        dino=dataclasses.replace(DINO, clip_norm=1.0),
+        # and one scale, no crop (no augmentation, as augment_policy none): fitting 4 images
+        dino=dataclasses.replace(DINO, clip_norm=1.0, train_scale_min=1.0, train_crop=0.0),
     )
     losses = tsv(tmp_path / "live/plots/metrics/train/loss.tsv", "loss")
     assert len(losses) == 16 * 8
+    for term in ("loss_ce_0", "loss_bbox_0", "loss_giou_0", "loss_ce_enc", "loss_giou"):
+        assert len(tsv(tmp_path / f"live/plots/metrics/train/{term}.tsv", term)) == 16 * 8
     assert sum(losses[-8:]) / 8 <= 0.5 * sum(losses[:4]) / 4  # last epoch vs the first steps
     # val == the 4 training images: train box mAP@50 of the best (kept) adapter. Untrained, the
     # proposals are 0.05-wide anchors (IoU < 0.5 with every object): mAP@50 is ~0. Seeded and

@@ -82,8 +82,13 @@ def test_stage_writes_every_metric_family_and_plots(adapters, tmp_path):
             f"{prefix}mask/miou",
             f"{prefix}mask/miou/box",
             f"{prefix}mask/miou/round thing",
+            f"{prefix}mask/miou_point",
         } <= set(m)
     assert 0.0 <= m["mask/miou"] <= 1.0 and all(isinstance(v, float) for v in m.values())
+    assert 0.0 <= m["mask/miou_point"] <= 1.0  # a click, not a box: another number, its own gain
+    assert m["gain/mask/miou_point"] == pytest.approx(
+        m["mask/miou_point"] - m["base/mask/miou_point"]
+    )
     # the perturbed adapters change SAM's masks, so a gain is measured and is the difference
     assert m["gain/mask/miou"] == pytest.approx(m["mask/miou"] - m["base/mask/miou"])
     assert m["gain/mask/miou"] != 0.0
@@ -114,6 +119,7 @@ def test_skipped_dino_gives_no_box_metrics(adapters, tmp_path, capsys):
     )
     assert rc == 0 and set(m) == {
         "mask/miou",
+        "mask/miou_point",  # one click per object, beside the true boxes
         "mask/miou/box",
         "mask/miou/round thing",
         *(f"scale/{s}/mask/miou" for s in ("0", "0.5", "1")),  # SAM's adapter scaled alone

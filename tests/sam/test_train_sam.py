@@ -74,7 +74,8 @@ def test_skip_reason_from_inspect_facts():
 def test_tiny_random_learns_sample_shapes(sample_splits, tmp_path):
     # Decoder-only (cached embeddings): the cheap path, so enough steps fit the test budget.
     # A decoder trained from random init collapses to background under SAM's 20:1 focal
-    # weighting (made for fine-tuning a pretrained SAM), so this run weighs focal 1:1.
+    # weighting (made for fine-tuning a pretrained SAM), so this run weighs focal 1:1. It pins
+    # learning from box prompts (what val_miou scores); clicks are pinned in test_prompts.py.
     sam = SamParams(
         model=TINY_RANDOM,
         lora_targets=DECODER_ATTN,
@@ -84,6 +85,8 @@ def test_tiny_random_learns_sample_shapes(sample_splits, tmp_path):
         box_jitter=0.05,
         focal_weight=1.0,
         focal_alpha=0.75,
+        point_prompts=0.0,
+        correction_points=0,
     )
     train = TrainParams(epochs=16, batch_size=8, lr=3e-3, warmup_steps=10, patience=0)
     untrained = sam_task.validate_miou(

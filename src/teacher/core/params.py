@@ -114,7 +114,8 @@ class DinoParams:
     revision: str = "main"  # hub revision (branch, tag or commit) to pin
     # LoRA targets, regex (full match on module names) or list of names: the attention
     # projections of the encoder, decoder and fusion layers, their FFNs (fc1, fc2), the text
-    # projection and the decoder's reference-point head
+    # projection, the decoder's reference-point head and the convolutions projecting the image
+    # features (input_proj_vision, which both references train)
     lora_targets: str | list[str] = (
         r".*(encoder|decoder)\.layers\.\d+\..*(self_attn|cross_attn|encoder_attn|encoder_attn_text|attn|"
         r"text_enhancer_layer\.self_attn|fusion_layer\.attn)\.(query|key|value|out_proj|"
@@ -122,6 +123,7 @@ class DinoParams:
         r"values_vision_proj|values_text_proj|out_vision_proj|out_text_proj)"
         r"|.*(encoder|decoder)\.layers\.\d+\.(text_enhancer_layer\.|deformable_layer\.)?fc[12]"
         r"|model\.text_projection|model\.decoder\.reference_points_head\.layers\.\d+"
+        r"|model\.input_proj_vision\.\d+\.0"
     )
     train_heads: bool = True  # train the box heads fully (decoder box MLP + two-stage proposal head)
     offsets_lr_scale: float = field(default=0.1, metadata=_range(0))  # lr multiplier of sampling_offsets and reference_points_head (Open-GroundingDino: 0.1)
@@ -131,6 +133,8 @@ class DinoParams:
     denoise_queries: int = field(default=0, metadata=_range(0))  # contrastive denoising queries per training image (MM-Grounding-DINO: 100; Open-GroundingDino: 0 = none)
     shortest_edge: int = field(default=800, metadata=_range(32))  # image processor resize: shorter side
     longest_edge: int = field(default=1333, metadata=_range(32))  # image processor resize: cap on the longer side
+    train_scale_min: float = field(default=0.6, metadata=_range(0, 1, lo_open=True))  # training resize: each image's shortest edge is drawn from train_scale_min..1 x shortest_edge in steps of 0.04, longest <= longest_edge (both references: 480-800 step 32 at 800; another shortest_edge scales them, teacher.dino.scales); 1 = shortest_edge only
+    train_crop: float = field(default=0.5, metadata=_range(0, 1))  # probability of the references' crop branch before that resize: a window of 384-600 px at a shortest edge of 400/500/600 (at 800, scaled likewise); 0 = off
     box_threshold: float = field(default=0.25, metadata=_range(0, 1))  # labeling (predict): min box score
     text_threshold: float = field(default=0.25, metadata=_range(0, 1))  # labeling decode: min class score (its best token)
 
@@ -165,7 +169,9 @@ class SamParams:
     train_decoder: bool = False  # train the mask decoder fully (saved beside the adapter)
     box_jitter: float = field(default=0.1, metadata=_range(0, 1))  # training box noise, fraction of the box's width/height per side
     box_jitter_max: float = field(default=20.0, metadata=_range(0))  # ... and at most this many pixels of the model's input frame (SAM paper: 10 %, max 20 px)
-    max_prompts: int = field(default=16, metadata=_range(1))  # box prompts per image per step (sampled, seeded)
+    max_prompts: int = field(default=16, metadata=_range(1))  # prompts per image per step (sampled, seeded)
+    point_prompts: float = field(default=0.1, metadata=_range(0, 1))  # share of training prompts that are one click inside the mask instead of its box (SAM paper: 0.5; 0.1 keeps box mIoU, docs/SAM.md); 0 = boxes only
+    correction_points: int = field(default=1, metadata=_range(0, 8))  # rounds that add a click from the error region of the previous mask, each with its own loss (SAM paper: 8); 0 = first prompts only
     multimask: bool = False  # false: SAM's single-mask output, right for a box (more than one point); true: best of 3 candidates
     focal_weight: float = field(default=20.0, metadata=_range(0))  # loss = 20 focal + 1 dice + 1 IoU-prediction MSE (SAM paper)
     dice_weight: float = field(default=1.0, metadata=_range(0))  # weight of the dice loss

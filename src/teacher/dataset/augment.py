@@ -5,12 +5,14 @@
 with the reasons for each choice). :func:`build_transform` makes the albumentations pipeline:
 horizontal flip, scale jitter on a fixed canvas (zoom in / out around the centre, so it
 survives the model's own resize), random crop from the borders, colour jitter. Boxes are COCO
-xywh pixels; a box less than ``MIN_VISIBILITY`` visible after a crop is dropped, as is one
-narrower or shorter than 1 px.
+xywh pixels, clipped to the image; which clipped boxes are kept is a :class:`BoxFilter`:
+:data:`REFERENCE_BOXES` for Grounding DINO (every box with positive area, as its references),
+:data:`VISIBLE_BOXES` by default (at least 30 % of the box visible, 1 px wide and high).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
@@ -26,9 +28,29 @@ AUTO = {"hflip": 0.5, "scale_min": 0.75, "scale_max": 1.25, "crop": 0.3, "color_
 WIDE_SCALE = (0.5, 1.5)  # when object sizes vary widely
 SMALL_DOMINATE = 0.5  # fraction of COCO-small objects above which downscaling is off
 WIDE_SPREAD = 100.0  # p95 / p05 of relative box area above which sizes "vary widely"
-MIN_VISIBILITY = 0.3  # fraction of a box's area that must survive a crop
+MIN_VISIBILITY = 0.3  # VISIBLE_BOXES: fraction of a box's area that must survive a crop
 CROP_MAX = 0.2  # largest fraction of each side a crop removes
 LABEL_FIELDS = ["labels", "ann_index"]
+
+
+@dataclass(frozen=True)
+class BoxFilter:
+    """Which boxes survive a geometric step (crop, zoom): each is clipped to the image first."""
+
+    min_visibility: float  # share of the box's area that must stay inside the image
+    min_side: float  # px: narrower or shorter clipped boxes are dropped
+
+
+# Grounding DINO, as both references: every clipped box with positive area is kept
+# (Open-GroundingDino datasets/transforms.py crop(): x2 > x1 and y2 > y1; MMDetection RandomCrop
+# keeps boxes inside the crop, then FilterAnnotations(min_gt_bbox_wh=(1e-2, 1e-2)): its 0.01 px
+# here, so that a box cut to nothing goes). A detector's loss treats every unmatched query as
+# background: a dropped box's visible fragment would be trained as "no object".
+REFERENCE_BOXES = BoxFilter(min_visibility=0.0, min_side=1e-2)
+# The default (SAM and the student): a box at least 30 % visible and 1 px wide and high. For SAM
+# a dropped instance is one prompt fewer, never background (its loss is per prompt), and a
+# prompt on a sliver of an object is one no labeler gives.
+VISIBLE_BOXES = BoxFilter(min_visibility=MIN_VISIBILITY, min_side=1.0)
 
 
 def resolve_policy(augment: AugmentParams, facts: dict[str, Any]) -> dict[str, Any]:
@@ -90,8 +112,11 @@ def _area_spread(facts: dict[str, Any]) -> float | None:
     return hi / lo if lo and hi and lo > 0 else None
 
 
-def build_transform(policy: dict[str, Any], *, train: bool) -> A.Compose:
-    """albumentations pipeline for ``policy`` (identity when ``train`` is False).
+def build_transform(
+    policy: dict[str, Any], *, train: bool, boxes: BoxFilter = VISIBLE_BOXES
+) -> A.Compose:
+    """albumentations pipeline for ``policy`` (identity when ``train`` is False); ``boxes`` says
+    which boxes a crop or zoom keeps.
 
     Call it as ``t(image=HxWx3 uint8, bboxes=(n, 4) COCO xywh px, labels=[...],
     ann_index=[...], masks=[HxW, ...] (optional))``; the result has ``image``, ``bboxes``
@@ -101,16 +126,20 @@ def build_transform(policy: dict[str, Any], *, train: bool) -> A.Compose:
     sample with ``t.set_random_seed(seed)``.
     """
     steps = _steps(policy) if train else []
-    bbox_params = A.BboxParams(
+    return A.Compose(steps or [A.NoOp()], bbox_params=bbox_params(boxes), seed=0)
+
+
+def bbox_params(boxes: BoxFilter) -> A.BboxParams:
+    """albumentations' box handling: COCO xywh, clipped to the image, filtered by ``boxes``."""
+    return A.BboxParams(
         format="coco",
         label_fields=LABEL_FIELDS,
-        min_visibility=MIN_VISIBILITY,
-        min_width=1.0,
-        min_height=1.0,
+        min_visibility=boxes.min_visibility,
+        min_width=boxes.min_side,
+        min_height=boxes.min_side,
         clip=True,
         filter_invalid_bboxes=True,
     )
-    return A.Compose(steps or [A.NoOp()], bbox_params=bbox_params, seed=0)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import Dataset
 
 from teacher.coco.boxes import xywh_to_cxcywh_norm
-from teacher.coco.images import image_path, load_image
+from teacher.coco.images import decoded_size, image_path, load_image, probe_image
 from teacher.coco.io import has_usable_box, index_by_image, is_crowd
 from teacher.dataset.augment import sample_rng
 from teacher.dino.labels import MAX_TEXT_TOKENS, LabelMap, prompt_text
+from teacher.dino.scales import TrainScales, apply_scale
 
 NEGATIVE = -1  # item "chunk" of a negative item: a prompt naming none of the image's objects
 
@@ -140,8 +141,10 @@ class DinoDataset(Dataset):
     Items: ``image`` HxWx3 uint8 RGB (augmented), ``boxes`` (n, 4) float32 COCO xywh pixels in
     that image, ``classes`` the prompt indexes its prompt names (in order), ``labels`` (n,)
     int64 positions in ``classes``, ``image_id``, ``size`` (width, height) of the original
-    image. Crowd boxes are left out. Augmentation, negative chunks and sampled negatives are
-    seeded by (seed, epoch, index); ``negatives`` > 0 needs ``class_tokens``.
+    image. Crowd boxes are left out. With ``scales`` (training: :mod:`teacher.dino.scales`) the
+    image may be cut to the references' crop window, and ``shortest_edge`` is the size the
+    processor resizes it to (drawn per item). Augmentation, negative chunks, sampled negatives
+    and scales are seeded by (seed, epoch, index); ``negatives`` > 0 needs ``class_tokens``.
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class DinoDataset(Dataset):
         all_chunks: bool = False,
         negatives: int = 0,
         class_tokens: Sequence[int] | None = None,
+        scales: TrainScales | None = None,
     ) -> None:
         self.items = dino_items(coco, label_map, all_chunks=all_chunks)
         self.anns = index_by_image(coco)
@@ -162,6 +166,8 @@ class DinoDataset(Dataset):
         self.seed, self.epoch, self.transform = seed, 0, transform
         self.negatives = 0 if all_chunks else negatives
         self.class_tokens = class_tokens
+        self.scales = scales
+        self._shapes: dict[Any, tuple[int, int]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -180,6 +186,10 @@ class DinoDataset(Dataset):
         boxes, labels = annotation_boxes(anns, label_map=self.label_map, classes=classes)
         if self.transform is not None:
             image, boxes, labels = augment_boxes(self.transform, image, boxes, labels, seed=seed)
+        edge = {}
+        if self.scales is not None:  # drawn after the augmentation seed and the negatives
+            image, boxes, labels, shortest = apply_scale(self.scales, image, boxes, labels, rng=rng)
+            edge = {"shortest_edge": shortest}
         return {
             "image": image,
             "boxes": boxes,
@@ -187,7 +197,18 @@ class DinoDataset(Dataset):
             "classes": classes,
             "image_id": record["id"],
             "size": size,
+            **edge,
         }
+
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of item ``index``'s image as loaded (before augmentation), read
+        from the file's header (no decode)."""
+        record, _ = self.items[index]
+        if record["id"] not in self._shapes:
+            path = image_path(self.image_root, record["file_name"])
+            width, height = decoded_size(*probe_image(path, decode=False))
+            self._shapes[record["id"]] = (height, width)
+        return self._shapes[record["id"]]
 
     def classes_of(self, anns: list[dict], chunk: int, rng: np.random.Generator) -> tuple[int, ...]:
         """The prompt indexes of one item's prompt (see :func:`prompt_classes`)."""
@@ -228,7 +249,8 @@ def pad_thin_items(
     items: list[dict[str, Any]], *, processor: Any, num_queries: int
 ) -> list[dict[str, Any]]:
     """Items whose image is too thin for ``num_queries`` encoder tokens, padded at the bottom /
-    right (``teacher.dino.model.pad_for_queries``); boxes and ``size`` in the padded frame."""
+    right (``teacher.dino.model.pad_for_queries``) at the size each is resized to (its
+    ``shortest_edge``, else the processor's); boxes and ``size`` in the padded frame."""
     from teacher.dino.model import pad_for_queries
 
     size = processor.image_processor.size
@@ -237,7 +259,7 @@ def pad_thin_items(
         image = pad_for_queries(
             it["image"],
             num_queries=num_queries,
-            shortest_edge=size["shortest_edge"],
+            shortest_edge=it.get("shortest_edge", size["shortest_edge"]),
             longest_edge=size["longest_edge"],
         )
         out.append(
@@ -257,13 +279,19 @@ def collate_dino(
     image; ``input_ids`` / ``attention_mask`` / ``token_type_ids`` (B, T) each item's prompt
     padded to the longest; ``labels`` per item ``class_labels`` (n,) and ``boxes`` (n, 4)
     cxcywh normalised; ``image_ids``, ``classes`` (prompt indexes per item, in prompt order),
-    ``sizes`` (original width, height).
+    ``sizes`` (original width, height). Items with a ``shortest_edge`` (training scales) are
+    resized to it, the longest edge capped as the processor caps it.
     """
     if num_queries is not None:
         items = pad_thin_items(items, processor=processor, num_queries=num_queries)
-    pixels = processor.image_processor(
-        images=[it["image"] for it in items], return_tensors="pt", input_data_format="channels_last"
-    )  # HxWx3: never guessed
+    if any("shortest_edge" in it for it in items):
+        pixels = pixels_at_own_sizes(items, processor=processor)
+    else:
+        pixels = processor.image_processor(
+            images=[it["image"] for it in items],
+            return_tensors="pt",
+            input_data_format="channels_last",  # HxWx3: never guessed
+        )
     text = processor.tokenizer(
         [prompt_text([label_map.names[i] for i in it["classes"]]) for it in items],
         padding="longest",
@@ -283,3 +311,31 @@ def collate_dino(
         "classes": [it["classes"] for it in items],
         "sizes": [it["size"] for it in items],
     }
+
+
+def pixels_at_own_sizes(items: list[dict[str, Any]], *, processor: Any) -> dict[str, torch.Tensor]:
+    """``pixel_values`` (B, 3, H, W) and ``pixel_mask`` (B, H, W): each item resized by the
+    processor to its own ``shortest_edge`` (the processor's when absent), longest edge capped
+    at the processor's, padded at the bottom / right to the largest, as the references batch
+    multi-scale images."""
+    from transformers.image_transforms import get_size_with_aspect_ratio
+
+    image_processor = processor.image_processor
+    default, longest = image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
+    edges = [it.get("shortest_edge", default) for it in items]
+    shapes = [
+        get_size_with_aspect_ratio(it["image"].shape[:2], edge, longest)  # (h, w), as it resizes
+        for it, edge in zip(items, edges, strict=True)
+    ]
+    pad = {"height": max(h for h, _ in shapes), "width": max(w for _, w in shapes)}
+    parts = [
+        image_processor(
+            images=[it["image"]],
+            size={"shortest_edge": edge, "longest_edge": longest},
+            pad_size=pad,
+            return_tensors="pt",
+            input_data_format="channels_last",
+        )
+        for it, edge in zip(items, edges, strict=True)
+    ]
+    return {key: torch.cat([p[key] for p in parts]) for key in ("pixel_values", "pixel_mask")}

@@ -14,7 +14,7 @@ Two decodes of the same outputs:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import cast
@@ -202,7 +202,7 @@ def _run(
     return [out[i] for i in range(len(images))]
 
 
-def same_size_batches(shapes: list[tuple[int, ...]], *, batch_size: int) -> list[list[int]]:
+def same_size_batches(shapes: Sequence[tuple[int, ...]], *, batch_size: int) -> list[list[int]]:
     """Indexes of images grouped by shape (in order of first appearance), ``batch_size`` at most
     per group. A batch of mixed sizes is padded to its largest image, and the Swin backbone's
     window attention sees the padding (the pixel mask does not reach it): scores of the same

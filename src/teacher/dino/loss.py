@@ -15,8 +15,15 @@ tests/dino/test_dino_recipe.py against independent implementations):
   detached, as Open-GroundingDino's ``interm_outputs`` are (``hs_enc = tgt_undetach``,
   ``ref_enc = refpoint_embed_undetach.sigmoid()``): :func:`install_proposal_outputs` makes the
   model return them as ``encoder_logits`` / ``encoder_pred_boxes``. transformers scores the
-  learned query embeddings against the pre-encoder text instead: image-independent, a constant
-  under our freezing. Same matcher and weights as the decoder terms (OGD ``interm_loss_coef`` 1).
+  learned query embeddings against the pre-encoder text instead: independent of the image, its
+  boxes the detached proposals', so its only gradient reaches the LoRA on ``text_projection``
+  (pulling the class names towards fixed query embeddings; pinned in
+  tests/dino/test_dino_recipe.py). Same matcher and weights as the decoder terms (OGD
+  ``interm_loss_coef`` 1).
+- Matcher and loss in fp32, autocast off (:func:`grounded_loss`): both references train in fp32
+  (Open-GroundingDino's ``--amp`` is off in its scripts; MM-Grounding-DINO's configs use
+  ``OptimWrapper``, not ``AmpOptimWrapper``), so their matching costs and loss never see bf16.
+  Under our bf16 autocast the model's outputs are cast to float32 first.
 
 ``quality=True`` (``scripts/pretrain_tiny.py --varifocal``; never in fine-tuning, which follows
 the references' focal loss) replaces the class term with RT-DETR's varifocal loss: a matched
@@ -214,8 +221,52 @@ def grounded_loss(
     ...) on fixed pairs, and the matching terms see the other queries only. A batch without
     objects has no denoising queries but the same terms, zero, so every step logs and reduces
     the same keys. With ``quality`` their class terms are varifocal too (pretraining only; no
-    reference combines the two).
+    reference combines the two). Runs in float32 with autocast off whatever the caller's
+    autocast (module docstring): the model's outputs are cast up; gradients flow back through
+    the casts.
     """
+    up = [
+        t.float() if isinstance(t, torch.Tensor) else t
+        for t in (logits, pred_boxes, outputs_class, outputs_coord)
+    ]
+    enc = [t.float() if t is not None else None for t in (encoder_logits, encoder_pred_boxes)]
+    with torch.autocast(device_type=up[0].device.type, enabled=False):
+        return _grounded_loss(
+            up[0],
+            up[1],
+            labels=labels,
+            device=device,
+            config=config,
+            label_maps=label_maps,
+            text_mask=text_mask,
+            outputs_class=up[2],
+            outputs_coord=up[3],
+            encoder_logits=enc[0],
+            encoder_pred_boxes=enc[1],
+            across_processes=across_processes,
+            quality=quality,
+            denoising=denoising,
+        )
+
+
+def _grounded_loss(
+    logits,
+    pred_boxes,
+    *,
+    labels,
+    device,
+    config,
+    label_maps,
+    text_mask,
+    outputs_class,
+    outputs_coord,
+    encoder_logits,
+    encoder_pred_boxes,
+    across_processes: bool,
+    quality: bool,
+    denoising: DenoisingQueries | None,
+):
+    """:func:`grounded_loss`'s body, on float32 inputs with autocast off."""
     dn: dict[str, Any] = {}
     if denoising is not None:
         k = denoising.count

@@ -105,20 +105,36 @@ def pad_for_queries(image, *, num_queries: int, shortest_edge: int, longest_edge
     ``num_queries`` tokens to pick its queries from and its coarsest level more than one
     position (its GroupNorm needs two); images that already do come back as they are. A
     1-pixel-high image otherwise crashes the query selection (``topk``), a small one alone in
-    its batch the GroupNorm. Boxes in absolute pixels are unchanged by the padding."""
+    its batch the GroupNorm. Boxes in absolute pixels are unchanged by the padding.
+
+    While the longest-edge cap sets the resize (a thin image), the shorter side grows: the image
+    gets squarer and the cap shrinks it less. Otherwise the shorter side is resized to
+    ``shortest_edge`` whatever the padding, and only a longer longer side adds positions: it
+    grows (growing the shorter one, as before, kept a near-square image near-square forever
+    when both its resized sides were under 65 px)."""
     import numpy as np
 
-    def too_small(h: int, w: int) -> bool:
-        levels = encoder_levels(h, w, shortest_edge=shortest_edge, longest_edge=longest_edge)
-        return sum(levels) < num_queries or levels[-1] < 2
+    def levels(h: int, w: int) -> list[int]:
+        return encoder_levels(h, w, shortest_edge=shortest_edge, longest_edge=longest_edge)
 
     h, w = image.shape[:2]
     ph, pw = h, w
-    while too_small(ph, pw):
-        if ph <= pw:
+    for _ in range(1000):
+        found = levels(ph, pw)
+        if sum(found) >= num_queries and found[-1] >= 2:
+            break
+        capped = longest_edge / max(ph, pw) < shortest_edge / min(ph, pw)
+        grow_height = ph <= pw if capped else ph >= pw
+        if grow_height:
             ph += max(1, ph // 4)
         else:
             pw += max(1, pw // 4)
+    else:
+        raise TeacherError(
+            f"an image of {h}x{w} px cannot be padded to give {num_queries} queries and two "
+            f"coarsest positions at shortest_edge {shortest_edge} / longest_edge {longest_edge}; "
+            "raise dino.shortest_edge and dino.longest_edge (or dino.train_scale_min)"
+        )
     if (ph, pw) == (h, w):
         return image
     return np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)))

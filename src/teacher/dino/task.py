@@ -1,20 +1,25 @@
 """Fine-tuning Grounding DINO: the training ``Task`` for DINO and the one call of train_dino.
 
 LoRA on the attention projections and FFNs of the encoder, decoder and text-image fusion
-layers, the text projection and the reference-point head (``dino.lora_targets``);
+layers, the text projection, the reference-point head and the image features' input projection
+(``input_proj_vision``, which both references train: the first weights after the frozen Swin;
+``dino.lora_targets``);
 ``dino.train_heads`` trains the box heads fully (the decoder's, tied across layers, and the
 two-stage proposal head; saved beside the adapter). ``sampling_offsets`` and
 ``reference_points_head`` train at ``dino.offsets_lr_scale`` x the lr (Open-GroundingDino's
 ``lr_linear_proj_names``), gradients are clipped at ``dino.clip_norm`` and encoder/decoder
 dropout is ``dino.dropout`` (both references: clip 0.1, dropout 0.0). Image and text encoders that no LoRA
 reaches run under ``no_grad``; ``train.activation_checkpointing`` recomputes encoder and decoder
-layers in backward. Validation: the grounded loss and COCO box mAP (pycocotools) on the val
-split, decoded as Open-GroundingDino's COCO evaluation (:func:`teacher.dino.detect.decode_reference`).
+layers in backward. Training images are resized as both references resize them
+(:mod:`teacher.dino.scales`). Validation: the grounded loss and COCO box mAP (pycocotools) on
+the val split, decoded as Open-GroundingDino's COCO evaluation
+(:func:`teacher.dino.detect.decode_reference`), in batches of one image size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -28,13 +33,20 @@ from torch.utils.data import DataLoader
 from teacher.coco.metrics import coco_eval
 from teacher.core.artifacts import LABELS_FILE
 from teacher.core.params import DinoParams, LoraParams, TrainParams
-from teacher.dataset.augment import build_transform
+from teacher.dataset.augment import REFERENCE_BOXES, build_transform
 from teacher.dino.data import DinoDataset, collate_dino
 from teacher.dino.denoising import Denoiser
-from teacher.dino.detect import REFERENCE_TOP_K, coco_results, decode_reference, merge_detections
+from teacher.dino.detect import (
+    REFERENCE_TOP_K,
+    coco_results,
+    decode_reference,
+    merge_detections,
+    same_size_batches,
+)
 from teacher.dino.labels import LabelMap, build_label_map, save_labels
 from teacher.dino.loss import grounded_loss
 from teacher.dino.model import HEAD_MODULES, frozen_towers, load_dino, set_dropout
+from teacher.dino.scales import TrainScales, train_scales
 from teacher.train.loop import Task, fit, seed_everything
 from teacher.train.lora import apply_lora, save_adapter
 from teacher.train.memory import checkpoint_layers, run_without_grad
@@ -42,18 +54,11 @@ from teacher.train.memory import checkpoint_layers, run_without_grad
 if TYPE_CHECKING:
     from peft import PeftModel
 
-# logged per step beside the total: the last decoder layer's terms and the proposals' (two-stage)
-LOGGED_TERMS = (
-    "loss_ce",
-    "loss_bbox",
-    "loss_giou",
-    "loss_ce_enc",
-    "loss_bbox_enc",
-    "loss_giou_enc",
-    "loss_ce_dn",  # dino.denoise_queries > 0
-    "loss_bbox_dn",
-    "loss_giou_dn",
-)
+# logged per step beside the total (dvclive train/<term>): every weighted term of the grounded
+# loss: each decoder layer's (loss_ce, loss_bbox, loss_giou for the last; loss_ce_0 ... for the
+# others), the proposals' (_enc) and the denoising queries' (_dn, _dn_0 ...). Not the unweighted
+# cardinality_error diagnostics.
+LOGGED_TERM = re.compile(r"loss_(ce|bbox|giou)(_enc|_dn)?(_\d+)?")
 # Open-GroundingDino lr_linear_proj_names (ref_point_head, sampling_offsets): dino.offsets_lr_scale
 OFFSET_PARAMS = r"sampling_offsets|reference_points_head"
 INPUT_KEYS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids")
@@ -107,10 +112,12 @@ def training_step(model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
     denoiser = model._modules.get("denoiser")  # dino.denoise_queries (wrap_for_training)
     with denoiser.training_on(labels) if isinstance(denoiser, Denoiser) else nullcontext():
         out = model(**model_inputs(batch, device), labels=labels)
-    return {
-        "loss": out.loss,
-        **{k: out.loss_dict[k].detach() for k in LOGGED_TERMS if k in out.loss_dict},
-    }
+    return {"loss": out.loss, **logged_terms(out.loss_dict)}
+
+
+def logged_terms(loss_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The terms of ``loss_dict`` logged beside the total (:data:`LOGGED_TERM`), detached."""
+    return {k: v.detach() for k, v in loss_dict.items() if LOGGED_TERM.fullmatch(k)}
 
 
 @contextmanager
@@ -193,9 +200,16 @@ def build_task(
     batch_size: int,
     negatives: int = 0,
     offsets_lr_scale: float = 1.0,
+    scales: TrainScales | None = None,
 ) -> Task:
-    """The training Task: augmented train dataset (``negatives`` absent names per prompt),
-    step, val loss + mAP, save, the offsets' lr multiplier."""
+    """The training Task: augmented train dataset (``negatives`` absent names per prompt;
+    ``scales``: the references' multi-scale resize and crop), step, val loss + mAP, save, the
+    offsets' lr multiplier.
+
+    Validation batches hold images of one size only, as test-time scoring does
+    (:func:`teacher.dino.detect.same_size_batches`): the Swin sees a batch's padding, which moved
+    the same image's scores by up to 0.4, enough to pick another best epoch.
+    """
     collate = partial(
         collate_dino,
         processor=processor,
@@ -207,12 +221,16 @@ def build_task(
         image_root,
         label_map=label_map,
         seed=seed,
-        transform=build_transform(augment_policy, train=True),
+        # every clipped box with positive area kept, as both references (teacher.dataset.augment)
+        transform=build_transform(augment_policy, train=True, boxes=REFERENCE_BOXES),
         negatives=negatives,
         class_tokens=class_tokens(label_map, processor.tokenizer) if negatives else None,
+        scales=scales,
     )
     val = DinoDataset(val_coco, image_root, label_map=label_map, seed=seed, all_chunks=True)
-    loader = DataLoader(val, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    shapes = [val.image_shape(i) for i in range(len(val))]
+    batches = same_size_batches(shapes, batch_size=batch_size)
+    loader = DataLoader(val, batch_sampler=batches, collate_fn=collate)
     return Task(
         name="dino",
         model=model,
@@ -266,6 +284,7 @@ def train_dino(
         batch_size=train.batch_size,
         negatives=dino.negatives,
         offsets_lr_scale=dino.offsets_lr_scale,
+        scales=train_scales(dino),
     )
     summary = {
         "prompt_chunks": len(label_map.chunks),

@@ -7,6 +7,8 @@ Metric keys (flat, stable; class names from the test split's categories):
   token probability per class, top 300 pairs, no threshold, no NMS), comparable with papers;
 - ``mask/miou``, ``mask/miou/<class>``: SAM (with its adapter) prompted by the ground-truth
   boxes, mean mask IoU against the ground-truth masks;
+- ``mask/miou_point``: the same prompted by one click per object, its mask's pixel farthest
+  from the boundary (:func:`teacher.sam.scoring.score_gt_points`), as the smart tool is used;
 - ``segm/<k>``: Grounded-SAM end to end (DINO's boxes -> SAM's masks), COCO segm metrics, with
   the labeling decode of ``teacher predict`` (thresholds, per-class NMS, cap), as the gallery;
 - ``base/<key>``: the same for the pretrained models without adapters;
@@ -67,7 +69,7 @@ from teacher.inference.predict import (
     to_annotations,
 )
 from teacher.sam.predictor import prepare_image
-from teacher.sam.scoring import is_sam_instance, score_gt_boxes
+from teacher.sam.scoring import is_sam_instance, score_gt_boxes, score_gt_points
 
 if TYPE_CHECKING:
     from teacher.dino.model import DinoBundle
@@ -104,6 +106,7 @@ class _Collected:
     box_results: list[dict] = field(default_factory=list)  # reference protocol (box/*)
     ious: list[np.ndarray] = field(default_factory=list)  # per image: SAM from the true boxes
     cats: list[int] = field(default_factory=list)  # the category of each of those IoUs
+    point_ious: list[np.ndarray] = field(default_factory=list)  # per image: SAM from one click
 
 
 def run_variant(
@@ -198,7 +201,7 @@ def _segment_image(
 ) -> None:
     """SAM on one image, one encoder pass shared by Grounded-SAM (DINO's ``det`` -> masks, timed
     into ``found.out.seconds``, to ``found.results``) and the mask IoU from the true boxes of
-    ``instances`` (to ``found.ious``). ``shown``: a gallery image, kept in ``found.out.shown``."""
+    ``instances`` (to ``found.ious``; from one click each to ``found.point_ious``). ``shown``: a gallery image, kept in ``found.out.shown``."""
     out = found.out
     started = time.perf_counter()
     prepared = None
@@ -220,6 +223,7 @@ def _segment_image(
         iou, truth = score_gt_boxes(prepared, instances, multimask=multimask, keep_masks=sam_alone)
         found.ious.append(iou)
         found.cats += truth.category_ids.tolist()
+        found.point_ious.append(score_gt_points(prepared, instances))
         if sam_alone:
             out.shown[image_id] = truth
 
@@ -246,6 +250,8 @@ def _scores(
         all_ious = np.concatenate(found.ious) if found.ious else np.zeros((0,))
         mm = mean_mask_iou(all_ious, found.cats, names=names)
         metrics.update({f"mask/{k.removeprefix('mask_')}": v for k, v in mm.items()})
+        points = np.concatenate(found.point_ious) if found.point_ious else np.zeros((0,))
+        metrics["mask/miou_point"] = mean_mask_iou(points, found.cats)["mask_miou"]
     return metrics, curves
 
 

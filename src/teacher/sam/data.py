@@ -1,7 +1,8 @@
-"""SAM training data: (box prompt, mask) samples of a COCO split, their batching, and the
+"""SAM training data: (prompt, mask) samples of a COCO split, their batching, and the
 disk cache of image embeddings for decoder-only training.
 
-Every non-crowd instance with a mask (polygon or RLE) gives a (box prompt, mask) pair.
+Every non-crowd instance with a mask (polygon or RLE) gives a (prompt, mask) pair: its box,
+or (share ``point_prompts``) a point inside its mask (:mod:`teacher.sam.prompts`).
 Geometry is segment-anything's (teacher.sam.model): longest side resized to the encoder size, boxes
 into that frame, masks resized the same way and padded to the square input. Decoder-only
 training reads each image's embedding from a disk cache instead of the image.
@@ -40,6 +41,7 @@ from teacher.sam.model import (
     unwrap,
 )
 from teacher.sam.predictor import prepare_image
+from teacher.sam.prompts import choose_point_prompts, sample_mask_points
 from teacher.sam.scoring import instance_boxes_xywh, is_sam_instance
 
 log = logging.getLogger(__name__)
@@ -130,9 +132,14 @@ class SamDataset(Dataset):
     Items: ``image`` (3xhxw float 0..255, resized) or ``embedding`` (C, g, g) when
     ``embeddings`` maps image ids to cached files; ``boxes`` (N, 4) float32 xyxy in the input
     frame (jittered by ``box_jitter``, at most ``box_jitter_max`` input pixels, inside the
-    image); ``masks`` (N, S, S) bool; ``image_id``. With embeddings the image is not read: its
-    size is the record's, which :func:`cache_sam_embeddings` checked against the file. Randomness
-    (prompt choice, jitter, augmentation) is seeded by (seed, epoch, index).
+    image); ``masks`` (N, S, S) bool; ``points`` (N, 2) float32 x, y in the input frame, a pixel
+    of the mask drawn uniformly, and ``is_point`` (N,) bool, the prompts that are that point
+    instead of the box (each with probability ``point_prompts``; never an instance whose mask
+    vanished at the input size); ``extent`` (h, w): the image's part of the S x S input;
+    ``seed``: an int for the correction clicks the training step draws; ``image_id``. With
+    embeddings the image is not read: its size is the record's, which
+    :func:`cache_sam_embeddings` checked against the file. Randomness (prompt choice, jitter,
+    points, augmentation) is seeded by (seed, epoch, index).
     """
 
     def __init__(
@@ -145,6 +152,7 @@ class SamDataset(Dataset):
         box_jitter: float,
         seed: int,
         box_jitter_max: float = 20.0,
+        point_prompts: float = 0.0,
         transform: Callable | None = None,
         embeddings: dict[Any, Path] | None = None,
     ) -> None:
@@ -152,7 +160,7 @@ class SamDataset(Dataset):
         self.records = [(images[i], anns) for i, anns in sam_instances(coco).items()]
         self.image_root = Path(image_root)
         self.image_size, self.max_prompts, self.box_jitter = image_size, max_prompts, box_jitter
-        self.box_jitter_max = box_jitter_max
+        self.box_jitter_max, self.point_prompts = box_jitter_max, point_prompts
         self.seed, self.epoch = seed, 0
         self.transform, self.embeddings = transform, embeddings
 
@@ -195,9 +203,16 @@ class SamDataset(Dataset):
             width=w,
             height=h,
         )
+        masks_in = masks_to_input(np.stack(masks), size=self.image_size)
+        is_point = choose_point_prompts(len(masks_in), share=self.point_prompts, rng=rng)
+        points, found = sample_mask_points(masks_in, rng=rng)
         item = {
             "boxes": torch.as_tensor(boxes, dtype=torch.float32),
-            "masks": masks_to_input(np.stack(masks), size=self.image_size),
+            "masks": masks_in,
+            "points": points,
+            "is_point": torch.from_numpy(is_point) & found,
+            "extent": (int(h), int(w)),
+            "seed": int(rng.integers(2**31)),
         }
         if image is not None:
             item["image"] = image_to_tensor(resize_image(image, size=self.image_size))
@@ -212,6 +227,10 @@ def collate_sam(items: list[dict[str, Any]]) -> dict[str, Any]:
         "embeddings": torch.stack([it["embedding"] for it in items]) if has_embedding else None,
         "boxes": [it["boxes"] for it in items],
         "masks": [it["masks"] for it in items],
+        "points": [it["points"] for it in items],
+        "is_point": [it["is_point"] for it in items],
+        "extents": [it["extent"] for it in items],
+        "seeds": [it["seed"] for it in items],
         "image_ids": [it["image_id"] for it in items],
     }
 

@@ -42,16 +42,24 @@ class BoxPromptSam(Sam):
         3xhxw float tensor in 0..255 (see ``image_to_tensor``), or embeddings (B, C, g, g)
         computed beforehand (decoder-only training with cached embeddings).
         """
-        if embeddings is None:
-            if images is None:
-                raise ValueError("BoxPromptSam.forward: pass images or embeddings")
-            encoder_trains = any(p.requires_grad for p in self.image_encoder.parameters())
-            with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
-                embeddings = embed_images(self, images)
+        embeddings = self.embed(images=images, embeddings=embeddings)
         return [
             decode_boxes(self, emb, b.to(emb.device, torch.float32), multimask=multimask)
             for emb, b in zip(embeddings, boxes, strict=True)
         ]
+
+    def embed(
+        self, *, images: list[Tensor] | None = None, embeddings: Tensor | None = None
+    ) -> Tensor:
+        """(B, C, g, g): ``embeddings`` as given (the decoder-only cache), or the encoder on
+        ``images`` (resized 3xhxw float 0..255), under no_grad when no encoder parameter trains."""
+        if embeddings is not None:
+            return embeddings
+        if images is None:
+            raise ValueError("BoxPromptSam: pass images or embeddings")
+        encoder_trains = any(p.requires_grad for p in self.image_encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
+            return embed_images(self, images)
 
 
 def unwrap(model: nn.Module) -> Sam:
@@ -88,6 +96,13 @@ def boxes_xyxy_to_input(
     return ResizeLongestSide(size).apply_boxes(boxes_xyxy, original_hw)
 
 
+def points_xy_to_input(
+    points_xy: np.ndarray, original_hw: tuple[int, int], *, size: int
+) -> np.ndarray:
+    """(..., 2) x, y points in original pixels -> the model's input frame, as ``apply_coords``."""
+    return ResizeLongestSide(size).apply_coords(np.asarray(points_xy, np.float64), original_hw)
+
+
 def image_to_tensor(image: np.ndarray) -> Tensor:
     """hxwx3 uint8 (already resized) -> 3xhxw float32 in 0..255, ready for ``Sam.preprocess``."""
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
@@ -107,7 +122,30 @@ def decode_boxes(
     embedding: (C, g, g) of one image; boxes: (N, 4) xyxy in the input frame.
     Returns low-res mask logits (N, K, 4g, 4g) and predicted IoU (N, K), K = 3 if multimask else 1.
     """
-    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return decode_prompts(sam, embedding, boxes=boxes, multimask=multimask)
+
+
+def decode_prompts(
+    sam: Sam,
+    embedding: Tensor,
+    *,
+    boxes: Tensor | None = None,
+    points: Tensor | None = None,
+    labels: Tensor | None = None,
+    multimask: bool,
+) -> tuple[Tensor, Tensor]:
+    """N prompts of one image in one decoder call: a box each, P points each, or both.
+
+    embedding: (C, g, g); boxes: (N, 4) xyxy in the input frame; points: (N, P, 2) x, y in the
+    input frame (pixel indexes: the prompt encoder adds 0.5) with labels (N, P) int (1 positive,
+    0 negative, -1 not a point). Returns low-res logits (N, K, 4g, 4g) and predicted IoU (N, K).
+    """
+    pairs = None
+    if points is not None:
+        if labels is None:
+            raise ValueError("decode_prompts: points need their labels")
+        pairs = (points.to(embedding.device, torch.float32), labels.to(embedding.device))
+    sparse, dense = sam.prompt_encoder(points=pairs, boxes=boxes, masks=None)
     return sam.mask_decoder(
         image_embeddings=embedding.unsqueeze(0),
         image_pe=sam.prompt_encoder.get_dense_pe(),

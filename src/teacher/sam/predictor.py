@@ -2,7 +2,8 @@
 
 :func:`prepare_image` runs the image encoder once (``SamPredictor.set_image``); the immutable
 :class:`PreparedImage` answers any number of box prompts (COCO xywh, original pixels) against
-that embedding; :func:`segment` does both for one image.
+that embedding, and click prompts (:meth:`PreparedImage.predict_points`); :func:`segment` does
+both for one image.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from teacher.coco.boxes import xywh_to_xyxy
 from teacher.sam.model import (
     boxes_xyxy_to_input,
     decode_boxes,
+    decode_prompts,
     embed_images,
     image_to_tensor,
     input_size,
+    points_xy_to_input,
     resize_image,
     resized_shape,
     select_best,
@@ -66,12 +69,54 @@ class PreparedImage:
             low_res, scores = decode_boxes(
                 self.sam, self.embedding, boxes[start : start + chunk], multimask=multimask
             )
-            best, best_scores = select_best(low_res, scores)  # before upscaling: 1 mask per box
-            logits = self.sam.postprocess_masks(best[:, None], self.input_size, self.original_size)
-            yield (
-                (logits[:, 0] > self.sam.mask_threshold).cpu().numpy(),
-                best_scores.float().cpu().numpy(),
+            yield self._best_masks(low_res, scores)
+
+    def _best_masks(self, low_res: Tensor, scores: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(n, K, h, w) low-res logits, (n, K) IoU -> the best candidate of each prompt by
+        predicted IoU (chosen before upscaling) as bool (n, H, W) at the original size, and its
+        predicted IoU float32 (n,)."""
+        best, best_scores = select_best(low_res, scores)
+        logits = self.sam.postprocess_masks(best[:, None], self.input_size, self.original_size)
+        return (
+            (logits[:, 0] > self.sam.mask_threshold).cpu().numpy(),
+            best_scores.float().cpu().numpy(),
+        )
+
+    @torch.no_grad()
+    def predict_points(
+        self,
+        points_xy: np.ndarray,
+        labels: np.ndarray,
+        *,
+        multimask: bool = True,
+        chunk: int = SAM_CHUNK,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Masks bool (N, H, W) and predicted IoU float32 (N,) of N click prompts.
+
+        points_xy: (N, P, 2) x, y in original pixels; labels: (N, P) 1 positive, 0 negative.
+        multimask (default, as ``SamPredictor`` for a click and the smart tool of
+        ``teacher serve``): the best of 3 candidates by predicted IoU.
+        """
+        points = np.asarray(points_xy, np.float64).reshape(len(labels), -1, 2)
+        coords = torch.as_tensor(
+            points_xy_to_input(points, self.original_size, size=input_size(self.sam)),
+            dtype=torch.float32,
+            device=self.embedding.device,
+        )
+        labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(coords.shape[:2])
+        parts = []
+        for start in range(0, len(coords), chunk):
+            low_res, scores = decode_prompts(
+                self.sam,
+                self.embedding,
+                points=coords[start : start + chunk],
+                labels=labels_t[start : start + chunk],
+                multimask=multimask,
             )
+            parts.append(self._best_masks(low_res, scores))
+        if not parts:
+            return np.zeros((0, *self.original_size), bool), np.zeros((0,), np.float32)
+        return np.concatenate([m for m, _ in parts]), np.concatenate([s for _, s in parts])
 
     def predict(
         self, boxes_xywh: np.ndarray, *, multimask: bool = False, chunk: int = SAM_CHUNK

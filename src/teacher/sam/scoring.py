@@ -7,6 +7,7 @@ its mask's extent when it has none), the IoU is
 :func:`teacher.coco.metrics.mask_iou` at the original image size, and a mean over no instance is
 :data:`teacher.coco.metrics.NOTHING_TO_MEASURE`. Ground-truth masks are decoded and predicted
 ``chunk`` instances at a time, so an image with 200 objects needs the memory of ``chunk``.
+:func:`score_gt_points` is the same from one click per instance (``mask/miou_point``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from teacher.coco.detections import Detections
 from teacher.coco.io import annotation_mask, has_mask, has_usable_box, is_crowd
 from teacher.coco.metrics import mask_iou
 from teacher.sam.predictor import SAM_CHUNK, PreparedImage
+from teacher.sam.prompts import farthest_from_boundary
 
 
 def is_sam_instance(ann: dict[str, Any]) -> bool:
@@ -80,3 +82,25 @@ def score_gt_boxes(
         else None,
     )
     return (np.concatenate(ious) if ious else np.zeros((0,))), det
+
+
+def score_gt_points(
+    prepared: PreparedImage, anns: Sequence[dict], *, chunk: int = SAM_CHUNK
+) -> np.ndarray:
+    """SAM prompted by one positive click per instance: the IoU (N,) of each predicted mask with
+    its ground-truth mask at the original size.
+
+    The click is the pixel of the true mask farthest from its boundary
+    (:func:`teacher.sam.prompts.farthest_from_boundary`), where an annotator clicks; the mask is
+    the best of SAM's 3 candidates by predicted IoU, as ``teacher serve``'s smart tool answers a
+    click. An instance whose mask is empty at the original size scores 0.
+    """
+    height, width = prepared.original_size
+    ious = []
+    for start in range(0, len(anns), chunk):
+        gt = np.stack([annotation_mask(a, height, width) for a in anns[start : start + chunk]])
+        found = np.array([m.any() for m in gt], bool)
+        points = np.array([farthest_from_boundary(m) if m.any() else (0.0, 0.0) for m in gt])
+        pred, _ = prepared.predict_points(points[:, None], np.ones((len(gt), 1), np.int64))
+        ious.append(np.where(found, mask_iou(pred, gt), 0.0))
+    return np.concatenate(ious) if ious else np.zeros((0,))

@@ -1,4 +1,5 @@
-"""Fine-tuning SAM from box prompts: the training ``Task`` for SAM and the one call of train_sam.
+"""Fine-tuning SAM from box and click prompts: the training ``Task`` for SAM and the one call of
+train_sam. Clicks follow SAM's iterative recipe, cut short (:func:`prompt_rounds` says where).
 
 LoRA on the image encoder attention (``sam.lora_targets``, optionally decoder attention too);
 ``sam.train_decoder`` trains the mask decoder fully (saved beside the adapter, never through
@@ -9,7 +10,9 @@ embeddings are computed once into a disk cache and every epoch reads them from t
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -17,6 +20,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
 from teacher.coco.images import image_path, load_image
@@ -28,8 +32,9 @@ from teacher.dataset.augment import build_transform
 from teacher.sam.build import load_base_sam
 from teacher.sam.data import SamDataset, cache_split_embeddings, collate_sam, sam_instances
 from teacher.sam.losses import sam_loss
-from teacher.sam.model import input_size, unwrap
+from teacher.sam.model import decode_prompts, input_size, select_best, unwrap
 from teacher.sam.predictor import prepare_image
+from teacher.sam.prompts import correction_points
 from teacher.sam.scoring import score_gt_boxes
 from teacher.train.distributed import process_rank_and_count
 from teacher.train.loop import Task, fit
@@ -92,31 +97,141 @@ def masks_to_low_res(masks: Tensor, size: tuple[int, ...]) -> Tensor:
 def training_step(
     model: nn.Module, batch: dict[str, Any], *, sam_params: SamParams
 ) -> dict[str, Tensor]:
-    """Forward all prompts of the batch's images (one decoder call per image) and SAM's loss.
+    """SAM's loss over every prompt of the batch, at the decoder's low-res mask resolution.
 
-    The loss is computed at the decoder's low-res mask resolution, on all prompts together.
+    Per image, the box prompts and the point prompts (``is_point``) each go through the decoder
+    (one call per group), then ``sam.correction_points`` rounds add a correction click each
+    (:func:`prompt_rounds`). Each term is the prompt-weighted mean of :func:`sam_loss` over
+    every (group, round).
     """
-    device = unwrap(model).device
+    sam = unwrap(model)
     embeddings = batch["embeddings"]
-    outputs = model(
-        boxes=batch["boxes"],
-        multimask=sam_params.multimask,
+    embeddings = sam.embed(
         images=batch["images"],
-        embeddings=None if embeddings is None else embeddings.to(device),
+        embeddings=None if embeddings is None else embeddings.to(sam.device),
     )
-    logits = torch.cat([low_res for low_res, _ in outputs])  # (P, K, h, w)
-    iou_pred = torch.cat([iou for _, iou in outputs])  # (P, K)
-    target = torch.cat([masks_to_low_res(m.to(device), logits.shape[-2:]) for m in batch["masks"]])
-    return sam_loss(
-        logits.float(),
-        iou_pred.float(),
-        target,
-        focal_weight=sam_params.focal_weight,
-        dice_weight=sam_params.dice_weight,
-        iou_weight=sam_params.iou_weight,
-        focal_alpha=sam_params.focal_alpha,
-        focal_gamma=sam_params.focal_gamma,
-    )
+    size = input_size(sam)
+    parts: list[tuple[dict[str, Tensor], int]] = []
+    for i, embedding in enumerate(embeddings):
+        low_res = (4 * embedding.shape[-1],) * 2  # the decoder upscales the embedding 4x
+        target = masks_to_low_res(batch["masks"][i].to(sam.device), low_res)
+        is_point = batch["is_point"][i].to(sam.device)
+        low_h, low_w = target.shape[-2:]
+        extent = tuple(math.ceil(v * low_h / size) for v in batch["extents"][i])
+        rng = np.random.default_rng(batch["seeds"][i])
+        for kind, chosen in (("box", ~is_point), ("point", is_point)):
+            if not bool(chosen.any()):
+                continue
+            first = (
+                Prompts(boxes=batch["boxes"][i].to(sam.device)[chosen])
+                if kind == "box"
+                else Prompts.clicks(batch["points"][i].to(sam.device)[chosen])
+            )
+            for logits, iou_pred in prompt_rounds(
+                sam,
+                embedding,
+                first,
+                target[chosen],
+                first_multimask=sam_params.multimask if kind == "box" else True,
+                corrections=sam_params.correction_points,
+                extent=(int(extent[0]), int(extent[1])),
+                scale=size / low_w,
+                rng=rng,
+            ):
+                terms = sam_loss(
+                    logits.float(),
+                    iou_pred.float(),
+                    target[chosen],
+                    focal_weight=sam_params.focal_weight,
+                    dice_weight=sam_params.dice_weight,
+                    iou_weight=sam_params.iou_weight,
+                    focal_alpha=sam_params.focal_alpha,
+                    focal_gamma=sam_params.focal_gamma,
+                )
+                parts.append((terms, len(logits)))
+    return merge_losses(parts)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Prompts of one group of an image in the input frame: a box each, or clicks each."""
+
+    boxes: Tensor | None = None  # (N, 4) xyxy
+    points: Tensor | None = None  # (N, P, 2) x, y
+    labels: Tensor | None = None  # (N, P) 1 positive, 0 negative, -1 not a point
+
+    @classmethod
+    def clicks(cls, points: Tensor) -> Prompts:
+        """One positive click per prompt: points (N, 2)."""
+        ones = torch.ones(len(points), 1, dtype=torch.int64, device=points.device)
+        return cls(points=points[:, None], labels=ones)
+
+    def add(self, points: Tensor, labels: Tensor) -> Prompts:
+        """These prompts with one more click each: points (N, 2), labels (N,)."""
+        device = (self.boxes if self.boxes is not None else self.points).device  # type: ignore[union-attr]
+        points, labels = points.to(device)[:, None], labels.to(device)[:, None]
+        if self.points is None or self.labels is None:
+            return Prompts(boxes=self.boxes, points=points, labels=labels)
+        return Prompts(
+            boxes=self.boxes,
+            points=torch.cat([self.points, points], 1),
+            labels=torch.cat([self.labels, labels], 1),
+        )
+
+
+def prompt_rounds(
+    sam: Sam,
+    embedding: Tensor,
+    first: Prompts,
+    target: Tensor,
+    *,
+    first_multimask: bool,
+    corrections: int,
+    extent: tuple[int, int],
+    scale: float,
+    rng: np.random.Generator,
+) -> list[tuple[Tensor, Tensor]]:
+    """SAM's iterative training, cut short: the first prompt, then ``corrections`` rounds that
+    each add one click from the error region of the previous round's mask.
+
+    target: (N, h, w) 0/1 at the decoder's resolution; extent: the image's part of it; scale:
+    input pixels per low-res cell. Returns each round's (logits (N, K, h, w), IoU (N, K)).
+
+    As SAM (appendix A): the first prompt's loss takes the best of 3 masks for a single click
+    (``first_multimask``), later rounds (more than one prompt) the single-mask output; the click
+    comes from the candidate with the highest predicted IoU, chosen without gradient; every
+    round's loss counts. Departures: 1 correction round by default instead of 8 (+ 2 without a
+    new click), since each costs a decoder pass and the smart tool's clicks rarely go past a
+    few; and the previous round's logits are not fed back as a mask prompt, because neither
+    ``teacher serve`` nor ``teacher predict`` ever sends one: training the path they use.
+    """
+    rounds: list[tuple[Tensor, Tensor]] = []
+    prompts, multimask = first, first_multimask
+    for _ in range(corrections + 1):
+        if rounds:
+            with torch.no_grad():
+                best, _ = select_best(rounds[-1][0].detach(), rounds[-1][1].detach())
+                points, labels = correction_points(
+                    best > sam.mask_threshold, target > 0.5, extent=extent, scale=scale, rng=rng
+                )
+            prompts, multimask = prompts.add(points, labels), False
+        rounds.append(
+            decode_prompts(
+                sam,
+                embedding,
+                boxes=prompts.boxes,
+                points=prompts.points,
+                labels=prompts.labels,
+                multimask=multimask,
+            )
+        )
+    return rounds
+
+
+def merge_losses(parts: list[tuple[dict[str, Tensor], int]]) -> dict[str, Tensor]:
+    """The prompt-weighted mean of each term over (terms, prompts) parts."""
+    total = sum(n for _, n in parts)
+    return {k: torch.stack([t[k] * n for t, n in parts]).sum() / total for k in parts[0][0]}
 
 
 def validate_miou(
@@ -203,6 +318,7 @@ def build_task(
         max_prompts=sam_params.max_prompts,
         box_jitter=sam_params.box_jitter,
         box_jitter_max=sam_params.box_jitter_max,
+        point_prompts=sam_params.point_prompts,
         seed=seed,
         transform=transform,
         embeddings=train_cache,
