@@ -220,8 +220,11 @@ def found_of(det: Any, image: TaskImage, names: dict[int, str]) -> Found:
 def sam_mask(
     model: torch.nn.Module, prepared: PreparedImage, prompts: Prompts
 ) -> tuple[np.ndarray, float]:
-    """The best of SAM's three candidate masks for points and/or a box (as
-    ``SamPredictor.predict(multimask_output=True)``), at the original size."""
+    """SAM's mask for points and/or a box, at the original size: for one prompt (one click or
+    a box alone) the best of its three candidates, for several its single mask, as
+    segment-anything advises (``SamPredictor.predict``: multimask output for ambiguous single
+    prompts) and as train_sam trains it (teacher.sam.prompts: three candidates only for a lone
+    click, one mask once there is more than one prompt)."""
     from segment_anything.utils.transforms import ResizeLongestSide
 
     from teacher.sam.model import input_size, select_best, unwrap
@@ -244,12 +247,13 @@ def sam_mask(
         )
         boxes = torch.as_tensor(box, dtype=torch.float32, device=sam.device)
     sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+    single = len(prompts.points) + (prompts.box_xyxy is not None) == 1
     low_res, iou = sam.mask_decoder(
         image_embeddings=prepared.embedding.to(sam.device)[None],
         image_pe=sam.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
-        multimask_output=True,
+        multimask_output=single,
     )
     best, best_iou = select_best(low_res, iou)
     logits = sam.postprocess_masks(best[:, None], prepared.input_size, prepared.original_size)[0, 0]
