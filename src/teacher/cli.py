@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from teacher.core.errors import TeacherError
-from teacher.core.params import ParamsError, ValidateParams, load_params
+from teacher.core.params import LabelParams, ParamsError, ValidateParams, load_params
 from teacher.serve.command import configure as _serve_configure
 from teacher.serve.command import run as _serve_run
 from teacher.serve.project import configure as _ls_setup_configure
@@ -194,7 +194,17 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
         help="min class score, 0..1 (default dino.text_threshold)",
     )
     p.add_argument(
-        "--nms-iou", type=_fraction, default=0.7, help="per-class NMS IoU, 0..1; 1 disables (0.7)"
+        "--nms-iou",
+        type=_fraction,
+        default=LabelParams().nms_iou,
+        help=f"per-class NMS IoU, 0..1; 1 disables ({LabelParams().nms_iou:g}, as label.nms_iou)",
+    )
+    p.add_argument(
+        "--agnostic-nms-iou",
+        type=_fraction,
+        default=LabelParams().agnostic_nms_iou,
+        help="NMS IoU across class names (the same object under two names), 0..1; 1 disables "
+        f"({LabelParams().agnostic_nms_iou:g}, as label.agnostic_nms_iou)",
     )
     p.add_argument("--max-detections", type=_positive, default=100, help="per image, >= 1 (100)")
     p.add_argument(
@@ -275,7 +285,13 @@ def _predict_run(args: argparse.Namespace) -> int:
         "classes": classes,
         "adapters": folder_digest(args.adapters) if args.adapters else None,
         "models": [dino.model, dino.revision, dino.shortest_edge, dino.longest_edge, sam.model],
-        "filter": [keep.score_threshold, keep.nms_iou, keep.max_detections, text],
+        "filter": [
+            keep.score_threshold,
+            keep.nms_iou,
+            keep.agnostic_iou,
+            keep.max_detections,
+            text,
+        ],
         "masks": [not args.boxes_only, sam.multimask],
         "adapter_scale": scale,
     }

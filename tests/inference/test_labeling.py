@@ -458,3 +458,18 @@ def test_the_student_reads_teacher_labels_with_masks_left_on_disk(tmp_path):
     # any other layout of the same document is read whole
     (tmp_path / "indented.json").write_text(json.dumps(whole, indent=2))
     assert load_teacher_labels(tmp_path / "indented.json") == whole
+
+
+def test_the_agnostic_nms_is_a_setting_of_the_shards(tmp_path):
+    from dataclasses import replace
+
+    from teacher.core.params import DinoParams, SamParams
+    from teacher.inference.labeling import label_settings
+
+    def settings(label):
+        return label_settings(
+            dino_dir=tmp_path, sam_dir=tmp_path, label=label, dino=DinoParams(), sam=SamParams()
+        )
+
+    label = LabelParams()
+    assert settings(label) != settings(replace(label, agnostic_nms_iou=1.0))

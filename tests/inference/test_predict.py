@@ -20,8 +20,11 @@ from teacher.cli import main as teacher_main
 from teacher.coco.detections import Detections
 from teacher.coco.images import load_image
 from teacher.core.errors import TeacherError
+from teacher.core.params import LabelParams
 from teacher.inference.predict import (
     Filter,
+    filter_from_args,
+    nms_across_classes,
     nms_per_class,
     parse_classes,
     predict_images,
@@ -56,6 +59,58 @@ def test_select_applies_threshold_nms_and_cap():
     assert kept.scores.tolist() == pytest.approx([0.9, 0.7])
     assert kept.category_ids.tolist() == [1, 2]
     assert len(select(_det(), Filter(score_threshold=0.0, nms_iou=1.0, max_detections=2))) == 2
+
+
+def test_agnostic_nms_drops_the_lower_scoring_name_of_one_object():
+    # box 0 (class 1, 0.9) and box 2 (class 2, 0.7) are one object named twice
+    d = _det()
+    assert nms_across_classes(d.boxes, d.scores, iou_threshold=0.5).tolist() == [0, 3]
+    kept = select(d, Filter(score_threshold=0.0, nms_iou=0.5, agnostic_iou=0.5))
+    assert kept.scores.tolist() == pytest.approx([0.9, 0.1])
+    assert kept.category_ids.tolist() == [1, 1]
+    off = select(d, Filter(score_threshold=0.0, nms_iou=0.5, agnostic_iou=1.0))
+    assert off.category_ids.tolist() == [1, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("nms_iou", "agnostic_iou"), [(0.7, 0.8), (0.5, 0.5), (1.0, 0.6), (0.3, 1.0)]
+)
+def test_select_equals_torchvision_batched_nms_then_nms(nms_iou, agnostic_iou):
+    import torch
+    from torchvision.ops import batched_nms, nms
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 60, (200, 2))
+    wh = rng.uniform(5, 40, (200, 2))
+    det = Detections(
+        boxes=np.concatenate([xy, wh], axis=1),
+        scores=rng.permutation(200).astype(np.float32) / 200,  # distinct: no ties
+        category_ids=rng.integers(1, 4, 200),
+    )
+    keep = Filter(
+        score_threshold=0.2, nms_iou=nms_iou, agnostic_iou=agnostic_iou, max_detections=30
+    )
+    got = select(det, keep)
+    above = np.flatnonzero(det.scores >= 0.2)
+    xyxy = torch.as_tensor(np.concatenate([xy, xy + wh], axis=1)[above], dtype=torch.float32)
+    scores = torch.as_tensor(det.scores[above])
+    idx = torch.arange(len(above))
+    if nms_iou < 1:
+        idx = batched_nms(xyxy, scores, torch.as_tensor(det.category_ids[above]), nms_iou)
+    if agnostic_iou < 1:
+        idx = idx[nms(xyxy[idx], scores[idx], agnostic_iou)]
+    idx = idx[torch.argsort(scores[idx], descending=True)][:30]
+    assert got.scores.tolist() == pytest.approx(det.scores[above][idx.numpy()].tolist())
+    assert got.category_ids.tolist() == det.category_ids[above][idx.numpy()].tolist()
+
+
+def test_command_line_filters_take_the_label_stage_agnostic_nms_unless_given():
+    from argparse import Namespace
+
+    args = Namespace(score_threshold=None, nms_iou=0.7, max_detections=100)
+    assert filter_from_args(args, default_score=0.25).agnostic_iou == LabelParams().agnostic_nms_iou
+    args.agnostic_nms_iou = 0.0
+    assert filter_from_args(args, default_score=0.25).agnostic_iou == 0.0
 
 
 def test_detections_check_lengths_and_keep_masks_with_their_boxes():

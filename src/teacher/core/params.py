@@ -220,7 +220,8 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class LabelParams:
     score_threshold: float = field(default=0.2, metadata=_range(0, 1))  # teacher detections kept in data/teacher_labels.json (student.min_score picks which train)
-    nms_iou: float = field(default=0.7, metadata=_range(0, 1))  # per-class NMS IoU; 1 disables
+    nms_iou: float = field(default=0.5, metadata=_range(0, 1))  # per-class NMS IoU; 1 disables (0.5 halves duplicate pre-labels against 0.7 for < 1 point of recall: docs/LABELING.md)
+    agnostic_nms_iou: float = field(default=0.8, metadata=_range(0, 1))  # then NMS across classes: of two boxes overlapping above this IoU, whatever their classes, the lower-scoring goes (one object named twice); 1 disables (nested classes such as car / vehicle)
     max_detections: int = field(default=100, metadata=_range(1))  # per image
     batch_size: int = field(default=4, metadata=_range(1))  # images per Grounding DINO forward
     adapter_scale: float = field(default=1.0, metadata=_range(0))  # both teachers' adapters at this scale (0 = base models, 1 = as trained); pick it from evaluate's tradeoff plot

@@ -110,6 +110,7 @@ def pool_detector(
         score_threshold=label.score_threshold,
         nms_iou=label.nms_iou,
         max_detections=label.max_detections,
+        agnostic_iou=label.agnostic_nms_iou,
     )
     return teachers_detector(
         teachers,
@@ -134,6 +135,7 @@ def label_settings(
         "text_threshold": dino.text_threshold,
         "score_threshold": label.score_threshold,
         "nms_iou": label.nms_iou,
+        "agnostic_nms_iou": label.agnostic_nms_iou,
         "max_detections": label.max_detections,
         "adapter_scale": label.adapter_scale,
         "batch_size": label.batch_size,

@@ -1,10 +1,11 @@
 """Grounded-SAM inference: class names -> Grounding DINO boxes -> SAM masks -> COCO results.
 
 The teacher's labels for training students. Per image: DINO detects boxes for every class of
-the label map (images batched), detections are filtered (score threshold, per-class NMS, a cap
-per image), and SAM segments all boxes of the image from one image embedding. The output is a
-COCO dataset: images with sizes, categories, and per detection ``bbox`` (xywh, absolute
-pixels), ``segmentation`` (compressed RLE, ``counts`` a str), ``area`` and ``score``.
+the label map (images batched), detections are filtered (score threshold, per-class NMS, then
+class-agnostic NMS where asked, a cap per image), and SAM segments all boxes of the image from
+one image embedding. The output is a COCO dataset: images with sizes, categories, and per
+detection ``bbox`` (xywh, absolute pixels), ``segmentation`` (compressed RLE, ``counts`` a str),
+``area`` and ``score``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from teacher.coco.images import load_image_and_size, resize_mask
 from teacher.coco.io import mask_to_rle
 from teacher.core.artifacts import SKIPPED_FILE, skipped_reason
 from teacher.core.errors import TeacherError
+from teacher.core.params import LabelParams
 from teacher.dino.labels import LabelMap
 from teacher.sam.predictor import SAM_CHUNK  # boxes SAM decodes and upscales at a time
 
@@ -49,15 +51,20 @@ class Filter:
     score_threshold: float = 0.25  # keep scores >= this
     nms_iou: float = 0.7  # per-class NMS IoU; >= 1 disables
     max_detections: int = 100  # per image, highest scores first
+    agnostic_iou: float = 1.0  # NMS across classes after per-class NMS; >= 1 disables
 
 
 def filter_from_args(args: argparse.Namespace, *, default_score: float) -> Filter:
     """A command line's Filter: ``--score-threshold`` (``default_score`` when not given, e.g.
-    ``dino.box_threshold``), ``--nms-iou`` and ``--max-detections``."""
+    ``dino.box_threshold``), ``--nms-iou``, ``--max-detections`` and ``--agnostic-nms-iou``
+    (the ``label`` stage's ``label.agnostic_nms_iou`` when the command has no such option or
+    it is not given: pre-labels are deduplicated alike everywhere)."""
+    agnostic = getattr(args, "agnostic_nms_iou", None)
     return Filter(
         score_threshold=default_score if args.score_threshold is None else args.score_threshold,
         nms_iou=args.nms_iou,
         max_detections=args.max_detections,
+        agnostic_iou=LabelParams().agnostic_nms_iou if agnostic is None else agnostic,
     )
 
 
@@ -96,14 +103,34 @@ def nms_per_class(
     return batched_nms(boxes, scores_t, idxs, float(iou_threshold)).numpy()
 
 
+def nms_across_classes(
+    boxes_xywh: np.ndarray, scores: np.ndarray, *, iou_threshold: float
+) -> np.ndarray:
+    """Indexes kept by class-agnostic NMS, highest score first: of two boxes overlapping at
+    IoU > ``iou_threshold``, whatever their classes, the lower-scoring one is dropped (one
+    object named twice, e.g. "triangle" and "shape"). ``iou_threshold >= 1`` keeps every box.
+
+    boxes_xywh (N, 4) COCO xywh; scores (N,).
+    """
+    return nms_per_class(
+        boxes_xywh, scores, np.zeros(len(scores), np.int64), iou_threshold=iou_threshold
+    )
+
+
 def select(det: Detections, keep: Filter) -> Detections:
-    """Detections above the score threshold, after per-class NMS, at most ``max_detections``,
-    sorted by score (masks, when present, follow their boxes)."""
+    """Detections above the score threshold, after per-class NMS and then class-agnostic NMS
+    (``keep.agnostic_iou``), at most ``max_detections``, sorted by score (masks, when present,
+    follow their boxes)."""
     above = np.flatnonzero(det.scores >= keep.score_threshold)
     order = nms_per_class(
         det.boxes[above], det.scores[above], det.category_ids[above], iou_threshold=keep.nms_iou
     )
-    return det.take(above[order[: keep.max_detections]])
+    kept = above[order]
+    if keep.agnostic_iou < 1:
+        kept = kept[
+            nms_across_classes(det.boxes[kept], det.scores[kept], iou_threshold=keep.agnostic_iou)
+        ]
+    return det.take(kept[: keep.max_detections])
 
 
 def clip_detections(det: Detections, *, width: int, height: int) -> Detections:

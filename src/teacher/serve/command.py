@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from teacher.core.params import LabelParams
+
 if TYPE_CHECKING:
     from teacher.inference.job import Labeled
 
@@ -78,7 +80,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--score-threshold", type=float, help="default dino.box_threshold")
     p.add_argument("--text-threshold", type=float, help="default dino.text_threshold")
-    p.add_argument("--nms-iou", type=float, default=0.7, help="per-class NMS IoU (0.7)")
+    p.add_argument(
+        "--nms-iou",
+        type=float,
+        default=LabelParams().nms_iou,
+        help=f"per-class NMS IoU ({LabelParams().nms_iou:g}, as label.nms_iou)",
+    )
+    p.add_argument(
+        "--agnostic-nms-iou",
+        type=float,
+        default=LabelParams().agnostic_nms_iou,
+        help="NMS IoU across class names; 1 disables "
+        f"({LabelParams().agnostic_nms_iou:g}, as label.agnostic_nms_iou)",
+    )
     p.add_argument("--max-detections", type=int, default=100, help="per image (100)")
     p.add_argument("--batch-size", type=int, default=4, help="images per DINO forward (4)")
     p.add_argument(
