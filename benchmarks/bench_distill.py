@@ -211,7 +211,7 @@ def train_and_score_student(
 ) -> dict[str, float]:
     from teacher.coco.io import categories_by_id
     from teacher.core.params import EvaluateParams
-    from teacher.student.data import load_teacher_labels, teacher_source
+    from teacher.student.data import has_targets, load_teacher_labels, teacher_source
     from teacher.student.evaluate import evaluate_student
     from teacher.student.task import train_student
 
@@ -230,7 +230,10 @@ def train_and_score_student(
             ignore_score=student.ignore_score,
             score_weight=student.score_weight,
         )
-        n += len(teacher.coco["images"])
+        if not has_targets(teacher):  # the stage's rule: nothing kept, human labels alone
+            teacher = None
+        else:
+            n += len(teacher.coco["images"])
     batch = 4
     epochs = max(1, math.ceil(steps * batch / n))
     train = TrainParams(

@@ -214,3 +214,17 @@ def test_masks_upsample_in_chunks_exactly_as_at_once(monkeypatch):
     monkeypatch.setattr(student_model, "MASK_CHUNK_PIXELS", 45 * 61 * 2)  # two masks a chunk
     assert np.array_equal(upsample_masks(logits, height=45, width=61), whole)
     assert upsample_masks(logits[:0], height=5, width=6).shape == (0, 5, 6)
+
+
+def test_a_pool_where_the_teachers_kept_nothing_has_no_targets(tmp_path):
+    """No evidence, only its absence: the stage trains on human labels alone (a proving-ground
+    student trained on 400 such images at weight 0.5 scored box mAP@50 0.0)."""
+    from teacher.student.data import has_targets
+
+    pool = write_tiny_coco(tmp_path / "pool", n_images=2)
+    scored = [dict(a, score=0.25) for a in pool["annotations"]]
+    uncertain = Source(TEACHER, {**pool, "annotations": scored}, tmp_path, 0.5, min_score=0.3)
+    assert not has_targets(uncertain)  # ignore regions only
+    sure = Source(TEACHER, {**pool, "annotations": [dict(scored[0], score=0.9)]}, tmp_path, 0.5,
+                  min_score=0.3)  # fmt: skip
+    assert has_targets(sure)

@@ -291,6 +291,8 @@ def test_without_a_pool_the_stage_says_human_labels_alone():
     assert "human labels alone" in pool_note(0, 0, weight=0.5, min_score=0.3, path=Path("t.json"))
     assert "human labels alone" in pool_note(5, 9, weight=0.0, min_score=0.3, path=Path("t.json"))
     assert "9 teacher labels" in pool_note(5, 9, weight=0.5, min_score=0.3, path=Path("t.json"))
+    nothing = pool_note(0, 0, weight=0.5, min_score=0.3, path=Path("t.json"), nothing_found=400)
+    assert "human labels alone" in nothing and "no detection scoring >= 0.3 on the 400" in nothing
 
 
 # --- model ----------------------------------------------------------------------------------------

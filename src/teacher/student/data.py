@@ -423,6 +423,17 @@ def drop_known_images(
     return dataclasses.replace(source, coco=coco), lines
 
 
+def has_targets(source: Source) -> bool:
+    """Whether the teachers kept any detection as a target (scoring at least ``min_score``).
+
+    A pool where they found nothing holds no evidence, only its absence: trained on, its images
+    would all be background at the pool's weight, and a few hundred of them push every score of
+    a small human set down (a student trained so scored box mAP@50 0.0 on the proving ground
+    where the human labels alone gave 0.17). The student then trains on the human labels alone."""
+    floor = source.min_score or 0.0
+    return any(a["score"] >= floor for a in source.coco["annotations"])
+
+
 def teacher_source(
     doc: dict[str, Any],
     *,

@@ -9,6 +9,7 @@ stage says so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from teacher.dataset.augment import resolve_policy
 from teacher.student.data import (
     drop_known_images,
     has_masks,
+    has_targets,
     load_teacher_labels,
     teacher_source,
 )
@@ -59,10 +61,17 @@ def pool_note(
     path: Path,
     ignored: int = 0,
     overlap: int = 0,
+    nothing_found: int = 0,
 ) -> str:
     """The line saying what the student trains on besides the human labels."""
     if weight == 0:
         return "human labels alone (student.teacher_weight is 0)"
+    if nothing_found:
+        return (
+            f"human labels alone: the teachers kept no detection scoring >= {min_score:g} on the "
+            f"{nothing_found} pool images of {path} (check the teachers' val mAP, or lower "
+            "student.min_score)"
+        )
     if teacher_images == 0:
         if overlap:
             return (
@@ -109,6 +118,13 @@ def run_student_stage(args: argparse.Namespace) -> str:
     if overlap and is_main_process():
         shown = overlap[:10] + ([f"... ({len(overlap)} in all)"] if len(overlap) > 10 else [])
         print("train_student: " + "\ntrain_student: ".join(shown))
+    if teacher.coco["images"] and not has_targets(teacher):
+        empty = len(teacher.coco["images"])
+        teacher = dataclasses.replace(
+            teacher, coco={**teacher.coco, "images": [], "annotations": []}
+        )
+    else:
+        empty = 0
     note = pool_note(
         len(teacher.coco["images"]),
         sum(a["score"] >= student.min_score for a in teacher.coco["annotations"]),
@@ -117,6 +133,7 @@ def run_student_stage(args: argparse.Namespace) -> str:
         path=args.teacher_labels,
         ignored=sum(a["score"] < student.min_score for a in teacher.coco["annotations"]),
         overlap=len(overlap),
+        nothing_found=empty,
     )
     if is_main_process():
         print(f"train_student: training on {note}")
