@@ -559,7 +559,9 @@ def sam_items(n: int, *, size: int, prompts: int) -> list[dict[str, Any]]:
     import numpy as np
     import torch
 
+    from teacher.core.params import SamParams
     from teacher.sam.model import image_to_tensor
+    from teacher.sam.prompts import choose_point_prompts, sample_mask_points
 
     rng = np.random.default_rng(0)
     items = []
@@ -570,8 +572,20 @@ def sam_items(n: int, *, size: int, prompts: int) -> list[dict[str, Any]]:
         masks = torch.zeros(prompts, size, size, dtype=torch.bool)
         for mask, (x0, y0, x1, y1) in zip(masks, boxes.round().int().tolist(), strict=True):
             mask[y0:y1, x0:x1] = True
+        # the prompt mix train_sam draws (sam.point_prompts of them a click, as SamDataset)
+        is_point = choose_point_prompts(prompts, share=SamParams().point_prompts, rng=rng)
+        points, found = sample_mask_points(masks, rng=rng)
         items.append(
-            {"image": image_to_tensor(image), "boxes": boxes, "masks": masks, "image_id": i}
+            {
+                "image": image_to_tensor(image),
+                "boxes": boxes,
+                "masks": masks,
+                "points": points,
+                "is_point": torch.from_numpy(is_point) & found,
+                "extent": (size, size),
+                "seed": i,
+                "image_id": i,
+            }
         )
     return items
 
@@ -692,27 +706,32 @@ def measure_student_train(
     """One train_student step on a collate_student batch (every weight trains)."""
     import numpy as np
 
-    from teacher.core.params import TrainParams
-    from teacher.student.data import HUMAN, collate_student
+    from teacher.core.params import StudentParams
+    from teacher.student.data import HUMAN, Instances, collate_student
+    from teacher.student.loss import use_student_loss
     from teacher.student.task import BOX_TERMS, MASK_TERMS, training_step
 
     model, info = build_student_model(m.model, dry_run=dry_run)
+    use_student_loss(model, masks=info.masks)
     height, width = DRY_IMAGE_HW if dry_run else IMAGE_HW
     boxes = np.array([[0.1 * width, 0.1 * height, 0.3 * width, 0.3 * height],
                       [0.5 * width, 0.4 * height, 0.3 * width, 0.5 * height]], np.float32)  # fmt: skip
     masks = np.zeros((2, height, width), bool)
     for mask, (x, y, w, h) in zip(masks, boxes.astype(int), strict=True):
         mask[y : y + h, x : x + w] = True
+    instances = Instances(
+        boxes, np.array([0, 1]), masks if info.masks else None, np.ones(2, bool),
+        np.ones(2, np.float32), np.zeros(2, bool),
+    )  # fmt: skip
     items = [
-        {"image": image, "boxes": boxes, "labels": np.array([0, 1]),
-         "masks": masks if info.masks else None, "weight": 1.0, "source": HUMAN, "image_id": i}
+        {"image": image, "instances": instances, "weight": 1.0, "source": HUMAN, "image_id": i}
         for i, image in enumerate(random_images(m.batch, height=height, width=width))
     ]  # fmt: skip
     terms = BOX_TERMS + (MASK_TERMS if info.masks else ())
     row = train_step_row(
         model, collate_student(items, resolution=info.resolution),
         step=lambda mdl, b: training_step(mdl, b, terms=terms),
-        clip_norm=TrainParams().clip_norm, images=m.batch, steps=steps, warmup=warmup,
+        clip_norm=StudentParams().clip_norm, images=m.batch, steps=steps, warmup=warmup,
     )  # fmt: skip
     return {**row, "input": f"{height}x{width} -> {info.resolution}"}
 
