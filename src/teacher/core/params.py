@@ -110,7 +110,7 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class DinoParams:
-    model: str = "IDEA-Research/grounding-dino-tiny"  # hub id, local save_pretrained folder, or tiny-random
+    model: str = "IDEA-Research/grounding-dino-tiny"  # hub id or local save_pretrained folder of Grounding DINO, MM-Grounding-DINO or LLMDet (its config.json picks the class), or tiny-random / tiny-random-mm
     revision: str = "main"  # hub revision (branch, tag or commit) to pin
     # LoRA targets, regex (full match on module names) or list of names: the attention
     # projections of the encoder, decoder and fusion layers, their FFNs (fc1, fc2), the text
@@ -125,7 +125,7 @@ class DinoParams:
         r"|model\.text_projection|model\.decoder\.reference_points_head\.layers\.\d+"
         r"|model\.input_proj_vision\.\d+\.0"
     )
-    train_heads: bool = True  # train the box heads fully (decoder box MLP + two-stage proposal head)
+    train_heads: bool = True  # train the box heads fully (decoder box MLP + two-stage proposal head; MM-Grounding-DINO: its class heads' biases too)
     offsets_lr_scale: float = field(default=0.1, metadata=_range(0))  # lr multiplier of sampling_offsets and reference_points_head (Open-GroundingDino: 0.1)
     clip_norm: float = field(default=0.1, metadata=_range(0))  # DINO's max grad norm, replaces train.clip_norm (both references: 0.1); 0 disables
     dropout: float = field(default=0.0, metadata=_range(0, 1))  # dropout of encoder/decoder layers while fine-tuning (both references: 0.0; the hub config: 0.1)

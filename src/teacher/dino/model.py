@@ -3,7 +3,10 @@
 ``dino.model`` names a hub id (pinned by ``dino.revision``), a local ``save_pretrained``
 folder, or ``tiny-random``: the same architecture at toy size with a locally written
 bert-base-uncased-compatible vocabulary, built in code with a fixed seed (no network, and the
-same weights in every stage). :func:`load_dino` installs :func:`teacher.dino.loss.grounded_loss`
+same weights in every stage); ``tiny-random-mm`` is the same for MM-Grounding-DINO. A hub id or
+folder is loaded as the family its ``config.json`` names (``model_type``, :data:`FAMILIES`):
+Grounding DINO, or MM-Grounding-DINO (LLMDet's checkpoints are MM-Grounding-DINO ones), never
+by its name. :func:`load_dino` installs :func:`teacher.dino.loss.grounded_loss`
 as the model's ``loss_function`` and makes the model return its top-k encoder proposals
 undetached (:func:`teacher.dino.loss.install_proposal_outputs`), which that loss reads.
 """
@@ -14,7 +17,9 @@ import math
 import string
 import tempfile
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +32,9 @@ from transformers import (  # type: ignore[attr-defined]  # BertTokenizerFast: a
     GroundingDinoForObjectDetection,
     GroundingDinoImageProcessor,
     GroundingDinoProcessor,
+    MMGroundingDinoConfig,
+    MMGroundingDinoForObjectDetection,
+    PreTrainedConfig,
     SwinConfig,
 )
 
@@ -38,6 +46,7 @@ from teacher.dino.labels import LabelMap, load_labels
 from teacher.dino.loss import grounded_loss, install_proposal_outputs
 
 TINY_RANDOM = "tiny-random"
+TINY_RANDOM_MM = "tiny-random-mm"  # tiny-random as MM-Grounding-DINO (same sizes, same seed)
 TINY_SEED = 20240607  # fixed: train and evaluate build identical tiny-random base weights
 # the tiny architecture pretrained on teacher.dataset.synth's pretraining domain by scripts/pretrain_tiny.py
 TINY_PRETRAINED = "tiny-pretrained"
@@ -58,23 +67,59 @@ BERT_SPECIAL_IDS = {
     ".": 1012,
     "?": 1029,
 }
-# fully trained heads (dino.train_heads): box heads only, as the class heads are
-# parameter-free dot products with the text features. The box MLPs of the decoder layers (tied:
-# one set of weights) and the two-stage proposal head (enc_output + enc_output_norm, which make
-# the encoder's object queries, and encoder_output_bbox_embed), which the "_enc" loss terms
-# reach now that they are computed from the undetached proposals (teacher.dino.loss).
+# fully trained heads (dino.train_heads): the box MLPs of the decoder layers and the two-stage
+# proposal head (enc_output + enc_output_norm, which make the encoder's object queries, and
+# encoder_output_bbox_embed), which the "_enc" loss terms reach now that they are computed from
+# the undetached proposals (teacher.dino.loss); and the class heads' parameters. Grounding DINO:
+# one box MLP tied across decoder layers, class heads parameter-free dot products with the text
+# features (matched, nothing to train). MM-Grounding-DINO: one box MLP per decoder layer (its
+# checkpoints set decoder_bbox_embed_share false), and each class head (per layer, and the
+# proposal head's encoder_output_class_embed) scales the dot product by 1/sqrt(d_model) and adds
+# a learned bias (one scalar, initialised to the 0.01 prior): those biases train too.
 HEAD_MODULES = (
-    r"(model\.decoder\.)?bbox_embed\.\d+|"
-    r"model\.(enc_output|enc_output_norm|encoder_output_bbox_embed)"
+    r"(model\.decoder\.)?(bbox_embed|class_embed)\.\d+|"
+    r"model\.(enc_output|enc_output_norm|encoder_output_bbox_embed|encoder_output_class_embed)"
 )
 TOWERS = ("model.backbone", "model.text_backbone")  # image and text encoders
+
+
+# the detector classes dino.model loads (both share module names, forward and outputs)
+DinoModel = GroundingDinoForObjectDetection | MMGroundingDinoForObjectDetection
+
+
+@dataclass(frozen=True)
+class Family:
+    """A detector family ``dino.model`` can name: its transformers config and model classes."""
+
+    name: str  # as messages and docs name it
+    config_class: Callable[..., Any]  # GroundingDinoConfig or MMGroundingDinoConfig
+    model_class: Any  # GroundingDinoForObjectDetection or MMGroundingDinoForObjectDetection
+    tiny: dict[str, Any]  # its tiny config's keywords beyond tiny_config's own
+
+
+# keyed by config.json's model_type: hub ids and folders load as the family their config names.
+# MM-Grounding-DINO is Grounding DINO with other heads (HEAD_MODULES): the same encoder, decoder,
+# fusion, text projection and module names, so dino.lora_targets, the loss, denoising and decoding
+# apply unchanged. LLMDet publishes MM-Grounding-DINO checkpoints (its LLM is not in them).
+FAMILIES: dict[str, Family] = {
+    "grounding-dino": Family(
+        "Grounding DINO", GroundingDinoConfig, GroundingDinoForObjectDetection, tiny={}
+    ),
+    "mm-grounding-dino": Family(
+        "MM-Grounding-DINO / LLMDet",
+        MMGroundingDinoConfig,
+        MMGroundingDinoForObjectDetection,
+        # as the hub checkpoints: a box and a class head per decoder layer, none shared
+        tiny={"decoder_bbox_embed_share": False, "decoder_cls_embed_share": False},
+    ),
+}
 
 
 @dataclass
 class DinoBundle:
     """A loaded detector: model (adapter applied when one was given), processor, labels."""
 
-    model: nn.Module  # GroundingDinoForObjectDetection, or a PeftModel around it
+    model: nn.Module  # a DinoModel, or a PeftModel around it
     processor: GroundingDinoProcessor
     label_map: LabelMap | None = None  # from the adapter folder's labels.json
 
@@ -189,9 +234,11 @@ def tiny_config(
     n_points: int = 2,
     encoder_layers: int = 1,
     decoder_layers: int = 2,
-) -> GroundingDinoConfig:
-    """Grounding DINO at toy size; the defaults are tiny-random's: 4-stage Swin (``embed_dim``
-    16), 1-layer BERT, d_model 32, 2 decoder layers, 64 queries."""
+    family: str = "grounding-dino",
+) -> Any:
+    """Grounding DINO (or another of :data:`FAMILIES`) at toy size; the defaults are
+    tiny-random's: 4-stage Swin (``embed_dim`` 16), 1-layer BERT, d_model 32, 2 decoder layers,
+    64 queries."""
     backbone = SwinConfig(
         embed_dim=embed_dim,
         depths=list(depths),
@@ -208,7 +255,7 @@ def tiny_config(
         intermediate_size=2 * d_model,
         max_position_embeddings=256,
     )
-    return GroundingDinoConfig(
+    return FAMILIES[family].config_class(
         backbone_config=backbone,
         text_config=text,
         d_model=d_model,  # d_model: a multiple of 32
@@ -222,6 +269,7 @@ def tiny_config(
         decoder_n_points=n_points,
         num_queries=64,
         auxiliary_loss=True,
+        **FAMILIES[family].tiny,
     )
 
 
@@ -269,15 +317,24 @@ def build_processor(tokenizer, *, dino: DinoParams) -> GroundingDinoProcessor:
 
 
 def build_tiny_random(
-    dino: DinoParams,
-) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
-    """The tiny-random model and processor; identical weights on every call (fixed seed)."""
+    dino: DinoParams, *, family: str = "grounding-dino"
+) -> tuple[DinoModel, GroundingDinoProcessor]:
+    """The tiny-random model of ``family`` (:data:`FAMILIES`) and processor; identical weights
+    on every call (fixed seed)."""
     tokenizer = tiny_tokenizer()
-    config = tiny_config(vocab_size=len(tokenizer))
+    config = tiny_config(vocab_size=len(tokenizer), family=family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        model = GroundingDinoForObjectDetection(config)
+        model = FAMILIES[family].model_class(config)
     return model, build_processor(tokenizer, dino=dino)
+
+
+# dino.model names built in code (no hub, no files but the committed tiny-pretrained weights)
+TINY_MODELS: dict[str, Callable[[DinoParams], tuple[DinoModel, GroundingDinoProcessor]]] = {
+    TINY_RANDOM: build_tiny_random,
+    TINY_RANDOM_MM: partial(build_tiny_random, family="mm-grounding-dino"),
+    TINY_PRETRAINED: build_tiny_pretrained,
+}
 
 
 def _offline_error(dino: DinoParams, err: Exception) -> TeacherError:
@@ -286,16 +343,15 @@ def _offline_error(dino: DinoParams, err: Exception) -> TeacherError:
         f"the Hugging Face cache, and the hub cannot be reached ({str(err).splitlines()[0]}). "
         f"Fix: download it once "
         f'where there is network (python -c "from transformers import AutoProcessor, '
-        f"GroundingDinoForObjectDetection as M; M.from_pretrained('{dino.model}'); "
+        f"AutoModelForZeroShotObjectDetection as M; M.from_pretrained('{dino.model}'); "
         f"AutoProcessor.from_pretrained('{dino.model}')\"), or set dino.model in params.yaml "
         f"to a local folder written by save_pretrained, or use dino.model: {TINY_RANDOM}."
     )
 
 
-def load_pretrained(
-    dino: DinoParams,
-) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
-    """Model and processor from a local folder or the hub (cache first; fails fast offline)."""
+def load_pretrained(dino: DinoParams) -> tuple[DinoModel, GroundingDinoProcessor]:
+    """Model and processor from a local folder or the hub (cache first; fails fast offline), as
+    the family its config names (:func:`checkpoint_family`)."""
     local = Path(dino.model).is_dir()
     kwargs = {} if local else {"revision": dino.revision}
     try:
@@ -303,7 +359,7 @@ def load_pretrained(
     except OSError as err:
         if local:
             raise TeacherError(
-                f"dino.model {dino.model!r}: not a Grounding DINO folder "
+                f"dino.model {dino.model!r}: not a Grounding DINO / MM-Grounding-DINO folder "
                 f"written by save_pretrained ({err})"
             ) from err
         if not hub_reachable():
@@ -314,8 +370,24 @@ def load_pretrained(
         raise _offline_error(dino, err) from err
 
 
+def checkpoint_family(dino: DinoParams, **kwargs) -> Family:
+    """The family of ``dino.model``'s ``config.json`` (its ``model_type``); TeacherError for a
+    checkpoint of any other model. ``kwargs``: ``revision``, ``local_files_only``."""
+    config, _ = PreTrainedConfig.get_config_dict(dino.model, **kwargs)
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        known = ", ".join(f"{f.name} ({t!r})" for t, f in FAMILIES.items())
+        raise TeacherError(
+            f"dino.model {dino.model!r}: its config.json has model_type {model_type!r}, which "
+            f"is not a detector dino.model can load: {known}. Set dino.model in params.yaml to "
+            f"such a checkpoint (hub id or save_pretrained folder) or to {TINY_RANDOM}."
+        )
+    return FAMILIES[model_type]
+
+
 def _from_pretrained(dino: DinoParams, **kwargs):
-    model = GroundingDinoForObjectDetection.from_pretrained(dino.model, **kwargs)
+    family = checkpoint_family(dino, **kwargs)
+    model = family.model_class.from_pretrained(dino.model, **kwargs)
     processor = GroundingDinoProcessor.from_pretrained(dino.model, **kwargs)
     size = {"shortest_edge": dino.shortest_edge, "longest_edge": dino.longest_edge}
     processor.image_processor.size = size  # resize from params, not the hub default
@@ -327,7 +399,7 @@ def _positions(side: int) -> int:
     return sum(math.ceil(side / s) ** 2 for s in (8, 16, 32, 64))
 
 
-def check_image_size(model: GroundingDinoForObjectDetection, dino: DinoParams) -> None:
+def check_image_size(model: DinoModel, dino: DinoParams) -> None:
     """Fail early when images resized to ``dino.shortest_edge`` give the encoder fewer feature
     positions than the model has queries (its top-k proposal selection would crash)."""
     queries, need = model.config.num_queries, dino.shortest_edge
@@ -346,7 +418,7 @@ def _text_input_embeddings(self) -> nn.Module:
     return self.model.text_backbone.get_input_embeddings()
 
 
-def prepare_model(model: GroundingDinoForObjectDetection) -> GroundingDinoForObjectDetection:
+def prepare_model(model: DinoModel) -> DinoModel:
     """Make a loaded model ready for peft and for our training.
 
     peft calls ``get_input_embeddings``, which transformers leaves unimplemented for this model:
@@ -397,18 +469,15 @@ def load_dino(
     trainable: bool = False,
     adapter_scale: float = 1.0,
 ) -> DinoBundle:
-    """Load ``dino.model`` (hub id / folder / tiny-random) and, if given, an adapter folder.
+    """Load ``dino.model`` (hub id / folder / :data:`TINY_MODELS`) and, if given, an adapter
+    folder.
 
     With ``adapter_dir`` the LoRA adapter and fully trained heads are applied (at
     ``adapter_scale``: :func:`teacher.train.lora.load_adapter`) and ``labels.json`` is read into
     ``bundle.label_map``.
     """
-    if dino.model == TINY_RANDOM:
-        model, processor = build_tiny_random(dino)
-    elif dino.model == TINY_PRETRAINED:
-        model, processor = build_tiny_pretrained(dino)
-    else:
-        model, processor = load_pretrained(dino)
+    build = TINY_MODELS.get(dino.model, load_pretrained)
+    model, processor = build(dino)
     check_image_size(model, dino)
     model = prepare_model(model)
     if adapter_dir is None:

@@ -1,8 +1,9 @@
 """Merge the LoRA adapters into full models, written in their native formats.
 
 - Grounding DINO: ``<out>/dino/``, a transformers ``save_pretrained`` folder (model and
-  processor, safetensors) plus the adapter's ``labels.json``; it loads with
-  ``GroundingDinoForObjectDetection.from_pretrained`` or as ``dino.model: <out>/dino``.
+  processor, safetensors) plus the adapter's ``labels.json``; it loads with its family's class
+  (``GroundingDinoForObjectDetection`` or ``MMGroundingDinoForObjectDetection``;
+  ``AutoModelForZeroShotObjectDetection`` picks it) or as ``dino.model: <out>/dino``.
 - SAM: ``<out>/sam.pth``, a segment-anything state dict (``torch.save(sam.state_dict())``, as
   Meta's checkpoints); it loads with ``sam_model_registry[...](checkpoint=...)`` or as
   ``sam.model: <out>/sam.pth``.
