@@ -86,12 +86,15 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=LabelParams().nms_iou,
         help=f"per-class NMS IoU ({LabelParams().nms_iou:g}, as label.nms_iou)",
     )
+    # off by default here, unlike label.agnostic_nms_iou: a project's labeling config may hold
+    # only some of the teachers' classes, and the names it lacks are dropped after NMS, so a
+    # detection under such a name would suppress the same object under a name the project has
     p.add_argument(
         "--agnostic-nms-iou",
         type=float,
-        default=LabelParams().agnostic_nms_iou,
-        help="NMS IoU across class names; 1 disables "
-        f"({LabelParams().agnostic_nms_iou:g}, as label.agnostic_nms_iou)",
+        default=1.0,
+        help="NMS IoU across class names; 1 disables (1: the labeling config may lack some of "
+        f"the teachers' classes; label.agnostic_nms_iou is {LabelParams().agnostic_nms_iou:g})",
     )
     p.add_argument("--max-detections", type=int, default=100, help="per image (100)")
     p.add_argument("--batch-size", type=int, default=4, help="images per DINO forward (4)")
