@@ -41,7 +41,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_finetune import DINO, LORA, NO_AUGMENT, SAM, TEST_SEED, write_world  # noqa: E402
+from bench_finetune import (  # noqa: E402
+    DINO,
+    NO_AUGMENT,
+    SAM,
+    TEST_SEED,
+    train_dino,
+    train_sam,
+    write_world,
+)
 
 from teacher.core.params import LabelParams, StudentParams, TrainParams  # noqa: E402
 from teacher.dataset import synth  # noqa: E402
@@ -83,65 +91,16 @@ def train_teachers(
     lr: float,
     out: Path,
 ) -> tuple[Path, Path]:
-    """Both teachers fine-tuned with LoRA (bench_finetune's targets and losses); their adapter
-    folders."""
-    from teacher.dino import task as dino_task
-    from teacher.dino.labels import build_label_map
-    from teacher.dino.model import load_dino
-    from teacher.sam import task as sam_task
-    from teacher.sam.build import load_base_sam
-    from teacher.train.loop import fit, seed_everything
-
+    """Both teachers fine-tuned with LoRA by bench_finetune's runs (its targets and losses,
+    train_dino's multi-scale); their adapter folders."""
     train = TrainParams(epochs=epochs, batch_size=4, lr=lr, warmup_steps=5, patience=0)
-    bundle = load_dino(DINO)
-    seed_everything(seed)
-    model = dino_task.wrap_for_training(
-        bundle.model, dino=DINO, lora=LORA, activation_checkpointing=False
-    )
-    task = dino_task.build_task(
-        model,
-        processor=bundle.processor,
-        label_map=build_label_map(train_coco["categories"], tokenizer=bundle.processor.tokenizer),
-        train_coco=train_coco,
-        val_coco=val_coco,
-        image_root=images,
-        augment_policy=NO_AUGMENT,
-        seed=seed,
-        batch_size=train.batch_size,
-    )
-    fit(
-        task,
-        train=train,
-        seed=seed,
-        out_dir=out / "dino",
-        checkpoint_dir=out / "ckpt-dino",
-        live_dir=out / "live-dino",
-        fingerprint=f"distill-dino-{seed}",
-    )
-    seed_everything(seed)
-    sam = sam_task.wrap_for_training(
-        load_base_sam(SAM.model), sam_params=SAM, lora=LORA, activation_checkpointing=False
-    )
-    task = sam_task.build_task(
-        sam,
-        train_coco=train_coco,
-        val_coco=val_coco,
-        image_root=images,
-        sam_params=SAM,
-        augment_policy=NO_AUGMENT,
-        seed=seed,
-        cache_dir=out / "sam-cache",
-    )
-    fit(
-        task,
-        train=train,
-        seed=seed,
-        out_dir=out / "sam",
-        checkpoint_dir=out / "ckpt-sam",
-        live_dir=out / "live-sam",
-        fingerprint=f"distill-sam-{seed}",
-    )
-    return out / "dino", out / "sam"
+    data = {
+        "train": {"coco": train_coco, "images": images},
+        "val": {"coco": val_coco, "images": images},
+    }
+    dino_dir, _ = train_dino("lora", seed=seed, data=data, train=train, out=out / "dino")
+    sam_dir = train_sam("lora", seed=seed, data=data, train=train, out=out / "sam")
+    return dino_dir, sam_dir
 
 
 def score_teachers(dino_dir: Path, sam_dir: Path, test: dict) -> dict[str, float]:

@@ -192,20 +192,14 @@ def folder_mb(path: Path) -> float:
 # --- one run (child process) -------------------------------------------------------------------
 
 
-def sam_run(
-    method: str, *, seed: int, data: dict, train: TrainParams, out: Path
-) -> dict[str, float]:
+def train_sam(method: str, *, seed: int, data: dict, train: TrainParams, out: Path) -> Path:
+    """SAM fine-tuned by ``method`` (lora | full) on ``data["train"]`` (val: ``data["val"]``)
+    with the project's training code; returns the adapter folder."""
     from teacher.sam import task as sam_task
-    from teacher.sam.build import load_base_sam, load_sam
+    from teacher.sam.build import load_base_sam
     from teacher.train.loop import fit
     from teacher.train.lora import apply_lora
 
-    if method == "base":
-        sam = load_base_sam(TINY)
-        return {
-            "finetune": sam_miou(sam, data["test"]),
-            "pretrain": sam_miou(sam, data["retention"]),
-        }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if method == "lora":
@@ -238,11 +232,26 @@ def sam_run(
         live_dir=out / "live",
         fingerprint=f"bench-{method}-{seed}",
     )
-    tuned = load_sam(SAM, adapter_dir=out / "model")
+    return out / "model"
+
+
+def sam_run(
+    method: str, *, seed: int, data: dict, train: TrainParams, out: Path
+) -> dict[str, float]:
+    from teacher.sam.build import load_base_sam, load_sam
+
+    if method == "base":
+        sam = load_base_sam(TINY)
+        return {
+            "finetune": sam_miou(sam, data["test"]),
+            "pretrain": sam_miou(sam, data["retention"]),
+        }
+    adapter = train_sam(method, seed=seed, data=data, train=train, out=out)
+    tuned = load_sam(SAM, adapter_dir=adapter)
     return {
         "finetune": sam_miou(tuned, data["test"]),
         "pretrain": sam_miou(tuned, data["retention"]),
-        "adapter_mb": folder_mb(out / "model"),
+        "adapter_mb": folder_mb(adapter),
     }
 
 
@@ -261,7 +270,7 @@ def dino_params(overrides: dict[str, Any]) -> DinoParams:
     return dino
 
 
-def dino_run(
+def train_dino(
     method: str,
     *,
     seed: int,
@@ -269,7 +278,10 @@ def dino_run(
     train: TrainParams,
     out: Path,
     overrides: dict[str, Any] | None = None,
-) -> dict[str, float]:
+) -> tuple[Path, DinoParams]:
+    """Grounding DINO fine-tuned by ``method`` (lora | full) on ``data["train"]`` (val:
+    ``data["val"]``) with the project's training code, train_dino's multi-scale included;
+    returns the adapter folder and the DinoParams it was trained with."""
     from teacher.dino import task as dino_task
     from teacher.dino.labels import build_label_map
     from teacher.dino.model import load_dino
@@ -277,11 +289,6 @@ def dino_run(
     from teacher.train.lora import apply_lora
 
     bundle = load_dino(DINO)
-    if method == "base":
-        return {
-            "finetune": dino_map_50(bundle, data["test"]),
-            "pretrain": dino_map_50(bundle, data["retention"]),
-        }
     label_map = build_label_map(
         data["train"]["coco"]["categories"], tokenizer=bundle.processor.tokenizer
     )
@@ -319,11 +326,34 @@ def dino_run(
         live_dir=out / "live",
         fingerprint=f"bench-{method}-{seed}",
     )
-    tuned = load_dino(dino, adapter_dir=out / "model")
+    return out / "model", dino
+
+
+def dino_run(
+    method: str,
+    *,
+    seed: int,
+    data: dict,
+    train: TrainParams,
+    out: Path,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    from teacher.dino.model import load_dino
+
+    if method == "base":
+        bundle = load_dino(DINO)
+        return {
+            "finetune": dino_map_50(bundle, data["test"]),
+            "pretrain": dino_map_50(bundle, data["retention"]),
+        }
+    adapter, dino = train_dino(
+        method, seed=seed, data=data, train=train, out=out, overrides=overrides
+    )
+    tuned = load_dino(dino, adapter_dir=adapter)
     return {
         "finetune": dino_map_50(tuned, data["test"]),
         "pretrain": dino_map_50(tuned, data["retention"]),
-        "adapter_mb": folder_mb(out / "model"),
+        "adapter_mb": folder_mb(adapter),
     }
 
 

@@ -58,7 +58,7 @@ def filter_from_args(args: argparse.Namespace, *, default_score: float) -> Filte
     """A command line's Filter: ``--score-threshold`` (``default_score`` when not given, e.g.
     ``dino.box_threshold``), ``--nms-iou``, ``--max-detections`` and ``--agnostic-nms-iou``
     (the ``label`` stage's ``label.agnostic_nms_iou`` when the command has no such option or
-    it is not given: pre-labels are deduplicated alike everywhere)."""
+    it is not given; ``teacher serve`` gives 1, off, by default)."""
     agnostic = getattr(args, "agnostic_nms_iou", None)
     return Filter(
         score_threshold=default_score if args.score_threshold is None else args.score_threshold,

@@ -76,64 +76,45 @@ def resolve_name(model: str, *, masks: bool) -> str:
     return HUB_DEFAULTS[masks] if model == AUTO else model
 
 
-def tiny_config(*, names: Sequence[str]) -> RfDetrConfig:
-    """RF-DETR at toy size: 4-layer ViT (32 wide, patch 8, 2x2 windows), 2 decoder layers, 30 queries."""
+def small_config(*, names: Sequence[str], width: int, heads: int, image_size: int) -> RfDetrConfig:
+    """RF-DETR at small size: a 4-layer ViT ``width`` wide with ``heads`` heads (patch 8, 2x2
+    windows, ``image_size`` px), 2 decoder layers as wide, 30 queries in 3 groups."""
     backbone = RfDetrDinov2Config(
-        hidden_size=32,  # type: ignore[call-arg]  # out_features: a kwarg of __post_init__
+        hidden_size=width,  # type: ignore[call-arg]  # out_features: a kwarg of __post_init__
         num_hidden_layers=4,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         mlp_ratio=2,
         patch_size=8,
-        image_size=TINY_RESOLUTION,
+        image_size=image_size,
         num_windows=2,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     return RfDetrConfig(
         backbone_config=backbone,
-        d_model=32,
-        decoder_ffn_dim=64,
+        d_model=width,
+        decoder_ffn_dim=2 * width,
         decoder_layers=2,
-        decoder_self_attention_heads=2,
-        decoder_cross_attention_heads=2,
+        decoder_self_attention_heads=heads,
+        decoder_cross_attention_heads=heads,
         decoder_n_points=2,
         num_queries=30,
         group_detr=3,
         c2f_num_blocks=1,
-        intermediate_size=64,
+        intermediate_size=2 * width,
         **FINE_TUNING,
         **label_config(names),
     )
+
+
+def tiny_config(*, names: Sequence[str]) -> RfDetrConfig:
+    """RF-DETR at toy size (``tiny-random``): :func:`small_config` 32 wide, 2 heads, 64 px."""
+    return small_config(names=names, width=32, heads=2, image_size=TINY_RESOLUTION)
 
 
 def tiny_pretrained_config(*, names: Sequence[str]) -> RfDetrConfig:
-    """The ``tiny-pretrained`` student: RF-DETR at small size (4-layer ViT 64 wide, patch 8,
-    2x2 windows, 128 px input; 2 decoder layers 64 wide, 30 queries), pretrained by
-    ``scripts/pretrain_tiny.py student`` (:mod:`teacher.proving.student`)."""
-    backbone = RfDetrDinov2Config(
-        hidden_size=64,  # type: ignore[call-arg]  # out_features: a kwarg of __post_init__
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        mlp_ratio=2,
-        patch_size=8,
-        image_size=TINY_PRETRAINED_RESOLUTION,
-        num_windows=2,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    return RfDetrConfig(
-        backbone_config=backbone,
-        d_model=64,
-        decoder_ffn_dim=128,
-        decoder_layers=2,
-        decoder_self_attention_heads=4,
-        decoder_cross_attention_heads=4,
-        decoder_n_points=2,
-        num_queries=30,
-        group_detr=3,
-        c2f_num_blocks=1,
-        intermediate_size=128,
-        **FINE_TUNING,
-        **label_config(names),
-    )
+    """The ``tiny-pretrained`` student: :func:`small_config` 64 wide, 4 heads, 128 px,
+    pretrained by ``scripts/pretrain_tiny.py student`` (:mod:`teacher.proving.student`)."""
+    return small_config(names=names, width=64, heads=4, image_size=TINY_PRETRAINED_RESOLUTION)
 
 
 def tiny_pretrained(*, masks: bool, names: Sequence[str]) -> nn.Module:
