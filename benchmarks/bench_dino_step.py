@@ -6,6 +6,13 @@ loss. Each mode runs in its own process so its peak memory is its own:
 
     python benchmarks/bench_dino_step.py            # both modes, the table
     python benchmarks/bench_dino_step.py --steps 3  # more steps per mode (first one is warm-up)
+    python benchmarks/bench_dino_step.py --retain   # LoRA without and with dino.retain_weight
+
+``--retain`` compares LoRA steps without and with the retention term (issue #37,
+:mod:`teacher.dino.retain`): the same step function (``teacher.dino.task.training_step``), the
+prompt with ``dino.retain_names`` (20) COCO names after its 4 classes, the base model's forward
+without gradients sharing one pass of the frozen Swin and BERT. Bars: step time <= 1.3x, peak
+memory <= 1.15x.
 
 LoRA mode is what train_dino does: LoRA (dino.lora_targets) + the box heads, frozen image and
 text encoders run without autograd, activation checkpointing of encoder and decoder layers,
@@ -29,6 +36,9 @@ from pathlib import Path
 PROMPT = "circle . square . triangle . star ."
 
 
+RETAIN = "lora-retain"  # LoRA with dino.retain_weight on
+
+
 def build(mode: str, *, preset: str, checkpointing: bool = True):
     import numpy as np
     import torch
@@ -50,16 +60,24 @@ def build(mode: str, *, preset: str, checkpointing: bool = True):
     )  # the defaults are grounding-dino-tiny's architecture
     model = prepare_model(GroundingDinoForObjectDetection(config))
     processor = build_processor(tokenizer, dino=DinoParams())  # 800 / 1333
-    if mode == "lora":
+    retain = DinoParams().retain_names if mode == RETAIN else 0
+    if mode in ("lora", RETAIN):
         from teacher.dino.task import wrap_for_training
 
+        dino = DinoParams(retain_weight=1.0 if retain else 0.0)
         model = wrap_for_training(
-            model, dino=DinoParams(), lora=LoraParams(), activation_checkpointing=checkpointing
+            model, dino=dino, lora=LoraParams(), activation_checkpointing=checkpointing
         )
     image = np.random.default_rng(0).integers(0, 255, (800, 1333, 3), dtype=np.uint8)
+    from teacher.coco.vocabulary import COCO_CLASSES
+    from teacher.dino.labels import prompt_text
+
+    prompt = PROMPT + (" " + prompt_text(COCO_CLASSES[:retain]) if retain else "")
     inputs = {
         **processor.image_processor(images=[image], return_tensors="pt"),
-        **processor.tokenizer([PROMPT], return_tensors="pt"),
+        **processor.tokenizer([prompt], return_tensors="pt"),
+        "own": [4],  # PROMPT's classes, before the retention names
+        "retained": retain,
     }
     labels = [
         box_targets(
@@ -87,9 +105,11 @@ def run_mode(mode: str, steps: int, *, preset: str, checkpointing: bool = True) 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model, inputs, labels = build(mode, preset=preset, checkpointing=checkpointing)
+    from teacher.dino.task import training_step
+
     model.to(device).train()
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    labels = [{k: v.to(device) for k, v in t.items()} for t in labels]
+    batch = {**inputs, "labels": labels}
+    weight = 1.0 if mode == RETAIN else 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
@@ -100,7 +120,9 @@ def run_mode(mode: str, steps: int, *, preset: str, checkpointing: bool = True) 
     for _ in range(steps):
         start = time.perf_counter()
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(**inputs, labels=labels).loss  # keep no reference to the outputs
+            # train_dino's step (the grounded loss; with RETAIN the retention term too); no
+            # reference to the outputs is kept
+            loss = training_step(model, batch, retain_weight=weight)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -122,7 +144,7 @@ def run_mode(mode: str, steps: int, *, preset: str, checkpointing: bool = True) 
         "rss_before_steps": rss_model,
         "trainable": sum(p.numel() for p in params),
         "total": sum(p.numel() for p in model.parameters()),
-        "adapter_bytes": adapter_bytes(model) if mode == "lora" else None,
+        "adapter_bytes": adapter_bytes(model) if mode != "full" else None,
     }
 
 
@@ -168,6 +190,32 @@ def table(lora: dict, full: dict) -> str:
     return "\n".join(lines)
 
 
+def retain_table(off: dict, on: dict, *, preset: str) -> str:
+    """LoRA steps without and with the retention term, the ratios against the bars."""
+
+    def secs(r: dict) -> float:
+        t = r["step_s"][1:] or r["step_s"]
+        return sum(t) / len(t)
+
+    gb = 1024**3
+    peak_name = "peak CUDA allocated" if off["device"] != "cpu" else "peak RSS"
+    time_ratio = secs(on) / secs(off)
+    memory_ratio = on["peak_bytes"] / off["peak_bytes"]
+    return "\n".join(
+        [
+            f"Grounding DINO ({preset} architecture, random weights), 800x1333, batch 1, "
+            f"device {off['device']}, {off['threads']} threads; LoRA without / with "
+            f"dino.retain_weight (20 retention names)",
+            "| | term off | term on | on / off | bar |",
+            "|---|---|---|---|---|",
+            f"| seconds per step | {secs(off):.2f} | {secs(on):.2f} | {time_ratio:.2f} | "
+            f"<= 1.30: {'met' if time_ratio <= 1.3 else 'NOT met'} |",
+            f"| {peak_name} (GiB) | {off['peak_bytes'] / gb:.2f} | {on['peak_bytes'] / gb:.2f} "
+            f"| {memory_ratio:.2f} | <= 1.15: {'met' if memory_ratio <= 1.15 else 'NOT met'} |",
+        ]
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2, help="steps per mode; the first warms up")
@@ -182,7 +230,12 @@ def main() -> int:
         action="store_true",
         help="LoRA mode without activation checkpointing (to see what it costs)",
     )
-    parser.add_argument("--mode", choices=("lora", "full"), help=argparse.SUPPRESS)  # child process
+    parser.add_argument(
+        "--retain",
+        action="store_true",
+        help="compare LoRA steps without and with the retention term (dino.retain_weight)",
+    )
+    parser.add_argument("--mode", choices=("lora", "full", RETAIN), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         print(
@@ -197,7 +250,7 @@ def main() -> int:
         )
         return 0
     results = {}
-    for mode in ("lora", "full"):
+    for mode in ("lora", RETAIN) if args.retain else ("lora", "full"):
         proc = subprocess.run(
             [
                 sys.executable,
@@ -219,6 +272,9 @@ def main() -> int:
             return proc.returncode
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{mode}: {results[mode]}", file=sys.stderr)
+    if args.retain:
+        print(retain_table(results["lora"], results[RETAIN], preset=args.preset))
+        return 0
     lora, full = results["lora"], results["full"]
     print(
         f"Grounding DINO ({args.preset} architecture, random weights), 800x1333, batch 1, "

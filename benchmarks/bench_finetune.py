@@ -120,14 +120,15 @@ def dino_map_50(bundle, split: dict[str, Any]) -> float:
     return labeling_box_map(bundle, pixels, coco)["map_50"]
 
 
-def retention_detections(bundle, split: dict[str, Any]) -> dict:
-    """Image id -> DINO's detections of the pretraining classes (evaluate's labeling decode)."""
+def retention_detections(bundle, split: dict[str, Any], classes: list[dict]) -> dict:
+    """Image id -> DINO's detections of ``classes`` (the pretraining classes) on the images of
+    ``split`` (evaluate's labeling decode)."""
     from teacher.coco.images import load_image
     from teacher.dino.labels import build_label_map
     from teacher.inference.predict import Filter, Teachers, predict_images
 
     coco = split["coco"]
-    label_map = build_label_map(coco["categories"], tokenizer=bundle.processor.tokenizer)
+    label_map = build_label_map(classes, tokenizer=bundle.processor.tokenizer)
     pixels = [load_image(split["images"] / i["file_name"]) for i in coco["images"]]
     found = predict_images(
         Teachers(dino=bundle, sam=None, label_map=label_map),
@@ -139,29 +140,35 @@ def retention_detections(bundle, split: dict[str, Any]) -> dict:
 
 
 def dino_curve(adapter: Path, data: dict, scales: list[float]) -> dict[float, dict[str, float]]:
-    """Per adapter scale: box mAP@50 on both domains and the retention of the pretraining classes."""
+    """Per adapter scale: box mAP@50 on both domains and the retention of the pretraining
+    classes: on the held-out pretraining-domain images (``retention``) and, as ``evaluate``
+    measures it in the pipeline, on the fine-tuning domain's test images (``retention_test``)."""
     from teacher.dino.model import load_dino
     from teacher.evaluation.retention import reference_ground_truth, retention_scores
     from teacher.inference.predict import merged
 
-    rows, found = {}, {}
+    cats = sorted(data["retention"]["coco"]["categories"], key=lambda c: c["id"])
+    where = {"retention": "retention", "retention_test": "test"}
+    rows: dict[float, dict[str, float]] = {}
+    found: dict[str, dict[float, dict]] = {key: {} for key in where}
     for s in sorted({0.0, *scales}):
         bundle = merged(load_dino(DINO, adapter_dir=adapter, adapter_scale=s))
         rows[s] = {
             "finetune": dino_map_50(bundle, data["test"]),
             "pretrain": dino_map_50(bundle, data["retention"]),
         }
-        found[s] = retention_detections(bundle, data["retention"])
-    cats = sorted(data["retention"]["coco"]["categories"], key=lambda c: c["id"])
-    reference = reference_ground_truth(
-        data["retention"]["coco"]["images"],
-        found[0.0],
-        threshold=RETENTION_THRESHOLD,
-        category_ids=[c["id"] for c in cats],
-        names=[c["name"] for c in cats],
-    )
-    for s in rows:
-        rows[s]["retention"] = retention_scores(reference, found[s], max_detections=100)["map"]
+        for key, split in where.items():
+            found[key][s] = retention_detections(bundle, data[split], cats)
+    for key, split in where.items():
+        reference = reference_ground_truth(
+            data[split]["coco"]["images"],
+            found[key][0.0],
+            threshold=RETENTION_THRESHOLD,
+            category_ids=[c["id"] for c in cats],
+            names=[c["name"] for c in cats],
+        )
+        for s in rows:
+            rows[s][key] = retention_scores(reference, found[key][s], max_detections=100)["map"]
     return {s: rows[s] for s in scales}
 
 
@@ -270,6 +277,13 @@ def dino_params(overrides: dict[str, Any]) -> DinoParams:
     return dino
 
 
+def retention_names(data: dict) -> list[str] | None:
+    """The retention set's class names (None without a retention set: COCO-80)."""
+    if "retention" not in data:
+        return None
+    return [str(c["name"]) for c in data["retention"]["coco"]["categories"]]
+
+
 def train_dino(
     method: str,
     *,
@@ -285,6 +299,7 @@ def train_dino(
     from teacher.dino import task as dino_task
     from teacher.dino.labels import build_label_map
     from teacher.dino.model import load_dino
+    from teacher.dino.task import training_retain_names
     from teacher.train.loop import fit, seed_everything
     from teacher.train.lora import apply_lora
 
@@ -316,6 +331,15 @@ def train_dino(
         seed=seed,
         batch_size=train.batch_size,
         scales=train_scales(dino),
+        # what the retention score measures: the pretraining domain's names (as make demo's
+        # evaluate.retention_classes); COCO-80 (the pipeline's default) when there is none
+        retain=training_retain_names(
+            retention_names(data),
+            data["train"]["coco"],
+            tokenizer=bundle.processor.tokenizer,
+            dino=dino,
+        ),
+        retain_weight=dino.retain_weight,
     )
     fit(
         task,
@@ -419,10 +443,8 @@ def summarise(runs: list[dict]) -> list[dict]:
         base_pre = statistics.median(
             r["pretrain"] for r in runs if r["model"] == name and r["method"] == "base"
         )
-        for method in ("base", "lora", "full"):
+        for method in sorted({r["method"] for r in runs if r["model"] == name}, key=method_order):
             rows = [r for r in runs if r["model"] == name and r["method"] == method]
-            if not rows:
-                continue
             stats = {"model": name, "method": method, "seeds": len(rows)}
             for key in ("finetune", "pretrain", "peak_mb", "adapter_mb", "seconds"):
                 vals = [r[key] for r in rows if key in r]
@@ -467,26 +489,101 @@ def print_curve(runs: list[dict], scales: list[float]) -> None:
     )
     print(
         "| model | method | scale | fine-tuning domain | gain | pretraining domain | change "
-        "| retention |"
+        "| retention (pretraining domain) | retention (test images) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in sorted({r["model"] for r in runs}):
         base = [r for r in runs if r["model"] == name and r["method"] == "base"]
         b_fine = statistics.median(r["finetune"] for r in base)
         b_pre = statistics.median(r["pretrain"] for r in base)
-        for method in ("lora", "full"):
+        methods = sorted({r["method"] for r in runs if r["model"] == name}, key=method_order)
+        for method in (m for m in methods if m != "base"):
             rows = [r for r in runs if r["model"] == name and r["method"] == method]
             for s in scales:
                 points = [r["curve"][s] for r in rows if s in r.get("curve", {})]
                 if not points:
                     continue
                 med = {k: statistics.median(p[k] for p in points) for k in points[0]}
-                retention = f"{med['retention']:.3f}" if "retention" in med else "-"
+                kept = [
+                    f"{med[k]:.3f}" if k in med else "-" for k in ("retention", "retention_test")
+                ]
                 print(
                     f"| {name} ({metric[name]}) | {method} | {s:g} | {med['finetune']:.3f} | "
                     f"{med['finetune'] - b_fine:+.3f} | {med['pretrain']:.3f} | "
-                    f"{med['pretrain'] - b_pre:+.3f} | {retention} |"
+                    f"{med['pretrain'] - b_pre:+.3f} | {kept[0]} | {kept[1]} |"
                 )
+
+
+def method_order(label: str) -> tuple:
+    """base, lora, full, then each method with the retention term by weight."""
+    method, _, weight = label.partition(" retain ")
+    return (label != "base", method != "lora", method, float(weight or 0))
+
+
+def merge_runs(paths: Sequence[Path]) -> list[dict]:
+    """The runs of several ``--json`` files; one base row per model (the base is the same)."""
+    runs: list[dict] = []
+    for path in paths:
+        for run in json.loads(path.read_text()):
+            for r in run.get("curve", {}).copy():  # JSON keys are strings
+                run["curve"][float(r)] = run["curve"].pop(r)
+            if run["method"] == "base" and any(
+                r["model"] == run["model"] and r["method"] == "base" for r in runs
+            ):
+                continue
+            runs.append(run)
+    return runs
+
+
+def plot_tradeoff(runs: list[dict], scales: list[float], path: Path) -> None:
+    """The forgetting guard's trade-off as ``evaluate`` plots it (gain vs retention, a point per
+    adapter scale, scale 0 = the base model), one curve per DINO method (medians over seeds):
+    with ``--retain-weights``, the curve without the term beside those with it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dino = [r for r in runs if r["model"] == "dino"]
+    base = statistics.median(r["finetune"] for r in dino if r["method"] == "base")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, key, where in (
+        (axes[0], "retention_test", "the fine-tuning domain's test images (evaluate's protocol)"),
+        (axes[1], "retention", "held-out pretraining-domain images"),
+    ):
+        for method in sorted(
+            {r["method"] for r in dino if r["method"] != "base"}, key=method_order
+        ):
+            rows = [r for r in dino if r["method"] == method and "curve" in r]
+            points = [(0.0, 1.0, 0.0)]  # scale 0: the base model, retention 1 by construction
+            for s in scales:
+                curve = [r["curve"][s] for r in rows if s in r["curve"]]
+                if curve:
+                    kept = statistics.median(c[key] for c in curve)
+                    gain = statistics.median(c["finetune"] for c in curve) - base
+                    points.append((s, kept, gain))
+            line = ax.plot([p[1] for p in points], [p[2] for p in points], "o-", label=method)
+            for s, x, y in points[1:]:
+                ax.annotate(
+                    f"s={s:g}",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=8,
+                    color=line[0].get_color(),
+                )
+        ax.set_xlabel(f"retention on {where}")
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("box mAP@50 gain on the fine-tuning domain")
+    axes[0].legend(fontsize=8)
+    seeds = len({r["seed"] for r in dino if r["method"] != "base"})
+    fig.suptitle(
+        f"DINO tiny-pretrained, LoRA: gain vs retention per adapter scale (median of {seeds} seeds)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 def main() -> int:
@@ -528,7 +625,33 @@ def main() -> int:
         default="lora",
         help="dino: what trains in input_proj_vision",
     )
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="dino with --scales: the trade-off plot (PNG)"
+    )
+    parser.add_argument(
+        "--retain-weights",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="dino: dino.retain_weight of each trained run (0 = off; several: a run per weight, "
+        "labelled 'lora retain W')",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="no training: the tables (and --plot) of runs saved with --json (several: merged)",
+    )
     args = parser.parse_args()
+    if args.from_json:
+        runs = merge_runs(args.from_json)
+        print_table(summarise(runs))
+        if args.scales:
+            print_curve(runs, args.scales)
+            if args.plot:
+                plot_tradeoff(runs, args.scales, args.plot)
+        return 0
     train = TrainParams(epochs=args.epochs, batch_size=4, lr=args.lr, warmup_steps=5, patience=0)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
@@ -561,29 +684,37 @@ def main() -> int:
                 n_train=args.train_images, n_val=16, seed=seed, out=root / f"data{seed}"
             )
             data = {**fixed, "train": train_split, "val": val_split}
-            for name in args.models:
-                for method in args.methods:
-                    row = run_isolated(
-                        name,
-                        method,
-                        seed,
-                        data,
-                        train,
-                        root / f"{name}-{method}-{seed}",
-                        args.threads,
-                        args.scales,
-                        {
-                            "denoise_queries": args.denoise,
-                            "train_scale_min": args.train_scale_min,
-                            "train_crop": args.train_crop,
-                            "input_proj": args.input_proj,
-                        },
-                    )
-                    runs.append({"model": name, "method": method, "seed": seed, **row})
-                    print(f"{name} {method} seed {seed}: {row}", flush=True)
+            for name, method, weight in (
+                (n, m, w)
+                for n in args.models
+                for m in args.methods
+                for w in (args.retain_weights if n == "dino" else [0.0])
+            ):
+                label = method if weight == 0 else f"{method} retain {weight:g}"
+                row = run_isolated(
+                    name,
+                    method,
+                    seed,
+                    data,
+                    train,
+                    root / f"{name}-{label.replace(' ', '-')}-{seed}",
+                    args.threads,
+                    args.scales,
+                    {
+                        "denoise_queries": args.denoise,
+                        "train_scale_min": args.train_scale_min,
+                        "train_crop": args.train_crop,
+                        "input_proj": args.input_proj,
+                        "retain_weight": weight,
+                    },
+                )
+                runs.append({"model": name, "method": label, "seed": seed, **row})
+                print(f"{name} {label} seed {seed}: {row}", flush=True)
     print_table(summarise(runs))
     if args.scales:
         print_curve(runs, args.scales)
+        if args.plot and "dino" in args.models:
+            plot_tradeoff(runs, args.scales, args.plot)
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
     return 0

@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     return stage_main(
         "train_dino",
         parser,
-        lambda args: run_training_stage(args, teacher="dino", train_fn=train_dino),
+        lambda args: run_training_stage(
+            args,
+            teacher="dino",
+            train_fn=train_dino,
+            # dino.retain_weight keeps the names evaluate measures retention on
+            borrowed=("evaluate.retention_classes",),
+        ),
         argv,
     )
 

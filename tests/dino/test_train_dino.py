@@ -213,6 +213,12 @@ def test_stage_runs_through_dvc_repro(repo_copy, monkeypatch):
     assert labels["prompts"] == ["circle . square . triangle . star ."]
     used = json.loads((out / "params.json").read_text())
     assert used["dino"]["model"] == "tiny-random" and used["augment_policy"]["policy"] == "auto"
+    # dino.retain_weight keeps evaluate's retention classes: part of the run's params (null: COCO)
+    assert used["dino"]["retain_weight"] > 0 and used["evaluate.retention_classes"] is None
+    trained = tsv(
+        repo_copy / "metrics/train_dino/plots/metrics/train/loss_retain_ce.tsv", "loss_retain_ce"
+    )
+    assert trained and all(v >= 0 for v in trained)
     metrics = json.loads((repo_copy / "metrics/train_dino/metrics.json").read_text())
     assert "val_map" in metrics and metrics["augment_policy"] == "auto"
     shown = json.loads(run_in_repo(repo_copy, "dvc", "metrics", "show", "--json").stdout)
@@ -227,6 +233,9 @@ def test_stage_runs_through_dvc_repro(repo_copy, monkeypatch):
     set_params(repo_copy, {"lora.rank": 2})
     status = json.loads(run_in_repo(repo_copy, "dvc", "status", "train_dino", "--json").stdout)
     assert "train_dino" in status
+    set_params(repo_copy, {"lora.rank": 4, "evaluate.retention_classes": ["ring"]})
+    status = json.loads(run_in_repo(repo_copy, "dvc", "status", "train_dino", "--json").stdout)
+    assert "train_dino" in status  # the names the term keeps
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from teacher.coco.images import decoded_size, image_path, load_image, probe_imag
 from teacher.coco.io import has_usable_box, index_by_image, is_crowd
 from teacher.dataset.augment import sample_rng
 from teacher.dino.labels import MAX_TEXT_TOKENS, LabelMap, prompt_text
+from teacher.dino.retain import RetainNames
 from teacher.dino.scales import TrainScales, apply_scale
 
 NEGATIVE = -1  # item "chunk" of a negative item: a prompt naming none of the image's objects
@@ -145,6 +146,8 @@ class DinoDataset(Dataset):
     image may be cut to the references' crop window, and ``shortest_edge`` is the size the
     processor resizes it to (drawn per item). Augmentation, negative chunks, sampled negatives
     and scales are seeded by (seed, epoch, index); ``negatives`` > 0 needs ``class_tokens``.
+    With ``retain`` (``dino.retain_weight``, :mod:`teacher.dino.retain`) an item also has
+    ``retain``: retention names for the end of its prompt (drawn last; needs ``class_tokens``).
     """
 
     def __init__(
@@ -159,7 +162,10 @@ class DinoDataset(Dataset):
         negatives: int = 0,
         class_tokens: Sequence[int] | None = None,
         scales: TrainScales | None = None,
+        retain: RetainNames | None = None,
     ) -> None:
+        if retain is not None and class_tokens is None:
+            raise ValueError("DinoDataset: retention names need the token count of every class")
         self.items = dino_items(coco, label_map, all_chunks=all_chunks)
         self.anns = index_by_image(coco)
         self.image_root, self.label_map = Path(image_root), label_map
@@ -167,6 +173,7 @@ class DinoDataset(Dataset):
         self.negatives = 0 if all_chunks else negatives
         self.class_tokens = class_tokens
         self.scales = scales
+        self.retain = None if all_chunks else retain
         self._shapes: dict[Any, tuple[int, int]] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -186,10 +193,13 @@ class DinoDataset(Dataset):
         boxes, labels = annotation_boxes(anns, label_map=self.label_map, classes=classes)
         if self.transform is not None:
             image, boxes, labels = augment_boxes(self.transform, image, boxes, labels, seed=seed)
-        edge = {}
+        extra: dict[str, Any] = {}
         if self.scales is not None:  # drawn after the augmentation seed and the negatives
             image, boxes, labels, shortest = apply_scale(self.scales, image, boxes, labels, rng=rng)
-            edge = {"shortest_edge": shortest}
+            extra["shortest_edge"] = shortest
+        if self.retain is not None:  # drawn last: the draws before are as without retention
+            used = 2 + sum(cast(Sequence[int], self.class_tokens)[i] + 1 for i in classes)
+            extra["retain"] = self.retain.draw(rng, used_tokens=used)
         return {
             "image": image,
             "boxes": boxes,
@@ -197,7 +207,7 @@ class DinoDataset(Dataset):
             "classes": classes,
             "image_id": record["id"],
             "size": size,
-            **edge,
+            **extra,
         }
 
     def image_shape(self, index: int) -> tuple[int, int]:
@@ -280,7 +290,9 @@ def collate_dino(
     padded to the longest; ``labels`` per item ``class_labels`` (n,) and ``boxes`` (n, 4)
     cxcywh normalised; ``image_ids``, ``classes`` (prompt indexes per item, in prompt order),
     ``sizes`` (original width, height). Items with a ``shortest_edge`` (training scales) are
-    resized to it, the longest edge capped as the processor caps it.
+    resized to it, the longest edge capped as the processor caps it. Items with ``retain``
+    names (:mod:`teacher.dino.retain`) get them after their classes in the prompt; ``own``
+    counts each prompt's own classes (the phrases before them).
     """
     if num_queries is not None:
         items = pad_thin_items(items, processor=processor, num_queries=num_queries)
@@ -293,7 +305,10 @@ def collate_dino(
             input_data_format="channels_last",  # HxWx3: never guessed
         )
     text = processor.tokenizer(
-        [prompt_text([label_map.names[i] for i in it["classes"]]) for it in items],
+        [
+            prompt_text([*(label_map.names[i] for i in it["classes"]), *it.get("retain", ())])
+            for it in items
+        ],
         padding="longest",
         return_tensors="pt",
     )
@@ -309,6 +324,8 @@ def collate_dino(
         "labels": labels,
         "image_ids": [it["image_id"] for it in items],
         "classes": [it["classes"] for it in items],
+        "own": [len(it["classes"]) for it in items],
+        "retained": sum(len(it.get("retain", ())) for it in items),
         "sizes": [it["size"] for it in items],
     }
 

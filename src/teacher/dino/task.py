@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -29,8 +30,10 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps
 
 from teacher.coco.metrics import coco_eval
+from teacher.coco.vocabulary import retention_classes
 from teacher.core.artifacts import LABELS_FILE
 from teacher.core.params import DinoParams, LoraParams, TrainParams
 from teacher.dataset.augment import REFERENCE_BOXES, build_transform
@@ -46,6 +49,18 @@ from teacher.dino.detect import (
 from teacher.dino.labels import LabelMap, build_label_map, save_labels
 from teacher.dino.loss import grounded_loss
 from teacher.dino.model import HEAD_MODULES, frozen_towers, load_dino, set_dropout
+from teacher.dino.retain import (
+    RetainNames,
+    base_outputs,
+    keep_pretrained_values,
+    retain_loss,
+    retain_names,
+    retain_proposal_loss,
+    retain_token_masks,
+    shared_towers,
+    user_tokens_only,
+    weighted_total,
+)
 from teacher.dino.scales import TrainScales, train_scales
 from teacher.train.loop import Task, fit, seed_everything
 from teacher.train.lora import apply_lora, save_adapter
@@ -73,7 +88,8 @@ def wrap_for_training(
     model: nn.Module, *, dino: DinoParams, lora: LoraParams, activation_checkpointing: bool
 ) -> nn.Module:
     """Dropout as ``dino.dropout``; LoRA (+ fully trained heads); frozen towers without autograd;
-    optional checkpointing; ``dino.denoise_queries`` > 0: contrastive denoising queries in every
+    optional checkpointing; ``dino.retain_weight`` > 0: the pretrained values of the fully trained
+    heads kept for the base model's forward (:mod:`teacher.dino.retain`); ``dino.denoise_queries`` > 0: contrastive denoising queries in every
     training step (:mod:`teacher.dino.denoising`; their label embedding trains as ``denoiser.*``
     and is not saved with the adapter)."""
     set_dropout(model, dino.dropout)
@@ -88,6 +104,8 @@ def wrap_for_training(
         run_without_grad(base.get_submodule(name))
     if activation_checkpointing:
         checkpoint_layers([*base.model.encoder.layers, *base.model.decoder.layers])
+    if dino.retain_weight > 0:  # the base model's answers need the heads' pretrained values
+        model = keep_pretrained_values(model)
     return with_denoising(model, dino)
 
 
@@ -105,14 +123,51 @@ def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Tenso
     return {k: batch[k].to(device) for k in INPUT_KEYS if k in batch}
 
 
-def training_step(model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
-    """Forward with targets; the grounded loss and its main terms."""
+def training_step(
+    model: nn.Module, batch: dict[str, Any], *, retain_weight: float = 0.0
+) -> dict[str, Tensor]:
+    """Forward with targets; the grounded loss and its main terms. ``retain_weight`` > 0 and
+    retention names in the batch's prompts (:mod:`teacher.dino.retain`): the base model's
+    answers for them first (adapter off, no gradients), then the fine-tuned forward, whose
+    grounded loss leaves their tokens out, plus ``retain_weight`` x the retention terms
+    (logged as ``loss_retain_*``)."""
     device = next(model.parameters()).device
     labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
+    inputs = model_inputs(batch, device)
+    retain = retain_weight > 0 and batch.get("retained", 0) > 0
     denoiser = model._modules.get("denoiser")  # dino.denoise_queries (wrap_for_training)
-    with denoiser.training_on(labels) if isinstance(denoiser, Denoiser) else nullcontext():
-        out = model(**model_inputs(batch, device), labels=labels)
-    return {"loss": out.loss, **logged_terms(out.loss_dict)}
+    with shared_towers(model) if retain else nullcontext():  # one Swin and BERT pass for both
+        base = base_outputs(model, inputs) if retain else None
+        tokens = None
+        if base is not None:
+            maps = build_label_maps(base.logits, cast(torch.LongTensor, inputs["input_ids"]))
+            tokens = retain_token_masks(maps, batch["own"])
+        with (
+            denoiser.training_on(labels) if isinstance(denoiser, Denoiser) else nullcontext(),
+            user_tokens_only(model, tokens) if tokens is not None else nullcontext(),
+        ):
+            out = model(**inputs, labels=labels)
+    found = {"loss": out.loss, **logged_terms(out.loss_dict)}
+    if base is not None and tokens is not None:
+        skip = out.logits.shape[1] - base.logits.shape[1]  # denoising queries come first
+        terms = retain_loss(
+            out.logits[:, skip:],
+            out.pred_boxes[:, skip:],
+            base.logits,
+            base.pred_boxes,
+            tokens,
+            config=_base(model).config,
+        )
+        terms |= retain_proposal_loss(
+            out.enc_outputs_class,
+            out.enc_outputs_coord_logits,
+            base.enc_outputs_class,
+            base.enc_outputs_coord_logits,
+            tokens,
+        )
+        found["loss"] = out.loss + weighted_total(terms, retain_weight)
+        found.update({k: v.detach() for k, v in terms.items()})
+    return found
 
 
 def logged_terms(loss_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -201,10 +256,13 @@ def build_task(
     negatives: int = 0,
     offsets_lr_scale: float = 1.0,
     scales: TrainScales | None = None,
+    retain: RetainNames | None = None,
+    retain_weight: float = 0.0,
 ) -> Task:
     """The training Task: augmented train dataset (``negatives`` absent names per prompt;
-    ``scales``: the references' multi-scale resize and crop), step, val loss + mAP, save, the
-    offsets' lr multiplier.
+    ``scales``: the references' multi-scale resize and crop; ``retain``: retention names after
+    each prompt's classes, kept at ``retain_weight``), step, val loss + mAP, save, the offsets'
+    lr multiplier.
 
     Validation batches hold images of one size only, as test-time scoring does
     (:func:`teacher.dino.detect.same_size_batches`): the Swin sees a batch's padding, which moved
@@ -224,8 +282,11 @@ def build_task(
         # every clipped box with positive area kept, as both references (teacher.dataset.augment)
         transform=build_transform(augment_policy, train=True, boxes=REFERENCE_BOXES),
         negatives=negatives,
-        class_tokens=class_tokens(label_map, processor.tokenizer) if negatives else None,
+        class_tokens=(
+            class_tokens(label_map, processor.tokenizer) if negatives or retain else None
+        ),
         scales=scales,
+        retain=retain if retain_weight > 0 else None,
     )
     val = DinoDataset(val_coco, image_root, label_map=label_map, seed=seed, all_chunks=True)
     shapes = [val.image_shape(i) for i in range(len(val))]
@@ -236,12 +297,23 @@ def build_task(
         model=model,
         train_dataset=dataset,
         collate_fn=collate,
-        step=training_step,
+        step=partial(training_step, retain_weight=retain_weight) if retain else training_step,
         validate=partial(validate_detection, loader=loader, coco=val_coco, label_map=label_map),
         monitor="val_map",
         save=partial(save_dino, label_map=label_map),
         lr_scales={OFFSET_PARAMS: offsets_lr_scale},
     )
+
+
+def training_retain_names(
+    configured: Sequence[str] | None, coco: dict, *, tokenizer: Any, dino: DinoParams
+) -> RetainNames | None:
+    """The retention names of a training run: ``configured`` (None = COCO-80) without the
+    dataset's classes; None when ``dino.retain_weight`` or ``dino.retain_names`` is 0."""
+    if dino.retain_weight <= 0:
+        return None
+    names, _ = retention_classes(configured, [str(c["name"]) for c in coco["categories"]])
+    return retain_names(names, tokenizer=tokenizer, per_prompt=dino.retain_names)
 
 
 def train_dino(
@@ -258,8 +330,13 @@ def train_dino(
     checkpoint_dir: Path,
     live_dir: Path,
     fingerprint: str,
+    retention_classes: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Fine-tune Grounding DINO (``dino.model``) with LoRA; the best adapter goes to ``out_dir``.
+
+    ``dino.retain_weight`` > 0: the base model's answers for ``retention_classes``
+    (``evaluate.retention_classes``: None = COCO-80; the dataset's own classes left out) are
+    kept while training (:mod:`teacher.dino.retain`).
 
     Writes ``adapter_model.safetensors`` (LoRA and the heads, when trained),
     ``adapter_config.json`` and ``labels.json``; dvclive logs in ``live_dir`` with the
@@ -285,6 +362,10 @@ def train_dino(
         negatives=dino.negatives,
         offsets_lr_scale=dino.offsets_lr_scale,
         scales=train_scales(dino),
+        retain=training_retain_names(
+            retention_classes, train_coco, tokenizer=bundle.processor.tokenizer, dino=dino
+        ),
+        retain_weight=dino.retain_weight,
     )
     summary = {
         "prompt_chunks": len(label_map.chunks),

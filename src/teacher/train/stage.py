@@ -70,6 +70,7 @@ def run_training_stage(
     train_fn: Callable[..., dict[str, Any]],
     extra: dict[str, Any] | None = None,
     skip: Callable[[dict, Path], str | None] | None = None,
+    borrowed: Sequence[str] = (),
 ) -> str:
     """Train one teacher as a stage; returns the line the stage prints.
 
@@ -77,7 +78,9 @@ def run_training_stage(
     ``lora``/``train`` params, augmentation policy, seed, output folders and fingerprint, its
     own params section by the section's name (``teacher``: ``dino=``, ``sam=``) and ``extra``.
     ``skip(facts, train_path)`` may return a reason the data cannot train this teacher: then
-    only a SKIPPED note is written.
+    only a SKIPPED note is written. ``borrowed``: params of other sections the training reads
+    (``"evaluate.retention_classes"``): passed to ``train_fn`` by their field name, and part of the
+    run's fingerprint and recorded params.
     """
     params = load_params(args.params)
     facts = read_json(args.inspect)
@@ -87,6 +90,8 @@ def run_training_stage(
             write_skipped_stage(reason, out=args.out, metrics=args.metrics)
         return f"SKIPPED: {reason} -> {args.out}"
     used = {"seed": params["seed"], **{k: to_dict(params[k]) for k in (*SHARED_SECTIONS, teacher)}}
+    lent = {key: getattr(params[key.split(".")[0]], key.split(".")[1]) for key in borrowed}
+    used.update({key: list(v) if isinstance(v, tuple) else v for key, v in lent.items()})
     policy = resolve_policy(params["augment"], facts)
     train_coco, val_coco = load_coco(args.train), load_coco(args.val)
     with training_lock(args.checkpoints) if is_main_process() else nullcontext():
@@ -112,6 +117,7 @@ def run_training_stage(
                 live_dir=args.metrics,
                 fingerprint=run_id,
                 **{teacher: params[teacher]},
+                **{key.split(".")[1]: v for key, v in lent.items()},
                 **(extra or {}),
             ),
         )
