@@ -24,14 +24,15 @@ TINY_DINO = DinoParams(model="tiny-random", shortest_edge=64, longest_edge=96)
 TINY_SAM = SamParams(model="tiny-random")
 
 
-def write_tiny_params(path: Path, **dino: Any) -> Path:
-    """A params.yaml at ``path`` naming TINY_DINO and TINY_SAM (``dino`` adds dino keys)."""
+def write_tiny_params(path: Path, *, sam_model: str = TINY_SAM.model, **dino: Any) -> Path:
+    """A params.yaml at ``path`` naming TINY_DINO and TINY_SAM (``dino`` adds dino keys;
+    ``sam_model`` replaces TINY_SAM's model)."""
     tiny = {
         "model": TINY_DINO.model,
         "shortest_edge": TINY_DINO.shortest_edge,
         "longest_edge": TINY_DINO.longest_edge,
     }
-    path.write_text(yaml.safe_dump({"dino": {**tiny, **dino}, "sam": {"model": TINY_SAM.model}}))
+    path.write_text(yaml.safe_dump({"dino": {**tiny, **dino}, "sam": {"model": sam_model}}))
     return path
 
 
@@ -65,13 +66,17 @@ def write_dino_adapter(
     return out
 
 
-def write_sam_adapter(out: Path, *, seed: int = 0, decoder: bool = False) -> Path:
-    """With ``decoder``, the mask decoder is trained fully (moved) as with sam.train_decoder."""
+def write_sam_adapter(
+    out: Path, *, seed: int = 0, decoder: bool = False, model: str = TINY_SAM.model
+) -> Path:
+    """With ``decoder``, the mask decoder is trained fully (moved) as with sam.train_decoder;
+    ``model``: the base (``tiny-random-sam2``: a SAM 2 adapter)."""
+    base = load_base_sam(model)
     peft = apply_lora(
-        load_base_sam("tiny-random"),
+        base,
         lora=LoraParams(rank=4),
         targets=TINY_SAM.lora_targets,
-        train_modules="mask_decoder" if decoder else None,
+        train_modules=base.decoder_modules if decoder else None,
     )
     _perturb(peft, seed=seed, scale=0.05, trained=decoder)
     save_adapter(peft, out)

@@ -409,7 +409,7 @@ def _export_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         required=True,
-        help="new or empty folder for dino/ (save_pretrained) and sam.pth (see --force)",
+        help="new or empty folder for dino/ (save_pretrained) and sam.pth (SAM) or sam/ (SAM 2, save_pretrained) (see --force)",
     )
     p.add_argument(
         "--params", default="params.yaml", help="its dino and sam sections name the base models"

@@ -1,6 +1,7 @@
 """The evaluate stage: metrics, PR curves and gallery from tiny-random teachers; SKIPPED handling;
 through `dvc repro` (after the real train stages) its outputs are DVC metrics and plots."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def adapters(tmp_path_factory):
     (root / "test.json").write_text(json.dumps(gt))
     write_dino_adapter(root / "models" / "dino", gt["categories"])
     write_sam_adapter(root / "models" / "sam")
+    write_sam_adapter(root / "models" / "sam2", model="tiny-random-sam2")
     return root
 
 
@@ -179,25 +181,27 @@ def test_box_only_objects_are_ignore_regions_in_mask_ap():
     assert gt["annotations"][1]["segmentation"] == []  # the input is not modified
 
 
-def test_one_sam_encoder_pass_per_image_and_model(adapters):
-    """Grounded-SAM and the true-box mIoU share one embedding per image (3 images, 2 passes)."""
+@pytest.mark.parametrize("sam_model", ["tiny-random", "tiny-random-sam2"])
+def test_one_sam_encoder_pass_per_image_and_model(adapters, sam_model):
+    """Grounded-SAM and the true-box mIoU share one embedding per image (3 images, 2 passes),
+    SAM and SAM 2 alike."""
     from teacher.evaluation.report import load_teachers, run_variant
     from teacher.inference.predict import Filter
 
     gt = json.loads((adapters / "test.json").read_text())
+    sam_dir = adapters / "models" / ("sam" if sam_model == "tiny-random" else "sam2")
     calls = []
     for scale in (1.0, None):  # adapted, base
         teachers = load_teachers(
             gt,
             dino_dir=adapters / "models/dino",
-            sam_dir=adapters / "models/sam",
+            sam_dir=sam_dir,
             dino_params=TINY_DINO,
-            sam_params=TINY_SAM,
+            sam_params=dataclasses.replace(TINY_SAM, model=sam_model),
             adapter_scale=scale,
         )
-        teachers.sam.image_encoder.register_forward_hook(
-            lambda m, i, o: calls.append(i[0].shape[0])
-        )
+        encoder = getattr(teachers.sam, "image_encoder", None) or teachers.sam.vision_encoder
+        encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
         out = run_variant(
             gt,
             adapters / "images",

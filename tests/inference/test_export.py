@@ -1,6 +1,7 @@
 """`teacher export`: merged full models predict what the adapters predict, without peft."""
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -206,3 +207,40 @@ def test_cli_export_out_needs_force_and_never_the_adapters_folder(exported, tmp_
     assert "is not empty" in capsys.readouterr().err
     assert teacher_main([*args, str(tmp_path / "out"), "--force"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dino", "sam.pth"]
+
+
+def test_sam2_exports_as_a_transformers_folder_that_predicts_as_the_adapter(tmp_path):
+    """sam.model: tiny-random-sam2: the merged model is written with save_pretrained (``sam/``),
+    loads with plain Sam2Model / Sam2Processor and as sam.model, and predicts as the adapter."""
+    import torch
+    from transformers import Sam2Model, Sam2Processor
+
+    gt = write_tiny_coco(tmp_path / "images", n_images=1)
+    write_sam_adapter(tmp_path / "models" / "sam", model="tiny-random-sam2", decoder=True)
+    params = SamParams(model="tiny-random-sam2")
+    written = export_all(tmp_path / "models", tmp_path / "out", dino=TINY_DINO, sam=params)
+    assert written == {"sam": tmp_path / "out" / "sam"}
+    assert json.loads((written["sam"] / "config.json").read_text())["architectures"] == [
+        "Sam2Model"
+    ]
+    image = load_image(tmp_path / "images" / gt["images"][0]["file_name"])
+    boxes = np.array([a["bbox"] for a in gt["annotations"]], float)
+    unmerged = load_adapter(load_base_sam("tiny-random-sam2"), tmp_path / "models" / "sam").eval()
+    m_u, s_u = segment(unmerged, image, boxes)
+    m_m, s_m = segment(load_sam(SamParams(model=str(written["sam"]))), image, boxes)
+    m_b, s_b = segment(load_base_sam("tiny-random-sam2"), image, boxes)
+    np.testing.assert_allclose(s_m, s_u, atol=1e-4)
+    assert (m_m == m_u).mean() > 0.999
+    assert np.abs(s_b - s_u).max() > 1e-4  # the adapter does change outputs
+    plain = Sam2Model.from_pretrained(written["sam"]).eval()  # transformers alone
+    processor = Sam2Processor.from_pretrained(written["sam"])
+    xyxy = boxes[:1].copy()
+    xyxy[:, 2:] += xyxy[:, :2]
+    inputs = processor(images=image, input_boxes=[xyxy.tolist()], return_tensors="pt")
+    with torch.no_grad():
+        out = plain(
+            pixel_values=inputs["pixel_values"],
+            input_boxes=inputs["input_boxes"],
+            multimask_output=False,
+        )
+    assert float(out.iou_scores[0, 0, 0]) == pytest.approx(float(s_u[0]), abs=1e-4)

@@ -250,6 +250,34 @@ def test_the_teachers_label_the_pool_with_boxes_masks_scores_and_skip_unreadable
     assert not list((tmp_path / "shards").glob("progress-*"))
 
 
+def test_a_sam2_teacher_labels_the_pool_with_masks(tmp_path):
+    """sam.model: tiny-random-sam2 with its adapter: every teacher label has a mask."""
+    import dataclasses
+
+    from pycocotools import mask as mask_utils
+
+    pool_dir = pool(tmp_path, 2)
+    dirs = models(tmp_path)
+    write_sam_adapter(tmp_path / "models/sam2", model="tiny-random-sam2")
+    label_pool(
+        pool_dir,
+        dino_dir=dirs["dino_dir"],
+        sam_dir=tmp_path / "models/sam2",
+        label=LabelParams(score_threshold=0.0, batch_size=2, max_detections=3),
+        dino=TINY_DINO,
+        sam=dataclasses.replace(TINY_SAM, model="tiny-random-sam2"),
+        out=tmp_path / "labels.json",
+        shard_dir=tmp_path / "shards",
+        progress=False,
+        log=lambda s: None,
+    )
+    doc = load_coco(tmp_path / "labels.json")
+    sizes = {im["id"]: (im["height"], im["width"]) for im in doc["images"]}
+    assert len(doc["annotations"]) == 6
+    for ann in doc["annotations"]:
+        assert mask_utils.decode(ann["segmentation"]).shape == sizes[ann["image_id"]]
+
+
 def test_a_rerun_labels_nothing_and_writes_the_same_bytes(tmp_path):
     pool_dir = pool(tmp_path, 3)
     label(tmp_path, pool_dir, tmp_path / "a.json", tmp_path / "shards")

@@ -224,10 +224,11 @@ def test_cli_predict_folder_round_trips_through_pycocotools(tmp_path, capsys):
         assert 0 <= ann["score"] <= 1 and ann["category_id"] in (1, 2)
 
 
-def test_cli_predict_with_adapters_uses_their_classes(tmp_path):
+@pytest.mark.parametrize("sam_model", ["tiny-random", "tiny-random-sam2"])
+def test_cli_predict_with_adapters_uses_their_classes(tmp_path, sam_model):
     gt = write_tiny_coco(tmp_path / "images", n_images=1)
     write_dino_adapter(tmp_path / "models" / "dino", gt["categories"])
-    write_sam_adapter(tmp_path / "models" / "sam")
+    write_sam_adapter(tmp_path / "models" / "sam", model=sam_model)
     out = tmp_path / "labels.json"
     rc = teacher_main(
         [
@@ -238,7 +239,7 @@ def test_cli_predict_with_adapters_uses_their_classes(tmp_path):
             "--out",
             str(out),
             "--params",
-            str(_params(tmp_path)),
+            str(write_tiny_params(tmp_path / "params.yaml", sam_model=sam_model)),
             "--score-threshold",
             "0",
             "--text-threshold",
@@ -251,6 +252,7 @@ def test_cli_predict_with_adapters_uses_their_classes(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["categories"] == [{"id": 1, "name": "box"}, {"id": 5, "name": "round thing"}]
     assert {a["category_id"] for a in doc["annotations"]} <= {1, 5} and len(doc["annotations"]) == 3
+    assert all(a["segmentation"]["counts"] for a in doc["annotations"])  # masks from sam_model
 
 
 def test_cli_predict_without_classes_or_adapters_says_what_to_do(tmp_path, capsys):

@@ -16,6 +16,7 @@ from teacher.sam import build as B
 from teacher.sam import predictor as P
 from teacher.sam import task as T
 from teacher.sam.data import SamDataset, cache_sam_embeddings, collate_sam
+from teacher.sam.geometry import SamGeometry
 from teacher.sam.prompts import (
     NOT_A_POINT,
     choose_point_prompts,
@@ -98,7 +99,13 @@ def test_farthest_from_boundary_is_where_one_clicks():
 def test_dataset_point_prompts_lie_inside_their_masks_and_follow_the_seed(shapes):  # noqa: F811
     coco, root = shapes
     make = lambda seed: SamDataset(  # noqa: E731
-        coco, root, image_size=128, max_prompts=4, box_jitter=0.1, seed=seed, point_prompts=1.0
+        coco,
+        root,
+        geometry=SamGeometry(128),
+        max_prompts=4,
+        box_jitter=0.1,
+        seed=seed,
+        point_prompts=1.0,
     )
     item = make(0)[0]
     assert item["is_point"].all() and item["extent"] == (96, 128)
@@ -107,7 +114,9 @@ def test_dataset_point_prompts_lie_inside_their_masks_and_follow_the_seed(shapes
     again = make(0)[0]
     assert torch.equal(item["points"], again["points"]) and item["seed"] == again["seed"]
     assert not torch.equal(item["points"], make(1)[0]["points"])
-    boxes_only = SamDataset(coco, root, image_size=128, max_prompts=4, box_jitter=0.1, seed=0)
+    boxes_only = SamDataset(
+        coco, root, geometry=SamGeometry(128), max_prompts=4, box_jitter=0.1, seed=0
+    )
     assert not boxes_only[0]["is_point"].any()
     assert torch.equal(boxes_only[0]["boxes"], item["boxes"])  # the box jitter is unchanged
 
@@ -132,7 +141,7 @@ def test_point_prompts_train_the_decoder_on_cached_embeddings(shapes, tmp_path):
     ds = SamDataset(
         coco,
         root,
-        image_size=128,
+        geometry=SamGeometry(128),
         max_prompts=4,
         box_jitter=0.0,
         seed=0,
@@ -148,7 +157,13 @@ def test_point_prompts_train_the_decoder_on_cached_embeddings(shapes, tmp_path):
     lora_b = {n: g for n, g in grads.items() if "lora_B" in n}  # (A's grads are 0 while B is)
     assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b.values())
     plain = SamDataset(
-        coco, root, image_size=128, max_prompts=4, box_jitter=0.0, seed=0, embeddings=cache
+        coco,
+        root,
+        geometry=SamGeometry(128),
+        max_prompts=4,
+        box_jitter=0.0,
+        seed=0,
+        embeddings=cache,
     )
     boxes = T.training_step(model, collate_sam([plain[0], plain[1]]), sam_params=params)
     assert float(out["loss"]) != pytest.approx(float(boxes["loss"]))  # the clicks were used
@@ -163,7 +178,13 @@ def test_rounds_add_a_correction_click_and_each_round_has_a_loss(shapes, monkeyp
     model = _decoder_only(params)
     items = (
         SamDataset(
-            coco, root, image_size=128, max_prompts=4, box_jitter=0.0, seed=s, point_prompts=0.5
+            coco,
+            root,
+            geometry=SamGeometry(128),
+            max_prompts=4,
+            box_jitter=0.0,
+            seed=s,
+            point_prompts=0.5,
         )[0]
         for s in range(100)
     )  # the first seed whose image has both kinds of prompt

@@ -31,6 +31,7 @@ from teacher.sam.data import (
     masks_to_input,
     sam_instances,
 )
+from teacher.sam.geometry import SamGeometry
 from teacher.sam.task import encoder_trains, training_step, wrap_for_training
 from teacher.train.lora import apply_lora, save_adapter
 
@@ -368,7 +369,7 @@ def test_masks_follow_image_geometry():
 
 def test_dataset_items_in_input_frame(shapes):
     coco, root = shapes
-    ds = SamDataset(coco, root, image_size=128, max_prompts=1, box_jitter=0.0, seed=0)
+    ds = SamDataset(coco, root, geometry=SamGeometry(128), max_prompts=1, box_jitter=0.0, seed=0)
     item = ds[0]
     assert item["image"].shape == (3, 96, 128)  # longest side already 128
     assert item["boxes"].shape == (1, 4) and item["masks"].shape == (1, 128, 128)
@@ -390,7 +391,7 @@ def test_augmented_items_keep_boxes_and_masks_aligned(shapes):
     ds = SamDataset(
         coco,
         root,
-        image_size=128,
+        geometry=SamGeometry(128),
         max_prompts=4,
         box_jitter=0.0,
         seed=0,
@@ -430,7 +431,13 @@ def test_embedding_cache_is_reused_and_matches_encoder(shapes, tmp_path):
     again = cache_sam_embeddings(sam, coco, root, cache)
     assert again == files and all(p.stat().st_ino == n for p, n in inodes.items())  # not rewritten
     ds = SamDataset(
-        coco, root, image_size=128, max_prompts=4, box_jitter=0.0, seed=0, embeddings=files
+        coco,
+        root,
+        geometry=SamGeometry(128),
+        max_prompts=4,
+        box_jitter=0.0,
+        seed=0,
+        embeddings=files,
     )
     cached = ds[0]["embedding"]
     image = np.asarray(Image.open(root / "im0.png").convert("RGB"))
@@ -554,7 +561,7 @@ def test_encoder_lora_trains_with_activation_checkpointing(shapes):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert before and all("image_encoder" in n and "lora_" in n for n in before)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ds = SamDataset(coco, root, image_size=128, max_prompts=2, box_jitter=0.1, seed=0)
+    ds = SamDataset(coco, root, geometry=SamGeometry(128), max_prompts=2, box_jitter=0.1, seed=0)
     batch = collate_sam([ds[0], ds[1]])
     for _ in range(2):
         loss = training_step(model, batch, sam_params=params)["loss"]
@@ -576,7 +583,7 @@ def test_decoder_only_mode_runs_encoder_without_grad(shapes):
         B.build_tiny_random(), sam_params=params, lora=LoraParams(), activation_checkpointing=True
     )
     assert not encoder_trains(model)
-    ds = SamDataset(coco, root, image_size=128, max_prompts=2, box_jitter=0.0, seed=0)
+    ds = SamDataset(coco, root, geometry=SamGeometry(128), max_prompts=2, box_jitter=0.0, seed=0)
     model.train()
     seen = []
     M.unwrap(model).image_encoder.register_forward_hook(

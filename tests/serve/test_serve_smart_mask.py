@@ -56,3 +56,47 @@ def test_smart_mask_is_sam_predictors_for_one_or_several_prompts(scene, case):
     best = int(ref_scores.argmax())
     assert (mask != ref[best]).mean() <= 1e-3
     assert score == pytest.approx(float(ref_scores[best]), rel=1e-4, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def scene2():
+    from teacher.sam.build import build_tiny_random_sam2
+
+    image = np.random.default_rng(0).integers(0, 60, (48, 64, 3), dtype=np.uint8)
+    image[10:30, 12:40] = (220, 40, 40)
+    sam = build_tiny_random_sam2()
+    return image, sam, prepare_image(sam, image)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sam2_smart_mask_is_transformers_sam2_path(scene2, case):
+    """SAM 2's smart-tool mask equals Sam2Processor + Sam2Model + post_process_masks, with the
+    same one-prompt (best of three) / several-prompts (single mask) rule."""
+    import torch
+    from transformers import Sam2ImageProcessor, Sam2Processor
+
+    image, sam, prepared = scene2
+    points, labels, box = CASES[case]
+    h, w = image.shape[:2]
+    mask, score = sam_mask(
+        sam,
+        prepared,
+        Prompts(width=w, height=h, points=points, point_labels=labels, box_xyxy=box, label=None),
+    )
+    single = len(points) + (box is not None) == 1
+    processor = Sam2Processor(Sam2ImageProcessor(size={"height": 128, "width": 128}))
+    inputs = processor(
+        images=image,
+        input_points=[[points.tolist()]] if len(points) else None,
+        input_labels=[[labels.tolist()]] if len(points) else None,
+        input_boxes=[[box.tolist()]] if box is not None else None,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        out = sam(
+            **{k: v for k, v in inputs.items() if k != "original_sizes"}, multimask_output=single
+        )
+    masks = processor.post_process_masks(out.pred_masks, inputs["original_sizes"])[0][0]
+    best = int(out.iou_scores[0, 0].argmax())
+    assert (mask != masks[best].numpy()).mean() <= 1e-3
+    assert score == pytest.approx(float(out.iou_scores[0, 0, best]), rel=1e-4, abs=1e-5)

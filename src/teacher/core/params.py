@@ -143,13 +143,41 @@ class DinoParams:
 
 # Named LoRA targets, usable as (or joined with "+" into) dino.lora_targets / sam.lora_targets:
 # the one place each module-name pattern is written.
-LORA_PRESETS: dict[str, str] = {
-    "sam-encoder-qkv": r"image_encoder\.blocks\.\d+\.attn\.qkv",  # SAM image encoder attention
-    # SAM mask decoder attention only: decoder-only mode (image embeddings cached once)
-    "sam-decoder-attention": r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)",
+# SAM presets, per family: (SAM (segment-anything), SAM 2.1 (transformers' Sam2Model)). The two
+# name their modules apart (image_encoder.blocks / vision_encoder.backbone.blocks, out_proj /
+# o_proj, lin1 / proj_in), so a preset is the alternation of both and, on either model, picks
+# that model's own modules: sam.lora_targets keeps its meaning when sam.model changes family.
+_SAM_DECODER_MLPS = r"(proj_in|layers\.\d+|proj_out)"  # SAM 2's FeedForward: in, hidden, out
+SAM_LORA_PRESETS: dict[str, tuple[str, str]] = {
+    # image encoder attention: the fused qkv projection of every block
+    "sam-encoder-qkv": (
+        r"image_encoder\.blocks\.\d+\.attn\.qkv",
+        r"vision_encoder\.backbone\.blocks\.\d+\.attn\.qkv",
+    ),
+    # image encoder attention: the output projection of every block (join: "...-qkv+...-proj")
+    "sam-encoder-proj": (
+        r"image_encoder\.blocks\.\d+\.attn\.proj",
+        r"vision_encoder\.backbone\.blocks\.\d+\.attn\.proj",
+    ),
+    # mask decoder attention only: decoder-only mode (image embeddings cached once)
+    "sam-decoder-attention": (
+        r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|out_proj)",
+        r"mask_decoder\.transformer\.layers\.\d+\.\w+\.(q_proj|k_proj|v_proj|o_proj)",
+    ),
     # every linear layer of the mask decoder: its attention (the final token-to-image one too),
-    # MLPs, mask hypernetworks and IoU head (decoder-only mode on its own, as the one above)
-    "sam-decoder-linear": r"mask_decoder\.(transformer\..*_proj|transformer\.layers\.\d+\.mlp\.lin[12]|output_hypernetworks_mlps\.\d+\.layers\.\d+|iou_prediction_head\.layers\.\d+)",
+    # MLPs, mask hypernetworks and IoU head (decoder-only mode on its own, as the one above);
+    # not SAM 2's object-score head, which box / click prompting on images never reads
+    "sam-decoder-linear": (
+        r"mask_decoder\.(transformer\..*_proj|transformer\.layers\.\d+\.mlp\.lin[12]|output_hypernetworks_mlps\.\d+\.layers\.\d+|iou_prediction_head\.layers\.\d+)",
+        r"mask_decoder\.(transformer\..*_proj|transformer\.layers\.\d+\.mlp\.(proj_in|proj_out)|output_hypernetworks_mlps\.\d+\."
+        + _SAM_DECODER_MLPS
+        + r"|iou_prediction_head\."
+        + _SAM_DECODER_MLPS
+        + ")",
+    ),
+}
+LORA_PRESETS: dict[str, str] = {
+    name: "|".join(f"(?:{p})" for p in patterns) for name, patterns in SAM_LORA_PRESETS.items()
 }
 
 
@@ -166,9 +194,9 @@ def lora_pattern(targets: str | Sequence[str]) -> str | list[str]:
 
 @dataclass(frozen=True)
 class SamParams:
-    model: str = "vit_b"  # vit_b, vit_l, vit_h (Meta's checkpoints, cached + sha256-checked), a local .pth, or tiny-random
-    lora_targets: str | list[str] = "sam-encoder-qkv"  # preset names joined by "+" (sam-encoder-qkv, sam-decoder-attention or sam-decoder-linear: decoder-only mode, embeddings cached), a regex (full match) or a list of names
-    train_decoder: bool = False  # train the mask decoder fully (saved beside the adapter)
+    model: str = "vit_b"  # SAM: vit_b, vit_l, vit_h (Meta's checkpoints, cached + sha256-checked), a local .pth, tiny-random or tiny-pretrained; SAM 2.1: facebook/sam2.1-hiera-tiny|small|base-plus|large (hub, transformers), a local save_pretrained folder, or tiny-random-sam2 (docs/SAM.md)
+    lora_targets: str | list[str] = "sam-encoder-qkv"  # preset names joined by "+" (sam-encoder-qkv, sam-encoder-proj, sam-decoder-attention or sam-decoder-linear: decoder-only mode, embeddings cached; each names the same layers in SAM and SAM 2), a regex (full match) or a list of names
+    train_decoder: bool = False  # train the mask decoder fully (saved beside the adapter; SAM 2: all but conv_s0/conv_s1, which project the cached high-res features)
     box_jitter: float = field(default=0.1, metadata=_range(0, 1))  # training box noise, fraction of the box's width/height per side
     box_jitter_max: float = field(default=20.0, metadata=_range(0))  # ... and at most this many pixels of the model's input frame (SAM paper: 10 %, max 20 px)
     max_prompts: int = field(default=16, metadata=_range(1))  # prompts per image per step (sampled, seeded)
@@ -180,7 +208,7 @@ class SamParams:
     iou_weight: float = field(default=1.0, metadata=_range(0))  # weight of the IoU-prediction MSE
     focal_alpha: float = field(default=0.25, metadata=_range(0, 1))  # focal loss alpha
     focal_gamma: float = field(default=2.0, metadata=_range(0))  # focal loss gamma
-    embedding_cache_gib: float = field(default=32.0, metadata=_range(0))  # bound of the decoder-only embedding cache (4 MiB per image for vit_*), least recently used evicted; `teacher prune-cache`
+    embedding_cache_gib: float = field(default=32.0, metadata=_range(0))  # bound of the decoder-only embedding cache (per image: 4 MiB for vit_*, 16 MiB for SAM 2.1 with its high-res maps), least recently used evicted; `teacher prune-cache`
 
 
 MAX_ADAPTER_SCALES = 16  # evaluate.adapter_scales: each scale not 0 or 1 is a pass over the test split

@@ -7,6 +7,9 @@
 - SAM: ``<out>/sam.pth``, a segment-anything state dict (``torch.save(sam.state_dict())``, as
   Meta's checkpoints); it loads with ``sam_model_registry[...](checkpoint=...)`` or as
   ``sam.model: <out>/sam.pth``.
+- SAM 2.1: ``<out>/sam/``, a transformers ``save_pretrained`` folder (``Sam2Model`` and
+  ``Sam2Processor``, safetensors); it loads with ``Sam2Model.from_pretrained`` or as
+  ``sam.model: <out>/sam``.
 Neither needs peft to load or predict. ``adapter_scale`` (``teacher export --adapter-scale``)
 exports the adapters at that scale (:func:`teacher.train.lora.load_adapter`: 0 = the base models,
 1 = the adapters as trained).
@@ -54,21 +57,42 @@ def export_dino(
 
 
 def export_sam(
-    params: SamParams, adapter_dir: str | Path, out_path: str | Path, *, adapter_scale: float = 1.0
+    params: SamParams, adapter_dir: str | Path, out_dir: str | Path, *, adapter_scale: float = 1.0
 ) -> Path:
-    """Base SAM of ``params`` + the adapter of ``adapter_dir`` (at ``adapter_scale``), merged, as
-    a state dict file."""
+    """Base SAM of ``params`` + the adapter of ``adapter_dir`` (at ``adapter_scale``), merged,
+    into ``out_dir``: ``sam.pth`` (a state dict) for SAM, ``sam/`` (save_pretrained) for SAM 2.
+    Returns the path written."""
     from teacher.sam.build import load_sam
 
-    out_path = Path(out_path)
+    out_dir = Path(out_dir)
     # merged by load_sam
     sam = load_sam(params, adapter_dir=Path(adapter_dir), adapter_scale=adapter_scale)
+    if sam.sam_family == "sam2":
+        return save_sam2(sam, out_dir / "sam")
+    out_path = out_dir / "sam.pth"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in sam.state_dict().items()}
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     torch.save(state, tmp)
     tmp.replace(out_path)
     return out_path
+
+
+def save_sam2(model: Any, out_dir: Path) -> Path:
+    """A merged ``BoxPromptSam2`` as transformers' own ``Sam2Model`` folder, with the
+    ``Sam2Processor`` of its input size (what ``Sam2Model`` / ``Sam2Processor.from_pretrained``
+    and ``sam.model`` read)."""
+    from transformers import Sam2ImageProcessor, Sam2Processor
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    # save_pretrained names our subclass in config.json; name transformers' class instead
+    model.config.architectures = ["Sam2Model"]
+    model.config.save_pretrained(str(out_dir))
+    side = model.geometry.size
+    processor = Sam2Processor(Sam2ImageProcessor(size={"height": side, "width": side}))
+    processor.save_pretrained(str(out_dir))
+    return out_dir
 
 
 def export_all(
@@ -99,7 +123,7 @@ def export_all(
             ),
             "sam": (
                 adapters / "sam",
-                lambda d: export_sam(sam, d, new / "sam.pth", adapter_scale=scale),
+                lambda d: export_sam(sam, d, new, adapter_scale=scale),
             ),
         }
         written = {}

@@ -3,9 +3,10 @@ disk cache of image embeddings for decoder-only training.
 
 Every non-crowd instance with a mask (polygon or RLE) gives a (prompt, mask) pair: its box,
 or (share ``point_prompts``) a point inside its mask (:mod:`teacher.sam.prompts`).
-Geometry is segment-anything's (teacher.sam.model): longest side resized to the encoder size, boxes
-into that frame, masks resized the same way and padded to the square input. Decoder-only
-training reads each image's embedding from a disk cache instead of the image.
+Geometry is the model family's (:mod:`teacher.sam.geometry`): SAM's longest side resized to the
+encoder size and padded, SAM 2's image stretched to the square input; boxes and masks go into
+that frame the same way. Decoder-only training reads each image's embedding from a disk cache
+instead of the image (SAM 2: with its high-res maps, :mod:`teacher.sam.embedding`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -32,14 +32,15 @@ from teacher.coco.io import annotation_mask, images_by_id, index_by_image
 from teacher.core.digest import file_sha256
 from teacher.core.errors import TeacherError
 from teacher.dataset.augment import sample_rng
-from teacher.sam.model import (
-    boxes_xyxy_to_input,
-    encoder_fingerprint,
-    image_to_tensor,
-    resize_image,
-    resized_shape,
-    unwrap,
+from teacher.sam.embedding import (
+    Embedding,
+    embedding_from_tensors,
+    embedding_tensors,
+    stack_embeddings,
+    valid_entry,
 )
+from teacher.sam.geometry import Geometry, SamGeometry
+from teacher.sam.model import encoder_fingerprint, image_to_tensor, unwrap
 from teacher.sam.predictor import prepare_image
 from teacher.sam.prompts import choose_point_prompts, sample_mask_points
 from teacher.sam.scoring import instance_boxes_xywh, is_sam_instance
@@ -93,12 +94,9 @@ def jitter_boxes_xyxy(
 
 def masks_to_input(masks: np.ndarray, *, size: int) -> Tensor:
     """(N, H, W) bool -> (N, size, size) bool: resized as the image (longest side ``size``,
-    bilinear, threshold 0.5) and zero-padded right and bottom, as ``Sam.preprocess`` pads."""
-    n, height, width = masks.shape
-    h, w = resized_shape(height, width, size=size)
-    t = torch.from_numpy(np.ascontiguousarray(masks)).float()[None]
-    t = F.interpolate(t, (h, w), mode="bilinear", align_corners=False)[0] > 0.5
-    return F.pad(t, (0, size - w, 0, size - h))
+    bilinear, threshold 0.5) and zero-padded right and bottom, as ``Sam.preprocess`` pads
+    (SAM's geometry; either family: ``model.geometry.masks_to_input``)."""
+    return SamGeometry(size).masks_to_input(masks)
 
 
 def augment_instances(
@@ -129,8 +127,8 @@ def augment_instances(
 class SamDataset(Dataset):
     """Training samples for SAM: one image and up to ``max_prompts`` of its instances.
 
-    Items: ``image`` (3xhxw float 0..255, resized) or ``embedding`` (C, g, g) when
-    ``embeddings`` maps image ids to cached files; ``boxes`` (N, 4) float32 xyxy in the input
+    Items: ``image`` (3xhxw float 0..255, resized by ``geometry``, the model's) or ``embedding``
+    (C, g, g; SAM 2: with its high-res maps) when ``embeddings`` maps image ids to cached files; ``boxes`` (N, 4) float32 xyxy in the input
     frame (jittered by ``box_jitter``, at most ``box_jitter_max`` input pixels, inside the
     image); ``masks`` (N, S, S) bool; ``points`` (N, 2) float32 x, y in the input frame, a pixel
     of the mask drawn uniformly, and ``is_point`` (N,) bool, the prompts that are that point
@@ -147,7 +145,7 @@ class SamDataset(Dataset):
         coco: dict[str, Any],
         image_root: str | Path,
         *,
-        image_size: int,
+        geometry: Geometry,
         max_prompts: int,
         box_jitter: float,
         seed: int,
@@ -159,7 +157,7 @@ class SamDataset(Dataset):
         images = images_by_id(coco)
         self.records = [(images[i], anns) for i, anns in sam_instances(coco).items()]
         self.image_root = Path(image_root)
-        self.image_size, self.max_prompts, self.box_jitter = image_size, max_prompts, box_jitter
+        self.geometry, self.max_prompts, self.box_jitter = geometry, max_prompts, box_jitter
         self.box_jitter_max, self.point_prompts = box_jitter_max, point_prompts
         self.seed, self.epoch = seed, 0
         self.transform, self.embeddings = transform, embeddings
@@ -178,7 +176,9 @@ class SamDataset(Dataset):
             height, width = int(record["height"]), int(record["width"])
             masks = [annotation_mask(a, height, width) for a in anns]
             item = self._encode(None, masks, instance_boxes_xywh(anns, masks), (height, width), rng)
-            item["embedding"] = load_file(str(self.embeddings[record["id"]]))["embedding"]
+            item["embedding"] = embedding_from_tensors(
+                load_file(str(self.embeddings[record["id"]]))
+            )
             return item | {"image_id": record["id"]}
         image = load_image(image_path(self.image_root, record["file_name"]))
         masks = [annotation_mask(a, *image.shape[:2]) for a in anns]
@@ -193,8 +193,8 @@ class SamDataset(Dataset):
         return item | {"image_id": record["id"]}
 
     def _encode(self, image, masks, boxes_xywh, hw, rng) -> dict[str, Any]:
-        boxes = boxes_xyxy_to_input(xywh_to_xyxy(boxes_xywh), tuple(hw), size=self.image_size)
-        h, w = resized_shape(*hw, size=self.image_size)  # the image's extent in the input frame
+        boxes = self.geometry.boxes_to_input(xywh_to_xyxy(boxes_xywh), tuple(hw))
+        h, w = self.geometry.resized_shape(*hw)  # the image's extent in the input frame
         boxes = jitter_boxes_xyxy(
             boxes,
             fraction=self.box_jitter,
@@ -203,7 +203,7 @@ class SamDataset(Dataset):
             width=w,
             height=h,
         )
-        masks_in = masks_to_input(np.stack(masks), size=self.image_size)
+        masks_in = self.geometry.masks_to_input(np.stack(masks))
         is_point = choose_point_prompts(len(masks_in), share=self.point_prompts, rng=rng)
         points, found = sample_mask_points(masks_in, rng=rng)
         item = {
@@ -215,7 +215,7 @@ class SamDataset(Dataset):
             "seed": int(rng.integers(2**31)),
         }
         if image is not None:
-            item["image"] = image_to_tensor(resize_image(image, size=self.image_size))
+            item["image"] = image_to_tensor(self.geometry.resize_image(image))
         return item
 
 
@@ -224,7 +224,9 @@ def collate_sam(items: list[dict[str, Any]]) -> dict[str, Any]:
     has_embedding = "embedding" in items[0]
     return {
         "images": None if has_embedding else [it["image"] for it in items],
-        "embeddings": torch.stack([it["embedding"] for it in items]) if has_embedding else None,
+        "embeddings": stack_embeddings([it["embedding"] for it in items])
+        if has_embedding
+        else None,
         "boxes": [it["boxes"] for it in items],
         "masks": [it["masks"] for it in items],
         "points": [it["points"] for it in items],
@@ -237,10 +239,13 @@ def collate_sam(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 # --- the embedding cache of decoder-only training -----------------------------------------------
 #
-# One file per (encoder, image): ``<cache_dir>/<encoder fingerprint>/<image sha256>.safetensors``
-# holding ``embedding`` (C, g, g) float32 and the image's size in its metadata. That is
-# C x g x g x 4 bytes: 4 MiB per image for Meta's encoders (256 x 64 x 64), 64 KiB for
-# tiny-random. Entries are touched when used; beyond ``max_bytes`` the least recently used go
+# One file per (encoder, image): ``<cache_dir>/<folder>/<image sha256>.safetensors``, the folder
+# the encoder fingerprint (SAM) or ``sam2-<fingerprint>`` (SAM 2; the fingerprint hashes the
+# family too), holding ``embedding`` (C, g, g) float32 (SAM 2: also its two high-res maps,
+# teacher.sam.embedding) and the image's size in its metadata. Per image at 1024 px: 4 MiB for
+# SAM (256 x 64 x 64), 16 MiB for SAM 2 (+ 64 x 128 x 128 + 32 x 256 x 256); 64 KiB for
+# tiny-random and for tiny-random-sam2. An entry with another family's tensors is
+# damaged to the reader (recomputed, never used). Entries are touched when used; beyond ``max_bytes`` the least recently used go
 # first, so entries of edited images (a new sha256) and of old encoders (a new fingerprint),
 # never used again, are the first evicted. ``teacher prune-cache`` removes them on demand.
 
@@ -258,10 +263,10 @@ def _check_size(image_id: Any, record: dict, height: int, width: int, source: st
         )
 
 
-def _write_embedding(target: Path, embedding: Tensor, height: int, width: int) -> None:
+def _write_embedding(target: Path, embedding: Embedding, height: int, width: int) -> None:
     tmp = target.with_suffix(f".{os.getpid()}.tmp")  # unique: processes and runs share a cache
     save_file(
-        {"embedding": embedding.float().cpu().contiguous()},
+        embedding_tensors(embedding),
         str(tmp),
         metadata={"height": str(height), "width": str(width)},
     )
@@ -279,32 +284,26 @@ def cached_size(path: Path) -> tuple[int, int]:
         return -1, -1
 
 
-def entry_state(path: Path) -> str:
+def entry_state(path: Path, family: str = "sam") -> str:
     """``"missing"``; ``"ok"``; ``"old"`` (written by a version that recorded no image size:
-    embedded again); ``"damaged"`` (unreadable, foreign or non-finite: embedded again, with a
-    warning, never trained on)."""
+    embedded again); ``"damaged"`` (unreadable, foreign, of the other family or non-finite:
+    embedded again, with a warning, never trained on)."""
     if not path.exists():
         return "missing"
-    if not cached_embedding_ok(path):
+    if not cached_embedding_ok(path, family):
         return "damaged"
     return "ok" if cached_size(path)[0] >= 0 else "old"
 
 
-def cached_embedding_ok(path: Path) -> bool:
-    """True when a cache entry loads and holds one finite (C, g, g) ``embedding``: a truncated,
-    foreign or NaN file is recomputed, not trained on."""
+def cached_embedding_ok(path: Path, family: str = "sam") -> bool:
+    """True when a cache entry loads and holds exactly ``family``'s finite tensors (SAM: one
+    (C, g, g) ``embedding``; SAM 2: with its high-res maps): a truncated, foreign, other-family
+    or NaN file is recomputed, not trained on."""
     try:
         tensors = load_file(str(path))
     except Exception:  # safetensors raises its own error types for damaged files
         return False
-    emb = tensors.get("embedding")
-    return (
-        set(tensors) == {"embedding"}
-        and emb is not None
-        and emb.ndim == 3
-        and emb.shape[1] == emb.shape[2]
-        and bool(torch.isfinite(emb).all())
-    )
+    return valid_entry(tensors, family)
 
 
 def _ready(path: Path) -> bool:
@@ -325,8 +324,11 @@ def _wait_for(paths: list[Path], *, timeout_s: float) -> None:
 
 
 def embedding_folder(sam: nn.Module, cache_dir: str | Path) -> Path:
-    """The cache folder of this model's image encoder: ``<cache_dir>/<encoder fingerprint>``."""
-    return Path(cache_dir) / encoder_fingerprint(unwrap(sam))
+    """The cache folder of this model's image encoder: ``<cache_dir>/<encoder fingerprint>``
+    (SAM), ``<cache_dir>/sam2-<encoder fingerprint>`` (SAM 2)."""
+    model = unwrap(sam)
+    prefix = "" if model.sam_family == "sam" else f"{model.sam_family}-"
+    return Path(cache_dir) / f"{prefix}{encoder_fingerprint(model)}"
 
 
 def embedding_paths(folder: Path, coco: dict[str, Any], image_root: str | Path) -> dict[Any, Path]:
@@ -366,7 +368,7 @@ def cache_sam_embeddings(
     images = images_by_id(coco)
     mine = [i for k, i in enumerate(out) if k % world == rank]
     for image_id in tqdm(mine, desc="SAM image embeddings", leave=False):
-        state = entry_state(out[image_id])
+        state = entry_state(out[image_id], model.sam_family)
         if state == "ok":
             continue
         if state == "damaged":

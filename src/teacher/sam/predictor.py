@@ -1,35 +1,25 @@
-"""Prompt a prepared image, as segment-anything's ``predictor.py``.
+"""Prompt a prepared image, as segment-anything's ``predictor.py``; either SAM family.
 
 :func:`prepare_image` runs the image encoder once (``SamPredictor.set_image``); the immutable
 :class:`PreparedImage` answers any number of box prompts (COCO xywh, original pixels) against
 that embedding, and click prompts (:meth:`PreparedImage.predict_points`); :func:`segment` does
-both for one image.
+both for one image. The family's geometry, decoder and post-processing come from the model
+(:mod:`teacher.sam.model`'s family interface).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
 from teacher.coco.boxes import xywh_to_xyxy
-from teacher.sam.model import (
-    boxes_xyxy_to_input,
-    decode_boxes,
-    decode_prompts,
-    embed_images,
-    image_to_tensor,
-    input_size,
-    points_xy_to_input,
-    resize_image,
-    resized_shape,
-    select_best,
-    unwrap,
-)
+from teacher.sam.embedding import Embedding
+from teacher.sam.model import embed, select_best, unwrap
 
 SAM_CHUNK = 16  # box prompts decoded and upscaled at a time: bounds the (chunk, H, W) float logits
 
@@ -43,17 +33,24 @@ class PreparedImage:
     logits in memory are (chunk, H, W) however many boxes an image has.
     """
 
-    sam: Sam  # the (unwrapped) model whose encoder computed ``embedding``
-    embedding: Tensor  # (C, g, g) on the model's device
+    sam: Any  # the (unwrapped) model whose encoder computed ``embedding``, either family
+    embedding: Embedding  # (C, g, g) on the model's device (SAM 2: + its high-res maps)
     original_size: tuple[int, int]  # (H, W) of the image as given
-    input_size: tuple[int, int]  # (h, w) after ResizeLongestSide, before padding
+    input_size: tuple[int, int]  # (h, w): the image's extent in the input frame
 
     def boxes_to_input(self, boxes_xywh: np.ndarray) -> Tensor:
         """(N, 4) COCO xywh in original pixels -> (N, 4) float32 xyxy in the input frame."""
         xyxy = xywh_to_xyxy(np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4))
-        size = input_size(self.sam)
         return torch.as_tensor(
-            boxes_xyxy_to_input(xyxy, self.original_size, size=size),
+            self.sam.geometry.boxes_to_input(xyxy, self.original_size),
+            dtype=torch.float32,
+            device=self.embedding.device,
+        )
+
+    def points_to_input(self, points_xy: np.ndarray) -> Tensor:
+        """(..., 2) x, y in original pixels -> float32 in the input frame."""
+        return torch.as_tensor(
+            self.sam.geometry.points_to_input(points_xy, self.original_size),
             dtype=torch.float32,
             device=self.embedding.device,
         )
@@ -66,8 +63,8 @@ class PreparedImage:
         ``chunk`` boxes (COCO xywh, original pixels); multimask: the best of 3 by predicted IoU."""
         boxes = self.boxes_to_input(boxes_xywh)
         for start in range(0, len(boxes), chunk):
-            low_res, scores = decode_boxes(
-                self.sam, self.embedding, boxes[start : start + chunk], multimask=multimask
+            low_res, scores = self.sam.decode(
+                self.embedding, boxes=boxes[start : start + chunk], multimask=multimask
             )
             yield self._best_masks(low_res, scores)
 
@@ -76,7 +73,7 @@ class PreparedImage:
         predicted IoU (chosen before upscaling) as bool (n, H, W) at the original size, and its
         predicted IoU float32 (n,)."""
         best, best_scores = select_best(low_res, scores)
-        logits = self.sam.postprocess_masks(best[:, None], self.input_size, self.original_size)
+        logits = self.sam.postprocess(best[:, None], self.input_size, self.original_size)
         return (
             (logits[:, 0] > self.sam.mask_threshold).cpu().numpy(),
             best_scores.float().cpu().numpy(),
@@ -97,17 +94,11 @@ class PreparedImage:
         multimask (default, as ``SamPredictor`` for a click and the smart tool of
         ``teacher serve``): the best of 3 candidates by predicted IoU.
         """
-        points = np.asarray(points_xy, np.float64).reshape(len(labels), -1, 2)
-        coords = torch.as_tensor(
-            points_xy_to_input(points, self.original_size, size=input_size(self.sam)),
-            dtype=torch.float32,
-            device=self.embedding.device,
-        )
+        coords = self.points_to_input(np.asarray(points_xy, np.float64).reshape(len(labels), -1, 2))
         labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(coords.shape[:2])
         parts = []
         for start in range(0, len(coords), chunk):
-            low_res, scores = decode_prompts(
-                self.sam,
+            low_res, scores = self.sam.decode(
                 self.embedding,
                 points=coords[start : start + chunk],
                 labels=labels_t[start : start + chunk],
@@ -133,26 +124,25 @@ def prepare_image(
     model: nn.Module,
     image: np.ndarray | None = None,
     *,
-    embedding: Tensor | None = None,
+    embedding: Embedding | None = None,
     original_size: tuple[int, int] | None = None,
 ) -> PreparedImage:
     """Run the image encoder once on ``image`` (HxWx3 uint8 RGB), as ``SamPredictor.set_image``.
 
-    Or wrap an ``embedding`` (C, g, g) computed before (the decoder-only cache) of an image of
-    ``original_size`` (H, W): then the image is not needed.
+    Or wrap an ``embedding`` (C, g, g; SAM 2: its features) computed before (the decoder-only
+    cache) of an image of ``original_size`` (H, W): then the image is not needed.
     """
     sam = unwrap(model)
-    size = input_size(sam)
     if embedding is None:
         if image is None:
             raise ValueError("prepare_image: pass an image, or an embedding and its original_size")
         original_size = (int(image.shape[0]), int(image.shape[1]))
-        embedding = embed_images(sam, [image_to_tensor(resize_image(image, size=size))])[0]
+        embedding = embed(sam, [image])[0]
     elif original_size is None:
         if image is None:
             raise ValueError("prepare_image: an embedding needs the image's original_size")
         original_size = (int(image.shape[0]), int(image.shape[1]))
-    resized = resized_shape(*original_size, size=size)
+    resized = sam.geometry.resized_shape(*original_size)
     return PreparedImage(
         sam=sam,
         embedding=embedding.to(sam.device),
@@ -167,7 +157,7 @@ def segment(
     boxes_xywh: np.ndarray,
     *,
     multimask: bool = False,
-    embedding: Tensor | None = None,
+    embedding: Embedding | None = None,
     chunk: int = SAM_CHUNK,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Masks of the objects in ``boxes_xywh`` (COCO xywh, absolute pixels) of one image.

@@ -4,7 +4,9 @@ train_sam. Clicks follow SAM's iterative recipe, cut short (:func:`prompt_rounds
 LoRA on the image encoder attention (``sam.lora_targets``, optionally decoder attention too);
 ``sam.train_decoder`` trains the mask decoder fully (saved beside the adapter, never through
 peft's ``modules_to_save``). When no encoder parameter trains (decoder-only mode), image
-embeddings are computed once into a disk cache and every epoch reads them from there.
+embeddings are computed once into a disk cache and every epoch reads them from there. Either
+family (SAM, SAM 2): the model's family interface (:mod:`teacher.sam.model`) gives geometry,
+embedding, decoder, encoder parameters and the fully trained decoder modules.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
 from teacher.coco.images import image_path, load_image
@@ -31,6 +32,7 @@ from teacher.core.params import LoraParams, SamParams, TrainParams
 from teacher.dataset.augment import build_transform
 from teacher.sam.build import load_base_sam
 from teacher.sam.data import SamDataset, cache_split_embeddings, collate_sam, sam_instances
+from teacher.sam.embedding import Embedding, embedding_from_tensors
 from teacher.sam.losses import sam_loss
 from teacher.sam.model import decode_prompts, input_size, select_best, unwrap
 from teacher.sam.predictor import prepare_image
@@ -42,8 +44,6 @@ from teacher.train.lora import apply_lora, save_adapter
 from teacher.train.memory import checkpoint_layers
 
 log = logging.getLogger(__name__)
-
-DECODER = "mask_decoder"  # module trained fully when sam.train_decoder
 
 
 def untrainable_reason(
@@ -69,22 +69,23 @@ def untrainable_reason(
 def wrap_for_training(
     sam: nn.Module, *, sam_params: SamParams, lora: LoraParams, activation_checkpointing: bool
 ) -> nn.Module:
-    """LoRA from params (+ the fully trained decoder); checkpointing of encoder blocks if asked
-    and the encoder trains."""
+    """LoRA from params (+ the fully trained decoder: the family's ``decoder_modules``);
+    checkpointing of encoder blocks if asked and the encoder trains."""
     model = apply_lora(
         sam,
         lora=lora,
         targets=sam_params.lora_targets,
-        train_modules=DECODER if sam_params.train_decoder else None,
+        train_modules=unwrap(sam).decoder_modules if sam_params.train_decoder else None,
     )
     if activation_checkpointing and encoder_trains(model):
-        checkpoint_layers(unwrap(model).image_encoder.blocks)
+        checkpoint_layers(unwrap(model).encoder_blocks())
     return model
 
 
 def encoder_trains(model: nn.Module) -> bool:
-    """Whether any image-encoder parameter requires grad (False: decoder-only mode)."""
-    return any(p.requires_grad for p in unwrap(model).image_encoder.parameters())
+    """Whether any parameter the image embedding depends on requires grad (False:
+    decoder-only mode)."""
+    return any(p.requires_grad for p in unwrap(model).encoder_parameters())
 
 
 def masks_to_low_res(masks: Tensor, size: tuple[int, ...]) -> Tensor:
@@ -180,8 +181,8 @@ class Prompts:
 
 
 def prompt_rounds(
-    sam: Sam,
-    embedding: Tensor,
+    sam: Any,
+    embedding: Embedding,
     first: Prompts,
     target: Tensor,
     *,
@@ -259,7 +260,7 @@ def validate_miou(
         if embeddings:
             prepared = prepare_image(
                 model,
-                embedding=load_file(str(embeddings[image_id]))["embedding"],
+                embedding=embedding_from_tensors(load_file(str(embeddings[image_id]))),
                 original_size=(int(record["height"]), int(record["width"])),
             )
         else:
@@ -314,7 +315,7 @@ def build_task(
     dataset = SamDataset(
         train_coco,
         image_root,
-        image_size=input_size(unwrap(model)),
+        geometry=unwrap(model).geometry,
         max_prompts=sam_params.max_prompts,
         box_jitter=sam_params.box_jitter,
         box_jitter_max=sam_params.box_jitter_max,

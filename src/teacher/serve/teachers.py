@@ -220,43 +220,38 @@ def found_of(det: Any, image: TaskImage, names: dict[int, str]) -> Found:
 def sam_mask(
     model: torch.nn.Module, prepared: PreparedImage, prompts: Prompts
 ) -> tuple[np.ndarray, float]:
-    """SAM's mask for points and/or a box, at the original size: for one prompt (one click or
-    a box alone) the best of its three candidates, for several its single mask, as
-    segment-anything advises (``SamPredictor.predict``: multimask output for ambiguous single
-    prompts) and as train_sam trains it (teacher.sam.prompts: three candidates only for a lone
-    click, one mask once there is more than one prompt)."""
-    from segment_anything.utils.transforms import ResizeLongestSide
+    """SAM's mask (either family) for points and/or a box, at the original size: for one
+    prompt (one click or a box alone) the best of its three candidates, for several its single
+    mask, as segment-anything advises (``SamPredictor.predict``: multimask output for ambiguous
+    single prompts) and as train_sam trains it (teacher.sam.prompts: three candidates only for
+    a lone click, one mask once there is more than one prompt)."""
+    from teacher.sam.model import select_best, unwrap
 
-    from teacher.sam.model import input_size, select_best, unwrap
-
-    sam = unwrap(model)
-    transform = ResizeLongestSide(input_size(sam))
+    sam = unwrap(model)  # either family: its geometry, decoder and post-processing
     scale = np.array(
         [prepared.original_size[1] / prompts.width, prepared.original_size[0] / prompts.height]
     )
-    points = boxes = None  # clicks in the context's frame -> this image's pixels (same if equal)
+    points = labels = boxes = None  # clicks in the context's frame -> this image's pixels
     if len(prompts.points):
-        coords = transform.apply_coords(prompts.points * scale, prepared.original_size)
-        points = (
-            torch.as_tensor(coords, dtype=torch.float32, device=sam.device)[None],
-            torch.as_tensor(prompts.point_labels, dtype=torch.int64, device=sam.device)[None],
-        )
+        points = prepared.points_to_input(prompts.points * scale)[None]
+        labels = torch.as_tensor(prompts.point_labels, dtype=torch.int64, device=sam.device)[None]
     if prompts.box_xyxy is not None:
-        box = transform.apply_boxes(
-            prompts.box_xyxy[None] * np.tile(scale, 2), prepared.original_size
+        xyxy = prompts.box_xyxy[None] * np.tile(scale, 2)
+        boxes = torch.as_tensor(
+            sam.geometry.boxes_to_input(xyxy, prepared.original_size),
+            dtype=torch.float32,
+            device=sam.device,
         )
-        boxes = torch.as_tensor(box, dtype=torch.float32, device=sam.device)
-    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
     single = len(prompts.points) + (prompts.box_xyxy is not None) == 1
-    low_res, iou = sam.mask_decoder(
-        image_embeddings=prepared.embedding.to(sam.device)[None],
-        image_pe=sam.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=single,
+    low_res, iou = sam.decode(
+        prepared.embedding.to(sam.device),
+        boxes=boxes,
+        points=points,
+        labels=labels,
+        multimask=single,
     )
     best, best_iou = select_best(low_res, iou)
-    logits = sam.postprocess_masks(best[:, None], prepared.input_size, prepared.original_size)[0, 0]
+    logits = sam.postprocess(best[:, None], prepared.input_size, prepared.original_size)[0, 0]
     return (logits > sam.mask_threshold).cpu().numpy(), float(best_iou[0])
 
 
