@@ -343,7 +343,8 @@ def train_dino(
     )
     fit(
         task,
-        train=train,
+        # DINO's clip, as train_dino clips (the references' 0.1; train.clip_norm is SAM's)
+        train=dataclasses.replace(train, clip_norm=dino.clip_norm),
         seed=seed,
         out_dir=out / "model",
         checkpoint_dir=out / "ckpt",

@@ -437,12 +437,11 @@ PRESET = dataclasses.replace(
 PROVING_THRESHOLD = 0.15
 
 
-@pytest.mark.slow
-def test_proving_ground_fine_tuning_forgets_and_a_smaller_scale_recovers(tmp_path, one_thread):
+def _proving_ground_run(tmp_path: Path, *, retain_weight: float) -> dict[str, dict[float, float]]:
     """DINO (LoRA + heads, the train_dino recipe) fine-tuned on 64 images of the fine-tuning
-    domain: on held-out pretraining-domain images its retention of the pretraining classes falls
-    below the base model's 1.0, and adapter scale 0.5 recovers part of it while keeping part of
-    the gain (box mAP@50 on held-out fine-tuning-domain images)."""
+    domain (seed 1) with ``dino.retain_weight``, the pretraining classes as the retention names;
+    per adapter scale 0 / 0.5 / 1: the retention of the pretraining classes on held-out
+    pretraining-domain images and the box mAP@50 gain on held-out fine-tuning-domain images."""
     from teacher.coco.metrics import coco_eval
     from teacher.core.params import AugmentParams, LoraParams, TrainParams
     from teacher.dataset import synth
@@ -454,11 +453,14 @@ def test_proving_ground_fine_tuning_forgets_and_a_smaller_scale_recovers(tmp_pat
 
     train, train_px = synth.make_dataset(synth.FINETUNE, n_images=64, seed=1)
     synth.save_dataset(train, train_px, tmp_path / "train")
+    test, test_px = synth.make_dataset(synth.FINETUNE, n_images=32, seed=777_777)
+    held, held_px = synth.make_dataset(synth.PRETRAIN, n_images=32, seed=888_888)
+    dino = dataclasses.replace(PRESET, retain_weight=retain_weight)
     train_dino(
         train_coco=train,
         val_coco=train,
         image_root=tmp_path / "train" / "images",
-        dino=PRESET,
+        dino=dino,
         lora=LoraParams(rank=8, alpha=16.0, dropout=0.0),
         train=TrainParams(epochs=6, batch_size=4, lr=1e-3, warmup_steps=5, patience=0),
         augment_policy=resolve_policy(AugmentParams(policy="none"), {}),
@@ -467,9 +469,8 @@ def test_proving_ground_fine_tuning_forgets_and_a_smaller_scale_recovers(tmp_pat
         checkpoint_dir=tmp_path / "checkpoints",
         live_dir=tmp_path / "live",
         fingerprint="proving-ground",
+        retention_classes=[c["name"] for c in held["categories"]],
     )
-    test, test_px = synth.make_dataset(synth.FINETUNE, n_images=32, seed=777_777)
-    held, held_px = synth.make_dataset(synth.PRETRAIN, n_images=32, seed=888_888)
     keep = Filter(score_threshold=0.05)  # evaluate.score_threshold, text_threshold: the defaults
     task_map = retention = None
     gain_50, found = {}, {}
@@ -495,17 +496,36 @@ def test_proving_ground_fine_tuning_forgets_and_a_smaller_scale_recovers(tmp_pat
         category_ids=retention.category_ids,
         names=retention.names,
     )
-    kept = {s: retention_scores(reference, found[s], max_detections=100)["map"] for s in found}
-    gain = {s: gain_50[s] - gain_50[0.0] for s in gain_50}
-    print(
-        f"reference boxes {len(reference['annotations'])}; "
-        + "; ".join(f"scale {s:g}: retention {kept[s]:.3f}, gain {gain[s]:+.3f}" for s in kept)
-    )
     assert len(reference["annotations"]) >= 50
+    kept = {s: retention_scores(reference, found[s], max_detections=100)["map"] for s in found}
+    return {"retention": kept, "gain": {s: gain_50[s] - gain_50[0.0] for s in gain_50}}
+
+
+@pytest.mark.slow
+def test_proving_ground_fine_tuning_forgets_a_smaller_scale_and_the_retain_term_recover(
+    tmp_path, one_thread
+):
+    """Without the term, fine-tuning lowers retention of the pretraining classes and adapter
+    scale 0.5 recovers part of it while keeping part of the gain; with the term (dino.retain_weight,
+    the default) the model keeps more of it at scale 1 and still gains."""
+    off = _proving_ground_run(tmp_path / "off", retain_weight=0.0)
+    on = _proving_ground_run(tmp_path / "on", retain_weight=PRESET.retain_weight)
+    for name, run in (("off", off), ("on", on)):
+        print(
+            f"retain {name}: "
+            + "; ".join(
+                f"scale {s:g}: retention {run['retention'][s]:.3f}, gain {run['gain'][s]:+.3f}"
+                for s in run["retention"]
+            )
+        )
+    kept, gain = off["retention"], off["gain"]
     assert kept[0.0] == pytest.approx(1.0)
     assert kept[1.0] < 0.9  # fine-tuning lowers retention of the pretraining classes
     assert kept[1.0] < kept[0.5] < kept[0.0]  # scale 0.5 recovers part of it ...
     assert gain[1.0] > 0 and gain[0.5] > 0  # ... and keeps part of the gain
+    assert PRESET.retain_weight > 0  # the term is on by default
+    assert on["retention"][1.0] > kept[1.0] + 0.1  # the term keeps more of the vocabulary
+    assert on["gain"][1.0] > 0  # ... and the model still learns the new classes
 
 
 @pytest.mark.parametrize("command", ["predict", "export"])
