@@ -506,10 +506,10 @@ def test_proving_ground_fine_tuning_forgets_a_smaller_scale_and_the_retain_term_
     tmp_path, one_thread
 ):
     """Without the term, fine-tuning lowers retention of the pretraining classes and adapter
-    scale 0.5 recovers part of it while keeping part of the gain; with the term (dino.retain_weight,
-    the default) the model keeps more of it at scale 1 and still gains."""
+    scale 0.5 recovers part of it while keeping part of the gain; with the term (the default
+    weight, 16) the model keeps more of it at scale 1 and still gains."""
     off = _proving_ground_run(tmp_path / "off", retain_weight=0.0)
-    on = _proving_ground_run(tmp_path / "on", retain_weight=PRESET.retain_weight)
+    on = _proving_ground_run(tmp_path / "on", retain_weight=16.0)
     for name, run in (("off", off), ("on", on)):
         print(
             f"retain {name}: "
@@ -523,7 +523,7 @@ def test_proving_ground_fine_tuning_forgets_a_smaller_scale_and_the_retain_term_
     assert kept[1.0] < 0.9  # fine-tuning lowers retention of the pretraining classes
     assert kept[1.0] < kept[0.5] < kept[0.0]  # scale 0.5 recovers part of it ...
     assert gain[1.0] > 0 and gain[0.5] > 0  # ... and keeps part of the gain
-    assert PRESET.retain_weight > 0  # the term is on by default
+    assert PRESET.retain_weight == 16.0  # the term is on by default, at this weight
     assert on["retention"][1.0] > kept[1.0] + 0.1  # the term keeps more of the vocabulary
     assert on["gain"][1.0] > 0  # ... and the model still learns the new classes
 
