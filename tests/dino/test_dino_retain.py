@@ -288,14 +288,10 @@ def test_dataset_items_are_unchanged_but_for_the_names_after_their_own_classes(t
     assert "retain" not in val[0]  # validation prompts are the dataset's own
 
 
-def test_training_step_adds_the_weighted_term_and_logs_it():
-    bundle = load_dino(PARAMS)
-    dino = dataclasses.replace(PARAMS, denoise_queries=4)
-    model = wrap_for_training(bundle.model, dino=dino, lora=LORA, activation_checkpointing=False)
-    _perturb(model)
-    model.eval()  # deterministic: the same forward for both calls
-    batch = {
-        **_inputs(bundle.processor, ["circle . cat . dog .", "star . bus ."]),
+def _retain_batch(processor) -> dict:
+    """Two images whose prompts name one own class each, then 2 and 1 retention names."""
+    return {
+        **_inputs(processor, ["circle . cat . dog .", "star . bus ."]),
         "labels": [
             box_targets(np.array([[20, 10, 30, 20]]), np.array([0]), width=80, height=60),
             box_targets(np.array([[10, 5, 40, 30]]), np.array([0]), width=80, height=60),
@@ -303,6 +299,15 @@ def test_training_step_adds_the_weighted_term_and_logs_it():
         "own": [1, 1],
         "retained": 3,
     }
+
+
+def test_training_step_adds_the_weighted_term_and_logs_it():
+    bundle = load_dino(PARAMS)
+    dino = dataclasses.replace(PARAMS, denoise_queries=4)
+    model = wrap_for_training(bundle.model, dino=dino, lora=LORA, activation_checkpointing=False)
+    _perturb(model)
+    model.eval()  # deterministic: the same forward for both calls
+    batch = _retain_batch(bundle.processor)
     torch.manual_seed(0)
     one = training_step(model, batch, retain_weight=1.0)
     torch.manual_seed(0)
@@ -332,15 +337,7 @@ def test_a_fresh_adapter_pays_no_retention_term_in_a_training_step():
     dino = dataclasses.replace(PARAMS, denoise_queries=4)
     model = wrap_for_training(bundle.model, dino=dino, lora=LORA, activation_checkpointing=False)
     model.train()
-    batch = {
-        **_inputs(bundle.processor, ["circle . cat . dog .", "star . bus ."]),
-        "labels": [
-            box_targets(np.array([[20, 10, 30, 20]]), np.array([0]), width=80, height=60),
-            box_targets(np.array([[10, 5, 40, 30]]), np.array([0]), width=80, height=60),
-        ],
-        "own": [1, 1],
-        "retained": 3,
-    }
+    batch = _retain_batch(bundle.processor)
     terms = training_step(model, batch, retain_weight=1.0)
     for key in (
         "loss_retain_bbox",
