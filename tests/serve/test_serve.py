@@ -388,3 +388,47 @@ def test_predict_format_label_studio_with_a_given_config(world, tmp_path, capsys
     assert all(
         r["value"]["polygonlabels"] == ["Box"] and len(r["value"]["points"]) >= 3 for r in regions
     )
+
+
+def test_a_sam2_teacher_serves_masks_and_smart_clicks_over_http(tmp_path):
+    """`teacher serve` with sam.model tiny-random-sam2 and a SAM 2 adapter: pre-labels carry
+    SAM 2's masks, a smart click answers with one, and the image is embedded once."""
+    from fake_adapters import write_sam_adapter, write_tiny_params
+
+    world = make_world(tmp_path)
+    write_sam_adapter(world["root"] / "models" / "sam", model="tiny-random-sam2")
+    write_tiny_params(
+        world["params"], sam_model="tiny-random-sam2", box_threshold=0.0, text_threshold=0.0
+    )
+    # both of the world's classes (the random DINO's top boxes may name either)
+    config = CONFIG.replace('<Label value="giraffe"/>', '<Label value="round thing"/>')
+    config = config.replace(
+        '<BrushLabels name="mask" toName="img"><Label value="box"/>',
+        '<BrushLabels name="mask" toName="img"><Label value="box"/><Label value="round thing"/>',
+    )
+    proc, url = start_server(world)
+    try:
+        r = post(url, "/predict", {"tasks": [task(1, local("img_0.png"))], "label_config": config})
+        assert r.status_code == 200, r.text
+        (pred,) = r.json()["results"]
+        brushes = [x for x in pred["result"] if x["type"] == "brushlabels"]
+        assert brushes and all(x["value"]["format"] == "rle" for x in brushes)
+        before = httpx.get(url + "/health").json()["images_embedded"]
+        ctx = {"result": [click(25, 30)]}
+        t = task(2, local("img_1.png"))
+        for _ in range(2):  # the second click on the same image reuses its embedding
+            r = post(
+                url, "/predict", {"tasks": [t], "label_config": config, "params": {"context": ctx}}
+            )
+            assert r.status_code == 200, r.text
+            (region,) = r.json()["results"][0]["result"]
+            assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["box"]
+            mask = brush.rle_to_mask(region["value"]["rle"], height=48, width=64)
+            assert mask.shape == (48, 64)
+        assert httpx.get(url + "/health").json()["images_embedded"] == before + 1
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
