@@ -77,7 +77,7 @@ def test_base_outputs_are_the_pretrained_models_with_adapter_and_trained_heads_o
 def test_in_a_training_step_both_forwards_share_one_pass_of_the_frozen_towers():
     """Train mode (BERT's dropout, the Swin's drop path on): within shared_towers the towers
     run once, the base forward and the fine-tuned one see the same features, and a fresh
-    adapter answers exactly as the base model."""
+    adapter answers as the base model (up to float rounding)."""
     from teacher.dino.retain import shared_towers
 
     bundle = load_dino(PARAMS)
@@ -98,8 +98,9 @@ def test_in_a_training_step_both_forwards_share_one_pass_of_the_frozen_towers():
         reference = base_outputs(model, inputs)
         tuned = model(**inputs)
     assert len(calls) == 2  # each tower once
-    torch.testing.assert_close(tuned.logits, reference.logits, rtol=0, atol=0)
-    torch.testing.assert_close(tuned.pred_boxes, reference.pred_boxes, rtol=0, atol=0)
+    # two code paths (adapter off / a zero LoRA delta added): equal up to float rounding
+    torch.testing.assert_close(tuned.logits, reference.logits)
+    torch.testing.assert_close(tuned.pred_boxes, reference.pred_boxes)
     with torch.no_grad():
         again = model(**inputs)  # outside: the towers draw their dropout afresh
     assert len(calls) == 4

@@ -184,7 +184,7 @@ def base_outputs(model: nn.Module, inputs: dict[str, Tensor]) -> Any:
     without gradients, in the model's current mode. In a training step, within
     :func:`shared_towers`, it sees the very image and text features the fine-tuned forward
     then sees (the frozen Swin's drop path and BERT's dropout drawn once): the two differ by the
-    adapter alone, and a fresh adapter answers exactly as the base model (the term is 0)."""
+    adapter alone, and a fresh adapter answers as the base model (the term is 0 up to rounding)."""
     peft = _peft(model)
     keep = peft._modules.get("retain_base")
     if keep is None and _trained_in_place(peft):
@@ -246,14 +246,13 @@ def shared_towers(model: nn.Module):
 @contextmanager
 def user_tokens_only(model: nn.Module, retain_tokens: Tensor):
     """Within: the model's grounded loss leaves the retention tokens (``retain_tokens`` (B, T)
-    bool) out of its text mask: no term of it trains them (the retention term does)."""
+    bool, T the logits' text width, as :func:`retain_token_masks` gives them) out of its text
+    mask: no term of it trains them (the retention term does)."""
     base = _peft(model).get_base_model()
     previous = base.loss_function
 
     def loss(logits, labels, device, pred_boxes, config, label_maps, text_mask, **kwargs):
-        keep = ~retain_tokens.to(text_mask.device)[:, None, : text_mask.shape[-1]]
-        if keep.shape[-1] < text_mask.shape[-1]:
-            keep = F.pad(keep, (0, text_mask.shape[-1] - keep.shape[-1]), value=True)
+        keep = ~retain_tokens.to(text_mask.device)[:, None, :]
         return previous(
             logits, labels, device, pred_boxes, config, label_maps, text_mask & keep, **kwargs
         )
@@ -304,7 +303,7 @@ def retain_loss(
         ce, l1, giou = zero, zero, zero
         matched, weight = 0, 0.0
         for b in range(len(logits)):
-            t = tokens[b, : logits.shape[-1]].to(logits.device)
+            t = tokens[b].to(logits.device)
             if not bool(t.any()):
                 continue
             own, ref = logits[b][:, t], base_logits[b][:, t].sigmoid()  # (Q, n)
@@ -372,7 +371,7 @@ def retain_proposal_loss(
         zero = enc_logits.new_zeros(())
         ce, l1, count, weight = zero, zero, 0, 0.0
         for b in range(len(enc_logits)):
-            t = tokens[b, : enc_logits.shape[-1]].to(enc_logits.device)
+            t = tokens[b].to(enc_logits.device)
             valid = torch.isfinite(base_enc_coords[b]).all(-1) & torch.isfinite(enc_coords[b]).all(
                 -1
             )
